@@ -1,0 +1,77 @@
+"""Small helpers shared by the backends and the reference: logit transform and token weights.
+
+Nothing here allocates more than O(rows) beyond its inputs, and nothing syncs with the host.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+REDUCTIONS = ("mean", "sum", "none")
+STRATEGIES = ("auto", "chunked", "fused", "materialize")
+
+
+def transform_logits(raw: torch.Tensor, *, scale: float = 1.0, softcap: Optional[float] = None,
+                     temperature: float = 1.0) -> torch.Tensor:
+    """The logit transform of DESIGN.md section 4: ``z = softcap(scale * raw) / temperature``.
+
+    ``softcap_c(x) = c * tanh(x / c)`` (Gemma-2 style); identity when ``softcap`` is None.
+    Works in the dtype of ``raw``; callers upcast first when they want fp32 or fp64 arithmetic.
+    """
+    x = raw * scale if scale != 1.0 else raw
+    if softcap is not None:
+        x = torch.tanh(x / softcap) * softcap
+    return x / temperature if temperature != 1.0 else x
+
+
+def transform_grad(raw: torch.Tensor, grad_z: torch.Tensor, *, scale: float = 1.0,
+                   softcap: Optional[float] = None, temperature: float = 1.0) -> torch.Tensor:
+    """Chain ``d loss / d z`` back to ``d loss / d raw`` for :func:`transform_logits`.
+
+    ``dz/draw = scale * (1 - tanh^2(scale * raw / c)) / T`` with a softcap ``c``, else ``scale / T``.
+    Written in place into ``grad_z`` (which is returned) to keep the workspace at one buffer.
+    """
+    factor = scale / temperature
+    if softcap is not None:
+        t = torch.tanh(raw * (scale / softcap))
+        grad_z.mul_(1.0 - t * t)
+    if factor != 1.0:
+        grad_z.mul_(factor)
+    return grad_z
+
+
+def token_weights(mask: Optional[torch.Tensor], n: int, reduction: str,
+                  normalizer: Union[None, float, int, torch.Tensor], device) -> torch.Tensor:
+    """fp32 weights ``w`` (n,) such that the reduced loss is ``(w * per_token).sum()``.
+
+    - ``"sum"``: ``w_n = mask_n`` (1 where unmasked).
+    - ``"mean"``: ``w_n = mask_n / normalizer`` when a normalizer is given (global token count under
+      gradient accumulation or data parallelism), else ``mask_n / max(#unmasked, 1)``: a fully
+      masked batch gives loss 0 and zero gradients, never NaN.
+    - ``"none"``: ``w_n = mask_n`` (the per-token values are zeroed where masked).
+
+    The count stays a device tensor: no ``.item()``, no host sync.
+    """
+    if mask is None:
+        w = torch.ones(n, dtype=torch.float32, device=device)
+    else:
+        w = mask.to(device=device, dtype=torch.float32)
+    if reduction != "mean":
+        return w
+    if normalizer is not None:
+        if isinstance(normalizer, torch.Tensor):
+            return w / normalizer.to(device=device, dtype=torch.float32)
+        return w / float(normalizer)
+    return w / w.sum().clamp_min(1.0)
+
+
+def reduce_per_token(values: torch.Tensor, weights: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Apply the token weights: per-token values (0 where masked) or their weighted sum."""
+    # torch.where, not a product: a masked token may hold inf (for example reverse KL against a -inf
+    # teacher logit), and inf * 0 would turn the whole reduction into NaN.
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    if reduction == "none":
+        return torch.where(weights != 0, values, zero)
+    return torch.where(weights != 0, values * weights, zero).sum()
