@@ -1,0 +1,311 @@
+"""The public functional API (DESIGN.md section 5): argument checks, flattening, backend dispatch.
+
+Each function validates everything before any kernel runs, flattens the leading dims to N rows, asks the
+backend registry which implementation runs, and reshapes per-token outputs back to the leading shape.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from . import _validation as check
+from . import backends
+from ._common import reduce_per_token, token_weights
+from .reference import topk_divergence_from_logprobs
+
+Normalizer = Union[None, int, float, torch.Tensor]
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def _empty_result(leading, reduction: str, *differentiable: Optional[torch.Tensor]) -> torch.Tensor:
+    """N = 0: a zero loss (or an empty per-token tensor) that is still connected to the inputs."""
+    device = differentiable[0].device
+    zero = sum((t.sum() * 0).float() for t in differentiable if t is not None and t.requires_grad)
+    zero = zero if isinstance(zero, torch.Tensor) else torch.zeros((), device=device)
+    return zero.expand(leading).clone() if reduction == "none" else zero
+
+
+def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                      teacher_weight: torch.Tensor, *, divergence: str = "reverse_kl", beta: float = 0.5,
+                      temperature: float = 1.0, student_bias: Optional[torch.Tensor] = None,
+                      teacher_bias: Optional[torch.Tensor] = None, student_softcap: Optional[float] = None,
+                      teacher_softcap: Optional[float] = None, student_scale: float = 1.0, teacher_scale: float = 1.0,
+                      vocab_size: Optional[int] = None, mask: Optional[torch.Tensor] = None, reduction: str = "mean",
+                      normalizer: Normalizer = None, backend: str = "auto", strategy: str = "auto",
+                      filter_eps: Optional[float] = None, process_group=None) -> torch.Tensor:
+    r"""Per-token divergence between the student's and the teacher's next-token distributions, computed
+    from last hidden states and lm_head weights without materializing the N x V logits.
+
+    Shapes: ``student_hidden`` (..., H_s), ``student_weight`` (V_s, H_s), ``teacher_hidden`` (..., H_t),
+    ``teacher_weight`` (V_t, H_t) with V_t >= V; biases (V_s,), (V_t,); ``mask`` (...) (True/1 = counted).
+    Returns a 0-dim fp32 loss, or (...) per-token fp32 values (0 where masked) for ``reduction="none"``.
+    Gradients flow to the student hidden states, weight and bias; the teacher gets none.
+
+    Equivalent PyTorch (V = vocab_size or V_s; rows of W_t beyond V are ignored)::
+
+        def z(h, W, b, scale, cap):                          # (..., V) transformed logits
+            raw = scale * (h @ W[:V].T + (b[:V] if b is not None else 0))
+            return (cap * torch.tanh(raw / cap) if cap else raw) / temperature
+        ls = z(student_hidden, student_weight, ...).float().log_softmax(-1)
+        lt = z(teacher_hidden, teacher_weight, ...).float().log_softmax(-1)
+        reverse_kl = (ls.exp() * (ls - lt)).sum(-1)            # KL(p_s || p_t), the OPD default
+        forward_kl = (lt.exp() * (lt - ls)).sum(-1)            # KL(p_t || p_s)
+        jsd        = TRL generalized_jsd_loss(beta): beta*KL(p_t||M) + (1-beta)*KL(p_s||M),
+                     M = (1-beta) p_s + beta p_t; beta=0 is forward_kl, beta=1 is reverse_kl
+        loss = per_token[mask].sum() / (normalizer or mask.sum())       # reduction="mean"
+
+    Args:
+        divergence: "reverse_kl" | "forward_kl" | "jsd".
+        beta: JSD mixture weight in [0, 1] (used by "jsd" only).
+        temperature: divides both models' logits (after scale and softcap); > 0.
+        student_softcap / teacher_softcap: Gemma-2 style ``c * tanh(x / c)`` cap, or None.
+        student_scale / teacher_scale: logit multiplier (Cohere ``logit_scale``), applied first.
+        vocab_size: V, to ignore padded rows (e.g. a teacher with V_t > V_s).
+        mask: which tokens count (prompt and padding masked out).
+        reduction: "mean" (over unmasked tokens, or divided by ``normalizer``), "sum", "none".
+        normalizer: global token count under gradient accumulation / data parallelism.
+        backend: "auto" | "torch" | "cpp" | "triton" (see ``python -m opd_kernels``).
+        strategy: "auto" | "chunked" | "fused" (triton) | "materialize" (reference path).
+        filter_eps: fused backward skips tiles whose student probabilities are all below it.
+        process_group: vocab-parallel execution (not implemented yet; must be None).
+
+    -inf teacher logits are allowed: forward KL and JSD stay finite; reverse KL is +inf for such a token
+    (p_s > 0 everywhere), with a zero gradient row instead of NaN.
+    """
+    check.check_tensor("student_hidden", student_hidden)
+    check.check_tensor("teacher_hidden", teacher_hidden)
+    check.check_weight("student_weight", student_weight, student_hidden, "student_hidden")
+    check.check_weight("teacher_weight", teacher_weight, teacher_hidden, "teacher_hidden")
+    leading = student_hidden.shape[:-1]
+    check.check_leading("teacher_hidden", teacher_hidden[..., 0], leading, "student_hidden")
+    check.check_bias("student_bias", student_bias, student_weight, "student_weight")
+    check.check_bias("teacher_bias", teacher_bias, teacher_weight, "teacher_weight")
+    check.check_same_device(student_hidden=student_hidden, student_weight=student_weight,
+                            teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+                            student_bias=student_bias, teacher_bias=teacher_bias)
+    check.check_choice("divergence", divergence, check.DIVERGENCES)
+    beta = check.check_real("beta", beta, low=0.0, high=1.0)
+    temperature = check.check_real("temperature", temperature, positive=True)
+    student_softcap = check.check_softcap("student_softcap", student_softcap)
+    teacher_softcap = check.check_softcap("teacher_softcap", teacher_softcap)
+    student_scale = check.check_real("student_scale", student_scale)
+    teacher_scale = check.check_real("teacher_scale", teacher_scale)
+    v = check.check_vocab_size(vocab_size, v_student=student_weight.shape[0], v_teacher=teacher_weight.shape[0])
+    check.check_choice("reduction", reduction, check.REDUCTIONS)
+    check.check_choice("backend", backend, check.BACKENDS)
+    check.check_choice("strategy", strategy, check.STRATEGIES)
+    filter_eps = check.check_filter_eps(filter_eps)
+    check.check_process_group(process_group)
+    device = student_hidden.device
+    flat_mask = check.check_mask(mask, leading, "student_hidden", device)
+    normalizer = check.check_normalizer(normalizer, device)
+    if student_hidden.numel() == 0:
+        return _empty_result(leading, reduction, student_hidden, student_weight, student_bias)
+    impl = backends.resolve(backend, device, "linear_divergence")
+    out = impl.linear_divergence(
+        _rows(student_hidden), student_weight.contiguous(), _rows(teacher_hidden), teacher_weight.contiguous(),
+        divergence=divergence, beta=beta, temperature=temperature, student_bias=student_bias,
+        teacher_bias=teacher_bias, student_softcap=student_softcap, teacher_softcap=teacher_softcap,
+        student_scale=student_scale, teacher_scale=teacher_scale, vocab_size=v, mask=flat_mask,
+        reduction=reduction, normalizer=normalizer, strategy=strategy, filter_eps=filter_eps)
+    return out.reshape(leading) if reduction == "none" else out
+
+
+def _lse_gather_checked(hidden, weight, ids, *, bias, temperature, softcap, scale, vocab_size, return_entropy,
+                        backend, ids_name, trailing):
+    check.check_tensor("hidden", hidden)
+    check.check_weight("weight", weight, hidden, "hidden")
+    check.check_bias("bias", bias, weight, "weight")
+    check.check_same_device(hidden=hidden, weight=weight, bias=bias)
+    temperature = check.check_real("temperature", temperature, positive=True)
+    softcap = check.check_softcap("softcap", softcap)
+    scale = check.check_real("scale", scale)
+    v = check.check_vocab_size(vocab_size, v_student=weight.shape[0], student_name="weight")
+    check.check_choice("backend", backend, check.BACKENDS)
+    leading = hidden.shape[:-1]
+    check.check_ids(ids_name, ids, v, leading, "hidden", trailing=trailing, device=hidden.device)
+    return dict(temperature=temperature, softcap=softcap, scale=scale, vocab_size=v,
+                return_entropy=return_entropy), leading
+
+
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                    bias: Optional[torch.Tensor] = None, temperature: float = 1.0, softcap: Optional[float] = None,
+                    scale: float = 1.0, vocab_size: Optional[int] = None, return_entropy: bool = False,
+                    backend: str = "auto", process_group=None):
+    r"""Log-probabilities of ``targets`` (and optionally the entropy) straight from hidden states.
+
+    Shapes: ``hidden`` (..., H), ``weight`` (V_w, H), ``targets`` (...) int ids in [0, V).
+    Returns ``logprobs`` (...) fp32, or ``(logprobs, entropy)`` with ``return_entropy=True``.
+
+    Equivalent PyTorch::
+
+        z = softcap(scale * (hidden @ weight[:V].T + bias[:V])) / temperature
+        logp = z.float().log_softmax(-1)
+        logprobs = logp.gather(-1, targets[..., None])[..., 0]
+        entropy = -(logp.exp() * logp).sum(-1)
+
+    Differentiable w.r.t. hidden, weight and bias through both outputs. Under ``torch.no_grad()`` (the
+    teacher side of OPD, "teacher logit gathering") no graph is kept and no N x V buffer is allocated.
+    """
+    check.check_process_group(process_group)
+    opts, leading = _lse_gather_checked(hidden, weight, targets, bias=bias, temperature=temperature,
+                                        softcap=softcap, scale=scale, vocab_size=vocab_size,
+                                        return_entropy=bool(return_entropy), backend=backend,
+                                        ids_name="targets", trailing=None)
+    if hidden.numel() == 0:
+        empty = _empty_result(leading, "none", hidden, weight, bias)
+        return (empty, empty.clone()) if return_entropy else empty
+    impl = backends.resolve(backend, hidden.device, "lse_gather")
+    ids = targets.reshape(-1, 1).to(torch.int64)
+    lse, gathered, entropy = impl.lse_gather(_rows(hidden), weight.contiguous(), ids, bias=bias, **opts)
+    logprobs = (gathered[:, 0] - lse).float().reshape(leading)
+    if return_entropy:
+        return logprobs, entropy.float().reshape(leading)
+    return logprobs
+
+
+def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                           teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: torch.Tensor, *,
+                           divergence: str = "forward_kl", tail_bucket: bool = True, temperature: float = 1.0,
+                           student_bias: Optional[torch.Tensor] = None, student_softcap: Optional[float] = None,
+                           student_scale: float = 1.0, vocab_size: Optional[int] = None,
+                           mask: Optional[torch.Tensor] = None, reduction: str = "mean",
+                           normalizer: Normalizer = None, backend: str = "auto", process_group=None) -> torch.Tensor:
+    r"""Divergence against a teacher given only as top-k ids and log-probs (what inference servers return).
+
+    Shapes: ``student_hidden`` (..., H), ``student_weight`` (V_s, H), ``teacher_topk_ids`` (..., k) int,
+    ``teacher_topk_logprobs`` (..., k) (the teacher's full-vocabulary log-probs at those ids).
+
+    Equivalent PyTorch (q = student log-probs at the teacher's ids, l = teacher log-probs)::
+
+        q = linear_logprobs-style log_softmax(z_s).gather(-1, ids)
+        P_tail, Q_tail = 1 - l.exp().sum(-1), 1 - q.exp().sum(-1)        # clamped >= 1e-12 in the logs
+        forward_kl = (l.exp() * (l - q)).sum(-1) + P_tail * (log P_tail - log Q_tail)
+        reverse_kl = (q.exp() * (q - l)).sum(-1) + Q_tail * (log Q_tail - log P_tail)
+
+    ``tail_bucket=False`` drops the tail terms. One fused lse-and-gather pass over the vocabulary gives the
+    student's full-vocabulary logsumexp and the k gathered logits with exact gradients.
+    """
+    check.check_process_group(process_group)
+    check.check_choice("divergence", divergence, ("forward_kl", "reverse_kl"))
+    check.check_choice("reduction", reduction, check.REDUCTIONS)
+    check.check_tensor("teacher_topk_logprobs", teacher_topk_logprobs)
+    opts, leading = _lse_gather_checked(student_hidden, student_weight, teacher_topk_ids, bias=student_bias,
+                                        temperature=temperature, softcap=student_softcap, scale=student_scale,
+                                        vocab_size=vocab_size, return_entropy=False, backend=backend,
+                                        ids_name="teacher_topk_ids", trailing=teacher_topk_ids.shape[-1]
+                                        if isinstance(teacher_topk_ids, torch.Tensor) and teacher_topk_ids.dim()
+                                        else None)
+    if tuple(teacher_topk_logprobs.shape) != tuple(teacher_topk_ids.shape):
+        raise ValueError(f"teacher_topk_logprobs: expected shape {tuple(teacher_topk_ids.shape)} (the shape of "
+                         f"teacher_topk_ids), got {tuple(teacher_topk_logprobs.shape)}")
+    check.check_same_device(student_hidden=student_hidden, teacher_topk_logprobs=teacher_topk_logprobs)
+    device = student_hidden.device
+    flat_mask = check.check_mask(mask, leading, "student_hidden", device)
+    normalizer = check.check_normalizer(normalizer, device)
+    if student_hidden.numel() == 0:
+        return _empty_result(leading, reduction, student_hidden, student_weight, student_bias)
+    k = teacher_topk_ids.shape[-1]
+    impl = backends.resolve(backend, device, "lse_gather")
+    lse, gathered, _ = impl.lse_gather(_rows(student_hidden), student_weight.contiguous(),
+                                       teacher_topk_ids.reshape(-1, k).to(torch.int64), bias=student_bias, **opts)
+    q = gathered - lse.unsqueeze(-1)
+    l = teacher_topk_logprobs.detach().reshape(-1, k).to(q.dtype)
+    per_token = topk_divergence_from_logprobs(q, l, divergence=divergence, tail_bucket=bool(tail_bucket))
+    weights = token_weights(flat_mask, per_token.shape[0], reduction, normalizer, device)
+    out = reduce_per_token(per_token, weights, reduction).float()
+    return out.reshape(leading) if reduction == "none" else out
+
+
+def logits_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, divergence: str = "reverse_kl",
+                      beta: float = 0.5, temperature: float = 1.0, vocab_size: Optional[int] = None,
+                      mask: Optional[torch.Tensor] = None, reduction: str = "mean", normalizer: Normalizer = None,
+                      backend: str = "auto") -> torch.Tensor:
+    r"""The divergences of :func:`linear_divergence` for callers that already hold logits.
+
+    Shapes: ``student_logits`` (..., V_s), ``teacher_logits`` (..., V_t) with V_t >= V = vocab_size or V_s.
+    One pass over row chunks; bf16/fp16 logits are upcast one chunk at a time, never whole. Equivalent to
+    ``reference.logits_divergence`` (``z = logits[..., :V].float() / temperature``, then the formulas of
+    :func:`linear_divergence`). Gradient flows to ``student_logits`` only.
+    """
+    check.check_tensor("student_logits", student_logits)
+    check.check_tensor("teacher_logits", teacher_logits)
+    leading = student_logits.shape[:-1]
+    check.check_leading("teacher_logits", teacher_logits[..., 0], leading, "student_logits")
+    check.check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
+    check.check_choice("divergence", divergence, check.DIVERGENCES)
+    beta = check.check_real("beta", beta, low=0.0, high=1.0)
+    temperature = check.check_real("temperature", temperature, positive=True)
+    v = check.check_vocab_size(vocab_size, v_student=student_logits.shape[-1], v_teacher=teacher_logits.shape[-1],
+                               student_name="student_logits (last dim)", teacher_name="teacher_logits")
+    check.check_choice("reduction", reduction, check.REDUCTIONS)
+    check.check_choice("backend", backend, check.BACKENDS)
+    device = student_logits.device
+    flat_mask = check.check_mask(mask, leading, "student_logits", device)
+    normalizer = check.check_normalizer(normalizer, device)
+    if student_logits.numel() == 0:
+        return _empty_result(leading, reduction, student_logits)
+    impl = backends.resolve(backend, device, "logits_divergence")
+    out = impl.logits_divergence(_rows(student_logits), _rows(teacher_logits), divergence=divergence, beta=beta,
+                                 temperature=temperature, vocab_size=v, mask=flat_mask, reduction=reduction,
+                                 normalizer=normalizer)
+    return out.reshape(leading) if reduction == "none" else out
+
+
+def sampled_token_opd_loss(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, *,
+                           sampler_logprobs: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+                           kl_coef: float = 1.0, normalizer: Normalizer = None, estimator: str = "is") -> torch.Tensor:
+    r"""The sampled-token on-policy distillation loss (one teacher log-prob per sampled token).
+
+    Shapes: all log-prob tensors (...) (one value per sampled token y_n); ``mask`` (...). Returns a 0-dim
+    fp32 loss: ``sum(mask * per_token) / (normalizer or mask.sum())``. Gradient flows to
+    ``student_logprobs`` only (``log p_s(y_n)``, e.g. from :func:`linear_logprobs`).
+
+    Estimators (r = exp(log p_s - log p_sampler), detached where marked; without ``sampler_logprobs`` the
+    sampler is the current student, so r = 1 with gradient d log p_s):
+
+    - ``"is"`` (default, the Thinking Machines recipe): per-token reverse-KL advantage
+      ``A = -kl_coef * (log p_sampler - log p_t)`` (detached), ``per_token = -r * A``. Its gradient
+      ``-A * r * d log p_s`` is the importance-sampled policy gradient of the reverse KL.
+    - ``"k1"``: ``per_token = kl_coef * r.detach() * (log p_s - log p_t)``, the plain log-ratio estimate of
+      KL(p_s || p_t) (unbiased value; as a loss its gradient only moves the sampled token's log-prob).
+    - ``"k3"``: with ``log_r = log p_t - log p_s``,
+      ``per_token = kl_coef * r.detach() * (exp(log_r) - 1 - log_r)``: non-negative, lower variance.
+
+    Equivalent PyTorch for the default::
+
+        lq = sampler_logprobs if given else student_logprobs.detach()
+        A = (-kl_coef * (lq - teacher_logprobs)).detach()
+        loss = -(mask * torch.exp(student_logprobs - lq) * A).sum() / (normalizer or mask.sum())
+    """
+    check.check_tensor("student_logprobs", student_logprobs, min_dim=0)
+    check.check_tensor("teacher_logprobs", teacher_logprobs, min_dim=0)
+    shape = student_logprobs.shape
+    check.check_leading("teacher_logprobs", teacher_logprobs, shape, "student_logprobs")
+    if sampler_logprobs is not None:
+        check.check_tensor("sampler_logprobs", sampler_logprobs, min_dim=0)
+        check.check_leading("sampler_logprobs", sampler_logprobs, shape, "student_logprobs")
+    check.check_same_device(student_logprobs=student_logprobs, teacher_logprobs=teacher_logprobs,
+                            sampler_logprobs=sampler_logprobs)
+    kl_coef = check.check_real("kl_coef", kl_coef)
+    check.check_choice("estimator", estimator, ("is", "k1", "k3"))
+    device = student_logprobs.device
+    flat_mask = check.check_mask(mask, shape, "student_logprobs", device)
+    normalizer = check.check_normalizer(normalizer, device)
+    ls = student_logprobs.reshape(-1).float()
+    lt = teacher_logprobs.detach().reshape(-1).float()
+    lq = ls.detach() if sampler_logprobs is None else sampler_logprobs.detach().reshape(-1).float()
+    ratio = torch.exp(ls - lq)
+    if estimator == "is":
+        per_token = ratio * (kl_coef * (lq - lt))          # = -ratio * A
+    elif estimator == "k1":
+        per_token = kl_coef * ratio.detach() * (ls - lt)
+    else:
+        log_r = lt - ls
+        per_token = kl_coef * ratio.detach() * (torch.exp(log_r) - 1.0 - log_r)
+    weights = token_weights(flat_mask, ls.shape[0], "mean", normalizer, device)
+    return reduce_per_token(per_token, weights, "mean")

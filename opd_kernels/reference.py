@@ -1,0 +1,232 @@
+"""The materializing oracle: every formula of DESIGN.md section 4, written the obvious way.
+
+This module is what the tests and benchmarks compare every backend against. It materializes the full
+N x V logits, so it is only for small shapes (or for the "naive PyTorch" baseline of the benchmarks).
+
+Precision: the lm_head matmul runs in the inputs' dtype and everything after it in
+``promote_types(dtype, float32)``, which is what a careful naive implementation does
+(``logits.float().log_softmax(-1)``). Pass float64 inputs to get the float64 oracle; pass bf16 inputs to get
+"the same-dtype PyTorch materializing computation" that DESIGN.md section 6 measures tolerances against.
+
+Every function is differentiable by plain autograd; the teacher side is detached.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from ._common import transform_logits
+
+Number = Union[int, float]
+
+
+# --------------------------------------------------------------------------------------------------
+# pieces
+# --------------------------------------------------------------------------------------------------
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def model_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                 vocab_size: Optional[int] = None, scale: float = 1.0, softcap: Optional[float] = None,
+                 temperature: float = 1.0) -> torch.Tensor:
+    """``z = softcap(scale * (hidden @ weight[:V].T + bias[:V])) / temperature``, shape (..., V).
+
+    Rows of ``weight`` (and ``bias``) at or beyond ``V = vocab_size or weight.shape[0]`` are ignored.
+    """
+    v = weight.shape[0] if vocab_size is None else vocab_size
+    raw = hidden @ weight[:v].T
+    if bias is not None:
+        raw = raw + bias[:v]
+    raw = raw.to(_compute_dtype(raw.dtype))
+    return transform_logits(raw, scale=scale, softcap=softcap, temperature=temperature)
+
+
+def _where_positive(p: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+    """``p * term`` with the convention 0 * anything = 0 (a zero probability contributes nothing).
+
+    Needed for -inf teacher logits: p_t = 0 there and log p_t = -inf, and 0 * -inf would be NaN.
+    """
+    return torch.where(p > 0, p * term, torch.zeros((), dtype=term.dtype, device=term.device))
+
+
+def divergence_from_logits(student_z: torch.Tensor, teacher_z: torch.Tensor, *, divergence: str = "reverse_kl",
+                           beta: float = 0.5) -> torch.Tensor:
+    """Per-row divergence between softmax(student_z) and softmax(teacher_z) over the last dim.
+
+    Equivalent PyTorch (TRL's ``generalized_jsd_loss`` for ``jsd``)::
+
+        ls, lt = student_z.log_softmax(-1), teacher_z.log_softmax(-1)
+        reverse_kl = (ls.exp() * (ls - lt)).sum(-1)                      # KL(p_s || p_t)
+        forward_kl = (lt.exp() * (lt - ls)).sum(-1)                      # KL(p_t || p_s)
+        lm  = torch.logsumexp(torch.stack([ls + log(1 - beta), lt + log(beta)]), 0)   # log M
+        jsd = beta * KL(p_t || M) + (1 - beta) * KL(p_s || M)           # beta=0: forward, beta=1: reverse
+    """
+    ls = student_z.log_softmax(-1)
+    lt = teacher_z.log_softmax(-1)
+    ps, pt = ls.exp(), lt.exp()
+    if divergence == "jsd":
+        if beta == 0.0:
+            divergence = "forward_kl"
+        elif beta == 1.0:
+            divergence = "reverse_kl"
+    if divergence == "reverse_kl":
+        return _where_positive(ps, ls - lt).sum(-1)
+    if divergence == "forward_kl":
+        return _where_positive(pt, lt - ls).sum(-1)
+    if divergence == "jsd":
+        log_m = torch.logsumexp(torch.stack([ls + math.log(1.0 - beta), lt + math.log(beta)]), dim=0)
+        kl_teacher = _where_positive(pt, lt - log_m).sum(-1)
+        kl_student = _where_positive(ps, ls - log_m).sum(-1)
+        return beta * kl_teacher + (1.0 - beta) * kl_student
+    raise ValueError(f"divergence: expected one of 'reverse_kl', 'forward_kl', 'jsd', got {divergence!r}")
+
+
+def reduce(per_token: torch.Tensor, mask: Optional[torch.Tensor], reduction: str,
+           normalizer: Union[None, Number, torch.Tensor]) -> torch.Tensor:
+    """Masked reduction of DESIGN.md section 4 ("mean" over unmasked tokens or by ``normalizer``)."""
+    if mask is None:
+        mask = torch.ones(per_token.shape, dtype=torch.bool, device=per_token.device)
+    mask = mask.to(torch.bool)
+    values = torch.where(mask, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
+    if reduction == "none":
+        return values
+    total = values.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        if normalizer is None:
+            return total / mask.sum().clamp_min(1).to(total.dtype)
+        if isinstance(normalizer, torch.Tensor):
+            return total / normalizer.to(total.dtype)
+        return total / float(normalizer)
+    raise ValueError(f"reduction: expected one of 'mean', 'sum', 'none', got {reduction!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# public-API mirrors
+# --------------------------------------------------------------------------------------------------
+def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, *,
+                      divergence: str = "reverse_kl", beta: float = 0.5, temperature: float = 1.0,
+                      student_bias=None, teacher_bias=None, student_softcap=None, teacher_softcap=None,
+                      student_scale: float = 1.0, teacher_scale: float = 1.0, vocab_size=None, mask=None,
+                      reduction: str = "mean", normalizer=None) -> torch.Tensor:
+    """Materializing ``opd_kernels.linear_divergence``: builds both (..., V) logits, then the divergence."""
+    v = student_weight.shape[0] if vocab_size is None else vocab_size
+    zs = model_logits(student_hidden, student_weight, student_bias, vocab_size=v, scale=student_scale,
+                      softcap=student_softcap, temperature=temperature)
+    with torch.no_grad():
+        zt = model_logits(teacher_hidden, teacher_weight, teacher_bias, vocab_size=v, scale=teacher_scale,
+                          softcap=teacher_softcap, temperature=temperature)
+    zt = zt.to(zs.dtype)
+    per_token = divergence_from_logits(zs, zt, divergence=divergence, beta=beta)
+    return reduce(per_token, mask, reduction, normalizer)
+
+
+def logits_divergence(student_logits, teacher_logits, *, divergence: str = "reverse_kl", beta: float = 0.5,
+                      temperature: float = 1.0, vocab_size=None, mask=None, reduction: str = "mean",
+                      normalizer=None) -> torch.Tensor:
+    """Materializing ``opd_kernels.logits_divergence`` on caller-held raw logits (..., V_s), (..., V_t)."""
+    v = student_logits.shape[-1] if vocab_size is None else vocab_size
+    dtype = _compute_dtype(student_logits.dtype)
+    zs = student_logits[..., :v].to(dtype) / temperature
+    zt = teacher_logits[..., :v].detach().to(dtype) / temperature
+    per_token = divergence_from_logits(zs, zt, divergence=divergence, beta=beta)
+    return reduce(per_token, mask, reduction, normalizer)
+
+
+def lse_gather(hidden, weight, ids, *, bias=None, temperature: float = 1.0, softcap=None, scale: float = 1.0,
+               vocab_size=None, return_entropy: bool = False
+               ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The log-prob/gather primitive: ``lse (...)``, ``gathered (..., k) = z[ids]``, entropy ``(...)``.
+
+    ``H = L - sum_v p_v z_v`` (the Shannon entropy of softmax(z)).
+    """
+    z = model_logits(hidden, weight, bias, vocab_size=vocab_size, scale=scale, softcap=softcap,
+                     temperature=temperature)
+    lse = torch.logsumexp(z, dim=-1)
+    gathered = torch.gather(z, -1, ids)
+    entropy = None
+    if return_entropy:
+        p = (z - lse.unsqueeze(-1)).exp()
+        entropy = lse - (p * z).sum(-1)
+    return lse, gathered, entropy
+
+
+def linear_logprobs(hidden, weight, targets, *, bias=None, temperature: float = 1.0, softcap=None,
+                    scale: float = 1.0, vocab_size=None, return_entropy: bool = False):
+    """Materializing ``opd_kernels.linear_logprobs``: ``log softmax(z)[targets]`` (and the entropy)."""
+    lse, gathered, entropy = lse_gather(hidden, weight, targets.unsqueeze(-1), bias=bias,
+                                        temperature=temperature, softcap=softcap, scale=scale,
+                                        vocab_size=vocab_size, return_entropy=return_entropy)
+    logprobs = gathered.squeeze(-1) - lse
+    return (logprobs, entropy) if return_entropy else logprobs
+
+
+TAIL_CLAMP = 1e-12
+
+
+def topk_divergence_from_logprobs(student_topk_logprobs, teacher_topk_logprobs, *, divergence: str = "forward_kl",
+                                  tail_bucket: bool = True) -> torch.Tensor:
+    """Per-row top-k divergence of DESIGN.md section 4 from q_j (student) and l_j (teacher), (..., k).
+
+    Equivalent PyTorch::
+
+        P_tail = (1 - l.exp().sum(-1)).clamp_min(1e-12);  Q_tail = (1 - q.exp().sum(-1)).clamp_min(1e-12)
+        forward_kl = (l.exp() * (l - q)).sum(-1) + P_tail_raw * (log P_tail - log Q_tail)
+        reverse_kl = (q.exp() * (q - l)).sum(-1) + Q_tail_raw * (log Q_tail - log P_tail)
+
+    where ``*_raw`` is the unclamped tail mass (the clamp only guards the logarithm).
+    """
+    q, l = student_topk_logprobs, teacher_topk_logprobs.to(student_topk_logprobs.dtype)
+    if divergence == "forward_kl":
+        value = _where_positive(l.exp(), l - q).sum(-1)
+    elif divergence == "reverse_kl":
+        value = (q.exp() * (q - l)).sum(-1)
+    else:
+        raise ValueError(f"divergence: expected 'forward_kl' or 'reverse_kl', got {divergence!r}")
+    if tail_bucket:
+        p_tail = 1.0 - l.exp().sum(-1)
+        q_tail = 1.0 - q.exp().sum(-1)
+        log_p = p_tail.clamp_min(TAIL_CLAMP).log()
+        log_q = q_tail.clamp_min(TAIL_CLAMP).log()
+        value = value + (p_tail * (log_p - log_q) if divergence == "forward_kl" else q_tail * (log_q - log_p))
+    return value
+
+
+def linear_topk_divergence(student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, *,
+                           divergence: str = "forward_kl", tail_bucket: bool = True, temperature: float = 1.0,
+                           student_bias=None, student_softcap=None, student_scale: float = 1.0, vocab_size=None,
+                           mask=None, reduction: str = "mean", normalizer=None) -> torch.Tensor:
+    """Materializing ``opd_kernels.linear_topk_divergence``."""
+    lse, gathered, _ = lse_gather(student_hidden, student_weight, teacher_topk_ids, bias=student_bias,
+                                  temperature=temperature, softcap=student_softcap, scale=student_scale,
+                                  vocab_size=vocab_size)
+    q = gathered - lse.unsqueeze(-1)
+    per_token = topk_divergence_from_logprobs(q, teacher_topk_logprobs.detach(), divergence=divergence,
+                                              tail_bucket=tail_bucket)
+    return reduce(per_token, mask, reduction, normalizer)
+
+
+def sampled_token_opd_loss(student_logprobs, teacher_logprobs, *, sampler_logprobs=None, mask=None,
+                           kl_coef: float = 1.0, normalizer=None, estimator: str = "is") -> torch.Tensor:
+    """Sampled-token OPD loss (see ``opd_kernels.sampled_token_opd_loss`` for the estimators)."""
+    dtype = _compute_dtype(student_logprobs.dtype)
+    ls = student_logprobs.to(dtype)
+    lt = teacher_logprobs.detach().to(dtype)
+    lq = ls.detach() if sampler_logprobs is None else sampler_logprobs.detach().to(dtype)
+    ratio = torch.exp(ls - lq)
+    if estimator == "is":
+        advantage = -kl_coef * (lq - lt)
+        per_token = -ratio * advantage
+    elif estimator == "k1":
+        per_token = kl_coef * ratio.detach() * (ls - lt)
+    elif estimator == "k3":
+        log_r = lt - ls
+        per_token = kl_coef * ratio.detach() * (torch.exp(log_r) - 1.0 - log_r)
+    else:
+        raise ValueError(f"estimator: expected one of 'is', 'k1', 'k3', got {estimator!r}")
+    return reduce(per_token, mask, "mean", normalizer)
