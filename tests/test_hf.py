@@ -1,0 +1,193 @@
+"""opd_kernels.hf on tiny config-built transformers models: the fused loss equals the one from `.logits`."""
+import pytest
+import torch
+
+import opd_kernels.reference as ref
+from opd_kernels import hf
+from opd_kernels.hf.tiny import FAMILIES, tiny_causal_lm
+
+FP32_TOL = 5e-5
+
+
+def rel_err(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def batch(vocab, b=3, t=11, seed=0):
+    """Random ids, left padding on row 1, and a completion mask that starts mid-row."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (b, t), generator=g)
+    attn = torch.ones(b, t, dtype=torch.long)
+    attn[1, :4] = 0
+    ids[1, :4] = 0
+    completion = torch.zeros(b, t, dtype=torch.bool)
+    completion[:, 6:] = True
+    completion[2, 3:] = True
+    return ids, attn, completion
+
+
+def logits_loss(student, teacher, ids, attn, completion, *, divergence="reverse_kl", beta=0.5, temperature=1.0,
+                reduction="mean", normalizer=None):
+    """The same loss from the models' own `.logits` (materialized; divergence in float64)."""
+    pos = hf.position_ids_from_mask(attn)
+    zs = student(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits
+    with torch.no_grad():
+        zt = teacher(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits
+    v = zs.shape[-1]
+    mask = completion[:, 1:] & attn[:, 1:].bool()
+    return ref.logits_divergence(zs[:, :-1].double(), zt[:, :-1, :v].double(), divergence=divergence, beta=beta,
+                                 temperature=temperature, mask=mask, reduction=reduction, normalizer=normalizer)
+
+
+def student_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lm_head_reproduces_model_logits(family):
+    model = tiny_causal_lm(family, seed=3)
+    head = hf.verify_lm_head(model)  # raises if lm_head + hidden_states do not give model(...).logits
+    expected = {"gemma2": (3.0, 1.0), "cohere": (None, 0.5), "granite": (None, 2.0)}.get(family, (None, 1.0))
+    assert (head.softcap, head.scale) == expected
+    assert head.weight is model.get_output_embeddings().weight
+    if model.config.tie_word_embeddings:
+        assert head.weight is model.get_input_embeddings().weight
+
+
+def test_verify_lm_head_catches_a_transform_the_model_does_not_apply():
+    model = tiny_causal_lm("llama", seed=0)
+    model.config.final_logit_softcapping = 2.0  # Llama's forward ignores it: the reading is now wrong
+    with pytest.raises(ValueError, match="does not reproduce"):
+        hf.verify_lm_head(model)
+
+
+def test_lm_head_refuses_what_it_cannot_read():
+    from transformers import LlamaModel
+
+    base = LlamaModel(tiny_causal_lm("llama").config)
+    with pytest.raises(ValueError, match="model: LlamaModel has no output embeddings"):
+        hf.lm_head(base)
+    odd = tiny_causal_lm("llama")
+    odd.config.unpadded_vocab_size = 100
+    with pytest.raises(ValueError, match="unpadded_vocab_size"):
+        hf.lm_head(odd)
+    with pytest.raises(TypeError, match="model"):
+        hf.lm_head(torch.nn.Linear(3, 3))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
+def test_hidden_states_are_the_final_normed_states(family):
+    model = tiny_causal_lm(family, seed=1).eval()
+    ids, attn, _ = batch(131)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=hf.position_ids_from_mask(attn),
+                output_hidden_states=True, use_cache=False)
+    h = hf.hidden_states(model, ids, attn)
+    assert h.shape == (3, 11, 32)
+    assert rel_err(h, out.hidden_states[-1]) < 1e-6
+    with pytest.raises(ValueError, match="attention_mask"):
+        hf.hidden_states(model, ids, attn[:, :5])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_distillation_loss_equals_logits_loss(family):
+    # Teacher: wider hidden size and 6 padded vocab rows beyond the student's (ignored).
+    student = tiny_causal_lm(family, seed=10, vocab_size=131, hidden_size=32).eval()
+    teacher = tiny_causal_lm(family, seed=11, vocab_size=137, hidden_size=48).eval()
+    ids, attn, completion = batch(131, seed=hash(family) % 1000)
+    fused = hf.distillation_loss(student, teacher, ids, attention_mask=attn, loss_mask=completion)
+    fused.backward()
+    g_fused = student_grads(student)
+    student.zero_grad(set_to_none=True)
+    oracle = logits_loss(student, teacher, ids, attn, completion)
+    oracle.backward()
+    g_ref = student_grads(student)
+    assert fused.dtype == torch.float32 and fused.dim() == 0
+    assert rel_err(fused, oracle) < FP32_TOL, (float(fused), float(oracle))
+    assert set(g_fused) == set(g_ref) and len(g_ref) > 5
+    for name, g in g_ref.items():
+        assert rel_err(g_fused[name], g) < FP32_TOL, name
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+@pytest.mark.parametrize("divergence,beta", [("forward_kl", 0.5), ("jsd", 0.3), ("jsd", 1.0)])
+def test_distillation_loss_divergences_and_temperature(divergence, beta):
+    student = tiny_causal_lm("qwen3", seed=20).eval()
+    teacher = tiny_causal_lm("qwen3", seed=21, hidden_size=48).eval()
+    ids, attn, completion = batch(131, seed=5)
+    kw = dict(divergence=divergence, beta=beta, temperature=0.7)
+    fused = hf.distillation_loss(student, teacher, ids, attention_mask=attn, loss_mask=completion, **kw)
+    fused.backward()
+    g_fused = student.model.embed_tokens.weight.grad.clone()
+    student.zero_grad(set_to_none=True)
+    oracle = logits_loss(student, teacher, ids, attn, completion, **kw)
+    oracle.backward()
+    assert rel_err(fused, oracle) < FP32_TOL
+    assert rel_err(g_fused, student.model.embed_tokens.weight.grad) < FP32_TOL
+
+
+def test_reduction_none_is_aligned_with_input_ids_and_normalizer_scales():
+    student, teacher = tiny_causal_lm("llama", seed=30).eval(), tiny_causal_lm("llama", seed=31).eval()
+    ids, attn, completion = batch(131, seed=7)
+    with torch.no_grad():
+        per_tok = hf.distillation_loss(student, teacher, ids, attention_mask=attn, loss_mask=completion,
+                                       reduction="none")
+        oracle = logits_loss(student, teacher, ids, attn, completion, reduction="none")
+        summed = hf.distillation_loss(student, teacher, ids, attention_mask=attn, loss_mask=completion,
+                                      reduction="mean", normalizer=1000)
+    assert per_tok.shape == ids.shape
+    assert torch.all(per_tok[:, 0] == 0) and torch.all(per_tok[~completion] == 0)
+    assert torch.all(per_tok[completion] > 0)
+    assert rel_err(per_tok[:, 1:], oracle) < FP32_TOL
+    assert rel_err(summed, oracle.sum() / 1000) < FP32_TOL
+
+
+def test_fully_masked_batch_is_zero_not_nan():
+    student, teacher = tiny_causal_lm("llama", seed=0), tiny_causal_lm("llama", seed=1)
+    ids, attn, _ = batch(131)
+    loss = hf.distillation_loss(student, teacher, ids, attention_mask=attn,
+                                loss_mask=torch.zeros_like(ids, dtype=torch.bool))
+    loss.backward()
+    assert float(loss) == 0.0
+    assert all(torch.all(p.grad == 0) for p in student.parameters() if p.grad is not None)
+
+
+def test_vocab_mismatch_and_tokenizer_mismatch_are_refused():
+    student = tiny_causal_lm("llama", seed=0, vocab_size=131)
+    small_teacher = tiny_causal_lm("llama", seed=1, vocab_size=120)
+    ids, attn, completion = batch(120)
+    with pytest.raises(ValueError, match="vocab_size: 131 exceeds"):
+        hf.distillation_loss(student, small_teacher, ids, attention_mask=attn, loss_mask=completion)
+    loss = hf.distillation_loss(student, small_teacher, ids, attention_mask=attn, loss_mask=completion,
+                                vocab_size=120)
+    assert torch.isfinite(loss) and float(loss) > 0
+
+    class Tok:
+        def __init__(self, vocab):
+            self.vocab = vocab
+
+        def get_vocab(self):
+            return dict(self.vocab)
+
+    same = {"a": 0, "b": 1}
+    hf.check_same_tokenizer(Tok(same), Tok(dict(same)))
+    with pytest.raises(ValueError, match="teacher_tokenizer: the student and teacher tokenizers differ"):
+        hf.distillation_loss(student, student, ids, attention_mask=attn, student_tokenizer=Tok(same),
+                             teacher_tokenizer=Tok({"a": 1, "b": 0}))
+
+
+def test_bf16_models_within_twice_the_materialized_bf16_error():
+    student = tiny_causal_lm("llama", seed=40, dtype=torch.bfloat16).eval()
+    teacher = tiny_causal_lm("llama", seed=41, dtype=torch.bfloat16, hidden_size=48).eval()
+    ids, attn, completion = batch(131, seed=9)
+    with torch.no_grad():
+        fused = hf.distillation_loss(student, teacher, ids, attention_mask=attn, loss_mask=completion)
+        mask = completion[:, 1:] & attn[:, 1:].bool()
+        hs = hf.hidden_states(student, ids, attn)[:, :-1]
+        ht = hf.hidden_states(teacher, ids, attn)[:, :-1]
+        ws, wt = hf.lm_head(student).weight, hf.lm_head(teacher).weight
+        oracle = ref.linear_divergence(hs.double(), ws.double(), ht.double(), wt.double(), mask=mask)
+        same_dtype = ref.linear_divergence(hs, ws, ht, wt, mask=mask)
+    assert fused.dtype == torch.float32
+    bound = max(2 * rel_err(same_dtype, oracle), 1e-3)
+    assert rel_err(fused, oracle) <= bound
