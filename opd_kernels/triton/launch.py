@@ -1,0 +1,172 @@
+"""Python launchers for the kernels of this package: block sizes, output allocation, grids.
+
+Inputs arrive validated and flattened (docs/internals.md): hidden (N, H) and weight (V_m, H) contiguous,
+one floating dtype per model, ``vocab_size`` V <= V_m. Every allocation here is O(N) or a gradient
+accumulator shaped like an input (fp32 N x H, V_m x H): none is N x V.
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+
+from .divergence_bwd import divergence_bwd_kernel
+from .divergence_fwd import FORWARD_KL, JSD, REVERSE_KL, divergence_fwd_kernel
+from .gather import gather_bwd_kernel, gather_fwd_kernel
+from .lse import lse_bwd_kernel, lse_fwd_kernel
+from .tiles import tanh  # noqa: F401  (re-exported for tests of the helpers)
+
+# Decided when this module (hence the kernels) was imported; see opd_kernels/triton/__init__.py.
+INTERPRETED = type(lse_fwd_kernel).__name__ == "InterpretedFunction"
+
+_DIVERGENCE_IDS = {"reverse_kl": REVERSE_KL.value, "forward_kl": FORWARD_KL.value, "jsd": JSD.value}
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Tile shape and launch options. GPU values are first guesses for H100/A100 (bf16: a 64 x 128
+    fp32 accumulator per model, 64-wide K steps); they have not been tuned on hardware. Under the
+    interpreter, numpy cost is per op, so bigger tiles run faster."""
+    n: int
+    v: int
+    k: int
+    num_warps: int
+    num_stages: int
+
+
+def blocks_for(device: torch.device, dtype: torch.dtype) -> Blocks:
+    if INTERPRETED or device.type != "cuda":
+        return Blocks(n=32, v=256, k=64, num_warps=1, num_stages=1)
+    # fp32 tiles take twice the shared memory per stage: halve K.
+    return Blocks(n=64, v=128, k=64 if dtype != torch.float32 else 32, num_warps=8, num_stages=3)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs use exact fp32 products ("ieee"); TF32 would cost ~1e-3 relative error, 10x the
+    backend tolerance. Ignored for bf16/fp16."""
+    return "ieee"
+
+
+def _options(blocks: Blocks) -> dict:
+    return dict(BLOCK_N=blocks.n, BLOCK_V=blocks.v, BLOCK_K=blocks.k,
+                num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+
+
+def check_device(t: torch.Tensor, name: str) -> None:
+    """Triton runs CUDA tensors compiled, CPU tensors only when interpreted."""
+    if t.device.type == "cuda":
+        if INTERPRETED:
+            raise ValueError(f"{name} is on {t.device}, but the Triton kernels were created under "
+                             "TRITON_INTERPRET=1 (CPU only); unset it to run them on the GPU")
+        return
+    if t.device.type == "cpu" and INTERPRETED:
+        return
+    raise ValueError(
+        f"{name} is on {t.device}: the triton backend runs CUDA tensors, or CPU tensors when "
+        "TRITON_INTERPRET=1 was set before triton and opd_kernels' Triton kernels were imported; "
+        "use backend='cpp' or backend='torch' for CPU tensors")
+
+
+def _jsd_constants(divergence: str, beta: float):
+    """log(1 - beta) and log(beta) for jsd (0 < beta < 1 there; the ends are forward/reverse KL)."""
+    if divergence != "jsd":
+        return 0.0, 0.0
+    return math.log1p(-beta), math.log(beta)
+
+
+def divergence_forward(hs, ws, bs: Optional[torch.Tensor], ht, wt, bt: Optional[torch.Tensor], *,
+                       divergence: str, beta: float, temperature: float, s_softcap, t_softcap,
+                       s_scale: float, t_scale: float, vocab_size: int):
+    """Per-token divergence values (N,) fp32 and row statistics (3, N) fp32 = [L_s, L_t, c]."""
+    n = hs.shape[0]
+    values = torch.empty(n, dtype=torch.float32, device=hs.device)
+    stats = torch.empty(3, n, dtype=torch.float32, device=hs.device)
+    if n == 0:
+        return values, stats
+    blocks = blocks_for(hs.device, hs.dtype)
+    log_1mb, log_b = _jsd_constants(divergence, beta)
+    divergence_fwd_kernel[(triton.cdiv(n, blocks.n),)](
+        hs, ws, bs, ht, wt, bt, values, stats,
+        n, vocab_size, hs.shape[1], ht.shape[1],
+        float(s_scale), float(s_softcap or 1.0), float(t_scale), float(t_softcap or 1.0),
+        1.0 / temperature, float(beta), log_1mb, log_b,
+        DIVERGENCE=_DIVERGENCE_IDS[divergence], S_BIAS=bs is not None, T_BIAS=bt is not None,
+        S_SOFTCAP=s_softcap is not None, T_SOFTCAP=t_softcap is not None,
+        DOT_PRECISION=dot_precision(hs.dtype), **_options(blocks))
+    return values, stats
+
+
+def divergence_backward(grad, stats, hs, ws, bs, ht, wt, bt, *, divergence: str, beta: float,
+                        temperature: float, s_softcap, t_softcap, s_scale: float, t_scale: float,
+                        vocab_size: int, filter_eps: float):
+    """fp32 accumulators (dH_s (N, H_s), dW_s (V_s, H_s), db_s (V_s,) or None), zero where untouched."""
+    n, h_s = hs.shape
+    dhs = torch.zeros(n, h_s, dtype=torch.float32, device=hs.device)
+    dws = torch.zeros(ws.shape, dtype=torch.float32, device=hs.device)
+    dbs = torch.zeros(ws.shape[0], dtype=torch.float32, device=hs.device) if bs is not None else None
+    if n == 0:
+        return dhs, dws, dbs
+    blocks = blocks_for(hs.device, hs.dtype)
+    log_1mb, log_b = _jsd_constants(divergence, beta)
+    grid = (triton.cdiv(n, blocks.n), triton.cdiv(vocab_size, blocks.v))
+    divergence_bwd_kernel[grid](
+        hs, ws, bs, ht, wt, bt, stats, grad.to(torch.float32).contiguous(), dhs, dws, dbs,
+        n, vocab_size, h_s, ht.shape[1],
+        float(s_scale), float(s_softcap or 1.0), float(t_scale), float(t_softcap or 1.0),
+        1.0 / temperature, float(beta), log_1mb, log_b, float(filter_eps),
+        DIVERGENCE=_DIVERGENCE_IDS[divergence], S_BIAS=bs is not None, T_BIAS=bt is not None,
+        S_SOFTCAP=s_softcap is not None, T_SOFTCAP=t_softcap is not None,
+        DOT_PRECISION=dot_precision(hs.dtype), **_options(blocks))
+    return dhs, dws, dbs
+
+
+def lse_gather_forward(h, w, b, ids, *, temperature: float, softcap, scale: float, vocab_size: int):
+    """(lse (N,), gathered (N, k), entropy (N,)), all fp32."""
+    n, k = ids.shape
+    lse = torch.empty(n, dtype=torch.float32, device=h.device)
+    ent = torch.empty(n, dtype=torch.float32, device=h.device)
+    gathered = torch.empty(n, k, dtype=torch.float32, device=h.device)
+    if n == 0:
+        return lse, gathered, ent
+    blocks = blocks_for(h.device, h.dtype)
+    common = dict(HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None)
+    lse_fwd_kernel[(triton.cdiv(n, blocks.n),)](
+        h, w, b, lse, ent, n, vocab_size, h.shape[1], float(scale), float(softcap or 1.0),
+        1.0 / temperature, DOT_PRECISION=dot_precision(h.dtype), **common, **_options(blocks))
+    if k > 0:
+        block_j = min(64, triton.next_power_of_2(k))
+        gather_fwd_kernel[(n, triton.cdiv(k, block_j))](
+            h, w, b, ids, gathered, k, h.shape[1], float(scale), float(softcap or 1.0),
+            1.0 / temperature, BLOCK_J=block_j, BLOCK_K=blocks.k, num_warps=4 if not INTERPRETED else 1,
+            **common)
+    return lse, gathered, ent
+
+
+def lse_gather_backward(g_lse, g_gathered, g_ent, lse, ent, h, w, b, ids, *, temperature: float,
+                        softcap, scale: float, vocab_size: int):
+    """fp32 accumulators (dh (N, H), dw (V_m, H), db (V_m,) or None)."""
+    n, hdim = h.shape
+    k = ids.shape[1]
+    dh = torch.zeros(n, hdim, dtype=torch.float32, device=h.device)
+    dw = torch.zeros(w.shape, dtype=torch.float32, device=h.device)
+    db = torch.zeros(w.shape[0], dtype=torch.float32, device=h.device) if b is not None else None
+    if n == 0:
+        return dh, dw, db
+    blocks = blocks_for(h.device, h.dtype)
+    common = dict(HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None)
+    f32 = dict(dtype=torch.float32, device=h.device)
+    g_lse = torch.zeros(n, **f32) if g_lse is None else g_lse.to(torch.float32).contiguous()
+    g_ent = torch.zeros(n, **f32) if g_ent is None else g_ent.to(torch.float32).contiguous()
+    grid = (triton.cdiv(n, blocks.n), triton.cdiv(vocab_size, blocks.v))
+    lse_bwd_kernel[grid](
+        h, w, b, lse, ent, g_lse, g_ent, dh, dw, db, n, vocab_size, hdim, float(scale),
+        float(softcap or 1.0), 1.0 / temperature, DOT_PRECISION=dot_precision(h.dtype), **common,
+        **_options(blocks))
+    if k > 0 and g_gathered is not None:
+        block_j = min(64, triton.next_power_of_2(k))
+        gather_bwd_kernel[(n, triton.cdiv(k, block_j))](
+            h, w, b, ids, g_gathered.to(torch.float32).contiguous(), dh, dw, db, k, hdim,
+            float(scale), float(softcap or 1.0), 1.0 / temperature, BLOCK_J=block_j,
+            BLOCK_K=blocks.k, num_warps=4 if not INTERPRETED else 1, **common)
+    return dh, dw, db

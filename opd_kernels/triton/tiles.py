@@ -1,0 +1,123 @@
+"""Shared ``@triton.jit`` building blocks: logit tiles, the logit transform, online softmax, and the
+gradient-matmul epilogue. Every kernel in this package is a short composition of these.
+
+Conventions (all kernels): hidden ``h`` is (N, H) and weight ``w`` is (V_m, H), both contiguous, so row
+``r`` of either starts at ``r * H``; offsets are formed in int64 so ``N * H``, ``V * H`` (and any ``N * V``
+index a caller might form) never wrap at 2^31. Rows >= N and vocab columns >= V (``vocab_size``, which may
+be smaller than the weight's row count) are masked: their logits are -inf and their gradients 0.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tanh(x):
+    """tanh that never overflows (exp of a non-positive number), also under TRITON_INTERPRET=1, where
+    libdevice.tanh is unavailable. Same as ``torch.tanh(x)``; tanh(+-inf) = +-1."""
+    t = tl.exp(-2.0 * tl.abs(x))
+    y = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -y, y)
+
+
+@triton.jit
+def raw_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H,
+             HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+             BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """fp32 (BLOCK_N, BLOCK_V) tile ``raw = h[rows] @ w[cols].T + b[cols]`` (tl.dot over H in BLOCK_K
+    steps, inputs in their own dtype, fp32 accumulation). Out-of-range rows/columns read zeros."""
+    row_off = rows.to(tl.int64) * H
+    col_off = cols.to(tl.int64) * H
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        h = tl.load(h_ptr + row_off[:, None] + ks[None, :],
+                    mask=(rows[:, None] < N) & (ks[None, :] < H), other=0.0)
+        # w tile loaded transposed, (BLOCK_K, BLOCK_V), so the product is a plain tl.dot.
+        w = tl.load(w_ptr + col_off[None, :] + ks[:, None],
+                    mask=(cols[None, :] < V) & (ks[:, None] < H), other=0.0)
+        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def transform(raw, scale, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
+    """``z = softcap(scale * raw) / T`` with ``softcap_c(x) = c * tanh(x / c)`` (DESIGN.md section 4)."""
+    x = raw * scale
+    if HAS_SOFTCAP:
+        x = softcap * tanh(x / softcap)
+    return x * inv_temp
+
+
+@triton.jit
+def transform_grad(raw, scale, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
+    """``dz / draw = scale / T * (1 - tanh^2(scale * raw / c))`` (the tanh factor only with a softcap)."""
+    d = raw * 0.0 + scale * inv_temp
+    if HAS_SOFTCAP:
+        t = tanh(raw * scale / softcap)
+        d = d * (1.0 - t * t)
+    return d
+
+
+@triton.jit
+def logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, scale, softcap, inv_temp,
+               HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(raw, z) tiles of one model; ``z`` is -inf at columns >= V so they drop out of every softmax."""
+    raw = raw_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H,
+                   HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
+    z = transform(raw, scale, softcap, inv_temp, HAS_SOFTCAP)
+    return raw, tl.where(cols[None, :] < V, z, float("-inf"))
+
+
+@triton.jit
+def online_softmax(m, d, z):
+    """One online-softmax step over a tile ``z`` (BLOCK_N, BLOCK_V).
+
+    Returns ``(m_new, d_new, alpha, e)``: the new row max, ``d_new = d * alpha + sum_v e``, the factor
+    ``alpha = exp(m - m_new)`` that rescales any other running sum kept relative to the old max, and
+    ``e = exp(z - m_new)``. A row that has seen only -inf logits keeps m = -inf; it is shifted by 0
+    instead so that exp(-inf - -inf) never makes a NaN.
+    """
+    m_new = tl.maximum(m, tl.max(z, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    e = tl.exp(z - m_safe[:, None])
+    return m_new, d * alpha + tl.sum(e, 1), alpha, e
+
+
+@triton.jit
+def logaddexp(a, b):
+    """``log(exp(a) + exp(b))`` elementwise, -inf when both are -inf (no NaN)."""
+    mx = tl.maximum(a, b)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    return mx_safe + tl.log(tl.exp(a - mx_safe) + tl.exp(b - mx_safe))
+
+
+@triton.jit
+def accumulate_grads(g, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, rows, cols, N, V, H,
+                     HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Gradient epilogue for one tile ``g = dLoss/draw`` (BLOCK_N, BLOCK_V), fp32:
+
+        dh[rows] += g @ w[cols]        dw[cols] += g.T @ h[rows]        db[cols] += g.sum(0)
+
+    into fp32 accumulators with relaxed atomics (other programs own the other vocab blocks of these
+    rows and the other token blocks of these vocab rows). ``g`` enters tl.dot in the inputs' dtype, as
+    in the materializing bf16 computation, which rounds its logits gradient to bf16 as well.
+    """
+    row_off = rows.to(tl.int64) * H
+    col_off = cols.to(tl.int64) * H
+    g_in = g.to(h_ptr.dtype.element_ty)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        row_mask = (rows[:, None] < N) & (ks[None, :] < H)
+        col_mask = (cols[:, None] < V) & (ks[None, :] < H)
+        w = tl.load(w_ptr + col_off[:, None] + ks[None, :], mask=col_mask, other=0.0)
+        dh = tl.dot(g_in, w, input_precision=DOT_PRECISION)
+        tl.atomic_add(dh_ptr + row_off[:, None] + ks[None, :], dh, mask=row_mask, sem="relaxed")
+        h = tl.load(h_ptr + row_off[:, None] + ks[None, :], mask=row_mask, other=0.0)
+        dw = tl.dot(tl.trans(g_in), h, input_precision=DOT_PRECISION)
+        tl.atomic_add(dw_ptr + col_off[:, None] + ks[None, :], dw, mask=col_mask, sem="relaxed")
+    if HAS_BIAS:
+        tl.atomic_add(db_ptr + cols, tl.sum(g, 0), mask=cols < V, sem="relaxed")
