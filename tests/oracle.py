@@ -1,0 +1,51 @@
+"""Helpers to compare an implementation with the float64 oracle (opd_kernels.reference).
+
+Error metric of DESIGN.md section 6: max |err| / max |ref|, for the loss and for every gradient.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Sequence
+
+import torch
+
+# fp32 inputs: max|err|/max|ref| bound per backend. bf16/fp16 inputs use the 2x rule instead
+# (see `low_precision_bound`).
+FP32_TOL = {"torch": 5e-5, "cpp": 5e-5, "triton": 2e-4}
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.detach().double(), ref.detach().double()
+    scale = ref.abs().max().clamp_min(1e-30)
+    return float((got - ref).abs().max() / scale)
+
+
+def value_and_grads(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], upstream=None):
+    """Run ``fn(*inputs)`` and return (output, grads w.r.t. every input) for a given upstream gradient."""
+    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+    out = fn(*leaves)
+    g = torch.ones_like(out) if upstream is None else upstream.to(out.dtype)
+    grads = torch.autograd.grad(out, leaves, g, allow_unused=True)
+    grads = [torch.zeros_like(x) if gr is None else gr for x, gr in zip(leaves, grads)]
+    return out.detach(), grads
+
+
+def compare_to_oracle(impl: Callable[..., torch.Tensor], oracle: Callable[..., torch.Tensor],
+                      inputs: Sequence[torch.Tensor], upstream=None) -> Dict[str, float]:
+    """Errors of ``impl`` (on ``inputs`` as given) vs ``oracle`` (on float64 copies): {'value': e, 'grad0': e, ...}."""
+    out, grads = value_and_grads(impl, inputs, upstream)
+    ref_out, ref_grads = value_and_grads(oracle, [x.double() for x in inputs],
+                                         None if upstream is None else upstream.double())
+    errs = {"value": rel_err(out, ref_out)}
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        errs[f"grad{i}"] = rel_err(g, r)
+    return errs
+
+
+def low_precision_bound(naive_errs: Dict[str, float], dtype: torch.dtype) -> Dict[str, float]:
+    """bf16/fp16 rule: each error within 2x the same-dtype materializing computation's error.
+
+    The naive error is floored at half the dtype's unit roundoff (bf16 2^-9, fp16 2^-12): a naive result can
+    be exact by accident, and no computation that rounds its output to ``dtype`` can beat that.
+    """
+    floor = torch.finfo(dtype).eps / 2
+    return {k: 2 * max(e, floor) for k, e in naive_errs.items()}
