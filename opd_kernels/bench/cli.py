@@ -1,0 +1,98 @@
+"""``opd-bench``: run the benchmark suite, print the table, write the CSV and the PNG.
+
+    opd-bench --quick                       # every op once, small shapes (< 2 min on a 2-core CPU)
+    opd-bench                               # named cases + every op + N and V sweeps (< 20 min there)
+    opd-bench --case issue3 --case issue5   # the measurement cases of issues 3 and 5
+    opd-bench --device cuda --case issue4   # the H100 case of issue 4
+    opd-bench --ops linear_logprobs --providers naive ours --csv out.csv --plot out.png
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import List, Optional
+
+import torch
+
+from . import presets
+from .cases import OPS, Case
+from .report import format_table, machine_info, write_csv
+from .runner import run_case
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="opd-bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--quick", action="store_true", help="every op once at a small shape")
+    p.add_argument("--case", action="append", default=[], metavar="NAME",
+                   help="named case(s): issue3, issue4, issue5 (repeatable; replaces the preset)")
+    p.add_argument("--ops", nargs="+", choices=OPS, help="only these ops")
+    p.add_argument("--providers", nargs="+", metavar="NAME",
+                   help="only these providers (names or prefixes: naive, torch.compile, liger, ours, "
+                        "ours:cpp, ...); the floor always runs")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
+                   help="dtype of the preset cases (default fp32 on CPU, bf16 on CUDA); named cases keep theirs")
+    p.add_argument("--no-sweeps", action="store_true", help="default preset without the N and V sweeps")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per provider (>= 5), default 5")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls after the checked first call")
+    p.add_argument("--csv", metavar="PATH", help="write the rows to this CSV")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG of time, ratio to floor and memory")
+    p.add_argument("--markdown", action="store_true", help="print markdown tables")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress inside each case")
+    return p
+
+
+def select_cases(args) -> List[Case]:
+    device = args.device
+    dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
+    if args.case:
+        named = presets.named_cases(device)
+        unknown = [c for c in args.case if c not in named]
+        if unknown:
+            raise SystemExit(f"opd-bench: --case: unknown {unknown}, expected some of {sorted(named)}")
+        cases = [c for name in args.case for c in named[name]]
+    elif args.quick:
+        cases = presets.quick(device, dtype)
+    else:
+        cases = presets.default(device, dtype)
+        if args.no_sweeps:
+            cases = [c for c in cases if not c.sweep]
+    if args.ops:
+        cases = [c for c in cases if c.op in args.ops]
+    return cases
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("opd-bench: --device cuda: no CUDA device is available")
+    cases = select_cases(args)
+    if not cases:
+        raise SystemExit("opd-bench: no case selected")
+    info = machine_info(args.device)
+    print(f"# opd-bench on {info['device_name']}, torch {info['torch']}, {info['threads']} threads, "
+          f"commit {info['git_commit']} {info['env']}".rstrip(), flush=True)
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.verbose else (lambda s: None)
+    rows, t0 = [], time.perf_counter()
+    for i, case in enumerate(cases, 1):
+        print(f"[{i}/{len(cases)}] {case.label}", file=sys.stderr, flush=True)
+        case_rows = run_case(case, providers=args.providers, repeats=args.repeats, warmup=args.warmup, log=log)
+        rows += case_rows
+        print(format_table(case_rows, markdown=args.markdown), flush=True)
+        if args.csv:  # rewrite after every case: a long run that dies still leaves its rows
+            write_csv(rows, args.csv, info)
+    print(f"# {len(cases)} cases in {time.perf_counter() - t0:.0f} s", flush=True)
+    if args.csv:
+        print(f"# wrote {args.csv}")
+    if args.plot:
+        from .plot import plot_rows
+        plot_rows([{**info, **r} for r in rows], args.plot)
+        print(f"# wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

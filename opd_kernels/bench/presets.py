@@ -1,0 +1,65 @@
+"""Named cases (the measurement cases of issues 3, 4 and 5) and the quick / default / GPU suites.
+
+Shapes: H is the student (or single-model) hidden size, H_t the teacher's. CPU suites keep the hidden
+sizes small so that the N and V sweeps fit in the time budget of a 2-core machine; the GPU suite uses the
+real model sizes of issue 4 (a 4096-wide student and 5120-wide teacher over Qwen's 151936-token vocabulary).
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+from .cases import Case
+
+
+def named_cases(device: str = "cpu") -> Dict[str, List[Case]]:
+    """The cases the issues ask for, by name (``opd-bench --case NAME``)."""
+    return {
+        # issue 3: CPU, fp32, reverse KL forward+backward
+        "issue3": [Case("linear_divergence", N=2048, H=512, H_t=1024, V=32000, dtype="fp32", device=device,
+                        divergence="reverse_kl", name="issue3")],
+        # issue 5: log-probs forward+backward vs log_softmax+gather; logits_divergence on bf16 logits
+        "issue5": [Case("linear_logprobs", N=4096, H=1024, V=32000, dtype="fp32", device=device, name="issue5"),
+                   Case("logits_divergence", N=4096, H=0, V=32000, dtype="bf16", device=device,
+                        divergence="reverse_kl", name="issue5")],
+        # issue 4: the H100 case (runs anywhere it fits; meant for a GPU)
+        "issue4": [Case("linear_divergence", N=16384, H=4096, H_t=5120, V=151936, dtype="bf16", device=device,
+                        divergence="reverse_kl", name="issue4")],
+    }
+
+
+def quick(device: str = "cpu", dtype: str = "fp32") -> List[Case]:
+    """Every op once at a small shape (under 2 minutes on the 2-core CPU dev machine, warm compile cache)."""
+    n, h, ht, v = (512, 256, 512, 8000) if device == "cpu" else (4096, 2048, 4096, 32000)
+    cases = [Case("linear_divergence", N=n, H=h, H_t=ht, V=v, dtype=dtype, device=device, divergence=d)
+             for d in ("reverse_kl", "forward_kl", "jsd")]
+    cases += [Case("linear_logprobs", N=n, H=h, V=v, dtype=dtype, device=device),
+              Case("linear_logprobs", N=n, H=ht, V=v, dtype=dtype, device=device, mode="fwd"),
+              Case("linear_topk_divergence", N=n, H=h, V=v, k=64, dtype=dtype, device=device,
+                   divergence="forward_kl"),
+              Case("logits_divergence", N=n, H=0, V=v, dtype="bf16" if dtype == "fp32" else dtype,
+                   device=device)]
+    return cases
+
+
+def sweeps(device: str = "cpu", dtype: str = "fp32") -> List[Case]:
+    """linear_divergence (reverse KL) over N at a fixed V, and over V at a fixed N."""
+    if device == "cpu":
+        h, ht, v_fixed, n_fixed = 128, 256, 8192, 1024
+        ns = (512, 1024, 2048, 4096, 8192, 16384)
+        vs = (8192, 32000, 65536, 151936)
+    else:
+        h, ht, v_fixed, n_fixed = 4096, 5120, 151936, 4096
+        ns = (512, 1024, 2048, 4096, 8192, 16384)
+        vs = (8192, 32000, 65536, 128256, 151936)
+    out = [Case("linear_divergence", N=n, H=h, H_t=ht, V=v_fixed, dtype=dtype, device=device, sweep="N")
+           for n in ns]
+    out += [Case("linear_divergence", N=n_fixed, H=h, H_t=ht, V=v, dtype=dtype, device=device, sweep="V")
+            for v in vs]
+    return out
+
+
+def default(device: str = "cpu", dtype: str = "fp32") -> List[Case]:
+    """The named cases of this device, every op at its quick shape, and the N and V sweeps."""
+    named = named_cases(device)
+    cases = named["issue3"] + named["issue5"] if device == "cpu" else named["issue4"] + named["issue5"]
+    return cases + quick(device, dtype) + sweeps(device, dtype)
