@@ -1,6 +1,7 @@
 """The fused distillation loss between two transformers CausalLMs, on the completion tokens of a batch."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -47,13 +48,60 @@ def next_token_mask(input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     return mask
 
 
-def _matching(head: LMHead, dtype: torch.dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The head's weight and bias in the hidden states' dtype (what autocast does for F.linear)."""
+def _matching(head: LMHead, dtype: torch.dtype, device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The head's weight and bias in the hidden states' dtype and device (autocast's rule for F.linear)."""
     w, b = head.weight, head.bias
-    if w.dtype != dtype:
-        w = w.to(dtype)
-        b = None if b is None else b.to(dtype)
+    if w.dtype != dtype or w.device != device:
+        w = w.to(device=device, dtype=dtype)
+        b = None if b is None else b.to(device=device, dtype=dtype)
     return w, b
+
+
+def no_autocast(device: torch.device):
+    """Autocast off for the fused ops: they accumulate in fp32 themselves, and autocast would silently
+    recast the matmuls inside a backend."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+@dataclass
+class ScoredPair:
+    """Student and teacher prepared for a fused op; every tensor is (B, T-1, ...) over positions t-1.
+
+    student_hidden carries gradient; teacher_hidden does not. weights/biases are in the matching hidden
+    states' dtype. ``mask`` is bool (B, T-1) or None; ``targets`` = input_ids[:, 1:].
+    """
+
+    student_hidden: torch.Tensor
+    student_weight: torch.Tensor
+    student_bias: Optional[torch.Tensor]
+    student_head: LMHead
+    teacher_hidden: torch.Tensor
+    teacher_weight: torch.Tensor
+    teacher_bias: Optional[torch.Tensor]
+    teacher_head: LMHead
+    mask: Optional[torch.Tensor]
+    targets: torch.Tensor
+    vocab_size: int
+
+
+def score_pair(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, *,
+               attention_mask: Optional[torch.Tensor] = None, loss_mask: Optional[torch.Tensor] = None,
+               vocab_size: Optional[int] = None) -> ScoredPair:
+    """Run both decoder stacks (teacher without grad) and line everything up for next-token scoring."""
+    s_head, t_head = lm_head(student), lm_head(teacher)
+    v_s, v_t = s_head.weight.shape[0], t_head.weight.shape[0]
+    v = v_s if vocab_size is None else int(vocab_size)
+    if not 0 < v <= min(v_s, v_t):
+        raise ValueError(
+            f"vocab_size: {v} exceeds a model's lm_head rows (student {v_s}, teacher {v_t}); pass "
+            "vocab_size=len(tokenizer) when the teacher's vocabulary is the smaller (padded) one")
+    mask = next_token_mask(input_ids, attention_mask, loss_mask)
+    hs = hidden_states(student, input_ids, attention_mask)[:, :-1]
+    with torch.no_grad():
+        ht = hidden_states(teacher, input_ids, attention_mask)[:, :-1].to(hs.device)
+    ws, bs = _matching(s_head, hs.dtype, hs.device)
+    wt, bt = _matching(t_head, ht.dtype, hs.device)
+    return ScoredPair(hs, ws, bs, s_head, ht, wt, bt, t_head, mask, input_ids[:, 1:], v)
 
 
 def distillation_loss(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, *,
@@ -80,32 +128,22 @@ def distillation_loss(student: nn.Module, teacher: nn.Module, input_ids: torch.T
 
     Hidden sizes may differ. ``vocab_size`` (default: the student's lm_head rows) is the number of
     vocabulary rows compared; teacher rows beyond it (padding) are ignored. Pass both tokenizers to have
-    a vocabulary mismatch refused. ``reduction="none"`` returns (B, T) with entry t the loss of token t
-    (0 at t = 0 and wherever masked).
+    a vocabulary mismatch refused. Under autocast the hidden states keep the dtype autocast gave them and
+    the lm_head weights are cast to it, as autocast does for ``F.linear``. ``reduction="none"`` returns
+    (B, T) with entry t the loss of token t (0 at t = 0 and wherever masked).
     """
     import opd_kernels as ok  # the public API; imported here so that opd_kernels/__init__ may import us
 
     check_same_tokenizer(student_tokenizer, teacher_tokenizer)
-    s_head, t_head = lm_head(student), lm_head(teacher)
-    v_s, v_t = s_head.weight.shape[0], t_head.weight.shape[0]
-    v = v_s if vocab_size is None else int(vocab_size)
-    if v > v_s or v > v_t:
-        raise ValueError(
-            f"vocab_size: {v} exceeds a model's lm_head rows (student {v_s}, teacher {v_t}); pass "
-            "vocab_size=len(tokenizer) when the teacher's vocabulary is the smaller (padded) one")
-    mask = next_token_mask(input_ids, attention_mask, loss_mask)
-
-    hs = hidden_states(student, input_ids, attention_mask)[:, :-1]
-    with torch.no_grad():
-        ht = hidden_states(teacher, input_ids, attention_mask)[:, :-1].to(hs.device)
-    ws, bs = _matching(s_head, hs.dtype)
-    wt, bt = _matching(t_head, ht.dtype)
-    loss = ok.linear_divergence(
-        hs, ws, ht, wt.to(hs.device), divergence=divergence, beta=beta, temperature=temperature,
-        student_bias=bs, teacher_bias=None if bt is None else bt.to(hs.device),
-        student_softcap=s_head.softcap, teacher_softcap=t_head.softcap,
-        student_scale=s_head.scale, teacher_scale=t_head.scale, vocab_size=v, mask=mask,
-        reduction=reduction, normalizer=normalizer, backend=backend)
+    p = score_pair(student, teacher, input_ids, attention_mask=attention_mask, loss_mask=loss_mask,
+                   vocab_size=vocab_size)
+    with no_autocast(p.student_hidden.device):
+        loss = ok.linear_divergence(
+            p.student_hidden, p.student_weight, p.teacher_hidden, p.teacher_weight, divergence=divergence,
+            beta=beta, temperature=temperature, student_bias=p.student_bias, teacher_bias=p.teacher_bias,
+            student_softcap=p.student_head.softcap, teacher_softcap=p.teacher_head.softcap,
+            student_scale=p.student_head.scale, teacher_scale=p.teacher_head.scale, vocab_size=p.vocab_size,
+            mask=p.mask, reduction=reduction, normalizer=normalizer, backend=backend)
     if reduction == "none":
         loss = F.pad(loss, (1, 0))  # align with input_ids: token 0 is never predicted
     return loss

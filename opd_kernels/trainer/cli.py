@@ -1,0 +1,73 @@
+"""``opd-distill``: the embedded default experiment with no model arguments, the generic loop with them.
+
+    opd-distill                                   # the default experiment (opd_kernels.demo)
+    opd-distill --quick --output-dir runs/demo    # its options
+    opd-distill --student PATH --teacher PATH --prompts prompts.jsonl [--loss reverse_kl] [--config run.yaml]
+"""
+from __future__ import annotations
+
+import sys
+from typing import Dict, List, Optional, Sequence
+
+from .config import TrainConfig, build_parser, config_from_args
+
+_MODEL_FLAGS = ("--student", "--teacher", "--config")
+_EPILOG = ("With none of --student/--teacher/--config, opd-distill runs the embedded default experiment "
+           "(opd_kernels.demo); `opd-distill --quick --help` lists its options.")
+
+
+def _has_model_args(argv: Sequence[str]) -> bool:
+    return any(a in _MODEL_FLAGS or a.split("=", 1)[0] in _MODEL_FLAGS for a in argv)
+
+
+def run(cfg: TrainConfig) -> Dict[str, object]:
+    """Load the models and prompts named by ``cfg`` and train; returns the trainer's summary."""
+    import torch
+
+    from .data import load_prompts
+    from .loop import OPDTrainer
+    from .models import load_model, load_tokenizer, resolve_device, use_bf16_autocast
+
+    device = resolve_device(cfg.device)
+    teacher_dtype = torch.bfloat16 if use_bf16_autocast(cfg.precision, device) else torch.float32
+    student = load_model(cfg.student, device=device, seed=cfg.seed)
+    teacher = load_model(cfg.teacher, device=device, seed=cfg.seed + 1, dtype=teacher_dtype)
+    tokenizer, teacher_tokenizer = load_tokenizer(cfg.student), load_tokenizer(cfg.teacher)
+    vocab = cfg.vocab_size or student.get_output_embeddings().weight.shape[0]
+    prompts = load_prompts(cfg.prompts, tokenizer, max_prompt_len=cfg.max_prompt_len,
+                           chat_template=cfg.chat_template, seed=cfg.seed, vocab_size=vocab)
+    torch.manual_seed(cfg.seed)
+    trainer = OPDTrainer(cfg, student, teacher, prompts, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer)
+    return trainer.train()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not _has_model_args(argv) and argv not in (["-h"], ["--help"]):
+        try:
+            from opd_kernels.demo.cli import main as demo_main
+        except ImportError as e:
+            print(f"opd-distill: the default experiment (opd_kernels.demo.cli) is not available: {e}\n"
+                  "Give --student and --teacher to run the generic loop (see --help).", file=sys.stderr)
+            return 2
+        return demo_main(argv)
+    parser = build_parser(epilog=_EPILOG)
+    try:
+        cfg = config_from_args(argv, parser)
+    except ValueError as e:
+        parser.error(str(e))
+    missing = [name for name in ("student", "teacher", "prompts") if not getattr(cfg, name)]
+    if missing:
+        parser.error(f"missing {', '.join('--' + m for m in missing)} (flags or keys of --config)")
+    try:
+        summary = run(cfg)
+    except ValueError as e:
+        print(f"opd-distill: error: {e}", file=sys.stderr)
+        return 2
+    print(f"opd-distill: {summary['steps']} steps, {summary['total_tokens']} completion tokens, "
+          f"final loss {summary['final_loss']}, checkpoint {summary['checkpoint']}, metrics {summary['metrics']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

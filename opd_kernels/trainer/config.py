@@ -1,0 +1,146 @@
+"""The trainer's configuration: one dataclass, settable from a YAML/JSON file and from CLI flags.
+
+Precedence: dataclass defaults < ``--config FILE`` < explicit command-line flags.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Optional, Sequence
+
+DENSE_LOSSES = ("reverse_kl", "forward_kl", "jsd")
+LOSSES = DENSE_LOSSES + ("sampled", "topk")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one on-policy distillation run needs. Field docs double as ``--help`` text."""
+
+    student: Optional[str] = field(default=None, metadata={"help": "student: local dir, hub name cached "
+                                   "locally, a config .json (random init) or tiny:<family>"})
+    teacher: Optional[str] = field(default=None, metadata={"help": "teacher, same forms as --student"})
+    prompts: Optional[str] = field(default=None, metadata={"help": ".jsonl ({'prompt': str} or "
+                                   "{'prompt_ids': [int]}), .txt (one per line), or random:COUNT:LEN"})
+    output_dir: str = field(default="opd_run", metadata={"help": "metrics.jsonl, curves.png, checkpoints/"})
+    loss: str = field(default="reverse_kl", metadata={"help": f"one of {', '.join(LOSSES)}"})
+    beta: float = field(default=0.5, metadata={"help": "JSD mixture weight (loss=jsd)"})
+    temperature: float = field(default=1.0, metadata={"help": "temperature of the distributions compared"})
+    kl_coef: float = field(default=1.0, metadata={"help": "advantage scale (loss=sampled)"})
+    topk: int = field(default=20, metadata={"help": "teacher top-k size (loss=topk)"})
+    topk_divergence: str = field(default="forward_kl", metadata={"help": "forward_kl or reverse_kl (loss=topk)"})
+    vocab_size: int = field(default=0, metadata={"help": "vocabulary rows compared (0: the student's lm_head "
+                            "rows); set it when the teacher's lm_head is smaller"})
+    steps: int = field(default=100, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=4, metadata={"help": "prompts per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=1e-5, metadata={"help": "AdamW learning rate"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear LR warm-up steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 disables)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "completion length cap"})
+    sample_temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold"})
+    max_prompt_len: int = field(default=512, metadata={"help": "prompts are left-truncated to this"})
+    chat_template: bool = field(default=False, metadata={"help": "wrap text prompts in the chat template"})
+    seed: int = field(default=0, metadata={"help": "seeds prompt order, sampling and random init"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast where supported), bf16, fp32"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
+    backend: str = field(default="auto", metadata={"help": "opd_kernels backend: auto, triton, cpp, torch"})
+    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (0: only at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
+    resume: bool = field(default=False, metadata={"help": "continue from output_dir's latest checkpoint"})
+    verify_lm_head: bool = field(default=True, metadata={"help": "check lm_head reading vs model logits at start"})
+    progress: bool = field(default=True, metadata={"help": "tqdm progress bar"})
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> "TrainConfig":
+        """Raise ValueError naming the field for any value out of range."""
+        def bad(name, expected):
+            raise ValueError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
+
+        if self.loss not in LOSSES:
+            bad("loss", f"one of {LOSSES}")
+        if self.topk_divergence not in ("forward_kl", "reverse_kl"):
+            bad("topk_divergence", "'forward_kl' or 'reverse_kl'")
+        if self.precision not in PRECISIONS:
+            bad("precision", f"one of {PRECISIONS}")
+        if not 0.0 <= self.beta <= 1.0:
+            bad("beta", "a number in [0, 1]")
+        for name in ("temperature", "sample_temperature", "lr"):
+            if not getattr(self, name) > 0:
+                bad(name, "a positive number")
+        if not 0.0 < self.top_p <= 1.0:
+            bad("top_p", "a number in (0, 1]")
+        for name in ("steps", "batch_size", "grad_accum", "max_new_tokens", "max_prompt_len", "topk",
+                     "keep_checkpoints"):
+            if not getattr(self, name) >= 1:
+                bad(name, "an integer >= 1")
+        for name in ("warmup_steps", "save_every", "max_grad_norm", "weight_decay", "vocab_size"):
+            if getattr(self, name) < 0:
+                bad(name, "a non-negative number")
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"config: unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**values)
+
+
+def load_config_file(path: str) -> Dict[str, Any]:
+    """Read a YAML (.yaml/.yml, needs PyYAML) or JSON config file into a dict (keys use underscores)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"config: file {path!r} does not exist")
+    with open(path) as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError as e:
+            raise ValueError(f"config: {path!r} is YAML but PyYAML is not installed (pip install pyyaml)") from e
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"config: {path!r} must hold a mapping, got {type(data).__name__}")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def build_parser(prog: str = "opd-distill", epilog: Optional[str] = None) -> argparse.ArgumentParser:
+    """An argparse parser with one ``--flag`` per :class:`TrainConfig` field (defaults suppressed, so
+    only flags given on the command line override the file)."""
+    parser = argparse.ArgumentParser(prog=prog, epilog=epilog, description="On-policy distillation of a "
+                                     "student CausalLM toward a teacher with opd_kernels' fused losses.")
+    parser.add_argument("--config", help="YAML or JSON file with TrainConfig fields", default=None)
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text, dest=f.name)
+    return parser
+
+
+def config_from_args(argv: Optional[Sequence[str]], parser: Optional[argparse.ArgumentParser] = None
+                     ) -> TrainConfig:
+    """Defaults, then ``--config FILE``, then explicit flags."""
+    parser = parser or build_parser()
+    ns = vars(parser.parse_args(argv))
+    path = ns.pop("config", None)
+    values = load_config_file(path) if path else {}
+    values.update(ns)
+    return TrainConfig.from_dict(values)

@@ -1,0 +1,90 @@
+"""Loading student and teacher models offline, and choosing device, attention and precision."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Optional
+
+import torch
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {name!r} requested but CUDA is not available")
+    return device
+
+
+def use_bf16_autocast(precision: str, device: torch.device) -> bool:
+    """bf16 autocast: always for "bf16" (error if unsupported), on bf16-capable CUDA for "auto"."""
+    supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "bf16" and device.type == "cuda" and not supported:
+        raise ValueError("precision: bf16 requested but this GPU does not support bf16")
+    return precision == "bf16" or (precision == "auto" and supported)
+
+
+def attn_implementation(device: torch.device) -> str:
+    """flash_attention_2 on CUDA when flash-attn is installed, else SDPA (with a one-line notice on CUDA).
+
+    The flash-attn path has not been run by this project's tests (no GPU where they ran).
+    """
+    if device.type != "cuda":
+        return "sdpa"
+    try:
+        import flash_attn  # noqa: F401
+        return "flash_attention_2"
+    except ImportError:
+        print("opd-distill: flash-attn not installed (pip install 'opd_kernels[gpu]'); using SDPA attention",
+              file=sys.stderr)
+        return "sdpa"
+
+
+def load_model(spec: str, *, device: torch.device, seed: int = 0, dtype: Optional[torch.dtype] = None,
+               attn: Optional[str] = None) -> torch.nn.Module:
+    """A CausalLM from ``spec``, never downloading anything.
+
+    - ``tiny:<family>``: a tiny random model (opd_kernels.hf.tiny; tests and smoke runs);
+    - a ``.json`` config file: random initialisation from that config (seeded);
+    - a local directory or a hub name already in the local cache: ``from_pretrained(local_files_only=True)``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = dtype or torch.float32
+    attn = attn or attn_implementation(device)
+    if spec.startswith("tiny:"):
+        from ..hf.tiny import tiny_causal_lm
+        return tiny_causal_lm(spec[len("tiny:"):], seed=seed, dtype=dtype).to(device)
+    if spec.endswith(".json") and os.path.isfile(spec):
+        with open(spec) as f:
+            values = json.load(f)
+        if "model_type" not in values:
+            raise ValueError(f"model: config {spec!r} has no 'model_type'")
+        config = AutoConfig.for_model(values.pop("model_type"), **values)
+        config._attn_implementation = attn
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, dtype=dtype,
+                                                     attn_implementation=attn)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model: {spec!r} is neither a local model directory nor a model in the local "
+                         f"Hugging Face cache (nothing is downloaded): {e}") from e
+    return model.to(device)
+
+
+def load_tokenizer(spec: str):
+    """The tokenizer next to a local model or in the cache, or None (tiny and config-only models)."""
+    if spec.startswith("tiny:") or spec.endswith(".json"):
+        return None
+    try:
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(spec, local_files_only=True)
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,171 @@
+"""Sampling completions from the student: the `Sampler` interface and its Hugging Face `generate` version.
+
+A sampler turns a list of prompts (token-id lists) into a :class:`SampleBatch`: prompt + completion ids
+left-padded into one (B, T) tensor, the masks the loss needs and, when the engine reports them, the
+log-probabilities the sampler assigned to the tokens it drew (for the importance ratio of the
+sampled-token loss). A vLLM engine or an inference server plugs in by implementing ``sample``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Protocol, Sequence
+
+import torch
+
+
+@dataclass
+class SampleBatch:
+    """One micro-batch of sampled sequences, shape (B, T) everywhere.
+
+    input_ids: prompt + completion, left-padded with ``pad_token_id``.
+    attention_mask: 1 on real tokens (prompt and completion up to and including EOS), 0 on padding.
+    loss_mask: bool, True on completion tokens (the tokens the loss is taken on).
+    sampler_logprobs: fp32 log-prob the sampler gave token t at position t (0 off the completion), or
+        None when the sampler does not report them (the sampled-token loss then treats the current
+        student as the sampler, ratio 1).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    sampler_logprobs: Optional[torch.Tensor] = None
+
+    def to(self, device) -> "SampleBatch":
+        lp = None if self.sampler_logprobs is None else self.sampler_logprobs.to(device)
+        return SampleBatch(self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device), lp)
+
+    def num_tokens(self) -> torch.Tensor:
+        """Completion tokens in the batch, a 0-dim int64 tensor (no host sync)."""
+        return self.loss_mask.sum()
+
+
+class Sampler(Protocol):
+    """What the trainer needs from a sampling engine.
+
+    ``sample(prompts)`` draws one completion per prompt from the *current* student. ``sync(model)`` is
+    called after each optimizer step so an external engine can load the new weights (HF generate
+    samples from the live module and needs nothing).
+    """
+
+    def sample(self, prompts: Sequence[Sequence[int]]) -> SampleBatch: ...
+
+    def sync(self, model: torch.nn.Module) -> None: ...
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int, device=None):
+    """(B, T) ids left-padded with ``pad_token_id`` and the matching attention mask."""
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("prompts: expected a non-empty list of non-empty token-id lists")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
+        attn[i, width - len(r):] = 1
+    return ids.to(device), attn.to(device)
+
+
+def completion_mask(generated: torch.Tensor, eos_token_id: Optional[int]) -> torch.Tensor:
+    """Bool (B, G): tokens up to and including the first EOS of each row (all when there is none)."""
+    if eos_token_id is None:
+        return torch.ones_like(generated, dtype=torch.bool)
+    is_eos = generated == eos_token_id
+    # EOS tokens strictly before position g: a token is kept while that count is 0.
+    before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+    return before == 0
+
+
+class _LogprobRecorder:
+    """Last logits processor in ``generate``: records log p(drawn token) from the processed scores.
+
+    A processor sees step i's scores before the token is drawn; the drawn token shows up as the last
+    column of ``input_ids`` at step i+1. So it keeps one step's (B, V) log-softmax, never all of them
+    (``output_scores=True`` would keep (B, G, V)).
+    """
+
+    def __init__(self):
+        self.prev = None
+        self.taken = []
+
+    def __call__(self, input_ids, scores):
+        if self.prev is not None:
+            self._take(input_ids[:, -1])
+        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def _take(self, drawn):
+        self.taken.append(self.prev.gather(-1, drawn.unsqueeze(-1)).squeeze(-1))
+        self.prev = None
+
+    def finish(self, sequences):
+        if self.prev is not None:
+            self._take(sequences[:, -1])
+        return torch.stack(self.taken, dim=1)
+
+
+class HFSampler:
+    """Samples with ``model.generate`` (temperature, top-p, max new tokens) and reports sampler log-probs.
+
+    The log-probs are those of the distribution actually sampled from: ``log_softmax`` of the scores
+    after temperature and top-p, gathered at the drawn tokens. Temperature and top-p are applied by
+    our own processor list (generate's are switched off), so that the recorder runs after them whatever
+    the model's ``generation_config`` says; top-k, min-p and the like are switched off.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, max_new_tokens: int = 64, temperature: float = 1.0,
+                 top_p: float = 1.0, pad_token_id: Optional[int] = None, eos_token_id: Optional[int] = None):
+        self.model = model
+        self.max_new_tokens = int(max_new_tokens)
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        cfg = model.generation_config
+        self.eos_token_id = eos_token_id if eos_token_id is not None else _first(cfg.eos_token_id)
+        pad = pad_token_id if pad_token_id is not None else _first(cfg.pad_token_id)
+        self.pad_token_id = pad if pad is not None else (self.eos_token_id if self.eos_token_id is not None else 0)
+
+    def _processors(self, recorder):
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+        procs = LogitsProcessorList()
+        if self.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(self.temperature))
+        if self.top_p < 1.0:
+            procs.append(TopPLogitsWarper(top_p=self.top_p))
+        procs.append(recorder)
+        return procs
+
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[Sequence[int]]) -> SampleBatch:
+        device = next(self.model.parameters()).device
+        ids, attn = left_pad(prompts, self.pad_token_id, device)
+        recorder = _LogprobRecorder()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            sequences = self.model.generate(
+                input_ids=ids, attention_mask=attn, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0,
+                logits_processor=self._processors(recorder), max_new_tokens=self.max_new_tokens,
+                min_new_tokens=0, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id)
+        finally:
+            self.model.train(was_training)
+        prompt_len = ids.shape[1]
+        gen = sequences[:, prompt_len:]
+        keep = completion_mask(gen, self.eos_token_id)
+        lp = recorder.finish(sequences)
+        lp = torch.where(keep, lp, torch.zeros((), device=lp.device))
+        attention = torch.cat([attn, keep.long()], dim=1)
+        loss_mask = torch.zeros(sequences.shape, dtype=torch.bool, device=device)
+        loss_mask[:, prompt_len:] = keep
+        sampler_lp = torch.zeros(sequences.shape, dtype=torch.float32, device=device)
+        sampler_lp[:, prompt_len:] = lp
+        return SampleBatch(sequences, attention, loss_mask, sampler_lp)
+
+    def sync(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+
+def _first(token_id) -> Optional[int]:
+    if isinstance(token_id, (list, tuple)):
+        return int(token_id[0]) if token_id else None
+    return None if token_id is None else int(token_id)
