@@ -2,7 +2,8 @@
 
 Every check raises ValueError or TypeError naming the argument, what was expected and what was received,
 before any kernel runs. Only the id range check reads tensor values (one host sync); it can be turned
-off with ``OPD_CHECK_IDS=0`` for hot loops whose ids are known to be valid.
+off with ``OPD_CHECK_IDS=0`` for hot loops whose ids are known to be valid, and it is skipped while
+torch.compile traces.
 """
 from __future__ import annotations
 
@@ -144,7 +145,9 @@ def check_ids(name: str, ids, v: int, leading: torch.Size, leading_name: str, *,
                          f"got {tuple(ids.shape)}")
     if device is not None and ids.device != device:
         raise ValueError(f"{name}: expected device {device}, got {ids.device}")
-    if ids.numel() and os.environ.get("OPD_CHECK_IDS", "1") != "0":
+    # The range check reads values (a host sync, and a graph break under torch.compile): skipped while
+    # compiling and when OPD_CHECK_IDS=0.
+    if ids.numel() and os.environ.get("OPD_CHECK_IDS", "1") != "0" and not torch.compiler.is_compiling():
         lo, hi = int(ids.min()), int(ids.max())  # one host sync, at validation time only
         if lo < 0 or hi >= v:
             bad = lo if lo < 0 else hi

@@ -93,3 +93,9 @@ def available() -> Dict[str, Tuple[bool, str]]:
                             "" if _module("triton") is not None and getattr(_module("triton"), "AVAILABLE", False)
                             else f"; {tri[1]}"))
     return report
+
+
+# Import every backend now, not on first use: torch.compile traces `resolve`, and an import inside a
+# traced function is a graph break. A backend that fails to import is recorded with its reason.
+for _name in MODULE_NAMES:
+    _module(_name)
