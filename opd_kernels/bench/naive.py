@@ -19,6 +19,11 @@ import torch
 import torch.nn.functional as F
 
 
+def _up(x: torch.Tensor) -> torch.Tensor:
+    """``x.float()`` for half types; float64 stays float64 (so the tests can compare with the oracle)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def divergence_from_logits(zs: torch.Tensor, zt: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:
     """Per-token divergence of DESIGN.md section 4 from fp32 logits (N, V); TRL semantics for jsd."""
     ls = F.log_softmax(zs, dim=-1)
@@ -39,21 +44,21 @@ def divergence_from_logits(zs: torch.Tensor, zt: torch.Tensor, divergence: str, 
 
 def linear_divergence(hs, Ws, ht, Wt, divergence: str = "reverse_kl", beta: float = 0.5) -> torch.Tensor:
     """``divergence(softmax(hs @ Ws.T), softmax(ht @ Wt.T)).mean()``; the teacher is detached."""
-    zs = (hs @ Ws.T).float()
+    zs = _up(hs @ Ws.T)
     with torch.no_grad():
-        zt = (ht @ Wt.T).float()
+        zt = _up(ht @ Wt.T)
     return divergence_from_logits(zs, zt, divergence, beta).mean()
 
 
 def linear_logprobs(h, W, targets) -> torch.Tensor:
     """``log_softmax(h @ W.T)[n, targets[n]]``, shape (N,), fp32."""
-    lp = F.log_softmax((h @ W.T).float(), dim=-1)
+    lp = F.log_softmax(_up(h @ W.T), dim=-1)
     return lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 def topk_divergence(hs, Ws, ids, teacher_lp, divergence: str = "forward_kl") -> torch.Tensor:
     """Top-k divergence with the tail bucket (DESIGN.md section 4), mean over tokens."""
-    q = F.log_softmax((hs @ Ws.T).float(), dim=-1).gather(-1, ids)
+    q = F.log_softmax(_up(hs @ Ws.T), dim=-1).gather(-1, ids)
     lt = teacher_lp
     p_tail = 1.0 - lt.exp().sum(-1)
     q_tail = 1.0 - q.exp().sum(-1)
@@ -67,7 +72,7 @@ def topk_divergence(hs, Ws, ids, teacher_lp, divergence: str = "forward_kl") -> 
 
 def logits_divergence(zs, zt, divergence: str = "reverse_kl", beta: float = 0.5) -> torch.Tensor:
     """Divergence between caller-held logits (N, V), upcast to fp32, mean over tokens."""
-    return divergence_from_logits(zs.float(), zt.detach().float(), divergence, beta).mean()
+    return divergence_from_logits(_up(zs), _up(zt.detach()), divergence, beta).mean()
 
 
 def arguments(op: str, inputs: Dict[str, torch.Tensor], divergence: str, beta: float) -> Tuple:

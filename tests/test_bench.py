@@ -1,0 +1,123 @@
+"""The benchmark harness: tiny cases end to end, the CSV contract, the floor and ratios, the baselines' math.
+
+Runs in well under a minute on CPU (no torch.compile, tiny shapes).
+"""
+import csv
+import math
+
+import pytest
+import torch
+
+import opd_kernels.reference as ref
+from opd_kernels.bench import Case, make_inputs, run_case
+from opd_kernels.bench import cli, measure, naive
+from opd_kernels.bench.floor import floor_flops
+from opd_kernels.bench.report import COLUMNS, write_csv
+
+CONTRACT = ["op", "provider", "device", "dtype", "N", "H", "V", "median_s", "peak_mem_mb", "ratio_to_floor"]
+TINY = dict(N=33, H=17, V=301)
+
+
+def _by_provider(rows):
+    return {r["provider"]: r for r in rows}
+
+
+def test_tiny_case_rows_floor_and_ratios(tmp_path):
+    case = Case("linear_divergence", H_t=19, divergence="reverse_kl", **TINY)
+    rows = run_case(case, providers=["naive", "ours:torch"], repeats=5)
+    got = _by_provider(rows)
+    assert set(got) == {"floor", "naive", "ours:torch:chunked"}
+    floor = got["floor"]
+    assert floor["median_s"] > 0 and floor["ratio_to_floor"] == pytest.approx(1.0)
+    for name in ("naive", "ours:torch:chunked"):
+        r = got[name]
+        assert r["runs"] == 5 and r["median_s"] > 0
+        assert r["floor_s"] == floor["median_s"]
+        assert r["ratio_to_floor"] == pytest.approx(r["median_s"] / floor["median_s"])
+        assert r["speedup_vs_naive"] == pytest.approx(got["naive"]["median_s"] / r["median_s"])
+        assert r["peak_mem_mb"] != "" and r["peak_mem_mb"] >= 0
+        # the correctness check ran and ours agrees with naive (fp32 tolerance of DESIGN.md section 6)
+        assert r["loss_rel_err"] < 5e-5 and r["grad_rel_err"] < 5e-5
+    assert floor["flops"] == floor_flops(case) == 2 * 33 * 301 * (19 + 3 * 17)
+
+    path = tmp_path / "out.csv"
+    write_csv(rows, str(path), {"machine": "test", "torch": torch.__version__})
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames[:len(CONTRACT)] == CONTRACT and reader.fieldnames == COLUMNS
+        back = list(reader)
+    assert [r["provider"] for r in back] == [r["provider"] for r in rows]
+    assert all(r["machine"] == "test" and float(r["ratio_to_floor"]) > 0 for r in back)
+
+
+def test_unavailable_provider_is_a_visible_skipped_row():
+    case = Case("linear_logprobs", **TINY)
+    rows = _by_provider(run_case(case, providers=["naive", "ours:triton"], repeats=5))
+    assert rows["ours:triton"]["note"].startswith("skipped:")
+    assert "median_s" not in rows["ours:triton"]
+    assert rows["naive"]["ratio_to_floor"] > 0
+
+
+def test_cli_quick_logits_writes_csv_and_png(tmp_path, capsys):
+    csv_path, png_path = tmp_path / "q.csv", tmp_path / "q.png"
+    assert cli.main(["--quick", "--ops", "logits_divergence", "--providers", "naive", "ours:torch",
+                     "--device", "cpu", "--csv", str(csv_path), "--plot", str(png_path)]) == 0
+    out = capsys.readouterr().out
+    assert "logits_divergence" in out and "x floor" in out
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["provider"] for r in rows} >= {"floor", "naive", "ours:torch"}
+    assert all(r["torch"] == torch.__version__ and r["device"] == "cpu" for r in rows)
+    assert png_path.stat().st_size > 10_000 and png_path.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl", "jsd"])
+def test_naive_baselines_match_the_oracle(divergence):
+    torch.manual_seed(0)
+    case = Case("linear_divergence", H_t=19, divergence=divergence, **TINY)
+    x = {k: v.detach().double() for k, v in make_inputs(case, seed=1).items()}
+    got = naive.linear_divergence(x["hs"], x["Ws"], x["ht"], x["Wt"], divergence, 0.5)
+    want = ref.linear_divergence(x["hs"], x["Ws"], x["ht"], x["Wt"], divergence=divergence, beta=0.5)
+    assert got.item() == pytest.approx(want.item(), rel=1e-10)
+    z = {k: v.detach().double() for k, v in make_inputs(case.with_(op="logits_divergence", H=0), 2).items()}
+    assert naive.logits_divergence(z["zs"], z["zt"], divergence).item() == pytest.approx(
+        ref.logits_divergence(z["zs"], z["zt"], divergence=divergence).item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+def test_naive_logprobs_and_topk_match_the_oracle(divergence):
+    lp = {k: (v.detach().double() if v.is_floating_point() else v)
+          for k, v in make_inputs(Case("linear_logprobs", **TINY), 3).items()}
+    torch.testing.assert_close(naive.linear_logprobs(lp["h"], lp["W"], lp["targets"]),
+                               ref.linear_logprobs(lp["h"], lp["W"], lp["targets"]), rtol=1e-10, atol=1e-12)
+    tk = {k: (v.detach().double() if v.is_floating_point() else v)
+          for k, v in make_inputs(Case("linear_topk_divergence", k=5, divergence=divergence, **TINY), 4).items()}
+    assert tk["ids"].shape == (33, 5) and all(len(set(r.tolist())) == 5 for r in tk["ids"])
+    got = naive.topk_divergence(tk["hs"], tk["Ws"], tk["ids"], tk["teacher_lp"], divergence)
+    want = ref.linear_topk_divergence(tk["hs"], tk["Ws"], tk["ids"], tk["teacher_lp"], divergence=divergence)
+    assert got.item() == pytest.approx(want.item(), rel=1e-10)
+
+
+@pytest.mark.skipif(not measure.pin_malloc_threshold() or not hasattr(measure, "_status_kib")
+                    or measure._status_kib("VmHWM") is None, reason="needs Linux /proc and glibc")
+def test_cpu_peak_memory_sees_a_known_allocation():
+    dev = torch.device("cpu")
+    # a large free first: without the pinned mmap threshold, later allocations would reuse heap pages
+    big = torch.ones(16 << 20, dtype=torch.uint8)
+    del big
+    for mib in (8, 64):
+        peak = measure.peak_memory_bytes(lambda: torch.ones(mib << 20, dtype=torch.uint8), dev)
+        assert (mib << 20) <= peak <= (mib << 20) + (4 << 20)
+
+
+def test_timing_protocol_and_liger_beta_convention():
+    with pytest.raises(ValueError, match="repeats"):
+        measure.time_interleaved({"f": lambda: None}, torch.device("cpu"), repeats=4)
+    calls = []
+    t = measure.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                 torch.device("cpu"), repeats=5, warmup=2)
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 5  # warm-up, then interleaved rounds
+    assert len(t["a"].samples) == 5 and t["a"].median >= 0 and not math.isnan(t["b"].iqr)
+    from opd_kernels.bench.providers import _liger_beta
+    assert _liger_beta(Case("linear_divergence", divergence="reverse_kl", **TINY)) == 1.0
+    assert _liger_beta(Case("linear_divergence", divergence="forward_kl", **TINY)) == 0.0
