@@ -154,13 +154,6 @@ def check_ids(name: str, ids, v: int, leading: torch.Size, leading_name: str, *,
             raise ValueError(f"{name}: expected ids in [0, {v}) (V = {v}), got {bad}")
 
 
-def check_process_group(process_group) -> None:
-    if process_group is not None:
-        raise NotImplementedError(
-            "process_group: vocab-parallel execution is not implemented in this release; pass None "
-            "(each rank holding the full vocabulary)")
-
-
 def check_filter_eps(filter_eps) -> Optional[float]:
     return None if filter_eps is None else check_real("filter_eps", filter_eps, low=0.0, high=1.0)
 

@@ -17,6 +17,12 @@ from .reference import topk_divergence_from_logprobs
 Normalizer = Union[None, int, float, torch.Tensor]
 
 
+def _vocab_parallel():
+    """The vocab-parallel implementations (imported on use: torch.distributed is not needed otherwise)."""
+    from .distributed import vocab_parallel
+    return vocab_parallel
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
@@ -36,7 +42,8 @@ def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor
                       teacher_softcap: Optional[float] = None, student_scale: float = 1.0, teacher_scale: float = 1.0,
                       vocab_size: Optional[int] = None, mask: Optional[torch.Tensor] = None, reduction: str = "mean",
                       normalizer: Normalizer = None, backend: str = "auto", strategy: str = "auto",
-                      filter_eps: Optional[float] = None, process_group=None) -> torch.Tensor:
+                      filter_eps: Optional[float] = None, process_group=None,
+                      reduce_hidden_grad: bool = True) -> torch.Tensor:
     r"""Per-token divergence between the student's and the teacher's next-token distributions, computed
     from last hidden states and lm_head weights without materializing the N x V logits.
 
@@ -71,11 +78,22 @@ def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor
         backend: "auto" | "torch" | "cpp" | "triton" (see ``python -m opd_kernels``).
         strategy: "auto" | "chunked" | "fused" (triton) | "materialize" (reference path).
         filter_eps: fused backward skips tiles whose student probabilities are all below it.
-        process_group: vocab-parallel execution (not implemented yet; must be None).
+        process_group: vocab-parallel execution: each rank passes its contiguous vocabulary shard of
+            both weights (and biases); see docs/distributed.md.
+        reduce_hidden_grad: with a process_group, all-reduce the hidden-state gradient over the group
+            inside the op (False when the caller's tensor-parallel layer already does it).
 
     -inf teacher logits are allowed: forward KL and JSD stay finite; reverse KL is +inf for such a token
     (p_s > 0 everywhere), with a zero gradient row instead of NaN.
     """
+    if process_group is not None:
+        return _vocab_parallel().linear_divergence(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, divergence=divergence, beta=beta,
+            temperature=temperature, student_bias=student_bias, teacher_bias=teacher_bias,
+            student_softcap=student_softcap, teacher_softcap=teacher_softcap, student_scale=student_scale,
+            teacher_scale=teacher_scale, vocab_size=vocab_size, mask=mask, reduction=reduction,
+            normalizer=normalizer, backend=backend, strategy=strategy, filter_eps=filter_eps,
+            process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
     check.check_tensor("student_hidden", student_hidden)
     check.check_tensor("teacher_hidden", teacher_hidden)
     check.check_weight("student_weight", student_weight, student_hidden, "student_hidden")
@@ -99,7 +117,6 @@ def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor
     check.check_choice("backend", backend, check.BACKENDS)
     check.check_choice("strategy", strategy, check.STRATEGIES)
     filter_eps = check.check_filter_eps(filter_eps)
-    check.check_process_group(process_group)
     device = student_hidden.device
     flat_mask = check.check_mask(mask, leading, "student_hidden", device)
     normalizer = check.check_normalizer(normalizer, device)
@@ -135,7 +152,7 @@ def _lse_gather_checked(hidden, weight, ids, *, bias, temperature, softcap, scal
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                     bias: Optional[torch.Tensor] = None, temperature: float = 1.0, softcap: Optional[float] = None,
                     scale: float = 1.0, vocab_size: Optional[int] = None, return_entropy: bool = False,
-                    backend: str = "auto", process_group=None):
+                    backend: str = "auto", process_group=None, reduce_hidden_grad: bool = True):
     r"""Log-probabilities of ``targets`` (and optionally the entropy) straight from hidden states.
 
     Shapes: ``hidden`` (..., H), ``weight`` (V_w, H), ``targets`` (...) int ids in [0, V).
@@ -150,8 +167,14 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
     Differentiable w.r.t. hidden, weight and bias through both outputs. Under ``torch.no_grad()`` (the
     teacher side of OPD, "teacher logit gathering") no graph is kept and no N x V buffer is allocated.
+    With ``process_group``, ``weight``/``bias`` are this rank's vocabulary shard and ``targets`` are global
+    ids (docs/distributed.md).
     """
-    check.check_process_group(process_group)
+    if process_group is not None:
+        return _vocab_parallel().linear_logprobs(
+            hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap, scale=scale,
+            vocab_size=vocab_size, return_entropy=return_entropy, backend=backend, process_group=process_group,
+            reduce_hidden_grad=reduce_hidden_grad)
     opts, leading = _lse_gather_checked(hidden, weight, targets, bias=bias, temperature=temperature,
                                         softcap=softcap, scale=scale, vocab_size=vocab_size,
                                         return_entropy=bool(return_entropy), backend=backend,
@@ -174,7 +197,8 @@ def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.T
                            student_bias: Optional[torch.Tensor] = None, student_softcap: Optional[float] = None,
                            student_scale: float = 1.0, vocab_size: Optional[int] = None,
                            mask: Optional[torch.Tensor] = None, reduction: str = "mean",
-                           normalizer: Normalizer = None, backend: str = "auto", process_group=None) -> torch.Tensor:
+                           normalizer: Normalizer = None, backend: str = "auto", process_group=None,
+                           reduce_hidden_grad: bool = True) -> torch.Tensor:
     r"""Divergence against a teacher given only as top-k ids and log-probs (what inference servers return).
 
     Shapes: ``student_hidden`` (..., H), ``student_weight`` (V_s, H), ``teacher_topk_ids`` (..., k) int,
@@ -188,9 +212,16 @@ def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.T
         reverse_kl = (q.exp() * (q - l)).sum(-1) + Q_tail * (log Q_tail - log P_tail)
 
     ``tail_bucket=False`` drops the tail terms. One fused lse-and-gather pass over the vocabulary gives the
-    student's full-vocabulary logsumexp and the k gathered logits with exact gradients.
+    student's full-vocabulary logsumexp and the k gathered logits with exact gradients. With
+    ``process_group``, the student weight is this rank's vocabulary shard and the ids are global.
     """
-    check.check_process_group(process_group)
+    if process_group is not None:
+        return _vocab_parallel().linear_topk_divergence(
+            student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, divergence=divergence,
+            tail_bucket=tail_bucket, temperature=temperature, student_bias=student_bias,
+            student_softcap=student_softcap, student_scale=student_scale, vocab_size=vocab_size, mask=mask,
+            reduction=reduction, normalizer=normalizer, backend=backend, process_group=process_group,
+            reduce_hidden_grad=reduce_hidden_grad)
     check.check_choice("divergence", divergence, ("forward_kl", "reverse_kl"))
     check.check_choice("reduction", reduction, check.REDUCTIONS)
     check.check_tensor("teacher_topk_logprobs", teacher_topk_logprobs)

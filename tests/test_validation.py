@@ -68,11 +68,6 @@ def test_error_message_states_expected_and_received():
     assert "teacher_weight" in msg and "31" in msg and "30" in msg
 
 
-def test_process_group_is_refused_clearly():
-    with pytest.raises(NotImplementedError, match="process_group"):
-        _call(process_group=object())
-
-
 LOGPROB_CASES = [
     (dict(targets=torch.tensor([0, 1, 2, 3, 4, 31])), ValueError, "targets"),           # out of range (V = 31)
     (dict(targets=torch.tensor([0, 1, 2, 3, 4, -1])), ValueError, "targets"),           # negative
