@@ -1,0 +1,255 @@
+"""opd_kernels.trainer: config, sampler, loss modes, accumulation, checkpoints and resume (tiny models)."""
+import json
+import os
+
+import pytest
+import torch
+
+import opd_kernels as ok
+import opd_kernels.reference as ref
+from opd_kernels import hf
+from opd_kernels.hf.tiny import tiny_causal_lm
+from opd_kernels.trainer import (HFSampler, OPDTrainer, SampleBatch, TrainConfig, config_from_args,
+                                 latest_checkpoint, opd_loss, prompts_for_step, teacher_topk)
+from opd_kernels.trainer.sampling import completion_mask
+
+FP32_TOL = 5e-5
+
+
+def rel_err(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def pair(family="llama", seed=0):
+    return tiny_causal_lm(family, seed=seed), tiny_causal_lm(family, seed=seed + 1, hidden_size=48).eval()
+
+
+def fixed_batch(b=3, t=12, vocab=131, seed=0):
+    """A SampleBatch with ragged completions (rows end at different lengths) and sampler log-probs."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (b, t), generator=g)
+    attn = torch.ones(b, t, dtype=torch.long)
+    attn[0, -3:] = 0
+    loss_mask = torch.zeros(b, t, dtype=torch.bool)
+    loss_mask[:, 5:] = True
+    loss_mask &= attn.bool()
+    sampler_lp = torch.where(loss_mask, -torch.rand(b, t, generator=g) * 3, torch.zeros(()))
+    return SampleBatch(ids, attn, loss_mask, sampler_lp)
+
+
+def model_logits(model, batch, temperature=1.0):
+    pos = hf.position_ids_from_mask(batch.attention_mask)
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos, use_cache=False)
+    return out.logits[:, :-1].double() / temperature
+
+
+# ---------------------------------------------------------------------------------------------- config
+def test_config_file_then_flags_and_errors(tmp_path):
+    yaml_path = tmp_path / "run.yaml"
+    yaml_path.write_text("student: tiny:llama\nteacher: tiny:qwen3\nloss: jsd\nbeta: 0.25\nsteps: 7\n")
+    cfg = config_from_args(["--config", str(yaml_path), "--steps", "9", "--no-progress"])
+    assert (cfg.student, cfg.teacher, cfg.loss, cfg.beta, cfg.steps, cfg.progress) == \
+        ("tiny:llama", "tiny:qwen3", "jsd", 0.25, 9, False)
+    json_path = tmp_path / "run.json"
+    json_path.write_text(json.dumps({"top-p": 0.9, "lr": 3e-4}))
+    cfg = config_from_args(["--config", str(json_path)])
+    assert (cfg.top_p, cfg.lr, cfg.loss) == (0.9, 3e-4, "reverse_kl")
+    json_path.write_text(json.dumps({"learning_rate": 1.0}))
+    with pytest.raises(ValueError, match="unknown keys \\['learning_rate'\\]"):
+        config_from_args(["--config", str(json_path)])
+    with pytest.raises(ValueError, match="loss: expected one of"):
+        TrainConfig(loss="kl")
+    with pytest.raises(ValueError, match="top_p: expected a number in \\(0, 1\\], got 0.0"):
+        TrainConfig(top_p=0.0)
+    with pytest.raises(ValueError, match="grad_accum"):
+        TrainConfig(grad_accum=0)
+
+
+# --------------------------------------------------------------------------------------------- sampling
+def test_completion_mask_keeps_tokens_through_the_first_eos():
+    gen = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 0, 0, 0]])
+    assert completion_mask(gen, 2).tolist() == [[True, True, False, False], [True] * 4, [True, False, False, False]]
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_hf_sampler_logprobs_are_those_of_the_sampling_distribution(top_p):
+    model = tiny_causal_lm("qwen2", seed=4).eval()
+    torch.manual_seed(1)
+    batch = HFSampler(model, max_new_tokens=7, temperature=0.7, top_p=top_p).sample([[5, 6, 7], [9, 10], [11]])
+    assert batch.input_ids.shape == batch.loss_mask.shape == batch.sampler_logprobs.shape
+    assert batch.input_ids.shape[1] <= 3 + 7
+    # Prompts are left-padded and never in the loss; completion tokens are all attended.
+    assert not batch.loss_mask[:, :3].any() and batch.loss_mask[:, 3].all()
+    assert torch.all(batch.attention_mask.bool() | ~batch.loss_mask)
+    assert batch.attention_mask[2, :2].tolist() == [0, 0]
+    with torch.no_grad():
+        full = model_logits(model, batch, 0.7).log_softmax(-1)
+    lp_full = full.gather(-1, batch.input_ids[:, 1:, None])[..., 0][batch.loss_mask[:, 1:]]
+    lp_sampler = batch.sampler_logprobs[:, 1:][batch.loss_mask[:, 1:]].double()
+    if top_p == 1.0:
+        assert (lp_sampler - lp_full).abs().max() < 1e-4
+    else:  # the nucleus renormalises: log q = log p - log(nucleus mass) >= log p
+        assert torch.all(lp_sampler >= lp_full - 1e-5) and (lp_sampler - lp_full).max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------ loss modes
+def test_teacher_topk_matches_full_vocabulary_topk():
+    torch.manual_seed(0)
+    h, w, b = torch.randn(2, 5, 16), torch.randn(40, 16), torch.randn(40)
+    ids, lp = teacher_topk(h, w, 6, bias=b, softcap=4.0, scale=0.7, temperature=0.8, vocab_size=37, chunk=7)
+    z = ref.model_logits(h.double(), w.double(), b.double(), vocab_size=37, scale=0.7, softcap=4.0,
+                         temperature=0.8)
+    want_lp, want_ids = z.log_softmax(-1).topk(6, dim=-1)
+    assert ids.shape == (2, 5, 6) and torch.equal(ids, want_ids)
+    assert rel_err(lp, want_lp) < FP32_TOL
+    with pytest.raises(ValueError, match="k: expected"):
+        teacher_topk(h, w, 38, vocab_size=37)
+
+
+def test_dense_mode_is_hf_distillation_loss():
+    student, teacher = pair("gemma2")
+    batch = fixed_batch()
+    cfg = TrainConfig(loss="forward_kl", temperature=0.8)
+    got = opd_loss(student, teacher, batch, cfg, normalizer=50)
+    want = hf.distillation_loss(student, teacher, batch.input_ids, attention_mask=batch.attention_mask,
+                                loss_mask=batch.loss_mask, divergence="forward_kl", temperature=0.8, normalizer=50)
+    assert torch.equal(got, want)
+
+
+def test_sampled_mode_equals_the_formula_from_logits():
+    student, teacher = pair("cohere")
+    batch = fixed_batch(seed=3)
+    cfg = TrainConfig(loss="sampled", temperature=0.9, kl_coef=0.5)
+    loss = opd_loss(student, teacher, batch, cfg)
+    loss.backward()
+    g = student.lm_head.weight.grad.clone()
+    student.zero_grad(set_to_none=True)
+    # log p_s(y), log p_t(y) from the models' logits; A = -kl_coef (log q - log p_t); loss = -mean(r A).
+    targets = batch.input_ids[:, 1:, None]
+    ls = model_logits(student, batch, 0.9).log_softmax(-1).gather(-1, targets)[..., 0]
+    with torch.no_grad():
+        lt = model_logits(teacher, batch, 0.9).log_softmax(-1).gather(-1, targets)[..., 0]
+    lq = batch.sampler_logprobs[:, 1:].double()
+    mask = batch.loss_mask[:, 1:]
+    adv = -0.5 * (lq - lt)
+    want = -(torch.exp(ls - lq) * adv)[mask].sum() / mask.sum()
+    want.backward()
+    assert rel_err(loss, want) < FP32_TOL
+    assert rel_err(g, student.lm_head.weight.grad) < FP32_TOL
+
+
+def test_topk_mode_equals_the_formula_from_logits():
+    student, teacher = pair("llama", seed=5)
+    batch = fixed_batch(seed=4)
+    cfg = TrainConfig(loss="topk", topk=4)
+    loss = opd_loss(student, teacher, batch, cfg)
+    loss.backward()
+    g = student.model.norm.weight.grad.clone()
+    student.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        lt_full = model_logits(teacher, batch).log_softmax(-1)
+    l, ids = lt_full.topk(4, dim=-1)
+    q = model_logits(student, batch).log_softmax(-1).gather(-1, ids)
+    p_tail = (1 - l.exp().sum(-1)).clamp_min(1e-12)
+    q_tail = (1 - q.exp().sum(-1)).clamp_min(1e-12)
+    per_tok = (l.exp() * (l - q)).sum(-1) + p_tail * (p_tail.log() - q_tail.log())  # forward KL + tail
+    mask = batch.loss_mask[:, 1:]
+    want = per_tok[mask].sum() / mask.sum()
+    want.backward()
+    assert rel_err(loss, want) < FP32_TOL
+    assert rel_err(g, student.model.norm.weight.grad) < FP32_TOL
+
+
+@pytest.mark.parametrize("mode", ["reverse_kl", "sampled", "topk"])
+def test_accumulation_with_global_normalizer_equals_one_big_batch(mode):
+    student, teacher = pair("qwen3", seed=7)
+    a, b = fixed_batch(seed=10), fixed_batch(b=2, seed=11)
+    b.loss_mask[1, 5:9] = False  # a different token count per micro-batch
+    cfg = TrainConfig(loss=mode, topk=5)
+    n = a.num_tokens() + b.num_tokens()
+    for micro in (a, b):
+        opd_loss(student, teacher, micro, cfg, normalizer=n).backward()
+    g_accum = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad(set_to_none=True)
+    big = SampleBatch(*(torch.cat([x, y]) for x, y in zip(
+        (a.input_ids, a.attention_mask, a.loss_mask, a.sampler_logprobs),
+        (b.input_ids, b.attention_mask, b.loss_mask, b.sampler_logprobs))))
+    opd_loss(student, teacher, big, cfg).backward()
+    for ga, p in zip(g_accum, student.parameters()):
+        assert rel_err(ga, p.grad) < FP32_TOL
+
+
+def test_prompts_for_step_walks_epochs_deterministically():
+    prompts = [[i] for i in range(5)]
+    kw = dict(batch_size=2, grad_accum=2, seed=3)
+    seen = [p[0] for s in range(5) for m in range(2) for p in prompts_for_step(prompts, s, m, **kw)]
+    assert sorted(seen[:5]) == list(range(5)) and sorted(seen[5:10]) == list(range(5))
+    assert seen == [p[0] for s in range(5) for m in range(2) for p in prompts_for_step(prompts, s, m, **kw)]
+
+
+# ------------------------------------------------------------------------------ loop, checkpoints, resume
+def run_trainer(out_dir, steps, resume=False, **overrides):
+    torch.manual_seed(123)
+    student, teacher = pair("llama", seed=20)
+    cfg = TrainConfig(output_dir=str(out_dir), steps=steps, batch_size=2, grad_accum=2, max_new_tokens=5,
+                      lr=1e-3, save_every=2, resume=resume, progress=False, **overrides)
+    prompts = [[3 + i, 4 + i, 5 + i] for i in range(7)]
+    trainer = OPDTrainer(cfg, student, teacher, prompts)
+    return trainer, trainer.train()
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight, summary = run_trainer(tmp_path / "a", 4)
+    assert summary["steps"] == 4 and os.path.isfile(summary["curves"])
+    run_trainer(tmp_path / "b", 2)
+    resumed, _ = run_trainer(tmp_path / "b", 4, resume=True)
+    assert resumed.total_tokens == straight.total_tokens
+    for (name, p), q in zip(straight.student.named_parameters(), resumed.student.parameters()):
+        assert torch.equal(p, q), name
+    losses = [[r["loss"] for r in map(json.loads, open(d / "metrics.jsonl"))] for d in (tmp_path / "a", tmp_path / "b")]
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+    # The student moved: on-policy distillation changed the weights.
+    fresh = tiny_causal_lm("llama", seed=20)
+    assert not torch.equal(fresh.lm_head.weight, straight.student.lm_head.weight)
+
+
+def test_checkpoint_is_atomic_when_a_save_crashes(tmp_path, monkeypatch):
+    trainer, _ = run_trainer(tmp_path, 2)
+    good = latest_checkpoint(str(tmp_path / "checkpoints"))
+    assert good.endswith("step_00000002")
+    real_save = torch.save
+
+    def crash(obj, path, *a, **k):
+        if str(path).endswith("rng.pt"):
+            raise OSError("disk full")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", crash)
+    trainer.step = 3
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save()
+    monkeypatch.setattr(torch, "save", real_save)
+    assert latest_checkpoint(str(tmp_path / "checkpoints")) == good
+    assert not os.path.isdir(tmp_path / "checkpoints" / "step_00000003")
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="resume: no checkpoint under"):
+        run_trainer(tmp_path, 1, resume=True)
+
+
+def test_trainer_refuses_different_tokenizers(tmp_path):
+    class Tok:
+        eos_token_id = pad_token_id = 2
+
+        def __init__(self, vocab):
+            self.vocab = vocab
+
+        def get_vocab(self):
+            return self.vocab
+
+    student, teacher = pair()
+    with pytest.raises(ValueError, match="tokenizers differ"):
+        OPDTrainer(TrainConfig(output_dir=str(tmp_path)), student, teacher, [[3, 4]], tokenizer=Tok({"a": 0}),
+                   teacher_tokenizer=Tok({"b": 0}))
