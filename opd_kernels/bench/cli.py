@@ -74,7 +74,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit("opd-bench: no case selected")
     info = machine_info(args.device)
     print(f"# opd-bench on {info['device_name']}, torch {info['torch']}, {info['threads']} threads, "
-          f"commit {info['git_commit']} {info['env']}".rstrip(), flush=True)
+          f"commit {info['git_commit']}, load average {info['loadavg']} {info['env']}".rstrip(), flush=True)
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.verbose else (lambda s: None)
     rows, t0 = [], time.perf_counter()
     for i, case in enumerate(cases, 1):

@@ -17,7 +17,7 @@ COLUMNS = ["op", "provider", "device", "dtype", "N", "H", "V", "median_s", "peak
            "H_t", "k", "divergence", "mode", "case", "sweep", "min_s", "iqr_s", "runs", "floor_s", "flops",
            "speedup_vs_naive", "mem_vs_naive", "loss_rel_err", "grad_rel_err", "note",
            "machine", "device_name", "threads", "torch", "triton", "liger_kernel", "cut_cross_entropy",
-           "opd_kernels", "git_commit", "env", "timestamp"]
+           "opd_kernels", "git_commit", "env", "loadavg", "timestamp"]
 
 
 def _version(module: str) -> str:
@@ -59,6 +59,8 @@ def machine_info(device: str) -> Dict[str, str]:
             "torch": torch.__version__, "triton": _version("triton"), "liger_kernel": _version("liger-kernel"),
             "cut_cross_entropy": _version("cut-cross-entropy"), "opd_kernels": _version("opd_kernels"),
             "git_commit": _git_commit(), "env": environ_summary(),
+            # other processes on the machine at the start of the run (a shared box makes times noisy)
+            "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "",
             "timestamp": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
