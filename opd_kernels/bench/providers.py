@@ -14,7 +14,8 @@ the reason, so a missing provider is visible in every table, never silently abse
   ``beta=1`` is KL(p_s||p_t) (reverse KL); its loss is a mean over tokens, like our "mean".
 - ``liger-fused`` (CUDA): Liger's Triton ``LigerFusedLinearJSD(jsd_beta=...)``, same beta convention;
   for linear_logprobs, Liger's Triton ``LigerFusedLinearCrossEntropyLoss`` (the sum of -log-probs).
-- ``cce`` (CUDA, linear_logprobs): cut-cross-entropy's ``linear_cross_entropy(..., reduction="none")``,
+- ``cce`` (CUDA, linear_logprobs): cut-cross-entropy's ``linear_cross_entropy(..., reduction="none")`` at its
+  default gradient filtering (``filter_eps="high"``),
   which is -log p(target).
 - ``ours:<backend>:<strategy>``: ``opd_kernels.<op>(..., backend=, strategy=)`` through the public API.
 """
@@ -85,7 +86,7 @@ def _build_liger_fused(case, inputs):
             raise Unavailable(f"liger-kernel not installed ({exc})")
         loss = LigerFusedLinearJSD(jsd_beta=_liger_beta(case))
         hs, Ws, ht, Wt = inputs["hs"], inputs["Ws"], inputs["ht"], inputs["Wt"]
-        return lambda: loss(hs, Ws, ht, Wt)
+        return lambda: loss(hs, Ws, ht, Wt, None)  # shift_labels=None: every token counts
     if case.op == "linear_logprobs":
         if case.mode != "fwd+bwd":
             raise Unavailable("Liger's fused linear cross-entropy is a loss (sum), not a log-prob gather")

@@ -105,9 +105,9 @@ def run_case(case: Case, *, providers: Optional[List[str]] = None, repeats: int 
         except Exception as exc:  # a provider that breaks while building is reported, not fatal
             notes[p.name] = f"error: {type(exc).__name__}: {exc}"
 
-    # 2. first call + correctness against naive
+    # 2. first call + correctness against naive (naive runs first; only its outputs are kept)
     ref = None
-    checks: Dict[str, tuple] = {}
+    errors: Dict[str, tuple] = {}
     for name in [n for n in steps if n != FLOOR]:
         log(f"  {name}: first call")
         try:
@@ -120,13 +120,11 @@ def run_case(case: Case, *, providers: Optional[List[str]] = None, repeats: int 
             continue
         if name == "naive":
             ref = (out, grads)
-        checks[name] = (out, grads)
-    errors: Dict[str, tuple] = {}
-    if ref is not None:
-        for name, (out, grads) in checks.items():
+        if ref is not None:
             gerr = max((_rel_err(g, r) for g, r in zip(grads, ref[1])), default=float("nan"))
             errors[name] = (_rel_err(out, ref[0]), gerr)
-    del checks, ref
+        del out, grads
+    del ref
     clear_grads(inputs)
 
     # 3. memory, one provider at a time
