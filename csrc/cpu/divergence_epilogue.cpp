@@ -1,0 +1,87 @@
+// CPU epilogue of the full-vocabulary divergences (reverse KL, forward KL, JSD) on one chunk of rows.
+//
+// Per row (PyTorch equivalent, z_* the transformed logits of the row, w its token weight):
+//     ls, lt  = z_s.logsumexp(-1), z_t.logsumexp(-1)
+//     lps, lpt = z_s - ls, z_t - lt
+//     value    = (lps.exp() * (lps - lpt)).sum()                 # reverse KL (others: opd_math.h)
+//     grad_raw = w * d value / d z_s * dz_s / draw              # written over the student logits
+// Passes over the row: load+transform (max), statistics (exp sums + cross term), [JSD: KL to the
+// mixture], gradient. The row lives in a per-thread fp32 scratch between passes, so each logit is
+// converted and transformed once (tanh for softcaps is the expensive part).
+#include <omp.h>
+
+#include <memory>
+#include <type_traits>
+
+#include "cpu/dtype_dispatch.h"
+#include "cpu/epilogues.h"
+#include "cpu/row_kernels.h"
+
+namespace opd {
+namespace cpu {
+namespace {
+
+template <int DIV, class TS, class TT, class F>
+void divergence_row(const DivergenceArgs& a, int64_t r, F* zs, F* zt) {
+  const int64_t V = a.vocab;
+  const F w = static_cast<F>(a.weights[r]);
+  TS* grad = a.grad ? static_cast<TS*>(a.grad) + r * a.ld_grad : nullptr;
+  if (w == F(0)) {  // masked (or zero upstream gradient): nothing to compute, zero gradient row
+    a.values[r] = 0.0f;
+    if (grad) zero_row(grad, V);
+    return;
+  }
+  const F ms = load_transform(static_cast<const TS*>(a.student) + r * a.ld_student, zs, V, a.ts);
+  const F mt = load_transform(static_cast<const TT*>(a.teacher) + r * a.ld_teacher, zt, V, a.tt);
+  F ds, dt, acc;
+  divergence_sums<DIV>(zs, zt, V, ms, mt, &ds, &dt, &acc);
+  const F ls = ms + M::log(ds), lt = mt + M::log(dt);
+  const F beta = static_cast<F>(a.beta);
+  F value, stat = 0;
+  if (DIV == kReverseKL) {
+    value = reverse_kl_value<M>(acc, ds, dt);
+    stat = value;
+  } else if (DIV == kForwardKL) {
+    value = forward_kl_value<M>(acc, ds, dt);
+  } else {
+    F kls, klt;
+    jsd_sums(zs, zt, V, ls, lt, M::log(F(1) - beta), M::log(beta), &kls, &klt);
+    value = jsd_value(klt, kls, beta);
+    stat = kls;
+  }
+  a.values[r] = static_cast<float>(value);
+  if (grad) divergence_grad<DIV>(zs, zt, V, ls, lt, stat, w, beta, a.ts, grad);
+}
+
+template <int DIV, class TS, class TT>
+void divergence_rows(const DivergenceArgs& a) {
+  using F = std::conditional_t<std::is_same<TS, double>::value || std::is_same<TT, double>::value,
+                               double, float>;
+  const int64_t V = a.vocab;
+#pragma omp parallel num_threads(a.num_threads)
+  {
+    std::unique_ptr<F[]> scratch(new F[2 * V]);  // z_s | z_t of the current row
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t r = 0; r < a.rows; ++r) {
+      divergence_row<DIV, TS, TT, F>(a, r, scratch.get(), scratch.get() + V);
+    }
+  }
+}
+
+}  // namespace
+
+void divergence_epilogue(const DivergenceArgs& a) {
+  if (a.rows == 0) return;
+  OPD_CPU_DISPATCH(a.student_dtype, TS, [&] {
+    OPD_CPU_DISPATCH(a.teacher_dtype, TT, [&] {
+      switch (a.divergence) {
+        case kReverseKL: return divergence_rows<kReverseKL, TS, TT>(a);
+        case kForwardKL: return divergence_rows<kForwardKL, TS, TT>(a);
+        default: return divergence_rows<kJSD, TS, TT>(a);
+      }
+    });
+  });
+}
+
+}  // namespace cpu
+}  // namespace opd

@@ -1,0 +1,147 @@
+// Vectorizable single-row loops shared by the CPU epilogues. Each loop is one pass over a row held in
+// a per-thread fp32 scratch buffer (V floats: 128 KiB at V = 32000, resident in L2), compiled in
+// AVX-512 / AVX2 / baseline clones (OPD_CPU_CLONES).
+//
+// Internal linkage on purpose: every translation unit that includes this header gets its own clones
+// and ifunc resolvers, so the multiversioned templates never collide at link time.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "cpu/vec_math.h"
+#include "opd_math.h"
+
+namespace opd {
+namespace cpu {
+namespace {
+
+using M = CpuMath;
+
+// Raw logits -> z = softcap(scale * raw) / T into `z`; returns max_v z_v.
+template <class T, class F>
+OPD_CPU_CLONES F load_transform(const T* __restrict src, F* __restrict z, int64_t V, Transform t) {
+  F m = -INFINITY;
+  if (t.has_softcap) {
+#pragma omp simd reduction(max : m)
+    for (int64_t v = 0; v < V; ++v) {
+      F x = transform<M>(static_cast<F>(src[v]), t);
+      z[v] = x;
+      m = x > m ? x : m;
+    }
+  } else {
+    const F f = F(t.scale) * F(t.inv_temp);  // softcap-free transform is one multiply
+#pragma omp simd reduction(max : m)
+    for (int64_t v = 0; v < V; ++v) {
+      F x = static_cast<F>(src[v]) * f;
+      z[v] = x;
+      m = x > m ? x : m;
+    }
+  }
+  return m;
+}
+
+// sum_v exp(z_v - m)
+template <class F>
+OPD_CPU_CLONES F sum_exp(const F* __restrict z, int64_t V, F m) {
+  F d = 0;
+#pragma omp simd reduction(+ : d)
+  for (int64_t v = 0; v < V; ++v) d += M::exp(z[v] - m);
+  return d;
+}
+
+// Statistics pass of the two-model divergences: d_s, d_t and (DIV = reverse/forward KL) the shifted
+// cross term a or b of opd_math.h, in one sweep.
+template <int DIV, class F>
+OPD_CPU_CLONES void divergence_sums(const F* __restrict zs, const F* __restrict zt, int64_t V, F ms,
+                                    F mt, F* out_ds, F* out_dt, F* out_acc) {
+  F ds = 0, dt = 0, acc = 0;
+#pragma omp simd reduction(+ : ds, dt, acc)
+  for (int64_t v = 0; v < V; ++v) {
+    F ys = zs[v] - ms, yt = zt[v] - mt;
+    F es = M::exp(ys), et = M::exp(yt);
+    ds += es;
+    dt += et;
+    if (DIV == kReverseKL) acc += reverse_kl_term(es, ys, yt);
+    if (DIV == kForwardKL) acc += forward_kl_term(et, ys, yt);
+  }
+  *out_ds = ds;
+  *out_dt = dt;
+  *out_acc = acc;
+}
+
+// JSD's second statistics pass: KL(p_s || M) and KL(p_t || M) given the log-normalizers
+// (ls = m_s + log d_s, lt likewise).
+template <class F>
+OPD_CPU_CLONES void jsd_sums(const F* __restrict zs, const F* __restrict zt, int64_t V, F ls, F lt,
+                             F log_1mb, F log_b, F* out_kl_s, F* out_kl_t) {
+  F kls = 0, klt = 0;
+#pragma omp simd reduction(+ : kls, klt)
+  for (int64_t v = 0; v < V; ++v) {
+    F lps = zs[v] - ls, lpt = zt[v] - lt;
+    F lm = log_mixture<M>(lps, lpt, log_1mb, log_b);
+    kls += kl_term(M::exp(lps), lps, lm);
+    klt += kl_term(M::exp(lpt), lpt, lm);
+  }
+  *out_kl_s = kls;
+  *out_kl_t = klt;
+}
+
+// Gradient pass: out_v = w * d value / d z_s,v * dz/draw, stored in the output dtype.
+// `stat` is R (reverse KL) or KL(p_s || M) (JSD); unused for forward KL.
+template <int DIV, class TO, class F>
+OPD_CPU_CLONES void divergence_grad(const F* __restrict zs, const F* __restrict zt, int64_t V, F ls,
+                                    F lt, F stat, F w, F beta, Transform t, TO* out) {
+  const F log_1mb = DIV == kJSD ? M::log(F(1) - beta) : F(0);
+  const F log_b = DIV == kJSD ? M::log(beta) : F(0);
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) {
+    F lps = zs[v] - ls, lpt = zt[v] - lt;
+    F ps = M::exp(lps);
+    F g;
+    if (DIV == kReverseKL) {
+      g = reverse_kl_grad(ps, lps, lpt, stat);
+    } else if (DIV == kForwardKL) {
+      g = forward_kl_grad(ps, M::exp(lpt));
+    } else {
+      g = jsd_grad(ps, lps, log_mixture<M>(lps, lpt, log_1mb, log_b), stat, F(1) - beta);
+    }
+    out[v] = static_cast<TO>(w * g * transform_grad(zs[v], t));
+  }
+}
+
+// Entropy pass of the lse/gather primitive: sum_v e_v y_v with y = z - m.
+template <class F>
+OPD_CPU_CLONES F entropy_sum(const F* __restrict z, int64_t V, F m) {
+  F ey = 0;
+#pragma omp simd reduction(+ : ey)
+  for (int64_t v = 0; v < V; ++v) {
+    F y = z[v] - m;
+    ey += entropy_term(M::exp(y), y);
+  }
+  return ey;
+}
+
+// Backward of the lse/gather primitive (without the gathered part, which the caller scatters):
+// out_v = (g_lse p_v - g_H p_v (log p_v + H)) * dz/draw.
+template <class TO, class F>
+OPD_CPU_CLONES void lse_entropy_grad_row(const F* __restrict z, int64_t V, F lse, F H, F g_lse, F g_ent,
+                                         Transform t, TO* out) {
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) {
+    F lp = z[v] - lse;
+    out[v] = static_cast<TO>(lse_entropy_grad(M::exp(lp), lp, H, g_lse, g_ent) * transform_grad(z[v], t));
+  }
+}
+
+template <class TO>
+void zero_row(TO* out, int64_t V) {
+  for (int64_t v = 0; v < V; ++v) out[v] = static_cast<TO>(0.0f);
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace opd

@@ -1,0 +1,401 @@
+// Chunk drivers of the `opd` ops (strategy "chunked", DESIGN.md section 3).
+//
+// linear_divergence, per chunk of C token rows (PyTorch equivalent; W_*[:V] views, no copies):
+//     S = h_s[c] @ W_s[:V].T + b_s[:V]             # into the reused (C, V) student workspace
+//     T = h_t[c] @ W_t[:V].T + b_t[:V]             # into the reused (C, V) teacher workspace
+//     values[c], S = epilogue(S, T, w[c])          # S now holds G = w * d value / d raw_s
+//     dh_s[c] = G @ W_s[:V];  dW_s[:V] += G.T @ h_s[c];  db_s[:V] += G.sum(0)
+// FLOPs: 2 N V (H_s + H_t) forward + 4 N V H_s for the gradient - the minimum, nothing recomputed.
+// Extra memory: the two workspaces plus the gradients themselves (dW accumulates in fp32 for
+// bf16/fp16 weights, through one (V, H_s) temporary of the weight's dtype).
+#include "driver.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+#include "cpu/epilogues.h"
+
+namespace opd {
+namespace {
+
+const EpilogueTable kCpuEpilogues{&cpu::divergence_epilogue, &cpu::lse_gather_epilogue,
+                                  &cpu::lse_gather_backward_epilogue};
+const EpilogueTable* g_cuda_epilogues = nullptr;
+
+const EpilogueTable& epilogues_for(const Tensor& t) {
+  if (t.device().is_cpu()) return kCpuEpilogues;
+  TORCH_CHECK(t.is_cuda() && g_cuda_epilogues != nullptr, "opd: no epilogue for device ", t.device(),
+              " (CUDA epilogues exist only when the extension is built against a CUDA torch)");
+  return *g_cuda_epilogues;
+}
+
+DType to_dtype(at::ScalarType s) {
+  switch (s) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    case at::kDouble: return DType::kFloat64;
+    default: TORCH_CHECK(false, "opd: unsupported dtype ", s, " (expected float32, bfloat16, float16 or float64)");
+  }
+}
+
+// jsd at beta = 0 and beta = 1 is forward and reverse KL exactly (TRL's generalized_jsd_loss special
+// cases; the mixture formula degenerates there).
+int parse_divergence(c10::string_view name, double beta) {
+  if (name == "reverse_kl") return kReverseKL;
+  if (name == "forward_kl") return kForwardKL;
+  if (name == "jsd") return beta == 0.0 ? kForwardKL : (beta == 1.0 ? kReverseKL : kJSD);
+  TORCH_CHECK(false, "opd: divergence must be 'reverse_kl', 'forward_kl' or 'jsd', got '", name, "'");
+}
+
+Transform transform_of(double scale, double temperature, c10::optional<double> softcap) {
+  return make_transform(scale, temperature, softcap.has_value(), softcap.value_or(1.0));
+}
+
+int64_t rows_per_chunk(int64_t chunk_rows, int64_t n) {
+  n = std::max<int64_t>(n, 1);
+  return chunk_rows <= 0 ? n : std::min(chunk_rows, n);
+}
+
+// Row stride of a workspace: padded to 8 elements on CUDA so every row starts 16-byte aligned for the
+// vector loads of the CUDA epilogues; dense on CPU.
+int64_t workspace_ld(const Tensor& like, int64_t V) { return like.is_cuda() ? (V + 7) / 8 * 8 : V; }
+
+OptTensor narrow_bias(const OptTensor& bias, int64_t V) {
+  if (!bias.has_value() || !bias->defined()) return c10::nullopt;
+  return bias->narrow(0, 0, V);
+}
+
+// out = h @ W.T (+ b), written into the workspace view `out`.
+void logits_into(Tensor& out, const Tensor& h, const Tensor& w, const OptTensor& b) {
+  if (b.has_value()) {
+    at::addmm_out(out, *b, h, w.t());
+  } else {
+    at::mm_out(out, h, w.t());
+  }
+}
+
+void check_2d(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, "opd: ", name, " must be 2-D with unit inner stride, got sizes ",
+              t.sizes(), " strides ", t.strides());
+}
+
+// Gradient accumulators of a weight (and bias): fp32 for half-precision parameters so the sum over
+// chunks does not round at every step; the parameter's own dtype otherwise.
+at::ScalarType accumulation_dtype(const Tensor& param) {
+  return param.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The gradients of a linear layer y = h W[:V].T + b[:V] from G = d loss / d y, accumulated chunk by chunk:
+//     dh[rows] = G @ W[:V];   dW[:V] += G.T @ h[rows];   db[:V] += G.sum(0)
+// dW and db accumulate in fp32 for half-precision parameters (through one (V, H) temporary in the
+// weight's dtype, as CPU matmuls cannot write another dtype), in the parameter's dtype otherwise.
+struct LinearGrads {
+  Tensor dh, dw_acc, dw_tmp, db_acc;
+  bool need_h = false, need_w = false, need_b = false;
+
+  LinearGrads(const Tensor& h, const Tensor& w, const OptTensor& b, int64_t V, bool want_h, bool want_w,
+              bool want_b)
+      : need_h(want_h), need_w(want_w), need_b(want_b && b.has_value() && b->defined()) {
+    if (need_h) dh = at::empty_like(h);  // every row is written by exactly one chunk
+    if (need_w) {
+      dw_acc = at::zeros(w.sizes(), w.options().dtype(accumulation_dtype(w)));
+      if (dw_acc.scalar_type() != w.scalar_type()) dw_tmp = at::empty({V, h.size(1)}, w.options());
+    }
+    if (need_b) db_acc = at::zeros({b->size(0)}, b->options().dtype(accumulation_dtype(*b)));
+  }
+  bool any() const { return need_h || need_w || need_b; }
+
+  void accumulate(const Tensor& G, const Tensor& h_rows, const Tensor& w_v, int64_t r0) {
+    const int64_t V = G.size(1);
+    if (need_h) {
+      Tensor out = dh.narrow(0, r0, G.size(0));
+      at::mm_out(out, G, w_v);
+    }
+    if (need_w) {
+      Tensor acc = dw_acc.narrow(0, 0, V);
+      if (dw_tmp.defined()) {
+        at::mm_out(dw_tmp, G.t(), h_rows);
+        acc.add_(dw_tmp);
+      } else {
+        acc.addmm_(G.t(), h_rows);
+      }
+    }
+    if (need_b) db_acc.narrow(0, 0, V).add_(G.sum(0, /*keepdim=*/false, db_acc.scalar_type()));
+  }
+
+  // (dh, dW, db) in the inputs' dtypes; empty (0,) tensors for the ones not requested.
+  std::tuple<Tensor, Tensor, Tensor> finish(const Tensor& h, const Tensor& w, const OptTensor& b) {
+    Tensor none = at::empty({0}, w.options());
+    return {need_h ? dh : at::empty({0}, h.options()), need_w ? dw_acc.to(w.scalar_type()) : none,
+            need_b ? db_acc.to(b->scalar_type()) : none};
+  }
+};
+
+struct DivergenceResult {
+  Tensor values, grad_hidden, grad_weight, grad_bias;
+};
+
+DivergenceResult run_linear_divergence(
+    const Tensor& hs, const Tensor& ws, const OptTensor& bs_full, const Tensor& ht, const Tensor& wt,
+    const OptTensor& bt_full, const Tensor& weights_in, c10::string_view divergence, double beta,
+    double temperature, c10::optional<double> s_cap, c10::optional<double> t_cap, double s_scale,
+    double t_scale, int64_t V, bool need_h, bool need_w, bool need_b, int64_t chunk_rows) {
+  check_2d(hs, "student_hidden");
+  check_2d(ht, "teacher_hidden");
+  TORCH_CHECK(ws.dim() == 2 && wt.dim() == 2, "opd: weights must be 2-D");
+  TORCH_CHECK(hs.size(0) == ht.size(0), "opd: student_hidden and teacher_hidden need the same rows");
+  TORCH_CHECK(V >= 1 && V <= ws.size(0) && V <= wt.size(0), "opd: vocab_size ", V, " out of range");
+  const int64_t N = hs.size(0);
+  const int div = parse_divergence(divergence, beta);
+  const Transform ts = transform_of(s_scale, temperature, s_cap);
+  const Transform tt = transform_of(t_scale, temperature, t_cap);
+  const Tensor ws_v = ws.narrow(0, 0, V).contiguous();
+  const Tensor wt_v = wt.narrow(0, 0, V).contiguous();
+  const OptTensor bs = narrow_bias(bs_full, V), bt = narrow_bias(bt_full, V);
+  const Tensor weights = weights_in.to(at::kFloat).contiguous();
+
+  DivergenceResult res;
+  res.values = at::zeros({N}, hs.options().dtype(at::kFloat));
+  LinearGrads grads(hs, ws, bs_full, V, need_h, need_w, need_b);
+
+  if (N > 0) {
+    const int64_t C = rows_per_chunk(chunk_rows, N);
+    const int64_t ld_s = workspace_ld(hs, V), ld_t = workspace_ld(ht, V);
+    Tensor S = at::empty({C, ld_s}, hs.options());
+    Tensor T = at::empty({C, ld_t}, ht.options());
+    const EpilogueTable& ep = epilogues_for(hs);
+    for (int64_t r0 = 0; r0 < N; r0 += C) {
+      const int64_t c = std::min(C, N - r0);
+      Tensor Sc = S.narrow(0, 0, c).narrow(1, 0, V);
+      Tensor Tc = T.narrow(0, 0, c).narrow(1, 0, V);
+      const Tensor h_s = hs.narrow(0, r0, c);
+      logits_into(Sc, h_s, ws_v, bs);
+      logits_into(Tc, ht.narrow(0, r0, c), wt_v, bt);
+
+      DivergenceArgs a;
+      a.rows = c;
+      a.vocab = V;
+      a.student = Sc.data_ptr();
+      a.ld_student = Sc.stride(0);
+      a.student_dtype = to_dtype(hs.scalar_type());
+      a.teacher = Tc.data_ptr();
+      a.ld_teacher = Tc.stride(0);
+      a.teacher_dtype = to_dtype(ht.scalar_type());
+      a.grad = grads.any() ? Sc.data_ptr() : nullptr;  // the gradient overwrites the student logits
+      a.ld_grad = Sc.stride(0);
+      a.grad_dtype = a.student_dtype;
+      a.weights = weights.data_ptr<float>() + r0;
+      a.values = res.values.data_ptr<float>() + r0;
+      a.divergence = div;
+      a.beta = static_cast<float>(beta);
+      a.ts = ts;
+      a.tt = tt;
+      a.num_threads = at::get_num_threads();
+      ep.divergence(a);
+
+      grads.accumulate(Sc, h_s, ws_v, r0);
+    }
+  }
+  std::tie(res.grad_hidden, res.grad_weight, res.grad_bias) = grads.finish(hs, ws, bs_full);
+  return res;
+}
+
+}  // namespace
+
+void register_epilogues(c10::DeviceType device_type, const EpilogueTable* table) {
+  TORCH_CHECK(device_type == c10::DeviceType::CUDA, "opd: only CUDA epilogues can be registered");
+  g_cuda_epilogues = table;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> linear_divergence(
+    const Tensor& student_hidden, const Tensor& student_weight, const OptTensor& student_bias,
+    const Tensor& teacher_hidden, const Tensor& teacher_weight, const OptTensor& teacher_bias,
+    const Tensor& weights, c10::string_view divergence, double beta, double temperature,
+    c10::optional<double> student_softcap, c10::optional<double> teacher_softcap, double student_scale,
+    double teacher_scale, int64_t vocab_size, std::array<bool, 3> grad_mask, int64_t chunk_rows) {
+  DivergenceResult r = run_linear_divergence(
+      student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, weights,
+      divergence, beta, temperature, student_softcap, teacher_softcap, student_scale, teacher_scale,
+      vocab_size, grad_mask[0], grad_mask[1], grad_mask[2], chunk_rows);
+  // sum_n w_n * value_n; values are 0 where w_n == 0, so an inf value never meets a 0 weight.
+  Tensor loss = (weights.to(at::kFloat) * r.values).sum();
+  return {loss, r.grad_hidden, r.grad_weight, r.grad_bias};
+}
+
+Tensor linear_divergence_values(
+    const Tensor& student_hidden, const Tensor& student_weight, const OptTensor& student_bias,
+    const Tensor& teacher_hidden, const Tensor& teacher_weight, const OptTensor& teacher_bias,
+    const Tensor& weights, c10::string_view divergence, double beta, double temperature,
+    c10::optional<double> student_softcap, c10::optional<double> teacher_softcap, double student_scale,
+    double teacher_scale, int64_t vocab_size, int64_t chunk_rows) {
+  return run_linear_divergence(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                               teacher_bias, weights, divergence, beta, temperature, student_softcap,
+                               teacher_softcap, student_scale, teacher_scale, vocab_size, false, false,
+                               false, chunk_rows)
+      .values;
+}
+
+// ---- lse / gather primitive ------------------------------------------------------------------------
+// Forward, per chunk:  Z = h[c] @ W[:V].T + b;  lse, gathered, entropy = epilogue(Z, ids[c]).
+// Nothing N x V is allocated; with no gradient required this is the teacher gather.
+std::tuple<Tensor, Tensor, Tensor> lse_gather(
+    const Tensor& hidden, const Tensor& weight, const OptTensor& bias, const Tensor& ids_in,
+    double temperature, c10::optional<double> softcap, double scale, int64_t V, bool return_entropy,
+    int64_t chunk_rows) {
+  check_2d(hidden, "hidden");
+  TORCH_CHECK(ids_in.dim() == 2 && ids_in.size(0) == hidden.size(0), "opd: ids must be (N, k)");
+  TORCH_CHECK(V >= 1 && V <= weight.size(0), "opd: vocab_size ", V, " out of range");
+  const int64_t N = hidden.size(0), k = ids_in.size(1);
+  const Tensor ids = ids_in.to(at::kLong).contiguous();
+  const Tensor w_v = weight.narrow(0, 0, V).contiguous();
+  const OptTensor b_v = narrow_bias(bias, V);
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  Tensor lse = at::empty({N}, f32);
+  Tensor gathered = at::empty({N, k}, f32);
+  Tensor entropy = return_entropy ? at::empty({N}, f32) : at::empty({0}, f32);
+  if (N == 0) return {lse, gathered, entropy};
+  const int64_t C = rows_per_chunk(chunk_rows, N);
+  Tensor Z = at::empty({C, workspace_ld(hidden, V)}, hidden.options());
+  const EpilogueTable& ep = epilogues_for(hidden);
+  for (int64_t r0 = 0; r0 < N; r0 += C) {
+    const int64_t c = std::min(C, N - r0);
+    Tensor Zc = Z.narrow(0, 0, c).narrow(1, 0, V);
+    logits_into(Zc, hidden.narrow(0, r0, c), w_v, b_v);
+    LseGatherArgs a;
+    a.rows = c;
+    a.vocab = V;
+    a.logits = Zc.data_ptr();
+    a.ld = Zc.stride(0);
+    a.dtype = to_dtype(hidden.scalar_type());
+    a.t = transform_of(scale, temperature, softcap);
+    a.ids = ids.data_ptr<int64_t>() + r0 * k;
+    a.k = k;
+    a.lse = lse.data_ptr<float>() + r0;
+    a.gathered = gathered.data_ptr<float>() + r0 * k;
+    a.entropy = return_entropy ? entropy.data_ptr<float>() + r0 : nullptr;
+    a.num_threads = at::get_num_threads();
+    ep.lse_gather(a);
+  }
+  return {lse, gathered, entropy};
+}
+
+// Backward: the upstream gradients are arbitrary, so the logits are recomputed per chunk (2 N V H more
+// FLOPs than a scalar-loss fusion), turned into G = dloss/draw in place, then dh = G W, dW += G^T h.
+std::tuple<Tensor, Tensor, Tensor> lse_gather_backward(
+    const Tensor& hidden, const Tensor& weight, const OptTensor& bias, const Tensor& ids_in,
+    const Tensor& lse_in, const Tensor& entropy_in, const OptTensor& grad_lse, const OptTensor& grad_gathered,
+    const OptTensor& grad_entropy, double temperature, c10::optional<double> softcap, double scale, int64_t V,
+    std::array<bool, 3> grad_mask, int64_t chunk_rows) {
+  check_2d(hidden, "hidden");
+  const int64_t N = hidden.size(0), k = ids_in.size(1);
+  const Tensor ids = ids_in.to(at::kLong).contiguous();
+  const Tensor lse = lse_in.to(at::kFloat).contiguous();
+  auto f32c = [](const OptTensor& t) -> Tensor {
+    return (t.has_value() && t->defined()) ? t->to(at::kFloat).contiguous() : Tensor();
+  };
+  const Tensor g_lse = f32c(grad_lse), g_gath = f32c(grad_gathered), g_ent = f32c(grad_entropy);
+  const Tensor entropy = g_ent.defined() ? entropy_in.to(at::kFloat).contiguous() : Tensor();
+  TORCH_CHECK(!g_ent.defined() || entropy.numel() == N, "opd: grad_entropy given but entropy was not computed");
+  const Tensor w_v = weight.narrow(0, 0, V).contiguous();
+  const OptTensor b_v = narrow_bias(bias, V);
+
+  LinearGrads grads(hidden, weight, bias, V, grad_mask[0], grad_mask[1], grad_mask[2]);
+  if (N > 0 && grads.any()) {
+    const int64_t C = rows_per_chunk(chunk_rows, N);
+    Tensor Z = at::empty({C, workspace_ld(hidden, V)}, hidden.options());
+    Tensor scratch = at::empty({C, k}, hidden.options().dtype(at::kFloat));
+    const EpilogueTable& ep = epilogues_for(hidden);
+    for (int64_t r0 = 0; r0 < N; r0 += C) {
+      const int64_t c = std::min(C, N - r0);
+      Tensor Zc = Z.narrow(0, 0, c).narrow(1, 0, V);
+      const Tensor h = hidden.narrow(0, r0, c);
+      logits_into(Zc, h, w_v, b_v);
+      LseGatherBackwardArgs a;
+      a.rows = c;
+      a.vocab = V;
+      a.logits = Zc.data_ptr();
+      a.ld = Zc.stride(0);
+      a.dtype = to_dtype(hidden.scalar_type());
+      a.t = transform_of(scale, temperature, softcap);
+      a.ids = ids.data_ptr<int64_t>() + r0 * k;
+      a.k = k;
+      a.lse = lse.data_ptr<float>() + r0;
+      a.entropy = entropy.defined() ? entropy.data_ptr<float>() + r0 : nullptr;
+      a.g_lse = g_lse.defined() ? g_lse.data_ptr<float>() + r0 : nullptr;
+      a.g_gathered = g_gath.defined() ? g_gath.data_ptr<float>() + r0 * k : nullptr;
+      a.g_entropy = g_ent.defined() ? g_ent.data_ptr<float>() + r0 : nullptr;
+      a.scratch = scratch.data_ptr<float>();
+      a.num_threads = at::get_num_threads();
+      ep.lse_gather_backward(a);
+      grads.accumulate(Zc, h, w_v, r0);
+    }
+  }
+  return grads.finish(hidden, weight, bias);
+}
+
+// ---- divergence of caller-held logits ------------------------------------------------------------------
+// One pass per row through a row-sized fp32 scratch: bf16/fp16 logits are never upcast as a whole.
+namespace {
+std::tuple<Tensor, Tensor> run_logits_divergence(const Tensor& s, const Tensor& t, const Tensor& weights_in,
+                                                 c10::string_view divergence, double beta, double temperature,
+                                                 int64_t V, Tensor* grad) {
+  check_2d(s, "student_logits");
+  check_2d(t, "teacher_logits");
+  TORCH_CHECK(s.size(0) == t.size(0), "opd: student_logits and teacher_logits need the same rows");
+  TORCH_CHECK(V >= 1 && V <= s.size(1) && V <= t.size(1), "opd: vocab_size ", V, " out of range");
+  const int64_t N = s.size(0);
+  const Tensor weights = weights_in.to(at::kFloat).contiguous();
+  Tensor values = at::zeros({N}, s.options().dtype(at::kFloat));
+  if (N > 0) {
+    DivergenceArgs a;
+    a.rows = N;
+    a.vocab = V;
+    a.student = s.data_ptr();
+    a.ld_student = s.stride(0);
+    a.student_dtype = to_dtype(s.scalar_type());
+    a.teacher = t.data_ptr();
+    a.ld_teacher = t.stride(0);
+    a.teacher_dtype = to_dtype(t.scalar_type());
+    if (grad != nullptr) {
+      a.grad = grad->data_ptr();
+      a.ld_grad = grad->stride(0);
+      a.grad_dtype = a.student_dtype;
+    }
+    a.weights = weights.data_ptr<float>();
+    a.values = values.data_ptr<float>();
+    a.divergence = parse_divergence(divergence, beta);
+    a.beta = static_cast<float>(beta);
+    a.ts = transform_of(1.0, temperature, c10::nullopt);
+    a.tt = a.ts;
+    a.num_threads = at::get_num_threads();
+    epilogues_for(s).divergence(a);
+    // student columns beyond vocab_size do not enter the loss: zero gradient
+    if (grad != nullptr && V < grad->size(1)) grad->narrow(1, V, grad->size(1) - V).zero_();
+  }
+  Tensor loss = (weights * values).sum();
+  return {loss, values};
+}
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> logits_divergence(
+    const Tensor& student_logits, const Tensor& teacher_logits, const Tensor& weights,
+    c10::string_view divergence, double beta, double temperature, int64_t vocab_size, bool compute_grad) {
+  Tensor grad = compute_grad ? at::empty(student_logits.sizes(), student_logits.options())
+                             : at::empty({0}, student_logits.options());
+  auto r = run_logits_divergence(student_logits, teacher_logits, weights, divergence, beta, temperature,
+                                 vocab_size, compute_grad ? &grad : nullptr);
+  return {std::get<0>(r), std::get<1>(r), grad};
+}
+
+std::tuple<Tensor, Tensor> logits_divergence_inplace_(
+    Tensor& student_logits, const Tensor& teacher_logits, const Tensor& weights,
+    c10::string_view divergence, double beta, double temperature, int64_t vocab_size) {
+  // Each row is read completely into the scratch before its gradient is written back, so reading and
+  // writing the same buffer is safe.
+  return run_logits_divergence(student_logits, teacher_logits, weights, divergence, beta, temperature,
+                               vocab_size, &student_logits);
+}
+
+}  // namespace opd

@@ -1,0 +1,125 @@
+// Shared math of every opd_kernels epilogue (CPU and CUDA): DESIGN.md section 4 as scalar
+// `__host__ __device__` inline functions, so the CUDA arithmetic is the CPU arithmetic.
+//
+// Plain C++ only (no torch, no CUDA runtime headers): this header is included by csrc/cpu/*.cpp and by
+// csrc/cuda/*.cu. The transcendental functions come from a "math policy" M (a struct with static
+// exp/log/tanh), so the CPU side can plug in branch-free polynomials that auto-vectorize
+// (csrc/cpu/vec_math.h) while CUDA uses its intrinsics (csrc/cuda/cuda_math.cuh).
+//
+// Notation (per token row): raw logits r_v, transformed z_v = softcap(scale * r_v) / T, the row max m,
+// shifted y_v = z_v - m, e_v = exp(y_v), d = sum_v e_v, L = m + log d, log p_v = y_v - log d.
+#pragma once
+
+#if defined(__CUDACC__)
+#define OPD_HD __host__ __device__ __forceinline__
+#else
+#define OPD_HD inline
+#endif
+
+namespace opd {
+
+enum Divergence : int { kReverseKL = 0, kForwardKL = 1, kJSD = 2 };
+
+// The logit transform of one model: z = softcap(scale * raw) / T, softcap_c(x) = c * tanh(x / c).
+struct Transform {
+  float scale;
+  float inv_temp;      // 1 / T
+  float softcap;       // c (unused when has_softcap == 0)
+  float inv_softcap;   // 1 / c
+  float z_to_tanh;     // T / c: tanh(scale * raw / c) == z * T / c, so dz/draw needs only z
+  int has_softcap;
+};
+
+inline Transform make_transform(double scale, double temperature, bool has_softcap, double softcap) {
+  Transform t;
+  t.scale = static_cast<float>(scale);
+  t.inv_temp = static_cast<float>(1.0 / temperature);
+  t.has_softcap = has_softcap ? 1 : 0;
+  t.softcap = has_softcap ? static_cast<float>(softcap) : 1.0f;
+  t.inv_softcap = has_softcap ? static_cast<float>(1.0 / softcap) : 1.0f;
+  t.z_to_tanh = has_softcap ? static_cast<float>(temperature / softcap) : 0.0f;
+  return t;
+}
+
+// z = softcap(scale * raw) / T
+template <class M, class F>
+OPD_HD F transform(F raw, const Transform& t) {
+  F x = raw * F(t.scale);
+  if (t.has_softcap) x = F(t.softcap) * M::tanh(x * F(t.inv_softcap));
+  return x * F(t.inv_temp);
+}
+
+// dz/draw = (scale / T) * (1 - tanh^2(scale * raw / c)), written through z itself
+// (tanh(scale * raw / c) = z * T / c) so the raw logits need not be kept once z is known.
+template <class F>
+OPD_HD F transform_grad(F z, const Transform& t) {
+  F g = F(t.scale) * F(t.inv_temp);
+  if (t.has_softcap) {
+    F th = z * F(t.z_to_tanh);
+    g = g * (F(1) - th * th);
+  }
+  return g;
+}
+
+// ---- statistics pass terms ------------------------------------------------------------------------
+// Sums are taken relative to the row maxima (y = z - m), which keeps the value well conditioned:
+// reverse KL  R = sum p_s (log p_s - log p_t)
+//               = a / d_s - log d_s + log d_t,    a = sum_v e_s,v (y_s,v - y_t,v)
+// forward KL  F = b / d_t - log d_t + log d_s,    b = sum_v e_t,v (y_t,v - y_s,v)
+// A term with e == 0 contributes exactly 0 (lim p log p = 0): with a -inf teacher logit y_t = -inf,
+// so e_t * (y_t - y_s) would be 0 * -inf = NaN without the select.
+template <class F>
+OPD_HD F reverse_kl_term(F es, F ys, F yt) { return es > F(0) ? es * (ys - yt) : F(0); }
+template <class F>
+OPD_HD F forward_kl_term(F et, F ys, F yt) { return et > F(0) ? et * (yt - ys) : F(0); }
+
+template <class M, class F>
+OPD_HD F reverse_kl_value(F a, F ds, F dt) { return a / ds - M::log(ds) + M::log(dt); }
+template <class M, class F>
+OPD_HD F forward_kl_value(F b, F ds, F dt) { return b / dt - M::log(dt) + M::log(ds); }
+
+// log M_v for the JSD mixture M = (1 - beta) p_s + beta p_t, as a two-term logsumexp of
+// log(1 - beta) + log p_s and log(beta) + log p_t (0 < beta < 1; the ends are plain KLs).
+template <class M, class F>
+OPD_HD F log_mixture(F lps, F lpt, F log_1mb, F log_b) {
+  F a = lps + log_1mb;
+  F b = lpt + log_b;
+  F mx = a > b ? a : b;
+  return mx + M::log(M::exp(a - mx) + M::exp(b - mx));
+}
+// p (log p - log M), 0 where p == 0
+template <class F>
+OPD_HD F kl_term(F p, F lp, F lm) { return p > F(0) ? p * (lp - lm) : F(0); }
+
+// JSD(beta) = beta KL(p_t || M) + (1 - beta) KL(p_s || M)      (TRL generalized_jsd_loss)
+template <class F>
+OPD_HD F jsd_value(F kl_t, F kl_s, F beta) { return beta * kl_t + (F(1) - beta) * kl_s; }
+
+// ---- gradients w.r.t. the student's transformed logits z_s ----------------------------------------
+// reverse KL: dR/dz_v = p_s,v (log p_s,v - log p_t,v - R)      (softmax Jacobian applied to log(p_s/p_t)+1)
+template <class F>
+OPD_HD F reverse_kl_grad(F ps, F lps, F lpt, F R) { return ps > F(0) ? ps * ((lps - lpt) - R) : F(0); }
+// forward KL: dF/dz_v = p_s,v - p_t,v
+template <class F>
+OPD_HD F forward_kl_grad(F ps, F pt) { return ps - pt; }
+// JSD: dJ/dp_s,u = (1 - beta)(log p_s,u - log M_u) (the beta p_t / M and (1 - beta) p_s / M terms sum
+// to 1 and cancel), then through the softmax: dJ/dz_v = (1 - beta) p_s,v (log p_s,v - log M_v - KL(p_s||M))
+template <class F>
+OPD_HD F jsd_grad(F ps, F lps, F lm, F kl_s, F one_minus_beta) {
+  return ps > F(0) ? one_minus_beta * ps * ((lps - lm) - kl_s) : F(0);
+}
+
+// ---- log-prob / gather / entropy primitive -------------------------------------------------------
+// lse L = m + log d; entropy H = L - sum p z = log d - (sum_v e_v y_v) / d.
+template <class F>
+OPD_HD F entropy_term(F e, F y) { return e > F(0) ? e * y : F(0); }
+template <class M, class F>
+OPD_HD F entropy_value(F ey, F d) { return M::log(d) - ey / d; }
+// d/dz_v of  g_lse * L + g_H * H  (the gathered logits add g_j at v = ids_j separately):
+//   dL/dz_v = p_v,   dH/dz_v = -p_v (log p_v + H)
+template <class F>
+OPD_HD F lse_entropy_grad(F p, F lp, F H, F g_lse, F g_ent) {
+  return p > F(0) ? p * (g_lse - g_ent * (lp + H)) : F(0);
+}
+
+}  // namespace opd
