@@ -1,0 +1,73 @@
+"""The opd-distill console script: generic loop with model arguments, the default experiment without."""
+import json
+import os
+import sys
+import types
+
+import pytest
+
+from opd_kernels.trainer import cli
+
+
+def test_no_model_arguments_delegates_to_the_default_experiment(monkeypatch):
+    seen = {}
+    fake = types.ModuleType("opd_kernels.demo.cli")
+
+    def demo_main(argv):
+        seen["argv"] = argv
+        return 7
+
+    fake.main = demo_main
+    monkeypatch.setitem(sys.modules, "opd_kernels.demo.cli", fake)
+    assert cli.main(["--quick", "--output-dir", "x"]) == 7
+    assert seen["argv"] == ["--quick", "--output-dir", "x"]
+    assert cli.main([]) == 7 and seen["argv"] == []
+
+
+def test_generic_run_from_yaml_then_resume(tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt_ids": [3 + i, 9, 4 + i]}) + "\n" for i in range(5)))
+    out = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text(f"student: tiny:gpt2\nteacher: tiny:gpt2\nprompts: {prompts}\noutput_dir: {out}\n"
+                      "steps: 2\nbatch_size: 2\nmax_new_tokens: 4\nsave_every: 1\nloss: topk\ntopk: 3\n")
+    assert cli.main(["--config", str(config), "--no-progress"]) == 0
+    assert "2 steps" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["checkpoints", "config.json", "curves.png", "metrics.jsonl"]
+    assert json.load(open(out / "config.json"))["loss"] == "topk"
+    assert cli.main(["--config", str(config), "--no-progress", "--resume", "--steps", "3"]) == 0
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["tokens"] > 0 and r["loss"] > 0 for r in records)
+    assert records[2]["total_tokens"] == sum(r["tokens"] for r in records)
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_00000002", "step_00000003"]
+
+
+def test_clear_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--student", "tiny:llama", "--teacher", "tiny:llama"])
+    assert exit_info.value.code == 2 and "missing --prompts" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["--student", "tiny:llama", "--teacher", "tiny:llama", "--prompts", "random:2:3", "--loss", "kl"])
+    assert "loss: expected one of" in capsys.readouterr().err
+    rc = cli.main(["--student", str(tmp_path / "nowhere"), "--teacher", "tiny:llama", "--prompts", "random:2:3",
+                   "--output-dir", str(tmp_path / "o")])
+    assert rc == 2 and "neither a local model directory nor a model in the local" in capsys.readouterr().err
+    text = tmp_path / "p.txt"
+    text.write_text("hello\n")
+    rc = cli.main(["--student", "tiny:llama", "--teacher", "tiny:llama", "--prompts", str(text),
+                   "--output-dir", str(tmp_path / "o")])
+    assert rc == 2 and "is text but the student has no tokenizer" in capsys.readouterr().err
+
+
+def test_config_json_model_spec_builds_a_random_model(tmp_path):
+    from opd_kernels.hf.tiny import tiny_config
+    from opd_kernels.trainer.models import load_model
+
+    path = tmp_path / "config.json"
+    path.write_text(tiny_config("qwen2", vocab_size=97).to_json_string())
+    import torch
+    a = load_model(str(path), device=torch.device("cpu"), seed=5)
+    b = load_model(str(path), device=torch.device("cpu"), seed=5)
+    assert type(a).__name__ == "Qwen2ForCausalLM" and a.lm_head.weight.shape == (97, 32)
+    assert torch.equal(a.lm_head.weight, b.lm_head.weight)
