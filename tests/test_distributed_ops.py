@@ -1,0 +1,261 @@
+"""Vocab-parallel ops (opd_kernels.distributed) on 2 and 3 CPU processes with gloo.
+
+Every rank builds the same full problem from one seed, keeps its (uneven) vocabulary shard, runs the
+vocab-parallel op, and checks value, hidden-state gradient and its shard of the weight/bias gradients
+against the float64 oracle (opd_kernels.reference) on the full weights: max|err|/max|ref| <= 5e-5 (fp32).
+Each spawn runs many cases, so the file costs two process-group start-ups per world size.
+"""
+from __future__ import annotations
+
+import socket
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from opd_kernels import reference
+from opd_kernels.backends import device_support
+
+TOL = 5e-5
+# Uneven shards. SPLITS[w] are the student rows per rank; the teacher has TEACHER_EXTRA more rows on the
+# last rank (a padded teacher vocabulary, V_t > V).
+SPLITS = {2: (13, 24), 3: (5, 20, 12)}
+TEACHER_EXTRA = 3
+H_S, H_T = 17, 9
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world: int, cases: str, seed: int) -> None:
+    """Run ``_worker`` on ``world`` processes; an exception on any rank fails the test (spawn re-raises it)."""
+    mp.spawn(_worker, args=(world, _free_port(), cases, seed), nprocs=world, join=True)
+
+
+def _worker(rank: int, world: int, port: int, cases: str, seed: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    try:
+        CASES[cases](_Ctx(rank, world, seed))
+    finally:
+        dist.destroy_process_group()
+
+
+class _Ctx:
+    """One rank's view of a test problem: full tensors (identical on every rank) and this rank's shard."""
+
+    def __init__(self, rank: int, world: int, seed: int):
+        self.rank, self.world, self.group = rank, world, dist.group.WORLD
+        self.sizes = SPLITS[world]
+        self.offset = sum(self.sizes[:rank])
+        self.gen = torch.Generator().manual_seed(seed)
+        self.done = []
+
+    def randn(self, *shape, scale=1.0):
+        return torch.randn(*shape, generator=self.gen, dtype=torch.float64) * scale
+
+    def shard(self, full: torch.Tensor, extra: int = 0) -> torch.Tensor:
+        """This rank's rows of a full (V_total [+ extra], ...) tensor; the last rank also takes ``extra``."""
+        end = self.offset + self.sizes[self.rank] + (extra if self.rank == self.world - 1 else 0)
+        return full[self.offset:end]
+
+    def check(self, name: str, got: torch.Tensor, ref: torch.Tensor, tol: float = TOL) -> None:
+        got, ref = got.detach().double(), ref.detach().double()
+        assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+        finite = torch.isfinite(ref)
+        assert torch.equal(finite, torch.isfinite(got)), f"{name}: non-finite entries differ"
+        scale = ref[finite].abs().max().clamp_min(1e-30) if finite.any() else torch.tensor(1.0)
+        err = float(((got - ref)[finite]).abs().max() / scale) if finite.any() else 0.0
+        assert err <= tol, f"rank {self.rank}/{self.world} {name}: max|err|/max|ref| = {err:.3g} > {tol}"
+
+
+def _grads(fn, leaves, upstream):
+    leaves = [x.detach().clone().requires_grad_(True) if x is not None else None for x in leaves]
+    out = fn(*leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    ups = upstream if isinstance(upstream, tuple) else (upstream,)
+    live = [x for x in leaves if x is not None]
+    grads = torch.autograd.grad([o for o in outs], live, [u.to(o.dtype) for o, u in zip(outs, ups)],
+                                allow_unused=True)
+    grads = iter([torch.zeros_like(x) if g is None else g for x, g in zip(live, grads)])
+    return tuple(o.detach() for o in outs), [None if x is None else next(grads) for x in leaves]
+
+
+def _compare(ctx: _Ctx, name, dist_fn, ref_fn, hidden, weight, bias, upstream, *, reduce_hidden_grad=True):
+    """Value and gradients of ``dist_fn(h, w_shard, b_shard)`` vs ``ref_fn(h, w_full, b_full)`` in float64."""
+    w_shard = ctx.shard(weight).float()
+    b_shard = None if bias is None else ctx.shard(bias).float()
+    outs, (gh, gw, gb) = _grads(dist_fn, [hidden.float(), w_shard, b_shard], upstream)
+    ref_outs, (rh, rw, rb) = _grads(ref_fn, [hidden, weight, bias], upstream)
+    for i, (o, r) in enumerate(zip(outs, ref_outs)):
+        assert o.dtype == torch.float32, f"{name}: output dtype {o.dtype}"
+        ctx.check(f"{name} value[{i}]", o, r)
+    if not reduce_hidden_grad:  # each rank holds its shard's part; the caller's all-reduce completes it
+        assert not torch.allclose(gh, rh.float(), rtol=1e-3, atol=1e-6), f"{name}: hidden grad already summed"
+        dist.all_reduce(gh, group=ctx.group)
+    ctx.check(f"{name} grad student_hidden", gh, rh)
+    ctx.check(f"{name} grad student_weight shard", gw, ctx.shard(rw))
+    if bias is not None:
+        ctx.check(f"{name} grad student_bias shard", gb, ctx.shard(rb))
+    ctx.done.append(name)
+
+
+# --------------------------------------------------------------------------------------------------
+# cases (run inside the workers)
+# --------------------------------------------------------------------------------------------------
+def _divergence_cases(ctx: _Ctx, backend: str = "torch", methods=("auto", "shards")) -> None:
+    import opd_kernels.distributed.vocab_parallel as vp
+
+    total = sum(ctx.sizes)
+    leading = (3, 5)
+    for case, (divergence, beta, opts) in enumerate([
+            ("reverse_kl", 0.5, dict(temperature=0.7, student_softcap=4.0)),
+            ("forward_kl", 0.5, dict(student_scale=1.3, teacher_scale=0.8)),
+            ("jsd", 0.3, dict(temperature=1.6, teacher_softcap=3.0)),
+            ("jsd", 1.0, {}),
+            ("reverse_kl", 0.5, dict(vocab_size=total - SPLITS[ctx.world][-1], reduction="none")),
+            ("jsd", 0.7, dict(reduction="sum", vocab_size=total - 4)),
+            ("forward_kl", 0.5, dict(reduction="none")),
+    ]):
+        hs = ctx.randn(*leading, H_S)
+        ht = ctx.randn(*leading, H_T)
+        ws = ctx.randn(total, H_S, scale=0.4)
+        wt = ctx.randn(total + TEACHER_EXTRA, H_T, scale=0.6)
+        bs, bt = ctx.randn(total, scale=0.5), ctx.randn(total + TEACHER_EXTRA, scale=0.5)
+        mask = torch.rand(leading, generator=ctx.gen) > 0.3
+        mask[0] = False                                        # an empty row of the batch
+        reduction = opts.pop("reduction", "mean")
+        upstream = ctx.randn(*leading) if reduction == "none" else torch.tensor(1.0)
+        kw = dict(divergence=divergence, beta=beta, mask=mask, reduction=reduction, **opts)
+        if case == 1:
+            kw["normalizer"] = 11.0
+        for method in methods:
+            if method == "shards" and divergence == "jsd" and beta not in (0.0, 1.0):
+                continue                                       # JSD always runs the row-statistics path
+            vp_use = vp._use_rowstats
+            if method == "shards":
+                vp._use_rowstats = lambda *a: False
+            try:
+                _compare(ctx, f"{backend}/{method} {divergence}({beta}) {opts} {reduction}",
+                         lambda h, w, b: vp.linear_divergence(
+                             h, w, ht.float(), ctx.shard(wt, TEACHER_EXTRA).float(), student_bias=b,
+                             teacher_bias=ctx.shard(bt, TEACHER_EXTRA).float(), backend=backend,
+                             process_group=ctx.group, **kw),
+                         lambda h, w, b: reference.linear_divergence(h, w, ht, wt, student_bias=b, teacher_bias=bt,
+                                                                     **kw),
+                         hs, ws, bs, upstream)
+            finally:
+                vp._use_rowstats = vp_use
+
+
+def _lse_cases(ctx: _Ctx, backend: str = "torch") -> None:
+    from opd_kernels.distributed import linear_logprobs, linear_topk_divergence
+
+    total = sum(ctx.sizes)
+    # log-probs (+ entropy); targets spread over every shard; odd leading shape, then N = 1
+    for leading, opts in (((4, 3), dict(temperature=0.9, softcap=5.0)), ((1,), dict(scale=1.5))):
+        h, w, b = ctx.randn(*leading, H_S), ctx.randn(total, H_S, scale=0.5), ctx.randn(total, scale=0.3)
+        targets = torch.randint(0, total, leading, generator=ctx.gen)
+        ups = (ctx.randn(*leading), ctx.randn(*leading))
+        _compare(ctx, f"{backend} logprobs+entropy {opts}",
+                 lambda h_, w_, b_: linear_logprobs(h_, w_, targets, bias=b_, return_entropy=True, backend=backend,
+                                                    process_group=ctx.group, **opts),
+                 lambda h_, w_, b_: reference.linear_logprobs(h_, w_, targets, bias=b_, return_entropy=True, **opts),
+                 h, w, b, ups)
+    # global vocab_size below the total rows (the last shard is padding only when world = 3)
+    v = total - SPLITS[ctx.world][-1]
+    h, w = ctx.randn(6, H_S), ctx.randn(total, H_S, scale=0.5)
+    targets = torch.randint(0, v, (6,), generator=ctx.gen)
+    _compare(ctx, f"{backend} logprobs vocab_size={v}",
+             lambda h_, w_, b_: linear_logprobs(h_, w_, targets, vocab_size=v, backend=backend,
+                                                process_group=ctx.group),
+             lambda h_, w_, b_: reference.linear_logprobs(h_, w_, targets, vocab_size=v),
+             h, w, None, ctx.randn(6))
+    # top-k with and without the tail bucket; k ids spread over shards
+    for divergence, tail, reduction in (("forward_kl", True, "mean"), ("reverse_kl", True, "none"),
+                                        ("reverse_kl", False, "sum")):
+        leading, k = (2, 4), 5
+        h, w, b = ctx.randn(*leading, H_S), ctx.randn(total, H_S, scale=0.5), ctx.randn(total, scale=0.3)
+        ids = torch.stack([torch.randperm(total, generator=ctx.gen)[:k] for _ in range(8)]).reshape(*leading, k)
+        teacher_lp = torch.log_softmax(ctx.randn(*leading, total, scale=2.0), -1).gather(-1, ids)
+        mask = torch.rand(leading, generator=ctx.gen) > 0.25
+        kw = dict(divergence=divergence, tail_bucket=tail, mask=mask, reduction=reduction, temperature=1.2)
+        up = ctx.randn(*leading) if reduction == "none" else torch.tensor(1.0)
+        _compare(ctx, f"{backend} topk {kw}",
+                 lambda h_, w_, b_: linear_topk_divergence(h_, w_, ids, teacher_lp.float(), student_bias=b_,
+                                                           backend=backend, process_group=ctx.group, **kw),
+                 lambda h_, w_, b_: reference.linear_topk_divergence(h_, w_, ids, teacher_lp, student_bias=b_, **kw),
+                 h, w, b, up)
+
+
+def _hidden_grad_and_errors(ctx: _Ctx) -> None:
+    from opd_kernels.distributed import linear_divergence, linear_logprobs
+
+    total = sum(ctx.sizes)
+    hs, ht = ctx.randn(7, H_S), ctx.randn(7, H_T)
+    ws, wt = ctx.randn(total, H_S, scale=0.4), ctx.randn(total, H_T, scale=0.4)
+    for divergence in ("reverse_kl", "jsd"):
+        _compare(ctx, f"reduce_hidden_grad=False {divergence}",
+                 lambda h, w, b: linear_divergence(h, w, ht.float(), ctx.shard(wt).float(), divergence=divergence,
+                                                   process_group=ctx.group, reduce_hidden_grad=False),
+                 lambda h, w, b: reference.linear_divergence(h, w, ht, wt, divergence=divergence),
+                 hs, ws, None, torch.tensor(1.0), reduce_hidden_grad=False)
+    targets = torch.randint(0, total, (7,), generator=ctx.gen)
+    _compare(ctx, "logprobs reduce_hidden_grad=False",
+             lambda h, w, b: linear_logprobs(h, w, targets, process_group=ctx.group, reduce_hidden_grad=False),
+             lambda h, w, b: reference.linear_logprobs(h, w, targets), hs, ws, None, ctx.randn(7),
+             reduce_hidden_grad=False)
+    w_shard, wt_shard = ctx.shard(ws).float(), ctx.shard(wt).float()
+    # An argument error on one rank is raised on every rank (no rank is left waiting in a collective).
+    bad_bias = torch.zeros(w_shard.shape[0] + (1 if ctx.rank == 1 else 0))
+    expected = "student_bias" if ctx.rank == 1 else r"rank\(s\) \[1\] rejected"
+    with pytest.raises(ValueError, match=expected):
+        linear_divergence(hs.float(), w_shard, ht.float(), wt_shard, student_bias=bad_bias, process_group=ctx.group)
+    # A teacher shard shorter than the student shard (same global rows on both) is rejected everywhere.
+    with pytest.raises(ValueError, match="teacher_weight: expected at least"):
+        linear_divergence(hs.float(), w_shard, ht.float(), wt_shard[:-1] if ctx.rank == 0 else wt_shard,
+                          process_group=ctx.group)
+    with pytest.raises(ValueError, match=f"targets: expected ids in \\[0, {total}\\)"):
+        linear_logprobs(hs.float(), w_shard, torch.full((7,), total), process_group=ctx.group)
+    with pytest.raises(ValueError, match="student_hidden: expected the same size on every rank"):
+        linear_logprobs(hs.float()[: 7 - ctx.rank], w_shard, targets[: 7 - ctx.rank], process_group=ctx.group)
+    with pytest.raises(TypeError, match="process_group: expected a torch.distributed.ProcessGroup"):
+        linear_logprobs(hs.float(), w_shard, targets, process_group="world")
+
+
+def _torch_cases(ctx: _Ctx) -> None:
+    _divergence_cases(ctx)
+    _lse_cases(ctx)
+    _hidden_grad_and_errors(ctx)
+    assert len(ctx.done) >= 20, ctx.done
+
+
+def _cpp_cases(ctx: _Ctx) -> None:
+    _divergence_cases(ctx, backend="cpp", methods=("auto",))
+    _lse_cases(ctx, backend="cpp")
+
+
+CASES = {"torch": _torch_cases, "cpp": _cpp_cases}
+
+
+# --------------------------------------------------------------------------------------------------
+# tests (run in the pytest process)
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_matches_single_process_torch(world):
+    _spawn(world, "torch", int(torch.randint(0, 2**31 - 1, ())))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_matches_single_process_cpp(world):
+    ok, why = device_support("cpp", torch.device("cpu"))
+    if not ok:
+        pytest.skip(f"cpp backend unavailable: {why}")
+    _spawn(world, "cpp", int(torch.randint(0, 2**31 - 1, ())))
+
