@@ -5,6 +5,7 @@
     opd-bench --case issue3 --case issue5   # the measurement cases of issues 3 and 5
     opd-bench --device cuda --case issue4   # the H100 case of issue 4
     opd-bench --ops linear_logprobs --providers naive ours --csv out.csv --plot out.png
+    opd-bench --from-csv out.csv --markdown --plot out.png   # tables/plot of an earlier run, nothing measured
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 
 from . import presets
 from .cases import OPS, Case
-from .report import format_table, machine_info, write_csv
+from .report import format_table, machine_info, read_csv, write_csv
 from .runner import run_case
 
 
@@ -37,10 +38,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="dtype of the preset cases (default fp32 on CPU, bf16 on CUDA); named cases keep theirs")
     p.add_argument("--no-sweeps", action="store_true", help="default preset without the N and V sweeps")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per provider (>= 5), default 5")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls after the checked first call")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="extra untimed calls per provider before timing (the checked first call and the "
+                        "memory call already precede it), default 0")
     p.add_argument("--csv", metavar="PATH", help="write the rows to this CSV")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of time, ratio to floor and memory")
     p.add_argument("--markdown", action="store_true", help="print markdown tables")
+    p.add_argument("--from-csv", metavar="PATH", help="print the tables (and --plot) of an earlier run's CSV")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress inside each case")
     return p
 
@@ -67,6 +71,17 @@ def select_cases(args) -> List[Case]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    if args.from_csv:
+        rows = read_csv(args.from_csv)
+        if rows:
+            r = rows[0]
+            print(f"Measured on {r['device_name']}, torch {r['torch']}, {r['threads']} threads, commit "
+                  f"{r['git_commit']}, load average {r.get('loadavg', '?')}, {r['timestamp']}.\n")
+        print(format_table(rows, markdown=args.markdown))
+        if args.plot:
+            from .plot import plot_rows
+            plot_rows(rows, args.plot)
+        return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("opd-bench: --device cuda: no CUDA device is available")
     cases = select_cases(args)
