@@ -44,7 +44,10 @@ def blocks_for(device: torch.device, dtype: torch.dtype) -> Blocks:
 
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs use exact fp32 products ("ieee"); TF32 would cost ~1e-3 relative error, 10x the
-    backend tolerance. Ignored for bf16/fp16."""
+    backend tolerance (ignored for bf16/fp16). Under the interpreter bf16 operands are multiplied in fp32
+    ("upcast", see tiles.mma)."""
+    if INTERPRETED and dtype == torch.bfloat16:
+        return "upcast"
     return "ieee"
 
 

@@ -20,6 +20,17 @@ def tanh(x):
 
 
 @triton.jit
+def mma(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """``tl.dot(a, b, acc)`` with fp32 accumulation. ``DOT_PRECISION="upcast"`` (set by the launcher only
+    under the interpreter, for bf16) multiplies in fp32: the interpreter's numpy has no bf16 and its
+    tl.dot on bf16 operands returns garbage (Triton 3.9)."""
+    if DOT_PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def raw_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H,
              HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
              BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -35,7 +46,7 @@ def raw_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H,
         # w tile loaded transposed, (BLOCK_K, BLOCK_V), so the product is a plain tl.dot.
         w = tl.load(w_ptr + col_off[None, :] + ks[:, None],
                     mask=(cols[None, :] < V) & (ks[:, None] < H), other=0.0)
-        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+        acc = mma(h, w, acc, DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
     return acc
@@ -53,7 +64,7 @@ def transform(raw, scale, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
 @triton.jit
 def transform_grad(raw, scale, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
     """``dz / draw = scale / T * (1 - tanh^2(scale * raw / c))`` (the tanh factor only with a softcap)."""
-    d = raw * 0.0 + scale * inv_temp
+    d = tl.zeros_like(raw) + scale * inv_temp  # not raw * 0: raw is -inf under a -inf bias
     if HAS_SOFTCAP:
         t = tanh(raw * scale / softcap)
         d = d * (1.0 - t * t)
@@ -114,10 +125,10 @@ def accumulate_grads(g, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, rows, cols, N, V, 
         row_mask = (rows[:, None] < N) & (ks[None, :] < H)
         col_mask = (cols[:, None] < V) & (ks[None, :] < H)
         w = tl.load(w_ptr + col_off[:, None] + ks[None, :], mask=col_mask, other=0.0)
-        dh = tl.dot(g_in, w, input_precision=DOT_PRECISION)
+        dh = mma(g_in, w, None, DOT_PRECISION)
         tl.atomic_add(dh_ptr + row_off[:, None] + ks[None, :], dh, mask=row_mask, sem="relaxed")
         h = tl.load(h_ptr + row_off[:, None] + ks[None, :], mask=row_mask, other=0.0)
-        dw = tl.dot(tl.trans(g_in), h, input_precision=DOT_PRECISION)
+        dw = mma(tl.trans(g_in), h, None, DOT_PRECISION)
         tl.atomic_add(dw_ptr + col_off[:, None] + ks[None, :], dw, mask=col_mask, sem="relaxed")
     if HAS_BIAS:
         tl.atomic_add(db_ptr + cols, tl.sum(g, 0), mask=cols < V, sem="relaxed")

@@ -1,0 +1,131 @@
+"""Compile every kernel variant for NVIDIA targets without a GPU, and read ptxas' resource report.
+
+    python -m opd_kernels.triton.compile_check [--arch 90 80] [--dtype bf16 fp16 fp32]
+
+Nothing runs: Triton lowers each kernel to PTX for the given target and its bundled ptxas assembles it,
+so this catches what the interpreter cannot (tl.dot shape/dtype rules, type unification across branches)
+and prints registers, spills and shared memory per kernel. It needs the kernels compiled, not
+interpreted: run it without TRITON_INTERPRET=1.
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import launch
+from .divergence_bwd import divergence_bwd_kernel
+from .divergence_fwd import divergence_fwd_kernel
+from .gather import gather_bwd_kernel, gather_fwd_kernel
+from .lse import lse_bwd_kernel, lse_fwd_kernel
+
+_TL = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+
+
+def _signature(kernel, dtype: str, constexprs: dict):
+    """Triton signature: pointers to ``dtype`` for inputs, fp32 for outputs/statistics, i64 ids."""
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            model_input = name[:2] in ("hs", "ws", "bs", "ht", "wt", "bt") or name in ("h_ptr", "w_ptr", "b_ptr")
+            sig[name] = "*i64" if name == "ids_ptr" else f"*{dtype}" if model_input else "*fp32"
+        elif name in ("N", "V", "HS", "HT", "H", "K"):
+            sig[name] = "i32"
+        else:
+            sig[name] = "fp32"
+    return sig
+
+
+def variants(dtype: str):
+    """(name, kernel, constexprs, launch options) for every kernel and divergence, biases and softcaps on
+    (the largest code paths), with the GPU block sizes of launch.blocks_for."""
+    import torch
+    tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    b = launch.Blocks(n=64, v=128, k=64 if dtype != "fp32" else 32, num_warps=8, num_stages=3)
+    tiles = dict(BLOCK_N=b.n, BLOCK_V=b.v, BLOCK_K=b.k, DOT_PRECISION=launch.dot_precision(tdtype))
+    opts = dict(num_warps=b.num_warps, num_stages=b.num_stages)
+    two = dict(S_BIAS=True, T_BIAS=True, S_SOFTCAP=True, T_SOFTCAP=True, **tiles)
+    one = dict(HAS_BIAS=True, HAS_SOFTCAP=True, **tiles)
+    for div, i in launch._DIVERGENCE_IDS.items():
+        yield f"divergence_fwd[{div}]", divergence_fwd_kernel, dict(DIVERGENCE=i, **two), opts
+        yield f"divergence_bwd[{div}]", divergence_bwd_kernel, dict(DIVERGENCE=i, **two), opts
+    yield "lse_fwd", lse_fwd_kernel, one, opts
+    yield "lse_bwd", lse_bwd_kernel, one, opts
+    gather = dict(HAS_BIAS=True, HAS_SOFTCAP=True, BLOCK_J=64, BLOCK_K=b.k)
+    yield "gather_fwd", gather_fwd_kernel, gather, dict(num_warps=4, num_stages=2)
+    yield "gather_bwd", gather_bwd_kernel, gather, dict(num_warps=4, num_stages=2)
+
+
+def _ptxas_candidates():
+    """Triton's bundled assemblers (the newer one first: it reads the PTX version Triton emits), then
+    the CUDA toolkit's."""
+    from triton import knobs
+    for knob in ("ptxas_blackwell", "ptxas"):
+        try:
+            yield getattr(knobs.nvidia, knob).path
+        except Exception:
+            pass
+    yield "ptxas"
+
+
+def _ptxas_report(ptx: str, arch: int) -> str:
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    errors = []
+    try:
+        for ptxas in _ptxas_candidates():
+            suffix = "a" if arch >= 90 else ""
+            try:
+                run = subprocess.run([ptxas, f"-arch=sm_{arch}{suffix}", "-v", f.name, "-o", os.devnull],
+                                     capture_output=True, text=True)
+            except OSError as e:
+                errors.append(f"{ptxas}: {e}")
+                continue
+            if run.returncode == 0:
+                out = run.stderr + run.stdout
+                break
+            errors.append(f"{ptxas}: {run.stderr.strip()[-200:]}")
+        else:
+            raise RuntimeError("no ptxas could assemble the PTX: " + "; ".join(errors))
+    finally:
+        os.unlink(f.name)
+    regs = re.search(r"Used (\d+) registers", out)
+    spills = re.findall(r"(\d+) bytes spill stores", out)
+    return f"regs={regs.group(1) if regs else '?'} spill_stores={'+'.join(spills) or '0'}B"
+
+
+def check(archs=(90, 80), dtypes=("bf16", "fp16", "fp32")) -> list:
+    """Compile all variants; returns report lines, raises on the first compile error."""
+    if launch.INTERPRETED:
+        raise RuntimeError("the kernels were created under TRITON_INTERPRET=1; run without it")
+    lines = []
+    for arch in archs:
+        for dtype in dtypes:
+            for name, kernel, constexprs, opts in variants(dtype):
+                src = ASTSource(fn=kernel, signature=_signature(kernel, dtype, constexprs),
+                                constexprs=constexprs)
+                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+                lines.append(f"sm_{arch} {dtype:4s} {name:26s} shared={compiled.metadata.shared}B "
+                             f"{_ptxas_report(compiled.asm['ptx'], arch)}")
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, nargs="+", default=[90, 80])
+    p.add_argument("--dtype", nargs="+", default=["bf16", "fp16", "fp32"], choices=sorted(_TL))
+    args = p.parse_args(argv)
+    for line in check(args.arch, args.dtype):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
