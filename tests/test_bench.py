@@ -121,3 +121,17 @@ def test_timing_protocol_and_liger_beta_convention():
     from opd_kernels.bench.providers import _liger_beta
     assert _liger_beta(Case("linear_divergence", divergence="reverse_kl", **TINY)) == 1.0
     assert _liger_beta(Case("linear_divergence", divergence="forward_kl", **TINY)) == 0.0
+
+
+def test_issue3_goals_are_judged_from_the_rows():
+    from opd_kernels.bench.goals import check_goals
+
+    def row(provider, t, mem, ratio):
+        return {"case": "issue3", "op": "linear_divergence", "provider": provider, "median_s": t,
+                "peak_mem_mb": mem, "ratio_to_floor": ratio}
+    rows = [row("naive", 2.0, 1000.0, 2.0), row("liger", 1.5, 300.0, 1.5), row("ours:cpp:chunked", 1.05, 50.0, 1.05)]
+    lines = check_goals(rows)
+    assert len(lines) == 4 and all(line.endswith(": met") for line in lines), lines
+    rows[-1] = row("ours:cpp:chunked", 1.6, 150.0, 1.6)
+    lines = check_goals(rows)
+    assert [line.endswith("NOT met") for line in lines] == [True, True, False, True], lines

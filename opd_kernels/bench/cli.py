@@ -17,6 +17,7 @@ from typing import List, Optional
 import torch
 
 from . import presets
+from .goals import check_goals
 from .cases import OPS, Case
 from .report import format_table, machine_info, read_csv, write_csv
 from .runner import run_case
@@ -78,6 +79,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"Measured on {r['device_name']}, torch {r['torch']}, {r['threads']} threads, commit "
                   f"{r['git_commit']}, load average {r.get('loadavg', '?')}, {r['timestamp']}.\n")
         print(format_table(rows, markdown=args.markdown))
+        for line in check_goals(rows):
+            print(("- " if args.markdown else "# ") + line)
         if args.plot:
             from .plot import plot_rows
             plot_rows(rows, args.plot)
@@ -99,6 +102,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(format_table(case_rows, markdown=args.markdown), flush=True)
         if args.csv:  # rewrite after every case: a long run that dies still leaves its rows
             write_csv(rows, args.csv, info)
+    for line in check_goals(rows):
+        print("# " + line)
     print(f"# {len(cases)} cases in {time.perf_counter() - t0:.0f} s", flush=True)
     if args.csv:
         print(f"# wrote {args.csv}")
