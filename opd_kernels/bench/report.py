@@ -15,7 +15,7 @@ from .measure import environ_summary
 #: CSV columns, in order. The first ten are the contract of issue 8; the rest explain and qualify them.
 COLUMNS = ["op", "provider", "device", "dtype", "N", "H", "V", "median_s", "peak_mem_mb", "ratio_to_floor",
            "H_t", "k", "divergence", "mode", "case", "sweep", "min_s", "iqr_s", "runs", "floor_s", "flops",
-           "speedup_vs_naive", "mem_vs_naive", "loss_rel_err", "grad_rel_err", "note",
+           "speedup_vs_naive", "mem_vs_naive", "loss_rel_err", "grad_rel_err", "checked_against", "note",
            "machine", "device_name", "threads", "torch", "triton", "liger_kernel", "cut_cross_entropy",
            "opd_kernels", "git_commit", "env", "loadavg", "timestamp"]
 
@@ -96,6 +96,12 @@ def case_title(row: dict) -> str:
     return f"{name}{row['op']}{div} {row['mode']} {row['dtype']} {row['device']} {shape}"
 
 
+def _note(row: dict) -> str:
+    against = row.get("checked_against") or ""
+    extra = f"errors vs {against} (naive did not run)" if against not in ("", "naive") else ""
+    return "; ".join(x for x in (row.get("note") or "", extra) if x)
+
+
 def format_table(rows: List[dict], markdown: bool = False) -> str:
     """One block per case: provider, median ms, x floor, x naive speed, peak MiB, memory / naive, errors."""
     header = ["provider", "median ms", "IQR ms", "x floor", "speedup vs naive", "peak MiB above inputs",
@@ -116,7 +122,7 @@ def format_table(rows: List[dict], markdown: bool = False) -> str:
                  _num(r.get("iqr_s") and float(r["iqr_s"]) * 1e3, ".1f"), _num(r.get("ratio_to_floor"), ".2f"),
                  _num(r.get("speedup_vs_naive"), ".2f"), _num(r.get("peak_mem_mb"), ".1f"),
                  _num(r.get("mem_vs_naive"), ".3f"), _num(r.get("loss_rel_err"), ".1e"),
-                 _num(r.get("grad_rel_err"), ".1e"), r.get("note", "") or ""] for r in block]
+                 _num(r.get("grad_rel_err"), ".1e"), _note(r)] for r in block]
         if markdown:
             out.append(f"**{title}**\n")
             out.append("| " + " | ".join(header) + " |")

@@ -3,7 +3,8 @@
 Order of work for a case (all in one process, one set of inputs):
 1. build the floor and every provider; an ``Unavailable`` provider becomes a "skipped" row with the reason;
 2. call each once: this is the first warm-up and the correctness check - loss and student gradients are
-   compared with the naive provider's (max |err| / max |naive|), so a fast wrong kernel cannot go unseen;
+   compared with the naive provider's (max |err| / max |naive|), so a fast wrong kernel cannot go unseen
+   (with the first provider that ran when naive itself cannot: column "checked_against");
 3. peak memory above the inputs, one call per provider (measure.peak_memory_bytes);
 4. timing: ``warmup`` more calls each (default 0: steps 2 and 3 already called every provider twice,
    which compiles what torch.compile/Liger compile and faults in every buffer), then ``repeats`` rounds interleaved across providers
@@ -108,8 +109,10 @@ def run_case(case: Case, *, providers: Optional[List[str]] = None, repeats: int 
         except Exception as exc:  # a provider that breaks while building is reported, not fatal
             notes[p.name] = f"error: {type(exc).__name__}: {exc}"
 
-    # 2. first call + correctness against naive (naive runs first; only its outputs are kept)
-    ref = None
+    # 2. first call + correctness against naive (naive runs first; only its outputs are kept). When naive
+    #    cannot run (out of memory at GPU-sized cases), the first provider that did run is the reference
+    #    and the rows say so in "checked_against".
+    ref, ref_name = None, ""
     errors: Dict[str, tuple] = {}
     for name in [n for n in steps if n != FLOOR]:
         log(f"  {name}: first call")
@@ -121,8 +124,8 @@ def run_case(case: Case, *, providers: Optional[List[str]] = None, repeats: int 
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
-        if name == "naive":
-            ref = (out, grads)
+        if ref is None:
+            ref, ref_name = (out, grads), name
         if ref is not None:
             gerr = max((_rel_err(g, r) for g, r in zip(grads, ref[1])), default=float("nan"))
             errors[name] = (_rel_err(out, ref[0]), gerr)
@@ -158,6 +161,7 @@ def run_case(case: Case, *, providers: Optional[List[str]] = None, repeats: int 
                        speedup_vs_naive=(naive_t / t.median) if naive_t else "",
                        mem_vs_naive=(mem / naive_m) if (mem is not None and naive_m) else "",
                        loss_rel_err=errors.get(name, ("", ""))[0], grad_rel_err=errors.get(name, ("", ""))[1],
+                       checked_against=ref_name if name in errors else "",
                        note="GEMM floor: output buffers preallocated, memory not measured" if name == FLOOR
                        and case.op != "logits_divergence" else
                        ("memory floor: one elementwise pass, preallocated output" if name == FLOOR else ""))
