@@ -10,7 +10,7 @@ Then, writing D^r for the divergence between the shard-local softmaxes,
 
     KL(p_s||p_t) = sum_r a_r [KL(p_s^r||p_t^r) + log a_r - log b_r]
     KL(p_t||p_s) = sum_r b_r [KL(p_t^r||p_s^r) + log b_r - log a_r]
-    H(p)         = L - sum_r a_r (L^r - H^r)     (H = L - E_p[z], E_p[z] = sum_r a_r E_{p^r}[z])
+    H(p)         = sum_r a_r [H(p^r) - log a_r]   (the chain rule of entropy)
 
 all tensors below are (world, N) stacks of the ranks' pieces, as returned by ``gather_ranks``.
 """
@@ -58,11 +58,13 @@ class ShardKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         log_a, log_b, x, keep, value = ctx.saved_tensors
-        grad = torch.where(torch.isfinite(value), grad, _zero_like(grad)).unsqueeze(0)
+        finite = torch.isfinite(value)
+        grad = torch.where(finite, grad, _zero_like(grad)).unsqueeze(0)
         a, b = log_a.exp(), log_b.exp()
         if ctx.divergence == "reverse_kl":
             grad_d = grad * a
-            grad_ls = torch.where(keep, grad * a * (x - value), _zero_like(x))
+            # x - K is inf - inf on a token whose value is infinite: select, never multiply by 0
+            grad_ls = torch.where(keep & finite, grad * a * (x - value), _zero_like(x))
         else:
             grad_d = grad * b
             grad_ls = grad * (a - b)
@@ -75,11 +77,16 @@ def shard_kl(d: torch.Tensor, ls: torch.Tensor, lt: torch.Tensor, divergence: st
 
 
 def shard_entropy(lse: torch.Tensor, local_lse: torch.Tensor, local_entropy: torch.Tensor) -> torch.Tensor:
-    """``H = L - sum_r a_r (L^r - H^r)`` per token from (world, N) local pieces; plain autograd.
+    """``H = sum_r a_r H^r - sum_r a_r log a_r`` per token from (world, N) local pieces; plain autograd.
 
-    L^r - H^r = E_{p^r}[z] is finite on any shard that has rows; on an empty shard (a_r = 0, L^r = -inf) it
-    is replaced by 0 before the product, so neither the value nor the gradient sees 0 * inf.
+    The chain rule of entropy (p_v = a_r p^r_v, so -sum p log p splits into the shards' entropies plus the
+    entropy of the shard masses). It equals ``L - sum_r a_r (L^r - H^r)`` but adds non-negative terms only,
+    where the latter subtracts two numbers of the size of L and loses digits when H is small. An empty
+    shard (a_r = 0, L^r = -inf) contributes 0: its log a_r is replaced before the product, so neither the
+    value nor the gradient sees 0 * inf.
     """
-    a = (local_lse - lse.unsqueeze(0)).exp()
-    mean_z = torch.where(a > 0, local_lse - local_entropy, _zero_like(local_lse))
-    return lse - (a * mean_z).sum(0)
+    log_a = local_lse - lse.unsqueeze(0)
+    live = log_a > float("-inf")
+    log_a = torch.where(live, log_a, _zero_like(log_a))
+    a = torch.where(live, log_a.exp(), _zero_like(log_a))
+    return (a * (local_entropy - log_a)).sum(0)

@@ -232,7 +232,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     ``logprobs`` (...) (and ``entropy``), equal to the single-process op on the concatenated weight::
 
         lse = logsumexp_r lse_r;   logprobs = z[targets] (from the owning shard) - lse
-        entropy = lse - sum_r exp(lse_r - lse) * (lse_r - entropy_r)
+        entropy = sum_r a_r (entropy_r - log a_r),   a_r = exp(lse_r - lse)   (chain rule of entropy)
     """
     group, device, opts = process_group, _device_of(hidden), {}
     layout = agree_on_layout(group, device, lambda: _lse_gather_checks(
