@@ -9,14 +9,19 @@ from opd_kernels.hf.tiny import FAMILIES, tiny_causal_lm
 FP32_TOL = 5e-5
 
 
+def fresh():
+    """A seed drawn from the test's RNG (seeded per run by conftest: fresh inputs, replayable)."""
+    return int(torch.randint(0, 2**31 - 1, ()))
+
+
 def rel_err(a, b):
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-def batch(vocab, b=3, t=11, seed=0):
+def batch(vocab, b=3, t=11, seed=None):
     """Random ids, left padding on row 1, and a completion mask that starts mid-row."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(fresh() if seed is None else seed)
     ids = torch.randint(3, vocab, (b, t), generator=g)
     attn = torch.ones(b, t, dtype=torch.long)
     attn[1, :4] = 0
@@ -46,7 +51,7 @@ def student_grads(model):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lm_head_reproduces_model_logits(family):
-    model = tiny_causal_lm(family, seed=3)
+    model = tiny_causal_lm(family, seed=fresh())
     head = hf.verify_lm_head(model)  # raises if lm_head + hidden_states do not give model(...).logits
     expected = {"gemma2": (3.0, 1.0), "cohere": (None, 0.5), "granite": (None, 2.0)}.get(family, (None, 1.0))
     assert (head.softcap, head.scale) == expected
@@ -56,7 +61,7 @@ def test_lm_head_reproduces_model_logits(family):
 
 
 def test_verify_lm_head_catches_a_transform_the_model_does_not_apply():
-    model = tiny_causal_lm("llama", seed=0)
+    model = tiny_causal_lm("llama", seed=fresh())
     model.config.final_logit_softcapping = 2.0  # Llama's forward ignores it: the reading is now wrong
     with pytest.raises(ValueError, match="does not reproduce"):
         hf.verify_lm_head(model)
@@ -78,7 +83,7 @@ def test_lm_head_refuses_what_it_cannot_read():
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
 def test_hidden_states_are_the_final_normed_states(family):
-    model = tiny_causal_lm(family, seed=1).eval()
+    model = tiny_causal_lm(family, seed=fresh()).eval()
     ids, attn, _ = batch(131)
     out = model(input_ids=ids, attention_mask=attn, position_ids=hf.position_ids_from_mask(attn),
                 output_hidden_states=True, use_cache=False)
@@ -92,9 +97,9 @@ def test_hidden_states_are_the_final_normed_states(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_distillation_loss_equals_logits_loss(family):
     # Teacher: wider hidden size and 6 padded vocab rows beyond the student's (ignored).
-    student = tiny_causal_lm(family, seed=10, vocab_size=131, hidden_size=32).eval()
-    teacher = tiny_causal_lm(family, seed=11, vocab_size=137, hidden_size=48).eval()
-    ids, attn, completion = batch(131, seed=hash(family) % 1000)
+    student = tiny_causal_lm(family, seed=fresh(), vocab_size=131, hidden_size=32).eval()
+    teacher = tiny_causal_lm(family, seed=fresh(), vocab_size=137, hidden_size=48).eval()
+    ids, attn, completion = batch(131, seed=fresh())
     fused = hf.distillation_loss(student, teacher, ids, attention_mask=attn, loss_mask=completion)
     fused.backward()
     g_fused = student_grads(student)
@@ -112,9 +117,9 @@ def test_distillation_loss_equals_logits_loss(family):
 
 @pytest.mark.parametrize("divergence,beta", [("forward_kl", 0.5), ("jsd", 0.3), ("jsd", 1.0)])
 def test_distillation_loss_divergences_and_temperature(divergence, beta):
-    student = tiny_causal_lm("qwen3", seed=20).eval()
-    teacher = tiny_causal_lm("qwen3", seed=21, hidden_size=48).eval()
-    ids, attn, completion = batch(131, seed=5)
+    student = tiny_causal_lm("qwen3", seed=fresh()).eval()
+    teacher = tiny_causal_lm("qwen3", seed=fresh(), hidden_size=48).eval()
+    ids, attn, completion = batch(131, seed=fresh())
     kw = dict(divergence=divergence, beta=beta, temperature=0.7)
     fused = hf.distillation_loss(student, teacher, ids, attention_mask=attn, loss_mask=completion, **kw)
     fused.backward()
@@ -127,8 +132,8 @@ def test_distillation_loss_divergences_and_temperature(divergence, beta):
 
 
 def test_reduction_none_is_aligned_with_input_ids_and_normalizer_scales():
-    student, teacher = tiny_causal_lm("llama", seed=30).eval(), tiny_causal_lm("llama", seed=31).eval()
-    ids, attn, completion = batch(131, seed=7)
+    student, teacher = tiny_causal_lm("llama", seed=fresh()).eval(), tiny_causal_lm("llama", seed=fresh()).eval()
+    ids, attn, completion = batch(131, seed=fresh())
     with torch.no_grad():
         per_tok = hf.distillation_loss(student, teacher, ids, attention_mask=attn, loss_mask=completion,
                                        reduction="none")
@@ -143,7 +148,7 @@ def test_reduction_none_is_aligned_with_input_ids_and_normalizer_scales():
 
 
 def test_fully_masked_batch_is_zero_not_nan():
-    student, teacher = tiny_causal_lm("llama", seed=0), tiny_causal_lm("llama", seed=1)
+    student, teacher = tiny_causal_lm("llama", seed=fresh()), tiny_causal_lm("llama", seed=fresh())
     ids, attn, _ = batch(131)
     loss = hf.distillation_loss(student, teacher, ids, attention_mask=attn,
                                 loss_mask=torch.zeros_like(ids, dtype=torch.bool))
@@ -153,8 +158,8 @@ def test_fully_masked_batch_is_zero_not_nan():
 
 
 def test_vocab_mismatch_and_tokenizer_mismatch_are_refused():
-    student = tiny_causal_lm("llama", seed=0, vocab_size=131)
-    small_teacher = tiny_causal_lm("llama", seed=1, vocab_size=120)
+    student = tiny_causal_lm("llama", seed=fresh(), vocab_size=131)
+    small_teacher = tiny_causal_lm("llama", seed=fresh(), vocab_size=120)
     ids, attn, completion = batch(120)
     with pytest.raises(ValueError, match="vocab_size: 131 exceeds"):
         hf.distillation_loss(student, small_teacher, ids, attention_mask=attn, loss_mask=completion)
@@ -177,9 +182,9 @@ def test_vocab_mismatch_and_tokenizer_mismatch_are_refused():
 
 
 def test_bf16_models_within_twice_the_materialized_bf16_error():
-    student = tiny_causal_lm("llama", seed=40, dtype=torch.bfloat16).eval()
-    teacher = tiny_causal_lm("llama", seed=41, dtype=torch.bfloat16, hidden_size=48).eval()
-    ids, attn, completion = batch(131, seed=9)
+    student = tiny_causal_lm("llama", seed=fresh(), dtype=torch.bfloat16).eval()
+    teacher = tiny_causal_lm("llama", seed=fresh(), dtype=torch.bfloat16, hidden_size=48).eval()
+    ids, attn, completion = batch(131, seed=fresh())
     with torch.no_grad():
         fused = hf.distillation_loss(student, teacher, ids, attention_mask=attn, loss_mask=completion)
         mask = completion[:, 1:] & attn[:, 1:].bool()
@@ -200,8 +205,8 @@ def test_distillation_loss_on_each_cpu_backend(backend):
     available, why = ok.available_backends()["cpp-cpu" if backend == "cpp" else backend]
     if not available:
         pytest.skip(f"{backend} backend unavailable: {why}")
-    student, teacher = tiny_causal_lm("gemma2", seed=50).eval(), tiny_causal_lm("gemma2", seed=51).eval()
-    ids, attn, completion = batch(131, seed=11)
+    student, teacher = tiny_causal_lm("gemma2", seed=fresh()).eval(), tiny_causal_lm("gemma2", seed=fresh()).eval()
+    ids, attn, completion = batch(131, seed=fresh())
     fused = hf.distillation_loss(student, teacher, ids, attention_mask=attn, loss_mask=completion,
                                  divergence="jsd", beta=0.2, backend=backend)
     fused.backward()

@@ -16,18 +16,24 @@ from opd_kernels.trainer.sampling import completion_mask
 FP32_TOL = 5e-5
 
 
+def fresh():
+    """A seed drawn from the test's RNG (seeded per run by conftest: fresh inputs, replayable)."""
+    return int(torch.randint(0, 2**31 - 1, ()))
+
+
 def rel_err(a, b):
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-def pair(family="llama", seed=0):
+def pair(family="llama", seed=None):
+    seed = fresh() if seed is None else seed
     return tiny_causal_lm(family, seed=seed), tiny_causal_lm(family, seed=seed + 1, hidden_size=48).eval()
 
 
-def fixed_batch(b=3, t=12, vocab=131, seed=0):
+def fixed_batch(b=3, t=12, vocab=131, seed=None):
     """A SampleBatch with ragged completions (rows end at different lengths) and sampler log-probs."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(fresh() if seed is None else seed)
     ids = torch.randint(3, vocab, (b, t), generator=g)
     attn = torch.ones(b, t, dtype=torch.long)
     attn[0, -3:] = 0
@@ -74,8 +80,7 @@ def test_completion_mask_keeps_tokens_through_the_first_eos():
 
 @pytest.mark.parametrize("top_p", [1.0, 0.8])
 def test_hf_sampler_logprobs_are_those_of_the_sampling_distribution(top_p):
-    model = tiny_causal_lm("qwen2", seed=4).eval()
-    torch.manual_seed(1)
+    model = tiny_causal_lm("qwen2", seed=fresh()).eval()
     batch = HFSampler(model, max_new_tokens=7, temperature=0.7, top_p=top_p).sample([[5, 6, 7], [9, 10], [11]])
     assert batch.input_ids.shape == batch.loss_mask.shape == batch.sampler_logprobs.shape
     assert batch.input_ids.shape[1] <= 3 + 7
@@ -95,7 +100,6 @@ def test_hf_sampler_logprobs_are_those_of_the_sampling_distribution(top_p):
 
 # ------------------------------------------------------------------------------------------ loss modes
 def test_teacher_topk_matches_full_vocabulary_topk():
-    torch.manual_seed(0)
     h, w, b = torch.randn(2, 5, 16), torch.randn(40, 16), torch.randn(40)
     ids, lp = teacher_topk(h, w, 6, bias=b, softcap=4.0, scale=0.7, temperature=0.8, vocab_size=37, chunk=7)
     z = ref.model_logits(h.double(), w.double(), b.double(), vocab_size=37, scale=0.7, softcap=4.0,
@@ -119,7 +123,7 @@ def test_dense_mode_is_hf_distillation_loss():
 
 def test_sampled_mode_equals_the_formula_from_logits():
     student, teacher = pair("cohere")
-    batch = fixed_batch(seed=3)
+    batch = fixed_batch(seed=fresh())
     cfg = TrainConfig(loss="sampled", temperature=0.9, kl_coef=0.5)
     loss = opd_loss(student, teacher, batch, cfg)
     loss.backward()
@@ -140,8 +144,8 @@ def test_sampled_mode_equals_the_formula_from_logits():
 
 
 def test_topk_mode_equals_the_formula_from_logits():
-    student, teacher = pair("llama", seed=5)
-    batch = fixed_batch(seed=4)
+    student, teacher = pair("llama", seed=fresh())
+    batch = fixed_batch(seed=fresh())
     cfg = TrainConfig(loss="topk", topk=4)
     loss = opd_loss(student, teacher, batch, cfg)
     loss.backward()
@@ -163,8 +167,8 @@ def test_topk_mode_equals_the_formula_from_logits():
 
 @pytest.mark.parametrize("mode", ["reverse_kl", "sampled", "topk"])
 def test_accumulation_with_global_normalizer_equals_one_big_batch(mode):
-    student, teacher = pair("qwen3", seed=7)
-    a, b = fixed_batch(seed=10), fixed_batch(b=2, seed=11)
+    student, teacher = pair("qwen3", seed=fresh())
+    a, b = fixed_batch(seed=fresh()), fixed_batch(b=2, seed=fresh())
     b.loss_mask[1, 5:9] = False  # a different token count per micro-batch
     cfg = TrainConfig(loss=mode, topk=5)
     n = a.num_tokens() + b.num_tokens()
@@ -182,16 +186,16 @@ def test_accumulation_with_global_normalizer_equals_one_big_batch(mode):
 
 def test_prompts_for_step_walks_epochs_deterministically():
     prompts = [[i] for i in range(5)]
-    kw = dict(batch_size=2, grad_accum=2, seed=3)
+    kw = dict(batch_size=2, grad_accum=2, seed=fresh())
     seen = [p[0] for s in range(5) for m in range(2) for p in prompts_for_step(prompts, s, m, **kw)]
     assert sorted(seen[:5]) == list(range(5)) and sorted(seen[5:10]) == list(range(5))
     assert seen == [p[0] for s in range(5) for m in range(2) for p in prompts_for_step(prompts, s, m, **kw)]
 
 
 # ------------------------------------------------------------------------------ loop, checkpoints, resume
-def run_trainer(out_dir, steps, resume=False, **overrides):
-    torch.manual_seed(123)
-    student, teacher = pair("llama", seed=20)
+def run_trainer(out_dir, steps, resume=False, seed=0, **overrides):
+    torch.manual_seed(seed)
+    student, teacher = pair("llama", seed=seed)
     cfg = TrainConfig(output_dir=str(out_dir), steps=steps, batch_size=2, grad_accum=2, max_new_tokens=5,
                       lr=1e-3, save_every=2, resume=resume, progress=False, **overrides)
     prompts = [[3 + i, 4 + i, 5 + i] for i in range(7)]
@@ -200,18 +204,19 @@ def run_trainer(out_dir, steps, resume=False, **overrides):
 
 
 def test_resume_continues_exactly(tmp_path):
-    straight, summary = run_trainer(tmp_path / "a", 4)
+    seed = fresh()
+    straight, summary = run_trainer(tmp_path / "a", 4, seed=seed)
     assert summary["steps"] == 4 and os.path.isfile(summary["curves"])
-    run_trainer(tmp_path / "b", 2)
-    resumed, _ = run_trainer(tmp_path / "b", 4, resume=True)
+    run_trainer(tmp_path / "b", 2, seed=seed)
+    resumed, _ = run_trainer(tmp_path / "b", 4, resume=True, seed=seed)
     assert resumed.total_tokens == straight.total_tokens
     for (name, p), q in zip(straight.student.named_parameters(), resumed.student.parameters()):
         assert torch.equal(p, q), name
     losses = [[r["loss"] for r in map(json.loads, open(d / "metrics.jsonl"))] for d in (tmp_path / "a", tmp_path / "b")]
     assert len(losses[0]) == 4 and losses[0] == losses[1]
     # The student moved: on-policy distillation changed the weights.
-    fresh = tiny_causal_lm("llama", seed=20)
-    assert not torch.equal(fresh.lm_head.weight, straight.student.lm_head.weight)
+    untrained = tiny_causal_lm("llama", seed=seed)
+    assert not torch.equal(untrained.lm_head.weight, straight.student.lm_head.weight)
 
 
 def test_checkpoint_is_atomic_when_a_save_crashes(tmp_path, monkeypatch):

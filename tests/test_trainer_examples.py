@@ -23,7 +23,9 @@ def load_example(name):
 
 
 def test_plain_loop_reduces_held_out_divergence():
-    out = load_example("plain_loop").main(["--steps", "6", "--batch-size", "2", "--max-new-tokens", "6"])
+    seed = str(int(torch.randint(0, 2**31 - 1, ())))
+    out = load_example("plain_loop").main(["--steps", "6", "--batch-size", "2", "--max-new-tokens", "6",
+                                           "--seed", seed])
     assert len(out["losses"]) == 6 and all(x > 0 for x in out["losses"])
     assert out["held_out_after"] < 0.95 * out["held_out_before"], out
 
@@ -32,8 +34,8 @@ def test_hf_trainer_compute_loss_override_trains(tmp_path):
     out = load_example("hf_trainer").main(["--steps", "2", "--batch-size", "2", "--output-dir", str(tmp_path)])
     assert len(out["losses"]) == 2 and all(0 < x < 100 for x in out["losses"])
     trained = out["trainer"].model
-    fresh = tiny_causal_lm("qwen3", seed=0)
-    assert not torch.equal(fresh.lm_head.weight, trained.lm_head.weight.cpu())
+    untrained = tiny_causal_lm("qwen3", seed=0)  # hf_trainer.py's student
+    assert not torch.equal(untrained.lm_head.weight, trained.lm_head.weight.cpu())
 
 
 def test_trl_example_imports_without_trl_and_its_loss_is_gkds():
