@@ -50,21 +50,31 @@ def gather_ranks(x: torch.Tensor, group) -> torch.Tensor:
 
 class _CopyToGroup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
+    def forward(ctx, x, group, copies, reduce):
+        ctx.group, ctx.reduce, ctx.dtype = group, reduce, x.dtype
+        return tuple(x.view_as(x) for _ in range(copies))
 
     @staticmethod
-    def backward(ctx, grad_out):
-        # d loss / d x = sum over ranks of the gradient through each rank's shard.
-        grad = grad_out.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
+    def backward(ctx, *grads):
+        # d loss / d x = sum over this rank's uses of x, then over the ranks (each rank's gradient only
+        # covers its own vocabulary shard). Summed in fp32 (at least) and rounded to x's dtype once: bf16
+        # partial gradients summed in bf16 would add a rounding per term.
+        acc = torch.promote_types(ctx.dtype, torch.float32)
+        live = [g for g in grads if g is not None]
+        total = live[0].to(acc, copy=True)
+        for g in live[1:]:
+            total += g.to(acc)
+        if ctx.reduce:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
+        return total.to(ctx.dtype), None, None, None
 
 
-def copy_to_group(x: torch.Tensor, group) -> torch.Tensor:
-    """Identity forward; backward all-reduces (sums) the gradient of ``x`` over ``group``."""
-    return _CopyToGroup.apply(x, group)
+def copy_to_group(x: torch.Tensor, group, *, copies: int = 1, reduce: bool = True):
+    """Identity forward (``copies`` aliases of ``x``: one per use, so their gradients meet in fp32 here rather
+    than in autograd's accumulation in x's dtype); backward sums the gradients of the copies and, if
+    ``reduce``, all-reduces the sum over ``group``. Returns a tensor for ``copies=1``, else a tuple."""
+    out = _CopyToGroup.apply(x, group, copies, reduce)
+    return out[0] if copies == 1 else out
 
 
 def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:

@@ -64,9 +64,12 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 # --------------------------------------------------------------------------------------------------
 # linear_divergence
 # --------------------------------------------------------------------------------------------------
-def _kl_from_shards(hs, ws, bs, ht, wt, bt, opts, layout: ShardLayout, group, backend, device):
+def _kl_from_shards(hs, ws, bs, ht, wt, bt, opts, layout: ShardLayout, group, backend, device, reduce_hidden_grad):
     """Per-token KL (N,) by the shard decomposition (combine.py) on top of any backend's local ops."""
     n, v, cdt = hs.shape[0], layout.local_vocab, _compute_dtype(hs)
+    # The hidden states are used twice (divergence, lse): one alias per use, so that the two gradients are
+    # summed in fp32 by copy_to_group (then over the group) instead of in bf16 by autograd.
+    hs, hs_lse = copy_to_group(hs, group, copies=2, reduce=reduce_hidden_grad)
     if v > 0:
         div = backends.resolve(backend, device, "linear_divergence")
         lse = backends.resolve(backend, device, "lse_gather")
@@ -77,7 +80,7 @@ def _kl_from_shards(hs, ws, bs, ht, wt, bt, opts, layout: ShardLayout, group, ba
                                   vocab_size=v, mask=None, reduction="none", normalizer=None,
                                   strategy=opts["strategy"], filter_eps=opts["filter_eps"])
         ids = torch.zeros((n, 1), dtype=torch.int64, device=device)   # lse only; the gather is unused
-        ls = lse.lse_gather(hs, ws, ids, bias=bs, temperature=opts["temperature"], softcap=opts["student_softcap"],
+        ls = lse.lse_gather(hs_lse, ws, ids, bias=bs, temperature=opts["temperature"], softcap=opts["student_softcap"],
                             scale=opts["student_scale"], vocab_size=v, return_entropy=False)[0]
         with torch.no_grad():
             lt = lse.lse_gather(ht, wt, ids, bias=bt, temperature=opts["temperature"],
@@ -153,15 +156,16 @@ def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor
     if opts["divergence"] == "jsd" and opts["beta"] in (0.0, 1.0):
         opts["divergence"] = "forward_kl" if opts["beta"] == 0.0 else "reverse_kl"
     hs = _rows(student_hidden)
-    hs = copy_to_group(hs, group) if reduce_hidden_grad else hs
     ws, ht, wt = student_weight.contiguous(), _rows(teacher_hidden), teacher_weight.contiguous()
     n = hs.shape[0]
     weights = token_weights(opts["mask"], n, reduction, opts["normalizer"], device)
     local_backend = backends.resolve(backend, device, "linear_divergence")   # also validates `backend`
     if _use_rowstats(opts["divergence"], local_backend, strategy):
+        hs = copy_to_group(hs, group, reduce=reduce_hidden_grad)
         out = rowstats_divergence(hs, ws, student_bias, ht, wt, teacher_bias, weights, opts, layout, group)
     else:
-        per_token = _kl_from_shards(hs, ws, student_bias, ht, wt, teacher_bias, opts, layout, group, backend, device)
+        per_token = _kl_from_shards(hs, ws, student_bias, ht, wt, teacher_bias, opts, layout, group, backend, device,
+                                    reduce_hidden_grad)
         out = reduce_per_token(per_token, weights, reduction)
     return out.reshape(leading) if reduction == "none" else out
 
@@ -243,8 +247,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if hidden.numel() == 0:
         empty = _empty_result(leading, "none", hidden, weight, bias)
         return (empty, empty.clone()) if return_entropy else empty
-    h = _rows(hidden)
-    h = copy_to_group(h, group) if reduce_hidden_grad else h
+    h = copy_to_group(_rows(hidden), group, reduce=reduce_hidden_grad)
     lse, gathered, entropy = _sharded_lse_gather(h, weight.contiguous(), bias, targets.reshape(-1, 1).to(torch.int64),
                                                  opts, layout, group, backend, device)
     logprobs = (gathered[:, 0] - lse).float().reshape(leading)
@@ -293,8 +296,7 @@ def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.T
                     trailing=k if teacher_topk_ids.dim() else None, device=device)
     if student_hidden.numel() == 0:
         return _empty_result(leading, reduction, student_hidden, student_weight, student_bias)
-    h = _rows(student_hidden)
-    h = copy_to_group(h, group) if reduce_hidden_grad else h
+    h = copy_to_group(_rows(student_hidden), group, reduce=reduce_hidden_grad)
     lse, gathered, _ = _sharded_lse_gather(h, student_weight.contiguous(), student_bias,
                                            teacher_topk_ids.reshape(-1, k).to(torch.int64), opts, layout, group,
                                            backend, device)
