@@ -216,3 +216,18 @@ def test_distillation_loss_on_each_cpu_backend(backend):
     oracle.backward()
     assert rel_err(fused, oracle) < FP32_TOL
     assert rel_err(g, student.lm_head.weight.grad) < FP32_TOL
+
+
+def test_distillation_loss_under_bf16_autocast():
+    # Under autocast the decoder runs in bf16; the lm_head weights are cast to the hidden states' dtype
+    # and the fused op runs with autocast off. The result must stay close to the fp32 loss.
+    student, teacher = tiny_causal_lm("qwen2", seed=fresh()).eval(), tiny_causal_lm("qwen2", seed=fresh()).eval()
+    ids, attn, completion = batch(131)
+    with torch.no_grad():
+        fp32 = hf.distillation_loss(student, teacher, ids, attention_mask=attn, loss_mask=completion)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = hf.distillation_loss(student, teacher, ids, attention_mask=attn, loss_mask=completion)
+    mixed.backward()
+    assert mixed.dtype == torch.float32
+    assert student.lm_head.weight.grad.dtype == torch.float32 and torch.isfinite(student.lm_head.weight.grad).all()
+    assert rel_err(mixed, fp32) < 5e-2

@@ -258,3 +258,15 @@ def test_trainer_refuses_different_tokenizers(tmp_path):
     with pytest.raises(ValueError, match="tokenizers differ"):
         OPDTrainer(TrainConfig(output_dir=str(tmp_path)), student, teacher, [[3, 4]], tokenizer=Tok({"a": 0}),
                    teacher_tokenizer=Tok({"b": 0}))
+
+
+@pytest.mark.gpu
+def test_one_step_on_cuda_with_bf16_autocast(tmp_path):
+    student = tiny_causal_lm("llama", seed=fresh()).cuda()
+    teacher = tiny_causal_lm("llama", seed=fresh(), hidden_size=48).cuda()
+    cfg = TrainConfig(output_dir=str(tmp_path), steps=1, batch_size=2, max_new_tokens=4, progress=False,
+                      precision="auto")
+    trainer = OPDTrainer(cfg, student, teacher, [[3, 4, 5], [6, 7]])
+    assert trainer.bf16 == torch.cuda.is_bf16_supported()
+    summary = trainer.train()
+    assert summary["steps"] == 1 and 0 < summary["final_loss"] < 100
