@@ -1,7 +1,7 @@
 """``opd-bench``: run the benchmark suite, print the table, write the CSV and the PNG.
 
     opd-bench --quick                       # every op once, small shapes (< 2 min on a 2-core CPU)
-    opd-bench                               # named cases + every op + N and V sweeps (< 20 min there)
+    opd-bench                               # issue 3's case + every op + N and V sweeps (< 20 min there)
     opd-bench --case issue3 --case issue5   # the measurement cases of issues 3 and 5
     opd-bench --device cuda --case issue4   # the H100 case of issue 4
     opd-bench --ops linear_logprobs --providers naive ours --csv out.csv --plot out.png
@@ -97,7 +97,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows, t0 = [], time.perf_counter()
     for i, case in enumerate(cases, 1):
         print(f"[{i}/{len(cases)}] {case.label}", file=sys.stderr, flush=True)
-        case_rows = run_case(case, providers=args.providers, repeats=args.repeats, warmup=args.warmup, log=log)
+        names = args.providers or (presets.SWEEP_PROVIDERS if case.sweep else None)
+        case_rows = run_case(case, providers=names, repeats=args.repeats, warmup=args.warmup, log=log)
         rows += case_rows
         print(format_table(case_rows, markdown=args.markdown), flush=True)
         if args.csv:  # rewrite after every case: a long run that dies still leaves its rows

@@ -42,10 +42,15 @@ def quick(device: str = "cpu", dtype: str = "fp32") -> List[Case]:
     return cases
 
 
+#: providers of the sweep cases unless --providers says otherwise: torch.compile would recompile at every
+#: point (~20 s each on the CPU dev machine); it is measured on the single cases instead.
+SWEEP_PROVIDERS = ["naive", "liger", "liger-fused", "cce", "ours"]
+
+
 def sweeps(device: str = "cpu", dtype: str = "fp32") -> List[Case]:
     """linear_divergence (reverse KL) over N at a fixed V, and over V at a fixed N."""
     if device == "cpu":
-        h, ht, v_fixed, n_fixed = 128, 256, 8192, 1024
+        h, ht, v_fixed, n_fixed = 64, 128, 8192, 512
         ns = (512, 1024, 2048, 4096, 8192, 16384)
         vs = (8192, 32000, 65536, 151936)
     else:
@@ -60,7 +65,11 @@ def sweeps(device: str = "cpu", dtype: str = "fp32") -> List[Case]:
 
 
 def default(device: str = "cpu", dtype: str = "fp32") -> List[Case]:
-    """The named cases of this device, every op at its quick shape, and the N and V sweeps."""
+    """Issue 3's case (CPU) or issue 4's (GPU), every op at its quick shape, and the N and V sweeps.
+
+    Issue 5's CPU cases (N=4096, H=1024: about 6x issue 3's FLOPs) are left to ``--case issue5`` so that
+    the default run stays under 20 minutes on the 2-core dev machine.
+    """
     named = named_cases(device)
-    cases = named["issue3"] + named["issue5"] if device == "cpu" else named["issue4"] + named["issue5"]
+    cases = named["issue3"] if device == "cpu" else named["issue4"] + named["issue5"]
     return cases + quick(device, dtype) + sweeps(device, dtype)
