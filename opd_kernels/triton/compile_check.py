@@ -48,7 +48,7 @@ def variants(dtype: str):
     (the largest code paths), with the GPU block sizes of launch.blocks_for."""
     import torch
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    b = launch.Blocks(n=64, v=128, k=64 if dtype != "fp32" else 32, num_warps=8, num_stages=3)
+    b = launch.gpu_blocks(tdtype)
     tiles = dict(BLOCK_N=b.n, BLOCK_V=b.v, BLOCK_K=b.k, DOT_PRECISION=launch.dot_precision(tdtype))
     opts = dict(num_warps=b.num_warps, num_stages=b.num_stages)
     two = dict(S_BIAS=True, T_BIAS=True, S_SOFTCAP=True, T_SOFTCAP=True, **tiles)
@@ -58,7 +58,7 @@ def variants(dtype: str):
         yield f"divergence_bwd[{div}]", divergence_bwd_kernel, dict(DIVERGENCE=i, **two), opts
     yield "lse_fwd", lse_fwd_kernel, one, opts
     yield "lse_bwd", lse_bwd_kernel, one, opts
-    gather = dict(HAS_BIAS=True, HAS_SOFTCAP=True, BLOCK_J=64, BLOCK_K=b.k)
+    gather = dict(HAS_BIAS=True, HAS_SOFTCAP=True, BLOCK_J=16, BLOCK_K=b.k)
     yield "gather_fwd", gather_fwd_kernel, gather, dict(num_warps=4, num_stages=2)
     yield "gather_bwd", gather_bwd_kernel, gather, dict(num_warps=4, num_stages=2)
 

@@ -25,9 +25,7 @@ _DIVERGENCE_IDS = {"reverse_kl": REVERSE_KL.value, "forward_kl": FORWARD_KL.valu
 
 @dataclass(frozen=True)
 class Blocks:
-    """Tile shape and launch options. GPU values are first guesses for H100/A100 (bf16: a 64 x 128
-    fp32 accumulator per model, 64-wide K steps); they have not been tuned on hardware. Under the
-    interpreter, numpy cost is per op, so bigger tiles run faster."""
+    """Tile shape and launch options."""
     n: int
     v: int
     k: int
@@ -35,11 +33,23 @@ class Blocks:
     num_stages: int
 
 
+def gpu_blocks(dtype: torch.dtype) -> Blocks:
+    """64 x 128 tiles, 8 warps. K steps of 32 (16 for fp32) are the widest for which ptxas reports no
+    register spills in the forward kernels on sm_90 (64-wide steps spill 300-800 B per thread; see
+    ``python -m opd_kernels.triton.compile_check``). Not tuned on hardware: nothing here has run on a GPU."""
+    return Blocks(n=64, v=128, k=16 if dtype == torch.float32 else 32, num_warps=8, num_stages=3)
+
+
 def blocks_for(device: torch.device, dtype: torch.dtype) -> Blocks:
     if INTERPRETED or device.type != "cuda":
+        # the interpreter's cost is per numpy op: bigger tiles run faster
         return Blocks(n=32, v=256, k=64, num_warps=1, num_stages=1)
-    # fp32 tiles take twice the shared memory per stage: halve K.
-    return Blocks(n=64, v=128, k=64 if dtype != torch.float32 else 32, num_warps=8, num_stages=3)
+    return gpu_blocks(dtype)
+
+
+def gather_block_j(k: int) -> int:
+    """Ids per gather program: 16 keeps the (BLOCK_J, BLOCK_K) int64 address tile in registers on GPU."""
+    return min(64 if INTERPRETED else 16, triton.next_power_of_2(k))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -138,7 +148,7 @@ def lse_gather_forward(h, w, b, ids, *, temperature: float, softcap, scale: floa
         h, w, b, lse, ent, n, vocab_size, h.shape[1], float(scale), float(softcap or 1.0),
         1.0 / temperature, DOT_PRECISION=dot_precision(h.dtype), **common, **_options(blocks))
     if k > 0:
-        block_j = min(64, triton.next_power_of_2(k))
+        block_j = gather_block_j(k)
         gather_fwd_kernel[(n, triton.cdiv(k, block_j))](
             h, w, b, ids, gathered, k, h.shape[1], float(scale), float(softcap or 1.0),
             1.0 / temperature, BLOCK_J=block_j, BLOCK_K=blocks.k, num_warps=4 if not INTERPRETED else 1,
@@ -167,7 +177,7 @@ def lse_gather_backward(g_lse, g_gathered, g_ent, lse, ent, h, w, b, ids, *, tem
         float(softcap or 1.0), 1.0 / temperature, DOT_PRECISION=dot_precision(h.dtype), **common,
         **_options(blocks))
     if k > 0 and g_gathered is not None:
-        block_j = min(64, triton.next_power_of_2(k))
+        block_j = gather_block_j(k)
         gather_bwd_kernel[(n, triton.cdiv(k, block_j))](
             h, w, b, ids, g_gathered.to(torch.float32).contiguous(), dh, dw, db, k, hdim,
             float(scale), float(softcap or 1.0), 1.0 / temperature, BLOCK_J=block_j,
