@@ -8,7 +8,7 @@ backend's gradient filtering, and keeps every exp() finite in bf16/fp16.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Dict, Optional
 
 import torch

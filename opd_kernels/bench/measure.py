@@ -181,10 +181,6 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in msg or "DefaultCPUAllocator" in msg)
 
 
-def cpu_threads() -> int:
-    return torch.get_num_threads()
-
-
 def environ_summary() -> str:
     """The environment variables that change what is measured (thread counts, workspace size)."""
     keys = ("OMP_NUM_THREADS", "OPD_WORKSPACE_MB", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")

@@ -21,7 +21,7 @@ the reason, so a missing provider is visible in every table, never silently abse
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch

@@ -20,7 +20,7 @@ import torch
 from . import measure
 from .cases import Case, clear_grads, grad_leaves, make_inputs
 from .floor import build_floor, floor_flops
-from .providers import Provider, Unavailable, providers_for
+from .providers import Unavailable, providers_for
 
 FLOOR = "floor"
 MiB = float(1 << 20)
