@@ -76,6 +76,9 @@ def test_config_file_then_flags_and_errors(tmp_path):
 def test_completion_mask_keeps_tokens_through_the_first_eos():
     gen = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 0, 0, 0]])
     assert completion_mask(gen, 2).tolist() == [[True, True, False, False], [True] * 4, [True, False, False, False]]
+    assert completion_mask(gen, [7, 6]).tolist() == [[True, True, True, False], [True, True, False, False],
+                                                     [True] * 4]
+    assert completion_mask(gen, None).all()
 
 
 @pytest.mark.parametrize("top_p", [1.0, 0.8])
@@ -96,6 +99,22 @@ def test_hf_sampler_logprobs_are_those_of_the_sampling_distribution(top_p):
         assert (lp_sampler - lp_full).abs().max() < 1e-4
     else:  # the nucleus renormalises: log q = log p - log(nucleus mass) >= log p
         assert torch.all(lp_sampler >= lp_full - 1e-5) and (lp_sampler - lp_full).max() > 1e-3
+
+
+def test_hf_sampler_stops_rows_at_their_first_eos():
+    model = tiny_causal_lm("llama", seed=fresh()).eval()
+    eos = list(range(3, 131, 2))  # half the vocabulary ends a row: most rows stop early
+    batch = HFSampler(model, max_new_tokens=8, eos_token_id=eos).sample([[4, 6], [8, 10], [12, 14]])
+    gen, keep = batch.input_ids[:, 2:], batch.loss_mask[:, 2:]
+    ended = 0
+    for row, kept in zip(gen.tolist(), keep.tolist()):
+        first = next((i for i, t in enumerate(row) if t in eos), None)
+        n_kept = len(row) if first is None else first + 1
+        assert kept == [True] * n_kept + [False] * (len(row) - n_kept)
+        ended += first is not None
+    assert ended >= 1
+    assert torch.equal(batch.attention_mask[:, 2:].bool(), keep)
+    assert torch.all(batch.sampler_logprobs[:, 2:][~keep] == 0) and torch.all(batch.sampler_logprobs[:, 2:][keep] < 0)
 
 
 # ------------------------------------------------------------------------------------------ loss modes

@@ -8,7 +8,7 @@ sampled-token loss). A vLLM engine or an inference server plugs in by implementi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Protocol, Sequence
+from typing import List, Optional, Protocol, Sequence, Union
 
 import torch
 
@@ -65,11 +65,15 @@ def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int, device=None):
     return ids.to(device), attn.to(device)
 
 
-def completion_mask(generated: torch.Tensor, eos_token_id: Optional[int]) -> torch.Tensor:
-    """Bool (B, G): tokens up to and including the first EOS of each row (all when there is none)."""
-    if eos_token_id is None:
+def completion_mask(generated: torch.Tensor, eos_token_id: Union[None, int, Sequence[int]]) -> torch.Tensor:
+    """Bool (B, G): tokens up to and including the first EOS of each row (all when there is none).
+
+    ``eos_token_id`` may be a list (chat models stop on several ids, e.g. end-of-text and end-of-turn).
+    """
+    eos = _ids(eos_token_id)
+    if not eos:
         return torch.ones_like(generated, dtype=torch.bool)
-    is_eos = generated == eos_token_id
+    is_eos = torch.isin(generated, torch.tensor(eos, device=generated.device))
     # EOS tokens strictly before position g: a token is kept while that count is 0.
     before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
     return before == 0
@@ -113,15 +117,17 @@ class HFSampler:
     """
 
     def __init__(self, model: torch.nn.Module, *, max_new_tokens: int = 64, temperature: float = 1.0,
-                 top_p: float = 1.0, pad_token_id: Optional[int] = None, eos_token_id: Optional[int] = None):
+                 top_p: float = 1.0, pad_token_id: Optional[int] = None,
+                 eos_token_id: Union[None, int, Sequence[int]] = None):
         self.model = model
         self.max_new_tokens = int(max_new_tokens)
         self.temperature = float(temperature)
         self.top_p = float(top_p)
         cfg = model.generation_config
-        self.eos_token_id = eos_token_id if eos_token_id is not None else _first(cfg.eos_token_id)
-        pad = pad_token_id if pad_token_id is not None else _first(cfg.pad_token_id)
-        self.pad_token_id = pad if pad is not None else (self.eos_token_id if self.eos_token_id is not None else 0)
+        # Stop on the given ids and on the model's own (its generation_config may list end-of-turn ids).
+        self.eos_token_id = sorted(set(_ids(eos_token_id)) | set(_ids(cfg.eos_token_id))) or None
+        pads = _ids(pad_token_id) or _ids(cfg.pad_token_id) or (self.eos_token_id or [0])
+        self.pad_token_id = pads[0]
 
     def _processors(self, recorder):
         from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
@@ -165,7 +171,10 @@ class HFSampler:
         self.model = model
 
 
-def _first(token_id) -> Optional[int]:
+def _ids(token_id) -> List[int]:
+    """None, an int or a list of ints -> a list of ints."""
+    if token_id is None:
+        return []
     if isinstance(token_id, (list, tuple)):
-        return int(token_id[0]) if token_id else None
-    return None if token_id is None else int(token_id)
+        return [int(t) for t in token_id]
+    return [int(token_id)]
