@@ -1,0 +1,56 @@
+"""Presets of the demo experiment: ``tiny`` (tests), ``quick`` (CI, < 3 min) and ``default``."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+from .models import ModelSize
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str
+    digits: int                      # operand digits of the addition task
+    vocab_size: int = 1024
+    # teacher: trained once on ground truth, cached
+    teacher: ModelSize = ModelSize(hidden=64, layers=2, heads=4, intermediate=192)
+    teacher_steps: int = 800
+    teacher_lr: float = 3e-3
+    teacher_batch: int = 64
+    # student: SFT-warmed on a small fixed set of additions plus the forgetting task
+    student: ModelSize = ModelSize(hidden=48, layers=2, heads=4, intermediate=144)
+    warmup_steps: int = 300
+    warmup_lr: float = 3e-3
+    warmup_batch: int = 64
+    warmup_addition_examples: int = 200
+    reversal_length: int = 5
+    # the four methods: same optimizer, learning rate, prompts per step and token budget
+    method_lr: float = 1e-3
+    method_batch: int = 32
+    token_budget: int = 30_000
+    curve_points: int = 8
+    # held-out evaluation
+    eval_examples: int = 500
+    forgetting_eval_examples: int = 300
+    seed: int = 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+PRESETS = {
+    "tiny": ExperimentConfig(
+        name="tiny", digits=1,
+        teacher=ModelSize(hidden=32, layers=1, heads=2, intermediate=64), teacher_steps=30, teacher_batch=32,
+        student=ModelSize(hidden=16, layers=1, heads=2, intermediate=32), warmup_steps=10, warmup_batch=16,
+        warmup_addition_examples=20, reversal_length=3, method_batch=8, token_budget=160, curve_points=2,
+        eval_examples=40, forgetting_eval_examples=40,
+    ),
+    "quick": ExperimentConfig(name="quick", digits=2),
+    "default": ExperimentConfig(name="default", digits=2),
+}
+
+
+def preset(name: str, seed: int) -> ExperimentConfig:
+    if name not in PRESETS:
+        raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {name!r}")
+    return replace(PRESETS[name], seed=seed)
