@@ -325,7 +325,7 @@ def _torch_cases(ctx: _Ctx) -> None:
 
 
 def _cpp_cases(ctx: _Ctx) -> None:
-    _divergence_cases(ctx, backend="cpp", methods=("auto",))
+    _divergence_cases(ctx, backend="cpp", methods=("auto",), only=(0, 1, 4, 6))   # the KLs (JSD: row statistics)
     _lse_cases(ctx, backend="cpp")
 
 
