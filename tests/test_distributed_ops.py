@@ -273,10 +273,10 @@ def _low_precision_cases(ctx: _Ctx) -> None:
 
     FACTOR is DESIGN.md's 2 except where the vocab-parallel computation itself rounds more than once:
     - hidden-state gradient (3): each rank's partial gradient arrives in bf16 from its backend before the
-      sum over ranks (as in any bf16 tensor-parallel layer); measured up to 1.9x over 65 seeds, 2-3 ranks;
+      sum over ranks (as in any bf16 tensor-parallel layer); measured up to 1.76x;
     - weight gradient of the shard decomposition (3): two local ops (divergence, lse) each return a
-      bf16-rounded shard gradient and the two partly cancel; measured up to 2.4x (row statistics: 1.0x).
-    Reproduce the measurements with docs/distributed.md ("bf16").
+      bf16-rounded shard gradient and the two partly cancel; measured up to 2.27x (row statistics: 1.00x).
+    Measured by ``python -m opd_kernels.distributed.measure bf16 --world 2|3`` (docs/distributed.md).
     """
     from opd_kernels.distributed import linear_divergence, linear_logprobs
 
@@ -315,7 +315,35 @@ def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
+def _public_api_cases(ctx: _Ctx) -> None:
+    """``opd_kernels.<op>(..., process_group=...)`` dispatches here, with every argument passed through."""
+    import opd_kernels as ok
+
+    total = sum(ctx.sizes)
+    hs, ht = ctx.randn(2, 4, H_S), ctx.randn(2, 4, H_T)
+    ws, wt = ctx.randn(total, H_S, scale=0.5), ctx.randn(total, H_T, scale=0.5)
+    targets = torch.randint(0, total, (2, 4), generator=ctx.gen)
+    ids = torch.stack([torch.randperm(total, generator=ctx.gen)[:3] for _ in range(8)]).reshape(2, 4, 3)
+    teacher_lp = torch.log_softmax(ctx.randn(2, 4, total), -1).gather(-1, ids)
+    kw = dict(divergence="jsd", beta=0.4, temperature=1.3, reduction="sum")
+    _compare(ctx, "ok.linear_divergence",
+             lambda h, w, b: ok.linear_divergence(h, w, ht.float(), ctx.shard(wt).float(), process_group=ctx.group,
+                                                  **kw),
+             lambda h, w, b: reference.linear_divergence(h, w, ht, wt, **kw), hs, ws, None, torch.tensor(1.0))
+    _compare(ctx, "ok.linear_logprobs",
+             lambda h, w, b: ok.linear_logprobs(h, w, targets, softcap=3.0, return_entropy=True,
+                                                process_group=ctx.group),
+             lambda h, w, b: reference.linear_logprobs(h, w, targets, softcap=3.0, return_entropy=True),
+             hs, ws, None, (ctx.randn(2, 4), ctx.randn(2, 4)))
+    _compare(ctx, "ok.linear_topk_divergence",
+             lambda h, w, b: ok.linear_topk_divergence(h, w, ids, teacher_lp.float(), divergence="reverse_kl",
+                                                       process_group=ctx.group),
+             lambda h, w, b: reference.linear_topk_divergence(h, w, ids, teacher_lp, divergence="reverse_kl"),
+             hs, ws, None, torch.tensor(1.0))
+
+
 def _torch_cases(ctx: _Ctx) -> None:
+    _public_api_cases(ctx)
     _divergence_cases(ctx)
     _lse_cases(ctx)
     _hidden_grad_and_errors(ctx)
