@@ -5,8 +5,8 @@
 //     lps, lpt = z_s - ls, z_t - lt
 //     value    = (lps.exp() * (lps - lpt)).sum()                 # reverse KL (others: opd_math.h)
 //     grad_raw = w * d value / d z_s * dz_s / draw              # written over the student logits
-// Passes over the row: load+transform (max), statistics (exp sums + cross term), [JSD: KL to the
-// mixture], gradient. The row lives in a per-thread fp32 scratch between passes, so each logit is
+// Passes over the row: load+transform (max), statistics (exp sums + cross term, exponentials kept),
+// [JSD: KL to the mixture], gradient (no exp for the KLs). The row lives in a per-thread fp32 scratch between passes, so each logit is
 // converted and transformed once (tanh for softcaps is the expensive part).
 #include <omp.h>
 
@@ -22,7 +22,7 @@ namespace cpu {
 namespace {
 
 template <int DIV, class TS, class TT, class F>
-void divergence_row(const DivergenceArgs& a, int64_t r, F* zs, F* zt) {
+void divergence_row(const DivergenceArgs& a, int64_t r, F* zs, F* zt, F* es, F* et) {
   const int64_t V = a.vocab;
   const F w = static_cast<F>(a.weights[r]);
   TS* grad = a.grad ? static_cast<TS*>(a.grad) + r * a.ld_grad : nullptr;
@@ -34,7 +34,7 @@ void divergence_row(const DivergenceArgs& a, int64_t r, F* zs, F* zt) {
   const F ms = load_transform(static_cast<const TS*>(a.student) + r * a.ld_student, zs, V, a.ts);
   const F mt = load_transform(static_cast<const TT*>(a.teacher) + r * a.ld_teacher, zt, V, a.tt);
   F ds, dt, acc;
-  divergence_sums<DIV>(zs, zt, V, ms, mt, &ds, &dt, &acc);
+  divergence_sums<DIV>(zs, zt, V, ms, mt, es, et, &ds, &dt, &acc);
   const F ls = ms + M::log(ds), lt = mt + M::log(dt);
   const F beta = static_cast<F>(a.beta);
   F value, stat = 0;
@@ -50,7 +50,7 @@ void divergence_row(const DivergenceArgs& a, int64_t r, F* zs, F* zt) {
     stat = kls;
   }
   a.values[r] = static_cast<float>(value);
-  if (grad) divergence_grad<DIV>(zs, zt, V, ls, lt, stat, w, beta, a.ts, grad);
+  if (grad) divergence_grad<DIV>(zs, zt, es, et, V, ls, lt, F(1) / ds, F(1) / dt, stat, w, beta, a.ts, grad);
 }
 
 template <int DIV, class TS, class TT>
@@ -60,10 +60,11 @@ void divergence_rows(const DivergenceArgs& a) {
   const int64_t V = a.vocab;
 #pragma omp parallel num_threads(a.num_threads)
   {
-    std::unique_ptr<F[]> scratch(new F[2 * V]);  // z_s | z_t of the current row
+    std::unique_ptr<F[]> scratch(new F[4 * V]);  // z_s | z_t | e_s | e_t of the current row
+    F* buf = scratch.get();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < a.rows; ++r) {
-      divergence_row<DIV, TS, TT, F>(a, r, scratch.get(), scratch.get() + V);
+      divergence_row<DIV, TS, TT, F>(a, r, buf, buf + V, buf + 2 * V, buf + 3 * V);
     }
   }
 }

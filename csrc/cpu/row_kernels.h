@@ -1,5 +1,5 @@
 // Vectorizable single-row loops shared by the CPU epilogues. Each loop is one pass over a row held in
-// a per-thread fp32 scratch buffer (V floats: 128 KiB at V = 32000, resident in L2), compiled in
+// a per-thread fp32 scratch buffer (4 x V floats: 512 KiB at V = 32000, resident in L2), compiled in
 // AVX-512 / AVX2 / baseline clones (OPD_CPU_CLONES).
 //
 // Internal linkage on purpose: every translation unit that includes this header gets its own clones
@@ -21,6 +21,24 @@ namespace {
 
 using M = CpuMath;
 
+// Element conversions that vectorize: c10's BFloat16 constructor branches on NaN, which stops GCC's
+// vectorizer; bf16 <-> fp32 is a 16-bit shift with round-to-nearest-even on the way down. (NaN inputs
+// stay NaN unless the rounding carries them into inf, which cannot happen for quiet NaNs.)
+template <class F, class T>
+inline F load_elem(const T& x) { return static_cast<F>(x); }
+template <>
+inline float load_elem<float, c10::BFloat16>(const c10::BFloat16& x) {
+  return bits_to_float(static_cast<int32_t>(static_cast<uint32_t>(x.x) << 16));
+}
+template <class T, class F>
+inline T store_elem(F x) { return static_cast<T>(x); }
+template <>
+inline c10::BFloat16 store_elem<c10::BFloat16, float>(float x) {
+  uint32_t b = static_cast<uint32_t>(float_to_bits(x));
+  b += 0x7fffu + ((b >> 16) & 1u);
+  return c10::BFloat16(static_cast<uint16_t>(b >> 16), c10::BFloat16::from_bits());
+}
+
 // Raw logits -> z = softcap(scale * raw) / T into `z`; returns max_v z_v.
 template <class T, class F>
 OPD_CPU_CLONES F load_transform(const T* __restrict src, F* __restrict z, int64_t V, Transform t) {
@@ -28,7 +46,7 @@ OPD_CPU_CLONES F load_transform(const T* __restrict src, F* __restrict z, int64_
   if (t.has_softcap) {
 #pragma omp simd reduction(max : m)
     for (int64_t v = 0; v < V; ++v) {
-      F x = transform<M>(static_cast<F>(src[v]), t);
+      F x = transform<M>(load_elem<F>(src[v]), t);
       z[v] = x;
       m = x > m ? x : m;
     }
@@ -36,7 +54,7 @@ OPD_CPU_CLONES F load_transform(const T* __restrict src, F* __restrict z, int64_
     const F f = F(t.scale) * F(t.inv_temp);  // softcap-free transform is one multiply
 #pragma omp simd reduction(max : m)
     for (int64_t v = 0; v < V; ++v) {
-      F x = static_cast<F>(src[v]) * f;
+      F x = load_elem<F>(src[v]) * f;
       z[v] = x;
       m = x > m ? x : m;
     }
@@ -54,15 +72,19 @@ OPD_CPU_CLONES F sum_exp(const F* __restrict z, int64_t V, F m) {
 }
 
 // Statistics pass of the two-model divergences: d_s, d_t and (DIV = reverse/forward KL) the shifted
-// cross term a or b of opd_math.h, in one sweep.
+// cross term a or b of opd_math.h, in one sweep. The exponentials are kept in es / et so the gradient
+// pass needs no exp: p_v = e_v / d.
 template <int DIV, class F>
 OPD_CPU_CLONES void divergence_sums(const F* __restrict zs, const F* __restrict zt, int64_t V, F ms,
-                                    F mt, F* out_ds, F* out_dt, F* out_acc) {
+                                    F mt, F* __restrict es_out, F* __restrict et_out, F* out_ds,
+                                    F* out_dt, F* out_acc) {
   F ds = 0, dt = 0, acc = 0;
 #pragma omp simd reduction(+ : ds, dt, acc)
   for (int64_t v = 0; v < V; ++v) {
     F ys = zs[v] - ms, yt = zt[v] - mt;
     F es = M::exp(ys), et = M::exp(yt);
+    es_out[v] = es;
+    et_out[v] = et;
     ds += es;
     dt += et;
     if (DIV == kReverseKL) acc += reverse_kl_term(es, ys, yt);
@@ -90,26 +112,28 @@ OPD_CPU_CLONES void jsd_sums(const F* __restrict zs, const F* __restrict zt, int
   *out_kl_t = klt;
 }
 
-// Gradient pass: out_v = w * d value / d z_s,v * dz/draw, stored in the output dtype.
-// `stat` is R (reverse KL) or KL(p_s || M) (JSD); unused for forward KL.
+// Gradient pass: out_v = w * d value / d z_s,v * dz/draw, stored in the output dtype. es / et are the
+// exponentials of the statistics pass (p = e / d). `stat` is R (reverse KL) or KL(p_s || M) (JSD);
+// unused for forward KL.
 template <int DIV, class TO, class F>
-OPD_CPU_CLONES void divergence_grad(const F* __restrict zs, const F* __restrict zt, int64_t V, F ls,
-                                    F lt, F stat, F w, F beta, Transform t, TO* out) {
+OPD_CPU_CLONES void divergence_grad(const F* __restrict zs, const F* __restrict zt, const F* __restrict es,
+                                    const F* __restrict et, int64_t V, F ls, F lt, F inv_ds, F inv_dt,
+                                    F stat, F w, F beta, Transform t, TO* out) {
   const F log_1mb = DIV == kJSD ? M::log(F(1) - beta) : F(0);
   const F log_b = DIV == kJSD ? M::log(beta) : F(0);
 #pragma omp simd
   for (int64_t v = 0; v < V; ++v) {
     F lps = zs[v] - ls, lpt = zt[v] - lt;
-    F ps = M::exp(lps);
+    F ps = es[v] * inv_ds;
     F g;
     if (DIV == kReverseKL) {
       g = reverse_kl_grad(ps, lps, lpt, stat);
     } else if (DIV == kForwardKL) {
-      g = forward_kl_grad(ps, M::exp(lpt));
+      g = forward_kl_grad(ps, et[v] * inv_dt);
     } else {
       g = jsd_grad(ps, lps, log_mixture<M>(lps, lpt, log_1mb, log_b), stat, F(1) - beta);
     }
-    out[v] = static_cast<TO>(w * g * transform_grad(zs[v], t));
+    out[v] = store_elem<TO>(w * g * transform_grad(zs[v], t));
   }
 }
 
@@ -133,7 +157,7 @@ OPD_CPU_CLONES void lse_entropy_grad_row(const F* __restrict z, int64_t V, F lse
 #pragma omp simd
   for (int64_t v = 0; v < V; ++v) {
     F lp = z[v] - lse;
-    out[v] = static_cast<TO>(lse_entropy_grad(M::exp(lp), lp, H, g_lse, g_ent) * transform_grad(z[v], t));
+    out[v] = store_elem<TO>(lse_entropy_grad(M::exp(lp), lp, H, g_lse, g_ent) * transform_grad(z[v], t));
   }
 }
 
