@@ -87,8 +87,14 @@ def main(argv=None):
     for path in ("logits", "fused"):
         cmd = [sys.executable, os.path.abspath(__file__), "--only", path, "--vocab", str(args.vocab),
                "--hidden", str(args.hidden), "--batch", str(args.batch), "--seq", str(args.seq)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+        # The child imports opd_kernels from this checkout even when the package is not installed.
+        env = dict(os.environ)
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            raise RuntimeError(f"hf_memory.py --only {path} failed:\n{done.stderr[-2000:]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(f"B={args.batch} T={args.seq} V={args.vocab} H_s={args.hidden} H_t={2 * args.hidden} on {rows[0]['device']}")
     for r in rows:
         print(f"  {r['path']:7s} loss {r['loss']:.6f}  step {r['seconds']:.3f} s  peak above start {r['peak_mib']:.0f} MiB")

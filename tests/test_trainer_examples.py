@@ -66,3 +66,13 @@ def test_trl_example_imports_without_trl_and_its_loss_is_gkds():
 def test_trl_example_says_why_it_skips(capsys):
     assert load_example("trl_gkd").main([]) is None
     assert "skipped: trl is not installed" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="CPU peak memory needs Linux /proc")
+def test_memory_script_paths_agree_and_fused_uses_less():
+    # Logits here: 2 x 127 x 8000 fp32 = 8 MiB per model before log-softmax copies and gradients.
+    rows = load_example("hf_memory").main(["--vocab", "8000", "--hidden", "32", "--batch", "2", "--seq", "128"])
+    logits, fused = rows
+    assert abs(fused["loss"] - logits["loss"]) <= 5e-5 * abs(logits["loss"])
+    assert fused["peak_mib"] < 0.5 * logits["peak_mib"], rows
