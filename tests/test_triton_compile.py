@@ -35,7 +35,8 @@ class Distill(torch.nn.Module):
         with torch.no_grad():
             teacher_lp = ok.linear_logprobs(ht, wt, ids, backend="triton")
         sampled = ok.sampled_token_opd_loss(lp, teacher_lp, mask=mask)
-        return dense + sampled + 0.01 * ent.mean()
+        logits = ok.logits_divergence(hs @ ws.T, ht @ wt.T, mask=mask, backend="triton")
+        return dense + sampled + logits + 0.01 * ent.mean()
 
 
 @pytest.mark.interpret
@@ -77,6 +78,11 @@ def test_opcheck():
     lse_args = (hs, ws, None, ids, 0.9, None, 1.1, v - 3)
     torch.library.opcheck(tb._lse_gather_op, lse_args)
     lse, _, ent = tb._lse_gather_op(*lse_args)
+    logit_args = (torch.randn(n, v, requires_grad=True), torch.randn(n, v + 4), "jsd", 0.4, 1.3, v - 1)
+    torch.library.opcheck(tb._logits_op, logit_args)
+    _, lstats = tb._logits_op(*logit_args)
+    torch.library.opcheck(tb._logits_backward_op, (torch.randn(n), lstats.detach(), logit_args[0].detach())
+                          + logit_args[1:])
     torch.library.opcheck(tb._lse_gather_backward_op,
                           (torch.randn(n), torch.randn(n, 3), torch.randn(n), lse.detach(), ent.detach(),
                            hs.detach(), ws.detach(), None, ids, 0.9, None, 1.1, v - 3))
@@ -84,8 +90,9 @@ def test_opcheck():
 
 @pytest.mark.slow
 def test_kernels_compile_for_nvidia_targets():
-    """Every kernel variant (3 divergences x fwd/bwd, lse fwd/bwd, gather fwd/bwd) lowers to PTX and
-    assembles for sm_90 (bf16) and sm_80 (fp16), in a subprocess without the interpreter."""
+    """Every kernel variant (3 divergences x fwd/bwd, lse fwd/bwd, gather fwd/bwd, logits fwd/bwd for 2
+    divergences) lowers to PTX and assembles for sm_90 (bf16) and sm_80 (fp16), in a subprocess without
+    the interpreter."""
     env = {k: val for k, val in os.environ.items() if k != "TRITON_INTERPRET"}
     lines = []
     for arch, dtype in (("90", "bf16"), ("80", "fp16")):
@@ -94,5 +101,5 @@ def test_kernels_compile_for_nvidia_targets():
         assert run.returncode == 0, run.stderr[-3000:]
         lines += [line for line in run.stdout.splitlines() if line.startswith("sm_")]
     print("\n".join(lines))
-    assert len(lines) == 2 * 10, lines
+    assert len(lines) == 2 * 14, lines
     assert all("regs=" in line for line in lines)

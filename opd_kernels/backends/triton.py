@@ -117,9 +117,7 @@ def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_we
             reduction=reduction, normalizer=normalizer,
             strategy="chunked" if strategy == "fused" else strategy, filter_eps=filter_eps)
     _check_runnable(student_hidden=student_hidden, teacher_hidden=teacher_hidden)
-    # TRL's generalized JSD: beta = 0 is forward KL and beta = 1 reverse KL (the mixture is degenerate).
-    if divergence == "jsd" and beta in (0.0, 1.0):
-        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    divergence = _jsd_ends(divergence, beta)
     values, _ = _divergence_op(
         student_hidden, student_weight, student_bias, teacher_hidden.detach(), teacher_weight.detach(),
         None if teacher_bias is None else teacher_bias.detach(), divergence, float(beta),
@@ -207,8 +205,77 @@ def lse_gather(hidden, weight, ids, *, bias, temperature, softcap, scale, vocab_
 
 
 # --------------------------------------------------------------------------------------------------
+# logits_divergence
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op("opd::triton_logits_divergence", mutates_args=())
+def _logits_op(student_logits: Tensor, teacher_logits: Tensor, divergence: str, beta: float,
+               temperature: float, vocab_size: int) -> Tuple[Tensor, Tensor]:
+    """Per-token values (N,) fp32 and row statistics (3, N) fp32, as _divergence_op."""
+    return _launch.logits_forward(student_logits, teacher_logits, divergence=divergence, beta=beta,
+                                  temperature=temperature, vocab_size=vocab_size)
+
+
+@_logits_op.register_fake
+def _(student_logits, *args):
+    n = student_logits.shape[0]
+    return (student_logits.new_empty(n, dtype=torch.float32),
+            student_logits.new_empty(3, n, dtype=torch.float32))
+
+
+@torch.library.custom_op("opd::triton_logits_divergence_backward", mutates_args=())
+def _logits_backward_op(grad_values: Tensor, stats: Tensor, student_logits: Tensor, teacher_logits: Tensor,
+                        divergence: str, beta: float, temperature: float, vocab_size: int) -> Tensor:
+    """d loss / d student_logits, (N, V_s) in the student's dtype (zeros beyond vocab_size)."""
+    return _launch.logits_backward(grad_values, stats, student_logits, teacher_logits,
+                                   divergence=divergence, beta=beta, temperature=temperature,
+                                   vocab_size=vocab_size)
+
+
+@_logits_backward_op.register_fake
+def _(grad_values, stats, student_logits, *args):
+    return torch.empty_like(student_logits)
+
+
+def _logits_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1], output[1])
+    ctx.opts = inputs[2:]
+
+
+def _logits_backward(ctx, grad_values, grad_stats):
+    s, t, stats = ctx.saved_tensors
+    return (_logits_backward_op(grad_values, stats, s, t, *ctx.opts),) + (None,) * 5
+
+
+_logits_op.register_autograd(_logits_backward, setup_context=_logits_setup)
+
+
+def logits_divergence(student_logits, teacher_logits, *, divergence, beta, temperature, vocab_size, mask,
+                      reduction, normalizer):
+    """docs/internals.md ``logits_divergence``: one pass over vocab tiles (jsd: two), logits read in their
+    own dtype; the backward writes the (N, V_s) logits gradient tile by tile."""
+    if torch.float64 in (student_logits.dtype, teacher_logits.dtype):
+        from . import pytorch
+        return pytorch.logits_divergence(student_logits, teacher_logits, divergence=divergence, beta=beta,
+                                         temperature=temperature, vocab_size=vocab_size, mask=mask,
+                                         reduction=reduction, normalizer=normalizer)
+    _check_runnable(student_logits=student_logits, teacher_logits=teacher_logits)
+    divergence = _jsd_ends(divergence, beta)
+    values, _ = _logits_op(student_logits.contiguous(), teacher_logits.detach().contiguous(), divergence,
+                           float(beta), float(temperature), int(vocab_size))
+    weights = token_weights(mask, student_logits.shape[0], reduction, normalizer, student_logits.device)
+    return reduce_per_token(values, weights, reduction)
+
+
+# --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
+def _jsd_ends(divergence: str, beta: float) -> str:
+    """TRL's generalized JSD: beta = 0 is forward KL and beta = 1 reverse KL (the mixture is degenerate)."""
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        return "forward_kl" if beta == 0.0 else "reverse_kl"
+    return divergence
+
+
 def _opt_float(x) -> Optional[float]:
     return None if x is None else float(x)
 

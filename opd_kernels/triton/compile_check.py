@@ -22,6 +22,7 @@ from . import launch
 from .divergence_bwd import divergence_bwd_kernel
 from .divergence_fwd import divergence_fwd_kernel
 from .gather import gather_bwd_kernel, gather_fwd_kernel
+from .logits import logits_bwd_kernel, logits_fwd_kernel
 from .lse import lse_bwd_kernel, lse_fwd_kernel
 
 _TL = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
@@ -34,9 +35,10 @@ def _signature(kernel, dtype: str, constexprs: dict):
         if name in constexprs:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            model_input = name[:2] in ("hs", "ws", "bs", "ht", "wt", "bt") or name in ("h_ptr", "w_ptr", "b_ptr")
+            model_input = name[:2] in ("hs", "ws", "bs", "ht", "wt", "bt", "s_", "t_", "ds") or name in (
+                "h_ptr", "w_ptr", "b_ptr")
             sig[name] = "*i64" if name == "ids_ptr" else f"*{dtype}" if model_input else "*fp32"
-        elif name in ("N", "V", "HS", "HT", "H", "K"):
+        elif name in ("N", "V", "HS", "HT", "H", "K", "VS", "VT"):
             sig[name] = "i32"
         else:
             sig[name] = "fp32"
@@ -61,6 +63,12 @@ def variants(dtype: str):
     gather = dict(HAS_BIAS=True, HAS_SOFTCAP=True, BLOCK_J=16, BLOCK_K=b.k)
     yield "gather_fwd", gather_fwd_kernel, gather, dict(num_warps=4, num_stages=2)
     yield "gather_bwd", gather_bwd_kernel, gather, dict(num_warps=4, num_stages=2)
+    lb = launch.logits_blocks()
+    for div in ("reverse_kl", "jsd"):
+        ce = dict(DIVERGENCE=launch._DIVERGENCE_IDS[div], BLOCK_N=lb.n, BLOCK_V=lb.v)
+        lopts = dict(num_warps=lb.num_warps, num_stages=lb.num_stages)
+        yield f"logits_fwd[{div}]", logits_fwd_kernel, ce, lopts
+        yield f"logits_bwd[{div}]", logits_bwd_kernel, ce, lopts
 
 
 def _ptxas_candidates():

@@ -36,8 +36,8 @@ probabilities are exactly 0 (whose gradient is exactly 0): exact.
 import triton
 import triton.language as tl
 
-from .divergence_fwd import FORWARD_KL, REVERSE_KL
-from .tiles import accumulate_grads, logaddexp, logit_tile, transform_grad
+from .divergence_math import FORWARD_KL, grad_z
+from .tiles import accumulate_grads, logit_tile, transform_grad
 
 
 @triton.jit
@@ -60,28 +60,19 @@ def divergence_bwd_kernel(
 
     raw_s, zs = logit_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, N, V, HS, s_scale, s_softcap, inv_temp,
                            S_BIAS, S_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
-    lp_s = zs - lse_s[:, None]
-    p_s = tl.where(active, tl.exp(lp_s), 0.0)
+    p_max = tl.max(tl.max(tl.where(active, tl.exp(zs - lse_s[:, None]), 0.0), 1), 0)
     if DIVERGENCE == FORWARD_KL:
+        # p_s - p_t can be large where p_s is tiny: the filter looks at the teacher too
         _, zt = logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, N, V, HT, t_scale, t_softcap, inv_temp,
                            T_BIAS, T_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
-        p_t = tl.where(active, tl.exp(zt - lse_t[:, None]), 0.0)
-        p_max = tl.max(tl.max(tl.maximum(p_s, p_t), 1), 0)
-    else:
-        p_max = tl.max(tl.max(p_s, 1), 0)
+        p_t_max = tl.max(tl.max(tl.where(active, tl.exp(zt - lse_t[:, None]), 0.0), 1), 0)
+        p_max = tl.maximum(p_max, p_t_max)
 
     if (p_max > 0) & (p_max >= filter_eps):
-        if DIVERGENCE == FORWARD_KL:
-            dz = p_s - p_t
-        else:
+        if DIVERGENCE != FORWARD_KL:
             _, zt = logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, N, V, HT, t_scale, t_softcap,
                                inv_temp, T_BIAS, T_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
-            lp_t = zt - lse_t[:, None]
-            if DIVERGENCE == REVERSE_KL:
-                dz = tl.where(p_s > 0, p_s * (lp_s - lp_t - c[:, None]), 0.0)
-            else:
-                log_m = logaddexp(log_1mb + lp_s, log_b + lp_t)
-                dz = tl.where(p_s > 0, (1.0 - beta) * p_s * (lp_s - log_m - c[:, None]), 0.0)
+        dz = grad_z(zs, zt, lse_s, lse_t, c, active, beta, log_1mb, log_b, DIVERGENCE)
         dz = dz * g[:, None] * transform_grad(raw_s, s_scale, s_softcap, inv_temp, S_SOFTCAP)
         accumulate_grads(dz, hs_ptr, ws_ptr, dhs_ptr, dws_ptr, dbs_ptr, rows, cols, N, V, HS,
                          S_BIAS, BLOCK_K, DOT_PRECISION)

@@ -25,11 +25,8 @@ has mass and the teacher -inf, reverse_kl is +inf, as the math says.
 import triton
 import triton.language as tl
 
-from .tiles import logaddexp, logit_tile, online_softmax
-
-REVERSE_KL = tl.constexpr(0)
-FORWARD_KL = tl.constexpr(1)
-JSD = tl.constexpr(2)
+from .divergence_math import JSD, kl_finish, kl_step, jsd_step, store_rows
+from .tiles import logit_tile
 
 
 @triton.jit
@@ -51,22 +48,11 @@ def divergence_fwd_kernel(
                            S_BIAS, S_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
         _, zt = logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, N, V, HT, t_scale, t_softcap, inv_temp,
                            T_BIAS, T_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
-        m_s, d_s, alpha_s, e_s = online_softmax(m_s, d_s, zs)
-        m_t, d_t, alpha_t, e_t = online_softmax(m_t, d_t, zt)
-        if DIVERGENCE == REVERSE_KL:
-            acc = acc * alpha_s + tl.sum(tl.where(e_s > 0, e_s * (zs - zt), 0.0), 1)
-        elif DIVERGENCE == FORWARD_KL:
-            acc = acc * alpha_t + tl.sum(tl.where(e_t > 0, e_t * (zt - zs), 0.0), 1)
-    lse_s = m_s + tl.log(d_s)
-    lse_t = m_t + tl.log(d_t)
+        acc, m_s, d_s, m_t, d_t = kl_step(acc, m_s, d_s, m_t, d_t, zs, zt, DIVERGENCE)
+    lse_s, lse_t, value = kl_finish(acc, m_s, d_s, m_t, d_t, DIVERGENCE)
+    c = value  # reverse_kl: R; forward_kl: unused
 
-    if DIVERGENCE == REVERSE_KL:
-        value = acc / d_s - lse_s + lse_t
-        c = value
-    elif DIVERGENCE == FORWARD_KL:
-        value = acc / d_t - lse_t + lse_s
-        c = tl.zeros((BLOCK_N,), tl.float32)
-    else:
+    if DIVERGENCE == JSD:
         kl_sm = tl.zeros((BLOCK_N,), tl.float32)  # KL(p_s || M)
         kl_tm = tl.zeros((BLOCK_N,), tl.float32)  # KL(p_t || M)
         for v0 in range(0, V, BLOCK_V):
@@ -75,18 +61,7 @@ def divergence_fwd_kernel(
                                inv_temp, S_BIAS, S_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
             _, zt = logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, N, V, HT, t_scale, t_softcap,
                                inv_temp, T_BIAS, T_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
-            lp_s = zs - lse_s[:, None]
-            lp_t = zt - lse_t[:, None]
-            log_m = logaddexp(log_1mb + lp_s, log_b + lp_t)
-            p_s = tl.exp(lp_s)
-            p_t = tl.exp(lp_t)
-            kl_sm += tl.sum(tl.where(p_s > 0, p_s * (lp_s - log_m), 0.0), 1)
-            kl_tm += tl.sum(tl.where(p_t > 0, p_t * (lp_t - log_m), 0.0), 1)
+            kl_sm, kl_tm = jsd_step(kl_sm, kl_tm, zs, zt, lse_s, lse_t, log_1mb, log_b)
         value = beta * kl_tm + (1.0 - beta) * kl_sm
         c = kl_sm
-
-    row_ok = rows < N
-    tl.store(value_ptr + rows, value, mask=row_ok)
-    tl.store(stats_ptr + rows, lse_s, mask=row_ok)
-    tl.store(stats_ptr + N + rows, lse_t, mask=row_ok)
-    tl.store(stats_ptr + 2 * N + rows, c, mask=row_ok)
+    store_rows(value_ptr, stats_ptr, rows, N, value, lse_s, lse_t, c)

@@ -12,8 +12,10 @@ import torch
 import triton
 
 from .divergence_bwd import divergence_bwd_kernel
-from .divergence_fwd import FORWARD_KL, JSD, REVERSE_KL, divergence_fwd_kernel
+from .divergence_fwd import divergence_fwd_kernel
+from .divergence_math import FORWARD_KL, JSD, REVERSE_KL
 from .gather import gather_bwd_kernel, gather_fwd_kernel
+from .logits import logits_bwd_kernel, logits_fwd_kernel
 from .lse import lse_bwd_kernel, lse_fwd_kernel
 from .tiles import tanh  # noqa: F401  (re-exported for tests of the helpers)
 
@@ -183,3 +185,42 @@ def lse_gather_backward(g_lse, g_gathered, g_ent, lse, ent, h, w, b, ids, *, tem
             float(scale), float(softcap or 1.0), 1.0 / temperature, BLOCK_J=block_j,
             BLOCK_K=blocks.k, num_warps=4 if not INTERPRETED else 1, **common)
     return dh, dw, db
+
+
+def logits_blocks() -> Blocks:
+    """Row tiles for the logits-input kernels (memory-bound: wide vocab tiles, few rows)."""
+    if INTERPRETED:
+        return Blocks(n=16, v=512, k=0, num_warps=1, num_stages=1)
+    return Blocks(n=4, v=1024, k=0, num_warps=8, num_stages=2)
+
+
+def logits_forward(s, t, *, divergence: str, beta: float, temperature: float, vocab_size: int):
+    """Per-token values (N,) fp32 and row statistics (3, N) fp32 from (N, V_s) and (N, V_t) logits."""
+    n = s.shape[0]
+    values = torch.empty(n, dtype=torch.float32, device=s.device)
+    stats = torch.empty(3, n, dtype=torch.float32, device=s.device)
+    if n == 0:
+        return values, stats
+    b = logits_blocks()
+    log_1mb, log_b = _jsd_constants(divergence, beta)
+    logits_fwd_kernel[(triton.cdiv(n, b.n),)](
+        s, t, values, stats, n, vocab_size, s.shape[1], t.shape[1], 1.0 / temperature, float(beta),
+        log_1mb, log_b, DIVERGENCE=_DIVERGENCE_IDS[divergence], BLOCK_N=b.n, BLOCK_V=b.v,
+        num_warps=b.num_warps, num_stages=b.num_stages)
+    return values, stats
+
+
+def logits_backward(grad, stats, s, t, *, divergence: str, beta: float, temperature: float,
+                    vocab_size: int):
+    """d loss / d student_logits (N, V_s) in the student's dtype."""
+    n, v_s = s.shape
+    ds = torch.empty_like(s)
+    if n == 0:
+        return ds
+    b = logits_blocks()
+    log_1mb, log_b = _jsd_constants(divergence, beta)
+    logits_bwd_kernel[(triton.cdiv(n, b.n), triton.cdiv(v_s, b.v))](
+        s, t, stats, grad.to(torch.float32).contiguous(), ds, n, vocab_size, v_s, t.shape[1],
+        1.0 / temperature, float(beta), log_1mb, log_b, DIVERGENCE=_DIVERGENCE_IDS[divergence],
+        BLOCK_N=b.n, BLOCK_V=b.v, num_warps=b.num_warps, num_stages=b.num_stages)
+    return ds

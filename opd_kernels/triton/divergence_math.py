@@ -1,0 +1,82 @@
+"""The per-tile divergence arithmetic shared by the linear (divergence_fwd/bwd.py) and the logits-input
+(logits.py) kernels: given transformed logit tiles z_s, z_t (BLOCK_N, BLOCK_V), with -inf at masked
+columns, update the per-row state, finish it, and form dLoss/dz_s. Formulas and their derivations are in
+divergence_fwd.py and divergence_bwd.py.
+"""
+import triton
+import triton.language as tl
+
+from .tiles import logaddexp, online_softmax
+
+REVERSE_KL = tl.constexpr(0)
+FORWARD_KL = tl.constexpr(1)
+JSD = tl.constexpr(2)
+
+
+@triton.jit
+def kl_step(acc, m_s, d_s, m_t, d_t, zs, zt, DIVERGENCE: tl.constexpr):
+    """Online update of both models' (max, sum) and of the weighted sum ``acc``:
+    reverse_kl ``sum e^(z_s - m_s)(z_s - z_t)``, forward_kl ``sum e^(z_t - m_t)(z_t - z_s)`` (jsd: none).
+    Zero-probability terms are dropped, so a -inf in both logits adds 0, not NaN."""
+    m_s, d_s, alpha_s, e_s = online_softmax(m_s, d_s, zs)
+    m_t, d_t, alpha_t, e_t = online_softmax(m_t, d_t, zt)
+    if DIVERGENCE == REVERSE_KL:
+        acc = acc * alpha_s + tl.sum(tl.where(e_s > 0, e_s * (zs - zt), 0.0), 1)
+    elif DIVERGENCE == FORWARD_KL:
+        acc = acc * alpha_t + tl.sum(tl.where(e_t > 0, e_t * (zt - zs), 0.0), 1)
+    return acc, m_s, d_s, m_t, d_t
+
+
+@triton.jit
+def kl_finish(acc, m_s, d_s, m_t, d_t, DIVERGENCE: tl.constexpr):
+    """(L_s, L_t, value): R = acc/d_s - L_s + L_t, F = acc/d_t - L_t + L_s (jsd: value 0, see jsd_step)."""
+    lse_s = m_s + tl.log(d_s)
+    lse_t = m_t + tl.log(d_t)
+    if DIVERGENCE == REVERSE_KL:
+        value = acc / d_s - lse_s + lse_t
+    elif DIVERGENCE == FORWARD_KL:
+        value = acc / d_t - lse_t + lse_s
+    else:
+        value = acc * 0.0
+    return lse_s, lse_t, value
+
+
+@triton.jit
+def jsd_step(kl_sm, kl_tm, zs, zt, lse_s, lse_t, log_1mb, log_b):
+    """Second jsd pass: accumulate KL(p_s || M) and KL(p_t || M), log M = logaddexp(log(1-b) + lp_s,
+    log(b) + lp_t)."""
+    lp_s = zs - lse_s[:, None]
+    lp_t = zt - lse_t[:, None]
+    log_m = logaddexp(log_1mb + lp_s, log_b + lp_t)
+    p_s = tl.exp(lp_s)
+    p_t = tl.exp(lp_t)
+    kl_sm += tl.sum(tl.where(p_s > 0, p_s * (lp_s - log_m), 0.0), 1)
+    kl_tm += tl.sum(tl.where(p_t > 0, p_t * (lp_t - log_m), 0.0), 1)
+    return kl_sm, kl_tm
+
+
+@triton.jit
+def store_rows(value_ptr, stats_ptr, rows, N, value, lse_s, lse_t, c):
+    """value (N,) and stats (3, N) = [L_s, L_t, c]."""
+    row_ok = rows < N
+    tl.store(value_ptr + rows, value, mask=row_ok)
+    tl.store(stats_ptr + rows, lse_s, mask=row_ok)
+    tl.store(stats_ptr + N + rows, lse_t, mask=row_ok)
+    tl.store(stats_ptr + 2 * N + rows, c, mask=row_ok)
+
+
+@triton.jit
+def grad_z(zs, zt, lse_s, lse_t, c, active, beta, log_1mb, log_b, DIVERGENCE: tl.constexpr):
+    """dValue/dz_s for rows where ``active`` (else 0), derivations in divergence_bwd.py:
+    reverse_kl p_s (lp_s - lp_t - R); forward_kl p_s - p_t; jsd (1-b) p_s (lp_s - log M - KL(p_s||M))."""
+    lp_s = zs - lse_s[:, None]
+    lp_t = zt - lse_t[:, None]
+    p_s = tl.where(active, tl.exp(lp_s), 0.0)
+    if DIVERGENCE == REVERSE_KL:
+        dz = tl.where(p_s > 0, p_s * (lp_s - lp_t - c[:, None]), 0.0)
+    elif DIVERGENCE == FORWARD_KL:
+        dz = p_s - tl.where(active, tl.exp(lp_t), 0.0)
+    else:
+        log_m = logaddexp(log_1mb + lp_s, log_b + lp_t)
+        dz = tl.where(p_s > 0, (1.0 - beta) * p_s * (lp_s - log_m - c[:, None]), 0.0)
+    return dz
