@@ -224,6 +224,8 @@ def _hidden_grad_and_errors(ctx: _Ctx) -> None:
         linear_logprobs(hs.float(), w_shard, torch.full((7,), total), process_group=ctx.group)
     with pytest.raises(ValueError, match="student_hidden: expected the same size on every rank"):
         linear_logprobs(hs.float()[: 7 - ctx.rank], w_shard, targets[: 7 - ctx.rank], process_group=ctx.group)
+    with pytest.raises(ValueError, match="backend: 'triton' cannot run on cpu"):
+        linear_divergence(hs.float(), w_shard, ht.float(), wt_shard, backend="triton", process_group=ctx.group)
     with pytest.raises(TypeError, match="process_group: expected a torch.distributed.ProcessGroup"):
         linear_logprobs(hs.float(), w_shard, targets, process_group="world")
 

@@ -145,6 +145,8 @@ def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor
                     strategy=strategy, filter_eps=check.check_filter_eps(filter_eps), reduction=reduction,
                     mask=check.check_mask(mask, student_hidden.shape[:-1], "student_hidden", device),
                     normalizer=check.check_normalizer(normalizer, device))
+        for primitive in ("linear_divergence", "lse_gather"):   # raises ValueError if it cannot run here
+            backends.resolve(backend, device, primitive)
         return LocalSizes(student_weight.shape[0], teacher_weight.shape[0], student_hidden.shape[:-1].numel(),
                           student_hidden.shape[-1], 0)
 
@@ -159,7 +161,6 @@ def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor
     ws, ht, wt = student_weight.contiguous(), _rows(teacher_hidden), teacher_weight.contiguous()
     n = hs.shape[0]
     weights = token_weights(opts["mask"], n, reduction, opts["normalizer"], device)
-    backends.resolve(backend, device, "linear_divergence")   # raises if `backend` cannot run here
     if _use_rowstats(opts["divergence"], backend, strategy):
         hs = copy_to_group(hs, group, reduce=reduce_hidden_grad)
         out = rowstats_divergence(hs, ws, student_bias, ht, wt, teacher_bias, weights, opts, layout, group)
@@ -220,6 +221,7 @@ def _lse_gather_checks(hidden, weight, bias, ids, ids_name, temperature, softcap
     check.check_bias(bname, bias, weight, wname)
     check.check_same_device(**{hname: hidden, wname: weight, bname: bias})
     check.check_choice("backend", backend, check.BACKENDS)
+    backends.resolve(backend, device, "lse_gather")   # raises ValueError if it cannot run here
     opts.update(temperature=check.check_real("temperature", temperature, positive=True),
                 softcap=check.check_softcap("softcap" if ids_name == "targets" else "student_softcap", softcap),
                 scale=check.check_real("scale" if ids_name == "targets" else "student_scale", scale),
