@@ -332,6 +332,11 @@ def _public_api_cases(ctx: _Ctx) -> None:
              lambda h, w, b: ok.linear_divergence(h, w, ht.float(), ctx.shard(wt).float(), process_group=ctx.group,
                                                   **kw),
              lambda h, w, b: reference.linear_divergence(h, w, ht, wt, **kw), hs, ws, None, torch.tensor(1.0))
+    kw = dict(divergence="forward_kl", reduction="none")   # the decomposition on the materializing local ops
+    _compare(ctx, "ok.linear_divergence strategy=materialize",
+             lambda h, w, b: ok.linear_divergence(h, w, ht.float(), ctx.shard(wt).float(), backend="torch",
+                                                  strategy="materialize", process_group=ctx.group, **kw),
+             lambda h, w, b: reference.linear_divergence(h, w, ht, wt, **kw), hs, ws, None, ctx.randn(2, 4))
     _compare(ctx, "ok.linear_logprobs",
              lambda h, w, b: ok.linear_logprobs(h, w, targets, softcap=3.0, return_entropy=True,
                                                 process_group=ctx.group),
