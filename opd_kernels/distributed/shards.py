@@ -55,6 +55,8 @@ def check_group(process_group) -> None:
     if not isinstance(process_group, dist.ProcessGroup):
         raise TypeError(f"process_group: expected a torch.distributed.ProcessGroup (e.g. dist.group.WORLD), "
                         f"got {type(process_group).__name__}")
+    if dist.get_rank(process_group) < 0:
+        raise ValueError("process_group: this process is not a member of the group it passed")
 
 
 def _exchange_device(group, device: torch.device) -> torch.device:
