@@ -43,8 +43,11 @@ def transform_grad(raw: torch.Tensor, grad_z: torch.Tensor, *, scale: float = 1.
 
 
 def token_weights(mask: Optional[torch.Tensor], n: int, reduction: str,
-                  normalizer: Union[None, float, int, torch.Tensor], device) -> torch.Tensor:
-    """fp32 weights ``w`` (n,) such that the reduced loss is ``(w * per_token).sum()``.
+                  normalizer: Union[None, float, int, torch.Tensor], device,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Weights ``w`` (n,) such that the reduced loss is ``(w * per_token).sum()``.
+
+    ``dtype`` is the accumulation dtype (fp32, or fp64 for float64 inputs).
 
     - ``"sum"``: ``w_n = mask_n`` (1 where unmasked).
     - ``"mean"``: ``w_n = mask_n / normalizer`` when a normalizer is given (global token count under
@@ -55,14 +58,14 @@ def token_weights(mask: Optional[torch.Tensor], n: int, reduction: str,
     The count stays a device tensor: no ``.item()``, no host sync.
     """
     if mask is None:
-        w = torch.ones(n, dtype=torch.float32, device=device)
+        w = torch.ones(n, dtype=dtype, device=device)
     else:
-        w = mask.to(device=device, dtype=torch.float32)
+        w = mask.to(device=device, dtype=dtype)
     if reduction != "mean":
         return w
     if normalizer is not None:
         if isinstance(normalizer, torch.Tensor):
-            return w / normalizer.to(device=device, dtype=torch.float32)
+            return w / normalizer.to(device=device, dtype=dtype)
         return w / float(normalizer)
     return w / w.sum().clamp_min(1.0)
 

@@ -159,3 +159,38 @@ def check_filter_eps(filter_eps) -> Optional[float]:
 
 
 __all__ = [n for n in dir() if n.startswith("check_")] + ["BACKENDS", "DIVERGENCES", "REDUCTIONS", "STRATEGIES"]
+
+
+def check_linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, *, divergence, beta,
+                            temperature, student_bias, teacher_bias, student_softcap, teacher_softcap,
+                            student_scale, teacher_scale, mask, reduction, normalizer, backend, strategy,
+                            filter_eps) -> dict:
+    """Every check of ``linear_divergence`` except ``vocab_size`` (local or global, the caller's business).
+
+    Returns the normalized options: floats as Python floats, ``mask`` flat bool (N,) or None, ``normalizer``
+    a float, a 0-dim tensor or None.
+    """
+    check_tensor("student_hidden", student_hidden)
+    check_tensor("teacher_hidden", teacher_hidden)
+    check_weight("student_weight", student_weight, student_hidden, "student_hidden")
+    check_weight("teacher_weight", teacher_weight, teacher_hidden, "teacher_hidden")
+    leading = student_hidden.shape[:-1]
+    check_leading("teacher_hidden", teacher_hidden[..., 0], leading, "student_hidden")
+    check_bias("student_bias", student_bias, student_weight, "student_weight")
+    check_bias("teacher_bias", teacher_bias, teacher_weight, "teacher_weight")
+    check_same_device(student_hidden=student_hidden, student_weight=student_weight, teacher_hidden=teacher_hidden,
+                      teacher_weight=teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias)
+    check_choice("divergence", divergence, DIVERGENCES)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("backend", backend, BACKENDS)
+    check_choice("strategy", strategy, STRATEGIES)
+    device = student_hidden.device
+    return dict(
+        divergence=divergence, beta=check_real("beta", beta, low=0.0, high=1.0),
+        temperature=check_real("temperature", temperature, positive=True),
+        student_softcap=check_softcap("student_softcap", student_softcap),
+        teacher_softcap=check_softcap("teacher_softcap", teacher_softcap),
+        student_scale=check_real("student_scale", student_scale),
+        teacher_scale=check_real("teacher_scale", teacher_scale),
+        reduction=reduction, strategy=strategy, filter_eps=check_filter_eps(filter_eps),
+        mask=check_mask(mask, leading, "student_hidden", device), normalizer=check_normalizer(normalizer, device))

@@ -94,41 +94,21 @@ def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor
             teacher_scale=teacher_scale, vocab_size=vocab_size, mask=mask, reduction=reduction,
             normalizer=normalizer, backend=backend, strategy=strategy, filter_eps=filter_eps,
             process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
-    check.check_tensor("student_hidden", student_hidden)
-    check.check_tensor("teacher_hidden", teacher_hidden)
-    check.check_weight("student_weight", student_weight, student_hidden, "student_hidden")
-    check.check_weight("teacher_weight", teacher_weight, teacher_hidden, "teacher_hidden")
-    leading = student_hidden.shape[:-1]
-    check.check_leading("teacher_hidden", teacher_hidden[..., 0], leading, "student_hidden")
-    check.check_bias("student_bias", student_bias, student_weight, "student_weight")
-    check.check_bias("teacher_bias", teacher_bias, teacher_weight, "teacher_weight")
-    check.check_same_device(student_hidden=student_hidden, student_weight=student_weight,
-                            teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
-                            student_bias=student_bias, teacher_bias=teacher_bias)
-    check.check_choice("divergence", divergence, check.DIVERGENCES)
-    beta = check.check_real("beta", beta, low=0.0, high=1.0)
-    temperature = check.check_real("temperature", temperature, positive=True)
-    student_softcap = check.check_softcap("student_softcap", student_softcap)
-    teacher_softcap = check.check_softcap("teacher_softcap", teacher_softcap)
-    student_scale = check.check_real("student_scale", student_scale)
-    teacher_scale = check.check_real("teacher_scale", teacher_scale)
+    opts = check.check_linear_divergence(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, divergence=divergence, beta=beta,
+        temperature=temperature, student_bias=student_bias, teacher_bias=teacher_bias,
+        student_softcap=student_softcap, teacher_softcap=teacher_softcap, student_scale=student_scale,
+        teacher_scale=teacher_scale, mask=mask, reduction=reduction, normalizer=normalizer, backend=backend,
+        strategy=strategy, filter_eps=filter_eps)
     v = check.check_vocab_size(vocab_size, v_student=student_weight.shape[0], v_teacher=teacher_weight.shape[0])
-    check.check_choice("reduction", reduction, check.REDUCTIONS)
-    check.check_choice("backend", backend, check.BACKENDS)
-    check.check_choice("strategy", strategy, check.STRATEGIES)
-    filter_eps = check.check_filter_eps(filter_eps)
+    leading = student_hidden.shape[:-1]
     device = student_hidden.device
-    flat_mask = check.check_mask(mask, leading, "student_hidden", device)
-    normalizer = check.check_normalizer(normalizer, device)
     if student_hidden.numel() == 0:
         return _empty_result(leading, reduction, student_hidden, student_weight, student_bias)
     impl = backends.resolve(backend, device, "linear_divergence")
     out = impl.linear_divergence(
         _rows(student_hidden), student_weight.contiguous(), _rows(teacher_hidden), teacher_weight.contiguous(),
-        divergence=divergence, beta=beta, temperature=temperature, student_bias=student_bias,
-        teacher_bias=teacher_bias, student_softcap=student_softcap, teacher_softcap=teacher_softcap,
-        student_scale=student_scale, teacher_scale=teacher_scale, vocab_size=v, mask=flat_mask,
-        reduction=reduction, normalizer=normalizer, strategy=strategy, filter_eps=filter_eps)
+        student_bias=student_bias, teacher_bias=teacher_bias, vocab_size=v, **opts)
     return out.reshape(leading) if reduction == "none" else out
 
 
@@ -247,8 +227,9 @@ def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.T
     q = gathered - lse.unsqueeze(-1)
     l = teacher_topk_logprobs.detach().reshape(-1, k).to(q.dtype)
     per_token = topk_divergence_from_logprobs(q, l, divergence=divergence, tail_bucket=bool(tail_bucket))
-    weights = token_weights(flat_mask, per_token.shape[0], reduction, normalizer, device)
-    out = reduce_per_token(per_token, weights, reduction).float()
+    weights = token_weights(flat_mask, per_token.shape[0], reduction, normalizer, device, per_token.dtype)
+    out = reduce_per_token(per_token, weights, reduction)
+    out = out.to(torch.promote_types(out.dtype, torch.float32))
     return out.reshape(leading) if reduction == "none" else out
 
 

@@ -144,7 +144,8 @@ def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_we
     opts = dict(divergence=divergence, beta=beta, temperature=temperature, student_softcap=student_softcap,
                 teacher_softcap=teacher_softcap, student_scale=student_scale, teacher_scale=teacher_scale,
                 vocab_size=vocab_size, reduction=reduction)
-    weights = token_weights(mask, student_hidden.shape[0], reduction, normalizer, student_hidden.device)
+    weights = token_weights(mask, student_hidden.shape[0], reduction, normalizer, student_hidden.device,
+                            _compute_dtype(student_hidden, teacher_hidden))
     return _ChunkedLinearDivergence.apply(student_hidden, student_weight, student_bias, teacher_hidden.detach(),
                                           teacher_weight.detach(),
                                           None if teacher_bias is None else teacher_bias.detach(), weights, opts)
@@ -252,5 +253,6 @@ def logits_divergence(student_logits, teacher_logits, *, divergence, beta, tempe
                       reduction, normalizer):
     opts = dict(divergence=divergence, beta=beta, temperature=temperature, vocab_size=vocab_size,
                 reduction=reduction)
-    weights = token_weights(mask, student_logits.shape[0], reduction, normalizer, student_logits.device)
+    weights = token_weights(mask, student_logits.shape[0], reduction, normalizer, student_logits.device,
+                            _compute_dtype(student_logits, teacher_logits))
     return _ChunkedLogitsDivergence.apply(student_logits, teacher_logits.detach(), weights, opts)

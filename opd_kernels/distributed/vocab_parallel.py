@@ -122,29 +122,12 @@ def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor
     opts = {}
 
     def local_checks() -> LocalSizes:
-        check.check_tensor("student_hidden", student_hidden)
-        check.check_tensor("teacher_hidden", teacher_hidden)
-        check.check_weight("student_weight", student_weight, student_hidden, "student_hidden")
-        check.check_weight("teacher_weight", teacher_weight, teacher_hidden, "teacher_hidden")
-        check.check_leading("teacher_hidden", teacher_hidden[..., 0], student_hidden.shape[:-1], "student_hidden")
-        check.check_bias("student_bias", student_bias, student_weight, "student_weight")
-        check.check_bias("teacher_bias", teacher_bias, teacher_weight, "teacher_weight")
-        check.check_same_device(student_hidden=student_hidden, student_weight=student_weight,
-                                teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
-                                student_bias=student_bias, teacher_bias=teacher_bias)
-        check.check_choice("divergence", divergence, check.DIVERGENCES)
-        check.check_choice("reduction", reduction, check.REDUCTIONS)
-        check.check_choice("backend", backend, check.BACKENDS)
-        check.check_choice("strategy", strategy, check.STRATEGIES)
-        opts.update(divergence=divergence, beta=check.check_real("beta", beta, low=0.0, high=1.0),
-                    temperature=check.check_real("temperature", temperature, positive=True),
-                    student_softcap=check.check_softcap("student_softcap", student_softcap),
-                    teacher_softcap=check.check_softcap("teacher_softcap", teacher_softcap),
-                    student_scale=check.check_real("student_scale", student_scale),
-                    teacher_scale=check.check_real("teacher_scale", teacher_scale),
-                    strategy=strategy, filter_eps=check.check_filter_eps(filter_eps), reduction=reduction,
-                    mask=check.check_mask(mask, student_hidden.shape[:-1], "student_hidden", device),
-                    normalizer=check.check_normalizer(normalizer, device))
+        opts.update(check.check_linear_divergence(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, divergence=divergence, beta=beta,
+            temperature=temperature, student_bias=student_bias, teacher_bias=teacher_bias,
+            student_softcap=student_softcap, teacher_softcap=teacher_softcap, student_scale=student_scale,
+            teacher_scale=teacher_scale, mask=mask, reduction=reduction, normalizer=normalizer, backend=backend,
+            strategy=strategy, filter_eps=filter_eps))
         for primitive in ("linear_divergence", "lse_gather"):   # raises ValueError if it cannot run here
             backends.resolve(backend, device, primitive)
         return LocalSizes(student_weight.shape[0], teacher_weight.shape[0], student_hidden.shape[:-1].numel(),
