@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
                    help="dtype of the preset cases (default fp32 on CPU, bf16 on CUDA); named cases keep theirs")
     p.add_argument("--no-sweeps", action="store_true", help="default preset without the N and V sweeps")
+    p.add_argument("--sweeps", action="store_true", help="only the N and V sweeps of the default preset")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per provider (>= 5), default 5")
     p.add_argument("--warmup", type=int, default=0,
                    help="extra untimed calls per provider before timing (the checked first call and the "
@@ -61,6 +62,8 @@ def select_cases(args) -> List[Case]:
         cases = [c for name in args.case for c in named[name]]
     elif args.quick:
         cases = presets.quick(device, dtype)
+    elif args.sweeps:
+        cases = presets.sweeps(device, dtype)
     else:
         cases = presets.default(device, dtype)
         if args.no_sweeps:
