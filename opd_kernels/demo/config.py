@@ -18,13 +18,20 @@ class ExperimentConfig:
     teacher_batch: int = 64
     # student: SFT-warmed on a small fixed set of additions plus the forgetting task
     student: ModelSize = ModelSize(hidden=48, layers=2, heads=4, intermediate=144)
-    warmup_steps: int = 300
+    warmup_max_steps: int = 1500
     warmup_lr: float = 3e-3
     warmup_batch: int = 64
-    warmup_addition_examples: int = 200
+    warmup_addition_fraction: float = 0.75   # of each warm-up batch; the rest is the reversal task
+    warmup_target: float = 0.3       # stop once this accuracy is reached on a validation split
+    validation_examples: int = 200   # addition prompts disjoint from the eval split, for the stop rule
     reversal_length: int = 5
     # the four methods: same optimizer, learning rate, prompts per step and token budget
-    method_lr: float = 1e-3
+    # per-method learning rates: the better of {1e-3, 3e-4} for each method in a sweep on seed 0
+    # (15k tokens; docs/demo.md): REINFORCE and sampled-token OPD diverge at 1e-3 with Adam
+    lr_dense_opd: float = 1e-3
+    lr_sampled_opd: float = 3e-4
+    lr_sft: float = 1e-3
+    lr_rl: float = 3e-4
     method_batch: int = 32
     token_budget: int = 30_000
     curve_points: int = 8
@@ -32,6 +39,9 @@ class ExperimentConfig:
     eval_examples: int = 500
     forgetting_eval_examples: int = 300
     seed: int = 0
+
+    def method_lr(self, method: str) -> float:
+        return getattr(self, f"lr_{method}")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -41,8 +51,8 @@ PRESETS = {
     "tiny": ExperimentConfig(
         name="tiny", digits=1,
         teacher=ModelSize(hidden=32, layers=1, heads=2, intermediate=64), teacher_steps=30, teacher_batch=32,
-        student=ModelSize(hidden=16, layers=1, heads=2, intermediate=32), warmup_steps=10, warmup_batch=16,
-        warmup_addition_examples=20, reversal_length=3, method_batch=8, token_budget=160, curve_points=2,
+        student=ModelSize(hidden=16, layers=1, heads=2, intermediate=32), warmup_max_steps=10, warmup_batch=16,
+        validation_examples=20, reversal_length=3, method_batch=8, token_budget=160, curve_points=2,
         eval_examples=40, forgetting_eval_examples=40,
     ),
     "quick": ExperimentConfig(name="quick", digits=2),

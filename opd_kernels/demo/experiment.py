@@ -91,23 +91,31 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
     timings["teacher"] = round(time.perf_counter() - t0, 1)
     log(f"teacher accuracy on {len(add_eval)} held-out additions: {teacher_acc:.3f}")
 
-    # ---- student warm start: a little addition (a fixed small set) + the forgetting task -------
+    # ---- student warm start: ground-truth SFT on both tasks until a modest addition accuracy ----
+    # The stop rule reads a validation split (disjoint from the eval split) every 25 steps, so the
+    # warm start is defined by its accuracy rather than by a step count: small models learn addition
+    # through a sharp transition whose step varies, and OPD is meant to start from a student that
+    # already has some competence (the methods are then compared on how they close the gap).
     t0 = time.perf_counter()
-    skey = _key(["student", tkey, cfg.student.as_dict(), cfg.warmup_steps, cfg.warmup_lr, cfg.warmup_batch,
-                 cfg.warmup_addition_examples, cfg.reversal_length, cfg.forgetting_eval_examples])
-    small_set = add.sample(random.Random(f"warm-set-{cfg.seed}"), cfg.warmup_addition_examples, add_exclude)
+    val = [ex for ex in add.eval_split(cfg.validation_examples + cfg.eval_examples, seed=cfg.seed + 99)
+           if ex[0] not in add_exclude][:cfg.validation_examples]
+    train_exclude = add_exclude | {p for p, _ in val}
+    skey = _key(["student", tkey, cfg.student.as_dict(), cfg.warmup_max_steps, cfg.warmup_lr, cfg.warmup_batch,
+                 cfg.warmup_addition_fraction, cfg.warmup_target, cfg.validation_examples, cfg.reversal_length, cfg.forgetting_eval_examples])
 
     def warm_student(model):
-        log(f"SFT warm-up of the student ({sum(p.numel() for p in model.parameters()):,} parameters, "
-            f"{cfg.warmup_addition_examples} addition examples + reversal, {cfg.warmup_steps} steps)")
-        half = cfg.warmup_batch // 2
-        draw = lambda rng: [[rng.choice(small_set) for _ in range(half)],   # noqa: E731
-                            rev.sample(rng, half, rev_exclude)]
-        train_supervised(model, ops, tok, draw, cfg.warmup_steps, cfg.warmup_lr, cfg.seed + 7, "warm-up",
-                         plen_of, quiet)
-        return {}
+        log(f"SFT warm-up of the student ({sum(p.numel() for p in model.parameters()):,} parameters) on "
+            f"addition + reversal until {cfg.warmup_target:.0%} validation accuracy on addition "
+            f"(at most {cfg.warmup_max_steps} steps)")
+        n_add = round(cfg.warmup_batch * cfg.warmup_addition_fraction)
+        draw = lambda rng: [add.sample(rng, n_add, train_exclude),  # noqa: E731
+                            rev.sample(rng, cfg.warmup_batch - n_add, rev_exclude)]
+        stop = lambda step: evaluate(model, tok, add, val) >= cfg.warmup_target  # noqa: E731
+        steps = train_supervised(model, ops, tok, draw, cfg.warmup_max_steps, cfg.warmup_lr, cfg.seed + 7,
+                                 "warm-up", plen_of, quiet, stop=stop)
+        return {"steps": steps, "addition_examples": steps * n_add, "validation_accuracy": evaluate(model, tok, add, val)}
 
-    student0, _, student_cached = _cached_model(
+    student0, smeta, student_cached = _cached_model(
         os.path.join(cache_dir, f"student-warm-{skey}.pt"),
         lambda: build_model(cfg.student, cfg.vocab_size, cfg.seed + 1), warm_student, log)
     warm_add = evaluate(student0, tok, add, add_eval)
@@ -120,7 +128,7 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
     for name in METHODS:
         student = copy.deepcopy(student0)
         res = run_method(name, student, teacher, ops, tok, add, budget=cfg.token_budget, batch=cfg.method_batch,
-                         lr=cfg.method_lr, curve_points=cfg.curve_points, seed=cfg.seed, exclude=add_exclude,
+                         lr=cfg.method_lr(name), curve_points=cfg.curve_points, seed=cfg.seed, exclude=train_exclude,
                          evaluate_fn=lambda m: evaluate(m, tok, add, add_eval), quiet=quiet)
         res["final_accuracy"] = res["curve"][-1][1]
         res["forgetting_task_accuracy_before"] = warm_rev
@@ -145,6 +153,7 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
         "teacher_cached": teacher_cached,
         "student_warmup_cached": student_cached,
         "student_warm_accuracy": warm_add,
+        "student_warmup": smeta,
         "methods": methods,
         "token_efficiency": efficiency(methods),
         "dense_opd_fraction_of_teacher": (methods["dense_opd"]["final_accuracy"] / teacher_acc

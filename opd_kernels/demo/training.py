@@ -5,7 +5,7 @@ import math
 import os
 import random
 import tempfile
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -55,16 +55,22 @@ def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
 
 def train_supervised(model, ops, tok: ByteTokenizer, draw: Callable[[random.Random], List[List[Example]]],
                      steps: int, lr: float, seed: int, desc: str, prompt_len_of: Callable[[List[Example]], int],
-                     quiet: bool = False) -> None:
-    """``steps`` AdamW steps of ground-truth SFT; ``draw(rng)`` returns the list of per-task example
-    batches for one step (tasks have different lengths, so each gets its own forward pass)."""
+                     quiet: bool = False, stop: Optional[Callable[[int], bool]] = None,
+                     stop_every: int = 25) -> int:
+    """At most ``steps`` AdamW steps of ground-truth SFT; returns the number of steps taken.
+
+    ``draw(rng)`` returns the list of per-task example batches for one step (tasks have different
+    lengths, so each gets its own forward pass). With ``stop``, the schedule is warm-up then
+    constant, and training ends early when ``stop(step)`` is true (checked every ``stop_every`` steps);
+    without, warm-up then cosine decay over ``steps``.
+    """
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     model.train()
     bar = tqdm(range(steps), desc=desc, disable=quiet, leave=False)
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup=max(1, steps // 20))
+            group["lr"] = lr_at(step, steps if stop is None else 10 ** 9, lr, warmup=max(1, steps // 20))
         loss = 0.0
         for examples in draw(rng):
             seq, mask = answer_batch(tok, examples)
@@ -75,7 +81,15 @@ def train_supervised(model, ops, tok: ByteTokenizer, draw: Callable[[random.Rand
         opt.step()
         if step % 50 == 0:
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        if stop is not None and (step + 1) % stop_every == 0:
+            model.eval()
+            done = stop(step + 1)
+            model.train()
+            if done:
+                break
+    bar.close()
     model.eval()
+    return step + 1
 
 
 def atomic_save(obj, path: str) -> None:
