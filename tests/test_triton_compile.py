@@ -1,12 +1,11 @@
 """Triton backend as torch ops: torch.compile(fullgraph=True) traces a module calling it (CPU, interpreter),
 torch.library.opcheck passes on each custom op, and every kernel compiles for sm_80/sm_90 (no GPU needed:
 Triton emits PTX and its bundled ptxas assembles it)."""
-import os
+from opd_kernels.triton.testing import enable_interpreter_without_cuda, need
 
-import torch
+enable_interpreter_without_cuda()  # before the kernels are created (by importing the backend below)
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # noqa: E402
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -17,12 +16,6 @@ import opd_kernels as ok  # noqa: E402
 from opd_kernels.backends import triton as tb  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
-
-
-def need_interpreter():
-    if not tb.INTERPRET:
-        pytest.skip("the Triton kernels in this process were compiled for CUDA (TRITON_INTERPRET unset); "
-                    "the CPU interpreter cases run in the CPU-only CI job")
 
 
 class Distill(torch.nn.Module):
@@ -41,7 +34,7 @@ class Distill(torch.nn.Module):
 
 @pytest.mark.interpret
 def test_compile_fullgraph_matches_eager():
-    need_interpreter()
+    need("cpu")
     torch._dynamo.reset()
     n, h, v = 13, 19, 301
     hs, ws, bs = torch.randn(n, h), torch.randn(v, h) * 0.5, torch.randn(v)
@@ -64,7 +57,7 @@ def test_compile_fullgraph_matches_eager():
 @pytest.mark.interpret
 def test_opcheck():
     """Schema, fake (meta) implementation, autograd registration and AOT dispatch of each custom op."""
-    need_interpreter()
+    need("cpu")
     n, h, v = 5, 17, 130
     hs, ws, bs = torch.randn(n, h, requires_grad=True), torch.randn(v, h, requires_grad=True), torch.randn(v)
     ht, wt = torch.randn(n, 9), torch.randn(v, 9)

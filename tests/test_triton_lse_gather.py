@@ -2,12 +2,11 @@
 float64 oracle: lse, gathered logits and entropy with every gradient. Interpreter on CPU (set before the
 kernels are created), compiled on CUDA.
 """
-import os
+from opd_kernels.triton.testing import DEVICES, assert_within, enable_interpreter_without_cuda, need
 
-import torch
+enable_interpreter_without_cuda()  # before the kernels are created (by importing the backend below)
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # noqa: E402
 
 import math  # noqa: E402
 
@@ -19,14 +18,7 @@ from opd_kernels.backends import triton as tb  # noqa: E402
 from oracle import FP32_TOL, compare_to_oracle, low_precision_bound  # noqa: E402
 
 TOL = FP32_TOL["triton"]
-DEVICES = [pytest.param("cpu", marks=pytest.mark.interpret), pytest.param("cuda", marks=pytest.mark.gpu)]
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
-
-
-def need(device):
-    if device == "cpu" and not tb.INTERPRET:
-        pytest.skip("the Triton kernels in this process were compiled for CUDA (TRITON_INTERPRET unset); "
-                    "the CPU interpreter cases run in the CPU-only CI job")
 
 
 def make(n, v_rows, h, *, device, dtype=torch.float32, spread=3.0):
@@ -34,11 +26,6 @@ def make(n, v_rows, h, *, device, dtype=torch.float32, spread=3.0):
     weight = (torch.randn(v_rows, h, device=device) * spread / math.sqrt(h)).to(dtype)
     bias = torch.randn(v_rows, device=device, dtype=dtype)
     return hidden, weight, bias
-
-
-def assert_close(errs, tol=TOL):
-    bad = {k: e for k, e in errs.items() if not e <= tol}
-    assert not bad, f"errors above {tol}: {bad} (all: {errs})"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -61,7 +48,7 @@ def test_primitive_all_outputs(device, softcap, temperature, scale):
 
     upstream = torch.randn(n * 8, device=device)
     errs = compare_to_oracle(flat(tb.lse_gather), flat(reference.lse_gather), [hidden, weight, bias], upstream)
-    assert_close(errs)
+    assert_within(errs, TOL)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -80,7 +67,7 @@ def test_linear_logprobs(device, return_entropy):
         return call
 
     upstream = torch.randn(n * (2 if return_entropy else 1), device=device)
-    assert_close(compare_to_oracle(fn(ok, backend="triton"), fn(reference), [hidden, weight], upstream))
+    assert_within(compare_to_oracle(fn(ok, backend="triton"), fn(reference), [hidden, weight], upstream), TOL)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -99,7 +86,7 @@ def test_topk_divergence(device, divergence, k, tail_bucket):
                                                         backend="triton", **opts)
     oracle = lambda h_, w_, b_: reference.linear_topk_divergence(h_, w_, top.indices, top.values.double(),
                                                                  student_bias=b_, **opts)
-    assert_close(compare_to_oracle(ours, oracle, [hidden, weight, bias]))
+    assert_within(compare_to_oracle(ours, oracle, [hidden, weight, bias]), TOL)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -117,8 +104,7 @@ def test_low_precision(device, dtype):
 
     errs = compare_to_oracle(fn(ok, backend="triton"), fn(reference), [hidden, weight, bias], upstream)
     naive = compare_to_oracle(fn(reference), fn(reference), [hidden, weight, bias], upstream)
-    bound = low_precision_bound(naive, dtype)
-    assert all(errs[k] <= bound[k] for k in errs), f"ours {errs} vs bound {bound} (naive {naive})"
+    assert_within(errs, low_precision_bound(naive, dtype))
 
 
 @pytest.mark.parametrize("device", DEVICES)

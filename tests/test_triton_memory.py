@@ -6,12 +6,11 @@ The mode sees the launchers' allocations when they are called directly, and the 
 autograd glue through the public op; the Triton kernels themselves allocate nothing (outputs are passed in).
 Shapes are chosen so that N*V is 4x larger than the largest input (V*H).
 """
-import os
+from opd_kernels.triton.testing import enable_interpreter_without_cuda, need
 
-import torch
+enable_interpreter_without_cuda()  # before the kernels are created (by importing the backend below)
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # noqa: E402
 
 import pytest  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
@@ -51,8 +50,7 @@ def check(sizes):
 
 @pytest.fixture
 def tensors():
-    if not tb.INTERPRET:
-        pytest.skip("the Triton kernels in this process were compiled for CUDA (TRITON_INTERPRET unset)")
+    need("cpu")
     return (torch.randn(N, H), torch.randn(V, H) * 0.3, torch.randn(V),
             torch.randn(N, H), torch.randn(V, H) * 0.3)
 
@@ -62,7 +60,7 @@ def test_divergence_launchers(tensors, divergence):
     hs, ws, bs, ht, wt = tensors
     opts = dict(divergence=divergence, beta=0.5, temperature=1.0, s_softcap=None, t_softcap=None,
                 s_scale=1.0, t_scale=1.0, vocab_size=V)
-    launch = tb._launch
+    launch = tb._kernels()
     with Allocations() as mode:
         values, stats = launch.divergence_forward(hs, ws, bs, ht, wt, None, **opts)
         launch.divergence_backward(torch.ones(N), stats, hs, ws, bs, ht, wt, None, filter_eps=0.0, **opts)
@@ -81,7 +79,7 @@ def test_public_divergence_forward_backward(tensors):
 def test_lse_gather(tensors):
     hs, ws, bs, _, _ = tensors
     ids = torch.randint(0, V, (N, 4))
-    launch = tb._launch
+    launch = tb._kernels()
     opts = dict(temperature=1.0, softcap=None, scale=1.0, vocab_size=V)
     with Allocations() as mode:
         lse, gathered, ent = launch.lse_gather_forward(hs, ws, bs, ids, **opts)

@@ -8,11 +8,14 @@ module calling them as opaque nodes. Reductions (mask, mean/sum/none, normalizer
 around the op (``opd_kernels._common.token_weights``), so the op's backward receives the per-token
 upstream gradient g_n with the mask and the weights already in it.
 
-Devices: CUDA tensors run compiled kernels; CPU tensors run only when the kernels were created under
-TRITON_INTERPRET=1 (``INTERPRET``; that is how the tests run them), else a ValueError says so.
+Devices: CUDA tensors run compiled kernels; CPU tensors run only under the Triton interpreter
+(TRITON_INTERPRET=1 set before triton is imported; ``INTERPRET``; that is how the tests run them), else a
+ValueError says so. Triton is imported on the first kernel launch, not with this module.
 fp64 inputs have no tensor-core path: they are handed to the pure-PyTorch backend (as is
 ``strategy="chunked"``; ``"materialize"`` goes to the reference).
 """
+import importlib.util
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -20,16 +23,26 @@ from torch import Tensor
 
 from .._common import reduce_per_token, token_weights
 
-try:
-    from ..triton import launch as _launch
-    AVAILABLE = True
-    UNAVAILABLE_REASON = ""
-    INTERPRET = _launch.INTERPRETED
-except Exception as e:  # triton missing or broken: the registry reports why and picks another backend
-    _launch = None
-    AVAILABLE = False
-    UNAVAILABLE_REASON = f"triton is not importable ({type(e).__name__}: {e})"
-    INTERPRET = False
+# Triton itself is imported on first use, not here: ``import opd_kernels`` imports every backend, and
+# importing triton fixes for the whole process whether its kernels (its own standard library included)
+# are interpreted. Importing it lazily lets a test set TRITON_INTERPRET=1 after ``import opd_kernels``.
+AVAILABLE = importlib.util.find_spec("triton") is not None
+UNAVAILABLE_REASON = "" if AVAILABLE else "triton is not installed (pip install triton)"
+# Whether the kernels run interpreted (CPU tensors only). Until they are created (first call) this is what
+# the environment asks for; afterwards what they are.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_launch = None
+
+
+def _kernels():
+    """The launcher module, importing triton and creating the kernels on first use. Called from the op
+    implementations only (never while torch.compile traces: they are opaque custom ops there)."""
+    global _launch, INTERPRET
+    if _launch is None:
+        from ..triton import launch
+        _launch, INTERPRET = launch, launch.INTERPRETED
+    return _launch
+
 
 # Default for ``filter_eps=None``: see docs/triton.md ("Choosing filter_eps") for the measurements.
 DEFAULT_FILTER_EPS = 0.0
@@ -46,7 +59,7 @@ def _divergence_op(student_hidden: Tensor, student_weight: Tensor, student_bias:
                    vocab_size: int, filter_eps: float) -> Tuple[Tensor, Tensor]:
     """Per-token values (N,) fp32 and row statistics (3, N) fp32 ([L_s, L_t, c], see divergence_fwd.py).
     ``filter_eps`` is only carried to the backward."""
-    return _launch.divergence_forward(
+    return _kernels().divergence_forward(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
         divergence=divergence, beta=beta, temperature=temperature, s_softcap=student_softcap,
         t_softcap=teacher_softcap, s_scale=student_scale, t_scale=teacher_scale, vocab_size=vocab_size)
@@ -69,7 +82,7 @@ def _divergence_backward_op(grad_values: Tensor, stats: Tensor, student_hidden: 
                             teacher_scale: float, vocab_size: int,
                             filter_eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     """(dH_s, dW_s, db_s) in the student's dtype; db_s is empty (0,) when there is no student bias."""
-    dh, dw, db = _launch.divergence_backward(
+    dh, dw, db = _kernels().divergence_backward(
         grad_values, stats, student_hidden, student_weight, student_bias, teacher_hidden,
         teacher_weight, teacher_bias, divergence=divergence, beta=beta, temperature=temperature,
         s_softcap=student_softcap, t_softcap=teacher_softcap, s_scale=student_scale,
@@ -136,7 +149,7 @@ def _lse_gather_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ids: 
                    temperature: float, softcap: Optional[float], scale: float,
                    vocab_size: int) -> Tuple[Tensor, Tensor, Tensor]:
     """(lse (N,), gathered (N, k), entropy (N,)), fp32. The entropy costs one extra FMA per logit."""
-    return _launch.lse_gather_forward(hidden, weight, bias, ids, temperature=temperature,
+    return _kernels().lse_gather_forward(hidden, weight, bias, ids, temperature=temperature,
                                       softcap=softcap, scale=scale, vocab_size=vocab_size)
 
 
@@ -153,7 +166,7 @@ def _lse_gather_backward_op(grad_lse: Tensor, grad_gathered: Tensor, grad_entrop
                             ids: Tensor, temperature: float, softcap: Optional[float], scale: float,
                             vocab_size: int) -> Tuple[Tensor, Tensor, Tensor]:
     """(dh, dw, db) in the inputs' dtypes; db is empty (0,) without a bias."""
-    dh, dw, db = _launch.lse_gather_backward(
+    dh, dw, db = _kernels().lse_gather_backward(
         grad_lse, grad_gathered, grad_entropy, lse, entropy, hidden, weight, bias, ids,
         temperature=temperature, softcap=softcap, scale=scale, vocab_size=vocab_size)
     return (dh.to(hidden.dtype), dw.to(weight.dtype),
@@ -211,7 +224,7 @@ def lse_gather(hidden, weight, ids, *, bias, temperature, softcap, scale, vocab_
 def _logits_op(student_logits: Tensor, teacher_logits: Tensor, divergence: str, beta: float,
                temperature: float, vocab_size: int) -> Tuple[Tensor, Tensor]:
     """Per-token values (N,) fp32 and row statistics (3, N) fp32, as _divergence_op."""
-    return _launch.logits_forward(student_logits, teacher_logits, divergence=divergence, beta=beta,
+    return _kernels().logits_forward(student_logits, teacher_logits, divergence=divergence, beta=beta,
                                   temperature=temperature, vocab_size=vocab_size)
 
 
@@ -226,7 +239,7 @@ def _(student_logits, *args):
 def _logits_backward_op(grad_values: Tensor, stats: Tensor, student_logits: Tensor, teacher_logits: Tensor,
                         divergence: str, beta: float, temperature: float, vocab_size: int) -> Tensor:
     """d loss / d student_logits, (N, V_s) in the student's dtype (zeros beyond vocab_size)."""
-    return _launch.logits_backward(grad_values, stats, student_logits, teacher_logits,
+    return _kernels().logits_backward(grad_values, stats, student_logits, teacher_logits,
                                    divergence=divergence, beta=beta, temperature=temperature,
                                    vocab_size=vocab_size)
 
@@ -281,7 +294,17 @@ def _opt_float(x) -> Optional[float]:
 
 
 def _check_runnable(**tensors: Tensor) -> None:
+    """Triton runs CUDA tensors compiled, CPU tensors only interpreted. Reads flags only: no import here,
+    since torch.compile traces this function."""
     if not AVAILABLE:
         raise ValueError(f"backend: 'triton' is unavailable: {UNAVAILABLE_REASON}")
     for name, t in tensors.items():
-        _launch.check_device(t, name)
+        if t.device.type == "cuda" and INTERPRET:
+            raise ValueError(f"{name} is on {t.device}, but the Triton kernels run interpreted "
+                             "(TRITON_INTERPRET=1, CPU only); unset it to run them on the GPU")
+        if t.device.type == "cpu" and not INTERPRET:
+            raise ValueError(
+                f"{name} is on cpu: the triton backend runs CUDA tensors, or CPU tensors when "
+                "TRITON_INTERPRET=1 was set before triton was imported; use backend='cpp' or 'torch'")
+        if t.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{name} is on {t.device}: the triton backend runs CUDA tensors")

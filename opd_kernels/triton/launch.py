@@ -17,7 +17,6 @@ from .divergence_math import FORWARD_KL, JSD, REVERSE_KL
 from .gather import gather_bwd_kernel, gather_fwd_kernel
 from .logits import logits_bwd_kernel, logits_fwd_kernel
 from .lse import lse_bwd_kernel, lse_fwd_kernel
-from .tiles import tanh  # noqa: F401  (re-exported for tests of the helpers)
 
 # Decided when this module (hence the kernels) was imported; see opd_kernels/triton/__init__.py.
 INTERPRETED = type(lse_fwd_kernel).__name__ == "InterpretedFunction"
@@ -66,21 +65,6 @@ def dot_precision(dtype: torch.dtype) -> str:
 def _options(blocks: Blocks) -> dict:
     return dict(BLOCK_N=blocks.n, BLOCK_V=blocks.v, BLOCK_K=blocks.k,
                 num_warps=blocks.num_warps, num_stages=blocks.num_stages)
-
-
-def check_device(t: torch.Tensor, name: str) -> None:
-    """Triton runs CUDA tensors compiled, CPU tensors only when interpreted."""
-    if t.device.type == "cuda":
-        if INTERPRETED:
-            raise ValueError(f"{name} is on {t.device}, but the Triton kernels were created under "
-                             "TRITON_INTERPRET=1 (CPU only); unset it to run them on the GPU")
-        return
-    if t.device.type == "cpu" and INTERPRETED:
-        return
-    raise ValueError(
-        f"{name} is on {t.device}: the triton backend runs CUDA tensors, or CPU tensors when "
-        "TRITON_INTERPRET=1 was set before triton and opd_kernels' Triton kernels were imported; "
-        "use backend='cpp' or backend='torch' for CPU tensors")
 
 
 def _jsd_constants(divergence: str, beta: float):
