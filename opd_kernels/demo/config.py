@@ -1,7 +1,7 @@
 """Presets of the demo experiment: ``tiny`` (tests), ``quick`` (CI, < 3 min) and ``default``."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 from .models import ModelSize
 
@@ -16,7 +16,7 @@ class ExperimentConfig:
     teacher_steps: int = 800
     teacher_lr: float = 3e-3
     teacher_batch: int = 64
-    # student: SFT-warmed on a small fixed set of additions plus the forgetting task
+    # student: SFT-warmed on ground truth (addition + the forgetting task) until warmup_target
     student: ModelSize = ModelSize(hidden=48, layers=2, heads=4, intermediate=144)
     warmup_max_steps: int = 1500
     warmup_lr: float = 3e-3
@@ -25,7 +25,7 @@ class ExperimentConfig:
     warmup_target: float = 0.3       # stop once this accuracy is reached on a validation split
     validation_examples: int = 200   # addition prompts disjoint from the eval split, for the stop rule
     reversal_length: int = 5
-    # the four methods: same optimizer, learning rate, prompts per step and token budget
+    # the four methods: same optimizer (AdamW, constant lr), prompts per step and token budget;
     # per-method learning rates: the better of {1e-3, 3e-4} for each method in a sweep on seed 0
     # (15k tokens; docs/demo.md): REINFORCE and sampled-token OPD diverge at 1e-3 with Adam
     lr_dense_opd: float = 1e-3
@@ -55,8 +55,9 @@ PRESETS = {
         validation_examples=20, reversal_length=3, method_batch=8, token_budget=160, curve_points=2,
         eval_examples=40, forgetting_eval_examples=40,
     ),
-    "quick": ExperimentConfig(name="quick", digits=2),
-    "default": ExperimentConfig(name="default", digits=2),
+    "quick": ExperimentConfig(name="quick", digits=2, token_budget=16_000, curve_points=4, eval_examples=300,
+                              forgetting_eval_examples=200, validation_examples=150),
+    "default": ExperimentConfig(name="default", digits=2, token_budget=60_000, curve_points=12),
 }
 
 
