@@ -211,3 +211,31 @@ def test_filter_eps(device, divergence):
     assert torch.equal(exact, filtered)
     for g, r in zip(g_filtered, g_exact):
         assert (g - r).abs().max() <= 1e-4 * r.abs().max()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_dtypes(device):
+    """bf16 student, fp32 teacher (each model in its own dtype): within 2x the same-dtype naive error."""
+    need(device)
+    hs, ws, _, _, _, _ = make(17, 700, 24, 24, device=device, dtype=torch.bfloat16)
+    _, _, _, ht, wt, _ = make(17, 700, 24, 40, device=device)
+    ours = lambda h, w: ok.linear_divergence(h, w, ht, wt, backend="triton", reduction="sum")
+
+    def oracle(h, w):  # the oracle in float64; the naive computation with an fp32 teacher
+        t_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+        return reference.linear_divergence(h, w, ht.to(t_dtype), wt.to(t_dtype), reduction="sum")
+
+    errs = compare_to_oracle(ours, oracle, [hs, ws])
+    naive = compare_to_oracle(oracle, oracle, [hs, ws])
+    assert_within(errs, low_precision_bound(naive, torch.bfloat16))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp64_and_chunked_go_to_the_torch_backend(device):
+    """No fp64 tensor-core path and no Triton 'chunked' strategy: both run the torch backend, same result."""
+    need(device)
+    hs, ws, _, ht, wt, _ = make(9, 300, 20, 20, device=device)
+    for args, strategy in (([x.double() for x in (hs, ws, ht, wt)], "fused"), ([hs, ws, ht, wt], "chunked")):
+        got = ok.linear_divergence(*args, backend="triton", strategy=strategy)
+        want = ok.linear_divergence(*args, backend="torch", strategy="chunked")
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

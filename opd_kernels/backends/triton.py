@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .._common import reduce_per_token, token_weights
+from . import pytorch as _pytorch  # runs what the fused kernels do not (fp64, strategy 'chunked')
 
 # Triton itself is imported on first use, not here: ``import opd_kernels`` imports every backend, and
 # importing triton fixes for the whole process whether its kernels (its own standard library included)
@@ -121,8 +122,7 @@ def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_we
                       filter_eps):
     """docs/internals.md ``linear_divergence`` with strategy "fused" (also for "auto")."""
     if strategy in ("chunked", "materialize") or torch.float64 in (student_hidden.dtype, teacher_hidden.dtype):
-        from . import pytorch
-        return pytorch.linear_divergence(
+        return _pytorch.linear_divergence(
             student_hidden, student_weight, teacher_hidden, teacher_weight, divergence=divergence,
             beta=beta, temperature=temperature, student_bias=student_bias, teacher_bias=teacher_bias,
             student_softcap=student_softcap, teacher_softcap=teacher_softcap,
@@ -207,8 +207,7 @@ def lse_gather(hidden, weight, ids, *, bias, temperature, softcap, scale, vocab_
 
     With no gradient required (the teacher-side gather) no autograd node is recorded."""
     if hidden.dtype == torch.float64:
-        from . import pytorch
-        return pytorch.lse_gather(hidden, weight, ids, bias=bias, temperature=temperature,
+        return _pytorch.lse_gather(hidden, weight, ids, bias=bias, temperature=temperature,
                                   softcap=softcap, scale=scale, vocab_size=vocab_size,
                                   return_entropy=return_entropy)
     _check_runnable(hidden=hidden)
@@ -267,8 +266,7 @@ def logits_divergence(student_logits, teacher_logits, *, divergence, beta, tempe
     """docs/internals.md ``logits_divergence``: one pass over vocab tiles (jsd: two), logits read in their
     own dtype; the backward writes the (N, V_s) logits gradient tile by tile."""
     if torch.float64 in (student_logits.dtype, teacher_logits.dtype):
-        from . import pytorch
-        return pytorch.logits_divergence(student_logits, teacher_logits, divergence=divergence, beta=beta,
+        return _pytorch.logits_divergence(student_logits, teacher_logits, divergence=divergence, beta=beta,
                                          temperature=temperature, vocab_size=vocab_size, mask=mask,
                                          reduction=reduction, normalizer=normalizer)
     _check_runnable(student_logits=student_logits, teacher_logits=teacher_logits)

@@ -53,11 +53,11 @@ def gather_block_j(k: int) -> int:
     return min(64 if INTERPRETED else 16, triton.next_power_of_2(k))
 
 
-def dot_precision(dtype: torch.dtype) -> str:
+def dot_precision(*dtypes: torch.dtype) -> str:
     """fp32 inputs use exact fp32 products ("ieee"); TF32 would cost ~1e-3 relative error, 10x the
     backend tolerance (ignored for bf16/fp16). Under the interpreter bf16 operands are multiplied in fp32
     ("upcast", see tiles.mma)."""
-    if INTERPRETED and dtype == torch.bfloat16:
+    if INTERPRETED and torch.bfloat16 in dtypes:
         return "upcast"
     return "ieee"
 
@@ -92,7 +92,7 @@ def divergence_forward(hs, ws, bs: Optional[torch.Tensor], ht, wt, bt: Optional[
         1.0 / temperature, float(beta), log_1mb, log_b,
         DIVERGENCE=_DIVERGENCE_IDS[divergence], S_BIAS=bs is not None, T_BIAS=bt is not None,
         S_SOFTCAP=s_softcap is not None, T_SOFTCAP=t_softcap is not None,
-        DOT_PRECISION=dot_precision(hs.dtype), **_options(blocks))
+        DOT_PRECISION=dot_precision(hs.dtype, ht.dtype), **_options(blocks))
     return values, stats
 
 
@@ -116,7 +116,7 @@ def divergence_backward(grad, stats, hs, ws, bs, ht, wt, bt, *, divergence: str,
         1.0 / temperature, float(beta), log_1mb, log_b, float(filter_eps),
         DIVERGENCE=_DIVERGENCE_IDS[divergence], S_BIAS=bs is not None, T_BIAS=bt is not None,
         S_SOFTCAP=s_softcap is not None, T_SOFTCAP=t_softcap is not None,
-        DOT_PRECISION=dot_precision(hs.dtype), **_options(blocks))
+        DOT_PRECISION=dot_precision(hs.dtype, ht.dtype), **_options(blocks))
     return dhs, dws, dbs
 
 
