@@ -58,6 +58,11 @@ def variants(dtype: str):
     for div, i in launch._DIVERGENCE_IDS.items():
         yield f"divergence_fwd[{div}]", divergence_fwd_kernel, dict(DIVERGENCE=i, **two), opts
         yield f"divergence_bwd[{div}]", divergence_bwd_kernel, dict(DIVERGENCE=i, **two), opts
+    # no biases: the launcher passes None for the bias pointers (constexpr None in the signature)
+    bare = dict(two, S_BIAS=False, T_BIAS=False, S_SOFTCAP=False, T_SOFTCAP=False, bs_ptr=None, bt_ptr=None,
+                dbs_ptr=None)
+    yield "divergence_fwd[reverse_kl,no bias]", divergence_fwd_kernel, dict(DIVERGENCE=0, **bare), opts
+    yield "divergence_bwd[reverse_kl,no bias]", divergence_bwd_kernel, dict(DIVERGENCE=0, **bare), opts
     yield "lse_fwd", lse_fwd_kernel, one, opts
     yield "lse_bwd", lse_bwd_kernel, one, opts
     gather = dict(HAS_BIAS=True, HAS_SOFTCAP=True, BLOCK_J=16, BLOCK_K=b.k)
@@ -117,10 +122,11 @@ def check(archs=(90, 80), dtypes=("bf16", "fp16", "fp32")) -> list:
     for arch in archs:
         for dtype in dtypes:
             for name, kernel, constexprs, opts in variants(dtype):
+                constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
                 src = ASTSource(fn=kernel, signature=_signature(kernel, dtype, constexprs),
                                 constexprs=constexprs)
                 compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
-                lines.append(f"sm_{arch} {dtype:4s} {name:26s} shared={compiled.metadata.shared}B "
+                lines.append(f"sm_{arch} {dtype:4s} {name:36s} shared={compiled.metadata.shared}B "
                              f"{_ptxas_report(compiled.asm['ptx'], arch)}")
     return lines
 
