@@ -4,6 +4,7 @@ Inputs arrive validated and flattened (docs/internals.md): hidden (N, H) and wei
 one floating dtype per model, ``vocab_size`` V <= V_m. Every allocation here is O(N) or a gradient
 accumulator shaped like an input (fp32 N x H, V_m x H): none is N x V.
 """
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -67,6 +68,11 @@ def _options(blocks: Blocks) -> dict:
                 num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
 
+def _on(device: torch.device):
+    """Launch on the tensors' GPU, not on whatever device is current."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _jsd_constants(divergence: str, beta: float):
     """log(1 - beta) and log(beta) for jsd (0 < beta < 1 there; the ends are forward/reverse KL)."""
     if divergence != "jsd":
@@ -85,14 +91,15 @@ def divergence_forward(hs, ws, bs: Optional[torch.Tensor], ht, wt, bt: Optional[
         return values, stats
     blocks = blocks_for(hs.device, hs.dtype)
     log_1mb, log_b = _jsd_constants(divergence, beta)
-    divergence_fwd_kernel[(triton.cdiv(n, blocks.n),)](
-        hs, ws, bs, ht, wt, bt, values, stats,
-        n, vocab_size, hs.shape[1], ht.shape[1],
-        float(s_scale), float(s_softcap or 1.0), float(t_scale), float(t_softcap or 1.0),
-        1.0 / temperature, float(beta), log_1mb, log_b,
-        DIVERGENCE=_DIVERGENCE_IDS[divergence], S_BIAS=bs is not None, T_BIAS=bt is not None,
-        S_SOFTCAP=s_softcap is not None, T_SOFTCAP=t_softcap is not None,
-        DOT_PRECISION=dot_precision(hs.dtype, ht.dtype), **_options(blocks))
+    with _on(hs.device):
+        divergence_fwd_kernel[(triton.cdiv(n, blocks.n),)](
+            hs, ws, bs, ht, wt, bt, values, stats,
+            n, vocab_size, hs.shape[1], ht.shape[1],
+            float(s_scale), float(s_softcap or 1.0), float(t_scale), float(t_softcap or 1.0),
+            1.0 / temperature, float(beta), log_1mb, log_b,
+            DIVERGENCE=_DIVERGENCE_IDS[divergence], S_BIAS=bs is not None, T_BIAS=bt is not None,
+            S_SOFTCAP=s_softcap is not None, T_SOFTCAP=t_softcap is not None,
+            DOT_PRECISION=dot_precision(hs.dtype, ht.dtype), **_options(blocks))
     return values, stats
 
 
@@ -109,14 +116,15 @@ def divergence_backward(grad, stats, hs, ws, bs, ht, wt, bt, *, divergence: str,
     blocks = blocks_for(hs.device, hs.dtype)
     log_1mb, log_b = _jsd_constants(divergence, beta)
     grid = (triton.cdiv(n, blocks.n), triton.cdiv(vocab_size, blocks.v))
-    divergence_bwd_kernel[grid](
-        hs, ws, bs, ht, wt, bt, stats, grad.to(torch.float32).contiguous(), dhs, dws, dbs,
-        n, vocab_size, h_s, ht.shape[1],
-        float(s_scale), float(s_softcap or 1.0), float(t_scale), float(t_softcap or 1.0),
-        1.0 / temperature, float(beta), log_1mb, log_b, float(filter_eps),
-        DIVERGENCE=_DIVERGENCE_IDS[divergence], S_BIAS=bs is not None, T_BIAS=bt is not None,
-        S_SOFTCAP=s_softcap is not None, T_SOFTCAP=t_softcap is not None,
-        DOT_PRECISION=dot_precision(hs.dtype, ht.dtype), **_options(blocks))
+    with _on(hs.device):
+        divergence_bwd_kernel[grid](
+            hs, ws, bs, ht, wt, bt, stats, grad.to(torch.float32).contiguous(), dhs, dws, dbs,
+            n, vocab_size, h_s, ht.shape[1],
+            float(s_scale), float(s_softcap or 1.0), float(t_scale), float(t_softcap or 1.0),
+            1.0 / temperature, float(beta), log_1mb, log_b, float(filter_eps),
+            DIVERGENCE=_DIVERGENCE_IDS[divergence], S_BIAS=bs is not None, T_BIAS=bt is not None,
+            S_SOFTCAP=s_softcap is not None, T_SOFTCAP=t_softcap is not None,
+            DOT_PRECISION=dot_precision(hs.dtype, ht.dtype), **_options(blocks))
     return dhs, dws, dbs
 
 
@@ -130,15 +138,16 @@ def lse_gather_forward(h, w, b, ids, *, temperature: float, softcap, scale: floa
         return lse, gathered, ent
     blocks = blocks_for(h.device, h.dtype)
     common = dict(HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None)
-    lse_fwd_kernel[(triton.cdiv(n, blocks.n),)](
-        h, w, b, lse, ent, n, vocab_size, h.shape[1], float(scale), float(softcap or 1.0),
-        1.0 / temperature, DOT_PRECISION=dot_precision(h.dtype), **common, **_options(blocks))
-    if k > 0:
-        block_j = gather_block_j(k)
-        gather_fwd_kernel[(n, triton.cdiv(k, block_j))](
-            h, w, b, ids, gathered, k, h.shape[1], float(scale), float(softcap or 1.0),
-            1.0 / temperature, BLOCK_J=block_j, BLOCK_K=blocks.k, num_warps=4 if not INTERPRETED else 1,
-            **common)
+    with _on(h.device):
+        lse_fwd_kernel[(triton.cdiv(n, blocks.n),)](
+            h, w, b, lse, ent, n, vocab_size, h.shape[1], float(scale), float(softcap or 1.0),
+            1.0 / temperature, DOT_PRECISION=dot_precision(h.dtype), **common, **_options(blocks))
+        if k > 0:
+            block_j = gather_block_j(k)
+            gather_fwd_kernel[(n, triton.cdiv(k, block_j))](
+                h, w, b, ids, gathered, k, h.shape[1], float(scale), float(softcap or 1.0),
+                1.0 / temperature, BLOCK_J=block_j, BLOCK_K=blocks.k, num_warps=1 if INTERPRETED else 4,
+                **common)
     return lse, gathered, ent
 
 
@@ -158,16 +167,17 @@ def lse_gather_backward(g_lse, g_gathered, g_ent, lse, ent, h, w, b, ids, *, tem
     g_lse = torch.zeros(n, **f32) if g_lse is None else g_lse.to(torch.float32).contiguous()
     g_ent = torch.zeros(n, **f32) if g_ent is None else g_ent.to(torch.float32).contiguous()
     grid = (triton.cdiv(n, blocks.n), triton.cdiv(vocab_size, blocks.v))
-    lse_bwd_kernel[grid](
-        h, w, b, lse, ent, g_lse, g_ent, dh, dw, db, n, vocab_size, hdim, float(scale),
-        float(softcap or 1.0), 1.0 / temperature, DOT_PRECISION=dot_precision(h.dtype), **common,
-        **_options(blocks))
-    if k > 0 and g_gathered is not None:
-        block_j = gather_block_j(k)
-        gather_bwd_kernel[(n, triton.cdiv(k, block_j))](
-            h, w, b, ids, g_gathered.to(torch.float32).contiguous(), dh, dw, db, k, hdim,
-            float(scale), float(softcap or 1.0), 1.0 / temperature, BLOCK_J=block_j,
-            BLOCK_K=blocks.k, num_warps=4 if not INTERPRETED else 1, **common)
+    with _on(h.device):
+        lse_bwd_kernel[grid](
+            h, w, b, lse, ent, g_lse, g_ent, dh, dw, db, n, vocab_size, hdim, float(scale),
+            float(softcap or 1.0), 1.0 / temperature, DOT_PRECISION=dot_precision(h.dtype), **common,
+            **_options(blocks))
+        if k > 0 and g_gathered is not None:
+            block_j = gather_block_j(k)
+            gather_bwd_kernel[(n, triton.cdiv(k, block_j))](
+                h, w, b, ids, g_gathered.to(torch.float32).contiguous(), dh, dw, db, k, hdim,
+                float(scale), float(softcap or 1.0), 1.0 / temperature, BLOCK_J=block_j,
+                BLOCK_K=blocks.k, num_warps=1 if INTERPRETED else 4, **common)
     return dh, dw, db
 
 
@@ -187,10 +197,11 @@ def logits_forward(s, t, *, divergence: str, beta: float, temperature: float, vo
         return values, stats
     b = logits_blocks()
     log_1mb, log_b = _jsd_constants(divergence, beta)
-    logits_fwd_kernel[(triton.cdiv(n, b.n),)](
-        s, t, values, stats, n, vocab_size, s.shape[1], t.shape[1], 1.0 / temperature, float(beta),
-        log_1mb, log_b, DIVERGENCE=_DIVERGENCE_IDS[divergence], BLOCK_N=b.n, BLOCK_V=b.v,
-        num_warps=b.num_warps, num_stages=b.num_stages)
+    with _on(s.device):
+        logits_fwd_kernel[(triton.cdiv(n, b.n),)](
+            s, t, values, stats, n, vocab_size, s.shape[1], t.shape[1], 1.0 / temperature, float(beta),
+            log_1mb, log_b, DIVERGENCE=_DIVERGENCE_IDS[divergence], BLOCK_N=b.n, BLOCK_V=b.v,
+            num_warps=b.num_warps, num_stages=b.num_stages)
     return values, stats
 
 
@@ -203,8 +214,9 @@ def logits_backward(grad, stats, s, t, *, divergence: str, beta: float, temperat
         return ds
     b = logits_blocks()
     log_1mb, log_b = _jsd_constants(divergence, beta)
-    logits_bwd_kernel[(triton.cdiv(n, b.n), triton.cdiv(v_s, b.v))](
-        s, t, stats, grad.to(torch.float32).contiguous(), ds, n, vocab_size, v_s, t.shape[1],
-        1.0 / temperature, float(beta), log_1mb, log_b, DIVERGENCE=_DIVERGENCE_IDS[divergence],
-        BLOCK_N=b.n, BLOCK_V=b.v, num_warps=b.num_warps, num_stages=b.num_stages)
+    with _on(s.device):
+        logits_bwd_kernel[(triton.cdiv(n, b.n), triton.cdiv(v_s, b.v))](
+            s, t, stats, grad.to(torch.float32).contiguous(), ds, n, vocab_size, v_s, t.shape[1],
+            1.0 / temperature, float(beta), log_1mb, log_b, DIVERGENCE=_DIVERGENCE_IDS[divergence],
+            BLOCK_N=b.n, BLOCK_V=b.v, num_warps=b.num_warps, num_stages=b.num_stages)
     return ds
