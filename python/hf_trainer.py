@@ -37,9 +37,12 @@ class FusedDistillationTrainer(Trainer):
         self.sampler.sync(student)
         prompts = [ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
         batch = self.sampler.sample(prompts)
-        loss = hf.distillation_loss(student, self.teacher_model, batch.input_ids,
-                                    attention_mask=batch.attention_mask, loss_mask=batch.loss_mask,
-                                    divergence=self.divergence, beta=self.beta)
+        # The fused loss calls the decoder stack directly, not the (autocast-wrapped) model forward:
+        # enter the Trainer's mixed-precision context explicitly (a no-op without --bf16/--fp16).
+        with self.accelerator.autocast():
+            loss = hf.distillation_loss(student, self.teacher_model, batch.input_ids,
+                                        attention_mask=batch.attention_mask, loss_mask=batch.loss_mask,
+                                        divergence=self.divergence, beta=self.beta)
         return (loss, None) if return_outputs else loss
 
 
@@ -57,6 +60,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--output-dir", default=None)
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (the Trainer's autocast)")
     args = p.parse_args(argv)
 
     from plain_loop import load  # same directory: tiny:<family> or a local model path
@@ -69,7 +73,7 @@ def main(argv=None):
     targs = TrainingArguments(output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                               learning_rate=args.lr, lr_scheduler_type="constant", logging_steps=1,
                               save_strategy="no", report_to=[], remove_unused_columns=False,
-                              use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+                              use_cpu=not torch.cuda.is_available(), disable_tqdm=True, bf16=args.bf16)
     trainer = FusedDistillationTrainer(model=student, args=targs, train_dataset=prompts,
                                        data_collator=collate_prompts, teacher_model=teacher, max_new_tokens=8)
     trainer.train()

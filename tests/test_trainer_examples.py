@@ -30,9 +30,26 @@ def test_plain_loop_reduces_held_out_divergence():
     assert out["held_out_after"] < 0.95 * out["held_out_before"], out
 
 
-def test_hf_trainer_compute_loss_override_trains(tmp_path):
-    out = load_example("hf_trainer").main(["--steps", "2", "--batch-size", "2", "--output-dir", str(tmp_path)])
+@pytest.fixture
+def autocast_seen(monkeypatch):
+    """Records, for every decoder call of opd_kernels.hf, whether autocast was on."""
+    import opd_kernels.hf.loss as hf_loss
+
+    seen, real_hidden_states = [], hf_loss.hidden_states
+
+    def spy(model, *args, **kwargs):
+        seen.append(torch.is_autocast_enabled(next(model.parameters()).device.type))
+        return real_hidden_states(model, *args, **kwargs)
+
+    monkeypatch.setattr(hf_loss, "hidden_states", spy)
+    return seen
+
+
+def test_hf_trainer_compute_loss_override_trains(tmp_path, autocast_seen):
+    out = load_example("hf_trainer").main(["--steps", "2", "--batch-size", "2", "--output-dir", str(tmp_path),
+                                           "--bf16"])
     assert len(out["losses"]) == 2 and all(0 < x < 100 for x in out["losses"])
+    assert autocast_seen == [True] * 4  # student and teacher, 2 steps: under the Trainer's bf16 autocast
     trained = out["trainer"].model
     untrained = tiny_causal_lm("qwen3", seed=0)  # hf_trainer.py's student
     assert not torch.equal(untrained.lm_head.weight, trained.lm_head.weight.cpu())
@@ -42,7 +59,8 @@ def test_trl_example_imports_without_trl_and_its_loss_is_gkds():
     module = load_example("trl_gkd")
     if module.GKDTrainer is None:
         assert module.main([]) is None  # prints "skipped: trl is not installed ..."
-    student, teacher = tiny_causal_lm("llama", seed=2), tiny_causal_lm("llama", seed=3, hidden_size=48)
+    seed = int(torch.randint(0, 2**31 - 2, ()))
+    student, teacher = tiny_causal_lm("llama", seed=seed), tiny_causal_lm("llama", seed=seed + 1, hidden_size=48)
     # GKD-style batch: unpadded prompt of width P, completions right-padded (labels -100, attention 0).
     P, T = 4, 11
     ids = torch.randint(3, 131, (2, T))
@@ -52,14 +70,16 @@ def test_trl_example_imports_without_trl_and_its_loss_is_gkds():
     labels[1, 8:] = -100
     labels[:, :P] = -100
     inputs = {"input_ids": ids, "attention_mask": attn, "labels": labels}
-    for beta in (0.0, 0.5, 1.0):
-        fused = module.fused_gkd_loss(student, teacher, inputs, beta=beta, prompt_length=P)
-        # GKD: generalized_jsd_loss(student_logits[:, P-1:-1], teacher_logits[:, P-1:-1], labels[:, P:], beta)
-        zs = student(input_ids=ids, attention_mask=attn).logits[:, P - 1:-1].double()
+    for beta, n_items in ((0.0, None), (0.5, None), (1.0, None), (0.5, 23)):
+        fused = module.fused_gkd_loss(student, teacher, inputs, beta=beta, num_items_in_batch=n_items)
+        # GKD: generalized_jsd_loss(student_logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:], beta,
+        #                           num_items_in_batch) - sum over labelled tokens / (n_items or their count)
+        zs = student(input_ids=ids, attention_mask=attn).logits[:, :-1].double()
         with torch.no_grad():
-            zt = teacher(input_ids=ids, attention_mask=attn).logits[:, P - 1:-1].double()
-        want = ref.logits_divergence(zs, zt, divergence="jsd", beta=beta, mask=labels[:, P:] != -100)
-        assert abs(float(fused) - float(want)) <= 5e-5 * abs(float(want)), beta
+            zt = teacher(input_ids=ids, attention_mask=attn).logits[:, :-1].double()
+        want = ref.logits_divergence(zs, zt, divergence="jsd", beta=beta, mask=labels[:, 1:] != -100,
+                                     normalizer=n_items)
+        assert abs(float(fused.detach()) - float(want)) <= 5e-5 * abs(float(want)), (beta, n_items)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("trl") is not None, reason="trl is installed")
@@ -76,3 +96,37 @@ def test_memory_script_paths_agree_and_fused_uses_less():
     logits, fused = rows
     assert abs(fused["loss"] - logits["loss"]) <= 5e-5 * abs(logits["loss"])
     assert fused["peak_mib"] < 0.5 * logits["peak_mib"], rows
+
+
+def _rel(a, b):
+    return abs(float(a.detach()) - float(b.detach())) / abs(float(b.detach()))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl is not installed")
+def test_fused_gkd_trainer_equals_gkd_and_trains(tmp_path, autocast_seen):
+    module = load_example("trl_gkd")
+
+    def trainer_for(bf16):
+        student, teacher, tokenizer, dataset, config = module._tiny_setup(1, str(tmp_path / str(bf16)), bf16=bf16)
+        return module.FusedGKDTrainer(model=student, teacher_model=teacher, args=config,
+                                      processing_class=tokenizer, train_dataset=dataset), dataset
+
+    # fp32: the fused loss is GKD's loss (TRL's own compute_loss on the same collated batch).
+    trainer, dataset = trainer_for(False)
+    batch = trainer.data_collator([dataset[i] for i in range(4)])
+    for n_items in (None, 37):
+        fused = trainer.compute_loss(trainer.model, batch, num_items_in_batch=n_items)
+        theirs = module.GKDTrainer.compute_loss(trainer, trainer.model, batch, num_items_in_batch=n_items)
+        assert _rel(fused, theirs) <= 5e-5, n_items
+    reference = theirs
+    # bf16 (TRL's default): both run under the Trainer's autocast; ours within 2x of GKD's error vs fp32.
+    trainer, _ = trainer_for(True)
+    trainer.model = trainer.accelerator.prepare_model(trainer.model)  # what train() does: wraps forward
+    fused = trainer.compute_loss(trainer.model, batch, num_items_in_batch=37)
+    theirs = module.GKDTrainer.compute_loss(trainer, trainer.model, batch, num_items_in_batch=37)
+    assert _rel(theirs, reference) > 0, "GKD's forward was not under bf16 autocast"
+    assert _rel(fused, reference) <= max(2 * _rel(theirs, reference), 2e-3), (fused, theirs, reference)
+    assert autocast_seen == [False] * 4 + [True] * 2  # the decoders ran under the Trainer's bf16 autocast
+    before = trainer.model.lm_head.weight.detach().clone()
+    trainer.train()
+    assert not torch.equal(before, trainer.model.lm_head.weight)

@@ -129,8 +129,10 @@ def distillation_loss(student: nn.Module, teacher: nn.Module, input_ids: torch.T
     Hidden sizes may differ. ``vocab_size`` (default: the student's lm_head rows) is the number of
     vocabulary rows compared; teacher rows beyond it (padding) are ignored. Pass both tokenizers to have
     a vocabulary mismatch refused. Under autocast the hidden states keep the dtype autocast gave them and
-    the lm_head weights are cast to it, as autocast does for ``F.linear``. ``reduction="none"`` returns
-    (B, T) with entry t the loss of token t (0 at t = 0 and wherever masked).
+    the lm_head weights are cast to it, as autocast does for ``F.linear``. Trainers that autocast by wrapping
+    the model's ``forward`` (accelerate, the HF Trainer, TRL) do not reach the decoder stack called here:
+    wrap the call in their context (``with trainer.accelerator.autocast(): ...``). ``reduction="none"``
+    returns (B, T) with entry t the loss of token t (0 at t = 0 and wherever masked).
     """
     import opd_kernels as ok  # the public API; imported here so that opd_kernels/__init__ may import us
 

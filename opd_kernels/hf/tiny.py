@@ -52,3 +52,25 @@ def tiny_causal_lm(family: str = "llama", *, seed: int = 0, dtype: torch.dtype =
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     return model
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+                 "{% if add_generation_prompt %}assistant {% endif %}")
+
+
+def tiny_tokenizer(vocab_size: int = 131):
+    """A whitespace word-level fast tokenizer over ``<pad> <s> </s> user assistant t5 ... t{V-1}``.
+
+    It has a chat template, so chat-based trainers (TRL) run on tiny models without downloads. Ids match
+    :func:`tiny_config`'s special ids (pad 0, bos 1, eos 2).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "user", "assistant"] + [f"t{i}" for i in range(5, vocab_size)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  unk_token="<pad>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
