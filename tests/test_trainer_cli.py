@@ -71,3 +71,24 @@ def test_config_json_model_spec_builds_a_random_model(tmp_path):
     b = load_model(str(path), device=torch.device("cpu"), seed=5)
     assert type(a).__name__ == "Qwen2ForCausalLM" and a.lm_head.weight.shape == (97, 32)
     assert torch.equal(a.lm_head.weight, b.lm_head.weight)
+
+
+def test_local_model_directories_with_tokenizer_and_text_prompts(tmp_path, capsys):
+    from opd_kernels.hf.tiny import tiny_causal_lm, tiny_tokenizer
+
+    for name, hidden in (("student", 32), ("teacher", 48)):
+        tiny_causal_lm("qwen3", seed=hidden, hidden_size=hidden).save_pretrained(tmp_path / name)
+        tiny_tokenizer().save_pretrained(tmp_path / name)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("t5 t6 t7\nt9 t10\nt11 t12 t13 t14\n")
+    from opd_kernels.trainer import load_prompts
+    # "user t5 t6 t7 </s> assistant": user=3, </s>=2, assistant=4, tK=K
+    assert load_prompts(str(prompts), tiny_tokenizer(), chat_template=True)[0] == [3, 5, 6, 7, 2, 4]
+    assert load_prompts(str(prompts), tiny_tokenizer(), max_prompt_len=2)[2] == [13, 14]
+    out = tmp_path / "run"
+    rc = cli.main(["--student", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
+                   "--prompts", str(prompts), "--chat-template", "--output-dir", str(out), "--steps", "1",
+                   "--batch-size", "3", "--max-new-tokens", "4", "--no-progress", "--loss", "sampled"])
+    assert rc == 0, capsys.readouterr().err
+    record = json.loads(open(out / "metrics.jsonl").readline())
+    assert 3 <= record["tokens"] <= 12 and record["loss"] == record["loss"]  # not NaN

@@ -59,8 +59,11 @@ def _encode(text: str, tokenizer, chat_template: bool, spec: str, line: int) -> 
         raise ValueError(f"prompts: {spec}:{line + 1} is text but the student has no tokenizer; "
                          "give 'prompt_ids' or a student directory with a tokenizer")
     if chat_template:
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                  add_generation_prompt=True, tokenize=True))
+        # Render, then tokenize without extra specials: the template already holds them (and the return
+        # type of apply_chat_template(tokenize=True) differs across transformers versions).
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
