@@ -42,7 +42,9 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 disables)"})
     max_new_tokens: int = field(default=64, metadata={"help": "completion length cap"})
-    sample_temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    sample_temperature: float = field(default=1.0, metadata={"help": "sampling temperature (loss=sampled "
+                                      "compares the sampler at this temperature with the student at "
+                                      "--temperature: keep them equal for an on-policy ratio of 1)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold"})
     max_prompt_len: int = field(default=512, metadata={"help": "prompts are left-truncated to this"})
     chat_template: bool = field(default=False, metadata={"help": "wrap text prompts in the chat template"})
