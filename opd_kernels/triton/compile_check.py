@@ -38,7 +38,7 @@ def _signature(kernel, dtype: str, constexprs: dict):
             model_input = name[:2] in ("hs", "ws", "bs", "ht", "wt", "bt", "s_", "t_", "ds") or name in (
                 "h_ptr", "w_ptr", "b_ptr")
             sig[name] = "*i64" if name == "ids_ptr" else f"*{dtype}" if model_input else "*fp32"
-        elif name in ("N", "V", "HS", "HT", "H", "K", "VS", "VT"):
+        elif name in ("N", "V", "HS", "HT", "H", "K", "VS", "VT", "V_SPLIT"):
             sig[name] = "i32"
         else:
             sig[name] = "fp32"
@@ -56,12 +56,15 @@ def variants(dtype: str):
     two = dict(S_BIAS=True, T_BIAS=True, S_SOFTCAP=True, T_SOFTCAP=True, **tiles)
     one = dict(HAS_BIAS=True, HAS_SOFTCAP=True, **tiles)
     for div, i in launch._DIVERGENCE_IDS.items():
-        yield f"divergence_fwd[{div}]", divergence_fwd_kernel, dict(DIVERGENCE=i, **two), opts
+        yield f"divergence_fwd[{div}]", divergence_fwd_kernel, dict(DIVERGENCE=i, PASS=1, stats_ptr=None,
+                                                                    **two), opts
         yield f"divergence_bwd[{div}]", divergence_bwd_kernel, dict(DIVERGENCE=i, **two), opts
+    yield "divergence_fwd[jsd,pass 2]", divergence_fwd_kernel, dict(DIVERGENCE=2, PASS=2, **two), opts
     # no biases: the launcher passes None for the bias pointers (constexpr None in the signature)
     bare = dict(two, S_BIAS=False, T_BIAS=False, S_SOFTCAP=False, T_SOFTCAP=False, bs_ptr=None, bt_ptr=None,
                 dbs_ptr=None)
-    yield "divergence_fwd[reverse_kl,no bias]", divergence_fwd_kernel, dict(DIVERGENCE=0, **bare), opts
+    yield "divergence_fwd[reverse_kl,no bias]", divergence_fwd_kernel, dict(DIVERGENCE=0, PASS=1, stats_ptr=None,
+                                                                            **bare), opts
     yield "divergence_bwd[reverse_kl,no bias]", divergence_bwd_kernel, dict(DIVERGENCE=0, **bare), opts
     yield "lse_fwd", lse_fwd_kernel, one, opts
     yield "lse_bwd", lse_bwd_kernel, one, opts

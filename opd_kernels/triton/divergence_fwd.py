@@ -1,6 +1,10 @@
-"""Forward of the fused linear divergences: one program per block of BLOCK_N tokens walks the vocabulary
-in BLOCK_V columns, computes the student and teacher logit tiles with tl.dot, and keeps only per-row
-online-softmax state. Nothing of size N x V exists.
+"""Forward of the fused linear divergences: a program per (block of BLOCK_N tokens, vocabulary split) walks
+its share of the vocabulary in BLOCK_V columns, computes the student and teacher logit tiles with tl.dot,
+and keeps only per-row online-softmax state. Nothing of size N x V exists.
+
+Splitting the vocabulary (as flash-decoding splits the keys) keeps every SM busy when there are few token
+blocks (N = 4096 gives 64 blocks of 64 tokens for 132 H100 SMs): each split writes its partial row state
+(5, S, N) and :func:`combine_splits` merges them in PyTorch (O(S N), no host sync). S = 1 is the same code.
 
 Equivalent PyTorch (per token; z_s, z_t are the transformed logits of DESIGN.md section 4, (N, V)):
 
@@ -16,52 +20,96 @@ the backward needs: R = reverse_kl for reverse_kl, KL(p_s || M) for jsd, unused 
 
 reverse_kl and forward_kl take one pass: sum_v e^(z_s - m_s) (z_s - z_t) is an online weighted sum
 rescaled with the student max (teacher max for forward_kl). jsd needs L_s and L_t before log M can be
-formed, so it takes two passes (the second recomputes both tiles).
+formed, so it takes two passes (PASS=2 recomputes both tiles and sums KL(p_s||M), KL(p_t||M) per split).
 
 Terms with probability exactly 0 are dropped with tl.where, never multiplied: a -inf teacher logit where
 the student is also -inf (a shared vocabulary mask) contributes 0, not 0 * inf = NaN; where the student
 has mass and the teacher -inf, reverse_kl is +inf, as the math says.
 """
+import torch
 import triton
 import triton.language as tl
 
-from .divergence_math import JSD, kl_finish, kl_step, jsd_step, store_rows
+from .divergence_math import FORWARD_KL, REVERSE_KL, jsd_step, kl_step
 from .tiles import logit_tile
 
 
 @triton.jit
 def divergence_fwd_kernel(
-        hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, value_ptr, stats_ptr,
-        N, V, HS, HT, s_scale, s_softcap, t_scale, t_softcap, inv_temp, beta, log_1mb, log_b,
-        DIVERGENCE: tl.constexpr, S_BIAS: tl.constexpr, T_BIAS: tl.constexpr,
+        hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, part_ptr, stats_ptr,
+        N, V, HS, HT, V_SPLIT, s_scale, s_softcap, t_scale, t_softcap, inv_temp, log_1mb, log_b,
+        PASS: tl.constexpr, DIVERGENCE: tl.constexpr, S_BIAS: tl.constexpr, T_BIAS: tl.constexpr,
         S_SOFTCAP: tl.constexpr, T_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """PASS 1: partial (m_s, d_s, m_t, d_t, acc) of split ``program_id(1)`` into part (5, S, N).
+    PASS 2 (jsd): partial (KL(p_s||M), KL(p_t||M)) into part[0:2], given stats[0:2] = (L_s, L_t)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_s = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    m_t = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    d_s = tl.zeros((BLOCK_N,), tl.float32)
-    d_t = tl.zeros((BLOCK_N,), tl.float32)
-    acc = tl.zeros((BLOCK_N,), tl.float32)  # the online weighted sum (reverse/forward KL)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        _, zs = logit_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, N, V, HS, s_scale, s_softcap, inv_temp,
-                           S_BIAS, S_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
-        _, zt = logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, N, V, HT, t_scale, t_softcap, inv_temp,
-                           T_BIAS, T_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
-        acc, m_s, d_s, m_t, d_t = kl_step(acc, m_s, d_s, m_t, d_t, zs, zt, DIVERGENCE)
-    lse_s, lse_t, value = kl_finish(acc, m_s, d_s, m_t, d_t, DIVERGENCE)
-    c = value  # reverse_kl: R; forward_kl: unused
-
-    if DIVERGENCE == JSD:
-        kl_sm = tl.zeros((BLOCK_N,), tl.float32)  # KL(p_s || M)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    v_begin = split * V_SPLIT  # V_SPLIT is a multiple of BLOCK_V: tiles never straddle two splits
+    v_end = tl.minimum(v_begin + V_SPLIT, V)
+    row_ok = rows < N
+    out = part_ptr + split * N + rows  # part[k, split, rows] = out + k * splits * N
+    if PASS == 1:
+        m_s = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+        m_t = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+        d_s = tl.zeros((BLOCK_N,), tl.float32)
+        d_t = tl.zeros((BLOCK_N,), tl.float32)
+        acc = tl.zeros((BLOCK_N,), tl.float32)  # the online weighted sum (reverse/forward KL)
+        for v0 in range(v_begin, v_end, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            _, zs = logit_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, N, V, HS, s_scale, s_softcap,
+                               inv_temp, S_BIAS, S_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
+            _, zt = logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, N, V, HT, t_scale, t_softcap,
+                               inv_temp, T_BIAS, T_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
+            acc, m_s, d_s, m_t, d_t = kl_step(acc, m_s, d_s, m_t, d_t, zs, zt, DIVERGENCE)
+        tl.store(out, m_s, mask=row_ok)
+        tl.store(out + splits * N, d_s, mask=row_ok)
+        tl.store(out + 2 * splits * N, m_t, mask=row_ok)
+        tl.store(out + 3 * splits * N, d_t, mask=row_ok)
+        tl.store(out + 4 * splits * N, acc, mask=row_ok)
+    else:
+        lse_s = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
+        lse_t = tl.load(stats_ptr + N + rows, mask=row_ok, other=0.0)
+        kl_sm = tl.zeros((BLOCK_N,), tl.float32)  # KL(p_s || M), this split's share
         kl_tm = tl.zeros((BLOCK_N,), tl.float32)  # KL(p_t || M)
-        for v0 in range(0, V, BLOCK_V):
+        for v0 in range(v_begin, v_end, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             _, zs = logit_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, N, V, HS, s_scale, s_softcap,
                                inv_temp, S_BIAS, S_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
             _, zt = logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, N, V, HT, t_scale, t_softcap,
                                inv_temp, T_BIAS, T_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
             kl_sm, kl_tm = jsd_step(kl_sm, kl_tm, zs, zt, lse_s, lse_t, log_1mb, log_b)
-        value = beta * kl_tm + (1.0 - beta) * kl_sm
-        c = kl_sm
-    store_rows(value_ptr, stats_ptr, rows, N, value, lse_s, lse_t, c)
+        tl.store(out, kl_sm, mask=row_ok)
+        tl.store(out + splits * N, kl_tm, mask=row_ok)
+
+
+def _merge(m: torch.Tensor, *sums: torch.Tensor):
+    """Merge per-split online-softmax state: the row max over splits and each running sum rescaled to it,
+    ``sum_s x_s exp(m_s - m)``. A zero weight (a split with only -inf logits, or underflow) drops the
+    split's term instead of multiplying it (its sum may be inf: 0 * inf would be NaN)."""
+    m_all = m.amax(0)
+    shift = torch.where(torch.isneginf(m_all), torch.zeros_like(m_all), m_all)
+    w = torch.exp(m - shift)
+    return (m_all,) + tuple(torch.where(w > 0, x * w, torch.zeros_like(x)).sum(0) for x in sums)
+
+
+def combine_splits(part: torch.Tensor, divergence: str):
+    """(value (N,), stats (3, N) = [L_s, L_t, c]) from PASS-1 partials (5, S, N); jsd's value and c are
+    filled in after PASS 2."""
+    m_s, d_s, m_t, d_t, acc = part
+    if divergence == "forward_kl":  # acc is kept relative to the teacher's max
+        m_t_all, d_t_all, acc_all = _merge(m_t, d_t, acc)
+        m_s_all, d_s_all = _merge(m_s, d_s)
+    else:
+        m_s_all, d_s_all, acc_all = _merge(m_s, d_s, acc)
+        m_t_all, d_t_all = _merge(m_t, d_t)
+    lse_s = m_s_all + torch.log(d_s_all)
+    lse_t = m_t_all + torch.log(d_t_all)
+    if divergence == "reverse_kl":
+        value = acc_all / d_s_all - lse_s + lse_t
+    elif divergence == "forward_kl":
+        value = acc_all / d_t_all - lse_t + lse_s
+    else:
+        value = torch.zeros_like(lse_s)
+    return value, torch.stack([lse_s, lse_t, value])

@@ -13,7 +13,7 @@ import torch
 import triton
 
 from .divergence_bwd import divergence_bwd_kernel
-from .divergence_fwd import divergence_fwd_kernel
+from .divergence_fwd import combine_splits, divergence_fwd_kernel
 from .divergence_math import FORWARD_KL, JSD, REVERSE_KL
 from .gather import gather_bwd_kernel, gather_fwd_kernel
 from .logits import logits_bwd_kernel, logits_fwd_kernel
@@ -80,26 +80,45 @@ def _jsd_constants(divergence: str, beta: float):
     return math.log1p(-beta), math.log(beta)
 
 
+def vocab_splits(n_blocks: int, v_blocks: int, device: torch.device) -> int:
+    """How many programs share one token block's vocabulary: enough for ~2 programs per SM on the GPU
+    (1 when the token blocks alone fill it). Under the interpreter 2 (when there are 2 vocab blocks), so
+    the tests exercise the split-merge path."""
+    if INTERPRETED or device.type != "cuda":
+        return min(2, v_blocks)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(v_blocks, triton.cdiv(2 * sms, n_blocks)))
+
+
 def divergence_forward(hs, ws, bs: Optional[torch.Tensor], ht, wt, bt: Optional[torch.Tensor], *,
                        divergence: str, beta: float, temperature: float, s_softcap, t_softcap,
                        s_scale: float, t_scale: float, vocab_size: int):
     """Per-token divergence values (N,) fp32 and row statistics (3, N) fp32 = [L_s, L_t, c]."""
     n = hs.shape[0]
-    values = torch.empty(n, dtype=torch.float32, device=hs.device)
-    stats = torch.empty(3, n, dtype=torch.float32, device=hs.device)
     if n == 0:
-        return values, stats
+        return (torch.empty(0, dtype=torch.float32, device=hs.device),
+                torch.empty(3, 0, dtype=torch.float32, device=hs.device))
     blocks = blocks_for(hs.device, hs.dtype)
+    n_blocks, v_blocks = triton.cdiv(n, blocks.n), triton.cdiv(vocab_size, blocks.v)
+    splits = vocab_splits(n_blocks, v_blocks, hs.device)
+    v_split = triton.cdiv(v_blocks, splits) * blocks.v
+    splits = triton.cdiv(vocab_size, v_split)  # no empty split
+    part = torch.empty(5, splits, n, dtype=torch.float32, device=hs.device)
     log_1mb, log_b = _jsd_constants(divergence, beta)
+    args = dict(N=n, V=vocab_size, HS=hs.shape[1], HT=ht.shape[1], V_SPLIT=v_split,
+                s_scale=float(s_scale), s_softcap=float(s_softcap or 1.0), t_scale=float(t_scale),
+                t_softcap=float(t_softcap or 1.0), inv_temp=1.0 / temperature, log_1mb=log_1mb, log_b=log_b,
+                DIVERGENCE=_DIVERGENCE_IDS[divergence], S_BIAS=bs is not None, T_BIAS=bt is not None,
+                S_SOFTCAP=s_softcap is not None, T_SOFTCAP=t_softcap is not None,
+                DOT_PRECISION=dot_precision(hs.dtype, ht.dtype), **_options(blocks))
     with _on(hs.device):
-        divergence_fwd_kernel[(triton.cdiv(n, blocks.n),)](
-            hs, ws, bs, ht, wt, bt, values, stats,
-            n, vocab_size, hs.shape[1], ht.shape[1],
-            float(s_scale), float(s_softcap or 1.0), float(t_scale), float(t_softcap or 1.0),
-            1.0 / temperature, float(beta), log_1mb, log_b,
-            DIVERGENCE=_DIVERGENCE_IDS[divergence], S_BIAS=bs is not None, T_BIAS=bt is not None,
-            S_SOFTCAP=s_softcap is not None, T_SOFTCAP=t_softcap is not None,
-            DOT_PRECISION=dot_precision(hs.dtype, ht.dtype), **_options(blocks))
+        divergence_fwd_kernel[(n_blocks, splits)](hs, ws, bs, ht, wt, bt, part, None, PASS=1, **args)
+        values, stats = combine_splits(part, divergence)
+        if divergence == "jsd":
+            divergence_fwd_kernel[(n_blocks, splits)](hs, ws, bs, ht, wt, bt, part, stats, PASS=2, **args)
+            kl_sm, kl_tm = part[0].sum(0), part[1].sum(0)
+            values = beta * kl_tm + (1.0 - beta) * kl_sm
+            stats[2] = kl_sm
     return values, stats
 
 
