@@ -128,7 +128,7 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
     for name in METHODS:
         student = copy.deepcopy(student0)
         res = run_method(name, student, teacher, ops, tok, add, budget=cfg.token_budget, batch=cfg.method_batch,
-                         lr=cfg.method_lr(name), curve_points=cfg.curve_points, seed=cfg.seed, exclude=train_exclude,
+                         lr=cfg.method_lr, curve_points=cfg.curve_points, seed=cfg.seed, exclude=train_exclude,
                          evaluate_fn=lambda m: evaluate(m, tok, add, add_eval), quiet=quiet)
         res["final_accuracy"] = res["curve"][-1][1]
         res["forgetting_task_accuracy_before"] = warm_rev
