@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .divergence_math import FORWARD_KL, REVERSE_KL, jsd_step, kl_step
+from .splits import merge_online
 from .tiles import logit_tile
 
 
@@ -84,26 +85,16 @@ def divergence_fwd_kernel(
         tl.store(out + splits * N, kl_tm, mask=row_ok)
 
 
-def _merge(m: torch.Tensor, *sums: torch.Tensor):
-    """Merge per-split online-softmax state: the row max over splits and each running sum rescaled to it,
-    ``sum_s x_s exp(m_s - m)``. A zero weight (a split with only -inf logits, or underflow) drops the
-    split's term instead of multiplying it (its sum may be inf: 0 * inf would be NaN)."""
-    m_all = m.amax(0)
-    shift = torch.where(torch.isneginf(m_all), torch.zeros_like(m_all), m_all)
-    w = torch.exp(m - shift)
-    return (m_all,) + tuple(torch.where(w > 0, x * w, torch.zeros_like(x)).sum(0) for x in sums)
-
-
 def combine_splits(part: torch.Tensor, divergence: str):
     """(value (N,), stats (3, N) = [L_s, L_t, c]) from PASS-1 partials (5, S, N); jsd's value and c are
     filled in after PASS 2."""
     m_s, d_s, m_t, d_t, acc = part
     if divergence == "forward_kl":  # acc is kept relative to the teacher's max
-        m_t_all, d_t_all, acc_all = _merge(m_t, d_t, acc)
-        m_s_all, d_s_all = _merge(m_s, d_s)
+        m_t_all, d_t_all, acc_all = merge_online(m_t, d_t, acc)
+        m_s_all, d_s_all = merge_online(m_s, d_s)
     else:
-        m_s_all, d_s_all, acc_all = _merge(m_s, d_s, acc)
-        m_t_all, d_t_all = _merge(m_t, d_t)
+        m_s_all, d_s_all, acc_all = merge_online(m_s, d_s, acc)
+        m_t_all, d_t_all = merge_online(m_t, d_t)
     lse_s = m_s_all + torch.log(d_s_all)
     lse_t = m_t_all + torch.log(d_t_all)
     if divergence == "reverse_kl":

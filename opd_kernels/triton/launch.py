@@ -14,6 +14,7 @@ import triton
 
 from .divergence_bwd import divergence_bwd_kernel
 from .divergence_fwd import combine_splits, divergence_fwd_kernel
+from .splits import merge_online, split_vocab
 from .divergence_math import FORWARD_KL, JSD, REVERSE_KL
 from .gather import gather_bwd_kernel, gather_fwd_kernel
 from .logits import logits_bwd_kernel, logits_fwd_kernel
@@ -80,16 +81,6 @@ def _jsd_constants(divergence: str, beta: float):
     return math.log1p(-beta), math.log(beta)
 
 
-def vocab_splits(n_blocks: int, v_blocks: int, device: torch.device) -> int:
-    """How many programs share one token block's vocabulary: enough for ~2 programs per SM on the GPU
-    (1 when the token blocks alone fill it). Under the interpreter 2 (when there are 2 vocab blocks), so
-    the tests exercise the split-merge path."""
-    if INTERPRETED or device.type != "cuda":
-        return min(2, v_blocks)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(v_blocks, triton.cdiv(2 * sms, n_blocks)))
-
-
 def divergence_forward(hs, ws, bs: Optional[torch.Tensor], ht, wt, bt: Optional[torch.Tensor], *,
                        divergence: str, beta: float, temperature: float, s_softcap, t_softcap,
                        s_scale: float, t_scale: float, vocab_size: int):
@@ -99,10 +90,8 @@ def divergence_forward(hs, ws, bs: Optional[torch.Tensor], ht, wt, bt: Optional[
         return (torch.empty(0, dtype=torch.float32, device=hs.device),
                 torch.empty(3, 0, dtype=torch.float32, device=hs.device))
     blocks = blocks_for(hs.device, hs.dtype)
-    n_blocks, v_blocks = triton.cdiv(n, blocks.n), triton.cdiv(vocab_size, blocks.v)
-    splits = vocab_splits(n_blocks, v_blocks, hs.device)
-    v_split = triton.cdiv(v_blocks, splits) * blocks.v
-    splits = triton.cdiv(vocab_size, v_split)  # no empty split
+    n_blocks = triton.cdiv(n, blocks.n)
+    splits, v_split = split_vocab(n_blocks, vocab_size, blocks.v, hs.device, INTERPRETED)
     part = torch.empty(5, splits, n, dtype=torch.float32, device=hs.device)
     log_1mb, log_b = _jsd_constants(divergence, beta)
     args = dict(N=n, V=vocab_size, HS=hs.shape[1], HT=ht.shape[1], V_SPLIT=v_split,
@@ -150,17 +139,21 @@ def divergence_backward(grad, stats, hs, ws, bs, ht, wt, bt, *, divergence: str,
 def lse_gather_forward(h, w, b, ids, *, temperature: float, softcap, scale: float, vocab_size: int):
     """(lse (N,), gathered (N, k), entropy (N,)), all fp32."""
     n, k = ids.shape
-    lse = torch.empty(n, dtype=torch.float32, device=h.device)
-    ent = torch.empty(n, dtype=torch.float32, device=h.device)
     gathered = torch.empty(n, k, dtype=torch.float32, device=h.device)
     if n == 0:
-        return lse, gathered, ent
+        return torch.empty(0, device=h.device), gathered, torch.empty(0, device=h.device)
     blocks = blocks_for(h.device, h.dtype)
+    n_blocks = triton.cdiv(n, blocks.n)
+    splits, v_split = split_vocab(n_blocks, vocab_size, blocks.v, h.device, INTERPRETED)
+    part = torch.empty(3, splits, n, dtype=torch.float32, device=h.device)
     common = dict(HAS_BIAS=b is not None, HAS_SOFTCAP=softcap is not None)
     with _on(h.device):
-        lse_fwd_kernel[(triton.cdiv(n, blocks.n),)](
-            h, w, b, lse, ent, n, vocab_size, h.shape[1], float(scale), float(softcap or 1.0),
+        lse_fwd_kernel[(n_blocks, splits)](
+            h, w, b, part, n, vocab_size, h.shape[1], v_split, float(scale), float(softcap or 1.0),
             1.0 / temperature, DOT_PRECISION=dot_precision(h.dtype), **common, **_options(blocks))
+        m, d, a = merge_online(*part)
+        lse = m + torch.log(d)
+        ent = lse - a / d
         if k > 0:
             block_j = gather_block_j(k)
             gather_fwd_kernel[(n, triton.cdiv(k, block_j))](

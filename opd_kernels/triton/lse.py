@@ -6,7 +6,8 @@ Equivalent PyTorch (z the transformed logits, (N, V)):
     lse = z.logsumexp(-1)
     entropy = lse - (z.softmax(-1) * z).sum(-1)
 
-Forward: one program per BLOCK_N tokens, online softmax over vocab blocks (m, d, a = sum e^(z-m) z).
+Forward: one program per (BLOCK_N tokens, vocabulary split), online softmax over vocab blocks
+(m, d, a = sum e^(z-m) z); splits.py merges the splits, then lse = m + log d and H = lse - a / d.
 Backward: 2-D grid of (token block, vocab block) programs, as in divergence_bwd.py, with
 
     d lse / d z_v = p_v
@@ -24,23 +25,28 @@ from .tiles import accumulate_grads, logit_tile, online_softmax, transform_grad
 
 
 @triton.jit
-def lse_fwd_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, ent_ptr, N, V, H, scale, softcap, inv_temp,
+def lse_fwd_kernel(h_ptr, w_ptr, b_ptr, part_ptr, N, V, H, V_SPLIT, scale, softcap, inv_temp,
                    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Partial (m, d, a) of vocabulary split ``program_id(1)`` into part (3, S, N) (splits.py merges)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    v_begin = split * V_SPLIT
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     d = tl.zeros((BLOCK_N,), tl.float32)
     a = tl.zeros((BLOCK_N,), tl.float32)  # sum_v e^(z - m) z, rescaled with m
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(v_begin, tl.minimum(v_begin + V_SPLIT, V), BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         _, z = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, scale, softcap, inv_temp,
                           HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
         m, d, alpha, e = online_softmax(m, d, z)
         a = a * alpha + tl.sum(tl.where(e > 0, e * z, 0.0), 1)
-    lse = m + tl.log(d)
     row_ok = rows < N
-    tl.store(lse_ptr + rows, lse, mask=row_ok)
-    tl.store(ent_ptr + rows, lse - a / d, mask=row_ok)
+    out = part_ptr + split * N + rows
+    tl.store(out, m, mask=row_ok)
+    tl.store(out + splits * N, d, mask=row_ok)
+    tl.store(out + 2 * splits * N, a, mask=row_ok)
 
 
 @triton.jit

@@ -1,0 +1,37 @@
+"""Vocabulary splits for the row-statistics kernels (divergence_fwd.py, lse.py).
+
+A forward kernel keeps one program per token block walking the whole vocabulary; with few token blocks
+(N = 4096 tokens in blocks of 64 is 64 programs for 132 H100 SMs) most of the GPU idles. Splitting each
+row's vocabulary over S programs (as flash-decoding splits the keys) fixes that: each split writes its
+partial online-softmax state, (k, S, N) fp32, and :func:`merge_online` combines the splits in PyTorch
+(O(S N) work and memory, no host sync).
+"""
+import torch
+import triton
+
+
+def split_vocab(n_blocks: int, vocab_size: int, block_v: int, device: torch.device, interpreted: bool):
+    """(S, V_SPLIT): how many programs share one token block's vocabulary, and the columns each takes (a
+    multiple of ``block_v``, so no tile straddles two splits; no split is empty). On the GPU, enough
+    splits for ~2 programs per SM (1 when the token blocks alone fill it); under the interpreter 2 (when
+    there are 2 vocabulary tiles), so the tests exercise the merge."""
+    v_blocks = triton.cdiv(vocab_size, block_v)
+    if interpreted or device.type != "cuda":
+        splits = min(2, v_blocks)
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        splits = max(1, min(v_blocks, triton.cdiv(2 * sms, n_blocks)))
+    v_split = triton.cdiv(v_blocks, splits) * block_v
+    return triton.cdiv(vocab_size, v_split), v_split
+
+
+def merge_online(m: torch.Tensor, *sums: torch.Tensor):
+    """Merge per-split online-softmax state: the row max over splits and each running sum rescaled to it,
+    ``sum_s x_s exp(m_s - m)``. A zero weight (a split with only -inf logits, or underflow) drops the
+    split's term instead of multiplying it (its sum may be inf: 0 * inf would be NaN)."""
+    m_all = m.amax(0)
+    shift = torch.where(torch.isneginf(m_all), torch.zeros_like(m_all), m_all)
+    w = torch.exp(m - shift)
+    return (m_all,) + tuple(torch.where(w > 0, x * w, torch.zeros_like(x)).sum(0) for x in sums)
+
+
