@@ -117,6 +117,31 @@ def test_hf_sampler_stops_rows_at_their_first_eos():
     assert torch.all(batch.sampler_logprobs[:, 2:][~keep] == 0) and torch.all(batch.sampler_logprobs[:, 2:][keep] < 0)
 
 
+def test_function_sampler_plugs_an_external_engine_into_the_trainer(tmp_path):
+    from opd_kernels.trainer import FunctionSampler
+
+    calls, synced = [], []
+
+    def engine(prompts):  # stands in for vLLM / a server: ragged completions with log-probs
+        calls.append(len(prompts))
+        return [([5 + i] * (2 + i), [-0.5 - i] * (2 + i)) for i in range(len(prompts))]
+
+    sampler = FunctionSampler(engine, pad_token_id=0, on_sync=synced.append)
+    batch = sampler.sample([[3, 4, 5], [6]])
+    assert batch.input_ids.tolist() == [[3, 4, 5, 5, 5, 0], [0, 0, 6, 6, 6, 6]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    assert batch.loss_mask.tolist() == [[False] * 3 + [True, True, False], [False] * 3 + [True] * 3]
+    assert batch.sampler_logprobs[1, 3:].tolist() == [-1.5] * 3 and float(batch.sampler_logprobs[0, 5]) == 0
+    assert FunctionSampler(lambda p: [([7], None)] * len(p)).sample([[3]]).sampler_logprobs is None
+    with pytest.raises(ValueError, match="2 completion ids but 1 log-probs"):
+        FunctionSampler(lambda p: [([7, 8], [-1.0])]).sample([[3]])
+
+    student, teacher = pair()
+    cfg = TrainConfig(output_dir=str(tmp_path), steps=2, batch_size=2, loss="sampled", progress=False)
+    summary = OPDTrainer(cfg, student, teacher, [[3, 4], [5, 6, 7]], sampler=sampler).train()
+    assert summary["total_tokens"] == 2 * (2 + 3) and calls == [2, 2, 2] and synced == [student, student]
+
+
 # ------------------------------------------------------------------------------------------ loss modes
 def test_teacher_topk_matches_full_vocabulary_topk():
     h, w, b = torch.randn(2, 5, 16), torch.randn(40, 16), torch.randn(40)

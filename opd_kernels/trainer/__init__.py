@@ -11,11 +11,12 @@ from .config import DENSE_LOSSES, LOSSES, TrainConfig, config_from_args
 from .data import load_prompts, prompts_for_step
 from .loop import OPDTrainer
 from .losses import opd_loss
-from .sampling import HFSampler, SampleBatch, Sampler
+from .sampling import FunctionSampler, HFSampler, SampleBatch, Sampler
 from .topk import teacher_topk
 
 __all__ = [
     "OPDTrainer", "TrainConfig", "config_from_args", "LOSSES", "DENSE_LOSSES", "Sampler", "HFSampler",
+    "FunctionSampler",
     "SampleBatch", "opd_loss", "teacher_topk", "load_prompts", "prompts_for_step", "save_checkpoint",
     "load_checkpoint", "latest_checkpoint",
 ]

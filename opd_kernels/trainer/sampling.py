@@ -171,6 +171,57 @@ class HFSampler:
         self.model = model
 
 
+class FunctionSampler:
+    """Any sampling engine as a :class:`Sampler`: wrap a function that returns completions.
+
+    ``generate(prompts) -> [(completion_ids, completion_logprobs or None), ...]``, one pair per prompt;
+    ``completion_ids`` is what the engine produced (including its stop token, which is trained on),
+    ``completion_logprobs`` the engine's log-probs of those tokens. ``on_sync(model)``, when given, runs
+    after every optimizer step to push the new weights to the engine. Rows are laid out like
+    :class:`HFSampler`'s: prompts left-padded, completions right-padded with ``pad_token_id``.
+
+    A vLLM engine would be wrapped like this (a sketch: vLLM is not installed where this was written and
+    this snippet has not been run)::
+
+        def generate(prompts):
+            outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                                SamplingParams(temperature=1.0, max_tokens=256, logprobs=0))
+            return [(c.token_ids, [d[t].logprob for d, t in zip(c.logprobs, c.token_ids)])
+                    for c in (o.outputs[0] for o in outs)]
+    """
+
+    def __init__(self, generate, *, pad_token_id: int = 0, on_sync=None):
+        self.generate, self.pad_token_id, self.on_sync = generate, int(pad_token_id), on_sync
+
+    def sample(self, prompts: Sequence[Sequence[int]]) -> SampleBatch:
+        outs = list(self.generate(prompts))
+        if len(outs) != len(prompts):
+            raise ValueError(f"generate: expected one completion per prompt ({len(prompts)}), got {len(outs)}")
+        ids, attn = left_pad(prompts, self.pad_token_id)
+        width = max(len(c) for c, _ in outs)
+        b, p = ids.shape
+        gen = torch.full((b, width), self.pad_token_id, dtype=torch.long)
+        keep = torch.zeros((b, width), dtype=torch.bool)
+        have_lp = all(lp is not None for _, lp in outs)
+        lp = torch.zeros((b, width), dtype=torch.float32)
+        for i, (completion, logprobs) in enumerate(outs):
+            n = len(completion)
+            gen[i, :n] = torch.as_tensor(list(completion), dtype=torch.long)
+            keep[i, :n] = True
+            if have_lp:
+                if len(logprobs) != n:
+                    raise ValueError(f"generate: row {i} has {n} completion ids but {len(logprobs)} log-probs")
+                lp[i, :n] = torch.as_tensor(list(logprobs), dtype=torch.float32)
+        loss_mask = torch.cat([torch.zeros((b, p), dtype=torch.bool), keep], dim=1)
+        sampler_lp = torch.cat([torch.zeros((b, p)), lp], dim=1) if have_lp else None
+        return SampleBatch(torch.cat([ids, gen], dim=1), torch.cat([attn, keep.long()], dim=1), loss_mask,
+                           sampler_lp)
+
+    def sync(self, model: torch.nn.Module) -> None:
+        if self.on_sync is not None:
+            self.on_sync(model)
+
+
 def _ids(token_id) -> List[int]:
     """None, an int or a list of ints -> a list of ints."""
     if token_id is None:
