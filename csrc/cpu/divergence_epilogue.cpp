@@ -35,22 +35,29 @@ void divergence_row(const DivergenceArgs& a, int64_t r, F* zs, F* zt, F* es, F* 
   const F mt = load_transform(static_cast<const TT*>(a.teacher) + r * a.ld_teacher, zt, V, a.tt);
   F ds, dt, acc;
   divergence_sums<DIV>(zs, zt, V, ms, mt, es, et, &ds, &dt, &acc);
-  const F ls = ms + M::log(ds), lt = mt + M::log(dt);
+  const F log_ds = M::log(ds), log_dt = M::log(dt);
   const F beta = static_cast<F>(a.beta);
   F value, stat = 0;
   if (DIV == kReverseKL) {
     value = reverse_kl_value<M>(acc, ds, dt);
-    stat = value;
+    stat = acc / ds;
   } else if (DIV == kForwardKL) {
     value = forward_kl_value<M>(acc, ds, dt);
   } else {
     F kls, klt;
-    jsd_sums(zs, zt, V, ls, lt, M::log(F(1) - beta), M::log(beta), &kls, &klt);
+    jsd_sums(zs, zt, es, et, V, ms, mt, log_ds, log_dt, F(1) / ds, F(1) / dt, M::log(F(1) - beta), M::log(beta),
+             &kls, &klt);
     value = jsd_value(klt, kls, beta);
     stat = kls;
   }
   a.values[r] = static_cast<float>(value);
-  if (grad) divergence_grad<DIV>(zs, zt, es, et, V, ls, lt, F(1) / ds, F(1) / dt, stat, w, beta, a.ts, grad);
+  if (!grad) return;
+  if (has_gradient(value)) {
+    divergence_grad<DIV>(zs, zt, es, et, V, ms, mt, log_ds, log_dt, F(1) / ds, F(1) / dt, stat, w, beta, a.ts,
+                         grad);
+  } else {
+    zero_row(grad, V);
+  }
 }
 
 template <int DIV, class TS, class TT>

@@ -95,42 +95,46 @@ OPD_CPU_CLONES void divergence_sums(const F* __restrict zs, const F* __restrict 
   *out_acc = acc;
 }
 
-// JSD's second statistics pass: KL(p_s || M) and KL(p_t || M) given the log-normalizers
-// (ls = m_s + log d_s, lt likewise).
+// JSD's second statistics pass: KL(p_s || M) and KL(p_t || M), with p and log p formed exactly as the
+// gradient pass forms them (p = e / d, log p = y - log d), so the gradient's bracket
+// log p_s - log M - KL(p_s || M) sums to zero under p_s up to rounding instead of up to the difference
+// of two exp implementations.
 template <class F>
-OPD_CPU_CLONES void jsd_sums(const F* __restrict zs, const F* __restrict zt, int64_t V, F ls, F lt,
-                             F log_1mb, F log_b, F* out_kl_s, F* out_kl_t) {
+OPD_CPU_CLONES void jsd_sums(const F* __restrict zs, const F* __restrict zt, const F* __restrict es,
+                             const F* __restrict et, int64_t V, F ms, F mt, F log_ds, F log_dt, F inv_ds,
+                             F inv_dt, F log_1mb, F log_b, F* out_kl_s, F* out_kl_t) {
   F kls = 0, klt = 0;
 #pragma omp simd reduction(+ : kls, klt)
   for (int64_t v = 0; v < V; ++v) {
-    F lps = zs[v] - ls, lpt = zt[v] - lt;
+    F lps = (zs[v] - ms) - log_ds, lpt = (zt[v] - mt) - log_dt;
     F lm = log_mixture<M>(lps, lpt, log_1mb, log_b);
-    kls += kl_term(M::exp(lps), lps, lm);
-    klt += kl_term(M::exp(lpt), lpt, lm);
+    kls += kl_term(es[v] * inv_ds, lps, lm);
+    klt += kl_term(et[v] * inv_dt, lpt, lm);
   }
   *out_kl_s = kls;
   *out_kl_t = klt;
 }
 
 // Gradient pass: out_v = w * d value / d z_s,v * dz/draw, stored in the output dtype. es / et are the
-// exponentials of the statistics pass (p = e / d). `stat` is R (reverse KL) or KL(p_s || M) (JSD);
-// unused for forward KL.
+// exponentials of the statistics pass (p = e / d), ms / mt the row maxima, log_ds / log_dt the logs of
+// the sums. `stat` is E = a / d_s (reverse KL) or KL(p_s || M) (JSD); unused for forward KL.
 template <int DIV, class TO, class F>
 OPD_CPU_CLONES void divergence_grad(const F* __restrict zs, const F* __restrict zt, const F* __restrict es,
-                                    const F* __restrict et, int64_t V, F ls, F lt, F inv_ds, F inv_dt,
-                                    F stat, F w, F beta, Transform t, TO* out) {
+                                    const F* __restrict et, int64_t V, F ms, F mt, F log_ds, F log_dt,
+                                    F inv_ds, F inv_dt, F stat, F w, F beta, Transform t, TO* out) {
   const F log_1mb = DIV == kJSD ? M::log(F(1) - beta) : F(0);
   const F log_b = DIV == kJSD ? M::log(beta) : F(0);
 #pragma omp simd
   for (int64_t v = 0; v < V; ++v) {
-    F lps = zs[v] - ls, lpt = zt[v] - lt;
+    F ys = zs[v] - ms, yt = zt[v] - mt;
     F ps = es[v] * inv_ds;
     F g;
     if (DIV == kReverseKL) {
-      g = reverse_kl_grad(ps, lps, lpt, stat);
+      g = reverse_kl_grad(ps, ys, yt, stat);
     } else if (DIV == kForwardKL) {
       g = forward_kl_grad(ps, et[v] * inv_dt);
     } else {
+      F lps = ys - log_ds, lpt = yt - log_dt;
       g = jsd_grad(ps, lps, log_mixture<M>(lps, lpt, log_1mb, log_b), stat, F(1) - beta);
     }
     out[v] = store_elem<TO>(w * g * transform_grad(zs[v], t));

@@ -70,6 +70,13 @@ struct CpuMath {
     float r = f + y + 0.693359375f * e;
     return zero ? -INFINITY : (inf ? INFINITY : r);
   }
+  // log1p(x) = log(u) * x / (u - 1) with u = 1 + x (Goldberg): the quotient corrects the rounding of u.
+  static inline float log1p(float x) {
+    float u = 1.0f + x;
+    float d = u - 1.0f;
+    float l = log(u);
+    return d == 0.0f ? x : l * (x / d);
+  }
   // tanh: odd polynomial for |x| < 0.625 (where 1 - 2/(e^2x + 1) would cancel), else through exp.
   static inline float tanh(float x) {
     float ax = x < 0.0f ? -x : x;
@@ -87,6 +94,7 @@ struct CpuMath {
   // float64 inputs (tests, oracles) take libm: exactness matters more than speed there.
   static inline double exp(double x) { return std::exp(x); }
   static inline double log(double x) { return std::log(x); }
+  static inline double log1p(double x) { return std::log1p(x); }
   static inline double tanh(double x) { return std::tanh(x); }
 };
 

@@ -22,6 +22,7 @@ namespace cuda {
 struct CudaMath {
   static __device__ __forceinline__ float exp(float x) { return expf(x); }
   static __device__ __forceinline__ float log(float x) { return logf(x); }
+  static __device__ __forceinline__ float log1p(float x) { return log1pf(x); }
   static __device__ __forceinline__ float tanh(float x) { return tanhf(x); }
 };
 

@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kThreads) divergence_kernel(const DivergenceAr
   float value, stat = 0.0f;
   if (DIV == kReverseKL) {
     value = reverse_kl_value<M>(acc, ds, dt);
-    stat = value;
+    stat = acc / ds;
   } else if (DIV == kForwardKL) {
     value = forward_kl_value<M>(acc, ds, dt);
   } else {
@@ -76,14 +76,18 @@ __global__ void __launch_bounds__(kThreads) divergence_kernel(const DivergenceAr
   }
   if (threadIdx.x == 0) a.values[r] = value;
   if (!grad) return;
+  if (!has_gradient(value)) {
+    row_map(s, t, grad, V, vec, [](float, float) { return 0.0f; });
+    return;
+  }
 
   row_map(s, t, grad, V, vec, [&](float rs, float rt) {
-    const float zs = transform<M>(rs, ts);
-    const float lps = zs - ls, lpt = transform<M>(rt, tt) - lt;
+    const float zs = transform<M>(rs, ts), zt = transform<M>(rt, tt);
+    const float lps = zs - ls, lpt = zt - lt;
     const float ps = M::exp(lps);
     float g;
     if (DIV == kReverseKL) {
-      g = reverse_kl_grad(ps, lps, lpt, stat);
+      g = reverse_kl_grad(ps, zs - ms, zt - mt, stat);
     } else if (DIV == kForwardKL) {
       g = forward_kl_grad(ps, M::exp(lpt));
     } else {

@@ -3,8 +3,8 @@
 //
 // Plain C++ only (no torch, no CUDA runtime headers): this header is included by csrc/cpu/*.cpp and by
 // csrc/cuda/*.cu. The transcendental functions come from a "math policy" M (a struct with static
-// exp/log/tanh), so the CPU side can plug in branch-free polynomials that auto-vectorize
-// (csrc/cpu/vec_math.h) while CUDA uses its intrinsics (csrc/cuda/cuda_math.cuh).
+// exp/log/log1p/tanh), so the CPU side can plug in branch-free polynomials that auto-vectorize
+// (csrc/cpu/vec_math.h) while CUDA uses libdevice (csrc/cuda/cuda_common.cuh).
 //
 // Notation (per token row): raw logits r_v, transformed z_v = softcap(scale * r_v) / T, the row max m,
 // shifted y_v = z_v - m, e_v = exp(y_v), d = sum_v e_v, L = m + log d, log p_v = y_v - log d.
@@ -73,19 +73,24 @@ OPD_HD F reverse_kl_term(F es, F ys, F yt) { return es > F(0) ? es * (ys - yt) :
 template <class F>
 OPD_HD F forward_kl_term(F et, F ys, F yt) { return et > F(0) ? et * (yt - ys) : F(0); }
 
+// log d_t - log d_s as log1p((d_t - d_s) / d_s): no rounding of two large logs when d_s ~ d_t (flat rows,
+// where the divergence is tiny).
 template <class M, class F>
-OPD_HD F reverse_kl_value(F a, F ds, F dt) { return a / ds - M::log(ds) + M::log(dt); }
+OPD_HD F reverse_kl_value(F a, F ds, F dt) { return a / ds + M::log1p((dt - ds) / ds); }
 template <class M, class F>
-OPD_HD F forward_kl_value(F b, F ds, F dt) { return b / dt - M::log(dt) + M::log(ds); }
+OPD_HD F forward_kl_value(F b, F ds, F dt) { return b / dt + M::log1p((ds - dt) / dt); }
 
 // log M_v for the JSD mixture M = (1 - beta) p_s + beta p_t, as a two-term logsumexp of
 // log(1 - beta) + log p_s and log(beta) + log p_t (0 < beta < 1; the ends are plain KLs).
+// log1p, not log(1 + x): the smaller term is often tiny, and log(1 + tiny) would lose it to rounding
+// exactly where the JSD gradient's bracket (log p_s - log M - KL) cancels.
 template <class M, class F>
 OPD_HD F log_mixture(F lps, F lpt, F log_1mb, F log_b) {
   F a = lps + log_1mb;
   F b = lpt + log_b;
   F mx = a > b ? a : b;
-  return mx + M::log(M::exp(a - mx) + M::exp(b - mx));
+  F mn = a > b ? b : a;
+  return mx + M::log1p(M::exp(mn - mx));
 }
 // p (log p - log M), 0 where p == 0
 template <class F>
@@ -96,9 +101,18 @@ template <class F>
 OPD_HD F jsd_value(F kl_t, F kl_s, F beta) { return beta * kl_t + (F(1) - beta) * kl_s; }
 
 // ---- gradients w.r.t. the student's transformed logits z_s ----------------------------------------
-// reverse KL: dR/dz_v = p_s,v (log p_s,v - log p_t,v - R)      (softmax Jacobian applied to log(p_s/p_t)+1)
+// A row whose value is +inf (reverse KL against a -inf teacher logit where p_s > 0) has no defined
+// gradient; it gets a zero gradient row instead of NaN (the convention of every backend).
+// `v - v == 0` is false exactly for inf and NaN (no isfinite needed on host or device).
 template <class F>
-OPD_HD F reverse_kl_grad(F ps, F lps, F lpt, F R) { return ps > F(0) ? ps * ((lps - lpt) - R) : F(0); }
+OPD_HD bool has_gradient(F value) { return value - value == F(0); }
+
+// reverse KL: dR/dz_v = p_s,v (log p_s,v - log p_t,v - R)      (softmax Jacobian applied to log(p_s/p_t)+1)
+// Written with the shifted logits: log p_s,v - log p_t,v - R = (y_s,v - y_t,v) - E with E = a / d_s the
+// p_s-mean of y_s - y_t; the log-normalizers cancel exactly instead of through rounding, which matters for
+// peaked rows where the bracket is tiny next to its terms.
+template <class F>
+OPD_HD F reverse_kl_grad(F ps, F ys, F yt, F E) { return ps > F(0) ? ps * ((ys - yt) - E) : F(0); }
 // forward KL: dF/dz_v = p_s,v - p_t,v
 template <class F>
 OPD_HD F forward_kl_grad(F ps, F pt) { return ps - pt; }
