@@ -120,7 +120,7 @@ def format_table(rows: List[dict], markdown: bool = False) -> str:
     for title, block in blocks:
         body = [[r["provider"], _num(r.get("median_s") and float(r["median_s"]) * 1e3, ".1f"),
                  _num(r.get("iqr_s") and float(r["iqr_s"]) * 1e3, ".1f"), _num(r.get("ratio_to_floor"), ".2f"),
-                 _num(r.get("speedup_vs_naive"), ".2f"), _num(r.get("peak_mem_mb"), ".1f"),
+                 _num(r.get("speedup_vs_naive") if r["provider"] != "floor" else "", ".2f"), _num(r.get("peak_mem_mb"), ".1f"),
                  _num(r.get("mem_vs_naive"), ".3f"), _num(r.get("loss_rel_err"), ".1e"),
                  _num(r.get("grad_rel_err"), ".1e"), _note(r)] for r in block]
         if markdown:
