@@ -73,6 +73,15 @@ def _optional(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.detach()
 
 
+def _scale(grad: torch.Tensor, g_out: torch.Tensor) -> torch.Tensor:
+    """``grad * g_out`` for a gradient the forward precomputed: in place in eager mode (a copy of dW would
+    double the peak memory), out of place while tracing (AOTAutograd rejects mutating saved tensors and
+    functionalizes the graph anyway)."""
+    if torch.compiler.is_compiling() or type(grad) is not torch.Tensor:  # Fake/Functional tensors: tracing
+        return grad * g_out.to(grad.dtype)
+    return grad.mul_(g_out.to(grad.dtype))
+
+
 if AVAILABLE:
     # ------------------------------------------------------------------------------------------------
     # fake (meta) implementations: shapes and dtypes only, for torch.compile / FakeTensor tracing
@@ -142,7 +151,7 @@ if AVAILABLE:
             _, gh, gw, gb = _ops.linear_divergence(hs, ws, bs, ht, wt, bt, weights * g_loss, *ctx.scalars,
                                                    list(need), ctx.chunk_rows)
         else:
-            gh, gw, gb = (g.mul_(g_loss.to(g.dtype)) if n else None for g, n in zip((gh, gw, gb), need))
+            gh, gw, gb = (_scale(g, g_loss) if n else None for g, n in zip((gh, gw, gb), need))
         return (gh if need[0] else None, gw if need[1] else None, gb if need[2] else None,
                 None, None, None, None) + (None,) * 10
 
@@ -196,7 +205,7 @@ if AVAILABLE:
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None, None, None
         if ctx.compute_grad:
-            grad = grad.mul_(g_loss.to(grad.dtype))
+            grad = _scale(grad, g_loss)
         else:
             upstream = torch.where(weights != 0, g_values.float(), torch.zeros((), device=weights.device))
             grad = _ops.logits_divergence(s, t, upstream, *ctx.scalars, True)[2]
