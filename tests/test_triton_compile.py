@@ -1,19 +1,20 @@
 """Triton backend as torch ops: torch.compile(fullgraph=True) traces a module calling it (CPU, interpreter),
 torch.library.opcheck passes on each custom op, and every kernel compiles for sm_80/sm_90 (no GPU needed:
 Triton emits PTX and its bundled ptxas assembles it)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import opd_kernels as ok
+from opd_kernels.backends import triton as tb
 from opd_kernels.triton.testing import enable_interpreter_without_cuda, need
 
-enable_interpreter_without_cuda()  # before the kernels are created (by importing the backend below)
-
-import torch  # noqa: E402
-
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-
-import opd_kernels as ok  # noqa: E402
-from opd_kernels.backends import triton as tb  # noqa: E402
+# TRITON_INTERPRET=1 on a machine without CUDA. opd_kernels imports triton only at the first kernel
+# launch, so this still comes before triton decides whether its kernels are interpreted.
+enable_interpreter_without_cuda()
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 

@@ -1,22 +1,21 @@
 """Triton backend, linear_divergence (strategy "fused") vs the float64 oracle: values and every gradient.
 
-CPU runs use the Triton interpreter, which must be switched on before the kernels are created (when
-opd_kernels.triton.launch is first imported): hence the environment line above the imports. On a CUDA
+CPU runs use the Triton interpreter (switched on by enable_interpreter_without_cuda below). On a CUDA
 machine the kernels are compiled instead and the "cuda" cases run; the "cpu" cases then say why they skip.
 """
+import math
+
+import pytest
+import torch
+
+import opd_kernels as ok
+from opd_kernels import reference
 from opd_kernels.triton.testing import DEVICES, assert_within, enable_interpreter_without_cuda, need
+from oracle import FP32_TOL, compare_to_oracle, low_precision_bound, value_and_grads
 
-enable_interpreter_without_cuda()  # before the kernels are created (by importing the backend below)
-
-import torch  # noqa: E402
-
-import math  # noqa: E402
-
-import pytest  # noqa: E402
-
-import opd_kernels as ok  # noqa: E402
-from opd_kernels import reference  # noqa: E402
-from oracle import FP32_TOL, compare_to_oracle, low_precision_bound, value_and_grads  # noqa: E402
+# TRITON_INTERPRET=1 on a machine without CUDA. opd_kernels imports triton only at the first kernel
+# launch, so this still comes before triton decides whether its kernels are interpreted.
+enable_interpreter_without_cuda()
 
 TOL = FP32_TOL["triton"]
 # the interpreter's numpy evaluates both sides of tl.where: inf - inf in the unused branch is expected

@@ -1,21 +1,20 @@
 """Triton backend, the lse/gather primitive (linear_logprobs, linear_topk_divergence, teacher gather) vs the
-float64 oracle: lse, gathered logits and entropy with every gradient. Interpreter on CPU (set before the
-kernels are created), compiled on CUDA.
+float64 oracle: lse, gathered logits and entropy with every gradient. Interpreter on CPU, compiled on CUDA.
 """
+import math
+
+import pytest
+import torch
+
+import opd_kernels as ok
+from opd_kernels import reference
+from opd_kernels.backends import triton as tb
 from opd_kernels.triton.testing import DEVICES, assert_within, enable_interpreter_without_cuda, need
+from oracle import FP32_TOL, compare_to_oracle, low_precision_bound
 
-enable_interpreter_without_cuda()  # before the kernels are created (by importing the backend below)
-
-import torch  # noqa: E402
-
-import math  # noqa: E402
-
-import pytest  # noqa: E402
-
-import opd_kernels as ok  # noqa: E402
-from opd_kernels import reference  # noqa: E402
-from opd_kernels.backends import triton as tb  # noqa: E402
-from oracle import FP32_TOL, compare_to_oracle, low_precision_bound  # noqa: E402
+# TRITON_INTERPRET=1 on a machine without CUDA. opd_kernels imports triton only at the first kernel
+# launch, so this still comes before triton decides whether its kernels are interpreted.
+enable_interpreter_without_cuda()
 
 TOL = FP32_TOL["triton"]
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")

@@ -6,17 +6,17 @@ The mode sees the launchers' allocations when they are called directly, and the 
 autograd glue through the public op; the Triton kernels themselves allocate nothing (outputs are passed in).
 Shapes are chosen so that N*V is 4x larger than the largest input (V*H).
 """
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import opd_kernels as ok
+from opd_kernels.backends import triton as tb
 from opd_kernels.triton.testing import enable_interpreter_without_cuda, need
 
-enable_interpreter_without_cuda()  # before the kernels are created (by importing the backend below)
-
-import torch  # noqa: E402
-
-import pytest  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-import opd_kernels as ok  # noqa: E402
-from opd_kernels.backends import triton as tb  # noqa: E402
+# TRITON_INTERPRET=1 on a machine without CUDA. opd_kernels imports triton only at the first kernel
+# launch, so this still comes before triton decides whether its kernels are interpreted.
+enable_interpreter_without_cuda()
 
 pytestmark = [pytest.mark.interpret, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
 
