@@ -1,19 +1,27 @@
 """Triton kernels for the ``fused`` strategy (DESIGN.md section 3): tile-fused lm_head + divergence.
+docs/triton.md explains the design, the measurements and what has not been measured (no GPU run yet).
 
 One file per kernel family, each short enough to read top to bottom:
 
-- ``tiles.py``          shared ``@triton.jit`` helpers: one (tokens x vocab) logit tile through tl.dot,
-                        the logit transform and its derivative, and the gradient-matmul epilogue.
-- ``divergence_fwd.py`` forward of reverse_kl / forward_kl / jsd: online softmax over vocab blocks.
-- ``divergence_bwd.py`` backward: recompute tiles, form dLoss/dz, accumulate dH and dW with atomics.
-- ``lse.py``            logsumexp + entropy of one model (forward and dense backward).
-- ``gather.py``         logits at given ids (N, k) (forward and sparse backward).
-- ``launch.py``         Python launchers: block sizes, output allocation, grids.
+- ``tiles.py``           shared ``@triton.jit`` helpers: one (tokens x vocab) logit tile through tl.dot,
+                         the logit transform and its derivative, online softmax, the gradient epilogue.
+- ``divergence_math.py`` per-tile divergence arithmetic shared by the linear and the logits kernels.
+- ``divergence_fwd.py``  forward of reverse_kl / forward_kl / jsd: online softmax over vocabulary tiles.
+- ``divergence_bwd.py``  backward: recompute tiles, filter, form dLoss/dz, atomically accumulate dH, dW.
+- ``lse.py``             logsumexp + entropy of one model (forward and dense backward).
+- ``gather.py``          logits at given ids (N, k) (forward and sparse backward).
+- ``logits.py``          the divergences from given logits (``logits_divergence``).
+- ``splits.py``          vocabulary splits of the forward kernels and the merge of their row states.
+- ``launch.py``          Python launchers: block sizes, allocation, grids.
+- ``compile_check.py``   compiles every kernel for sm_80/sm_90 without a GPU and reports ptxas resources.
+- ``filter_study.py``    the measurement behind the ``filter_eps`` default.
+- ``testing.py``         helpers for the test modules (interpreter switch, device parameters).
 
-Nothing here allocates an N x V (or C x V) buffer: per-token outputs are (N,), row statistics (3, N),
-gradient accumulators are fp32 copies of the inputs' shapes (N x H and V x H).
+Nothing here allocates an N x V (or C x V) buffer - except ``logits.py``'s backward, whose output is the
+N x V_s gradient of logits the caller already holds. Per-token outputs are (N,), row statistics (3, N),
+split states (k, S, N), gradient accumulators fp32 copies of the inputs' shapes (N x H and V x H).
 
-Kernels are created when this package's submodules are imported, and Triton decides *then* whether
-they are interpreted (``TRITON_INTERPRET=1`` in the environment at that moment) or compiled for a GPU.
-``INTERPRETED`` records which it was.
+Importing ``launch`` imports triton and creates the kernels; Triton decides then whether they are
+interpreted (``TRITON_INTERPRET=1``) or compiled for a GPU, and ``launch.INTERPRETED`` records which.
+opd_kernels.backends.triton imports it on the first kernel launch.
 """

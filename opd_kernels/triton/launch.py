@@ -1,8 +1,9 @@
 """Python launchers for the kernels of this package: block sizes, output allocation, grids.
 
 Inputs arrive validated and flattened (docs/internals.md): hidden (N, H) and weight (V_m, H) contiguous,
-one floating dtype per model, ``vocab_size`` V <= V_m. Every allocation here is O(N) or a gradient
-accumulator shaped like an input (fp32 N x H, V_m x H): none is N x V.
+one floating dtype per model, ``vocab_size`` V <= V_m. Every allocation here is O(S N) (outputs, row
+statistics, split states) or a gradient accumulator shaped like an input (fp32 N x H, V_m x H): none is
+N x V, except the logits gradient of ``logits_backward`` (shaped like the student logits it is for).
 """
 import contextlib
 import math
@@ -14,11 +15,11 @@ import triton
 
 from .divergence_bwd import divergence_bwd_kernel
 from .divergence_fwd import combine_splits, divergence_fwd_kernel
-from .splits import merge_online, split_vocab
 from .divergence_math import FORWARD_KL, JSD, REVERSE_KL
 from .gather import gather_bwd_kernel, gather_fwd_kernel
 from .logits import logits_bwd_kernel, logits_fwd_kernel
 from .lse import lse_bwd_kernel, lse_fwd_kernel
+from .splits import merge_online, split_vocab
 
 # Decided when this module (hence the kernels) was imported; see opd_kernels/triton/__init__.py.
 INTERPRETED = type(lse_fwd_kernel).__name__ == "InterpretedFunction"
@@ -56,8 +57,8 @@ def gather_block_j(k: int) -> int:
 
 
 def dot_precision(*dtypes: torch.dtype) -> str:
-    """fp32 inputs use exact fp32 products ("ieee"); TF32 would cost ~1e-3 relative error, 10x the
-    backend tolerance (ignored for bf16/fp16). Under the interpreter bf16 operands are multiplied in fp32
+    """fp32 inputs use exact fp32 products ("ieee"): TF32 rounds operands to 10 mantissa bits (2^-11 ~
+    4.9e-4 relative), above the 2e-4 tolerance (ignored for bf16/fp16). Under the interpreter bf16 operands are multiplied in fp32
     ("upcast", see tiles.mma)."""
     if INTERPRETED and torch.bfloat16 in dtypes:
         return "upcast"
