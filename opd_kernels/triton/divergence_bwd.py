@@ -8,7 +8,8 @@ a program's registers), so a program cannot own it while it walks the vocabulary
 atomics means recomputing every logit tile once per H_s chunk, or once more in a second kernel for dW.
 Atomics keep the recompute to one per tile (FLOPs: forward 2*N*V*(H_s+H_t), backward the same again
 plus 4*N*V*H_s for the two gradient matmuls), at the price of fp32 atomic traffic and run-to-run
-differences in the last bits of dH/dW (summation order). cut-cross-entropy makes the same choice.
+differences in the last bits of dH/dW (summation order). cut-cross-entropy likewise accumulates
+gradient tiles across programs into shared buffers (with lock-protected adds rather than float atomics).
 
 Gradient of each divergence w.r.t. the student logits z_s (p = softmax, lp = log_softmax, DESIGN.md
 section 4), using d p_s,u / d z_s,v = p_s,u ([u = v] - p_s,v):
