@@ -29,7 +29,7 @@ install: venv
 	$(BIN)/python -m opd_kernels
 
 test: install
-	$(BIN)/python -m pytest -ra -q tests
+	$(BIN)/python -m pytest -ra -q --durations=15 tests
 
 demo: install
 	$(BIN)/opd-distill
