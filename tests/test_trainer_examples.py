@@ -130,3 +130,9 @@ def test_fused_gkd_trainer_equals_gkd_and_trains(tmp_path, autocast_seen):
     before = trainer.model.lm_head.weight.detach().clone()
     trainer.train()
     assert not torch.equal(before, trainer.model.lm_head.weight)
+
+
+def test_compare_loss_modes_script_runs():
+    rows = load_example("compare_loss_modes").main(["--steps", "1", "--modes", "jsd", "--max-new-tokens", "4"])
+    before, after, tokens = rows["jsd"]
+    assert 0 < after < 100 and before > 0 and 8 <= tokens <= 32
