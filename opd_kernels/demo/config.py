@@ -18,12 +18,12 @@ class ExperimentConfig:
     teacher_batch: int = 64
     # student: SFT-warmed on ground truth (addition + the forgetting task) until warmup_target
     student: ModelSize = ModelSize(hidden=48, layers=2, heads=4, intermediate=144)
-    warmup_max_steps: int = 1500   # per phase
+    warmup_max_steps: int = 1200   # length of the cosine schedule
     warmup_lr: float = 3e-3
     warmup_batch: int = 64
     warmup_addition_fraction: float = 0.75   # of each warm-up batch; the rest is the reversal task
     warmup_target: float = 0.3       # stop once this accuracy is reached on a validation split
-    reversal_target: float = 0.95    # phase 1 of the warm-up: the forgetting task, learned first
+    reversal_target: float = 0.95    # ... and this one on the forgetting task
     validation_examples: int = 200   # addition prompts disjoint from the eval split, for the stop rule
     reversal_length: int = 5
     # the four methods: same optimizer (AdamW, constant lr), learning rate, prompts per step and

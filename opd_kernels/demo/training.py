@@ -60,9 +60,9 @@ def train_supervised(model, ops, tok: ByteTokenizer, draw: Callable[[random.Rand
     """At most ``steps`` AdamW steps of ground-truth SFT; returns the number of steps taken.
 
     ``draw(rng)`` returns the list of per-task example batches for one step (tasks have different
-    lengths, so each gets its own forward pass). With ``stop``, the schedule is warm-up then
-    constant, and training ends early when ``stop(step)`` is true (checked every ``stop_every`` steps);
-    without, warm-up then cosine decay over ``steps``.
+    lengths, so each gets its own forward pass). The learning rate warms up over 50 steps, then
+    decays (cosine) over ``steps``; with ``stop``, training ends early at the first check (every
+    ``stop_every`` steps) where ``stop(step)`` is true, keeping that checkpoint.
     """
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -70,7 +70,7 @@ def train_supervised(model, ops, tok: ByteTokenizer, draw: Callable[[random.Rand
     bar = tqdm(range(steps), desc=desc, disable=quiet, leave=False)
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps if stop is None else 10 ** 9, lr, warmup=max(1, steps // 20))
+            group["lr"] = lr_at(step, steps, lr, warmup=50)
         loss = 0.0
         for examples in draw(rng):
             seq, mask = answer_batch(tok, examples)
