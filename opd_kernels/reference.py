@@ -50,7 +50,21 @@ def _where_positive(p: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
 
     Needed for -inf teacher logits: p_t = 0 there and log p_t = -inf, and 0 * -inf would be NaN.
     """
-    return torch.where(p > 0, p * term, torch.zeros((), dtype=term.dtype, device=term.device))
+    # where() inside the product, not around it: the backward of where(p > 0, p * term, 0) still forms
+    # 0 * d(term) = 0 * inf = NaN in the unselected branch.
+    return p * torch.where(p > 0, term, torch.zeros((), dtype=term.dtype, device=term.device))
+
+
+def _log_mixture(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``log(exp(a) + exp(b))``, -inf where both are -inf, with a NaN-free gradient there.
+
+    (logsumexp's backward at (-inf, -inf) is exp(-inf - -inf) = NaN; such entries have p_s = p_t = 0 and
+    must contribute nothing.)
+    """
+    both = torch.isneginf(a) & torch.isneginf(b)
+    zero = torch.zeros((), dtype=a.dtype, device=a.device)
+    safe = torch.logaddexp(torch.where(both, zero, a), torch.where(both, zero, b))
+    return torch.where(both, torch.full((), float("-inf"), dtype=a.dtype, device=a.device), safe)
 
 
 def divergence_from_logits(student_z: torch.Tensor, teacher_z: torch.Tensor, *, divergence: str = "reverse_kl",
@@ -78,7 +92,7 @@ def divergence_from_logits(student_z: torch.Tensor, teacher_z: torch.Tensor, *, 
     if divergence == "forward_kl":
         return _where_positive(pt, lt - ls).sum(-1)
     if divergence == "jsd":
-        log_m = torch.logsumexp(torch.stack([ls + math.log(1.0 - beta), lt + math.log(beta)]), dim=0)
+        log_m = _log_mixture(ls + math.log(1.0 - beta), lt + math.log(beta))
         kl_teacher = _where_positive(pt, lt - log_m).sum(-1)
         kl_student = _where_positive(ps, ls - log_m).sum(-1)
         return beta * kl_teacher + (1.0 - beta) * kl_student

@@ -270,3 +270,22 @@ def test_module_wrappers_match_functional():
     assert "jsd" in repr(loss_fn)
     with pytest.raises(TypeError, match="divergence"):
         loss_fn(x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"], divergence="x")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl", "jsd"])
+def test_shared_vocabulary_mask(backend, divergence):
+    """-inf at the same entries of both models (a banned-token bias): finite values and gradients that
+    match the oracle (p_s = p_t = 0 there, so those entries contribute nothing)."""
+    n, h, v = 11, 9, 400
+    hs, ws, ht, wt = torch.randn(n, h), torch.randn(v, h) * 0.5, torch.randn(n, h), torch.randn(v, h) * 0.5
+    bs, bt = torch.randn(v), torch.randn(v)
+    bs[::7] = float("-inf")
+    bt[::7] = float("-inf")
+
+    def make(fn, **extra):
+        return lambda a, b: fn(a, b, ht.to(a.dtype), wt.to(a.dtype), student_bias=bs.to(a.dtype),
+                               teacher_bias=bt.to(a.dtype), divergence=divergence, reduction="sum", **extra)
+
+    errs = compare_to_oracle(make(ok.linear_divergence, backend=backend), make(ref.linear_divergence), [hs, ws])
+    _assert_within(errs, {k: FP32_TOL[backend] for k in errs})

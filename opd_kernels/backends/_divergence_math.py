@@ -12,7 +12,7 @@ import torch
 
 
 def _xmul(p: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
-    """``p * term`` with 0 * anything = 0 (p_t = 0 where the teacher logit is -inf)."""
+    """``p * term`` with 0 * anything = 0 (p = 0 where a logit is -inf, and term may be +-inf or NaN there)."""
     return torch.where(p > 0, p * term, torch.zeros((), dtype=term.dtype, device=term.device))
 
 
@@ -27,7 +27,8 @@ def divergence_and_grad(zs: torch.Tensor, zt: torch.Tensor, divergence: str, bet
                     dJ/dp_s = (1-b)(l_s - log M)  (the p_t/M and p_s/M terms cancel), so through the
                     softmax Jacobian: dJ/dz_s = (1-b) p_s (l_s - log M - KL(p_s||M))
     A row whose value is +inf (reverse KL against a -inf teacher logit where p_s > 0) has no defined
-    gradient; it gets a zero gradient row instead of NaN.
+    gradient; it gets a zero gradient row instead of NaN. Entries with p_s = 0 (a -inf student logit)
+    get exactly 0 (their log-ratio terms may be -inf - -inf = NaN, which must not leak).
     """
     if divergence == "jsd" and beta == 0.0:
         divergence = "forward_kl"
@@ -41,7 +42,7 @@ def divergence_and_grad(zs: torch.Tensor, zt: torch.Tensor, divergence: str, bet
         diff = ls - lt
         value = _xmul(ps, diff).sum(-1)
         if need_grad:
-            grad = ps * (diff - value.unsqueeze(-1))
+            grad = _xmul(ps, diff - value.unsqueeze(-1))
     elif divergence == "forward_kl":
         pt = lt.exp()
         value = _xmul(pt, lt - ls).sum(-1)
@@ -53,7 +54,7 @@ def divergence_and_grad(zs: torch.Tensor, zt: torch.Tensor, divergence: str, bet
         kl_student = _xmul(ps, ls - log_m).sum(-1)
         value = beta * _xmul(pt, lt - log_m).sum(-1) + (1.0 - beta) * kl_student
         if need_grad:
-            grad = (1.0 - beta) * ps * (ls - log_m - kl_student.unsqueeze(-1))
+            grad = (1.0 - beta) * _xmul(ps, ls - log_m - kl_student.unsqueeze(-1))
     else:
         raise ValueError(f"divergence: expected one of 'reverse_kl', 'forward_kl', 'jsd', got {divergence!r}")
     if grad is not None:
