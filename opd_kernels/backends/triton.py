@@ -119,7 +119,7 @@ _divergence_op.register_autograd(_divergence_backward, setup_context=_divergence
 def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, *, divergence, beta,
                       temperature, student_bias, teacher_bias, student_softcap, teacher_softcap,
                       student_scale, teacher_scale, vocab_size, mask, reduction, normalizer, strategy,
-                      filter_eps):
+                      filter_eps, deterministic=False):
     """docs/internals.md ``linear_divergence`` with strategy "fused" (also for "auto")."""
     if strategy in ("chunked", "materialize") or torch.float64 in (student_hidden.dtype, teacher_hidden.dtype):
         return _pytorch.linear_divergence(
@@ -202,7 +202,8 @@ def _lse_gather_backward(ctx, grad_lse, grad_gathered, grad_entropy):
 _lse_gather_op.register_autograd(_lse_gather_backward, setup_context=_lse_gather_setup)
 
 
-def lse_gather(hidden, weight, ids, *, bias, temperature, softcap, scale, vocab_size, return_entropy):
+def lse_gather(hidden, weight, ids, *, bias, temperature, softcap, scale, vocab_size, return_entropy,
+               deterministic=False):
     """docs/internals.md ``lse_gather``: (lse (N,), gathered (N, k), entropy (N,) or None), fp32.
 
     With no gradient required (the teacher-side gather) no autograd node is recorded."""
@@ -262,7 +263,7 @@ _logits_op.register_autograd(_logits_backward, setup_context=_logits_setup)
 
 
 def logits_divergence(student_logits, teacher_logits, *, divergence, beta, temperature, vocab_size, mask,
-                      reduction, normalizer):
+                      reduction, normalizer, deterministic=False):
     """docs/internals.md ``logits_divergence``: one pass over vocab tiles (jsd: two), logits read in their
     own dtype; the backward writes the (N, V_s) logits gradient tile by tile."""
     if torch.float64 in (student_logits.dtype, teacher_logits.dtype):
