@@ -1,7 +1,9 @@
 """The acceptance goals the issues state for their named cases, checked against measured rows.
 
 issue 3 (CPU, linear_divergence reverse KL, the cpp backend): time <= 1.10 x the GEMM floor; faster than
-Liger-Kernel and naive PyTorch in the same run; peak memory above the inputs <= 10% of naive's.
+Liger-Kernel and naive PyTorch in the same run (a median difference smaller than the larger of the two
+interquartile ranges is reported as "within noise", neither met nor missed); peak memory above the inputs
+<= 10% of naive's.
 (The fourth goal, memory flat in N at a fixed workspace, is read off the N sweep of the default preset.)
 issue 5 (CPU): the figures to record - ours vs naive time ratio and memory - with no numeric goal stated.
 """
@@ -36,9 +38,14 @@ def check_goals(rows: List[dict]) -> List[str]:
                          f"{'met' if ratio <= 1.10 else 'NOT met'}")
             for other in ("liger", "naive"):
                 to = _f(prov.get(other, {}).get("median_s"))
-                lines.append(f"issue 3: faster than {other}: " + (
-                    f"{t * 1e3:.0f} ms vs {to * 1e3:.0f} ms: {'met' if t < to else 'NOT met'}" if to
-                    else f"{other} not measured"))
+                if not to:
+                    lines.append(f"issue 3: faster than {other}: {other} not measured")
+                    continue
+                # a difference smaller than the spread of either provider's samples is not a result
+                noise = max(_f(ours.get("iqr_s")) or 0.0, _f(prov[other].get("iqr_s")) or 0.0)
+                verdict = "within noise (IQR)" if abs(t - to) <= noise else ("met" if t < to else "NOT met")
+                lines.append(f"issue 3: faster than {other}: {t * 1e3:.0f} ms vs {to * 1e3:.0f} ms "
+                             f"(larger IQR {noise * 1e3:.0f} ms): {verdict}")
             mn = _f(prov.get("naive", {}).get("peak_mem_mb"))
             if m is not None and mn:
                 lines.append(f"issue 3: peak memory {m:.1f} MiB = {100 * m / mn:.1f}% of naive's {mn:.1f} MiB "
