@@ -5,6 +5,7 @@ backend registry which implementation runs, and reshapes per-token outputs back 
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional, Union
 
 import torch
@@ -43,7 +44,7 @@ def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor
                       vocab_size: Optional[int] = None, mask: Optional[torch.Tensor] = None, reduction: str = "mean",
                       normalizer: Normalizer = None, backend: str = "auto", strategy: str = "auto",
                       filter_eps: Optional[float] = None, process_group=None,
-                      reduce_hidden_grad: bool = True) -> torch.Tensor:
+                      reduce_hidden_grad: bool = True, deterministic: bool = False) -> torch.Tensor:
     r"""Per-token divergence between the student's and the teacher's next-token distributions, computed
     from last hidden states and lm_head weights without materializing the N x V logits.
 
@@ -82,6 +83,9 @@ def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor
             both weights (and biases); see docs/distributed.md.
         reduce_hidden_grad: with a process_group, all-reduce the hidden-state gradient over the group
             inside the op (False when the caller's tensor-parallel layer already does it).
+        deterministic: bitwise-equal results when repeated on the same inputs and device (no atomics,
+            fixed reduction order). The torch and cpp backends always are; Triton's default backward
+            accumulates with atomics and switches to an atomic-free path.
 
     -inf teacher logits are allowed: forward KL and JSD stay finite; reverse KL is +inf for such a token
     (p_s > 0 everywhere), with a zero gradient row instead of NaN.
@@ -108,7 +112,7 @@ def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor
     impl = backends.resolve(backend, device, "linear_divergence")
     out = impl.linear_divergence(
         _rows(student_hidden), student_weight.contiguous(), _rows(teacher_hidden), teacher_weight.contiguous(),
-        student_bias=student_bias, teacher_bias=teacher_bias, vocab_size=v, **opts)
+        student_bias=student_bias, teacher_bias=teacher_bias, vocab_size=v, deterministic=bool(deterministic), **opts)
     return out.reshape(leading) if reduction == "none" else out
 
 
@@ -132,7 +136,8 @@ def _lse_gather_checked(hidden, weight, ids, *, bias, temperature, softcap, scal
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                     bias: Optional[torch.Tensor] = None, temperature: float = 1.0, softcap: Optional[float] = None,
                     scale: float = 1.0, vocab_size: Optional[int] = None, return_entropy: bool = False,
-                    backend: str = "auto", process_group=None, reduce_hidden_grad: bool = True):
+                    backend: str = "auto", process_group=None, reduce_hidden_grad: bool = True,
+                    deterministic: bool = False):
     r"""Log-probabilities of ``targets`` (and optionally the entropy) straight from hidden states.
 
     Shapes: ``hidden`` (..., H), ``weight`` (V_w, H), ``targets`` (...) int ids in [0, V).
@@ -164,7 +169,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         return (empty, empty.clone()) if return_entropy else empty
     impl = backends.resolve(backend, hidden.device, "lse_gather")
     ids = targets.reshape(-1, 1).to(torch.int64)
-    lse, gathered, entropy = impl.lse_gather(_rows(hidden), weight.contiguous(), ids, bias=bias, **opts)
+    lse, gathered, entropy = impl.lse_gather(_rows(hidden), weight.contiguous(), ids, bias=bias,
+                                             deterministic=bool(deterministic), **opts)
     logprobs = (gathered[:, 0] - lse).float().reshape(leading)
     if return_entropy:
         return logprobs, entropy.float().reshape(leading)
@@ -178,7 +184,7 @@ def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.T
                            student_scale: float = 1.0, vocab_size: Optional[int] = None,
                            mask: Optional[torch.Tensor] = None, reduction: str = "mean",
                            normalizer: Normalizer = None, backend: str = "auto", process_group=None,
-                           reduce_hidden_grad: bool = True) -> torch.Tensor:
+                           reduce_hidden_grad: bool = True, deterministic: bool = False) -> torch.Tensor:
     r"""Divergence against a teacher given only as top-k ids and log-probs (what inference servers return).
 
     Shapes: ``student_hidden`` (..., H), ``student_weight`` (V_s, H), ``teacher_topk_ids`` (..., k) int,
@@ -223,7 +229,8 @@ def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.T
     k = teacher_topk_ids.shape[-1]
     impl = backends.resolve(backend, device, "lse_gather")
     lse, gathered, _ = impl.lse_gather(_rows(student_hidden), student_weight.contiguous(),
-                                       teacher_topk_ids.reshape(-1, k).to(torch.int64), bias=student_bias, **opts)
+                                       teacher_topk_ids.reshape(-1, k).to(torch.int64), bias=student_bias,
+                                       deterministic=bool(deterministic), **opts)
     q = gathered - lse.unsqueeze(-1)
     l = teacher_topk_logprobs.detach().reshape(-1, k).to(q.dtype)
     per_token = topk_divergence_from_logprobs(q, l, divergence=divergence, tail_bucket=bool(tail_bucket))
@@ -236,13 +243,18 @@ def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.T
 def logits_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, divergence: str = "reverse_kl",
                       beta: float = 0.5, temperature: float = 1.0, vocab_size: Optional[int] = None,
                       mask: Optional[torch.Tensor] = None, reduction: str = "mean", normalizer: Normalizer = None,
-                      backend: str = "auto") -> torch.Tensor:
+                      backend: str = "auto", deterministic: bool = False, inplace_grad: bool = False) -> torch.Tensor:
     r"""The divergences of :func:`linear_divergence` for callers that already hold logits.
 
     Shapes: ``student_logits`` (..., V_s), ``teacher_logits`` (..., V_t) with V_t >= V = vocab_size or V_s.
     One pass over row chunks; bf16/fp16 logits are upcast one chunk at a time, never whole. Equivalent to
     ``reference.logits_divergence`` (``z = logits[..., :V].float() / temperature``, then the formulas of
     :func:`linear_divergence`). Gradient flows to ``student_logits`` only.
+
+    ``inplace_grad=True`` (reductions "mean"/"sum"; torch and cpp backends): the gradient is computed in
+    the forward pass and written over ``student_logits`` itself, so the backward allocates nothing of N x V.
+    The logits are overwritten: use it only when nothing else needs them (autograd raises if another op
+    saved them for its backward).
     """
     check.check_tensor("student_logits", student_logits)
     check.check_tensor("teacher_logits", teacher_logits)
@@ -262,9 +274,15 @@ def logits_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     if student_logits.numel() == 0:
         return _empty_result(leading, reduction, student_logits)
     impl = backends.resolve(backend, device, "logits_divergence")
+    extra = {}
+    if inplace_grad:
+        if "inplace_grad" not in inspect.signature(impl.logits_divergence).parameters:
+            raise ValueError(f"inplace_grad: not supported by the {impl.__name__.rsplit('.', 1)[-1]} backend; "
+                             "use backend='cpp' or 'torch'")
+        extra["inplace_grad"] = True
     out = impl.logits_divergence(_rows(student_logits), _rows(teacher_logits), divergence=divergence, beta=beta,
                                  temperature=temperature, vocab_size=v, mask=flat_mask, reduction=reduction,
-                                 normalizer=normalizer)
+                                 normalizer=normalizer, deterministic=bool(deterministic), **extra)
     return out.reshape(leading) if reduction == "none" else out
 
 

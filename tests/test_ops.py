@@ -289,3 +289,38 @@ def test_shared_vocabulary_mask(backend, divergence):
 
     errs = compare_to_oracle(make(ok.linear_divergence, backend=backend), make(ref.linear_divergence), [hs, ws])
     _assert_within(errs, {k: FP32_TOL[backend] for k in errs})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_logits_divergence_inplace_grad(backend, reduction):
+    """inplace_grad=True: same loss and gradient, the gradient written over the logits buffer itself."""
+    n, v = 13, 301
+    s, t = torch.randn(n, v + 1, dtype=torch.bfloat16), torch.randn(n, v + 4, dtype=torch.bfloat16)
+    mask = torch.rand(n) > 0.3
+    leaf = s.clone().requires_grad_()
+    expected = ok.logits_divergence(leaf, t, vocab_size=v, mask=mask, reduction=reduction, backend=backend)
+    expected.backward()
+    x = s.clone().requires_grad_()
+    logits = x * 1.0                    # the activation buffer an LM head would produce
+    loss = ok.logits_divergence(logits, t, vocab_size=v, mask=mask, reduction=reduction, backend=backend,
+                                inplace_grad=True)
+    assert not torch.equal(logits.detach(), s[:, :v + 1])   # the buffer now holds the gradient
+    loss.backward()
+    assert loss.item() == expected.item()
+    torch.testing.assert_close(x.grad, leaf.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic_repeats_bitwise(backend):
+    x, _ = _inputs(SHAPES[2], bias=(True, False))
+    results = []
+    for _ in range(2):
+        hs = x["student_hidden"].clone().requires_grad_()
+        ws = x["student_weight"].clone().requires_grad_()
+        loss = ok.linear_divergence(hs, ws, x["teacher_hidden"], x["teacher_weight"], student_bias=x["student_bias"],
+                                    divergence="jsd", deterministic=True, backend=backend)
+        loss.backward()
+        results.append((loss.detach(), hs.grad, ws.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

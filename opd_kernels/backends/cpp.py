@@ -230,8 +230,12 @@ def _grad_mask(*tensors: Optional[torch.Tensor]):
 # --------------------------------------------------------------------------------------------------
 def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, *, divergence, beta,
                       temperature, student_bias, teacher_bias, student_softcap, teacher_softcap, student_scale,
-                      teacher_scale, vocab_size, mask, reduction, normalizer, strategy, filter_eps):
-    """Full-vocabulary divergence per token, reduced; see the module docstring for the math."""
+                      teacher_scale, vocab_size, mask, reduction, normalizer, strategy, filter_eps,
+                      deterministic=False):
+    """Full-vocabulary divergence per token, reduced; see the module docstring for the math.
+
+    Always deterministic (``deterministic`` is accepted for the common contract): OpenMP splits rows, each
+    row's reduction runs in a fixed order, and there are no atomics."""
     _require()
     if strategy == "fused":
         raise ValueError("strategy: 'fused' needs the triton backend; the cpp backend runs 'chunked' "
@@ -255,7 +259,7 @@ def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_we
 
 
 def lse_gather(hidden, weight, ids, *, bias, temperature, softcap, scale, vocab_size,
-               return_entropy) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+               return_entropy, deterministic=False) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """lse (N,), logits gathered at ``ids`` (N, k), entropy (N,) or None - all fp32, differentiable.
 
     With no input requiring a gradient (the teacher gather) no autograd graph is built and nothing of
@@ -270,7 +274,7 @@ def lse_gather(hidden, weight, ids, *, bias, temperature, softcap, scale, vocab_
 
 
 def logits_divergence(student_logits, teacher_logits, *, divergence, beta, temperature, vocab_size, mask,
-                      reduction, normalizer, inplace_grad: bool = False):
+                      reduction, normalizer, deterministic=False, inplace_grad: bool = False):
     """Divergence of caller-held logits (N, V_s) and (N, V_t), one pass per row, no fp32 copy of the inputs.
 
     ``inplace_grad=True`` (scalar reductions only) writes d loss / d student_logits over ``student_logits``

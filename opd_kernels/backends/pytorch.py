@@ -130,7 +130,9 @@ class _ChunkedLinearDivergence(torch.autograd.Function):
 
 def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, *, divergence, beta,
                       temperature, student_bias, teacher_bias, student_softcap, teacher_softcap, student_scale,
-                      teacher_scale, vocab_size, mask, reduction, normalizer, strategy, filter_eps):
+                      teacher_scale, vocab_size, mask, reduction, normalizer, strategy, filter_eps,
+                      deterministic=False):
+    # deterministic: always (no atomics; every reduction runs in a fixed order).
     if strategy == "fused":
         raise ValueError("strategy: 'fused' needs the triton backend; the torch backend runs 'chunked' "
                          "(default) or 'materialize'")
@@ -200,7 +202,8 @@ class _ChunkedLseGather(torch.autograd.Function):
         return (grad_h, grad_w.to(w.dtype), None if grad_b is None else grad_b.to(w.dtype), None, None)
 
 
-def lse_gather(hidden, weight, ids, *, bias, temperature, softcap, scale, vocab_size, return_entropy):
+def lse_gather(hidden, weight, ids, *, bias, temperature, softcap, scale, vocab_size, return_entropy,
+               deterministic=False):
     opts = dict(temperature=temperature, softcap=softcap, scale=scale, vocab_size=vocab_size,
                 return_entropy=return_entropy)
     lse, gathered, entropy = _ChunkedLseGather.apply(hidden, weight, bias, ids, opts)
@@ -210,12 +213,17 @@ def lse_gather(hidden, weight, ids, *, bias, temperature, softcap, scale, vocab_
 # --------------------------------------------------------------------------------------------------
 # logits_divergence
 # --------------------------------------------------------------------------------------------------
-def _logits_pass(s, t, weights, opts, need_grad):
+def _logits_pass(s, t, weights, opts, need_grad, grad_out_buffer=None):
+    """Values (N,) and, if ``need_grad``, the weighted logits gradient - into ``grad_out_buffer`` when given
+    (which may be ``s`` itself: each chunk is read before its gradient is written over it)."""
     n, v = s.shape[0], opts["vocab_size"]
     cdt = _compute_dtype(s, t)
     inv_t = 1.0 / opts["temperature"]
     values = torch.empty(n, dtype=cdt, device=s.device)
-    grad = torch.zeros_like(s) if need_grad else None
+    grad = None
+    if need_grad:
+        grad = torch.zeros_like(s) if grad_out_buffer is None else grad_out_buffer
+        grad[:, v:] = 0
     rows = chunk_rows(n, v)
     for start in range(0, n, rows):
         end = min(start + rows, n)
@@ -249,10 +257,36 @@ class _ChunkedLogitsDivergence(torch.autograd.Function):
         return grad, None, None, None
 
 
+class _InplaceChunkedLogitsDivergence(torch.autograd.Function):
+    """Scalar logits divergence whose gradient overwrites the student logits during the forward pass."""
+
+    @staticmethod
+    def forward(ctx, s, t, weights, opts):
+        # s.detach() shares storage and version counter with s: an op that saved these logits for its own
+        # backward fails loudly instead of silently reading gradients.
+        buffer = s.detach()
+        values, _ = _logits_pass(buffer, t, weights, opts, True, grad_out_buffer=buffer)
+        ctx.grad = buffer
+        out = reduce_per_token(values, weights, opts["reduction"])
+        return out.to(torch.promote_types(out.dtype, torch.float32))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad, ctx.grad = ctx.grad, None
+        return grad.mul_(grad_out.to(grad.dtype)), None, None, None
+
+
 def logits_divergence(student_logits, teacher_logits, *, divergence, beta, temperature, vocab_size, mask,
-                      reduction, normalizer):
+                      reduction, normalizer, deterministic=False, inplace_grad=False):
+    """``inplace_grad=True`` (scalar reductions): the gradient is written over ``student_logits`` in the
+    forward pass, so the backward allocates nothing of N x V (the logits are gone afterwards)."""
     opts = dict(divergence=divergence, beta=beta, temperature=temperature, vocab_size=vocab_size,
                 reduction=reduction)
     weights = token_weights(mask, student_logits.shape[0], reduction, normalizer, student_logits.device,
                             _compute_dtype(student_logits, teacher_logits))
+    if inplace_grad and student_logits.requires_grad:
+        if reduction == "none":
+            raise ValueError("inplace_grad: needs reduction 'mean' or 'sum' (got 'none', whose gradient is "
+                             "only known in backward)")
+        return _InplaceChunkedLogitsDivergence.apply(student_logits, teacher_logits.detach(), weights, opts)
     return _ChunkedLogitsDivergence.apply(student_logits, teacher_logits.detach(), weights, opts)
