@@ -30,6 +30,7 @@ def _check_report(r, budget):
     for e in r["token_efficiency"].values():
         assert e["times_fewer"] is None or e["times_fewer"] > 0
         assert e["times_fewer"] is not None or e["note"]
+    assert len(r["summary"]) == 5 and r["summary"][-1].startswith("forgetting task accuracy")
 
 
 def test_tiny_end_to_end(tmp_path, capsys):

@@ -26,14 +26,19 @@ from .config import ExperimentConfig
 from .losses import public_ops
 from .methods import METHODS, run_method
 from .models import build_model
-from .report import efficiency, plot_curves, table
+from .report import efficiency, plot_curves, summary_lines, table
 from .tasks import Addition, Reversal
 from .tokenizer import ByteTokenizer
 from .training import atomic_save, atomic_write_text, evaluate, train_supervised
 
 
+# Bump when the teacher or warm-up recipe changes in code, so stale cached checkpoints are not reused.
+RECIPE_VERSION = 2
+
+
 def _key(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+    """Cache key: a hash of everything that determines a cached checkpoint."""
+    return hashlib.sha256(json.dumps([RECIPE_VERSION, obj], sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _cached_model(path: str, build, train, log) -> Tuple[object, dict, bool]:
@@ -66,8 +71,7 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
     add, rev = Addition(digits=cfg.digits), Reversal(length=cfg.reversal_length)
     add_eval, rev_eval = add.eval_split(cfg.eval_examples), rev.eval_split(cfg.forgetting_eval_examples)
     add_exclude, rev_exclude = {p for p, _ in add_eval}, {p for p, _ in rev_eval}
-    add_plen, rev_plen = add.prompt_len + 1, rev.prompt_len + 1   # +1: <bos>
-    plen_of = lambda ex: len(ex[0][0]) + 1                      # noqa: E731
+    plen_of = lambda ex: len(ex[0][0]) + 1   # prompt length in tokens, <bos> included  # noqa: E731
     timings = {}
 
     # ---- teacher: ground-truth addition, trained once and cached --------------------------------
@@ -167,6 +171,7 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
         "student_warmup": smeta,
         "methods": methods,
         "token_efficiency": efficiency(methods),
+        "summary": summary_lines(methods, efficiency(methods)),
         "dense_opd_fraction_of_teacher": (methods["dense_opd"]["final_accuracy"] / teacher_acc
                                           if teacher_acc > 0 else None),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),

@@ -65,7 +65,7 @@ def generate(model, prompt_ids: torch.Tensor, n_new: int, *, temperature: float 
     was_training = model.training
     model.eval()
     seq = prompt_ids
-    out = model(input_ids=prompt_ids, use_cache=True)
+    out = model(input_ids=prompt_ids, use_cache=True, logits_to_keep=1)  # (B, 1, V): last position only
     past, logits = out.past_key_values, out.logits[:, -1].float()
     chosen_lp = []
     for step in range(n_new):

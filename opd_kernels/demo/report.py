@@ -48,6 +48,23 @@ def efficiency(methods: Dict[str, Dict]) -> Dict[str, Dict]:
     return out
 
 
+def summary_lines(methods: Dict[str, Dict], eff: Dict[str, Dict]) -> List[str]:
+    """The measured claims in words: token efficiency of the OPD methods, then forgetting."""
+    lines = []
+    for key, e in eff.items():
+        opd, base = key.split("_vs_")
+        if e["times_fewer"] is not None:
+            lines.append(f"{opd} reached {base}'s final accuracy {e['target_accuracy']:.3f} with "
+                         f"{e[opd + '_tokens']} student tokens vs {e[base + '_tokens']}: "
+                         f"{e['times_fewer']}x fewer")
+        else:
+            lines.append(f"{opd} vs {base}: {e['note']}")
+    lines.append("forgetting task accuracy before -> after: " + ", ".join(
+        f"{name} {m['forgetting_task_accuracy_before']:.3f} -> {m['forgetting_task_accuracy_after']:.3f}"
+        for name, m in methods.items()))
+    return lines
+
+
 def table(report: Dict) -> str:
     """A plain-text table of the methods plus the efficiency and forgetting lines."""
     t = report["teacher_accuracy"]
@@ -65,14 +82,7 @@ def table(report: Dict) -> str:
         lines.append(f"{METHOD_LABELS[name]:<36}{m['final_accuracy']:>9.3f}{frac:>10}{m['student_tokens']:>9}"
                      f"{m['steps']:>7}{forget:>24}{m['wall_seconds']:>8}")
     lines.append("")
-    for key, e in report["token_efficiency"].items():
-        opd, base = key.split("_vs_")
-        if e["times_fewer"] is not None:
-            lines.append(f"{opd} reached {base}'s final accuracy {e['target_accuracy']:.3f} with "
-                         f"{e[opd + '_tokens']} student tokens vs {e[base + '_tokens']}: "
-                         f"{e['times_fewer']}x fewer")
-        else:
-            lines.append(f"{opd} vs {base}: {e['note']}")
+    lines += report["summary"]
     return "\n".join(lines)
 
 
