@@ -2,6 +2,8 @@
 
     python benchmarks/cpp_floor_check.py                       # N=2048 H_s=512 H_t=1024 V=32000, reverse KL
     python benchmarks/cpp_floor_check.py --n 4096 --workspace-mb 32 64 128
+    python benchmarks/cpp_floor_check.py --case logits     # issue 5: bf16 (4096 x 32000) logits
+    python benchmarks/cpp_floor_check.py --case logprobs   # issue 5: linear_logprobs N=4096 H=1024
 
 Forward + backward, median of --repeats runs after one warm-up, all in one process and one run:
 - floor: the four matmuls alone (student logits, teacher logits, dH = G W_s, dW = G^T H_s) at full size;
@@ -20,6 +22,7 @@ import time
 import torch
 
 import opd_kernels as ok
+from opd_kernels.backends import cpp as cpp_backend
 
 
 def _status_kib(field: str) -> int:
@@ -60,7 +63,10 @@ def main(argv=None) -> int:
     p.add_argument("--divergence", default="reverse_kl")
     p.add_argument("--workspace-mb", type=float, nargs="+", default=[64])
     p.add_argument("--skip-naive", action="store_true")
+    p.add_argument("--case", choices=("divergence", "logits", "logprobs"), default="divergence")
     args = p.parse_args(argv)
+    if args.case != "divergence":
+        return sparse_cases(args)
 
     g = torch.Generator().manual_seed(0)
     hs = torch.randn(args.n, args.hs, generator=g)
@@ -105,6 +111,57 @@ def main(argv=None) -> int:
     for name, t, c, m in rows:
         mem_ratio = f"{m / m_naive:.3f}" if m_naive else "-"
         print(f"{name:<26}{t:>8.3f}{t / floor_row[1]:>9.3f}{c:>8.3f}{c / floor_row[2]:>9.3f}{m:>10.1f}{mem_ratio:>13}")
+    return 0
+
+
+def sparse_cases(args) -> int:
+    """Issue 5's CPU measurements: cpp against naive PyTorch, time and peak memory above the inputs."""
+    g = torch.Generator().manual_seed(0)
+    n = 4096 if args.n == 2048 else args.n
+    if args.case == "logits":
+        s = (torch.randn(n, args.v, generator=g) * 2).bfloat16().requires_grad_()
+        t = (torch.randn(n, args.v, generator=g) * 2).bfloat16()
+
+        def naive():
+            s.grad = None
+            lps, lpt = s.float().log_softmax(-1), t.float().log_softmax(-1)
+            (lps.exp() * (lps - lpt)).sum(-1).mean().backward()
+
+        def ours():
+            s.grad = None
+            ok.logits_divergence(s, t, backend="cpp").backward()
+
+        def ours_inplace():  # the gradient overwrites `buf`, a preallocated copy of the logits (time includes the copy)
+            with torch.no_grad():
+                buf.copy_(s)
+            buf.grad = None
+            cpp_backend.logits_divergence(buf, t, divergence="reverse_kl", beta=0.5, temperature=1.0,
+                                          vocab_size=args.v, mask=None, reduction="mean", normalizer=None,
+                                          inplace_grad=True).backward()
+
+        buf = torch.empty_like(s.detach()).requires_grad_()
+        providers = [("naive torch (fp32 upcast)", naive), ("cpp", ours), ("cpp inplace_grad", ours_inplace)]
+        title = f"logits_divergence reverse_kl bf16 ({n} x {args.v}) fwd+bwd"
+    else:
+        h = torch.randn(n, 1024, generator=g).requires_grad_()
+        w = (torch.randn(args.v, 1024, generator=g) * 1024 ** -0.5).requires_grad_()
+        ids = torch.randint(0, args.v, (n,), generator=g)
+
+        def naive():
+            h.grad = w.grad = None
+            (h @ w.T).log_softmax(-1).gather(-1, ids[:, None]).sum().backward()
+
+        def ours():
+            h.grad = w.grad = None
+            ok.linear_logprobs(h, w, ids, backend="cpp").sum().backward()
+
+        providers = [("naive torch", naive), ("cpp", ours)]
+        title = f"linear_logprobs fp32 N={n} H=1024 V={args.v} fwd+bwd"
+    print(title + f", {torch.get_num_threads()} threads, median of {args.repeats}")
+    rows = [(name, *measure(fn, args.repeats)) for name, fn in providers]
+    print(f"{'provider':<28}{'wall s':>8}{'cpu s':>8}{'peak MiB':>10}{'x naive mem':>13}")
+    for name, t_wall, t_cpu, m in rows:
+        print(f"{name:<28}{t_wall:>8.3f}{t_cpu:>8.3f}{m:>10.1f}{m / rows[0][3]:>13.3f}")
     return 0
 
 
