@@ -62,14 +62,14 @@ def test_opcheck():
     n, h, v = 5, 17, 130
     hs, ws, bs = torch.randn(n, h, requires_grad=True), torch.randn(v, h, requires_grad=True), torch.randn(v)
     ht, wt = torch.randn(n, 9), torch.randn(v, 9)
-    div_args = (hs, ws, bs, ht, wt, None, "reverse_kl", 0.5, 1.2, 3.0, None, 1.0, 1.0, v - 3, 0.0)
+    div_args = (hs, ws, bs, ht, wt, None, "reverse_kl", 0.5, 1.2, 3.0, None, 1.0, 1.0, v - 3, 0.0, False)
     torch.library.opcheck(tb._divergence_op, div_args)
     values, stats = tb._divergence_op(*div_args)
     torch.library.opcheck(tb._divergence_backward_op,
                           (torch.randn(n), stats.detach(), hs.detach(), ws.detach(), bs, ht, wt, None)
                           + div_args[6:])
     ids = torch.randint(0, v - 3, (n, 3))
-    lse_args = (hs, ws, None, ids, 0.9, None, 1.1, v - 3)
+    lse_args = (hs, ws, None, ids, 0.9, None, 1.1, v - 3, False)
     torch.library.opcheck(tb._lse_gather_op, lse_args)
     lse, _, ent = tb._lse_gather_op(*lse_args)
     logit_args = (torch.randn(n, v, requires_grad=True), torch.randn(n, v + 4), "jsd", 0.4, 1.3, v - 1)
@@ -79,14 +79,15 @@ def test_opcheck():
                           + logit_args[1:])
     torch.library.opcheck(tb._lse_gather_backward_op,
                           (torch.randn(n), torch.randn(n, 3), torch.randn(n), lse.detach(), ent.detach(),
-                           hs.detach(), ws.detach(), None, ids, 0.9, None, 1.1, v - 3))
+                           hs.detach(), ws.detach(), None, ids, 0.9, None, 1.1, v - 3, False))
 
 
 @pytest.mark.slow
 def test_kernels_compile_for_nvidia_targets():
-    """Every kernel variant (3 divergences x fwd/bwd with biases and softcaps, reverse_kl without; lse,
-    gather and logits (2 divergences) fwd/bwd) lowers to PTX and assembles for sm_90 (bf16) and sm_80
-    (fp16), in a subprocess without the interpreter."""
+    """Every kernel variant (3 divergences x fwd/bwd with biases and softcaps, reverse_kl without; the
+    deterministic backward's two launches per divergence and for lse + gather; lse, gather and logits
+    (2 divergences) fwd/bwd) lowers to PTX and assembles for sm_90 (bf16) and sm_80 (fp16), in a
+    subprocess without the interpreter."""
     env = {k: val for k, val in os.environ.items() if k != "TRITON_INTERPRET"}
     lines = []
     for arch, dtype in (("90", "bf16"), ("80", "fp16")):
@@ -95,5 +96,5 @@ def test_kernels_compile_for_nvidia_targets():
         assert run.returncode == 0, run.stderr[-3000:]
         lines += [line for line in run.stdout.splitlines() if line.startswith("sm_")]
     print("\n".join(lines))
-    assert len(lines) == 2 * 17, lines
+    assert len(lines) == 2 * 25, lines
     assert all("regs=" in line for line in lines)

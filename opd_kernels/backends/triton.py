@@ -57,9 +57,10 @@ def _divergence_op(student_hidden: Tensor, student_weight: Tensor, student_bias:
                    teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Optional[Tensor],
                    divergence: str, beta: float, temperature: float, student_softcap: Optional[float],
                    teacher_softcap: Optional[float], student_scale: float, teacher_scale: float,
-                   vocab_size: int, filter_eps: float) -> Tuple[Tensor, Tensor]:
+                   vocab_size: int, filter_eps: float, deterministic: bool) -> Tuple[Tensor, Tensor]:
     """Per-token values (N,) fp32 and row statistics (3, N) fp32 ([L_s, L_t, c], see divergence_fwd.py).
-    ``filter_eps`` is only carried to the backward."""
+    ``filter_eps`` and ``deterministic`` are only carried to the backward (the forward has no atomics
+    and merges its vocabulary splits in a fixed order: it is deterministic either way)."""
     return _kernels().divergence_forward(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
         divergence=divergence, beta=beta, temperature=temperature, s_softcap=student_softcap,
@@ -80,14 +81,15 @@ def _divergence_backward_op(grad_values: Tensor, stats: Tensor, student_hidden: 
                             teacher_bias: Optional[Tensor], divergence: str, beta: float,
                             temperature: float, student_softcap: Optional[float],
                             teacher_softcap: Optional[float], student_scale: float,
-                            teacher_scale: float, vocab_size: int,
-                            filter_eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dH_s, dW_s, db_s) in the student's dtype; db_s is empty (0,) when there is no student bias."""
+                            teacher_scale: float, vocab_size: int, filter_eps: float,
+                            deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dH_s, dW_s, db_s) in the student's dtype; db_s is empty (0,) when there is no student bias.
+    ``deterministic``: no atomics, fixed summation order (launch.divergence_backward)."""
     dh, dw, db = _kernels().divergence_backward(
         grad_values, stats, student_hidden, student_weight, student_bias, teacher_hidden,
         teacher_weight, teacher_bias, divergence=divergence, beta=beta, temperature=temperature,
         s_softcap=student_softcap, t_softcap=teacher_softcap, s_scale=student_scale,
-        t_scale=teacher_scale, vocab_size=vocab_size, filter_eps=filter_eps)
+        t_scale=teacher_scale, vocab_size=vocab_size, filter_eps=filter_eps, deterministic=deterministic)
     return (dh.to(student_hidden.dtype), dw.to(student_weight.dtype),
             db.to(student_bias.dtype) if db is not None else student_weight.new_empty(0))
 
@@ -99,7 +101,7 @@ def _(grad_values, stats, student_hidden, student_weight, student_bias, *args, *
 
 
 _DIVERGENCE_ARGS = ("divergence", "beta", "temperature", "student_softcap", "teacher_softcap",
-                    "student_scale", "teacher_scale", "vocab_size", "filter_eps")
+                    "student_scale", "teacher_scale", "vocab_size", "filter_eps", "deterministic")
 
 
 def _divergence_setup(ctx, inputs, output):
@@ -120,7 +122,9 @@ def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_we
                       temperature, student_bias, teacher_bias, student_softcap, teacher_softcap,
                       student_scale, teacher_scale, vocab_size, mask, reduction, normalizer, strategy,
                       filter_eps, deterministic=False):
-    """docs/internals.md ``linear_divergence`` with strategy "fused" (also for "auto")."""
+    """docs/internals.md ``linear_divergence`` with strategy "fused" (also for "auto"). ``deterministic``
+    selects the atomic-free backward (the torch backend, which runs fp64 and "chunked", is deterministic
+    anyway)."""
     if strategy in ("chunked", "materialize") or torch.float64 in (student_hidden.dtype, teacher_hidden.dtype):
         return _pytorch.linear_divergence(
             student_hidden, student_weight, teacher_hidden, teacher_weight, divergence=divergence,
@@ -136,7 +140,7 @@ def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_we
         None if teacher_bias is None else teacher_bias.detach(), divergence, float(beta),
         float(temperature), _opt_float(student_softcap), _opt_float(teacher_softcap),
         float(student_scale), float(teacher_scale), int(vocab_size),
-        DEFAULT_FILTER_EPS if filter_eps is None else float(filter_eps))
+        DEFAULT_FILTER_EPS if filter_eps is None else float(filter_eps), bool(deterministic))
     weights = token_weights(mask, student_hidden.shape[0], reduction, normalizer, student_hidden.device)
     return reduce_per_token(values, weights, reduction)
 
@@ -147,8 +151,9 @@ def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_we
 @torch.library.custom_op("opd::triton_lse_gather", mutates_args=())
 def _lse_gather_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ids: Tensor,
                    temperature: float, softcap: Optional[float], scale: float,
-                   vocab_size: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """(lse (N,), gathered (N, k), entropy (N,)), fp32. The entropy costs one extra FMA per logit."""
+                   vocab_size: int, deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(lse (N,), gathered (N, k), entropy (N,)), fp32. The entropy costs one extra FMA per logit.
+    ``deterministic`` is only carried to the backward (the forward is deterministic either way)."""
     return _kernels().lse_gather_forward(hidden, weight, bias, ids, temperature=temperature,
                                       softcap=softcap, scale=scale, vocab_size=vocab_size)
 
@@ -164,11 +169,13 @@ def _(hidden, weight, bias, ids, *args, **kwargs):
 def _lse_gather_backward_op(grad_lse: Tensor, grad_gathered: Tensor, grad_entropy: Tensor, lse: Tensor,
                             entropy: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                             ids: Tensor, temperature: float, softcap: Optional[float], scale: float,
-                            vocab_size: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dh, dw, db) in the inputs' dtypes; db is empty (0,) without a bias."""
+                            vocab_size: int, deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dh, dw, db) in the inputs' dtypes; db is empty (0,) without a bias. ``deterministic``: no
+    atomics, fixed summation order (launch.lse_gather_backward)."""
     dh, dw, db = _kernels().lse_gather_backward(
         grad_lse, grad_gathered, grad_entropy, lse, entropy, hidden, weight, bias, ids,
-        temperature=temperature, softcap=softcap, scale=scale, vocab_size=vocab_size)
+        temperature=temperature, softcap=softcap, scale=scale, vocab_size=vocab_size,
+        deterministic=deterministic)
     return (dh.to(hidden.dtype), dw.to(weight.dtype),
             db.to(bias.dtype) if db is not None else weight.new_empty(0))
 
@@ -179,7 +186,7 @@ def _(grad_lse, grad_gathered, grad_entropy, lse, entropy, hidden, weight, bias,
     return torch.empty_like(hidden), torch.empty_like(weight), db
 
 
-_LSE_ARGS = ("temperature", "softcap", "scale", "vocab_size")
+_LSE_ARGS = ("temperature", "softcap", "scale", "vocab_size", "deterministic")
 
 
 def _lse_gather_setup(ctx, inputs, output):
@@ -206,14 +213,16 @@ def lse_gather(hidden, weight, ids, *, bias, temperature, softcap, scale, vocab_
                deterministic=False):
     """docs/internals.md ``lse_gather``: (lse (N,), gathered (N, k), entropy (N,) or None), fp32.
 
-    With no gradient required (the teacher-side gather) no autograd node is recorded."""
+    With no gradient required (the teacher-side gather) no autograd node is recorded. ``deterministic``
+    selects the atomic-free backward."""
     if hidden.dtype == torch.float64:
         return _pytorch.lse_gather(hidden, weight, ids, bias=bias, temperature=temperature,
                                   softcap=softcap, scale=scale, vocab_size=vocab_size,
                                   return_entropy=return_entropy)
     _check_runnable(hidden=hidden)
     lse, gathered, entropy = _lse_gather_op(hidden, weight, bias, ids, float(temperature),
-                                            _opt_float(softcap), float(scale), int(vocab_size))
+                                            _opt_float(softcap), float(scale), int(vocab_size),
+                                            bool(deterministic))
     return lse, gathered, (entropy if return_entropy else None)
 
 
@@ -265,7 +274,8 @@ _logits_op.register_autograd(_logits_backward, setup_context=_logits_setup)
 def logits_divergence(student_logits, teacher_logits, *, divergence, beta, temperature, vocab_size, mask,
                       reduction, normalizer, deterministic=False):
     """docs/internals.md ``logits_divergence``: one pass over vocab tiles (jsd: two), logits read in their
-    own dtype; the backward writes the (N, V_s) logits gradient tile by tile."""
+    own dtype; the backward writes the (N, V_s) logits gradient tile by tile. Deterministic whatever
+    ``deterministic`` says: no atomics, no splits, every output element written once by one program."""
     if torch.float64 in (student_logits.dtype, teacher_logits.dtype):
         return _pytorch.logits_divergence(student_logits, teacher_logits, divergence=divergence, beta=beta,
                                          temperature=temperature, vocab_size=vocab_size, mask=mask,

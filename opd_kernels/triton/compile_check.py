@@ -1,6 +1,6 @@
 """Compile every kernel variant for NVIDIA targets without a GPU, and read ptxas' resource report.
 
-    python -m opd_kernels.triton.compile_check [--arch 90 80] [--dtype bf16 fp16 fp32]
+    python -m opd_kernels.triton.compile_check [--arch 90 80] [--dtype bf16 fp16 fp32] [--only NAME]
 
 Nothing runs: Triton lowers each kernel to PTX for the given target and its bundled ptxas assembles it,
 so this catches what the interpreter cannot (tl.dot shape/dtype rules, type unification across branches)
@@ -19,11 +19,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import launch
-from .divergence_bwd import divergence_bwd_kernel
+from .divergence_bwd import divergence_bwd_kernel, divergence_bwd_owned_kernel
 from .divergence_fwd import divergence_fwd_kernel
 from .gather import gather_bwd_kernel, gather_fwd_kernel
 from .logits import logits_bwd_kernel, logits_fwd_kernel
-from .lse import lse_bwd_kernel, lse_fwd_kernel
+from .lse import lse_bwd_kernel, lse_bwd_owned_kernel, lse_fwd_kernel
 
 _TL = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 
@@ -59,6 +59,9 @@ def variants(dtype: str):
         yield f"divergence_fwd[{div}]", divergence_fwd_kernel, dict(DIVERGENCE=i, PASS=1, stats_ptr=None,
                                                                     **two), opts
         yield f"divergence_bwd[{div}]", divergence_bwd_kernel, dict(DIVERGENCE=i, **two), opts
+        for own in ("rows", "cols"):  # deterministic=True: dH by token blocks, dW/db by vocab blocks
+            yield (f"divergence_bwd_owned[{div},{own}]", divergence_bwd_owned_kernel,
+                   dict(DIVERGENCE=i, OWN_ROWS=own == "rows", **two), opts)
     yield "divergence_fwd[jsd,pass 2]", divergence_fwd_kernel, dict(DIVERGENCE=2, PASS=2, **two), opts
     # no biases: the launcher passes None for the bias pointers (constexpr None in the signature)
     bare = dict(two, S_BIAS=False, T_BIAS=False, S_SOFTCAP=False, T_SOFTCAP=False, bs_ptr=None, bt_ptr=None,
@@ -68,6 +71,9 @@ def variants(dtype: str):
     yield "divergence_bwd[reverse_kl,no bias]", divergence_bwd_kernel, dict(DIVERGENCE=0, **bare), opts
     yield "lse_fwd", lse_fwd_kernel, one, opts
     yield "lse_bwd", lse_bwd_kernel, one, opts
+    for own in ("rows", "cols"):
+        yield f"lse_bwd_owned[gather,{own}]", lse_bwd_owned_kernel, dict(OWN_ROWS=own == "rows", GATHER=True,
+                                                                         **one), opts
     gather = dict(HAS_BIAS=True, HAS_SOFTCAP=True, BLOCK_J=16, BLOCK_K=b.k)
     yield "gather_fwd", gather_fwd_kernel, gather, dict(num_warps=4, num_stages=2)
     yield "gather_bwd", gather_bwd_kernel, gather, dict(num_warps=4, num_stages=2)
@@ -117,14 +123,17 @@ def _ptxas_report(ptx: str, arch: int) -> str:
     return f"regs={regs.group(1) if regs else '?'} spill_stores={'+'.join(spills) or '0'}B"
 
 
-def check(archs=(90, 80), dtypes=("bf16", "fp16", "fp32")) -> list:
-    """Compile all variants; returns report lines, raises on the first compile error."""
+def check(archs=(90, 80), dtypes=("bf16", "fp16", "fp32"), only: str = "") -> list:
+    """Compile all variants (those whose name contains ``only``); returns report lines, raises on the
+    first compile error."""
     if launch.INTERPRETED:
         raise RuntimeError("the kernels were created under TRITON_INTERPRET=1; run without it")
     lines = []
     for arch in archs:
         for dtype in dtypes:
             for name, kernel, constexprs, opts in variants(dtype):
+                if only not in name:
+                    continue
                 constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
                 src = ASTSource(fn=kernel, signature=_signature(kernel, dtype, constexprs),
                                 constexprs=constexprs)
@@ -138,8 +147,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, nargs="+", default=[90, 80])
     p.add_argument("--dtype", nargs="+", default=["bf16", "fp16", "fp32"], choices=sorted(_TL))
+    p.add_argument("--only", default="", help="compile only the variants whose name contains this")
     args = p.parse_args(argv)
-    for line in check(args.arch, args.dtype):
+    for line in check(args.arch, args.dtype, args.only):
         print(line)
     return 0
 

@@ -1,9 +1,16 @@
-"""Backward of the fused linear divergences: a 2-D grid of (token block, vocab block) programs. Each
-recomputes its student logit tile, decides from it whether the tile can matter (``filter_eps``),
-recomputes the teacher tile only if so, forms dLoss/draw_s and adds its share of dH_s, dW_s, db_s
-through fp32 atomics (tiles.accumulate_grads).
+"""Backward of the fused linear divergences, in two forms sharing the per-tile arithmetic (``tile_grad``):
+a program recomputes its student logit tile, decides from it whether the tile can matter
+(``filter_eps``), recomputes the teacher tile only if so, and forms dLoss/draw_s.
 
-Why atomics and not a second pass: dH for a token block is BLOCK_N x H_s (for H_s = 4096 far more than
+- ``divergence_bwd_kernel`` (default): a 2-D grid of (token block, vocab block) programs, each adding
+  its share of dH_s, dW_s, db_s through fp32 atomics (tiles.accumulate_grads).
+- ``divergence_bwd_owned_kernel`` (``deterministic=True``): launched twice, once with a program per
+  token block (OWN_ROWS) walking every vocab block in order and adding into its own dH_s rows, once with
+  a program per vocab block walking every token block in order and adding into its own dW_s, db_s rows
+  (tiles.add_dh / add_dw). No atomics and a fixed summation order: bitwise-equal repeated results, for
+  one more recompute of every logit tile (2NV(H_s + H_t) FLOPs, see docs/triton.md).
+
+Why atomics by default and not a second pass: dH for a token block is BLOCK_N x H_s (for H_s = 4096 far more than
 a program's registers), so a program cannot own it while it walks the vocabulary; owning it without
 atomics means recomputing every logit tile once per H_s chunk, or once more in a second kernel for dW.
 Atomics keep the recompute to one per tile (FLOPs: forward 2*N*V*(H_s+H_t), backward the same again
@@ -38,20 +45,17 @@ import triton
 import triton.language as tl
 
 from .divergence_math import FORWARD_KL, grad_z
-from .tiles import accumulate_grads, logit_tile, transform_grad
+from .tiles import accumulate_grads, add_owned, logit_tile, owned_steps, owned_tile, transform_grad
 
 
 @triton.jit
-def divergence_bwd_kernel(
-        hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, stats_ptr, grad_ptr,
-        dhs_ptr, dws_ptr, dbs_ptr,
-        N, V, HS, HT, s_scale, s_softcap, t_scale, t_softcap, inv_temp, beta, log_1mb, log_b,
-        filter_eps,
-        DIVERGENCE: tl.constexpr, S_BIAS: tl.constexpr, T_BIAS: tl.constexpr,
-        S_SOFTCAP: tl.constexpr, T_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+def tile_grad(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, stats_ptr, grad_ptr, rows, cols,
+              N, V, HS, HT, s_scale, s_softcap, t_scale, t_softcap, inv_temp, beta, log_1mb, log_b,
+              filter_eps, DIVERGENCE: tl.constexpr, S_BIAS: tl.constexpr, T_BIAS: tl.constexpr,
+              S_SOFTCAP: tl.constexpr, T_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(G, keep): G = dLoss/draw_s on the tile (rows, cols), fp32 (BLOCK_N, BLOCK_V), and whether the
+    filter keeps the tile (when not, G is 0 and the teacher tile was not computed)."""
     row_ok = rows < N
     g = tl.load(grad_ptr + rows, mask=row_ok, other=0.0)
     active = (g != 0)[:, None]
@@ -69,11 +73,62 @@ def divergence_bwd_kernel(
         p_t_max = tl.max(tl.max(tl.where(active, tl.exp(zt - lse_t[:, None]), 0.0), 1), 0)
         p_max = tl.maximum(p_max, p_t_max)
 
-    if (p_max > 0) & (p_max >= filter_eps):
+    keep = (p_max > 0) & (p_max >= filter_eps)
+    dz = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    if keep:
         if DIVERGENCE != FORWARD_KL:
             _, zt = logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, N, V, HT, t_scale, t_softcap,
                                inv_temp, T_BIAS, T_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
         dz = grad_z(zs, zt, lse_s, lse_t, c, active, beta, log_1mb, log_b, DIVERGENCE)
         dz = dz * g[:, None] * transform_grad(raw_s, s_scale, s_softcap, inv_temp, S_SOFTCAP)
+    return dz, keep
+
+
+@triton.jit
+def divergence_bwd_kernel(
+        hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, stats_ptr, grad_ptr,
+        dhs_ptr, dws_ptr, dbs_ptr,
+        N, V, HS, HT, s_scale, s_softcap, t_scale, t_softcap, inv_temp, beta, log_1mb, log_b,
+        filter_eps,
+        DIVERGENCE: tl.constexpr, S_BIAS: tl.constexpr, T_BIAS: tl.constexpr,
+        S_SOFTCAP: tl.constexpr, T_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Grid (token blocks, vocab blocks): one tile per program, gradients added with atomics."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    dz, keep = tile_grad(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, stats_ptr, grad_ptr, rows, cols,
+                         N, V, HS, HT, s_scale, s_softcap, t_scale, t_softcap, inv_temp, beta, log_1mb,
+                         log_b, filter_eps, DIVERGENCE, S_BIAS, T_BIAS, S_SOFTCAP, T_SOFTCAP, BLOCK_N,
+                         BLOCK_V, BLOCK_K, DOT_PRECISION)
+    if keep:
         accumulate_grads(dz, hs_ptr, ws_ptr, dhs_ptr, dws_ptr, dbs_ptr, rows, cols, N, V, HS,
                          S_BIAS, BLOCK_K, DOT_PRECISION)
+
+
+@triton.jit
+def divergence_bwd_owned_kernel(
+        hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, stats_ptr, grad_ptr,
+        dhs_ptr, dws_ptr, dbs_ptr,
+        N, V, HS, HT, s_scale, s_softcap, t_scale, t_softcap, inv_temp, beta, log_1mb, log_b,
+        filter_eps,
+        OWN_ROWS: tl.constexpr, DIVERGENCE: tl.constexpr, S_BIAS: tl.constexpr, T_BIAS: tl.constexpr,
+        S_SOFTCAP: tl.constexpr, T_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Deterministic backward. OWN_ROWS: grid (token blocks,), program i walks vocab blocks 0, 1, ... and
+    adds each tile's G @ W_s into dH_s[rows of block i]. Else: grid (vocab blocks,), program j walks
+    token blocks 0, 1, ... and adds G^T @ H_s, G.sum(0) into dW_s, db_s[cols of block j]. Equivalent
+    PyTorch (G the (N, V) matrix of tile_grad, never formed):
+
+        for i: dH[rows_i] = sum over j in order of G[rows_i, cols_j] @ W[cols_j]
+        for j: dW[cols_j] = sum over i in order of G[rows_i, cols_j].T @ H[rows_i]
+    """
+    for step in range(0, owned_steps(N, V, OWN_ROWS, BLOCK_N, BLOCK_V)):
+        rows, cols = owned_tile(step, OWN_ROWS, BLOCK_N, BLOCK_V)
+        dz, keep = tile_grad(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, stats_ptr, grad_ptr, rows,
+                             cols, N, V, HS, HT, s_scale, s_softcap, t_scale, t_softcap, inv_temp, beta,
+                             log_1mb, log_b, filter_eps, DIVERGENCE, S_BIAS, T_BIAS, S_SOFTCAP,
+                             T_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
+        if keep:
+            add_owned(dz, hs_ptr, ws_ptr, dhs_ptr, dws_ptr, dbs_ptr, rows, cols, N, V, HS, OWN_ROWS, S_BIAS,
+                      BLOCK_K, DOT_PRECISION)
+        tl.debug_barrier()  # this step's stores visible to every thread before the next step's loads

@@ -13,13 +13,13 @@ from typing import Optional
 import torch
 import triton
 
-from .divergence_bwd import divergence_bwd_kernel
+from .divergence_bwd import divergence_bwd_kernel, divergence_bwd_owned_kernel
 from .divergence_fwd import combine_splits, divergence_fwd_kernel
 from .divergence_math import FORWARD_KL, JSD, REVERSE_KL
 from .gather import gather_bwd_kernel, gather_fwd_kernel
 from .logits import logits_bwd_kernel, logits_fwd_kernel
-from .lse import lse_bwd_kernel, lse_fwd_kernel
-from .splits import merge_online, split_vocab
+from .lse import lse_bwd_kernel, lse_bwd_owned_kernel, lse_fwd_kernel
+from .splits import merge_online, split_sum, split_vocab
 
 # Decided when this module (hence the kernels) was imported; see opd_kernels/triton/__init__.py.
 INTERPRETED = type(lse_fwd_kernel).__name__ == "InterpretedFunction"
@@ -106,7 +106,7 @@ def divergence_forward(hs, ws, bs: Optional[torch.Tensor], ht, wt, bt: Optional[
         values, stats = combine_splits(part, divergence)
         if divergence == "jsd":
             divergence_fwd_kernel[(n_blocks, splits)](hs, ws, bs, ht, wt, bt, part, stats, PASS=2, **args)
-            kl_sm, kl_tm = part[0].sum(0), part[1].sum(0)
+            kl_sm, kl_tm = split_sum(part[0]), split_sum(part[1])
             values = beta * kl_tm + (1.0 - beta) * kl_sm
             stats[2] = kl_sm
     return values, stats
@@ -114,8 +114,12 @@ def divergence_forward(hs, ws, bs: Optional[torch.Tensor], ht, wt, bt: Optional[
 
 def divergence_backward(grad, stats, hs, ws, bs, ht, wt, bt, *, divergence: str, beta: float,
                         temperature: float, s_softcap, t_softcap, s_scale: float, t_scale: float,
-                        vocab_size: int, filter_eps: float):
-    """fp32 accumulators (dH_s (N, H_s), dW_s (V_s, H_s), db_s (V_s,) or None), zero where untouched."""
+                        vocab_size: int, filter_eps: float, deterministic: bool = False):
+    """fp32 accumulators (dH_s (N, H_s), dW_s (V_s, H_s), db_s (V_s,) or None), zero where untouched.
+
+    Default: one (token block, vocab block) grid adding with atomics. ``deterministic``: two launches of
+    the owned kernel, dH_s by token-block programs, then dW_s and db_s by vocab-block programs, each
+    walking the other dimension in order (every logit tile computed twice instead of once)."""
     n, h_s = hs.shape
     dhs = torch.zeros(n, h_s, dtype=torch.float32, device=hs.device)
     dws = torch.zeros(ws.shape, dtype=torch.float32, device=hs.device)
@@ -124,16 +128,20 @@ def divergence_backward(grad, stats, hs, ws, bs, ht, wt, bt, *, divergence: str,
         return dhs, dws, dbs
     blocks = blocks_for(hs.device, hs.dtype)
     log_1mb, log_b = _jsd_constants(divergence, beta)
-    grid = (triton.cdiv(n, blocks.n), triton.cdiv(vocab_size, blocks.v))
-    with _on(hs.device):
-        divergence_bwd_kernel[grid](
-            hs, ws, bs, ht, wt, bt, stats, grad.to(torch.float32).contiguous(), dhs, dws, dbs,
+    n_blocks, v_blocks = triton.cdiv(n, blocks.n), triton.cdiv(vocab_size, blocks.v)
+    args = (hs, ws, bs, ht, wt, bt, stats, grad.to(torch.float32).contiguous(), dhs, dws, dbs,
             n, vocab_size, h_s, ht.shape[1],
             float(s_scale), float(s_softcap or 1.0), float(t_scale), float(t_softcap or 1.0),
-            1.0 / temperature, float(beta), log_1mb, log_b, float(filter_eps),
-            DIVERGENCE=_DIVERGENCE_IDS[divergence], S_BIAS=bs is not None, T_BIAS=bt is not None,
-            S_SOFTCAP=s_softcap is not None, T_SOFTCAP=t_softcap is not None,
-            DOT_PRECISION=dot_precision(hs.dtype, ht.dtype), **_options(blocks))
+            1.0 / temperature, float(beta), log_1mb, log_b, float(filter_eps))
+    consts = dict(DIVERGENCE=_DIVERGENCE_IDS[divergence], S_BIAS=bs is not None, T_BIAS=bt is not None,
+                  S_SOFTCAP=s_softcap is not None, T_SOFTCAP=t_softcap is not None,
+                  DOT_PRECISION=dot_precision(hs.dtype, ht.dtype), **_options(blocks))
+    with _on(hs.device):
+        if deterministic:
+            divergence_bwd_owned_kernel[(n_blocks,)](*args, OWN_ROWS=True, **consts)
+            divergence_bwd_owned_kernel[(v_blocks,)](*args, OWN_ROWS=False, **consts)
+        else:
+            divergence_bwd_kernel[(n_blocks, v_blocks)](*args, **consts)
     return dhs, dws, dbs
 
 
@@ -165,8 +173,12 @@ def lse_gather_forward(h, w, b, ids, *, temperature: float, softcap, scale: floa
 
 
 def lse_gather_backward(g_lse, g_gathered, g_ent, lse, ent, h, w, b, ids, *, temperature: float,
-                        softcap, scale: float, vocab_size: int):
-    """fp32 accumulators (dh (N, H), dw (V_m, H), db (V_m,) or None)."""
+                        softcap, scale: float, vocab_size: int, deterministic: bool = False):
+    """fp32 accumulators (dh (N, H), dw (V_m, H), db (V_m,) or None).
+
+    Default: the dense part on a (token block, vocab block) grid and the gathered logits' part in
+    gather.py, both adding with atomics. ``deterministic``: both parts in the owned kernel's two launches
+    (dh by token-block programs, then dw and db by vocab-block programs), in a fixed order."""
     n, hdim = h.shape
     k = ids.shape[1]
     dh = torch.zeros(n, hdim, dtype=torch.float32, device=h.device)
@@ -179,17 +191,25 @@ def lse_gather_backward(g_lse, g_gathered, g_ent, lse, ent, h, w, b, ids, *, tem
     f32 = dict(dtype=torch.float32, device=h.device)
     g_lse = torch.zeros(n, **f32) if g_lse is None else g_lse.to(torch.float32).contiguous()
     g_ent = torch.zeros(n, **f32) if g_ent is None else g_ent.to(torch.float32).contiguous()
-    grid = (triton.cdiv(n, blocks.n), triton.cdiv(vocab_size, blocks.v))
+    gather = k > 0 and g_gathered is not None
+    g_gathered = g_gathered.to(torch.float32).contiguous() if gather else None
+    n_blocks, v_blocks = triton.cdiv(n, blocks.n), triton.cdiv(vocab_size, blocks.v)
+    transform = (float(scale), float(softcap or 1.0), 1.0 / temperature)
     with _on(h.device):
-        lse_bwd_kernel[grid](
-            h, w, b, lse, ent, g_lse, g_ent, dh, dw, db, n, vocab_size, hdim, float(scale),
-            float(softcap or 1.0), 1.0 / temperature, DOT_PRECISION=dot_precision(h.dtype), **common,
-            **_options(blocks))
-        if k > 0 and g_gathered is not None:
+        if deterministic:
+            args = (h, w, b, lse, ent, g_lse, g_ent, ids if gather else None, g_gathered, dh, dw, db,
+                    n, vocab_size, hdim, k if gather else 0) + transform
+            consts = dict(GATHER=gather, DOT_PRECISION=dot_precision(h.dtype), **common, **_options(blocks))
+            lse_bwd_owned_kernel[(n_blocks,)](*args, OWN_ROWS=True, **consts)
+            lse_bwd_owned_kernel[(v_blocks,)](*args, OWN_ROWS=False, **consts)
+            return dh, dw, db
+        lse_bwd_kernel[(n_blocks, v_blocks)](
+            h, w, b, lse, ent, g_lse, g_ent, dh, dw, db, n, vocab_size, hdim, *transform,
+            DOT_PRECISION=dot_precision(h.dtype), **common, **_options(blocks))
+        if gather:
             block_j = gather_block_j(k)
             gather_bwd_kernel[(n, triton.cdiv(k, block_j))](
-                h, w, b, ids, g_gathered.to(torch.float32).contiguous(), dh, dw, db, k, hdim,
-                float(scale), float(softcap or 1.0), 1.0 / temperature, BLOCK_J=block_j,
+                h, w, b, ids, g_gathered, dh, dw, db, k, hdim, *transform, BLOCK_J=block_j,
                 BLOCK_K=blocks.k, num_warps=1 if INTERPRETED else 4, **common)
     return dh, dw, db
 

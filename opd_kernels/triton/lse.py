@@ -17,11 +17,22 @@ Backward: 2-D grid of (token block, vocab block) programs, as in divergence_bwd.
 so the tile gradient is G = p (g_lse - g_H (log p + H)), then times dz/draw, and dH, dW, db follow as
 in tiles.accumulate_grads. Tiles whose probabilities are all exactly 0 (or whose rows all have zero
 upstream gradient) are skipped: exact.
+
+Deterministic backward (``lse_bwd_owned_kernel``): launched twice, a program per token block walking the
+vocab blocks in order into its own dH rows, then a program per vocab block walking the token blocks in
+order into its own dW, db rows (tiles.add_dh / add_dw), as in divergence_bwd.py. The gathered logits'
+gradient is folded into the same tiles instead of gather.py's atomic scatter (ids repeat):
+
+    G[n, v] += sum_j g_gathered[n, j] [ids[n, j] = v]          (before the dz/draw factor)
+
+at O(k) compares per row and vocab tile (a j whose ids all fall outside the tile costs one test of
+BLOCK_N ids).
 """
 import triton
 import triton.language as tl
 
-from .tiles import accumulate_grads, logit_tile, online_softmax, transform_grad
+from .tiles import (accumulate_grads, add_owned, logit_tile, online_softmax, owned_steps, owned_tile,
+                    transform_grad)
 
 
 @triton.jit
@@ -50,12 +61,13 @@ def lse_fwd_kernel(h_ptr, w_ptr, b_ptr, part_ptr, N, V, H, V_SPLIT, scale, softc
 
 
 @triton.jit
-def lse_bwd_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr,
-                   dh_ptr, dw_ptr, db_ptr, N, V, H, scale, softcap, inv_temp,
-                   HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+def tile_grad(h_ptr, w_ptr, b_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr, rows, cols,
+              N, V, H, K, scale, softcap, inv_temp, GATHER: tl.constexpr, HAS_BIAS: tl.constexpr,
+              HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+              BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(G, keep): G = dLoss/draw on the tile (rows, cols), fp32 (BLOCK_N, BLOCK_V), from the lse and
+    entropy gradients, plus (GATHER) the gathered logits' gradients g_ids (N, K) at ids (N, K); keep is
+    false when G is exactly 0 (no gradient matmuls needed)."""
     row_ok = rows < N
     g_lse = tl.load(g_lse_ptr + rows, mask=row_ok, other=0.0)
     g_ent = tl.load(g_ent_ptr + rows, mask=row_ok, other=0.0)
@@ -67,8 +79,54 @@ def lse_bwd_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr,
                         HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
     lp = z - lse[:, None]
     p = tl.where(active, tl.exp(lp), 0.0)
-    if tl.max(tl.max(p, 1), 0) > 0:
-        dz = tl.where(p > 0, p * (g_lse[:, None] - g_ent[:, None] * (lp + ent[:, None])), 0.0)
-        dz = dz * transform_grad(raw, scale, softcap, inv_temp, HAS_SOFTCAP)
+    keep = tl.max(tl.max(p, 1), 0) > 0
+    dz = tl.where(p > 0, p * (g_lse[:, None] - g_ent[:, None] * (lp + ent[:, None])), 0.0)
+    if GATHER:
+        row_k = rows.to(tl.int64) * K
+        col_lo = tl.min(cols, 0)
+        for j in range(0, K):
+            ids = tl.load(ids_ptr + row_k + j, mask=row_ok, other=-1)
+            hit_rows = row_ok & (ids >= col_lo) & (ids < col_lo + BLOCK_V)
+            hit = tl.max(hit_rows.to(tl.int32), 0) > 0
+            if hit:  # some id of column j falls in this tile
+                g_j = tl.load(g_ids_ptr + row_k + j, mask=hit_rows, other=0.0)
+                dz += tl.where(ids[:, None] == cols[None, :], g_j[:, None], 0.0)
+            keep = keep | hit
+    dz = dz * transform_grad(raw, scale, softcap, inv_temp, HAS_SOFTCAP)
+    return dz, keep
+
+
+@triton.jit
+def lse_bwd_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr,
+                   dh_ptr, dw_ptr, db_ptr, N, V, H, scale, softcap, inv_temp,
+                   HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Grid (token blocks, vocab blocks), gradients added with atomics (the gathered logits' gradient
+    is gather.py's)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    dz, keep = tile_grad(h_ptr, w_ptr, b_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, None, None, rows, cols,
+                         N, V, H, 0, scale, softcap, inv_temp, False, HAS_BIAS, HAS_SOFTCAP, BLOCK_N,
+                         BLOCK_V, BLOCK_K, DOT_PRECISION)
+    if keep:
         accumulate_grads(dz, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, rows, cols, N, V, H,
                          HAS_BIAS, BLOCK_K, DOT_PRECISION)
+
+
+@triton.jit
+def lse_bwd_owned_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr,
+                         dh_ptr, dw_ptr, db_ptr, N, V, H, K, scale, softcap, inv_temp,
+                         OWN_ROWS: tl.constexpr, GATHER: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                         BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Deterministic backward, lse + entropy + gathered logits (see divergence_bwd_owned_kernel):
+    OWN_ROWS, grid (token blocks,), into dH; else grid (vocab blocks,), into dW, db."""
+    for step in range(0, owned_steps(N, V, OWN_ROWS, BLOCK_N, BLOCK_V)):
+        rows, cols = owned_tile(step, OWN_ROWS, BLOCK_N, BLOCK_V)
+        dz, keep = tile_grad(h_ptr, w_ptr, b_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr,
+                             rows, cols, N, V, H, K, scale, softcap, inv_temp, GATHER, HAS_BIAS,
+                             HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
+        if keep:
+            add_owned(dz, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, rows, cols, N, V, H, OWN_ROWS, HAS_BIAS,
+                      BLOCK_K, DOT_PRECISION)
+        tl.debug_barrier()  # this step's stores visible to every thread before the next step's loads

@@ -4,7 +4,8 @@ A forward kernel keeps one program per token block walking the whole vocabulary;
 (N = 4096 tokens in blocks of 64 is 64 programs for 132 H100 SMs) most of the GPU idles. Splitting each
 row's vocabulary over S programs (as flash-decoding splits the keys) fixes that: each split writes its
 partial online-softmax state, (k, S, N) fp32, and :func:`merge_online` combines the splits in PyTorch
-(O(S N) work and memory, no host sync).
+(O(S N) work and memory, no host sync), in a fixed order (:func:`split_sum`): the forward gives
+bitwise-equal results when repeated on the same device, with or without ``deterministic=True``.
 """
 import torch
 import triton
@@ -32,6 +33,18 @@ def merge_online(m: torch.Tensor, *sums: torch.Tensor):
     m_all = m.amax(0)
     shift = torch.where(torch.isneginf(m_all), torch.zeros_like(m_all), m_all)
     w = torch.exp(m - shift)
-    return (m_all,) + tuple(torch.where(w > 0, x * w, torch.zeros_like(x)).sum(0) for x in sums)
+    return (m_all,) + tuple(split_sum(torch.where(w > 0, x * w, torch.zeros_like(x))) for x in sums)
+
+
+def split_sum(x: torch.Tensor) -> torch.Tensor:
+    """``x.sum(0)`` for (S, N) split partials, in an order fixed by S alone: a pairwise tree,
+    ``x[:h] + x[h:2h]`` (h = S // 2) with an odd last row carried to the next level. Elementwise adds only
+    (ceil(log2 S) of them), so the order cannot depend on how a library reduction kernel is configured
+    for the device or the shape. (The max of the merge is exact in any order.)"""
+    while x.shape[0] > 1:
+        h = x.shape[0] // 2
+        head = x[:h] + x[h:2 * h]
+        x = torch.cat([head, x[2 * h:]]) if x.shape[0] % 2 else head
+    return x[0]
 
 

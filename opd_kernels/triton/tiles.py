@@ -1,6 +1,10 @@
 """Shared ``@triton.jit`` building blocks: logit tiles, the logit transform, online softmax, and the
 gradient-matmul epilogue. Every kernel in this package is a short composition of these.
 
+Two gradient epilogues: ``accumulate_grads`` (atomics; any number of programs may add to the same rows)
+and ``add_dh`` / ``add_dw`` (plain read-add-write by the one program that owns the rows: the
+``deterministic=True`` kernels, whose reduction order is fixed by their loops).
+
 Conventions (all kernels): hidden ``h`` is (N, H) and weight ``w`` is (V_m, H), both contiguous, so row
 ``r`` of either starts at ``r * H``; offsets are formed in int64 so ``N * H``, ``V * H`` (and any ``N * V``
 index a caller might form) never wrap at 2^31. Rows >= N and vocab columns >= V (``vocab_size``, which may
@@ -132,3 +136,78 @@ def accumulate_grads(g, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, rows, cols, N, V, 
         tl.atomic_add(dw_ptr + col_off[:, None] + ks[None, :], dw, mask=col_mask, sem="relaxed")
     if HAS_BIAS:
         tl.atomic_add(db_ptr + cols, tl.sum(g, 0), mask=cols < V, sem="relaxed")
+
+
+@triton.jit
+def add_dh(g, w_ptr, dh_ptr, rows, cols, N, V, H, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``dh[rows] += g @ w[cols]`` by plain load + store: only for a program that alone owns ``rows`` of
+    dh (deterministic kernels). ``g`` (BLOCK_N, BLOCK_V) fp32 enters tl.dot in the inputs' dtype, as in
+    accumulate_grads. The caller puts a ``tl.debug_barrier()`` between two calls on the same rows: the
+    threads that load a dh element need not be those that stored it (tl.dot's output layout is not the
+    load's), and a CTA barrier is what makes one thread's global store visible to another."""
+    row_off = rows.to(tl.int64) * H
+    col_off = cols.to(tl.int64) * H
+    g_in = g.to(w_ptr.dtype.element_ty)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        row_mask = (rows[:, None] < N) & (ks[None, :] < H)
+        w = tl.load(w_ptr + col_off[:, None] + ks[None, :], mask=(cols[:, None] < V) & (ks[None, :] < H),
+                    other=0.0)
+        ptrs = dh_ptr + row_off[:, None] + ks[None, :]
+        dh = tl.load(ptrs, mask=row_mask, other=0.0)
+        tl.store(ptrs, mma(g_in, w, dh, DOT_PRECISION), mask=row_mask)
+
+
+@triton.jit
+def add_dw(g, h_ptr, dw_ptr, db_ptr, rows, cols, N, V, H, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr,
+           DOT_PRECISION: tl.constexpr):
+    """``dw[cols] += g.T @ h[rows]`` and ``db[cols] += g.sum(0)`` by plain load + store: only for a
+    program that alone owns ``cols`` of dw and db (deterministic kernels; same barrier rule as add_dh)."""
+    row_off = rows.to(tl.int64) * H
+    col_off = cols.to(tl.int64) * H
+    g_in = g.to(h_ptr.dtype.element_ty)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        col_mask = (cols[:, None] < V) & (ks[None, :] < H)
+        h = tl.load(h_ptr + row_off[:, None] + ks[None, :], mask=(rows[:, None] < N) & (ks[None, :] < H),
+                    other=0.0)
+        ptrs = dw_ptr + col_off[:, None] + ks[None, :]
+        dw = tl.load(ptrs, mask=col_mask, other=0.0)
+        tl.store(ptrs, mma(tl.trans(g_in), h, dw, DOT_PRECISION), mask=col_mask)
+    if HAS_BIAS:
+        db = tl.load(db_ptr + cols, mask=cols < V, other=0.0)
+        tl.store(db_ptr + cols, db + tl.sum(g, 0), mask=cols < V)
+
+
+@triton.jit
+def owned_steps(N, V, OWN_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Tiles a deterministic-backward program walks: every vocab block (OWN_ROWS: it owns a token
+    block) or every token block (it owns a vocab block)."""
+    if OWN_ROWS:
+        steps = tl.cdiv(V, BLOCK_V)
+    else:
+        steps = tl.cdiv(N, BLOCK_N)
+    return steps
+
+
+@triton.jit
+def owned_tile(step, OWN_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(rows, cols) of the ``step``-th tile of this program: its own block ``program_id(0)`` crossed with
+    block ``step`` of the other dimension (steps in increasing order fix the summation order)."""
+    if OWN_ROWS:
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = step * BLOCK_V + tl.arange(0, BLOCK_V)
+    else:
+        rows = step * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    return rows, cols
+
+
+@triton.jit
+def add_owned(g, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, rows, cols, N, V, H, OWN_ROWS: tl.constexpr,
+              HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The owner's share of one tile's gradient: dh rows (OWN_ROWS) or dw, db rows (add_dh / add_dw)."""
+    if OWN_ROWS:
+        add_dh(g, w_ptr, dh_ptr, rows, cols, N, V, H, BLOCK_K, DOT_PRECISION)
+    else:
+        add_dw(g, h_ptr, dw_ptr, db_ptr, rows, cols, N, V, H, HAS_BIAS, BLOCK_K, DOT_PRECISION)
