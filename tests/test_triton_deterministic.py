@@ -156,6 +156,22 @@ def test_atomic_kernels_not_launched(monkeypatch):
         value_and_grads(atomic, inputs, upstream)
 
 
+@pytest.mark.interpret
+def test_global_deterministic_flag(monkeypatch):
+    """torch.use_deterministic_algorithms(True) selects the atomic-free backward without the keyword."""
+    need("cpu")
+    launch = tb._kernels()
+    monkeypatch.setattr(launch, "divergence_bwd_kernel", _NotLaunched())
+    hs, ws = torch.randn(3, 8, requires_grad=True), torch.randn(300, 8)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        ok.linear_divergence(hs, ws, torch.randn(3, 5), torch.randn(300, 5), backend="triton").backward()
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert hs.grad.abs().max() > 0
+
+
 def test_deterministic_kernels_have_no_atomics():
     """Every @triton.jit function the deterministic backward runs is free of atomics (source check)."""
     from opd_kernels.triton import divergence_bwd, divergence_math, lse, tiles

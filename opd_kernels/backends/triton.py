@@ -140,7 +140,7 @@ def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_we
         None if teacher_bias is None else teacher_bias.detach(), divergence, float(beta),
         float(temperature), _opt_float(student_softcap), _opt_float(teacher_softcap),
         float(student_scale), float(teacher_scale), int(vocab_size),
-        DEFAULT_FILTER_EPS if filter_eps is None else float(filter_eps), bool(deterministic))
+        DEFAULT_FILTER_EPS if filter_eps is None else float(filter_eps), _deterministic(deterministic))
     weights = token_weights(mask, student_hidden.shape[0], reduction, normalizer, student_hidden.device)
     return reduce_per_token(values, weights, reduction)
 
@@ -222,7 +222,7 @@ def lse_gather(hidden, weight, ids, *, bias, temperature, softcap, scale, vocab_
     _check_runnable(hidden=hidden)
     lse, gathered, entropy = _lse_gather_op(hidden, weight, bias, ids, float(temperature),
                                             _opt_float(softcap), float(scale), int(vocab_size),
-                                            bool(deterministic))
+                                            _deterministic(deterministic))
     return lse, gathered, (entropy if return_entropy else None)
 
 
@@ -296,6 +296,12 @@ def _jsd_ends(divergence: str, beta: float) -> str:
     if divergence == "jsd" and beta in (0.0, 1.0):
         return "forward_kl" if beta == 0.0 else "reverse_kl"
     return divergence
+
+
+def _deterministic(requested) -> bool:
+    """The atomic-free backward when asked for, or when torch.use_deterministic_algorithms(True) is on
+    (as PyTorch's own ops switch to their deterministic implementations under it)."""
+    return bool(requested) or torch.are_deterministic_algorithms_enabled()
 
 
 def _opt_float(x) -> Optional[float]:
