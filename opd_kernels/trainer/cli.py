@@ -3,9 +3,11 @@
     opd-distill                                   # the default experiment (opd_kernels.demo)
     opd-distill --quick --output-dir runs/demo    # its options
     opd-distill --student PATH --teacher PATH --prompts prompts.jsonl [--loss reverse_kl] [--config run.yaml]
+    torchrun --nproc-per-node 2 -m opd_kernels.trainer.cli --student ... [--fsdp]     # data parallel
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Dict, List, Optional, Sequence
 
@@ -25,10 +27,12 @@ def run(cfg: TrainConfig) -> Dict[str, object]:
     import torch
 
     from .data import load_prompts
+    from .distributed import DataParallel, init_from_env, local_device_name
     from .loop import OPDTrainer
     from .models import load_model, load_tokenizer, resolve_device, use_bf16_autocast
 
-    device = resolve_device(cfg.device)
+    init_from_env(cfg.device)  # under torchrun: join the group (gloo on CPU, nccl on CUDA)
+    device = resolve_device(local_device_name(cfg.device))
     teacher_dtype = torch.bfloat16 if use_bf16_autocast(cfg.precision, device) else torch.float32
     student = load_model(cfg.student, device=device, seed=cfg.seed)
     teacher = load_model(cfg.teacher, device=device, seed=cfg.seed + 1, dtype=teacher_dtype)
@@ -36,7 +40,8 @@ def run(cfg: TrainConfig) -> Dict[str, object]:
     vocab = cfg.vocab_size or student.get_output_embeddings().weight.shape[0]
     prompts = load_prompts(cfg.prompts, tokenizer, max_prompt_len=cfg.max_prompt_len,
                            chat_template=cfg.chat_template, seed=cfg.seed, vocab_size=vocab)
-    torch.manual_seed(cfg.seed)
+    # Same initial weights on every rank (load_model is seeded), a different sampling stream per rank.
+    torch.manual_seed(cfg.seed + DataParallel.current().rank)
     trainer = OPDTrainer(cfg, student, teacher, prompts, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer)
     return trainer.train()
 
@@ -61,12 +66,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"missing {', '.join('--' + m for m in missing)} (flags or keys of --config)")
     try:
         summary = run(cfg)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # bad arguments; an unwritable output_dir or a full disk
         print(f"opd-distill: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        _leave_group()
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return 0
     print(f"opd-distill: {summary['steps']} steps, {summary['total_tokens']} completion tokens, "
           f"final loss {summary['final_loss']}, checkpoint {summary['checkpoint']}, metrics {summary['metrics']}")
     return 0
+
+
+def _leave_group() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

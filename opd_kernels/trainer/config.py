@@ -52,6 +52,8 @@ class TrainConfig:
     precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast where supported), bf16, fp32"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
     backend: str = field(default="auto", metadata={"help": "opd_kernels backend: auto, triton, cpp, torch"})
+    fsdp: bool = field(default=False, metadata={"help": "under torchrun: shard the student with FSDP2 "
+                       "fully_shard instead of DDP (one group at the root; see docs/trainer.md)"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (0: only at the end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
     resume: bool = field(default=False, metadata={"help": "continue from output_dir's latest checkpoint"})

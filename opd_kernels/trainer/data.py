@@ -68,13 +68,15 @@ def _encode(text: str, tokenizer, chat_template: bool, spec: str, line: int) -> 
 
 
 def prompts_for_step(prompts: Sequence[Sequence[int]], step: int, micro: int, *, batch_size: int,
-                     grad_accum: int, seed: int) -> List[Sequence[int]]:
-    """The prompts of micro-batch ``micro`` of optimizer step ``step`` (0-based).
+                     grad_accum: int, seed: int, rank: int = 0, world_size: int = 1) -> List[Sequence[int]]:
+    """The prompts of micro-batch ``micro`` of optimizer step ``step`` (0-based) on data-parallel ``rank``.
 
-    Walks through the prompts in a fresh random order each epoch (seeded by ``seed`` and the epoch).
+    Walks through the prompts in a fresh random order each epoch (seeded by ``seed`` and the epoch). Each
+    micro-batch takes ``world_size * batch_size`` consecutive prompts of that order and rank r gets the
+    r-th slice, so R ranks with batch b see exactly the prompts one process with batch R*b sees.
     """
     n = len(prompts)
-    first = (step * grad_accum + micro) * batch_size
+    first = ((step * grad_accum + micro) * world_size + rank) * batch_size
     out, perms = [], {}
     for i in range(first, first + batch_size):
         epoch, pos = divmod(i, n)
