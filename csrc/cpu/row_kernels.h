@@ -25,18 +25,20 @@ using M = CpuMath;
 // vectorizer; bf16 <-> fp32 is a 16-bit shift with round-to-nearest-even on the way down. (NaN inputs
 // stay NaN unless the rounding carries them into inf, which cannot happen for quiet NaNs.)
 template <class F, class T>
-inline F load_elem(const T& x) { return static_cast<F>(x); }
+OPD_HD F load_elem(const T& x) { return static_cast<F>(x); }
 template <>
-inline float load_elem<float, c10::BFloat16>(const c10::BFloat16& x) {
+OPD_HD float load_elem<float, c10::BFloat16>(const c10::BFloat16& x) {
   return bits_to_float(static_cast<int32_t>(static_cast<uint32_t>(x.x) << 16));
 }
+// out[v] = x in T. bf16 is written as its 16 bits through a uint16_t pointer: constructing the c10 struct
+// in the loop keeps GCC from vectorizing the store.
 template <class T, class F>
-inline T store_elem(F x) { return static_cast<T>(x); }
+OPD_HD void store_elem(T* out, int64_t v, F x) { out[v] = static_cast<T>(x); }
 template <>
-inline c10::BFloat16 store_elem<c10::BFloat16, float>(float x) {
+OPD_HD void store_elem<c10::BFloat16, float>(c10::BFloat16* out, int64_t v, float x) {
   uint32_t b = static_cast<uint32_t>(float_to_bits(x));
-  b += 0x7fffu + ((b >> 16) & 1u);
-  return c10::BFloat16(static_cast<uint16_t>(b >> 16), c10::BFloat16::from_bits());
+  b += 0x7fffu + ((b >> 16) & 1u);  // round to nearest even
+  reinterpret_cast<uint16_t*>(out)[v] = static_cast<uint16_t>(b >> 16);
 }
 
 // Raw logits -> z = softcap(scale * raw) / T into `z`; returns max_v z_v.
@@ -137,7 +139,7 @@ OPD_CPU_CLONES void divergence_grad(const F* __restrict zs, const F* __restrict 
       F lps = ys - log_ds, lpt = yt - log_dt;
       g = jsd_grad(ps, lps, log_mixture<M>(lps, lpt, log_1mb, log_b), stat, F(1) - beta);
     }
-    out[v] = store_elem<TO>(w * g * transform_grad(zs[v], t));
+    store_elem(out, v, w * g * transform_grad(zs[v], t));
   }
 }
 
@@ -161,7 +163,7 @@ OPD_CPU_CLONES void lse_entropy_grad_row(const F* __restrict z, int64_t V, F lse
 #pragma omp simd
   for (int64_t v = 0; v < V; ++v) {
     F lp = z[v] - lse;
-    out[v] = store_elem<TO>(lse_entropy_grad(M::exp(lp), lp, H, g_lse, g_ent) * transform_grad(z[v], t));
+    store_elem(out, v, lse_entropy_grad(M::exp(lp), lp, H, g_lse, g_ent) * transform_grad(z[v], t));
   }
 }
 

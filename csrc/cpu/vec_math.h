@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "opd_math.h"  // OPD_HD
+
 // Row loops are compiled three times (AVX-512, AVX2, baseline) and picked at load time by the ifunc
 // resolver, so one build runs at full width on any x86-64 CPU. Elsewhere: one baseline build.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(OPD_NO_CLONES)
@@ -21,12 +23,12 @@
 namespace opd {
 namespace cpu {
 
-inline float bits_to_float(int32_t i) { float f; std::memcpy(&f, &i, 4); return f; }
-inline int32_t float_to_bits(float f) { int32_t i; std::memcpy(&i, &f, 4); return i; }
+OPD_HD float bits_to_float(int32_t i) { float f; std::memcpy(&f, &i, 4); return f; }
+OPD_HD int32_t float_to_bits(float f) { int32_t i; std::memcpy(&i, &f, 4); return i; }
 
 struct CpuMath {
   // exp: x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial, 2^n through the exponent bits.
-  static inline float exp(float x) {
+  static OPD_HD float exp(float x) {
     const bool under = x < -87.3f;  // also catches -inf
     float xc = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
     // round-to-nearest through the 1.5 * 2^23 trick (no libm call, vectorizes)
@@ -44,7 +46,7 @@ struct CpuMath {
   }
   // log: x = 2^e * f, f in [sqrt(1/2), sqrt(2)), log(f) by the Cephes logf polynomial.
   // log(0) = -inf, log(inf) = inf; inputs below FLT_MIN are treated as FLT_MIN (never needed here).
-  static inline float log(float x) {
+  static OPD_HD float log(float x) {
     const bool zero = x <= 0.0f;
     const bool inf = x > 3.4e38f;
     float xc = x < 1.17549435e-38f ? 1.17549435e-38f : (inf ? 3.4e38f : x);
@@ -71,14 +73,14 @@ struct CpuMath {
     return zero ? -INFINITY : (inf ? INFINITY : r);
   }
   // log1p(x) = log(u) * x / (u - 1) with u = 1 + x (Goldberg): the quotient corrects the rounding of u.
-  static inline float log1p(float x) {
+  static OPD_HD float log1p(float x) {
     float u = 1.0f + x;
     float d = u - 1.0f;
     float l = log(u);
     return d == 0.0f ? x : l * (x / d);
   }
   // tanh: odd polynomial for |x| < 0.625 (where 1 - 2/(e^2x + 1) would cancel), else through exp.
-  static inline float tanh(float x) {
+  static OPD_HD float tanh(float x) {
     float ax = x < 0.0f ? -x : x;
     float z = x * x;
     float p = -5.70498872745e-3f;
@@ -92,10 +94,10 @@ struct CpuMath {
     return ax < 0.625f ? small : big;
   }
   // float64 inputs (tests, oracles) take libm: exactness matters more than speed there.
-  static inline double exp(double x) { return std::exp(x); }
-  static inline double log(double x) { return std::log(x); }
-  static inline double log1p(double x) { return std::log1p(x); }
-  static inline double tanh(double x) { return std::tanh(x); }
+  static OPD_HD double exp(double x) { return std::exp(x); }
+  static OPD_HD double log(double x) { return std::log(x); }
+  static OPD_HD double log1p(double x) { return std::log1p(x); }
+  static OPD_HD double tanh(double x) { return std::tanh(x); }
 };
 
 }  // namespace cpu

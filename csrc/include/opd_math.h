@@ -12,6 +12,10 @@
 
 #if defined(__CUDACC__)
 #define OPD_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// always_inline: the CPU row loops are multiversioned (target_clones), and GCC does not reliably inline
+// default-target helpers into the clones on its own - a call left in a loop stops its vectorization.
+#define OPD_HD inline __attribute__((always_inline))
 #else
 #define OPD_HD inline
 #endif
