@@ -155,3 +155,50 @@ def test_opcheck_linear_divergence_ops():
     torch.library.opcheck(torch.ops.opd.linear_divergence.default,
                           _divergence_args(x, weights, True) + ([True, True, True], 4))
     torch.library.opcheck(torch.ops.opd.linear_divergence_values.default, _divergence_args(x, weights, True) + (4,))
+
+
+# ---- CUDA epilogues: run only where a GPU and a CUDA build of the extension exist (never yet) --------------
+needs_cuda_cpp = pytest.mark.skipif(not cpp.CUDA_AVAILABLE, reason=f"cpp CUDA epilogues: {cpp.CUDA_UNAVAILABLE_REASON}")
+
+
+@pytest.mark.gpu
+@needs_cuda_cpp
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cuda_matches_oracle(divergence, reduction):
+    x = {k: v.cuda() for k, v in make_inputs(n=70, vs=1031, vt=1040).items()}
+    kw = dict(OPTIONS, vocab_size=1027, divergence=divergence, mask=(torch.rand(70) > 0.3).cuda(),
+              reduction=reduction)
+    up = torch.randn(70, device="cuda") if reduction == "none" else None
+    errs = compare_to_oracle(call(ok.linear_divergence, x, backend="cpp", **kw), oracle(x, **kw), student(x), up)
+    assert max(errs.values()) <= FP32_TOL["cpp"], errs
+
+
+@pytest.mark.gpu
+@needs_cuda_cpp
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_low_precision_within_twice_naive(dtype):
+    x = {k: v.to("cuda", dtype) for k, v in make_inputs(n=40, vs=1031, vt=1040).items()}
+    kw = dict(OPTIONS, vocab_size=1027, divergence="reverse_kl")
+    ours = compare_to_oracle(call(ok.linear_divergence, x, backend="cpp", **kw), oracle(x, **kw), student(x))
+    naive = compare_to_oracle(call(ref.linear_divergence, x, **kw), oracle(x, **kw), student(x))
+    bound = low_precision_bound(naive, dtype)
+    assert all(ours[k] <= bound[k] for k in ours), (ours, bound)
+
+
+@pytest.mark.gpu
+@needs_cuda_cpp
+def test_cuda_lse_gather_and_logits_match_cpu():
+    h, w = torch.randn(33, 17), torch.randn(1001, 17) * 0.5
+    ids = torch.randint(0, 1001, (33, 4))
+    cpu_out = cpp.lse_gather(h, w, ids, bias=None, temperature=0.9, softcap=7.0, scale=1.1, vocab_size=1001,
+                             return_entropy=True)
+    gpu_out = cpp.lse_gather(h.cuda(), w.cuda(), ids.cuda(), bias=None, temperature=0.9, softcap=7.0, scale=1.1,
+                             vocab_size=1001, return_entropy=True)
+    for a, b in zip(cpu_out, gpu_out):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)
+    s, t = torch.randn(33, 1001) * 2, torch.randn(33, 1003) * 2
+    kw = dict(divergence="jsd", beta=0.3, temperature=1.2, vocab_size=1001, mask=None, reduction="sum",
+              normalizer=None)
+    torch.testing.assert_close(cpp.logits_divergence(s.cuda(), t.cuda(), **kw).cpu(),
+                               cpp.logits_divergence(s, t, **kw), rtol=1e-5, atol=1e-5)
