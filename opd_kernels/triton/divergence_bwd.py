@@ -30,6 +30,8 @@ section 4), using d p_s,u / d z_s,v = p_s,u ([u = v] - p_s,v):
                 dJ/dp_s,u = -beta (1 - beta) p_t,u / M_u + (1 - beta) (log(p_s,u / M_u) + 1 - (1 - beta) p_s,u / M_u)
                           = (1 - beta) log(p_s,u / M_u)
                 dJ/dz_v = (1 - beta) p_s,v (lp_s,v - log M_v - KL(p_s || M))
+                        = (1 - beta) p_s,v ((lp_s,v - log M_v + log(1 - beta)) - c),  c = KL(p_s || M) + log(1 - beta)
+                (the stored c, shifted so that it is small where the gradient is: divergence_math.jsd_step)
 
 then times the per-token upstream gradient g_n (which already carries the mask and the reduction's
 weight) and times dz/draw (tiles.transform_grad); dH = G W, dW = G^T H, db = G.sum(0).

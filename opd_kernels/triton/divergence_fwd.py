@@ -16,7 +16,8 @@ Equivalent PyTorch (per token; z_s, z_t are the transformed logits of DESIGN.md 
     jsd        = beta * (lp_t.exp() * (lp_t - log_m)).sum(-1) + (1 - beta) * (lp_s.exp() * (lp_s - log_m)).sum(-1)
 
 Outputs: ``value`` (N,) fp32 and ``stats`` (3, N) fp32 = [L_s, L_t, c] where ``c`` is the per-row constant
-the backward needs: R = reverse_kl for reverse_kl, KL(p_s || M) for jsd, unused (0) for forward_kl.
+the backward needs: R = reverse_kl for reverse_kl, KL(p_s || M) + log(1 - beta) for jsd (the shift keeps
+the gradient well conditioned, see divergence_math.jsd_step), unused (0) for forward_kl.
 
 reverse_kl and forward_kl take one pass: sum_v e^(z_s - m_s) (z_s - z_t) is an online weighted sum
 rescaled with the student max (teacher max for forward_kl). jsd needs L_s and L_t before log M can be
@@ -43,7 +44,8 @@ def divergence_fwd_kernel(
         S_SOFTCAP: tl.constexpr, T_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """PASS 1: partial (m_s, d_s, m_t, d_t, acc) of split ``program_id(1)`` into part (5, S, N).
-    PASS 2 (jsd): partial (KL(p_s||M), KL(p_t||M)) into part[0:2], given stats[0:2] = (L_s, L_t)."""
+    PASS 2 (jsd): partial (KL(p_s||M) + log(1-beta), KL(p_t||M)) into part[0:2], given stats[0:2] =
+    (L_s, L_t)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -72,7 +74,7 @@ def divergence_fwd_kernel(
     else:
         lse_s = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
         lse_t = tl.load(stats_ptr + N + rows, mask=row_ok, other=0.0)
-        kl_sm = tl.zeros((BLOCK_N,), tl.float32)  # KL(p_s || M), this split's share
+        c_sm = tl.zeros((BLOCK_N,), tl.float32)  # KL(p_s || M) + log(1 - beta), this split's share
         kl_tm = tl.zeros((BLOCK_N,), tl.float32)  # KL(p_t || M)
         for v0 in range(v_begin, v_end, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
@@ -80,8 +82,8 @@ def divergence_fwd_kernel(
                                inv_temp, S_BIAS, S_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
             _, zt = logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, N, V, HT, t_scale, t_softcap,
                                inv_temp, T_BIAS, T_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
-            kl_sm, kl_tm = jsd_step(kl_sm, kl_tm, zs, zt, lse_s, lse_t, log_1mb, log_b)
-        tl.store(out, kl_sm, mask=row_ok)
+            c_sm, kl_tm = jsd_step(c_sm, kl_tm, zs, zt, lse_s, lse_t, log_1mb, log_b)
+        tl.store(out, c_sm, mask=row_ok)
         tl.store(out + splits * N, kl_tm, mask=row_ok)
 
 

@@ -106,9 +106,9 @@ def divergence_forward(hs, ws, bs: Optional[torch.Tensor], ht, wt, bt: Optional[
         values, stats = combine_splits(part, divergence)
         if divergence == "jsd":
             divergence_fwd_kernel[(n_blocks, splits)](hs, ws, bs, ht, wt, bt, part, stats, PASS=2, **args)
-            kl_sm, kl_tm = split_sum(part[0]), split_sum(part[1])
-            values = beta * kl_tm + (1.0 - beta) * kl_sm
-            stats[2] = kl_sm
+            c_sm, kl_tm = split_sum(part[0]), split_sum(part[1])  # c_sm = KL(p_s||M) + log(1 - beta)
+            values = beta * kl_tm + (1.0 - beta) * (c_sm - log_1mb)
+            stats[2] = c_sm
     return values, stats
 
 

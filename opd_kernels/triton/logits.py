@@ -39,15 +39,15 @@ def logits_fwd_kernel(s_ptr, t_ptr, value_ptr, stats_ptr, N, V, VS, VT, inv_temp
     lse_s, lse_t, value = kl_finish(acc, m_s, d_s, m_t, d_t, DIVERGENCE)
     c = value
     if DIVERGENCE == JSD:
-        kl_sm = tl.zeros((BLOCK_N,), tl.float32)
+        c_sm = tl.zeros((BLOCK_N,), tl.float32)  # KL(p_s || M) + log(1 - beta), see jsd_step
         kl_tm = tl.zeros((BLOCK_N,), tl.float32)
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             zs = _load_z(s_ptr, rows, cols, N, V, VS, inv_temp)
             zt = _load_z(t_ptr, rows, cols, N, V, VT, inv_temp)
-            kl_sm, kl_tm = jsd_step(kl_sm, kl_tm, zs, zt, lse_s, lse_t, log_1mb, log_b)
-        value = beta * kl_tm + (1.0 - beta) * kl_sm
-        c = kl_sm
+            c_sm, kl_tm = jsd_step(c_sm, kl_tm, zs, zt, lse_s, lse_t, log_1mb, log_b)
+        value = beta * kl_tm + (1.0 - beta) * (c_sm - log_1mb)
+        c = c_sm
     store_rows(value_ptr, stats_ptr, rows, N, value, lse_s, lse_t, c)
 
 
