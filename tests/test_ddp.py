@@ -134,3 +134,28 @@ def test_two_processes_match_one_and_resume_on_one(tmp_path, fsdp):
     else:  # the AdamW state saved from FSDP shards was restored whole (step count 2, then one more step)
         steps = {float(s["step"]) for s in resumed.optimizer.state_dict()["state"].values()}
         assert steps == {3.0}
+
+
+def test_torchrun_launches_the_cli_on_two_processes(tmp_path):
+    """The documented launch line, run for real: torchrun, 2 CPU processes, gloo on 127.0.0.1."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "opd_kernels.trainer.cli", "--student", "tiny:llama",
+           "--teacher", "tiny:llama", "--prompts", "random:8:3", "--steps", "2", "--batch-size", "2",
+           "--max-new-tokens", "3", "--save-every", "1", "--output-dir", str(out), "--no-progress",
+           "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("opd-distill: 2 steps") == 1  # rank 0 reports, rank 1 stays quiet
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2]
+    # 2 ranks x 2 prompts x at most 3 new tokens; the tiny models have no EOS, so every completion is full.
+    assert [r["tokens"] for r in records] == [12, 12]
+    state = json.load(open(out / "checkpoints" / "step_00000002" / "state.json"))
+    assert state["world_size"] == 2 and state["total_tokens"] == 24
+    assert len(torch.load(out / "checkpoints" / "step_00000002" / "rng.pt", weights_only=False)["ranks"]) == 2
