@@ -4,7 +4,8 @@
     trainer = OPDTrainer(TrainConfig(loss="reverse_kl", steps=100, output_dir="run"), student, teacher, prompts)
     trainer.train()
 
-or from the shell: ``opd-distill --student PATH --teacher PATH --prompts prompts.jsonl``.
+or from the shell: ``opd-distill --student PATH --teacher PATH --prompts prompts.jsonl``, data-parallel with
+``torchrun --nproc-per-node R -m opd_kernels.trainer.cli ...`` (DDP; ``--fsdp`` for FSDP2).
 """
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import DENSE_LOSSES, LOSSES, TrainConfig, config_from_args
