@@ -4,10 +4,12 @@ docs/triton.md explains the design, the measurements and what has not been measu
 One file per kernel family, each short enough to read top to bottom:
 
 - ``tiles.py``           shared ``@triton.jit`` helpers: one (tokens x vocab) logit tile through tl.dot,
-                         the logit transform and its derivative, online softmax, the gradient epilogue.
+                         the logit transform and its derivative, online softmax, the gradient epilogues
+                         (atomic, and owner-only for the deterministic mode).
 - ``divergence_math.py`` per-tile divergence arithmetic shared by the linear and the logits kernels.
 - ``divergence_fwd.py``  forward of reverse_kl / forward_kl / jsd: online softmax over vocabulary tiles.
-- ``divergence_bwd.py``  backward: recompute tiles, filter, form dLoss/dz, atomically accumulate dH, dW.
+- ``divergence_bwd.py``  backward: recompute tiles, filter, form dLoss/dz, atomically accumulate dH, dW
+                         (``deterministic=True``: owner programs, fixed order, no atomics).
 - ``lse.py``             logsumexp + entropy of one model (forward and dense backward).
 - ``gather.py``          logits at given ids (N, k) (forward and sparse backward).
 - ``logits.py``          the divergences from given logits (``logits_divergence``).
