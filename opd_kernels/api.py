@@ -85,7 +85,8 @@ def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor
             inside the op (False when the caller's tensor-parallel layer already does it).
         deterministic: bitwise-equal results when repeated on the same inputs and device (no atomics,
             fixed reduction order). The torch and cpp backends always are; Triton's default backward
-            accumulates with atomics and switches to an atomic-free path.
+            accumulates with atomics and switches to an atomic-free path (also under
+            ``torch.use_deterministic_algorithms(True)``).
 
     -inf teacher logits are allowed: forward KL and JSD stay finite; reverse KL is +inf for such a token
     (p_s > 0 everywhere), with a zero gradient row instead of NaN.
