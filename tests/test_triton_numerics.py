@@ -61,7 +61,7 @@ def test_single_entry_vocabulary(divergence):
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(n=st.integers(1, 24), hs_dim=st.integers(1, 40), ht_dim=st.integers(1, 40), v=st.integers(1, 400),
        extra_t=st.integers(0, 5), divergence=st.sampled_from(DIVERGENCES),
-       beta=st.one_of(st.sampled_from([0.0, 1.0]), st.floats(1e-3, 1.0)),  # why: tests/test_property.py
+       beta=st.one_of(st.sampled_from([0.0, 1.0]), st.floats(1e-2, 1.0)),  # why: tests/test_property.py
        reduction=st.sampled_from(["mean", "sum", "none"]), temperature=st.floats(0.5, 3.0),
        softcap=st.one_of(st.none(), st.floats(1.0, 30.0)), spread=st.floats(0.05, 3.0),
        seed=st.integers(0, 2**31 - 1))
