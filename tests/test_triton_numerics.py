@@ -3,6 +3,8 @@
 The CPU/torch and cpp counterparts are tests/test_numerics.py and tests/test_property.py; shapes here are
 smaller because the interpreter is slow.
 """
+import math
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -61,7 +63,7 @@ def test_single_entry_vocabulary(divergence):
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(n=st.integers(1, 24), hs_dim=st.integers(1, 40), ht_dim=st.integers(1, 40), v=st.integers(1, 400),
        extra_t=st.integers(0, 5), divergence=st.sampled_from(DIVERGENCES),
-       beta=st.one_of(st.sampled_from([0.0, 1.0]), st.floats(1e-2, 1.0)),  # why: tests/test_property.py
+       beta=st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.05, 0.999)),  # why: tests/test_property.py
        reduction=st.sampled_from(["mean", "sum", "none"]), temperature=st.floats(0.5, 3.0),
        softcap=st.one_of(st.none(), st.floats(1.0, 30.0)), spread=st.floats(0.05, 3.0),
        seed=st.integers(0, 2**31 - 1))
@@ -79,7 +81,7 @@ def test_linear_divergence_property(n, hs_dim, ht_dim, v, extra_t, divergence, b
                 student_softcap=softcap, vocab_size=v, mask=mask)
     errs = compare_to_oracle(lambda a, b: ok.linear_divergence(a, b, ht, wt, backend="triton", **opts),
                              lambda a, b: ref.linear_divergence(a, b, ht.double(), wt.double(), **opts),
-                             [hs, ws], upstream, value_floor=1e-2)
+                             [hs, ws], upstream, value_floor=0.02 * max(1.0, math.log(v)))   # see test_property
     oracle_scale = ref.linear_divergence(hs.double(), ws.double(), ht.double(), wt.double(), **opts).abs().max()
     if oracle_scale < 1e-9:      # V = 1 or everything masked: all values are 0; nothing relative to check
         return
