@@ -6,7 +6,7 @@
 
 #include <tuple>
 
-#include "epilogue_args.h"
+#include "include/epilogue_args.h"
 
 namespace opd {
 

@@ -6,7 +6,7 @@
 
 #include <stdexcept>
 
-#include "epilogue_args.h"
+#include "../include/epilogue_args.h"
 
 // OPD_CPU_DISPATCH(dtype, T, body): runs `body` with `T` aliased to the element type of `dtype`.
 #define OPD_CPU_DISPATCH(dtype, T, ...)                                          \

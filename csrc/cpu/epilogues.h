@@ -1,7 +1,7 @@
 // CPU epilogues: OpenMP over the rows of one chunk, fp32 accumulation (fp64 for fp64 inputs).
 #pragma once
 
-#include "epilogue_args.h"
+#include "../include/epilogue_args.h"
 
 namespace opd {
 namespace cpu {

@@ -9,9 +9,9 @@
 
 #include <memory>
 
-#include "cpu/dtype_dispatch.h"
-#include "cpu/epilogues.h"
-#include "cpu/row_kernels.h"
+#include "dtype_dispatch.h"
+#include "epilogues.h"
+#include "row_kernels.h"
 
 namespace opd {
 namespace cpu {

@@ -12,8 +12,8 @@
 #include <cmath>
 #include <cstdint>
 
-#include "cpu/vec_math.h"
-#include "opd_math.h"
+#include "vec_math.h"
+#include "../include/opd_math.h"
 
 namespace opd {
 namespace cpu {

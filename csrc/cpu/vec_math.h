@@ -10,7 +10,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "opd_math.h"  // OPD_HD
+#include "../include/opd_math.h"  // OPD_HD
 
 // Row loops are compiled three times (AVX-512, AVX2, baseline) and picked at load time by the ifunc
 // resolver, so one build runs at full width on any x86-64 CPU. Elsewhere: one baseline build.

@@ -11,8 +11,8 @@
 #include <stdexcept>
 #include <string>
 
-#include "epilogue_args.h"
-#include "opd_math.h"
+#include "../include/epilogue_args.h"
+#include "../include/opd_math.h"
 
 namespace opd {
 namespace cuda {

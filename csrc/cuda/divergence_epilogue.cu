@@ -4,8 +4,8 @@
 // Per row: pass 1 maxima of z_s, z_t; pass 2 exp sums and the shifted cross term; [JSD: pass 3 KL of
 // each model to the mixture]; pass 4 (when a gradient is wanted) w * d value / d raw_s written over the
 // student logits. Rows are re-read from global memory by each pass (they sit in L2 between passes).
-#include "cuda/epilogues.h"
-#include "cuda/row_access.cuh"
+#include "epilogues.h"
+#include "row_access.cuh"
 
 namespace opd {
 namespace cuda {

@@ -2,7 +2,7 @@
 // Same contract as the CPU epilogues (csrc/cpu/epilogues.h); fp32 / bf16 / fp16 inputs.
 #pragma once
 
-#include "epilogue_args.h"
+#include "../include/epilogue_args.h"
 
 namespace opd {
 namespace cuda {

@@ -8,8 +8,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "cuda/epilogues.h"
-#include "driver.h"
+#include "epilogues.h"
+#include "../driver.h"
 
 namespace opd {
 namespace {

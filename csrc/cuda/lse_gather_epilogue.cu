@@ -6,8 +6,8 @@
 //   G_v = dz/draw_v * ( p_v (g_lse - g_H (log p_v + H)) + sum_j g_j [v == ids_j] )
 // The gathered part is staged in `scratch` (rows x k, fp32) before the row is overwritten, and added by
 // one thread afterwards so duplicate ids accumulate without atomics.
-#include "cuda/epilogues.h"
-#include "cuda/row_access.cuh"
+#include "epilogues.h"
+#include "row_access.cuh"
 
 namespace opd {
 namespace cuda {

@@ -4,7 +4,7 @@
 // or row stride breaks 16-byte alignment (caller-held logits), and everything takes the scalar path.
 #pragma once
 
-#include "cuda/cuda_common.cuh"
+#include "cuda_common.cuh"
 
 namespace opd {
 namespace cuda {
