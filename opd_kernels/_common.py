@@ -78,3 +78,20 @@ def reduce_per_token(values: torch.Tensor, weights: torch.Tensor, reduction: str
     if reduction == "none":
         return torch.where(weights != 0, values, zero)
     return torch.where(weights != 0, values * weights, zero).sum()
+
+
+def flatten_rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., H) -> contiguous (N, H)."""
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def zero_anchor(*tensors: Optional[torch.Tensor]) -> torch.Tensor:
+    """A fp32 0 that depends on ``tensors``: keeps an empty computation in the autograd graph, so the inputs
+    get zero gradients (and a rank with nothing to compute still joins collective backward work)."""
+    return sum(t.sum() * 0 for t in tensors if t is not None).float()
+
+
+def empty_result(leading, reduction: str, *differentiable: Optional[torch.Tensor]) -> torch.Tensor:
+    """N = 0: a zero loss (or an empty per-token tensor) that is still connected to the inputs."""
+    zero = zero_anchor(*differentiable)
+    return zero.expand(leading).clone() if reduction == "none" else zero

@@ -12,6 +12,8 @@ import torch
 
 from . import _validation as check
 from . import backends
+from ._common import empty_result as _empty_result
+from ._common import flatten_rows as _rows
 from ._common import reduce_per_token, token_weights
 from .reference import topk_divergence_from_logprobs
 
@@ -22,18 +24,6 @@ def _vocab_parallel():
     """The vocab-parallel implementations (imported on use: torch.distributed is not needed otherwise)."""
     from .distributed import vocab_parallel
     return vocab_parallel
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1]).contiguous()
-
-
-def _empty_result(leading, reduction: str, *differentiable: Optional[torch.Tensor]) -> torch.Tensor:
-    """N = 0: a zero loss (or an empty per-token tensor) that is still connected to the inputs."""
-    device = differentiable[0].device
-    zero = sum((t.sum() * 0).float() for t in differentiable if t is not None and t.requires_grad)
-    zero = zero if isinstance(zero, torch.Tensor) else torch.zeros((), device=device)
-    return zero.expand(leading).clone() if reduction == "none" else zero
 
 
 def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,

@@ -28,7 +28,10 @@ import torch
 
 from .. import _validation as check
 from .. import backends
+from .._common import empty_result as _empty_result
+from .._common import flatten_rows as _rows
 from .._common import reduce_per_token, token_weights
+from .._common import zero_anchor as _zero_anchor
 from ..reference import topk_divergence_from_logprobs
 from .collectives import copy_to_group, gather_ranks
 from .combine import shard_entropy, shard_kl
@@ -38,23 +41,8 @@ from .shards import LocalSizes, ShardLayout, agree_on_layout
 Normalizer = Union[None, int, float, torch.Tensor]
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1]).contiguous()
-
-
 def _device_of(x) -> torch.device:
     return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
-
-
-def _zero_anchor(*tensors: Optional[torch.Tensor]) -> torch.Tensor:
-    """A 0 that depends on ``tensors``: keeps a rank with nothing to compute in the autograd graph, so its
-    parameters get zero gradients and its backward still joins the hidden-gradient all-reduce."""
-    return sum(t.sum() * 0 for t in tensors if t is not None).float()
-
-
-def _empty_result(leading, reduction: str, *differentiable: Optional[torch.Tensor]) -> torch.Tensor:
-    zero = _zero_anchor(*differentiable)
-    return zero.expand(leading).clone() if reduction == "none" else zero
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
