@@ -7,7 +7,9 @@ Each spawn runs many cases, so the file costs two process-group start-ups per wo
 """
 from __future__ import annotations
 
+import os
 import socket
+import sys
 from datetime import timedelta
 
 import pytest
@@ -45,6 +47,13 @@ def _worker(rank: int, world: int, port: int, cases: str, seed: int) -> None:
         CASES[cases](_Ctx(rank, world, seed, tol=2e-4 if cases == "triton" else TOL))
     finally:
         dist.destroy_process_group()
+    # Every case passed. Leave without running interpreter shutdown: in about 1 run in 6 the Triton
+    # interpreter case aborted *after* its last check, in a C++ static destructor at exit ("terminate called
+    # without an active exception"), which is teardown noise, not a result of the ops under test.
+    if cases == "triton":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 class _Ctx:
