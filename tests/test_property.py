@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import opd_kernels as ok
@@ -54,6 +54,10 @@ cases = st.fixed_dictionaries(dict(
                    reduction="mean", temperature=1.0, student_softcap=None, teacher_softcap=None, student_scale=3.0,
                    spread=3.0, bias=False, mask_p=0.0, seed=0))  # found by hypothesis: peaked, |z_s| up to 30
 def test_linear_divergence_matches_oracle(backend, case):
+    # Nearly uniform rows (student logit std below ~0.25) make every gradient a tiny difference of O(log V)
+    # fp32 terms, so a relative bound measures rounding, not the kernel; flat-ish rows (logit std ~0.3) are
+    # covered at fixed shapes by tests/test_ops.py::test_linear_divergence_shapes[flat].
+    assume(case["spread"] * case["student_scale"] / case["temperature"] >= 0.25)
     g = torch.Generator().manual_seed(case["seed"])
     n, v = case["n"], case["v"]
     vs, vt = v + case["extra_s"], v + case["extra_t"]
