@@ -109,5 +109,7 @@ def test_lse_gather_matches_oracle(backend, n, h, v, k, temperature, softcap, sp
 
     from opd_kernels.backends import resolve
     impl = resolve(backend, torch.device("cpu"), "lse_gather").lse_gather
-    errs = compare_to_oracle(make(impl), make(ref.lse_gather), [hidden, weight])
+    # the checked "value" is a random-signed sum of n rows of O(1) terms, which can cancel to ~0: its
+    # relative error is taken against at least n (the gradients, the real check, need no floor)
+    errs = compare_to_oracle(make(impl), make(ref.lse_gather), [hidden, weight], value_floor=float(n))
     assert max(errs.values()) <= FP32_TOL[backend], errs
