@@ -88,6 +88,35 @@ def test_low_precision_within_twice_naive(divergence, dtypes):
     assert all(ours[k] <= bound[k] for k in ours), (ours, bound)
 
 
+@pytest.fixture
+def three_threads():
+    """3 intra-op threads: the CPU driver then cuts a vocabulary of >= 3 x 2048 into 3 slabs (one per thread)
+    of 512-column blocks, with slab edges that are neither block nor vocabulary multiples at the V below."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_vocabulary_slabs_match_oracle(three_threads, monkeypatch, divergence, dtype):
+    v = 6203  # slabs [0, 2064), [2064, 4128), [4128, 6203): partial 512-blocks in every slab
+    x = {k: t.to(dtype) for k, t in make_inputs(n=19, hs=16, ht=24, vs=6211, vt=6240).items()}
+    kw = dict(OPTIONS, vocab_size=v, divergence=divergence, mask=torch.rand(19) > 0.2, reduction="none")
+    monkeypatch.setenv("OPD_WORKSPACE_MB", str(7 * v * 2 * x["student_hidden"].element_size() / 2**20))
+    assert torch.get_num_threads() == 3
+    upstream = torch.randn(19)
+    ours = compare_to_oracle(call(ok.linear_divergence, x, backend="cpp", **kw), oracle(x, **kw), student(x),
+                             upstream)
+    if dtype == torch.float32:
+        assert max(ours.values()) <= FP32_TOL["cpp"], ours
+    else:
+        naive = compare_to_oracle(call(ref.linear_divergence, x, **kw), oracle(x, **kw), student(x), upstream)
+        bound = low_precision_bound(naive, dtype)
+        assert all(ours[k] <= bound[k] for k in ours), (ours, bound)
+
+
 def test_float64_inputs_match_oracle():
     x = {k: v.double() for k, v in make_inputs().items()}
     kw = dict(OPTIONS, divergence="jsd")
