@@ -27,8 +27,7 @@ CASES = {
 PROVIDERS = ["naive", "ours:torch", "ours:cpp"]
 TOL = 5e-5
 # Known failures, each strict: the mark must go when the backend is fixed (the test then XPASSes and fails).
-KNOWN = {("linear_divergence-jsd", "ours:cpp"):
-         "cpp JSD fp32 gradient is 8e-5 from the float64 oracle on LM-like logits (> 5e-5)"}
+KNOWN: dict = {}
 
 
 def _oracle(case, inputs):

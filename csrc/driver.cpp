@@ -258,7 +258,7 @@ DivergenceResult run_linear_divergence(
       a.weights = weights.data_ptr<float>() + r0;
       a.values = res.values.data_ptr<float>() + r0;
       a.divergence = div;
-      a.beta = static_cast<float>(beta);
+      a.jsd = make_jsd_coefficients(beta);
       a.ts = ts;
       a.tt = tt;
       a.num_threads = at::get_num_threads();
@@ -435,7 +435,7 @@ std::tuple<Tensor, Tensor> run_logits_divergence(const Tensor& s, const Tensor& 
     a.weights = weights.data_ptr<float>();
     a.values = values.data_ptr<float>();
     a.divergence = parse_divergence(divergence, beta);
-    a.beta = static_cast<float>(beta);
+    a.jsd = make_jsd_coefficients(beta);
     a.ts = transform_of(1.0, temperature, c10::nullopt);
     a.tt = a.ts;
     a.num_threads = at::get_num_threads();

@@ -36,7 +36,6 @@ void divergence_row(const DivergenceArgs& a, int64_t r, F* zs, F* zt, F* es, F* 
   F ds, dt, acc;
   divergence_sums<DIV>(zs, zt, V, ms, mt, es, et, &ds, &dt, &acc);
   const F log_ds = M::log(ds), log_dt = M::log(dt);
-  const F beta = static_cast<F>(a.beta);
   F value, stat = 0;
   if (DIV == kReverseKL) {
     value = reverse_kl_value<M>(acc, ds, dt);
@@ -44,16 +43,15 @@ void divergence_row(const DivergenceArgs& a, int64_t r, F* zs, F* zt, F* es, F* 
   } else if (DIV == kForwardKL) {
     value = forward_kl_value<M>(acc, ds, dt);
   } else {
-    F kls, klt;
-    jsd_sums(zs, zt, es, et, V, ms, mt, log_ds, log_dt, F(1) / ds, F(1) / dt, M::log(F(1) - beta), M::log(beta),
-             &kls, &klt);
-    value = jsd_value(klt, kls, beta);
-    stat = kls;
+    F sum_a, sum_b;
+    jsd_sums(zs, zt, es, et, V, ms, mt, log_ds, log_dt, F(1) / ds, F(1) / dt, a.jsd, &sum_a, &sum_b);
+    value = jsd_value(sum_b, sum_a, a.jsd);
+    stat = sum_a;
   }
   a.values[r] = static_cast<float>(value);
   if (!grad) return;
   if (has_gradient(value)) {
-    divergence_grad<DIV>(zs, zt, es, et, V, ms, mt, log_ds, log_dt, F(1) / ds, F(1) / dt, stat, w, beta, a.ts,
+    divergence_grad<DIV>(zs, zt, es, et, V, ms, mt, log_ds, log_dt, F(1) / ds, F(1) / dt, stat, w, a.jsd, a.ts,
                          grad);
   } else {
     zero_row(grad, V);

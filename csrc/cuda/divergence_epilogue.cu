@@ -52,9 +52,6 @@ __global__ void __launch_bounds__(kThreads) divergence_kernel(const DivergenceAr
   if (DIV != kJSD) acc = block_reduce<false>(acc, smem);
   const float ls = ms + M::log(ds), lt = mt + M::log(dt);
 
-  const float beta = a.beta;
-  const float log_1mb = DIV == kJSD ? M::log(1.0f - beta) : 0.0f;
-  const float log_b = DIV == kJSD ? M::log(beta) : 0.0f;
   float value, stat = 0.0f;
   if (DIV == kReverseKL) {
     value = reverse_kl_value<M>(acc, ds, dt);
@@ -62,17 +59,17 @@ __global__ void __launch_bounds__(kThreads) divergence_kernel(const DivergenceAr
   } else if (DIV == kForwardKL) {
     value = forward_kl_value<M>(acc, ds, dt);
   } else {
-    float kls = 0.0f, klt = 0.0f;
+    float sum_a = 0.0f, sum_b = 0.0f;
     row_foreach(s, t, V, vec, [&](float rs, float rt) {
       const float lps = transform<M>(rs, ts) - ls, lpt = transform<M>(rt, tt) - lt;
-      const float lm = log_mixture<M>(lps, lpt, log_1mb, log_b);
-      kls += kl_term(M::exp(lps), lps, lm);
-      klt += kl_term(M::exp(lpt), lpt, lm);
+      const float delta = lpt - lps;
+      sum_a += kl_term(M::exp(lps), jsd_student_ratio<M>(delta, a.jsd));
+      sum_b += kl_term(M::exp(lpt), jsd_teacher_ratio<M>(delta, a.jsd));
     });
-    kls = block_reduce<false>(kls, smem);
-    klt = block_reduce<false>(klt, smem);
-    value = jsd_value(klt, kls, beta);
-    stat = kls;
+    sum_a = block_reduce<false>(sum_a, smem);
+    sum_b = block_reduce<false>(sum_b, smem);
+    value = jsd_value(sum_b, sum_a, a.jsd);
+    stat = sum_a;
   }
   if (threadIdx.x == 0) a.values[r] = value;
   if (!grad) return;
@@ -91,7 +88,7 @@ __global__ void __launch_bounds__(kThreads) divergence_kernel(const DivergenceAr
     } else if (DIV == kForwardKL) {
       g = forward_kl_grad(ps, M::exp(lpt));
     } else {
-      g = jsd_grad(ps, lps, log_mixture<M>(lps, lpt, log_1mb, log_b), stat, 1.0f - beta);
+      g = jsd_grad(ps, jsd_student_ratio<M>(lpt - lps, a.jsd), stat, a.jsd);
     }
     return w * g * transform_grad(zs, ts);
   });

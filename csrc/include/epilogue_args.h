@@ -31,7 +31,7 @@ struct DivergenceArgs {
   const float* weights = nullptr;
   float* values = nullptr;
   int divergence = kReverseKL;
-  float beta = 0.5f;
+  JsdCoefficients jsd = make_jsd_coefficients(0.5);  // beta and its logs (JSD only)
   Transform ts{};
   Transform tt{};
   int num_threads = 1;    // CPU: OpenMP threads
