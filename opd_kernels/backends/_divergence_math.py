@@ -29,6 +29,25 @@ def _log_softmax(z: torch.Tensor) -> torch.Tensor:
     return y - y.logsumexp(-1, keepdim=True)
 
 
+def jsd_shifted_ratios(ls: torch.Tensor, lt: torch.Tensor, beta: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The JSD's log-ratios to the mixture M = (1-b) p_s + b p_t, shifted by constants, from the log-probs:
+
+        a = l_s - log M + log(1-b) = -softplus(logit(b) + delta)      delta = l_t - l_s
+        b = l_t - log M + log(b)   = -softplus(-logit(b) - delta)
+
+    so that JSD = b sum p_t b + (1-b) sum p_s a + H(b) and dJSD/dz_s = (1-b) p_s (a - sum p_s a). Why this
+    form (log M never formed; small brackets where p_s and p_t barely overlap): csrc/include/opd_math.h.
+    """
+    delta = lt - ls
+    logit_beta = math.log(beta) - math.log1p(-beta)
+    return -F.softplus(delta + logit_beta), -F.softplus(-delta - logit_beta)
+
+
+def binary_entropy(beta: float) -> float:
+    """H(b) = -b log b - (1-b) log(1-b), the constant that turns the shifted JSD sums into the JSD."""
+    return -(beta * math.log(beta) + (1.0 - beta) * math.log1p(-beta))
+
+
 def divergence_and_grad(zs: torch.Tensor, zt: torch.Tensor, divergence: str, beta: float, need_grad: bool
                         ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Per-row value (C,) and ``d value / d zs`` (C, V) for fp32/fp64 logits ``zs``, ``zt``.
@@ -68,12 +87,9 @@ def divergence_and_grad(zs: torch.Tensor, zt: torch.Tensor, divergence: str, bet
             grad = ps - pt
     elif divergence == "jsd":
         pt = lt.exp()
-        delta = lt - ls
-        logit_beta = math.log(beta) - math.log1p(-beta)
-        binary_entropy = -(beta * math.log(beta) + (1.0 - beta) * math.log1p(-beta))
-        a = -F.softplus(delta + logit_beta)
+        a, b = jsd_shifted_ratios(ls, lt, beta)
         sum_a = _xmul(ps, a).sum(-1)
-        value = beta * _xmul(pt, -F.softplus(-delta - logit_beta)).sum(-1) + (1.0 - beta) * sum_a + binary_entropy
+        value = beta * _xmul(pt, b).sum(-1) + (1.0 - beta) * sum_a + binary_entropy(beta)
         if need_grad:
             grad = (1.0 - beta) * _xmul(ps, a - sum_a.unsqueeze(-1))
     else:

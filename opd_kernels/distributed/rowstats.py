@@ -9,7 +9,7 @@ logits z_s, z_t (C, V_r) and:
        sums" combination, done locally after one collective instead of two;
     2. computes the per-row partial sums of its shard with the global log-probs l = z - L and all-reduces
        them (one collective): reverse KL  sum_v p_s (l_s - l_t);  forward KL  sum_v p_t (l_t - l_s);
-       JSD  KL(p_s||M) and KL(p_t||M) with log M = logaddexp(l_s + log(1-beta), l_t + log beta);
+       JSD  KL(p_s||M) and KL(p_t||M) through the shifted log-ratios of _divergence_math.jsd_shifted_ratios;
     3. forms its shard's columns of d value / d z_s (DESIGN.md section 4, with the global value):
        reverse  p_s (l_s - l_t - R);  forward  p_s - p_t;  jsd  (1-beta) p_s (l_s - log M - KL(p_s||M)),
        chains them through the logit transform, and accumulates dH_local = G W_r and dW_r += G^T H.
@@ -25,11 +25,10 @@ in backward (with the same collectives) for an arbitrary per-token upstream grad
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .._common import reduce_per_token
+from ..backends._divergence_math import binary_entropy, jsd_shifted_ratios
 from ..backends.pytorch import _accumulate_linear_grads, _compute_dtype, _ModelSpec, chunk_rows
 from .collectives import all_gather_plain, all_reduce_sum
 
@@ -54,10 +53,10 @@ def _chunk_value_and_grad(zs, zt, divergence, beta, group, need_grad):
         grad = ps - pt if need_grad else None
     else:
         pt = lt.exp()
-        log_m = torch.logaddexp(ls + math.log(1.0 - beta), lt + math.log(beta))
-        kls = all_reduce_sum(torch.stack([_xmul(ps, ls - log_m).sum(-1), _xmul(pt, lt - log_m).sum(-1)]), group)
-        value = (1.0 - beta) * kls[0] + beta * kls[1]
-        grad = (1.0 - beta) * ps * (ls - log_m - kls[0].unsqueeze(-1)) if need_grad else None
+        a, b = jsd_shifted_ratios(ls, lt, beta)
+        sums = all_reduce_sum(torch.stack([_xmul(ps, a).sum(-1), _xmul(pt, b).sum(-1)]), group)
+        value = (1.0 - beta) * sums[0] + beta * sums[1] + binary_entropy(beta)
+        grad = (1.0 - beta) * _xmul(ps, a - sums[0].unsqueeze(-1)) if need_grad else None
     if grad is not None:  # a row with an infinite value has no defined gradient: zero, not NaN
         grad = torch.where(torch.isfinite(value).unsqueeze(-1), grad, torch.zeros((), dtype=grad.dtype,
                                                                                   device=grad.device))

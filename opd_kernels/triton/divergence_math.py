@@ -6,7 +6,7 @@ divergence_fwd.py and divergence_bwd.py.
 import triton
 import triton.language as tl
 
-from .tiles import logaddexp, online_softmax
+from .tiles import online_softmax, softplus
 
 REVERSE_KL = tl.constexpr(0)
 FORWARD_KL = tl.constexpr(1)
@@ -42,9 +42,18 @@ def kl_finish(acc, m_s, d_s, m_t, d_t, DIVERGENCE: tl.constexpr):
 
 
 @triton.jit
+def jsd_ratios(lp_s, lp_t, log_1mb, log_b):
+    """(a, r_t): a = lp_s - log M + log(1-b) = -softplus(logit(b) + delta) and r_t = lp_t - log M
+    = -softplus(-logit(b) - delta) - log(b), from delta = lp_t - lp_s alone (csrc/include/opd_math.h):
+    log M is never formed, so the O(b) and O(1-b) parts of the ratios near b = 0 or 1 keep their precision."""
+    logit_b = log_b - log_1mb
+    delta = lp_t - lp_s
+    return -softplus(logit_b + delta), -softplus(-logit_b - delta) - log_b
+
+
+@triton.jit
 def jsd_step(c_sm, kl_tm, zs, zt, lse_s, lse_t, log_1mb, log_b):
-    """Second jsd pass: accumulate c_sm = KL(p_s || M) + log(1-b) and KL(p_t || M), with
-    log M = logaddexp(log(1-b) + lp_s, log(b) + lp_t).
+    """Second jsd pass: accumulate c_sm = KL(p_s || M) + log(1-b) and KL(p_t || M) (jsd_ratios).
 
     Why the shift: where p_s and p_t barely overlap, lp_s - log M -> -log(1-b) at every v where p_s has
     mass, so KL(p_s || M) -> -log(1-b) and the gradient's factor (lp_s - log M - KL(p_s || M)) is a tiny
@@ -54,11 +63,11 @@ def jsd_step(c_sm, kl_tm, zs, zt, lse_s, lse_t, log_1mb, log_b):
     result (sum p_s = 1 makes the shift exact)."""
     lp_s = zs - lse_s[:, None]
     lp_t = zt - lse_t[:, None]
-    log_m = logaddexp(log_1mb + lp_s, log_b + lp_t)
+    a, r_t = jsd_ratios(lp_s, lp_t, log_1mb, log_b)
     p_s = tl.exp(lp_s)
     p_t = tl.exp(lp_t)
-    c_sm += tl.sum(tl.where(p_s > 0, p_s * (lp_s - log_m + log_1mb), 0.0), 1)
-    kl_tm += tl.sum(tl.where(p_t > 0, p_t * (lp_t - log_m), 0.0), 1)
+    c_sm += tl.sum(tl.where(p_s > 0, p_s * a, 0.0), 1)
+    kl_tm += tl.sum(tl.where(p_t > 0, p_t * r_t, 0.0), 1)
     return c_sm, kl_tm
 
 
@@ -85,6 +94,6 @@ def grad_z(zs, zt, lse_s, lse_t, c, active, beta, log_1mb, log_b, DIVERGENCE: tl
     elif DIVERGENCE == FORWARD_KL:
         dz = p_s - tl.where(active, tl.exp(lp_t), 0.0)
     else:
-        log_m = logaddexp(log_1mb + lp_s, log_b + lp_t)
-        dz = tl.where(p_s > 0, (1.0 - beta) * p_s * ((lp_s - log_m + log_1mb) - c[:, None]), 0.0)
+        a, _ = jsd_ratios(lp_s, lp_t, log_1mb, log_b)
+        dz = tl.where(p_s > 0, (1.0 - beta) * p_s * (a - c[:, None]), 0.0)
     return dz

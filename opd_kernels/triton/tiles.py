@@ -103,11 +103,15 @@ def online_softmax(m, d, z):
 
 
 @triton.jit
-def logaddexp(a, b):
-    """``log(exp(a) + exp(b))`` elementwise, -inf when both are -inf (no NaN)."""
-    mx = tl.maximum(a, b)
-    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
-    return mx_safe + tl.log(tl.exp(a - mx_safe) + tl.exp(b - mx_safe))
+def softplus(x):
+    """``log(1 + exp(x))`` elementwise: max(x, 0) + log1p(exp(-|x|)), 0 at -inf and inf at inf. log1p by
+    Goldberg's correction (log(u) * t / (u - 1), u = 1 + t), since a tiny exp(-|x|) is exactly the
+    O(beta) part the JSD log-ratios need (divergence_math.jsd_ratios)."""
+    t = tl.exp(-tl.abs(x))
+    u = 1.0 + t
+    d = u - 1.0
+    log1p_t = tl.where(d == 0.0, t, tl.log(u) * (t / tl.where(d == 0.0, 1.0, d)))
+    return tl.maximum(x, 0.0) + log1p_t
 
 
 @triton.jit
