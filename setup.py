@@ -30,7 +30,7 @@ def _extensions():
 
     sources = _rel("csrc/*.cpp") + _rel("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(HERE, "csrc"), os.path.join(HERE, "csrc", "include")]
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno"]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     link_flags = ["-fopenmp"]
 
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None

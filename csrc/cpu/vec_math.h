@@ -73,11 +73,15 @@ struct CpuMath {
     return zero ? -INFINITY : (inf ? INFINITY : r);
   }
   // log1p(x) = log(u) * x / (u - 1) with u = 1 + x (Goldberg): the quotient corrects the rounding of u.
+  // The division is made safe (never by 0) rather than skipped: a division that may trap cannot be
+  // if-converted, and the branch kept GCC from vectorizing every loop that calls log1p (the JSD passes ran
+  // scalar, 20x slower than the KL ones, until this was found).
   static OPD_HD float log1p(float x) {
     float u = 1.0f + x;
     float d = u - 1.0f;
+    float safe_d = d == 0.0f ? 1.0f : d;
     float l = log(u);
-    return d == 0.0f ? x : l * (x / d);
+    return d == 0.0f ? x : l * (x / safe_d);
   }
   // tanh: odd polynomial for |x| < 0.625 (where 1 - 2/(e^2x + 1) would cancel), else through exp.
   static OPD_HD float tanh(float x) {

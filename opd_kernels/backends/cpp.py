@@ -51,10 +51,10 @@ else:
     CUDA_UNAVAILABLE_REASON = (UNAVAILABLE_REASON if not AVAILABLE else
                                "opd_kernels._C was built without CUDA epilogues (CPU-only torch or no nvcc)")
 
-# Workspace budget per device type (MiB, both models' chunk logits together). CPU: 64 MiB keeps the GEMMs
-# at full speed with C in the hundreds of rows at V = 32k while peak memory stays a few percent of the
-# materializing path (measured with benchmarks/cpp_floor_check.py, see docs/cpp.md). CUDA: not measured
-# (no GPU has run these kernels yet).
+# Workspace budget per device type (MiB, both models' chunk logits together). CPU: 64 MiB (C ~ 260 rows at
+# V = 32k) keeps the chunk GEMMs within a few percent of whole-batch speed while peak memory is 7.7% of the
+# materializing path's at issue 3's shape (workspace sweep in docs/cpp.md). CUDA: not measured (no GPU has
+# run these kernels yet).
 DEFAULT_WORKSPACE_MB = {"cpu": 64, "cuda": 1024}
 _DIVERGENCE_NAMES = ("reverse_kl", "forward_kl", "jsd")
 _REFERENCE_ARGS = ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight", "divergence", "beta",

@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--quick", action="store_true", help="every op once at a small shape")
     p.add_argument("--case", action="append", default=[], metavar="NAME",
-                   help="named case(s): issue3, issue4, issue5 (repeatable; replaces the preset)")
+                   help="named case(s): issue3, issue3-n, issue4, issue5 (repeatable; replaces the preset)")
     p.add_argument("--ops", nargs="+", choices=OPS, help="only these ops")
     p.add_argument("--providers", nargs="+", metavar="NAME",
                    help="only these providers (names or prefixes: naive, torch.compile, liger, ours, "

@@ -17,6 +17,9 @@ def named_cases(device: str = "cpu") -> Dict[str, List[Case]]:
         # issue 3: CPU, fp32, reverse KL forward+backward
         "issue3": [Case("linear_divergence", N=2048, H=512, H_t=1024, V=32000, dtype="fp32", device=device,
                         divergence="reverse_kl", name="issue3")],
+        # issue 3's "flat in N": its shape at N = 1k..8k (opd-bench --case issue3-n --providers ours:cpp)
+        "issue3-n": [Case("linear_divergence", N=n, H=512, H_t=1024, V=32000, dtype="fp32", device=device,
+                          divergence="reverse_kl", name="issue3-n", sweep="N") for n in (1024, 2048, 4096, 8192)],
         # issue 5: log-probs forward+backward vs log_softmax+gather; logits_divergence on bf16 logits
         "issue5": [Case("linear_logprobs", N=4096, H=1024, V=32000, dtype="fp32", device=device, name="issue5"),
                    Case("logits_divergence", N=4096, H=0, V=32000, dtype="bf16", device=device,
