@@ -170,7 +170,7 @@ struct LinearGrads {
     const int64_t C = G.size(0);
     const VocabSlabs slabs = vocab_slabs(G, G.size(1));
     Tensor dh_rows = need_h ? dh.narrow(0, r0, C) : Tensor();
-    if (need_h && slabs.count > 1 && dh_partial.size(0) < C * (slabs.count - 1)) {
+    if (need_h && slabs.count > 1 && (!dh_partial.defined() || dh_partial.size(0) < C * (slabs.count - 1))) {
       dh_partial = at::empty({(slabs.count - 1) * C, dh.size(1)}, dh.options());
     }
     slabs.run([&](int64_t p, int64_t v0, int64_t n) {
