@@ -10,8 +10,17 @@ import torch
 BASE_SEED = int(os.environ.get("OPD_TEST_SEED", random.SystemRandom().randrange(2**31)))
 
 
-def pytest_report_header(config):
+def _seed_line() -> str:
     return f"opd_kernels: OPD_TEST_SEED={BASE_SEED} (set it to replay this run's random inputs)"
+
+
+def pytest_report_header(config):
+    return _seed_line()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The seed again at the end: `pytest -q` (what `make test` runs) prints no header."""
+    terminalreporter.write_line(_seed_line())
 
 
 @pytest.fixture(autouse=True)

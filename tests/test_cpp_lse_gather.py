@@ -81,9 +81,17 @@ def test_bf16_within_twice_naive():
     h, w, b = inputs(dtype=torch.bfloat16)
     ids = torch.randint(0, 157, (23, 3))
     up = (torch.randn(23), torch.randn(23, 3), torch.randn(23))
-    ours = compare_to_oracle(summed(backend_fn, ids, up, 157), summed(ref.lse_gather, ids, up, 157), [h, w, b])
+    # The checked scalar is a random-signed sum of ~100 terms of size ~log V, so its value can cancel far below
+    # the terms; its error is taken relative to sum |term| (bf16 rounds each term, not the sum). Without this
+    # floor 2 seeds in 300 failed for the cpp backend and the same 2 before any change to it.
+    lse, gathered, ent = ref.lse_gather(h.double(), w.double(), ids, bias=b.double(), vocab_size=157,
+                                        return_entropy=True, **OPTS)
+    terms = float((up[0] * lse).abs().sum() + (up[1] * gathered).abs().sum() + (up[2] * ent).abs().sum())
+    ours = compare_to_oracle(summed(backend_fn, ids, up, 157), summed(ref.lse_gather, ids, up, 157), [h, w, b],
+                             value_floor=terms)
     # the same-dtype materializing computation: the reference on the bf16 inputs
-    naive = compare_to_oracle(summed(ref.lse_gather, ids, up, 157), summed(ref.lse_gather, ids, up, 157), [h, w, b])
+    naive = compare_to_oracle(summed(ref.lse_gather, ids, up, 157), summed(ref.lse_gather, ids, up, 157), [h, w, b],
+                              value_floor=terms)
     bound = low_precision_bound(naive, torch.bfloat16)
     assert all(ours[k] <= bound[k] for k in ours), (ours, bound)
 
