@@ -32,6 +32,16 @@ def _seed(request):
     yield
 
 
+@pytest.fixture
+def three_threads():
+    """3 intra-op threads: the cpp CPU driver then cuts a vocabulary of >= 3 x 2048 into 3 slabs (one per
+    thread, csrc/driver.cpp VocabSlabs) of 512-column blocks."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(previous)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -88,16 +88,6 @@ def test_low_precision_within_twice_naive(divergence, dtypes):
     assert all(ours[k] <= bound[k] for k in ours), (ours, bound)
 
 
-@pytest.fixture
-def three_threads():
-    """3 intra-op threads: the CPU driver then cuts a vocabulary of >= 3 x 2048 into 3 slabs (one per thread)
-    of 512-column blocks, with slab edges that are neither block nor vocabulary multiples at the V below."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(3)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_vocabulary_slabs_match_oracle(three_threads, monkeypatch, divergence, dtype):

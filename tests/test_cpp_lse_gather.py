@@ -49,19 +49,15 @@ def test_matches_oracle_through_all_outputs(monkeypatch, k_kind, rows):
     assert max(errs.values()) <= 5e-5, errs
 
 
-def test_vocabulary_slabs_match_oracle(monkeypatch):
+def test_vocabulary_slabs_match_oracle(three_threads, monkeypatch):
     """3 threads cut V = 6203 into 3 vocabulary slabs of 512-column blocks (csrc/driver.cpp, VocabSlabs)."""
     v = 6203
     h, w, b = inputs(n=19, h=16, v=v, vs=6211)
     ids = torch.randint(0, v, (19, 5))
     up = (torch.randn(19), torch.randn(19, 5), torch.randn(19))
     monkeypatch.setenv("OPD_WORKSPACE_MB", str(7 * v * 4 / 2**20))
-    previous = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
-        errs = compare_to_oracle(summed(backend_fn, ids, up, v), summed(ref.lse_gather, ids, up, v), [h, w, b])
-    finally:
-        torch.set_num_threads(previous)
+    assert torch.get_num_threads() == 3
+    errs = compare_to_oracle(summed(backend_fn, ids, up, v), summed(ref.lse_gather, ids, up, v), [h, w, b])
     assert max(errs.values()) <= 5e-5, errs
 
 

@@ -124,6 +124,15 @@ class OPDTrainer:
         self._restore(*self._load_weights())
         return True
 
+    def _raise_rank0_error(self, error) -> None:
+        """Every rank raises if rank 0's file I/O failed (rank 0 its own error, the others an OSError with
+        its message), so no rank goes on to a collective that rank 0 will never join."""
+        message = self.dp.broadcast_object(None if error is None else str(error))
+        if error is not None:
+            raise error
+        if message is not None:
+            raise OSError(f"rank 0: {message}")
+
     def save(self) -> str:
         """Checkpoint the current step (collective: call on every rank; rank 0 writes).
 
@@ -141,11 +150,7 @@ class OPDTrainer:
                                        state, rng=rngs, keep=self.cfg.keep_checkpoints)
             except OSError as e:
                 error = e
-        message = self.dp.broadcast_object(None if error is None else str(error))
-        if error is not None:
-            raise error
-        if message is not None:
-            raise OSError(f"rank 0: {message}")
+        self._raise_rank0_error(error)
         return path or os.path.join(self.checkpoint_root, f"step_{self.step:08d}")
 
     # -------------------------------------------------------------------------------------- step
@@ -227,11 +232,7 @@ class OPDTrainer:
                     json.dump(cfg.to_dict(), f, indent=1)
             except OSError as e:
                 error = e
-        message = self.dp.broadcast_object(None if error is None else str(error))
-        if error is not None:
-            raise error
-        if message is not None:
-            raise OSError(f"rank 0: {message}")
+        self._raise_rank0_error(error)
         log = MetricsLog(self.metrics_path, resume_step=self.step) if self.dp.is_main else None
         record: Dict[str, float] = {}
         saved_at = self.step if cfg.resume else -1
