@@ -4,7 +4,7 @@
     pytest benchmarks/test_bench_ci.py --benchmark-json=bench.json           # for comparisons across commits
 
 Each benchmark first checks the provider against the float64 oracle (opd_kernels.reference on float64
-copies of the inputs) at the fp32 tolerance of DESIGN.md section 6 - max |err| / max |ref| <= 5e-5 on the
+copies of the inputs) at the fp32 tolerance of docs/design.md section 6 - max |err| / max |ref| <= 5e-5 on the
 loss and each gradient - then times one full call (forward + backward) with pytest-benchmark's pedantic
 mode. A backend that is not available here is reported as skipped with opd_kernels' reason.
 """

@@ -1,4 +1,4 @@
-// Chunk drivers of the `opd` ops (strategy "chunked", DESIGN.md section 3).
+// Chunk drivers of the `opd` ops (strategy "chunked", docs/design.md section 3).
 //
 // linear_divergence, per chunk of C token rows (PyTorch equivalent; W_*[:V] views, no copies):
 //     S = h_s[c] @ W_s[:V].T + b_s[:V]             # into the reused (C, V) student workspace

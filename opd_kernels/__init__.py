@@ -4,7 +4,7 @@
     loss = ok.linear_divergence(student_hidden, student_lm_head.weight,
                                 teacher_hidden, teacher_lm_head.weight, mask=completion_mask)
 
-See DESIGN.md for the math and README.md for the backends; ``python -m opd_kernels`` reports which
+See docs/design.md for the math and README.md for the backends; ``python -m opd_kernels`` reports which
 backends are available here and why the others are not.
 """
 from .api import (linear_divergence, linear_logprobs, linear_topk_divergence, logits_divergence,

@@ -15,7 +15,7 @@ STRATEGIES = ("auto", "chunked", "fused", "materialize")
 
 def transform_logits(raw: torch.Tensor, *, scale: float = 1.0, softcap: Optional[float] = None,
                      temperature: float = 1.0) -> torch.Tensor:
-    """The logit transform of DESIGN.md section 4: ``z = softcap(scale * raw) / temperature``.
+    """The logit transform of docs/design.md section 4: ``z = softcap(scale * raw) / temperature``.
 
     ``softcap_c(x) = c * tanh(x / c)`` (Gemma-2 style); identity when ``softcap`` is None.
     Works in the dtype of ``raw``; callers upcast first when they want fp32 or fp64 arithmetic.

@@ -1,4 +1,4 @@
-"""The public functional API (DESIGN.md section 5): argument checks, flattening, backend dispatch.
+"""The public functional API (docs/design.md section 5): argument checks, flattening, backend dispatch.
 
 Each function validates everything before any kernel runs, flattens the leading dims to N rows, asks the
 backend registry which implementation runs, and reshapes per-token outputs back to the leading shape.

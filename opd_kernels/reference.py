@@ -1,4 +1,4 @@
-"""The materializing oracle: every formula of DESIGN.md section 4, written the obvious way.
+"""The materializing oracle: every formula of docs/design.md section 4, written the obvious way.
 
 This module is what the tests and benchmarks compare every backend against. It materializes the full
 N x V logits, so it is only for small shapes (or for the "naive PyTorch" baseline of the benchmarks).
@@ -6,7 +6,7 @@ N x V logits, so it is only for small shapes (or for the "naive PyTorch" baselin
 Precision: the lm_head matmul runs in the inputs' dtype and everything after it in
 ``promote_types(dtype, float32)``, which is what a careful naive implementation does
 (``logits.float().log_softmax(-1)``). Pass float64 inputs to get the float64 oracle; pass bf16 inputs to get
-"the same-dtype PyTorch materializing computation" that DESIGN.md section 6 measures tolerances against.
+"the same-dtype PyTorch materializing computation" that docs/design.md section 6 measures tolerances against.
 
 Every function is differentiable by plain autograd; the teacher side is detached.
 """
@@ -101,7 +101,7 @@ def divergence_from_logits(student_z: torch.Tensor, teacher_z: torch.Tensor, *, 
 
 def reduce(per_token: torch.Tensor, mask: Optional[torch.Tensor], reduction: str,
            normalizer: Union[None, Number, torch.Tensor]) -> torch.Tensor:
-    """Masked reduction of DESIGN.md section 4 ("mean" over unmasked tokens or by ``normalizer``)."""
+    """Masked reduction of docs/design.md section 4 ("mean" over unmasked tokens or by ``normalizer``)."""
     if mask is None:
         mask = torch.ones(per_token.shape, dtype=torch.bool, device=per_token.device)
     mask = mask.to(torch.bool)
@@ -185,7 +185,7 @@ TAIL_CLAMP = 1e-12
 
 def topk_divergence_from_logprobs(student_topk_logprobs, teacher_topk_logprobs, *, divergence: str = "forward_kl",
                                   tail_bucket: bool = True) -> torch.Tensor:
-    """Per-row top-k divergence of DESIGN.md section 4 from q_j (student) and l_j (teacher), (..., k).
+    """Per-row top-k divergence of docs/design.md section 4 from q_j (student) and l_j (teacher), (..., k).
 
     Equivalent PyTorch::
 

@@ -1,4 +1,4 @@
-"""Shared test configuration: seeds, markers, tolerances (DESIGN.md section 6)."""
+"""Shared test configuration: seeds, markers, tolerances (docs/design.md section 6)."""
 import os
 import random
 import zlib

@@ -1,6 +1,6 @@
 """Helpers to compare an implementation with the float64 oracle (opd_kernels.reference).
 
-Error metric of DESIGN.md section 6: max |err| / max |ref|, for the loss and for every gradient.
+Error metric of docs/design.md section 6: max |err| / max |ref|, for the loss and for every gradient.
 """
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ def test_tiny_case_rows_floor_and_ratios(tmp_path):
         assert r["ratio_to_floor"] == pytest.approx(r["median_s"] / floor["median_s"])
         assert r["speedup_vs_naive"] == pytest.approx(got["naive"]["median_s"] / r["median_s"])
         assert r["peak_mem_mb"] != "" and r["peak_mem_mb"] >= 0
-        # the correctness check ran and ours agrees with naive (fp32 tolerance of DESIGN.md section 6)
+        # the correctness check ran and ours agrees with naive (fp32 tolerance of docs/design.md section 6)
         assert r["loss_rel_err"] < 5e-5 and r["grad_rel_err"] < 5e-5
     assert floor["flops"] == floor_flops(case) == 2 * 33 * 301 * (19 + 3 * 17)
 

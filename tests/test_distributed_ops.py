@@ -285,7 +285,7 @@ def _with_method(method: str, fn) -> None:
 def _low_precision_cases(ctx: _Ctx) -> None:
     """bf16 inputs: errors vs the float64 oracle within FACTOR x those of the bf16 materializing computation.
 
-    FACTOR is DESIGN.md's 2 except where the vocab-parallel computation itself rounds more than once:
+    FACTOR is docs/design.md's 2 except where the vocab-parallel computation itself rounds more than once:
     - hidden-state gradient (3): each rank's partial gradient arrives in bf16 from its backend before the
       sum over ranks (as in any bf16 tensor-parallel layer); measured up to 1.76x;
     - weight gradient of the shard decomposition (3): two local ops (divergence, lse) each return a

@@ -6,7 +6,7 @@ runs one reproducible set of examples; drop ``derandomize`` locally to search fu
 finds is added below as an explicit ``@example`` so it stays a regression test.
 
 Logit ranges are LM-like: weights are drawn with std spread / sqrt(H), so raw logits have std ~spread and,
-after scale and temperature, |z| stays below ~40 (the fp32 tolerance of DESIGN.md section 6 is a
+after scale and temperature, |z| stays below ~40 (the fp32 tolerance of docs/design.md section 6 is a
 relative bound; fp32 rounding of z itself grows with |z|). Larger magnitudes are covered for finiteness
 in tests/test_numerics.py.
 """

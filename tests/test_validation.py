@@ -1,4 +1,4 @@
-"""Bad input raises ValueError/TypeError naming the argument, before any kernel runs (DESIGN.md section 5)."""
+"""Bad input raises ValueError/TypeError naming the argument, before any kernel runs (docs/design.md section 5)."""
 import math
 
 import pytest

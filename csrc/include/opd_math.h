@@ -1,4 +1,4 @@
-// Shared math of every opd_kernels epilogue (CPU and CUDA): DESIGN.md section 4 as scalar
+// Shared math of every opd_kernels epilogue (CPU and CUDA): docs/design.md section 4 as scalar
 // `__host__ __device__` inline functions, so the CUDA arithmetic is the CPU arithmetic.
 //
 // Plain C++ only (no torch, no CUDA runtime headers): this header is included by csrc/cpu/*.cpp and by

@@ -1,6 +1,6 @@
 """Per-row divergence values and their gradients w.r.t. the student logits, for one chunk of rows.
 
-This is DESIGN.md section 4 as PyTorch on a (C, V) chunk of transformed logits; the torch backend uses it
+This is docs/design.md section 4 as PyTorch on a (C, V) chunk of transformed logits; the torch backend uses it
 directly and it is the readable statement of what the C++ and Triton epilogues compute.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The triton backend (strategy "fused", DESIGN.md section 3): the three primitives of docs/internals.md on
+"""The triton backend (strategy "fused", docs/design.md section 3): the three primitives of docs/internals.md on
 top of the kernels in opd_kernels/triton/.
 
 Each primitive is a pair of ``torch.library.custom_op``s in namespace ``opd`` (a forward op returning the

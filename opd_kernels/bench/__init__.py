@@ -1,4 +1,4 @@
-"""Benchmark harness of opd_kernels (the ``opd-bench`` console script; DESIGN.md section 7).
+"""Benchmark harness of opd_kernels (the ``opd-bench`` console script; docs/design.md section 7).
 
 Modules, one job each:
 - ``cases``     what is measured: op, shape, dtype, device, and its random inputs;

@@ -1,4 +1,4 @@
-"""Timing and peak-memory measurement, the same protocol on CPU and CUDA (DESIGN.md section 7).
+"""Timing and peak-memory measurement, the same protocol on CPU and CUDA (docs/design.md section 7).
 
 Timing: every callable is warmed up first, then timed ``repeats`` times *interleaved* with the other
 callables of the same case (round r runs provider 1, 2, ..., then round r + 1), so that a slow phase of a
@@ -152,7 +152,7 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device,
                      warmup: int = 1) -> Dict[str, Timing]:
     """Median-ready timings of several callables, warmed up and then timed round-robin.
 
-    ``repeats`` >= 5 is the protocol minimum (DESIGN.md section 7); fewer raises ValueError. ``warmup``
+    ``repeats`` >= 5 is the protocol minimum (docs/design.md section 7); fewer raises ValueError. ``warmup``
     calls of each callable run first (0 is allowed for callers that have already called each one, as the
     runner does: its correctness call and its memory call come before the timing).
     """

@@ -25,7 +25,7 @@ def _up(x: torch.Tensor) -> torch.Tensor:
 
 
 def divergence_from_logits(zs: torch.Tensor, zt: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:
-    """Per-token divergence of DESIGN.md section 4 from fp32 logits (N, V); TRL semantics for jsd."""
+    """Per-token divergence of docs/design.md section 4 from fp32 logits (N, V); TRL semantics for jsd."""
     ls = F.log_softmax(zs, dim=-1)
     lt = F.log_softmax(zt, dim=-1)
     if divergence == "jsd" and beta in (0.0, 1.0):
@@ -57,7 +57,7 @@ def linear_logprobs(h, W, targets) -> torch.Tensor:
 
 
 def topk_divergence(hs, Ws, ids, teacher_lp, divergence: str = "forward_kl") -> torch.Tensor:
-    """Top-k divergence with the tail bucket (DESIGN.md section 4), mean over tokens."""
+    """Top-k divergence with the tail bucket (docs/design.md section 4), mean over tokens."""
     q = F.log_softmax(_up(hs @ Ws.T), dim=-1).gather(-1, ids)
     lt = teacher_lp
     p_tail = 1.0 - lt.exp().sum(-1)

@@ -64,7 +64,7 @@ def dense_opd_loss(ops, student, teacher, seq, mask, prompt_len):
     """Method (a): full-vocabulary reverse KL on the student's own samples.
 
     Per completion token t: ``KL(p_s(.|x_<t) || p_t(.|x_<t)) = sum_v p_s,v (log p_s,v - log p_t,v)``,
-    averaged over unmasked tokens; the gradient flows into the student only (DESIGN.md section 4
+    averaged over unmasked tokens; the gradient flows into the student only (docs/design.md section 4
     gives d/dz_s = p_s (log p_s - log p_t - KL)). The prefix distribution is not differentiated:
     the samples are treated as data, as in GKD (Agarwal et al. 2024) and on-policy distillation.
     """

@@ -6,7 +6,7 @@
 ``timing``: median wall time of forward + backward of ``linear_divergence`` (reverse KL, mean) per method,
 gloo on CPU, one thread per process, against the single-process op on the full vocabulary (one thread).
 ``bf16``: worst ratio, over seeds, of the vocab-parallel op's error (vs the float64 oracle) to the bf16
-materializing computation's error, per method and output (the 2x rule of DESIGN.md section 6).
+materializing computation's error, per method and output (the 2x rule of docs/design.md section 6).
 """
 from __future__ import annotations
 

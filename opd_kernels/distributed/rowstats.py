@@ -10,7 +10,7 @@ logits z_s, z_t (C, V_r) and:
     2. computes the per-row partial sums of its shard with the global log-probs l = z - L and all-reduces
        them (one collective): reverse KL  sum_v p_s (l_s - l_t);  forward KL  sum_v p_t (l_t - l_s);
        JSD  KL(p_s||M) and KL(p_t||M) through the shifted log-ratios of _divergence_math.jsd_shifted_ratios;
-    3. forms its shard's columns of d value / d z_s (DESIGN.md section 4, with the global value):
+    3. forms its shard's columns of d value / d z_s (docs/design.md section 4, with the global value):
        reverse  p_s (l_s - l_t - R);  forward  p_s - p_t;  jsd  (1-beta) p_s (l_s - log M - KL(p_s||M)),
        chains them through the logit transform, and accumulates dH_local = G W_r and dW_r += G^T H.
 

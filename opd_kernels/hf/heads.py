@@ -1,7 +1,7 @@
 """Read the output projection of a transformers CausalLM and the transform it applies to its logits.
 
 A CausalLM computes ``logits = transform(hidden @ W^T + b)`` after the final norm. The fused ops need
-``W``, ``b`` and the transform separately, in the form of DESIGN.md section 4::
+``W``, ``b`` and the transform separately, in the form of docs/design.md section 4::
 
     z = softcap(scale * raw) / T        softcap_c(x) = c * tanh(x / c)
 

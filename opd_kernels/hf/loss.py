@@ -113,7 +113,7 @@ def distillation_loss(student: nn.Module, teacher: nn.Module, input_ids: torch.T
     """Fused token-level distillation loss of ``student`` toward ``teacher`` on ``input_ids`` (B, T).
 
     For every completion token t (``loss_mask[b, t]`` true, not padding, t >= 1) the student's and the
-    teacher's next-token distributions at position t-1 are compared with ``divergence`` (DESIGN.md
+    teacher's next-token distributions at position t-1 are compared with ``divergence`` (docs/design.md
     section 4), straight from the final hidden states and the lm_head weights: the (B, T, V) logits are
     never built. The teacher runs under ``torch.no_grad()`` and gets no gradient.
 

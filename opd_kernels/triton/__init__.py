@@ -1,4 +1,4 @@
-"""Triton kernels for the ``fused`` strategy (DESIGN.md section 3): tile-fused lm_head + divergence.
+"""Triton kernels for the ``fused`` strategy (docs/design.md section 3): tile-fused lm_head + divergence.
 docs/triton.md explains the design, the measurements and what has not been measured (no GPU run yet).
 
 One file per kernel family, each short enough to read top to bottom:

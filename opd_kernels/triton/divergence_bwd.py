@@ -18,7 +18,7 @@ plus 4*N*V*H_s for the two gradient matmuls), at the price of fp32 atomic traffi
 differences in the last bits of dH/dW (summation order). cut-cross-entropy likewise accumulates
 gradient tiles across programs into shared buffers (with lock-protected adds rather than float atomics).
 
-Gradient of each divergence w.r.t. the student logits z_s (p = softmax, lp = log_softmax, DESIGN.md
+Gradient of each divergence w.r.t. the student logits z_s (p = softmax, lp = log_softmax, docs/design.md
 section 4), using d p_s,u / d z_s,v = p_s,u ([u = v] - p_s,v):
 
     reverse_kl  R = sum_u p_s,u (z_s,u - z_t,u) - L_s + L_t

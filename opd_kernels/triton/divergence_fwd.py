@@ -6,7 +6,7 @@ Splitting the vocabulary (as flash-decoding splits the keys) keeps every SM busy
 blocks (N = 4096 gives 64 blocks of 64 tokens for 132 H100 SMs): each split writes its partial row state
 (5, S, N) and :func:`combine_splits` merges them in PyTorch (O(S N), no host sync). S = 1 is the same code.
 
-Equivalent PyTorch (per token; z_s, z_t are the transformed logits of DESIGN.md section 4, (N, V)):
+Equivalent PyTorch (per token; z_s, z_t are the transformed logits of docs/design.md section 4, (N, V)):
 
     L_s, L_t = z_s.logsumexp(-1), z_t.logsumexp(-1)
     lp_s, lp_t = z_s - L_s[:, None], z_t - L_t[:, None]

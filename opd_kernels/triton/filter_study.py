@@ -34,7 +34,7 @@ def logits(kind: str, n: int, v: int, gen: torch.Generator):
 
 
 def grad_z(divergence: str, zs, zt, beta=0.5):
-    """d(mean over tokens of the divergence)/d z_s (DESIGN.md section 4), float64, and p_s, p_t."""
+    """d(mean over tokens of the divergence)/d z_s (docs/design.md section 4), float64, and p_s, p_t."""
     ls, lt = zs.log_softmax(-1), zt.log_softmax(-1)
     ps, pt = ls.exp(), lt.exp()
     if divergence == "reverse_kl":

@@ -1,5 +1,5 @@
 """Log-sum-exp and entropy of one model's logits, straight from (hidden, weight): the dense half of the
-lse/gather primitive (DESIGN.md section 4). The gathered logits are in gather.py.
+lse/gather primitive (docs/design.md section 4). The gathered logits are in gather.py.
 
 Equivalent PyTorch (z the transformed logits, (N, V)):
 

@@ -58,7 +58,7 @@ def raw_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H,
 
 @triton.jit
 def transform(raw, scale, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
-    """``z = softcap(scale * raw) / T`` with ``softcap_c(x) = c * tanh(x / c)`` (DESIGN.md section 4)."""
+    """``z = softcap(scale * raw) / T`` with ``softcap_c(x) = c * tanh(x / c)`` (docs/design.md section 4)."""
     x = raw * scale
     if HAS_SOFTCAP:
         x = softcap * tanh(x / softcap)
