@@ -290,7 +290,7 @@ def _low_precision_cases(ctx: _Ctx) -> None:
       sum over ranks (as in any bf16 tensor-parallel layer); measured up to 1.76x;
     - weight gradient of the shard decomposition (3): two local ops (divergence, lse) each return a
       bf16-rounded shard gradient and the two partly cancel; measured up to 2.27x (row statistics: 1.00x).
-    Measured by ``python -m opd_kernels.distributed.measure bf16 --world 2|3`` (docs/distributed.md).
+    Measured by ``python benchmarks/distributed_measure.py bf16 --world 2|3`` (docs/distributed.md).
     """
     from opd_kernels.distributed import linear_divergence, linear_logprobs
 

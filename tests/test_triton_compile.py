@@ -2,6 +2,7 @@
 torch.library.opcheck passes on each custom op, and every kernel compiles for sm_80/sm_90 (no GPU needed:
 Triton emits PTX and its bundled ptxas assembles it)."""
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -10,13 +11,14 @@ import torch
 
 import opd_kernels as ok
 from opd_kernels.backends import triton as tb
-from opd_kernels.triton.testing import enable_interpreter_without_cuda, need
+from triton_testing import enable_interpreter_without_cuda, need
 
 # TRITON_INTERPRET=1 on a machine without CUDA. opd_kernels imports triton only at the first kernel
 # launch, so this still comes before triton decides whether its kernels are interpreted.
 enable_interpreter_without_cuda()
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+COMPILE_CHECK = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "triton_compile_check.py"
 
 
 class Distill(torch.nn.Module):
@@ -91,7 +93,7 @@ def test_kernels_compile_for_nvidia_targets():
     env = {k: val for k, val in os.environ.items() if k != "TRITON_INTERPRET"}
     lines = []
     for arch, dtype in (("90", "bf16"), ("80", "fp16")):
-        run = subprocess.run([sys.executable, "-m", "opd_kernels.triton.compile_check", "--arch", arch,
+        run = subprocess.run([sys.executable, str(COMPILE_CHECK), "--arch", arch,
                               "--dtype", dtype], capture_output=True, text=True, env=env, timeout=900)
         assert run.returncode == 0, run.stderr[-3000:]
         lines += [line for line in run.stdout.splitlines() if line.startswith("sm_")]

@@ -6,7 +6,7 @@ import torch
 
 import opd_kernels as ok
 from opd_kernels import reference
-from opd_kernels.triton.testing import DEVICES, assert_within, enable_interpreter_without_cuda, need
+from triton_testing import DEVICES, assert_within, enable_interpreter_without_cuda, need
 from oracle import FP32_TOL, compare_to_oracle, low_precision_bound
 
 # TRITON_INTERPRET=1 on a machine without CUDA. opd_kernels imports triton only at the first kernel

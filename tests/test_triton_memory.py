@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import opd_kernels as ok
 from opd_kernels.backends import triton as tb
-from opd_kernels.triton.testing import enable_interpreter_without_cuda, need
+from triton_testing import enable_interpreter_without_cuda, need
 
 # TRITON_INTERPRET=1 on a machine without CUDA. opd_kernels imports triton only at the first kernel
 # launch, so this still comes before triton decides whether its kernels are interpreted.

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import opd_kernels as ok
 from opd_kernels import reference as ref
-from opd_kernels.triton.testing import enable_interpreter_without_cuda, need
+from triton_testing import enable_interpreter_without_cuda, need
 from oracle import FP32_TOL, compare_to_oracle, rel_err
 
 enable_interpreter_without_cuda()

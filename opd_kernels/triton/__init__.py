@@ -15,9 +15,11 @@ One file per kernel family, each short enough to read top to bottom:
 - ``logits.py``          the divergences from given logits (``logits_divergence``).
 - ``splits.py``          vocabulary splits of the forward kernels and the merge of their row states.
 - ``launch.py``          Python launchers: block sizes, allocation, grids.
-- ``compile_check.py``   compiles every kernel for sm_80/sm_90 without a GPU and reports ptxas resources.
-- ``filter_study.py``    the measurement behind the ``filter_eps`` default.
-- ``testing.py``         helpers for the test modules (interpreter switch, device parameters).
+
+Tools around these kernels live outside the runtime package: ``benchmarks/triton_compile_check.py``
+(compiles every kernel for sm_80/sm_90 without a GPU and reports ptxas resources),
+``benchmarks/triton_filter_study.py`` (the measurement behind the ``filter_eps`` default) and
+``tests/triton_testing.py`` (the test modules' interpreter switch and device parameters).
 
 Nothing here allocates an N x V (or C x V) buffer - except ``logits.py``'s backward, whose output is the
 N x V_s gradient of logits the caller already holds. Per-token outputs are (N,), row statistics (3, N),

@@ -40,7 +40,7 @@ class Blocks:
 def gpu_blocks(dtype: torch.dtype) -> Blocks:
     """64 x 128 tiles, 8 warps. K steps of 32 (16 for fp32) are the widest for which ptxas reports no
     register spills in the forward kernels on sm_90 (64-wide steps spill 300-800 B per thread; see
-    ``python -m opd_kernels.triton.compile_check``). Not tuned on hardware: nothing here has run on a GPU."""
+    ``python benchmarks/triton_compile_check.py``). Not tuned on hardware: nothing here has run on a GPU."""
     return Blocks(n=64, v=128, k=16 if dtype == torch.float32 else 32, num_warps=8, num_stages=3)
 
 

@@ -4,7 +4,7 @@ Whether Triton kernels are interpreted is fixed when triton is imported (its sta
 kernels too). opd_kernels imports triton only on the first kernel launch, so a test module can switch the
 interpreter on after ``import opd_kernels``, as long as nothing imported triton before:
 
-    from opd_kernels.triton.testing import DEVICES, enable_interpreter_without_cuda, need
+    from triton_testing import DEVICES, enable_interpreter_without_cuda, need
     enable_interpreter_without_cuda()
 """
 import os

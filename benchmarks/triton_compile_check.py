@@ -1,6 +1,6 @@
 """Compile every kernel variant for NVIDIA targets without a GPU, and read ptxas' resource report.
 
-    python -m opd_kernels.triton.compile_check [--arch 90 80] [--dtype bf16 fp16 fp32] [--only NAME]
+    python benchmarks/triton_compile_check.py [--arch 90 80] [--dtype bf16 fp16 fp32] [--only NAME]
 
 Nothing runs: Triton lowers each kernel to PTX for the given target and its bundled ptxas assembles it,
 so this catches what the interpreter cannot (tl.dot shape/dtype rules, type unification across branches)
@@ -18,12 +18,12 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import launch
-from .divergence_bwd import divergence_bwd_kernel, divergence_bwd_owned_kernel
-from .divergence_fwd import divergence_fwd_kernel
-from .gather import gather_bwd_kernel, gather_fwd_kernel
-from .logits import logits_bwd_kernel, logits_fwd_kernel
-from .lse import lse_bwd_kernel, lse_bwd_owned_kernel, lse_fwd_kernel
+from opd_kernels.triton import launch
+from opd_kernels.triton.divergence_bwd import divergence_bwd_kernel, divergence_bwd_owned_kernel
+from opd_kernels.triton.divergence_fwd import divergence_fwd_kernel
+from opd_kernels.triton.gather import gather_bwd_kernel, gather_fwd_kernel
+from opd_kernels.triton.logits import logits_bwd_kernel, logits_fwd_kernel
+from opd_kernels.triton.lse import lse_bwd_kernel, lse_bwd_owned_kernel, lse_fwd_kernel
 
 _TL = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 

@@ -1,6 +1,6 @@
 """How much does ``filter_eps`` cost in gradient accuracy, and how many tiles does it skip?
 
-    python -m opd_kernels.triton.filter_study [--n 512] [--v 32768] [--h 256]
+    python benchmarks/triton_filter_study.py [--n 512] [--v 32768] [--h 256]
 
 Emulates the backward's tile filter (divergence_bwd.py) in float64 PyTorch at the GPU tile shape
 (BLOCK_N x BLOCK_V = 64 x 128): forms the exact logits gradient G, zeroes every tile the kernel would skip,

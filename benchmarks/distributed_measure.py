@@ -1,7 +1,7 @@
 """Measurements behind docs/distributed.md: time per step and bf16 error ratios of the vocab-parallel ops.
 
-    python -m opd_kernels.distributed.measure timing --world 2 --tokens 512 --hidden 256 --vocab 16384
-    python -m opd_kernels.distributed.measure bf16 --world 3 --seeds 40
+    python benchmarks/distributed_measure.py timing --world 2 --tokens 512 --hidden 256 --vocab 16384
+    python benchmarks/distributed_measure.py bf16 --world 3 --seeds 40
 
 ``timing``: median wall time of forward + backward of ``linear_divergence`` (reverse KL, mean) per method,
 gloo on CPU, one thread per process, against the single-process op on the full vocabulary (one thread).
@@ -35,7 +35,7 @@ def _split(v: int, world: int):
 
 
 def _available(backend: str) -> bool:
-    from ..backends import device_support
+    from opd_kernels.backends import device_support
     return device_support(backend, torch.device("cpu"))[0]
 
 
@@ -72,7 +72,7 @@ def _step(fn, hs, ws):
 
 
 def _timing_worker(rank, world, port, args, queue):
-    from . import vocab_parallel as vp
+    from opd_kernels.distributed import vocab_parallel as vp
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -117,8 +117,8 @@ def timing(args) -> None:
 
 
 def _bf16_worker(rank, world, port, args, queue):
-    from .. import reference
-    from . import vocab_parallel as vp
+    from opd_kernels import reference
+    from opd_kernels.distributed import vocab_parallel as vp
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -168,7 +168,7 @@ def bf16(args) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m opd_kernels.distributed.measure", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python benchmarks/distributed_measure.py", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
     t = sub.add_parser("timing")
     t.add_argument("--world", type=int, default=2)
