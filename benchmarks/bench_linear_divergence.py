@@ -4,7 +4,7 @@ Default: issue 3's CPU case (fp32, N=2048, H_s=512, H_t=1024, V=32000, reverse K
 
     python benchmarks/bench_linear_divergence.py
     python benchmarks/bench_linear_divergence.py --divergence reverse_kl forward_kl jsd --csv ld.csv
-    python benchmarks/bench_linear_divergence.py --case issue4 --csv issue4.csv --plot issue4.png  # H100
+    python benchmarks/bench_linear_divergence.py --case rkl-n16k-v152k-bf16 --csv rkl-n16k-v152k-bf16.csv --plot rkl-n16k-v152k-bf16.png  # H100
 """
 import os
 import sys

@@ -2,8 +2,8 @@
 
     opd-bench --quick                       # every op once, small shapes (< 2 min on a 2-core CPU)
     opd-bench                               # issue 3's case + every op + N and V sweeps (< 20 min there)
-    opd-bench --case issue3 --case issue5   # the measurement cases of issues 3 and 5
-    opd-bench --device cuda --case issue4   # the H100 case of issue 4
+    opd-bench --case rkl-n2k-v32k --case logprobs-logits-n4k-v32k   # the measurement cases of issues 3 and 5
+    opd-bench --device cuda --case rkl-n16k-v152k-bf16   # the H100 case of issue 4
     opd-bench --ops linear_logprobs --providers naive ours --csv out.csv --plot out.png
     opd-bench --from-csv out.csv --markdown --plot out.png   # tables/plot of an earlier run, nothing measured
 """
@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--quick", action="store_true", help="every op once at a small shape")
     p.add_argument("--case", action="append", default=[], metavar="NAME",
-                   help="named case(s): issue3, issue3-n, issue4, issue5 (repeatable; replaces the preset)")
+                   help="named case(s): rkl-n2k-v32k, rkl-n1k-8k-v32k, rkl-n16k-v152k-bf16, logprobs-logits-n4k-v32k (repeatable; replaces the preset)")
     p.add_argument("--ops", nargs="+", choices=OPS, help="only these ops")
     p.add_argument("--providers", nargs="+", metavar="NAME",
                    help="only these providers (names or prefixes: naive, torch.compile, liger, ours, "

@@ -15,18 +15,18 @@ def named_cases(device: str = "cpu") -> Dict[str, List[Case]]:
     """The cases the issues ask for, by name (``opd-bench --case NAME``)."""
     return {
         # issue 3: CPU, fp32, reverse KL forward+backward
-        "issue3": [Case("linear_divergence", N=2048, H=512, H_t=1024, V=32000, dtype="fp32", device=device,
-                        divergence="reverse_kl", name="issue3")],
-        # issue 3's "flat in N": its shape at N = 1k..8k (opd-bench --case issue3-n --providers ours:cpp)
-        "issue3-n": [Case("linear_divergence", N=n, H=512, H_t=1024, V=32000, dtype="fp32", device=device,
-                          divergence="reverse_kl", name="issue3-n", sweep="N") for n in (1024, 2048, 4096, 8192)],
+        "rkl-n2k-v32k": [Case("linear_divergence", N=2048, H=512, H_t=1024, V=32000, dtype="fp32", device=device,
+                        divergence="reverse_kl", name="rkl-n2k-v32k")],
+        # issue 3's "flat in N": its shape at N = 1k..8k (opd-bench --case rkl-n1k-8k-v32k --providers ours:cpp)
+        "rkl-n1k-8k-v32k": [Case("linear_divergence", N=n, H=512, H_t=1024, V=32000, dtype="fp32", device=device,
+                          divergence="reverse_kl", name="rkl-n1k-8k-v32k", sweep="N") for n in (1024, 2048, 4096, 8192)],
         # issue 5: log-probs forward+backward vs log_softmax+gather; logits_divergence on bf16 logits
-        "issue5": [Case("linear_logprobs", N=4096, H=1024, V=32000, dtype="fp32", device=device, name="issue5"),
+        "logprobs-logits-n4k-v32k": [Case("linear_logprobs", N=4096, H=1024, V=32000, dtype="fp32", device=device, name="logprobs-logits-n4k-v32k"),
                    Case("logits_divergence", N=4096, H=0, V=32000, dtype="bf16", device=device,
-                        divergence="reverse_kl", name="issue5")],
+                        divergence="reverse_kl", name="logprobs-logits-n4k-v32k")],
         # issue 4: the H100 case (runs anywhere it fits; meant for a GPU)
-        "issue4": [Case("linear_divergence", N=16384, H=4096, H_t=5120, V=151936, dtype="bf16", device=device,
-                        divergence="reverse_kl", name="issue4")],
+        "rkl-n16k-v152k-bf16": [Case("linear_divergence", N=16384, H=4096, H_t=5120, V=151936, dtype="bf16", device=device,
+                        divergence="reverse_kl", name="rkl-n16k-v152k-bf16")],
     }
 
 
@@ -70,9 +70,9 @@ def sweeps(device: str = "cpu", dtype: str = "fp32") -> List[Case]:
 def default(device: str = "cpu", dtype: str = "fp32") -> List[Case]:
     """Issue 3's case (CPU) or issue 4's (GPU), every op at its quick shape, and the N and V sweeps.
 
-    Issue 5's CPU cases (N=4096, H=1024: about 6x issue 3's FLOPs) are left to ``--case issue5`` so that
+    Issue 5's CPU cases (N=4096, H=1024: about 6x issue 3's FLOPs) are left to ``--case logprobs-logits-n4k-v32k`` so that
     the default run stays under 20 minutes on the 2-core dev machine.
     """
     named = named_cases(device)
-    cases = named["issue3"] if device == "cpu" else named["issue4"] + named["issue5"]
+    cases = named["rkl-n2k-v32k"] if device == "cpu" else named["rkl-n16k-v152k-bf16"] + named["logprobs-logits-n4k-v32k"]
     return cases + quick(device, dtype) + sweeps(device, dtype)
