@@ -231,3 +231,112 @@ def test_distillation_loss_under_bf16_autocast():
     assert mixed.dtype == torch.float32
     assert student.lm_head.weight.grad.dtype == torch.float32 and torch.isfinite(student.lm_head.weight.grad).all()
     assert rel_err(mixed, fp32) < 5e-2
+
+
+def _loss_via_logits(student, teacher, ids, attn, completion, position_ids=None):
+    kw = dict(input_ids=ids, attention_mask=attn, use_cache=False)
+    if position_ids is not None:
+        kw["position_ids"] = position_ids
+    zs = student(**kw).logits
+    with torch.no_grad():
+        zt = teacher(**kw).logits
+    mask = completion[:, 1:] & attn[:, 1:].bool()
+    return ref.logits_divergence(zs[:, :-1].double(), zt[:, :-1].double(), mask=mask)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_position_modes_generate_and_trainer(family):
+    # "trainer" is a forward without position_ids (what HF/TRL trainers run); "generate" (the default) numbers
+    # positions from the first real token. They differ on absolute-position GPT-2 with left padding and agree
+    # (to rounding) on RoPE Llama.
+    student, teacher = tiny_causal_lm(family, seed=fresh()).eval(), tiny_causal_lm(family, seed=fresh()).eval()
+    ids, attn, completion = batch(131, seed=fresh())
+    kw = dict(attention_mask=attn, loss_mask=completion)
+    with torch.no_grad():
+        gen = hf.distillation_loss(student, teacher, ids, **kw)
+        assert float(gen) == float(hf.distillation_loss(student, teacher, ids, position_ids="generate", **kw))
+        trainer = hf.distillation_loss(student, teacher, ids, position_ids="trainer", **kw)
+        given = hf.distillation_loss(student, teacher, ids, position_ids=hf.position_ids_from_mask(attn), **kw)
+        want_gen = _loss_via_logits(student, teacher, ids, attn, completion, hf.position_ids_from_mask(attn))
+        want_trainer = _loss_via_logits(student, teacher, ids, attn, completion)
+    assert rel_err(gen, want_gen) < FP32_TOL and rel_err(given, want_gen) < FP32_TOL
+    assert rel_err(trainer, want_trainer) < FP32_TOL
+    if family == "gpt2":
+        assert rel_err(trainer, gen) > 1e-3  # the padding shifts absolute positions
+    else:
+        assert rel_err(trainer, gen) < 1e-4  # RoPE: a per-row shift of all positions changes nothing
+    with pytest.raises(ValueError, match="position_ids: expected 'generate', 'trainer'"):
+        hf.distillation_loss(student, teacher, ids, position_ids="sampler", **kw)
+    with pytest.raises(ValueError, match="position_ids: expected shape"):
+        hf.hidden_states(student, ids, attn, position_ids=attn[:, :3])
+
+
+def test_peft_lora_student_unwrapped_or_wrapped():
+    peft = pytest.importorskip("peft")
+    base = tiny_causal_lm("llama", seed=fresh())
+    teacher = tiny_causal_lm("llama", seed=fresh(), hidden_size=48).eval()
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    student = peft.get_peft_model(base, cfg).eval()
+    with torch.no_grad():  # LoRA B starts at zero: move it so the adapter changes the loss
+        for n, p in student.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    ids, attn, completion = batch(131, seed=fresh())
+    kw = dict(attention_mask=attn, loss_mask=completion)
+    wrapped = hf.distillation_loss(student, teacher, ids, **kw)
+    wrapped.backward()
+    g_wrapped = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad(set_to_none=True)
+    unwrapped = hf.distillation_loss(student.get_base_model(), teacher, ids, **kw)
+    assert float(unwrapped.detach()) == float(wrapped.detach())
+    student.zero_grad(set_to_none=True)
+    oracle = _loss_via_logits(student, teacher, ids, attn, completion, hf.position_ids_from_mask(attn))
+    oracle.backward()
+    g_ref = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    assert rel_err(wrapped, oracle) < FP32_TOL
+    assert set(g_wrapped) == set(g_ref) and g_ref and all("lora_" in n for n in g_ref)  # LoRA-only gradients
+    for n, g in g_ref.items():
+        assert rel_err(g_wrapped[n], g) < FP32_TOL, n
+    assert hf.lm_head(student).weight is base.lm_head.weight
+
+
+def test_peft_prompt_learning_and_lora_on_lm_head_are_refused():
+    peft = pytest.importorskip("peft")
+    prefix = peft.get_peft_model(tiny_causal_lm("llama"), peft.PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                                   num_virtual_tokens=3))
+    with pytest.raises(ValueError, match="prompt-learning"):
+        hf.lm_head(prefix)
+    on_head = peft.get_peft_model(tiny_causal_lm("llama"), peft.LoraConfig(r=2, target_modules=["lm_head"]))
+    with pytest.raises(ValueError, match="peft adapter on the lm_head"):
+        hf.lm_head(on_head)
+
+
+def test_distillation_loss_verifies_each_model_once(monkeypatch):
+    import opd_kernels.hf.loss as hf_loss
+
+    calls = []
+    real = hf_loss.verify_lm_head
+    monkeypatch.setattr(hf_loss, "verify_lm_head", lambda m: calls.append(m) or real(m))
+    student, teacher = tiny_causal_lm("llama", seed=fresh()), tiny_causal_lm("llama", seed=fresh())
+    ids, attn, completion = batch(131)
+    for _ in range(2):
+        hf.distillation_loss(student, teacher, ids, attention_mask=attn, loss_mask=completion)
+    assert calls == [student, teacher]
+    odd = tiny_causal_lm("llama", seed=fresh())
+    odd.config.final_logit_softcapping = 2.0  # read as a softcap, which Llama's forward does not apply
+    with pytest.raises(ValueError, match="does not reproduce"):
+        hf.distillation_loss(odd, teacher, ids, attention_mask=attn, loss_mask=completion)
+    loss = hf.distillation_loss(odd, teacher, ids, attention_mask=attn, loss_mask=completion, verify=False)
+    assert torch.isfinite(loss)
+
+
+def test_llama4_text_decoder_is_found():
+    import transformers as tf
+
+    cfg = tf.Llama4TextConfig(vocab_size=131, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64,
+                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                              num_local_experts=2, max_position_embeddings=64)
+    cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = 0, 1, 2
+    model = tf.Llama4ForCausalLM(cfg).eval()
+    assert hf.decoder_stack(model) is model.model
+    hf.verify_lm_head(model)

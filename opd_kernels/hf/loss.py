@@ -8,8 +8,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .heads import LMHead, lm_head
-from .states import hidden_states
+from .heads import LMHead, is_verified, lm_head, verify_lm_head
+from .states import Positions, hidden_states, unwrap_model
+
+def verified_lm_head(model: nn.Module) -> LMHead:
+    """:func:`lm_head`, checked once per model by :func:`verify_lm_head` (one small forward the first time;
+    the model is then remembered, weakly, as verified - also when the caller ran ``verify_lm_head`` itself).
+    Under ``torch.compile`` tracing the check is skipped (it would run the model inside the graph)."""
+    model = unwrap_model(model)
+    compiling = getattr(torch, "compiler", None) is not None and torch.compiler.is_compiling()
+    if compiling or is_verified(model):
+        return lm_head(model)
+    return verify_lm_head(model)
 
 
 def check_same_tokenizer(student_tokenizer, teacher_tokenizer) -> None:
@@ -86,9 +96,14 @@ class ScoredPair:
 
 def score_pair(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, *,
                attention_mask: Optional[torch.Tensor] = None, loss_mask: Optional[torch.Tensor] = None,
-               vocab_size: Optional[int] = None) -> ScoredPair:
-    """Run both decoder stacks (teacher without grad) and line everything up for next-token scoring."""
-    s_head, t_head = lm_head(student), lm_head(teacher)
+               vocab_size: Optional[int] = None, position_ids: Positions = "generate",
+               verify: bool = True) -> ScoredPair:
+    """Run both decoder stacks (teacher without grad) and line everything up for next-token scoring.
+
+    ``verify``: check each model's lm_head reading once against its own logits (:func:`verified_lm_head`).
+    """
+    read = verified_lm_head if verify else lm_head
+    s_head, t_head = read(student), read(teacher)
     v_s, v_t = s_head.weight.shape[0], t_head.weight.shape[0]
     v = v_s if vocab_size is None else int(vocab_size)
     if not 0 < v <= min(v_s, v_t):
@@ -96,9 +111,13 @@ def score_pair(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, 
             f"vocab_size: {v} exceeds a model's lm_head rows (student {v_s}, teacher {v_t}); pass "
             "vocab_size=len(tokenizer) when the teacher's vocabulary is the smaller (padded) one")
     mask = next_token_mask(input_ids, attention_mask, loss_mask)
-    hs = hidden_states(student, input_ids, attention_mask)[:, :-1]
+    hs = hidden_states(student, input_ids, attention_mask, position_ids=position_ids)[:, :-1]
     with torch.no_grad():
-        ht = hidden_states(teacher, input_ids, attention_mask)[:, :-1].to(hs.device)
+        ht = hidden_states(teacher, input_ids, attention_mask, position_ids=position_ids)[:, :-1].to(hs.device)
+    for who, h, head in (("student", hs, s_head), ("teacher", ht, t_head)):
+        if h.shape[-1] != head.weight.shape[1]:
+            raise ValueError(f"{who}: the decoder stack returns hidden size {h.shape[-1]} but the lm_head expects "
+                             f"{head.weight.shape[1]}; the model transforms the states between them")
     ws, bs = _matching(s_head, hs.dtype, hs.device)
     wt, bt = _matching(t_head, ht.dtype, hs.device)
     return ScoredPair(hs, ws, bs, s_head, ht, wt, bt, t_head, mask, input_ids[:, 1:], v)
@@ -109,7 +128,8 @@ def distillation_loss(student: nn.Module, teacher: nn.Module, input_ids: torch.T
                       divergence: str = "reverse_kl", beta: float = 0.5, temperature: float = 1.0,
                       reduction: str = "mean", normalizer=None, backend: str = "auto",
                       vocab_size: Optional[int] = None, student_tokenizer=None,
-                      teacher_tokenizer=None) -> torch.Tensor:
+                      teacher_tokenizer=None, position_ids: Positions = "generate",
+                      verify: bool = True) -> torch.Tensor:
     """Fused token-level distillation loss of ``student`` toward ``teacher`` on ``input_ids`` (B, T).
 
     For every completion token t (``loss_mask[b, t]`` true, not padding, t >= 1) the student's and the
@@ -133,12 +153,19 @@ def distillation_loss(student: nn.Module, teacher: nn.Module, input_ids: torch.T
     the model's ``forward`` (accelerate, the HF Trainer, TRL) do not reach the decoder stack called here:
     wrap the call in their context (``with trainer.accelerator.autocast(): ...``). ``reduction="none"``
     returns (B, T) with entry t the loss of token t (0 at t = 0 and wherever masked).
+
+    ``position_ids``: "generate" (default: padding-aware, the positions a left-padded batch was sampled at),
+    "trainer" (none passed, as ``model(input_ids, attention_mask)`` in the HF/TRL trainers), or a tensor; see
+    :func:`~opd_kernels.hf.hidden_states`. peft models are unwrapped (LoRA layers still run; only trainable
+    parameters get gradients). ``verify`` (default True): each model's lm_head reading is checked once against
+    its own ``.logits`` (:func:`verified_lm_head`, cached per model; skipped under torch.compile), so a
+    logit transform this package does not know raises instead of giving a wrong loss.
     """
     import opd_kernels as ok  # the public API; imported here so that opd_kernels/__init__ may import us
 
     check_same_tokenizer(student_tokenizer, teacher_tokenizer)
     p = score_pair(student, teacher, input_ids, attention_mask=attention_mask, loss_mask=loss_mask,
-                   vocab_size=vocab_size)
+                   vocab_size=vocab_size, position_ids=position_ids, verify=verify)
     with no_autocast(p.student_hidden.device):
         loss = ok.linear_divergence(
             p.student_hidden, p.student_weight, p.teacher_hidden, p.teacher_weight, divergence=divergence,
