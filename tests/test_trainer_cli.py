@@ -33,7 +33,7 @@ def test_generic_run_from_yaml_then_resume(tmp_path, capsys):
                       "steps: 2\nbatch_size: 2\nmax_new_tokens: 4\nsave_every: 1\nloss: topk\ntopk: 3\n")
     assert cli.main(["--config", str(config), "--no-progress"]) == 0
     assert "2 steps" in capsys.readouterr().out
-    assert sorted(os.listdir(out)) == ["checkpoints", "config.json", "curves.png", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == ["checkpoints", "config.json", "curves.png", "metrics.jsonl", "student"]
     assert json.load(open(out / "config.json"))["loss"] == "topk"
     assert cli.main(["--config", str(config), "--no-progress", "--resume", "--steps", "3"]) == 0
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]

@@ -56,9 +56,18 @@ class TrainConfig:
                        "fully_shard instead of DDP (one group at the root; see docs/trainer.md)"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (0: only at the end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
-    resume: bool = field(default=False, metadata={"help": "continue from output_dir's latest checkpoint"})
+    resume: bool = field(default=False, metadata={"help": "continue from output_dir's newest intact checkpoint"})
+    overwrite: bool = field(default=False, metadata={"help": "start afresh in a non-empty output_dir: remove "
+                            "the trainer's own files there first (a non-empty one is refused without "
+                            "--resume or --overwrite)"})
+    export_every: int = field(default=0, metadata={"help": "also write a from_pretrained directory "
+                              "output_dir/exports/step_N every N steps (0: only output_dir/student at the end)"})
+    param_guard: bool = field(default=True, metadata={"help": "undo a step that leaves a parameter NaN/inf "
+                              "(keeps one copy of the parameters and optimizer state in memory; "
+                              "--no-param-guard stops the run at such a step instead)"})
     verify_lm_head: bool = field(default=True, metadata={"help": "check lm_head reading vs model logits at start"})
-    progress: bool = field(default=True, metadata={"help": "tqdm progress bar"})
+    progress: bool = field(default=True, metadata={"help": "progress bars (--no-progress: none, also none of "
+                           "transformers' model-loading bars)"})
 
     def __post_init__(self):
         self.validate()
@@ -68,6 +77,19 @@ class TrainConfig:
         def bad(name, expected):
             raise ValueError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
 
+        for f in fields(self):  # types first (a YAML "12" or 1.5 for an int field): the checks below compare
+            value, kind = getattr(self, f.name), str(f.type)
+            if kind == "bool" and not isinstance(value, bool):
+                bad(f.name, "true or false")
+            elif kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                bad(f.name, "an integer")
+            elif kind == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                bad(f.name, "a number")
+            elif kind in ("str", "Optional[str]") and not (isinstance(value, str) or
+                                                           (value is None and kind != "str")):
+                bad(f.name, "a string")
+        if self.resume and self.overwrite:
+            raise ValueError("resume, overwrite: give at most one of them")
         if self.loss not in LOSSES:
             bad("loss", f"one of {LOSSES}")
         if self.topk_divergence not in ("forward_kl", "reverse_kl"):
@@ -85,7 +107,7 @@ class TrainConfig:
                      "keep_checkpoints"):
             if not getattr(self, name) >= 1:
                 bad(name, "an integer >= 1")
-        for name in ("warmup_steps", "save_every", "max_grad_norm", "weight_decay", "vocab_size"):
+        for name in ("warmup_steps", "save_every", "max_grad_norm", "weight_decay", "vocab_size", "export_every"):
             if getattr(self, name) < 0:
                 bad(name, "a non-negative number")
         return self

@@ -13,50 +13,110 @@ import torch
 
 
 def load_prompts(spec: str, tokenizer=None, *, max_prompt_len: int = 512, chat_template: bool = False,
-                 seed: int = 0, vocab_size: Optional[int] = None) -> List[List[int]]:
-    """Token-id prompts from ``spec``.
+                 seed: int = 0, vocab_size: Optional[int] = None, max_positions: Optional[int] = None,
+                 max_new_tokens: int = 0) -> List[List[int]]:
+    """Token-id prompts from ``spec``, every one checked before training starts.
 
     - ``random:COUNT:LEN``: COUNT random prompts of LEN ids in [3, vocab_size) (smoke tests, benchmarks);
-    - ``*.jsonl``: one object per line with ``"prompt"`` (text, needs a tokenizer) or ``"prompt_ids"``;
+    - ``*.jsonl``: one object per line with ``"prompt"`` (a string, needs a tokenizer) or ``"prompt_ids"``
+      (a list of integers; not a string, not floats, not booleans); blank lines are skipped;
     - ``*.txt``: one text prompt per line (needs a tokenizer).
-    Prompts longer than ``max_prompt_len`` keep their last ``max_prompt_len`` ids.
+    Files are UTF-8 (a leading BOM is skipped). Prompts longer than ``max_prompt_len`` keep their last
+    ``max_prompt_len`` ids. With ``vocab_size`` every id must lie in [0, vocab_size); with
+    ``max_positions`` a prompt plus ``max_new_tokens`` must fit in the model's positions. Every problem
+    is a ValueError naming ``file:line``.
     """
     if spec.startswith("random:"):
+        parts = spec.split(":")
         try:
-            _, count, length = spec.split(":")
-            count, length = int(count), int(length)
-        except ValueError as e:
-            raise ValueError(f"prompts: expected random:COUNT:LEN, got {spec!r}") from e
+            if len(parts) != 3:
+                raise ValueError
+            count, length = int(parts[1]), int(parts[2])
+        except ValueError:
+            raise ValueError(f"prompts: expected random:COUNT:LEN with two integers, got {spec!r}") from None
+        if count < 1 or length < 1:
+            raise ValueError(f"prompts: random:COUNT:LEN needs COUNT >= 1 and LEN >= 1, got {spec!r}")
         if vocab_size is None or vocab_size <= 3:
             raise ValueError("prompts: random prompts need the model's vocab_size (> 3)")
+        if max_positions is not None and length + max_new_tokens > max_positions:
+            raise ValueError(f"prompts: {spec!r}: {length} prompt ids + max_new_tokens {max_new_tokens} exceed "
+                             f"the model's {max_positions} positions")
         g = torch.Generator().manual_seed(seed)
         return torch.randint(3, vocab_size, (count, length), generator=g).tolist()
     if not os.path.isfile(spec):
         raise ValueError(f"prompts: file {spec!r} does not exist")
-    with open(spec) as f:
-        if spec.endswith(".jsonl"):
-            rows = [json.loads(line) for line in f if line.strip()]
-        else:
-            rows = [{"prompt": line.rstrip("\n")} for line in f if line.strip()]
+    with open(spec, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"prompts: {spec}:{line}: not UTF-8 (byte {e.start}: {e.reason}); save the file as "
+                         "UTF-8") from None
     out = []
-    for i, row in enumerate(rows):
-        if "prompt_ids" in row:
-            ids = [int(x) for x in row["prompt_ids"]]
-        elif "prompt" in row:
-            ids = _encode(row["prompt"], tokenizer, chat_template, spec, i)
+    for number, line in enumerate(text.split("\n"), start=1):
+        where = f"{spec}:{number}"
+        if not line.strip():
+            continue
+        if spec.endswith(".jsonl"):
+            ids = _jsonl_prompt(line, where, tokenizer, chat_template)
         else:
-            raise ValueError(f"prompts: {spec}:{i + 1} has neither 'prompt' nor 'prompt_ids'")
+            ids = _encode(line.rstrip("\r"), tokenizer, chat_template, where)
         if not ids:
-            raise ValueError(f"prompts: {spec}:{i + 1} is empty")
-        out.append(ids[-max_prompt_len:])
+            raise ValueError(f"prompts: {where}: the prompt is empty")
+        ids = ids[-max_prompt_len:]
+        check_prompt_ids(ids, where, vocab_size=vocab_size, max_positions=max_positions,
+                         max_new_tokens=max_new_tokens)
+        out.append(ids)
     if not out:
         raise ValueError(f"prompts: {spec!r} holds no prompts")
     return out
 
 
-def _encode(text: str, tokenizer, chat_template: bool, spec: str, line: int) -> List[int]:
+def _jsonl_prompt(line: str, where: str, tokenizer, chat_template: bool) -> List[int]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"prompts: {where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise ValueError(f"prompts: {where}: JSON nested too deeply") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"prompts: {where}: expected a JSON object with 'prompt' or 'prompt_ids', "
+                         f"got {type(row).__name__ if row is not None else 'null'}")
+    if "prompt_ids" in row:
+        ids = row["prompt_ids"]
+        if not isinstance(ids, list):
+            raise ValueError(f"prompts: {where}: 'prompt_ids' must be a list of integers, got "
+                             f"{type(ids).__name__} {ids!r:.40}")
+        for i, x in enumerate(ids):
+            if isinstance(x, bool) or not isinstance(x, int):
+                raise ValueError(f"prompts: {where}: 'prompt_ids'[{i}] must be an integer, got {x!r:.40}")
+        return list(ids)
+    if "prompt" in row:
+        if not isinstance(row["prompt"], str):
+            raise ValueError(f"prompts: {where}: 'prompt' must be a string, got {type(row['prompt']).__name__}")
+        return _encode(row["prompt"], tokenizer, chat_template, where)
+    raise ValueError(f"prompts: {where}: has neither 'prompt' nor 'prompt_ids' (keys: {sorted(row)[:5]})")
+
+
+def check_prompt_ids(ids: Sequence[int], where: str, *, vocab_size: Optional[int] = None,
+                     max_positions: Optional[int] = None, max_new_tokens: int = 0) -> None:
+    """ValueError naming ``where`` unless ``ids`` are integers in [0, vocab_size) that leave room for
+    ``max_new_tokens`` within ``max_positions``."""
+    for i, x in enumerate(ids):
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise ValueError(f"prompts: {where}: id {i} must be an integer, got {x!r:.40}")
+        if x < 0 or (vocab_size is not None and x >= vocab_size):
+            raise ValueError(f"prompts: {where}: id {x} (position {i}) is outside the vocabulary "
+                             f"[0, {vocab_size if vocab_size is not None else 'inf'})")
+    if max_positions is not None and len(ids) + max_new_tokens > max_positions:
+        raise ValueError(f"prompts: {where}: {len(ids)} prompt ids + max_new_tokens {max_new_tokens} exceed the "
+                         f"model's {max_positions} positions; lower --max-prompt-len or --max-new-tokens")
+
+
+def _encode(text: str, tokenizer, chat_template: bool, where: str) -> List[int]:
     if tokenizer is None:
-        raise ValueError(f"prompts: {spec}:{line + 1} is text but the student has no tokenizer; "
+        raise ValueError(f"prompts: {where} is text but the student has no tokenizer; "
                          "give 'prompt_ids' or a student directory with a tokenizer")
     if chat_template:
         # Render, then tokenize without extra specials: the template already holds them (and the return

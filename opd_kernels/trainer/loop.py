@@ -6,6 +6,7 @@ One optimizer step, on each of R data-parallel ranks (R = 1 without torchrun)::
     N = completion tokens over all micro-batches of all ranks        (the global token normalizer)
     for each micro-batch: (R * opd_loss(student, teacher, batch, normalizer=N)).backward()
     skip the step if the loss or the gradient norm is not finite; else clip, optimizer.step()
+    undo the step (and count it as skipped) if it left a parameter non-finite
 
 Summing the micro-batch losses of every rank, each divided by the step's global N rather than by its own
 count, gives the per-token mean of the whole step: a long completion weighs what it would weigh in one
@@ -14,24 +15,83 @@ big batch on one process.
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import sys
 import time
+from collections import defaultdict
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from .. import hf
 from . import distributed as dp_
-from .checkpoint import (check_writable, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
-                         set_rng_state)
+from .checkpoint import (_write_text_atomic, check_writable, clean_stale, newest_complete, resume_checkpoint,
+                         rng_state, save_checkpoint, set_rng_state, step_name)
 from .config import TrainConfig
-from .data import prompts_for_step
+from .data import check_prompt_ids, prompts_for_step
+from .export import export_student, write_model_files
 from .metrics import MetricsLog, plot_curves
-from .models import use_bf16_autocast
+from .models import embedding_rows, max_positions, use_bf16_autocast
 from .sampling import HFSampler, Sampler
 
 Callback = Callable[["OPDTrainer", Dict[str, float]], None]
+
+# What the trainer writes into output_dir: what --overwrite removes, and nothing else.
+OUTPUTS = ("checkpoints", "metrics.jsonl", "config.json", "curves.png", "student", "exports")
+_TEMPORARY = (".write-test-", "metrics.jsonl.tmp-", "config.json.tmp-", "curves.png.tmp", ".tmp-student-")
+
+
+class NonFiniteParameters(RuntimeError):
+    """An optimizer step left a parameter NaN/inf and ``param_guard`` is off: the run stops unsaved."""
+
+
+def check_output_dir(cfg: TrainConfig) -> None:
+    """ValueError unless ``output_dir`` may be used as asked: empty/absent, or ``--resume``/``--overwrite``."""
+    try:
+        entries = sorted(os.listdir(cfg.output_dir))
+    except (FileNotFoundError, NotADirectoryError):  # absent (created later) or unwritable (check_writable says)
+        return
+    if entries and not (cfg.resume or cfg.overwrite):
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise ValueError(f"output_dir: {cfg.output_dir!r} is not empty ({shown}); pass --resume to continue "
+                         "its run, --overwrite to replace the trainer's files there, or another --output-dir")
+
+
+def prepare_output_dir(cfg: TrainConfig) -> List[str]:
+    """:func:`check_output_dir`, then with ``overwrite`` remove the trainer's own files, with ``resume``
+    the temporaries a killed run left; returns lines saying what was removed (rank 0 only)."""
+    check_output_dir(cfg)
+    notes: List[str] = []
+    if not os.path.isdir(cfg.output_dir):
+        return notes
+    if cfg.overwrite:
+        removed = []
+        for entry in sorted(os.listdir(cfg.output_dir)):
+            path = os.path.join(cfg.output_dir, entry)
+            if entry in OUTPUTS or entry.startswith(_TEMPORARY):
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+                removed.append(entry)
+        others = sorted(set(os.listdir(cfg.output_dir)))
+        if removed:
+            notes.append(f"--overwrite: removed {', '.join(removed)} from {cfg.output_dir!r}"
+                         + (f" (kept {len(others)} other entries)" if others else ""))
+    else:  # resume
+        stale = [e for e in sorted(os.listdir(cfg.output_dir)) if e.startswith(_TEMPORARY)]
+        for entry in stale:
+            path = os.path.join(cfg.output_dir, entry)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        stale += [f"checkpoints/{e}" for e in clean_stale(os.path.join(cfg.output_dir, "checkpoints"))]
+        exports = os.path.join(cfg.output_dir, "exports")
+        if os.path.isdir(exports):
+            for entry in sorted(os.listdir(exports)):
+                if entry.startswith(".tmp-") or ".old-" in entry:
+                    shutil.rmtree(os.path.join(exports, entry), ignore_errors=True)
+                    stale.append(f"exports/{entry}")
+        if stale:
+            notes.append(f"removed stale temporaries of an interrupted run: {', '.join(stale)}")
+    return notes
 
 
 class OPDTrainer:
@@ -65,6 +125,8 @@ class OPDTrainer:
         if self.mode == "fsdp" and optimizer is not None:
             raise ValueError("optimizer: must be None with fsdp (it is built over the sharded parameters)")
         self.device = next(student.parameters()).device
+        self.tokenizer = tokenizer
+        self._check_prompts()
         if cfg.verify_lm_head:
             hf.verify_lm_head(student)
             hf.verify_lm_head(teacher)
@@ -82,21 +144,47 @@ class OPDTrainer:
         self.skipped_steps = 0
         self.checkpoint_root = os.path.join(cfg.output_dir, "checkpoints")
         self.metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        self.resumed_from: Optional[str] = None
+        self._snapshot_params: Optional[List[torch.Tensor]] = None
+        self._snapshot_optimizer = None
+        error, notes = None, []
+        if self.dp.is_main:
+            try:
+                notes = prepare_output_dir(cfg)
+            except (ValueError, OSError) as e:
+                error = e
+        self._raise_rank0_error(error)
+        for note in notes:
+            print(f"opd-distill: {note}", file=sys.stderr)
         resumed = self._load_weights() if cfg.resume else None
         self.loss_module = dp_.wrap(dp_.StudentLoss(student), self.mode, self.device)
         self.optimizer = optimizer or torch.optim.AdamW(student.parameters(), lr=cfg.lr,
                                                         weight_decay=cfg.weight_decay)
         if resumed is not None:
             self._restore(*resumed)
+            if self.dp.is_main:
+                print(f"opd-distill: resumed from step {self.step} ({self.resumed_from})")
         self.bf16 = use_bf16_autocast(cfg.precision, self.device)
         self.callbacks: List[Callback] = list(callbacks)
 
     # ------------------------------------------------------------------------------- checkpoints
+    def _check_prompts(self) -> None:
+        """Every prompt: integer ids both models accept, with room for max_new_tokens in their positions."""
+        rows = [r for r in (embedding_rows(self.student), embedding_rows(self.teacher)) if r is not None]
+        positions = [p for p in (max_positions(self.student), max_positions(self.teacher)) if p is not None]
+        for i, ids in enumerate(self.prompts):
+            if not isinstance(ids, (list, tuple)):
+                raise ValueError(f"prompts: prompts[{i}] must be a list of token ids, got {type(ids).__name__}")
+            if not ids:
+                raise ValueError(f"prompts: prompts[{i}] is empty")
+            check_prompt_ids(ids, f"prompts[{i}]", vocab_size=min(rows) if rows else None,
+                             max_positions=min(positions) if positions else None,
+                             max_new_tokens=self.cfg.max_new_tokens)
+
     def _load_weights(self):
-        path = latest_checkpoint(self.checkpoint_root)
-        if path is None:
-            raise ValueError(f"resume: no checkpoint under {self.checkpoint_root!r}")
-        return load_checkpoint(path, self.student)
+        path, state, optimizer, rngs, _ = resume_checkpoint(self.checkpoint_root, self.student, warn=self.dp.is_main)
+        self.resumed_from = path
+        return state, optimizer, rngs
 
     def _restore(self, state, optimizer_state, rngs) -> None:
         dp_.load_optimizer_state_by_name(self.student, self.optimizer, optimizer_state, self.mode,
@@ -113,13 +201,12 @@ class OPDTrainer:
         self.sampler.sync(self.student)
 
     def resume(self) -> bool:
-        """Load the latest checkpoint of ``output_dir`` into the running trainer; False when there is none.
-
-        (``cfg.resume=True`` does this at construction, before the student is wrapped.)
+        """Load the newest intact checkpoint of ``output_dir`` into the running trainer; False when there is
+        none. (``cfg.resume=True`` does this at construction, before the student is wrapped.)
         """
         if self.mode == "fsdp":
             raise ValueError("resume: with fsdp, resume by constructing the trainer with cfg.resume=True")
-        if latest_checkpoint(self.checkpoint_root) is None:
+        if newest_complete(self.checkpoint_root) is None:
             return False
         self._restore(*self._load_weights())
         return True
@@ -136,7 +223,8 @@ class OPDTrainer:
     def save(self) -> str:
         """Checkpoint the current step (collective: call on every rank; rank 0 writes).
 
-        An OSError on rank 0 (full disk) is raised on every rank, so none is left waiting in a collective.
+        A write error on rank 0 (full disk) is raised on every rank as an OSError naming the path and the
+        checkpoint that was kept, so none is left waiting in a collective.
         """
         rngs = self.dp.all_gather_object(rng_state())
         optimizer_state = dp_.optimizer_state_by_name(self.student, self.optimizer, self.mode, self.loss_module)
@@ -146,12 +234,27 @@ class OPDTrainer:
         path, error = None, None
         if self.dp.is_main:
             try:
-                path = save_checkpoint(self.checkpoint_root, self.step, weights, optimizer_state,
-                                       state, rng=rngs, keep=self.cfg.keep_checkpoints)
+                path = save_checkpoint(self.checkpoint_root, self.step, weights, optimizer_state, state, rng=rngs,
+                                       keep=self.cfg.keep_checkpoints,
+                                       write_extra=lambda d: write_model_files(d, self.student, self.tokenizer))
             except OSError as e:
                 error = e
         self._raise_rank0_error(error)
-        return path or os.path.join(self.checkpoint_root, f"step_{self.step:08d}")
+        return path or os.path.join(self.checkpoint_root, step_name(self.step))
+
+    def export(self, out: Optional[str] = None) -> str:
+        """Write the student as a ``from_pretrained`` directory (default ``output_dir/student``): config,
+        tokenizer (when known), ``model.safetensors``. Collective, like :meth:`save`."""
+        out = out or os.path.join(self.cfg.output_dir, "student")
+        weights = dp_.full_weights(self.student)
+        error = None
+        if self.dp.is_main:
+            try:
+                export_student(out, weights, self.student, self.tokenizer)
+            except OSError as e:
+                error = e
+        self._raise_rank0_error(error)
+        return out
 
     # -------------------------------------------------------------------------------------- step
     def lr_at(self, step: int) -> float:
@@ -195,29 +298,89 @@ class OPDTrainer:
                                                    cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
             grad_norm = grad_norm.full_tensor()
-        # One host sync per step, outside the loss path: the same decision on every rank (the loss is
-        # all-reduced and the gradients are synchronised), so no rank steps alone.
-        finite = bool(torch.isfinite(total) & torch.isfinite(grad_norm))
+        # Host sync 1 of 2 per step, outside the loss path: loss, gradient norm and token count read together.
+        # The decision is the same on every rank (the loss is all-reduced, the gradients are synchronised),
+        # so no rank steps alone.
+        loss_value, norm_value, token_value = torch.stack(
+            [total.double(), grad_norm.to(total.device).double(), n_tokens.to(total.device).double()]).tolist()
+        finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+        reason = None
         if finite:
+            if cfg.param_guard:
+                self._take_snapshot()
             self.optimizer.step()
-            self.sampler.sync(self.student)
+            broken = self._non_finite_parameters()  # host sync 2 of 2
+            if broken:
+                if not cfg.param_guard:
+                    kept = newest_complete(self.checkpoint_root)
+                    raise NonFiniteParameters(
+                        f"step {self.step + 1}: the optimizer step left non-finite values in {', '.join(broken[:3])}; "
+                        f"stopped without saving ({f'the checkpoint {kept!r} is intact' if kept else 'no checkpoint exists'}"
+                        "); --param-guard undoes such steps instead")
+                self._restore_snapshot()
+                finite, reason = False, f"the optimizer step left non-finite values in {', '.join(broken[:3])}; undone"
+            else:
+                self.sampler.sync(self.student)
         else:
+            reason = f"non-finite loss {loss_value} or gradient norm {norm_value}; optimizer step skipped"
+        if not finite:
             self.skipped_steps += 1
             if self.dp.is_main:
-                print(f"opd-distill: step {self.step + 1}: non-finite loss {float(total)} or gradient norm "
-                      f"{float(grad_norm)}; optimizer step skipped ({self.skipped_steps} so far)", file=sys.stderr)
+                print(f"opd-distill: step {self.step + 1}: {reason} ({self.skipped_steps} so far)", file=sys.stderr)
             self.optimizer.zero_grad(set_to_none=True)  # leave no NaN gradients behind
         self.step += 1
-        tokens = int(n_tokens)
+        tokens = int(token_value)
         self.total_tokens += tokens
         seconds = time.perf_counter() - start
-        record = {"step": self.step, "loss": float(total), "tokens": tokens, "total_tokens": self.total_tokens,
+        record = {"step": self.step, "loss": loss_value, "tokens": tokens, "total_tokens": self.total_tokens,
                   "tokens_per_s": tokens / seconds, "seconds": seconds, "lr": lr,
                   "mean_completion_len": tokens / (cfg.batch_size * cfg.grad_accum * world),
-                  "grad_norm": float(grad_norm), "skipped": int(not finite), "skipped_steps": self.skipped_steps}
+                  "grad_norm": norm_value, "skipped": int(not finite), "skipped_steps": self.skipped_steps}
         for callback in self.callbacks:
             callback(self, record)
         return record
+
+    def _take_snapshot(self) -> None:
+        """Copy the parameters and the optimizer state (into buffers reused from step to step)."""
+        params = list(self.student.parameters())
+        with torch.no_grad():
+            if self._snapshot_params is None or len(self._snapshot_params) != len(params):
+                self._snapshot_params = [p.detach().clone() for p in params]
+            else:
+                for buf, p in zip(self._snapshot_params, params):
+                    buf.copy_(p.detach())
+            old = self._snapshot_optimizer or {}
+            snap = {}
+            for p, st in self.optimizer.state.items():
+                prev = old.get(p, {})
+                snap[p] = {}
+                for k, v in st.items():
+                    if torch.is_tensor(v):
+                        b = prev.get(k)
+                        if torch.is_tensor(b) and b.shape == v.shape and b.dtype == v.dtype and b.device == v.device:
+                            snap[p][k] = b.copy_(v)
+                        else:
+                            snap[p][k] = v.detach().clone()
+                    else:
+                        snap[p][k] = v
+            self._snapshot_optimizer = snap
+
+    def _restore_snapshot(self) -> None:
+        with torch.no_grad():
+            for buf, p in zip(self._snapshot_params, self.student.parameters()):
+                p.copy_(buf)
+        state = defaultdict(dict)
+        for p, st in self._snapshot_optimizer.items():
+            state[p] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+        self.optimizer.state = state
+
+    def _non_finite_parameters(self) -> List[str]:
+        """Names of parameters holding NaN/inf after the step (the same answer on every rank)."""
+        named = list(self.student.named_parameters())
+        local = [p.to_local() if hasattr(p, "to_local") else p for _, p in named]
+        flags = torch.stack([~torch.isfinite(p.detach()).all() for p in local]).to(torch.float32)
+        flags = self.dp.all_reduce_sum(flags)
+        return [name for (name, _), bad in zip(named, flags.tolist()) if bad]
 
     def train(self) -> Dict[str, object]:
         """Run to ``cfg.steps``; returns a summary dict. Rank 0 writes the metrics and the checkpoints."""
@@ -228,28 +391,57 @@ class OPDTrainer:
         if self.dp.is_main:
             try:
                 check_writable(cfg.output_dir)
-                with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-                    json.dump(cfg.to_dict(), f, indent=1)
+                _write_text_atomic(os.path.join(cfg.output_dir, "config.json"), json.dumps(cfg.to_dict(), indent=1))
             except OSError as e:
+                error = OSError(e.errno, f"output_dir: cannot write to {cfg.output_dir!r} ({e.strerror or e}); "
+                                         "choose a writable --output-dir") if "output_dir:" not in str(e) else e
+        self._raise_rank0_error(error)
+        log = None
+        if self.dp.is_main:
+            try:
+                log = MetricsLog(self.metrics_path, resume_step=self.step)
+            except (OSError, ValueError) as e:
                 error = e
         self._raise_rank0_error(error)
-        log = MetricsLog(self.metrics_path, resume_step=self.step) if self.dp.is_main else None
         record: Dict[str, float] = {}
-        saved_at = self.step if cfg.resume else -1
+        saved_at = self.step if self.resumed_from is not None else -1
         with tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.dp.is_main),
                   desc=f"opd {cfg.loss}", unit="step", dynamic_ncols=True) as bar:
             while self.step < cfg.steps:
                 record = self.train_step()
                 if log is not None:
-                    log.log(record)
+                    try:
+                        log.log(record)
+                    except OSError as e:
+                        error = e
+                self._raise_rank0_error(self._with_kept(error))
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 bar.update(1)
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     self.save()
                     saved_at = self.step
-        checkpoint = self.save() if saved_at != self.step else latest_checkpoint(self.checkpoint_root)
+                if cfg.export_every and self.step % cfg.export_every == 0:
+                    self.export(os.path.join(cfg.output_dir, "exports", step_name(self.step)))
+        checkpoint = self.save() if saved_at != self.step else newest_complete(self.checkpoint_root)
+        student_dir = self.export()
         png = os.path.join(cfg.output_dir, "curves.png")
-        curves = png if self.dp.is_main and plot_curves(self.metrics_path, png) else None
+        curves = None
+        if self.dp.is_main:
+            try:
+                curves = png if plot_curves(self.metrics_path, png) else None
+            except (OSError, ValueError, RuntimeError) as e:  # a figure is not worth failing a finished run
+                print(f"opd-distill: curves: writing {png!r} failed ({e}); metrics.jsonl has the data",
+                      file=sys.stderr)
         return {"steps": self.step, "total_tokens": self.total_tokens, "final_loss": record.get("loss"),
                 "skipped_steps": self.skipped_steps, "metrics": self.metrics_path, "curves": curves,
-                "checkpoint": checkpoint}
+                "checkpoint": checkpoint, "student": student_dir, "resumed_from": self.resumed_from}
+
+    def _with_kept(self, error: Optional[BaseException]) -> Optional[BaseException]:
+        """A metrics write error, extended with the checkpoint that is kept."""
+        if error is None:
+            return None
+        kept = newest_complete(self.checkpoint_root)
+        where = f"the checkpoint {kept!r} is intact (resume with --resume)" if kept else "no checkpoint was written yet"
+        if isinstance(error, OSError) and error.errno and error.strerror:
+            return OSError(error.errno, f"{error.strerror}; {where}")
+        return OSError(f"{error}; {where}")

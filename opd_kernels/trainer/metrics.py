@@ -3,34 +3,88 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List
+import sys
+from typing import Any, Dict, List, Tuple
 
 
 class MetricsLog:
     """Appends one JSON object per optimizer step to ``path``.
 
-    On resume, records after the checkpoint's step (written before a crash) are dropped, so the file
-    ends up as if the run had never stopped.
+    On resume, records after the checkpoint's step (written before a crash) are dropped, and so is a torn
+    last line (a kill or a full disk in the middle of an append), so the file ends up as if the run had
+    never stopped. The file is rewritten through a temporary file and ``os.replace`` (a kill during the
+    rewrite loses nothing), and only when something has to go.
     """
 
     def __init__(self, path: str, resume_step: int = 0):
         self.path = path
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        kept = [r for r in read_metrics(path) if r.get("step", 0) <= resume_step] if resume_step else []
-        with open(path, "w") as f:
-            for r in kept:
-                f.write(json.dumps(r) + "\n")
+        records, torn = _read(path)
+        kept = [r for r in records if r.get("step", 0) <= resume_step]
+        unterminated = os.path.isfile(path) and os.path.getsize(path) > 0 and not _ends_with_newline(path)
+        if torn or unterminated or len(kept) != len(records):
+            dropped = len(records) - len(kept)
+            notes = [f"dropped {dropped} record(s) after step {resume_step}" if dropped else "",
+                     "dropped a torn last line" if torn else ""]
+            if any(notes):
+                print(f"opd-distill: metrics: {path}: {', '.join(n for n in notes if n)}", file=sys.stderr)
+            tmp = f"{path}.tmp-{os.getpid()}"
+            try:
+                with open(tmp, "w") as f:
+                    for r in kept:
+                        f.write(json.dumps(r) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except OSError as e:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise OSError(e.errno, f"metrics: rewriting {path!r} failed ({e.strerror or e}); "
+                                       "the file is unchanged") from e
 
     def log(self, record: Dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        try:
+            with open(self.path, "a") as f:
+                f.write(line)
+        except OSError as e:
+            raise OSError(e.errno, f"metrics: appending step {record.get('step')} to {self.path!r} failed "
+                                   f"({e.strerror or e})") from e
+
+
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+def _read(path: str) -> Tuple[List[Dict[str, Any]], bool]:
+    """(records, whether the last line was torn). A bad line anywhere else: ValueError naming file:line."""
+    if not os.path.isfile(path):
+        return [], False
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records, torn = [], False
+    for i, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+            if not isinstance(record, dict):
+                raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+        except (ValueError, RecursionError) as e:
+            if i == last:
+                torn = True
+                continue
+            raise ValueError(f"metrics: {path}:{i + 1}: not a metrics record ({e})") from None
+        records.append(record)
+    return records, torn
 
 
 def read_metrics(path: str) -> List[Dict[str, Any]]:
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of ``path`` (a torn last line is left out)."""
+    return _read(path)[0]
 
 
 def plot_curves(metrics_path: str, png_path: str, title: str = "on-policy distillation") -> bool:

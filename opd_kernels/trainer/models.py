@@ -79,6 +79,24 @@ def load_model(spec: str, *, device: torch.device, seed: int = 0, dtype: Optiona
     return model.to(device)
 
 
+def max_positions(model: torch.nn.Module) -> Optional[int]:
+    """The longest sequence the model's config allows (``n_positions``/``max_position_embeddings``), or None."""
+    config = getattr(model, "config", None)
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def embedding_rows(model: torch.nn.Module) -> Optional[int]:
+    """Rows of the input embedding (the ids the model accepts), or None when it has none to ask."""
+    try:
+        return int(model.get_input_embeddings().weight.shape[0])
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
+
+
 def load_tokenizer(spec: str):
     """The tokenizer next to a local model or in the cache, or None (tiny and config-only models)."""
     if spec.startswith("tiny:") or spec.endswith(".json"):
