@@ -87,7 +87,6 @@ def run(cfg: TrainConfig) -> Dict[str, object]:
 
 def quiet_progress() -> None:
     """No progress bars from transformers or huggingface_hub (their "Loading weights" bars included)."""
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     try:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()

@@ -98,6 +98,9 @@ def plot_curves(metrics_path: str, png_path: str, title: str = "on-policy distil
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    records = [r for r in records if all(isinstance(r.get(k), (int, float)) for k in ("step", "loss", "total_tokens"))]
+    if not records:
+        return False
     steps = [r["step"] for r in records]
     loss = [r["loss"] for r in records]
     tokens = [r["total_tokens"] for r in records]
