@@ -1,23 +1,19 @@
-"""TRL's GKD trainer with its loss swapped for the fused one.
+"""TRL's distillation trainers with the fused losses of `opd_kernels.integrations.trl`.
 
-    pip install trl datasets          # optional; without them this script prints why it skips
-    python python/trl_gkd.py --tiny   # tiny random Llamas + a word-level tokenizer, CPU
+    pip install "opd_kernels[trl]"    # trl==1.16.0 + peft; without trl this script prints why it skips
+    python python/trl_gkd.py --tiny                          # GKD on tiny random Llamas, CPU
+    python python/trl_gkd.py --tiny --trainer iw_opd         # or distillation, gold
     python python/trl_gkd.py --student PATH --teacher PATH --dataset data.jsonl   # 'messages' per line
 
-TRL's `GKDTrainer` samples on-policy completions (with probability `lmbda`) and computes
-`generalized_jsd_loss` from both models' full (B, T, V) logits. `FusedGKDTrainer` keeps everything of
-GKD but `compute_loss`, which calls `fused_gkd_loss`: the same generalized JSD (opd_kernels' "jsd"
-follows TRL's semantics: beta=0 forward KL, beta=1 reverse KL; temperature 1 in the loss as in GKD) on
-the tokens with ``labels != -100``, divided by ``num_items_in_batch`` when the Trainer passes it (as
-GKD does), from hidden states and lm_head weights.
+`FusedGKDTrainer` (and its siblings) is TRL's trainer with only the loss replaced: the same generalized
+JSD (GKD: beta, temperature 1 in the loss; labels != -100; divided by `num_items_in_batch` when the Trainer
+passes it), the same positions (the trainer's forward passes no `position_ids`), the teacher put in eval
+mode, computed from hidden states and lm_head weights, so neither model's (B, T, V) logits exist. On a
+trainer you already built: `opd_kernels.integrations.trl.fuse(trainer)`.
 
-Tested (tests/test_trainer_examples.py, with trl 1.16.0 + datasets 4.0.0 on PYTHONPATH): in fp32 the
-fused loss equals `GKDTrainer.compute_loss` on the same collated batch; under TRL's default bf16 it runs the
-decoders under the Trainer's autocast and stays within 2x GKD's own bf16 error; a training step runs.
-
-One difference: GKD's own forward numbers left-padded prompt positions from 0 including the padding;
-`opd_kernels.hf.hidden_states` uses padding-aware positions (what generate used). With unpadded or
-right-padded prompts the two losses are equal.
+Tested (tests/test_integrations_trl.py): in fp32 the losses and every gradient equal the native trainer's on
+GPT-2 and Llama with left padding, and a 3-step training curve matches; tests/test_trainer_examples.py
+runs this script's tiny set-up.
 """
 from __future__ import annotations
 
@@ -25,51 +21,53 @@ import argparse
 
 import torch
 
-from opd_kernels import hf
+try:
+    from opd_kernels.integrations import trl as opd_trl
+    _TRL_MISSING = None
+except ImportError as e:
+    opd_trl = None
+    _TRL_MISSING = str(e)
 
-try:  # TRL >= 0.2x moved GKD under trl.experimental
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
-except ImportError:
-    try:
-        from trl import GKDConfig, GKDTrainer
-    except ImportError as e:
-        GKDConfig = GKDTrainer = None
-        _TRL_MISSING = f"trl is not installed or has no GKDTrainer ({e})"
+TRAINERS = ("gkd", "distillation", "iw_opd", "gold")
 
 
-def fused_gkd_loss(student, teacher, inputs, *, beta: float, num_items_in_batch=None) -> torch.Tensor:
-    """GKD's loss on ``inputs`` (``input_ids``, ``attention_mask``, ``labels``) with the fused op.
+def _configs():
+    from trl import DistillationConfig
+    from trl.experimental.gkd import GKDConfig
+    from trl.experimental.gold import GOLDConfig
+    from trl.experimental.iw_opd import IWOPDConfig
 
-    Equivalent to ``GKDTrainer.generalized_jsd_loss(student_logits[:, :-1], teacher_logits[:, :-1],
-    labels[:, 1:], beta=beta, num_items_in_batch=num_items_in_batch)``.
-    """
-    return hf.distillation_loss(student, teacher, inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                loss_mask=inputs["labels"] != -100, divergence="jsd", beta=beta,
-                                normalizer=num_items_in_batch)
-
-
-if GKDTrainer is not None:
-    class FusedGKDTrainer(GKDTrainer):
-        """GKD with the fused generalized-JSD loss (no (B, T, V) logits for either model)."""
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            student = self.accelerator.unwrap_model(model)
-            teacher = self.accelerator.unwrap_model(self.teacher_model)
-            # The fused loss calls the decoder stacks directly, not the models' (autocast-wrapped) forward:
-            # enter the Trainer's mixed-precision context explicitly (bf16 is TRL's default).
-            with self.accelerator.autocast():
-                loss = fused_gkd_loss(student, teacher, inputs, beta=self.beta,
-                                      num_items_in_batch=num_items_in_batch)
-            return (loss, None) if return_outputs else loss
+    return {"gkd": (GKDConfig, opd_trl.FusedGKDTrainer), "distillation": (DistillationConfig,
+                                                                          opd_trl.FusedDistillationTrainer),
+            "iw_opd": (IWOPDConfig, opd_trl.FusedIWOPDTrainer), "gold": (GOLDConfig, opd_trl.FusedGOLDTrainer)}
 
 
-def _tiny_setup(steps: int, output_dir: str, bf16: bool = True):
-    """Tiny config-built Llamas, a word-level chat tokenizer and random conversations."""
+def trainer_kwargs(kind: str, steps: int, output_dir: str, bf16: bool) -> dict:
+    """Each trainer's config for a short on-policy run (its completion-length option has its own name)."""
+    kw = dict(output_dir=output_dir, max_steps=steps, per_device_train_batch_size=2, learning_rate=1e-3,
+              report_to=[], logging_steps=1, save_strategy="no", use_cpu=not torch.cuda.is_available(),
+              disable_tqdm=True, bf16=bf16, disable_dropout=True)
+    if kind == "gkd":
+        kw.update(lmbda=1.0, beta=0.5, max_new_tokens=6)
+    elif kind == "gold":
+        kw.update(lmbda=1.0, beta=0.5, max_completion_length=6, dataset_kwargs={"skip_prepare_dataset": True})
+    elif kind == "iw_opd":
+        kw.update(max_completion_length=6, max_length=64)
+    else:
+        kw.update(max_completion_length=6)
+    return kw
+
+
+def _tiny_setup(steps: int, output_dir: str, bf16: bool = True, kind: str = "gkd"):
+    """Tiny config-built Llamas, a word-level chat tokenizer, random conversations, the trainer's config."""
+    import os
+
     from datasets import Dataset
 
     from opd_kernels.hf.tiny import tiny_causal_lm, tiny_tokenizer
 
     tokenizer = tiny_tokenizer(131)
+    tokenizer.padding_side = "left"
     student, teacher = tiny_causal_lm("llama", seed=0), tiny_causal_lm("llama", seed=1, hidden_size=48)
     g = torch.Generator().manual_seed(0)
 
@@ -78,26 +76,36 @@ def _tiny_setup(steps: int, output_dir: str, bf16: bool = True):
 
     rows = [{"messages": [{"role": "user", "content": words(3 + i % 3)},
                           {"role": "assistant", "content": words(4)}]} for i in range(16)]
-    config = GKDConfig(output_dir=output_dir, max_steps=steps, per_device_train_batch_size=2, lmbda=1.0,
-                       beta=0.5, max_new_tokens=6, learning_rate=1e-3, report_to=[], logging_steps=1,
-                       save_strategy="no", use_cpu=not torch.cuda.is_available(), disable_tqdm=True, bf16=bf16)
-    return student, teacher, tokenizer, Dataset.from_list(rows), config
+    if kind == "distillation":
+        rows = [{"prompt": r["messages"][:1]} for r in rows]
+    if kind == "iw_opd":  # IW-OPD reads the teacher's tokenizer from config._name_or_path to compare it
+        os.makedirs(output_dir, exist_ok=True)
+        tokenizer.save_pretrained(output_dir)
+        teacher.config.save_pretrained(output_dir)
+        teacher.config._name_or_path = output_dir
+    config_cls, _ = _configs()[kind]
+    return student, teacher, tokenizer, Dataset.from_list(rows), config_cls(**trainer_kwargs(kind, steps, output_dir,
+                                                                                              bf16))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="tiny random models and data (smoke run)")
+    p.add_argument("--trainer", choices=TRAINERS, default="gkd")
     p.add_argument("--student")
     p.add_argument("--teacher")
-    p.add_argument("--dataset", help="jsonl with a 'messages' list per line")
-    p.add_argument("--output-dir", default="gkd_fused")
+    p.add_argument("--dataset", help="jsonl with a 'messages' list per line ('prompt' for --trainer distillation)")
+    p.add_argument("--output-dir", default="trl_fused")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--no-bf16", action="store_true", help="fp32 (TRL's configs default to bf16)")
     args = p.parse_args(argv)
-    if GKDTrainer is None:
-        print(f"trl_gkd.py: skipped: {_TRL_MISSING}; pip install trl datasets")
+    if opd_trl is None:
+        print(f"trl_gkd.py: skipped: trl is not installed ({_TRL_MISSING}); pip install 'opd_kernels[trl]'")
         return None
+    _, trainer_cls = _configs()[args.trainer]
     if args.tiny:
-        student, teacher, tokenizer, dataset, config = _tiny_setup(args.steps, args.output_dir)
+        student, teacher, tokenizer, dataset, config = _tiny_setup(args.steps, args.output_dir, not args.no_bf16,
+                                                                   args.trainer)
     else:
         if not (args.student and args.teacher and args.dataset):
             p.error("give --student, --teacher and --dataset, or --tiny")
@@ -108,10 +116,14 @@ def main(argv=None):
         student = AutoModelForCausalLM.from_pretrained(args.student, local_files_only=True)
         teacher = AutoModelForCausalLM.from_pretrained(args.teacher, local_files_only=True)
         dataset = load_dataset("json", data_files=args.dataset, split="train")
-        config = GKDConfig(output_dir=args.output_dir, max_steps=args.steps, lmbda=1.0, beta=0.5, report_to=[])
-    trainer = FusedGKDTrainer(model=student, teacher_model=teacher, args=config, processing_class=tokenizer,
-                              train_dataset=dataset)
+        kw = trainer_kwargs(args.trainer, args.steps, args.output_dir, not args.no_bf16)
+        kw.update(per_device_train_batch_size=8, learning_rate=1e-6)
+        config = _configs()[args.trainer][0](**kw)
+    trainer = trainer_cls(model=student, teacher_model=teacher, args=config, processing_class=tokenizer,
+                          train_dataset=dataset)
     trainer.train()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    print(f"{args.trainer}: losses per step {[round(float(x), 4) for x in losses]}")
     return trainer
 
 

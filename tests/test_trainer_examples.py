@@ -6,7 +6,6 @@ import sys
 import pytest
 import torch
 
-import opd_kernels.reference as ref
 from opd_kernels import hf
 from opd_kernels.hf.tiny import tiny_causal_lm
 
@@ -55,33 +54,6 @@ def test_hf_trainer_compute_loss_override_trains(tmp_path, autocast_seen):
     assert not torch.equal(untrained.lm_head.weight, trained.lm_head.weight.cpu())
 
 
-def test_trl_example_imports_without_trl_and_its_loss_is_gkds():
-    module = load_example("trl_gkd")
-    if module.GKDTrainer is None:
-        assert module.main([]) is None  # prints "skipped: trl is not installed ..."
-    seed = int(torch.randint(0, 2**31 - 2, ()))
-    student, teacher = tiny_causal_lm("llama", seed=seed), tiny_causal_lm("llama", seed=seed + 1, hidden_size=48)
-    # GKD-style batch: unpadded prompt of width P, completions right-padded (labels -100, attention 0).
-    P, T = 4, 11
-    ids = torch.randint(3, 131, (2, T))
-    attn = torch.ones(2, T, dtype=torch.long)
-    attn[1, 8:] = 0
-    labels = ids.clone()
-    labels[1, 8:] = -100
-    labels[:, :P] = -100
-    inputs = {"input_ids": ids, "attention_mask": attn, "labels": labels}
-    for beta, n_items in ((0.0, None), (0.5, None), (1.0, None), (0.5, 23)):
-        fused = module.fused_gkd_loss(student, teacher, inputs, beta=beta, num_items_in_batch=n_items)
-        # GKD: generalized_jsd_loss(student_logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:], beta,
-        #                           num_items_in_batch) - sum over labelled tokens / (n_items or their count)
-        zs = student(input_ids=ids, attention_mask=attn).logits[:, :-1].double()
-        with torch.no_grad():
-            zt = teacher(input_ids=ids, attention_mask=attn).logits[:, :-1].double()
-        want = ref.logits_divergence(zs, zt, divergence="jsd", beta=beta, mask=labels[:, 1:] != -100,
-                                     normalizer=n_items)
-        assert abs(float(fused.detach()) - float(want.detach())) <= 5e-5 * abs(float(want.detach())), (beta, n_items)
-
-
 @pytest.mark.skipif(importlib.util.find_spec("trl") is not None, reason="trl is installed")
 def test_trl_example_says_why_it_skips(capsys):
     assert load_example("trl_gkd").main([]) is None
@@ -102,34 +74,58 @@ def _rel(a, b):
     return abs(float(a.detach()) - float(b.detach())) / abs(float(b.detach()))
 
 
+@pytest.fixture
+def trl_autocast_seen(monkeypatch):
+    """Records, for every decoder call of the TRL integration, whether autocast was on."""
+    seen, real_hidden_states = [], hf.hidden_states
+
+    def spy(model, *args, **kwargs):
+        seen.append(torch.is_autocast_enabled(next(model.parameters()).device.type))
+        return real_hidden_states(model, *args, **kwargs)
+
+    monkeypatch.setattr(hf, "hidden_states", spy)
+    return seen
+
+
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl is not installed")
-def test_fused_gkd_trainer_equals_gkd_and_trains(tmp_path, autocast_seen):
+def test_fused_gkd_trainer_equals_gkd_and_trains(tmp_path, trl_autocast_seen):
     module = load_example("trl_gkd")
+    from trl.experimental.gkd import GKDTrainer
 
     def trainer_for(bf16):
         student, teacher, tokenizer, dataset, config = module._tiny_setup(1, str(tmp_path / str(bf16)), bf16=bf16)
-        return module.FusedGKDTrainer(model=student, teacher_model=teacher, args=config,
-                                      processing_class=tokenizer, train_dataset=dataset), dataset
+        return module.opd_trl.FusedGKDTrainer(model=student, teacher_model=teacher, args=config,
+                                              processing_class=tokenizer, train_dataset=dataset), dataset
 
-    # fp32: the fused loss is GKD's loss (TRL's own compute_loss on the same collated batch).
+    # fp32: the fused loss is GKD's loss (TRL's own compute_loss on the same collated, left-padded batch).
     trainer, dataset = trainer_for(False)
     batch = trainer.data_collator([dataset[i] for i in range(4)])
+    assert bool((batch["attention_mask"][:, 0] == 0).any()), "expected a left-padded batch"
     for n_items in (None, 37):
         fused = trainer.compute_loss(trainer.model, batch, num_items_in_batch=n_items)
-        theirs = module.GKDTrainer.compute_loss(trainer, trainer.model, batch, num_items_in_batch=n_items)
+        theirs = GKDTrainer.compute_loss(trainer, trainer.model, batch, num_items_in_batch=n_items)
         assert _rel(fused, theirs) <= 5e-5, n_items
     reference = theirs
     # bf16 (TRL's default): both run under the Trainer's autocast; ours within 2x of GKD's error vs fp32.
     trainer, _ = trainer_for(True)
     trainer.model = trainer.accelerator.prepare_model(trainer.model)  # what train() does: wraps forward
     fused = trainer.compute_loss(trainer.model, batch, num_items_in_batch=37)
-    theirs = module.GKDTrainer.compute_loss(trainer, trainer.model, batch, num_items_in_batch=37)
+    theirs = GKDTrainer.compute_loss(trainer, trainer.model, batch, num_items_in_batch=37)
     assert _rel(theirs, reference) > 0, "GKD's forward was not under bf16 autocast"
     assert _rel(fused, reference) <= max(2 * _rel(theirs, reference), 2e-3), (fused, theirs, reference)
-    assert autocast_seen == [False] * 4 + [True] * 2  # the decoders ran under the Trainer's bf16 autocast
+    assert trl_autocast_seen == [False] * 4 + [True] * 2  # the decoders ran under the Trainer's bf16 autocast
     before = trainer.model.lm_head.weight.detach().clone()
     trainer.train()
     assert not torch.equal(before, trainer.model.lm_head.weight)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl is not installed")
+@pytest.mark.parametrize("kind", ["distillation", "iw_opd", "gold"])
+def test_trl_example_runs_each_trainer(tmp_path, kind):
+    trainer = load_example("trl_gkd").main(["--tiny", "--trainer", kind, "--steps", "2", "--no-bf16",
+                                            "--output-dir", str(tmp_path)])
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert len(losses) == 2 and all(abs(x) < 100 for x in losses)
 
 
 def test_compare_loss_modes_script_runs():

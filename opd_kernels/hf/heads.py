@@ -199,11 +199,17 @@ def verify_lm_head(model: nn.Module, *, tokens: int = 8, rtol: float = 1e-3) -> 
     vocab = head.weight.shape[0]
     ids = (torch.arange(tokens, device=device).mul(7919) % vocab).unsqueeze(0)
     modes = [(m, m.training) for m in model.modules()]  # restored per module (a frozen part may be in eval)
+    # A forward patched on the instance (accelerate's mixed-precision autocast wrapper) would compare bf16
+    # logits with fp32 states: run the class's forward (hooks still fire), as the decoder stack call does.
+    patched = model.__dict__.pop("forward", None)
     model.eval()
     try:
-        theirs = model(input_ids=ids, use_cache=False).logits.float()
-        ours = head_logits(hidden_states(model, ids), head).float()
+        with torch.autocast(device_type=device.type, enabled=False):
+            theirs = model(input_ids=ids, use_cache=False).logits.float()
+            ours = head_logits(hidden_states(model, ids), head).float()
     finally:
+        if patched is not None:
+            model.forward = patched
         for m, mode in modes:
             m.training = mode
     err = (ours - theirs[..., : ours.shape[-1]]).abs().max() / theirs.abs().max().clamp_min(1e-30)
