@@ -97,3 +97,16 @@ def _wrap_open_failure(real):
         finally:
             builtins.open = real_open
     return log
+
+
+def test_the_default_output_dir_is_ignored_by_git():
+    import shutil
+    import subprocess
+
+    from opd_kernels.trainer import TrainConfig
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if shutil.which("git") is None or not os.path.isdir(os.path.join(repo, ".git")):
+        pytest.skip("not a git checkout")
+    path = os.path.join(TrainConfig().output_dir, "metrics.jsonl")
+    assert subprocess.run(["git", "check-ignore", "-q", path], cwd=repo).returncode == 0, path
