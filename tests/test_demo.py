@@ -1,4 +1,4 @@
-"""The embedded default experiment end to end at the ``tiny`` preset (about 20-40 s here)."""
+"""The embedded study end to end at the ``tiny`` preset (about 20-40 s here)."""
 import json
 import math
 import os
@@ -6,55 +6,72 @@ import os
 import pytest
 
 from opd_kernels.demo.cli import main
-from opd_kernels.demo.methods import METHODS
+from opd_kernels.demo.methods import METHODS, REFERENCE
+from opd_kernels.demo.report import main as report_main
 
 
-def _check_report(r, budget):
-    assert 0.0 <= r["teacher_accuracy"] <= 1.0
+def _check_report(r):
+    budget = r["config"]["token_budget"]
+    assert 0.0 <= r["teacher"]["accuracy"] <= 1.0
     assert r["vocab_size"] >= 1024 and r["ops"].startswith("opd_kernels (fused")
-    assert set(r["methods"]) == set(METHODS) == {"dense_opd", "sampled_opd", "sft", "rl"}
-    for name, m in r["methods"].items():
-        assert m["student_tokens"] >= budget, name
-        curve = m["curve"]
-        assert curve[0][0] == 0 and curve[-1][0] == m["student_tokens"], name
-        assert all(b[0] > a[0] for a, b in zip(curve, curve[1:])), name      # tokens increase
-        assert all(0.0 <= acc <= 1.0 for _, acc in curve), name
-        assert m["final_accuracy"] == curve[-1][1]
-        for key in ("forgetting_task_accuracy_before", "forgetting_task_accuracy_after"):
-            assert 0.0 <= m[key] <= 1.0 and not math.isnan(m[key])
-        # every method starts from the same warm student
-        assert curve[0][1] == r["student_warm_accuracy"]
-        assert m["forgetting_task_accuracy_before"] == r["methods"]["sft"]["forgetting_task_accuracy_before"]
-    assert set(r["token_efficiency"]) == {"dense_opd_vs_sft", "dense_opd_vs_rl", "sampled_opd_vs_sft",
-                                          "sampled_opd_vs_rl"}
-    for e in r["token_efficiency"].values():
-        assert e["times_fewer"] is None or e["times_fewer"] > 0
-        assert e["times_fewer"] is not None or e["note"]
-    assert len(r["summary"]) == 5 and r["summary"][-1].startswith("forgetting task accuracy")
+    assert set(r["runs"]) == set(METHODS) | {REFERENCE}
+    assert len(METHODS) == 5 and len(r["seeds"]) == r["config"]["seeds"] >= 2
+    for name, per_seed in r["runs"].items():
+        assert set(per_seed) == {str(s) for s in r["seeds"]}
+        for run in per_seed.values():
+            curve = run["curve"]
+            assert curve[0]["tokens"] == 0 and curve[-1]["tokens"] >= budget, name
+            assert all(b["tokens"] > a["tokens"] and b["flops"] > a["flops"] for a, b in zip(curve, curve[1:]))
+            assert all(b["cpu_seconds"] >= a["cpu_seconds"] for a, b in zip(curve, curve[1:]))
+            assert all(0.0 <= p["accuracy"] <= 1.0 and 0.0 <= p["old_skill_accuracy"] <= 1.0 for p in curve)
+            assert curve[-1]["flops"] == sum(run["flops_by_component"].values())
+            # every method starts from the same warm student
+            assert curve[0]["accuracy"] == r["student_warm"]["accuracy"]
+            assert curve[0]["old_skill_accuracy"] == r["student_warm"]["old_skill_accuracy"]
+    assert [c["id"] for c in r["claims"]] == [1, 2, 3, 4, 5]
+    for c in r["claims"]:
+        assert c["verdict"] in ("reproduced", "partly", "not reproduced") and c["condition"] and c["figures"]
+    for s in map(str, r["seeds"]):
+        cont = r["continual"][s]
+        assert cont["fine_tune_steps"] >= 1
+        for m in ("dense_opd", "sft"):
+            assert not math.isnan(cont[f"recovered_{m}"]["curve"][-1]["accuracy"])
+    assert set(r["learning_rates"]["chosen"]) == set(METHODS) | {REFERENCE}
 
 
 def test_tiny_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["--preset", "tiny", "--output-dir", str(out), "--no-progress"]) == 0
     r = json.loads((out / "report.json").read_text())
-    _check_report(r, budget=r["config"]["token_budget"])
-    assert not r["teacher_cached"] and not r["student_warmup_cached"]
-    png = (out / "accuracy_vs_tokens.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    _check_report(r)
+    assert not r["teacher"]["cached"] and not r["student_warm"]["cached"]
+    for png in ("accuracy_vs_compute.png", "accuracy_vs_tokens.png", "forgetting.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     stdout = capsys.readouterr().out
     assert "dense OPD" in stdout and "RL (REINFORCE" in stdout
-    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]  # atomic writes left no temporaries
+    assert stdout.rstrip().splitlines()[-2].startswith("report: ")          # ends with where things are
+    assert not [f for f in os.listdir(out) if ".tmp" in f]  # atomic writes left no temporaries
 
-    # a second run reuses the cached teacher and warm student and reproduces their accuracies
+    # the README table is printed from the recorded report
+    assert report_main([str(out / "report.json")]) == 0
+    table = capsys.readouterr().out
+    assert "| dense OPD" in table and "| 5 |" in table and "torch" in table
+
+    # a second run reuses the cached teacher and warm student and reproduces every figure
     assert main(["--preset", "tiny", "--output-dir", str(out), "--no-progress"]) == 0
     r2 = json.loads((out / "report.json").read_text())
-    assert r2["teacher_cached"] and r2["student_warmup_cached"]
-    assert r2["teacher_accuracy"] == r["teacher_accuracy"]
-    assert r2["student_warm_accuracy"] == r["student_warm_accuracy"]
+    assert r2["teacher"]["cached"] and r2["student_warm"]["cached"]
+    assert r2["teacher"]["accuracy"] == r["teacher"]["accuracy"]
+    assert r2["student_warm"]["accuracy"] == r["student_warm"]["accuracy"]
+    strip = lambda run: [{k: v for k, v in p.items() if k != "cpu_seconds"} for p in run["curve"]]  # noqa: E731
+    assert {m: {s: strip(x) for s, x in v.items()} for m, v in r2["runs"].items()} == \
+        {m: {s: strip(x) for s, x in v.items()} for m, v in r["runs"].items()}
 
 
 def test_cli_rejects_bad_arguments(capsys):
     assert main(["--quick", "--preset", "tiny"]) == 2
-    assert main(["--threads", "0"]) == 2
+    assert main(["--seeds", "0"]) == 2
+    assert main(["--jobs", "0"]) == 2
     with pytest.raises(SystemExit):
         main(["--preset", "huge"])

@@ -1,4 +1,6 @@
-"""Pieces of the embedded default experiment (opd_kernels.demo): tokenizer, tasks, sampling, losses."""
+"""Pieces of the embedded study (opd_kernels.demo): tokenizer, tasks, sampling, losses, FLOP counter,
+the no-overshoot stop rule, the matched-accuracy read-outs and the verdict logic."""
+import copy
 import random
 
 import pytest
@@ -6,11 +8,13 @@ import torch
 
 import opd_kernels.reference as ref
 from opd_kernels.demo import losses
-from opd_kernels.demo.models import ModelSize, build_model, completion_mask, generate
-from opd_kernels.demo.report import efficiency, tokens_to_reach
-from opd_kernels.demo.tasks import Addition, Reversal
+from opd_kernels.demo.flops import forward_flops, generate_flops, score_flops, train_flops
+from opd_kernels.demo.methods import METHODS, step_flops
+from opd_kernels.demo.models import ModelSize, build_model, completion_mask, generate, hidden_states, lm_head_weight
+from opd_kernels.demo.report import analyse, choose_lr, cost_to_reach, max_drop, ratio_to, value_at, verdict
+from opd_kernels.demo.tasks import Reversal, RunningSum, Shift
 from opd_kernels.demo.tokenizer import ByteTokenizer
-from opd_kernels.demo.training import answer_batch, exact_match, prompt_batch
+from opd_kernels.demo.training import answer_batch, exact_match, prompt_batch, train_supervised
 
 TOK = ByteTokenizer()
 
@@ -28,24 +32,38 @@ def test_tokenizer_vocab_and_roundtrip():
         TOK.encode_batch(["ab", "abc"])
 
 
-@pytest.mark.parametrize("digits", [1, 2, 3])
-def test_addition_answers_are_reversed_sums(digits):
-    task = Addition(digits=digits)
+@pytest.mark.parametrize("operands", [3, 6, 8])
+def test_running_sum_answers_are_reversed_running_totals(operands):
+    task = RunningSum(operands=operands)
+    assert task._draw(random.Random(0))[1] == task._draw(random.Random(0))[1]
     for prompt, answer in task.sample(random.Random(), 50):
-        a, b = prompt.rstrip("=").split("+")
-        assert len(a) == len(b) == digits and len(answer) == digits + 1
-        assert int(answer[::-1]) == int(a) + int(b)
+        digits = [int(c) for c in prompt.rstrip("=")]
+        assert len(digits) == operands and len(answer) == 2 * operands
+        totals = [int(answer[2 * i:2 * i + 2][::-1]) for i in range(operands)]
+        assert totals == [sum(digits[:i + 1]) for i in range(operands)]
         assert len(prompt) == task.prompt_len and len(answer) == task.answer_len
+    assert RunningSum(operands=5)._draw(random.Random(3)) == _by_hand(RunningSum(operands=5), 3)
 
 
-def test_reversal_and_held_out_split():
-    rev = Reversal(length=4)
-    for prompt, answer in rev.sample(random.Random(), 20):
+def _by_hand(task, seed):
+    rng = random.Random(seed)
+    d = [rng.randrange(10) for _ in range(task.operands)]
+    prompt = "".join(map(str, d)) + "="
+    return prompt, "".join(f"{sum(d[:i + 1]):02d}"[::-1] for i in range(len(d)))
+
+
+def test_reversal_shift_and_held_out_splits():
+    for prompt, answer in Reversal(length=4).sample(random.Random(), 20):
         assert prompt[:-1][::-1] == answer and prompt.endswith("<")
-    task = Addition(digits=1)
+    assert Shift()._draw(random.Random(0))[0].endswith(">")
+    for prompt, answer in Shift().sample(random.Random(), 20):
+        assert all((ord(b) - ord(a)) % 26 == 1 for a, b in zip(prompt[:-1], answer))
+    task = RunningSum(operands=3)
     held_out = task.eval_split(30, seed=5)
     assert held_out == task.eval_split(30, seed=5) and len({p for p, _ in held_out}) == 30
     exclude = {p for p, _ in held_out}
+    val = task.eval_split(30, seed=6, exclude=exclude)
+    assert not exclude & {p for p, _ in val}
     drawn = task.sample(random.Random(), 500, exclude)
     assert not exclude & {p for p, _ in drawn}
 
@@ -65,7 +83,7 @@ def test_generate_matches_full_forward():
     """The KV-cache sampler: greedy tokens are the argmax of a full recompute, and the returned
     sampler log-probs are log softmax of the full-recompute logits at the chosen tokens."""
     model = _tiny_model(seed=3)
-    examples = Addition(digits=2).sample(random.Random(), 6)
+    examples = RunningSum(operands=3).sample(random.Random(), 6)
     prompts = prompt_batch(TOK, examples)
     p = prompts.shape[1]
     greedy, _ = generate(model, prompts, 4, temperature=0.0)
@@ -87,14 +105,14 @@ def test_exact_match():
 
 
 def _batch():
-    examples = Addition(digits=2).sample(random.Random(), 5)
+    examples = RunningSum(operands=2).sample(random.Random(), 5)
     seq, mask = answer_batch(TOK, examples)
     mask[0, 2:] = False  # a shorter completion
     return seq, mask, prompt_batch(TOK, examples).shape[1]
 
 
 def test_losses_match_materialized_logits():
-    """The demo's losses (public fused ops on hidden states + lm_head) equal the same quantities
+    """The study's losses (public fused ops on hidden states + lm_head) equal the same quantities
     computed from the models' own full logits in float64."""
     ops = losses.public_ops()
     student, teacher = _tiny_model(1, hidden=16), _tiny_model(2, hidden=24)
@@ -106,6 +124,9 @@ def test_losses_match_materialized_logits():
     kl = ((zs.exp() * (zs - zt)).sum(-1) * m).sum() / m.sum()
     got = losses.dense_opd_loss(ops, student, teacher, seq, mask, p)
     torch.testing.assert_close(got.double(), kl, atol=1e-5, rtol=5e-5)
+    fkl = ((zt.exp() * (zt - zs)).sum(-1) * m).sum() / m.sum()
+    torch.testing.assert_close(losses.offline_kd_loss(ops, student, teacher, seq, mask, p).double(), fkl,
+                               atol=1e-5, rtol=5e-5)
     lp_s = zs.gather(-1, seq[:, p:, None]).squeeze(-1)
     got_sft = losses.sft_loss(ops, student, seq, mask, p)
     torch.testing.assert_close(got_sft.double(), -(lp_s * m).sum() / m.sum(), atol=1e-5, rtol=5e-5)
@@ -123,6 +144,7 @@ def test_loss_gradients_match_reference_oracle():
     oracle = losses.SimpleNamespace(linear_divergence=ref.linear_divergence, linear_logprobs=ref.linear_logprobs,
                                     sampled_token_opd_loss=ref.sampled_token_opd_loss)
     for fn in (lambda ops: losses.dense_opd_loss(ops, student, teacher, seq, mask, p),
+               lambda ops: losses.offline_kd_loss(ops, student, teacher, seq, mask, p),
                lambda ops: losses.sampled_opd_loss(ops, student, teacher, seq, mask, p, sampler_lp)):
         grads = []
         for ops in (losses.public_ops(), oracle):
@@ -134,13 +156,128 @@ def test_loss_gradients_match_reference_oracle():
         assert err < 5e-5, err
 
 
-def test_token_efficiency_logic():
-    dense = {"curve": [[0, 0.3], [100, 0.7], [200, 0.9]], "final_accuracy": 0.9}
-    sft = {"curve": [[0, 0.3], [100, 0.5], [200, 0.7]], "final_accuracy": 0.7}
-    rl = {"curve": [[0, 0.3], [100, 0.2], [200, 0.25]], "final_accuracy": 0.25}
-    sampled = {"curve": [[0, 0.3], [100, 0.4], [200, 0.5]], "final_accuracy": 0.5}
-    eff = efficiency({"dense_opd": dense, "sft": sft, "rl": rl, "sampled_opd": sampled})
-    assert eff["dense_opd_vs_sft"]["times_fewer"] == 2.0  # sft needs 200 for 0.7, dense 100
-    assert eff["dense_opd_vs_rl"]["times_fewer"] is None and "did not improve" in eff["dense_opd_vs_rl"]["note"]
-    assert eff["sampled_opd_vs_sft"]["times_fewer"] is None and "never reached" in eff["sampled_opd_vs_sft"]["note"]
-    assert tokens_to_reach(dense["curve"], 0.75) == 200 and tokens_to_reach(dense["curve"], 0.95) is None
+# ---- FLOP counter ---------------------------------------------------------------------------------
+
+def test_flop_counter_against_a_hand_count():
+    """H=4, I=6, 2 layers, V=10. Per token and layer: 8*16 (q, k, v, o) + 6*4*6 (SwiGLU) = 272;
+    attention 4*H*(keys) with keys 1, 2, 3 for positions 0..2; lm_head 2*4*10 per head row."""
+    size = ModelSize(hidden=4, layers=2, heads=2, intermediate=6)
+    assert forward_flops(size, 10, 3, heads=2) == 2 * (3 * 272 + 16 * (1 + 2 + 3)) + 2 * 80      # 1984
+    # generate, P = 2, 3 new tokens: prefill (keys 1, 2; 1 head row), then one position at p = 2, 3
+    prefill = 2 * (2 * 272 + 16 * 3) + 80
+    steps = (2 * (272 + 16 * 3) + 80) + (2 * (272 + 16 * 4) + 80)
+    assert generate_flops(size, 10, 2, 2, 3) == 2 * (prefill + steps) == 5472
+    # scoring <bos> p1 | c1 c2 c3 <- positions 0..3 (seq[:, :-1]), lm_head at the 3 completion positions
+    assert score_flops(size, 10, 1, 2, 3) == 2 * (4 * 272 + 16 * 10) + 3 * 80
+    assert train_flops(size, 10, 1, 2, 3) == 3 * score_flops(size, 10, 1, 2, 3)
+    parts = step_flops("dense_opd", size, size, 10, 1, 2, 3)
+    assert set(parts) == {"student_sampling", "teacher_scoring", "student_training"}
+    assert set(step_flops("sft", size, size, 10, 1, 2, 3)) == {"teacher_sampling", "student_training"}
+    assert set(step_flops("rl", size, size, 10, 1, 2, 3)) == {"student_sampling", "student_training"}
+    assert set(step_flops("offline_kd", size, size, 10, 1, 2, 3)) == {"teacher_sampling", "teacher_scoring",
+                                                                       "student_training"}
+
+
+def test_flop_counter_matches_torch_flop_counter():
+    """torch's FlopCounterMode on the real model (hidden states + lm_head rows). It counts attention
+    without the causal mask's saving (n^2 keys instead of n(n+1)/2), so that difference is added."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = ModelSize(hidden=16, layers=2, heads=2, intermediate=24)
+    model = build_model(size, 64, 0)
+    model.config._attn_implementation = "eager"
+    n, rows = 9, 4
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        h = hidden_states(model, torch.zeros(1, n, dtype=torch.long))
+        h[:, -rows:] @ lm_head_weight(model).T
+    full_attention = size.layers * 4 * size.hidden * (n * n - n * (n + 1) // 2)
+    assert fc.get_total_flops() == forward_flops(size, 64, n, heads=rows) + full_attention
+
+
+# ---- stop rule, read-outs, verdicts ------------------------------------------------------------------
+
+def test_stop_rule_lands_on_the_first_step_without_overshoot():
+    """Checked every 25 steps, the rule still returns the first step at which ``stop`` holds, and the
+    model is the one of that step (the replay is the same computation as a straight run)."""
+    ops = losses.public_ops()
+    task = RunningSum(operands=2)
+    draw = lambda rng: [task.sample(rng, 4)]  # noqa: E731
+    a = build_model(ModelSize(hidden=16, layers=1, heads=2, intermediate=32), TOK.vocab_size, 0)
+    b = copy.deepcopy(a)
+    calls = []
+
+    def stop(step):
+        calls.append(step)
+        return step >= 37
+
+    assert train_supervised(a, ops, TOK, draw, 100, 1e-3, 0, "t", quiet=True, stop=stop, check_every=25) == 37
+    assert calls[:2] == [25, 50] and calls[2:] == list(range(26, 38))
+    assert train_supervised(b, ops, TOK, draw, 100, 1e-3, 0, "t", quiet=True, stop=lambda s: s >= 37,
+                            check_every=1) == 37
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6)
+
+
+def _curve(points):
+    return [{"tokens": 100 * i, "flops": f, "cpu_seconds": f / 1000, "accuracy": acc, "old_skill_accuracy": old}
+            for i, (f, acc, old) in enumerate(points)]
+
+
+def test_matched_accuracy_read_out():
+    c = _curve([(0, 0.3, 1.0), (1000, 0.5, 0.9), (2000, 0.9, 0.5)])
+    assert cost_to_reach(c, 0.7) == pytest.approx(1500)          # halfway between 0.5 and 0.9
+    assert cost_to_reach(c, 0.3) == 0 and cost_to_reach(c, 0.95) is None
+    assert cost_to_reach(c, 0.5, x="tokens") == 100
+    assert value_at(c, 0.7, "old_skill_accuracy") == pytest.approx(0.7)
+    assert value_at(c, 0.95, "old_skill_accuracy") is None
+    base = _curve([(0, 0.3, 1.0), (100, 0.9, 1.0)])
+    assert ratio_to(c, base, 0.7) == {"ratio": pytest.approx(1500 / (100 * 4 / 6)), "lower_bound": False}
+    assert ratio_to(c, base, 0.95) == {"ratio": None, "lower_bound": False}       # base never reaches it
+    never = _curve([(0, 0.3, 1.0), (5000, 0.4, 1.0)])
+    assert ratio_to(never, base, 0.9) == {"ratio": 50.0, "lower_bound": True}     # whole cost: a lower bound
+    assert max_drop(_curve([(0, 0.3, 1), (1, 0.6, 1), (2, 0.45, 1), (3, 0.7, 1)])) == pytest.approx(0.15)
+
+
+def test_learning_rate_rule():
+    assert choose_lr({"0.001": 0.5, "0.0003": 0.6}, (1e-3, 3e-4)) == 3e-4
+    assert choose_lr({"0.001": 0.6, "0.0003": 0.6}, (1e-3, 3e-4)) == 3e-4      # ties: the smaller rate
+    assert choose_lr(None, (1e-3,)) == 1e-3
+
+
+def _report(dense_f, other_f, forget, recover):
+    """A synthetic report: dense OPD reaches 0.9 (the teacher) at ``dense_f`` FLOPs; every other method
+    at ``other_f``; the old skill drops by ``forget[m]`` by the end; continual recovery ``recover``."""
+    seeds = ["0", "1", "2"]
+    runs = {}
+    for m in METHODS:
+        f = dense_f if m == "dense_opd" else other_f
+        runs[m] = {s: {"curve": _curve([(0, 0.3, 1.0), (f, 0.9, 1.0 - forget[m]), (4 * f, 0.9, 1.0 - forget[m])])}
+                   for s in seeds}
+    cont = {s: {"before": {"accuracy": 0.9, "new_task_accuracy": 0.1},
+                "after_fine_tune": {"accuracy": 0.3, "new_task_accuracy": 1.0}, "fine_tune_steps": 20,
+                **{f"recovered_{m}": {"curve": [{"accuracy": 0.3 + 0.6 * recover[m], "new_task_accuracy": 0.9,
+                                                 "flops": 10}]} for m in ("dense_opd", "sft")}}
+            for s in seeds}
+    return {"runs": runs, "seeds": [0, 1, 2], "teacher": {"accuracy": 0.9},
+            "student_warm": {"accuracy": 0.3, "old_skill_accuracy": 1.0}, "continual": cont,
+            "learning_rates": {"chosen": {m: 1e-3 for m in METHODS}}, "config": {"token_budget": 1000}}
+
+
+def test_verdict_logic():
+    assert [verdict(2, 2), verdict(1, 2), verdict(0, 2)] == ["reproduced", "partly", "not reproduced"]
+    good = analyse(_report(100, 1000, {"dense_opd": 0.05, "sampled_opd": 0.05, "offline_kd": 0.4, "sft": 0.5,
+                                       "rl": 0.0}, {"dense_opd": 1.0, "sft": 0.5}))
+    v = {c["id"]: c["verdict"] for c in good["claims"]}
+    assert v == {1: "reproduced", 2: "reproduced", 3: "reproduced", 4: "reproduced", 5: "reproduced"}
+    c2 = good["claims"][1]["figures"]
+    assert c2["target"] == "95pct_teacher" and c2["rl_flops_over_dense_opd"]["median"] == pytest.approx(10)
+    assert good["forgetting"]["matched_accuracy"] == 0.9
+    assert good["forgetting"]["drop_at_matched_accuracy"]["sft"]["median"] == pytest.approx(0.5)
+    assert good["forgetting"]["dense_opd_less_forgetting_than_sft"] == pytest.approx(0.9)
+
+    bad = analyse(_report(100, 120, {m: 0.3 for m in METHODS}, {"dense_opd": 0.5, "sft": 0.5}))
+    v = {c["id"]: c["verdict"] for c in bad["claims"]}
+    assert v[2] == "not reproduced" and v[3] == "not reproduced" and v[5] == "not reproduced"
+    assert bad["claims"][1]["figures"]["sft_flops_over_dense_opd"]["median"] == pytest.approx(1.2)
+    partly = analyse(_report(100, 1000, {m: 0.3 for m in METHODS}, {"dense_opd": 0.9, "sft": 0.2}))
+    assert partly["claims"][2]["verdict"] == "partly"   # no less forgetting, but the recovery works

@@ -1,7 +1,8 @@
-"""Presets of the demo experiment: ``tiny`` (tests), ``quick`` (CI, < 3 min) and ``default``."""
+"""Presets of the study: ``tiny`` (tests, seconds), ``quick`` (CI, < 3 min) and ``default`` (< 10 min)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
+from typing import Tuple
 
 from .models import ModelSize
 
@@ -9,35 +10,51 @@ from .models import ModelSize
 @dataclass(frozen=True)
 class ExperimentConfig:
     name: str
-    digits: int                      # operand digits of the addition task
+    operands: int = 6                # running-sum operands: answers of 2 * operands tokens (+ <eos>)
     vocab_size: int = 1024
-    # teacher: trained once on ground truth, cached
-    teacher: ModelSize = ModelSize(hidden=64, layers=2, heads=4, intermediate=192)
-    teacher_steps: int = 800
+    # teacher: trained once on ground truth (cached), stopped at teacher_target validation accuracy
+    # (the same no-overshoot stop rule as the warm-up) so that it stays imperfect
+    teacher: ModelSize = ModelSize(hidden=32, layers=2, heads=4, intermediate=96)
+    teacher_steps: int = 1500
     teacher_lr: float = 3e-3
+    teacher_target: float = 0.9
     teacher_batch: int = 64
-    # student: SFT-warmed on ground truth (addition + the forgetting task) until warmup_target
-    student: ModelSize = ModelSize(hidden=48, layers=2, heads=4, intermediate=144)
-    warmup_max_steps: int = 1200   # length of the cosine schedule
+    # student: smaller (capacity-limited), SFT-warmed on ground truth (running sum + the old skill)
+    student: ModelSize = ModelSize(hidden=24, layers=2, heads=4, intermediate=72)
+    warmup_max_steps: int = 2500     # length of the cosine schedule
     warmup_lr: float = 3e-3
     warmup_batch: int = 64
-    warmup_addition_fraction: float = 0.75   # of each warm-up batch; the rest is the reversal task
-    warmup_target: float = 0.3       # stop once this accuracy is reached on a validation split
-    reversal_target: float = 0.95    # ... and this one on the forgetting task
-    validation_examples: int = 200   # addition prompts disjoint from the eval split, for the stop rule
+    warmup_main_fraction: float = 0.875  # of each warm-up batch; the rest is the old skill (reversal)
+    warmup_target: float = 0.3       # stop at the first step where validation accuracy reaches this ...
+    old_skill_target: float = 0.9    # ... and the old skill this (checked every warmup_check_every steps,
+    warmup_check_every: int = 25     #     then step by step from the last check below the target)
     reversal_length: int = 5
-    # the four methods: same optimizer (AdamW, constant lr), learning rate, prompts per step and
-    # token budget. 3e-4 is the largest of {1e-3, 3e-4} at which all four are stable: REINFORCE and
-    # sampled-token OPD diverge at 1e-3 (docs/demo.md), and one rate for all keeps the forgetting
-    # comparison free of a learning-rate confound.
-    method_lr: float = 3e-4
+    # the five methods: same optimizer (AdamW, constant lr), prompts per step, prompt stream,
+    # sampling seeds and budget of student training tokens
     method_batch: int = 32
-    token_budget: int = 30_000
-    curve_points: int = 8
-    # held-out evaluation
-    eval_examples: int = 500
-    forgetting_eval_examples: int = 300
+    token_budget: int = 80_000
+    curve_points: int = 10
+    # learning rate rule: per method, the value of lr_grid with the best validation accuracy after
+    # lr_probe_fraction of the budget at the first seed (a single value: no probe)
+    lr_grid: Tuple[float, ...] = (1e-3, 3e-4)
+    lr_probe_fraction: float = 0.34
+    seeds: int = 3
+    method_warmup_steps: int = 10    # linear learning-rate warm-up of every method, then constant
+    # continual learning: fine-tune on the new task (shift) until it is learned (continual_new_target on
+    # its validation split) and the running sum has fallen below continual_drop_to x its level, then
+    # recover the running sum with the earlier checkpoint as the teacher
+    continual_lr: float = 1e-3
+    continual_new_target: float = 0.8
+    continual_batch: int = 32
+    continual_max_steps: int = 400
+    continual_drop_to: float = 0.5
+    recovery_tokens: int = 20_000
+    # held-out evaluation (greedy exact match); validation is disjoint from evaluation
+    eval_examples: int = 400
+    old_eval_examples: int = 200
+    validation_examples: int = 200
     seed: int = 0
+    jobs: int = 2
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -45,19 +62,25 @@ class ExperimentConfig:
 
 PRESETS = {
     "tiny": ExperimentConfig(
-        name="tiny", digits=1,
+        name="tiny", operands=3,
         teacher=ModelSize(hidden=32, layers=1, heads=2, intermediate=64), teacher_steps=30, teacher_batch=32,
-        student=ModelSize(hidden=16, layers=1, heads=2, intermediate=32), warmup_max_steps=10, warmup_batch=16,
-        validation_examples=20, reversal_length=3, method_batch=8, token_budget=160, curve_points=2,
-        eval_examples=40, forgetting_eval_examples=40,
+        teacher_target=0.0,
+        student=ModelSize(hidden=16, layers=1, heads=2, intermediate=32), warmup_max_steps=20, warmup_batch=16,
+        warmup_check_every=5, warmup_target=0.02, old_skill_target=0.0,
+        validation_examples=20, reversal_length=3, method_batch=8, token_budget=240, curve_points=3,
+        lr_grid=(1e-3, 3e-4), lr_probe_fraction=0.34, seeds=2, continual_max_steps=6, continual_batch=8,
+        recovery_tokens=80, eval_examples=30, old_eval_examples=20, jobs=1,
     ),
-    "quick": ExperimentConfig(name="quick", digits=2, token_budget=16_000, curve_points=4, eval_examples=300,
-                              forgetting_eval_examples=200, validation_examples=150),
-    "default": ExperimentConfig(name="default", digits=2, token_budget=60_000, curve_points=12),
+    # CI size: 4 operands (8-token answers), 2 seeds, a short budget and one learning rate (no probe)
+    "quick": ExperimentConfig(name="quick", operands=4, teacher_steps=800, teacher_target=0.85,
+                              warmup_max_steps=800, warmup_main_fraction=0.75, token_budget=10_000,
+                              curve_points=3, lr_grid=(3e-4,), seeds=2, eval_examples=150, old_eval_examples=100,
+                              validation_examples=100, continual_max_steps=100, recovery_tokens=4_000),
+    "default": ExperimentConfig(name="default"),
 }
 
 
-def preset(name: str, seed: int) -> ExperimentConfig:
+def preset(name: str, seed: int, **overrides) -> ExperimentConfig:
     if name not in PRESETS:
         raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {name!r}")
-    return replace(PRESETS[name], seed=seed)
+    return replace(PRESETS[name], seed=seed, **overrides)

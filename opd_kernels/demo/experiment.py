@@ -1,39 +1,45 @@
-"""The experiment: teacher (cached) -> warm student -> four methods at an equal token budget -> report.
+"""The study: teacher (cached) -> warm student (cached) -> learning rates -> five methods x seeds ->
+continual learning -> report.json, plots, table.
 
 Equivalent outline::
 
-    teacher = train(addition)                                   # cached under cache_dir
-    student0 = train(small addition set + reversal)             # the warm start, cached too
-    for method in (dense_opd, sampled_opd, sft, rl):
-        student = copy(student0); run_method(method, budget)    # accuracy curve vs student tokens
-        reversal accuracy before/after                          # forgetting check
-    report.json, accuracy_vs_tokens.png, table on stdout
+    teacher  = train(running_sum)                                # cached under cache_dir
+    student0 = train(running_sum + reversal) until the target    # the warm start, cached too
+    lr[m]    = best of cfg.lr_grid on the validation split       # one rule for every method m
+    for seed, m in seeds x methods:                              # parallel jobs, each deterministic
+        curve[seed][m] = run_method(m, copy(student0), ...)      # accuracy, old skill, FLOPs, CPU s
+    for seed: continual(seed)                                    # forget, then recover from own checkpoint
+    report = claims(curves, continual)                           # report.py
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import platform
-import random
+import sys
 import time
 from typing import Dict, List, Optional, Tuple
 
 import torch
+from tqdm.auto import tqdm
 
+from opd_kernels.trainer.checkpoint import _write_text_atomic, latest_checkpoint, load_checkpoint, save_checkpoint
+
+from . import report as rep
 from .config import ExperimentConfig
+from .flops import forward_flops
 from .losses import public_ops
-from .methods import METHODS, run_method
+from .methods import METHODS, REFERENCE, run_method
 from .models import build_model
-from .report import efficiency, plot_curves, summary_lines, table
-from .tasks import Addition, Reversal
+from .tasks import Reversal, RunningSum, Shift
 from .tokenizer import ByteTokenizer
-from .training import atomic_save, atomic_write_text, evaluate, train_supervised
-
+from .training import evaluate, train_supervised
 
 # Bump when the teacher or warm-up recipe changes in code, so stale cached checkpoints are not reused.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 4
 
 
 def _key(obj) -> str:
@@ -41,145 +47,303 @@ def _key(obj) -> str:
     return hashlib.sha256(json.dumps([RECIPE_VERSION, obj], sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _cached_model(path: str, build, train, log) -> Tuple[object, dict, bool]:
-    """Load ``path`` when it exists (state dict + metadata), else build, train and save it atomically."""
+class Setup:
+    """Everything a job needs, rebuilt identically in every worker process from the config."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+        self.ops = public_ops()
+        self.tok = ByteTokenizer(cfg.vocab_size)
+        self.main = RunningSum(operands=cfg.operands)
+        self.old, self.new = Reversal(length=cfg.reversal_length), Shift(length=5)
+        self.eval = self.main.eval_split(cfg.eval_examples)
+        self.val = self.main.eval_split(cfg.validation_examples, seed=99, exclude={p for p, _ in self.eval})
+        self.old_eval = self.old.eval_split(cfg.old_eval_examples)
+        self.old_val = self.old.eval_split(cfg.validation_examples, seed=99, exclude={p for p, _ in self.old_eval})
+        self.new_eval = self.new.eval_split(cfg.old_eval_examples)
+        self.new_val = self.new.eval_split(cfg.validation_examples, seed=99, exclude={p for p, _ in self.new_eval})
+        self.exclude = {p for p, _ in self.eval + self.val}          # never in a training draw
+        self.old_exclude = {p for p, _ in self.old_eval + self.old_val}
+        self.new_exclude = {p for p, _ in self.new_eval + self.new_val}
+
+    def scores(self, model) -> Dict[str, float]:
+        return {"accuracy": evaluate(model, self.tok, self.main, self.eval),
+                "old_skill_accuracy": evaluate(model, self.tok, self.old, self.old_eval)}
+
+
+def _cached_model(root: str, build, train, log) -> Tuple[object, dict, bool]:
+    """Load the checkpoint under ``root`` when there is one, else build, train and save it
+    (opd_kernels.trainer.checkpoint: atomic, safetensors)."""
     model = build()
-    if os.path.exists(path):
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(blob["state_dict"])
+    path = latest_checkpoint(root) if os.path.isdir(root) else None
+    if path is not None:
+        state, _, _ = load_checkpoint(path, model)
         model.eval()
-        log(f"loaded {path}")
-        return model, json.loads(blob["meta"]), True
+        log(f"loaded {root}")
+        return model, state["meta"], True
     meta = train(model)
-    atomic_save({"state_dict": model.state_dict(), "meta": json.dumps(meta)}, path)
+    save_checkpoint(root, 0, {k: v.contiguous() for k, v in model.state_dict().items()},
+                    {"state": {}, "param_groups": []}, {"meta": meta, "total_tokens": 0})
     return model, meta, False
 
 
+# ---- jobs: one (seed, method) run, an lr probe, or one seed's continual-learning experiment ----------
+
+_WORKER: Dict = {}
+
+
+def _worker_init(cfg: ExperimentConfig, paths: Tuple[str, str]) -> None:
+    torch.set_num_threads(1)
+    s = Setup(cfg)
+    teacher = build_model(cfg.teacher, cfg.vocab_size, cfg.seed)
+    load_checkpoint(latest_checkpoint(paths[0]), teacher)
+    student0 = build_model(cfg.student, cfg.vocab_size, cfg.seed + 1)
+    load_checkpoint(latest_checkpoint(paths[1]), student0)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    _WORKER.update(setup=s, teacher=teacher.eval(), student0=student0.eval())
+
+
+def _train(s: Setup, name: str, student, teacher, lr: float, seed: int, budget: int, evaluate_fn,
+           curve_points: int) -> Dict:
+    cfg = s.cfg
+    return run_method(name, student, teacher, s.ops, s.tok, s.main, budget=budget, batch=cfg.method_batch,
+                      lr=lr, curve_points=curve_points, seed=seed, exclude=s.exclude, evaluate_fn=evaluate_fn,
+                      student_size=cfg.student, teacher_size=cfg.teacher, warmup_steps=cfg.method_warmup_steps,
+                      quiet=True)
+
+
+def _job(item: Tuple) -> Tuple[Tuple, Dict]:
+    """``item = (key, payload)``; the key names the job and is returned with its result."""
+    s, teacher, student0 = _WORKER["setup"], _WORKER["teacher"], _WORKER["student0"]
+    cfg = s.cfg
+    key, payload = item
+    if key[0] == "probe":                    # ("probe", method, lr): validation accuracy only
+        _, name, lr = key
+        res = _train(s, name, copy.deepcopy(student0), teacher, lr, cfg.seed, int(cfg.token_budget *
+                     cfg.lr_probe_fraction), lambda m: {"accuracy": evaluate(m, s.tok, s.main, s.val)}, 1)
+        return key, {"validation_accuracy": res["curve"][-1]["accuracy"]}
+    if key[0] == "method":                   # ("method", seed, name), payload: lr
+        _, seed, name = key
+        student = copy.deepcopy(student0)
+        res = _train(s, name, student, teacher, payload, seed, cfg.token_budget, s.scores, cfg.curve_points)
+        if name == "dense_opd":              # the continual-learning experiment starts from it
+            res["_state"] = {k: v.clone() for k, v in student.state_dict().items()}
+        return key, res
+    before = copy.deepcopy(student0)         # ("continual", seed), payload: (lrs, dense OPD's final state)
+    before.load_state_dict(payload[1])
+    return key, continual(s, before, key[1], payload[0])
+
+
+def continual(s: Setup, before, seed: int, lrs: Dict[str, float]) -> Dict:
+    """Forget, then recover from the model's own earlier checkpoint.
+
+    1. ``before``: the student after dense OPD (phase 4, same seed) knows the running sum.
+    2. Fine-tune it on the new task (shift, ground truth, lr ``continual_lr`` after a 10-step warm-up)
+       until the new task is learned (``continual_new_target`` validation accuracy) and its running-sum
+       validation accuracy has fallen below ``continual_drop_to`` x its level (or max steps).
+    3. Recover the running sum with ``before`` as the teacher on running-sum prompts: dense OPD vs SFT
+       on ``before``'s samples, ``recovery_tokens`` each, at the methods' learning rates.
+    """
+    cfg = s.cfg
+    for p in before.parameters():
+        p.requires_grad_(False)
+    new_scores = lambda m: {"accuracy": evaluate(m, s.tok, s.main, s.eval),  # noqa: E731
+                            "new_task_accuracy": evaluate(m, s.tok, s.new, s.new_eval)}
+    level = evaluate(before, s.tok, s.main, s.val)
+    tuned = copy.deepcopy(before)
+    for p in tuned.parameters():
+        p.requires_grad_(True)
+    steps = train_supervised(
+        tuned, s.ops, s.tok, lambda rng: [s.new.sample(rng, cfg.continual_batch, s.new_exclude)],
+        cfg.continual_max_steps, cfg.continual_lr, seed + 11, "fine-tune", quiet=True,
+        stop=lambda step: (evaluate(tuned, s.tok, s.new, s.new_val) >= cfg.continual_new_target
+                           and evaluate(tuned, s.tok, s.main, s.val) < cfg.continual_drop_to * level),
+        check_every=10, warmup=10, schedule=False)
+    out = {"before": new_scores(before), "fine_tune_steps": steps, "after_fine_tune": new_scores(tuned),
+           "running_sum_validation_before": level}
+    for name in ("dense_opd", "sft"):
+        student = copy.deepcopy(tuned)
+        res = _train(s, name, student, before, lrs[name], seed + 100, cfg.recovery_tokens, new_scores,
+                     max(2, cfg.curve_points // 3))
+        out[f"recovered_{name}"] = res
+    return out
+
+
+class Jobs:
+    """Runs jobs ((key, payload) pairs) on ``cfg.jobs`` worker processes, started once for every phase;
+    each job is deterministic, so the order they finish in is irrelevant."""
+
+    def __init__(self, cfg: ExperimentConfig, paths: Tuple[str, str]):
+        self.cfg, self.paths, self.pool = cfg, paths, None
+        if cfg.jobs > 1:
+            self.pool = mp.get_context("spawn").Pool(cfg.jobs, _worker_init, (cfg, paths))
+        else:
+            _worker_init(cfg, paths)
+
+    def run(self, jobs: List[Tuple[Tuple, object]], desc: str, quiet: bool) -> Dict[Tuple, Dict]:
+        """``{key: result}``, with a progress bar counting finished jobs."""
+        out = {}
+        bar = tqdm(total=len(jobs), desc=desc, unit="run", disable=quiet, leave=True, file=sys.stdout)
+        results = self.pool.imap_unordered(_job, jobs) if self.pool else map(_job, jobs)
+        for key, res in results:
+            out[key] = res
+            bar.update(1)
+        bar.close()
+        return out
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
+
+
 def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[str] = None,
-                   quiet: bool = False) -> Dict:
-    """Run the whole study and write ``report.json`` and ``accuracy_vs_tokens.png`` in ``output_dir``."""
+                   quiet: bool = False, command: str = "") -> Dict:
+    """Run the whole study; write ``report.json`` and the plots in ``output_dir``."""
     t_start = time.perf_counter()
     cache_dir = cache_dir or os.path.join(output_dir, "cache")
     os.makedirs(output_dir, exist_ok=True)
 
     def log(msg: str) -> None:
         if not quiet:
-            print(f"[opd demo] {msg}", flush=True)
+            print(f"[opd study] {msg}", flush=True)
 
-    ops = public_ops()
-    tok = ByteTokenizer(cfg.vocab_size)
-    add, rev = Addition(digits=cfg.digits), Reversal(length=cfg.reversal_length)
-    add_eval, rev_eval = add.eval_split(cfg.eval_examples), rev.eval_split(cfg.forgetting_eval_examples)
-    add_exclude, rev_exclude = {p for p, _ in add_eval}, {p for p, _ in rev_eval}
-    plen_of = lambda ex: len(ex[0][0]) + 1   # prompt length in tokens, <bos> included  # noqa: E731
+    s = Setup(cfg)
     timings = {}
 
-    # ---- teacher: ground-truth addition, trained once and cached --------------------------------
+    # ---- phase 1: the teacher, ground-truth running sums, trained once and cached ---------------
     t0 = time.perf_counter()
-    tkey = _key(["teacher", cfg.vocab_size, cfg.digits, cfg.teacher.as_dict(), cfg.teacher_steps,
-                 cfg.teacher_lr, cfg.teacher_batch, cfg.eval_examples, cfg.seed])
+    tkey = _key(["teacher", cfg.vocab_size, cfg.operands, cfg.teacher.as_dict(), cfg.teacher_steps,
+                 cfg.teacher_lr, cfg.teacher_target, cfg.warmup_check_every, cfg.teacher_batch, cfg.eval_examples,
+                 cfg.validation_examples, cfg.seed])
+    troot = os.path.join(cache_dir, f"teacher-{tkey}")
 
     def train_teacher(model):
-        log(f"training the teacher ({sum(p.numel() for p in model.parameters()):,} parameters, "
-            f"{cfg.teacher_steps} steps) - cached afterwards")
-        train_supervised(model, ops, tok, lambda rng: [add.sample(rng, cfg.teacher_batch, add_exclude)],
-                         cfg.teacher_steps, cfg.teacher_lr, cfg.seed, "teacher", plen_of, quiet)
-        return {"accuracy": evaluate(model, tok, add, add_eval)}
+        log(f"phase 1/5: training the teacher ({sum(p.numel() for p in model.parameters()):,} parameters, "
+            f"until {cfg.teacher_target:.0%} validation accuracy, at most {cfg.teacher_steps} steps) - "
+            "cached afterwards")
+        steps = train_supervised(
+            model, s.ops, s.tok, lambda rng: [s.main.sample(rng, cfg.teacher_batch, s.exclude)], cfg.teacher_steps,
+            cfg.teacher_lr, cfg.seed, "teacher", quiet, check_every=cfg.warmup_check_every,
+            stop=lambda step: evaluate(model, s.tok, s.main, s.val) >= cfg.teacher_target)
+        return {"accuracy": evaluate(model, s.tok, s.main, s.eval), "steps": steps,
+                "validation_accuracy": evaluate(model, s.tok, s.main, s.val),
+                "training_flops": 3 * steps * cfg.teacher_batch * forward_flops(
+                    cfg.teacher, cfg.vocab_size, s.main.prompt_len + s.main.answer_len + 1,
+                    heads=s.main.answer_len + 1)}
 
     teacher, tmeta, teacher_cached = _cached_model(
-        os.path.join(cache_dir, f"teacher-{tkey}.pt"),
-        lambda: build_model(cfg.teacher, cfg.vocab_size, cfg.seed), train_teacher, log)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    teacher_acc = tmeta["accuracy"]
+        troot, lambda: build_model(cfg.teacher, cfg.vocab_size, cfg.seed), train_teacher, log)
     timings["teacher"] = round(time.perf_counter() - t0, 1)
-    log(f"teacher accuracy on {len(add_eval)} held-out additions: {teacher_acc:.3f}")
+    log(f"teacher accuracy on {len(s.eval)} held-out running sums: {tmeta['accuracy']:.3f}")
 
-    # ---- student warm start: ground-truth SFT on addition + the forgetting task ----------------
-    # Training stops at the first check (every 25 steps, on validation splits disjoint from the eval
-    # splits) where addition reaches a modest accuracy (cfg.warmup_target) and the forgetting task is
-    # learned (cfg.reversal_target). The warm start is defined by its accuracy rather than a step
-    # count: small models learn addition through a sharp transition whose step varies from run to run,
-    # and OPD is meant to start from a student with some competence.
+    # ---- phase 2: the warm student, ground-truth SFT on running sums + the old skill --------------
+    # It stops at the first step where validation accuracy reaches warmup_target and the old skill
+    # old_skill_target (train_supervised's stop rule: checks every warmup_check_every steps, then
+    # replays the last interval step by step, so it lands on the target instead of overshooting it).
     t0 = time.perf_counter()
-
-    def validation(task, exclude):
-        pool = task.eval_split(cfg.validation_examples + len(exclude), seed=cfg.seed + 99)
-        return [ex for ex in pool if ex[0] not in exclude][:cfg.validation_examples]
-
-    val, rev_val = validation(add, add_exclude), validation(rev, rev_exclude)
-    train_exclude = add_exclude | {p for p, _ in val}
     skey = _key(["student", tkey, cfg.student.as_dict(), cfg.warmup_max_steps, cfg.warmup_lr, cfg.warmup_batch,
-                 cfg.warmup_addition_fraction, cfg.warmup_target, cfg.reversal_target, cfg.validation_examples,
-                 cfg.reversal_length, cfg.forgetting_eval_examples])
+                 cfg.warmup_main_fraction, cfg.warmup_target, cfg.old_skill_target, cfg.warmup_check_every,
+                 cfg.reversal_length, cfg.old_eval_examples])
+    sroot = os.path.join(cache_dir, f"student-warm-{skey}")
 
     def warm_student(model):
-        log(f"SFT warm-up of the student ({sum(p.numel() for p in model.parameters()):,} parameters) on "
-            f"addition + reversal until {cfg.warmup_target:.0%} validation accuracy on addition and "
-            f"{cfg.reversal_target:.0%} on reversal (at most {cfg.warmup_max_steps} steps)")
-        n_add = round(cfg.warmup_batch * cfg.warmup_addition_fraction)
-        # reversal training draws exclude its eval split; its 26^5 prompts make an overlap with the
-        # small validation split (used only by the stop rule) negligible
-        draw = lambda rng: [add.sample(rng, n_add, train_exclude),  # noqa: E731
-                            rev.sample(rng, cfg.warmup_batch - n_add, rev_exclude)]
-        stop = lambda step: (evaluate(model, tok, add, val) >= cfg.warmup_target  # noqa: E731
-                             and evaluate(model, tok, rev, rev_val) >= cfg.reversal_target)
-        steps = train_supervised(model, ops, tok, draw, cfg.warmup_max_steps, cfg.warmup_lr, cfg.seed + 7,
-                                 "warm-up", plen_of, quiet, stop=stop)
-        return {"steps": steps, "addition_examples": steps * n_add,
-                "validation_accuracy": evaluate(model, tok, add, val),
-                "reversal_validation_accuracy": evaluate(model, tok, rev, rev_val)}
+        log(f"phase 2/5: SFT warm-up of the student ({sum(p.numel() for p in model.parameters()):,} parameters) "
+            f"until {cfg.warmup_target:.0%} validation accuracy on running sums and {cfg.old_skill_target:.0%} "
+            f"on reversal (at most {cfg.warmup_max_steps} steps) - cached afterwards")
+        n_main = round(cfg.warmup_batch * cfg.warmup_main_fraction)
+        draw = lambda rng: [s.main.sample(rng, n_main, s.exclude),  # noqa: E731
+                            s.old.sample(rng, cfg.warmup_batch - n_main, s.old_exclude)]
+        stop = lambda step: (evaluate(model, s.tok, s.main, s.val) >= cfg.warmup_target  # noqa: E731
+                             and evaluate(model, s.tok, s.old, s.old_val) >= cfg.old_skill_target)
+        steps = train_supervised(model, s.ops, s.tok, draw, cfg.warmup_max_steps, cfg.warmup_lr, cfg.seed + 7,
+                                 "warm-up", quiet, stop=stop, check_every=cfg.warmup_check_every)
+        return {"steps": steps, "validation_accuracy": evaluate(model, s.tok, s.main, s.val),
+                "old_skill_validation_accuracy": evaluate(model, s.tok, s.old, s.old_val)}
 
     student0, smeta, student_cached = _cached_model(
-        os.path.join(cache_dir, f"student-warm-{skey}.pt"),
-        lambda: build_model(cfg.student, cfg.vocab_size, cfg.seed + 1), warm_student, log)
-    warm_add = evaluate(student0, tok, add, add_eval)
-    warm_rev = evaluate(student0, tok, rev, rev_eval)
+        sroot, lambda: build_model(cfg.student, cfg.vocab_size, cfg.seed + 1), warm_student, log)
+    warm = s.scores(student0)
     timings["student_warmup"] = round(time.perf_counter() - t0, 1)
-    log(f"warm student: addition {warm_add:.3f}, reversal (forgetting task) {warm_rev:.3f}")
+    log(f"warm student: running sum {warm['accuracy']:.3f} (validation {smeta['validation_accuracy']:.3f}, "
+        f"target {cfg.warmup_target}), reversal (old skill) {warm['old_skill_accuracy']:.3f}")
+    methods = METHODS + (REFERENCE,)
+    pool = Jobs(cfg, (troot, sroot))   # the worker processes, started once for phases 3-5
+    try:
+        # ---- phase 3: learning rates, chosen on the validation split ----------------------------------
+        t0 = time.perf_counter()
+        probe = {}
+        if len(cfg.lr_grid) > 1:
+            log(f"phase 3/5: learning rate of each method: the best of {list(cfg.lr_grid)} on {len(s.val)} "
+                f"validation prompts after {cfg.lr_probe_fraction:.0%} of the budget (seed {cfg.seed})")
+            got = pool.run([(("probe", m, lr), None) for m in methods for lr in cfg.lr_grid], "lr probe", quiet)
+            probe = {m: {str(lr): got[("probe", m, lr)]["validation_accuracy"] for lr in cfg.lr_grid}
+                     for m in methods}
+        lrs = {m: rep.choose_lr(probe.get(m), cfg.lr_grid) for m in methods}
+        timings["lr_probe"] = round(time.perf_counter() - t0, 1)
 
-    # ---- the four methods from the same checkpoint, equal student-token budget --------------------
-    methods = {}
-    for name in METHODS:
-        student = copy.deepcopy(student0)
-        res = run_method(name, student, teacher, ops, tok, add, budget=cfg.token_budget, batch=cfg.method_batch,
-                         lr=cfg.method_lr, curve_points=cfg.curve_points, seed=cfg.seed, exclude=train_exclude,
-                         evaluate_fn=lambda m: evaluate(m, tok, add, add_eval), quiet=quiet)
-        res["final_accuracy"] = res["curve"][-1][1]
-        res["forgetting_task_accuracy_before"] = warm_rev
-        res["forgetting_task_accuracy_after"] = evaluate(student, tok, rev, rev_eval)
-        atomic_save(student.state_dict(), os.path.join(output_dir, f"student-{name}.pt"))
-        methods[name] = res
-        log(f"{name}: accuracy {res['final_accuracy']:.3f} after {res['student_tokens']} student tokens "
-            f"({res['wall_seconds']} s); reversal {warm_rev:.3f} -> {res['forgetting_task_accuracy_after']:.3f}")
+        # ---- phase 4: the five methods (and the ground-truth reference) x seeds ---------------------
+        t0 = time.perf_counter()
+        seeds = [cfg.seed + k for k in range(cfg.seeds)]
+        log(f"phase 4/5: {len(methods)} methods x {len(seeds)} seeds, {cfg.token_budget:,} student tokens each, "
+            f"on {cfg.jobs} process(es); learning rates {lrs}")
+        got = pool.run([(("method", sd, m), lrs[m]) for sd in seeds for m in methods], "methods", quiet)
+        runs = {m: {str(sd): got[("method", sd, m)] for sd in seeds} for m in methods}
+        finals = {sd: runs["dense_opd"][str(sd)].pop("_state") for sd in seeds}
+        timings["methods"] = round(time.perf_counter() - t0, 1)
 
+        # ---- phase 5: continual learning ------------------------------------------------------------
+        t0 = time.perf_counter()
+        log(f"phase 5/5: continual learning per seed: fine-tune on letter shift until it is learned and the "
+            f"running sum falls below {cfg.continual_drop_to:.0%} of its level, then recover the running sum "
+            "from the earlier checkpoint")
+        got = pool.run([(("continual", sd), (lrs, finals[sd])) for sd in seeds], "continual", quiet)
+        cont = {str(sd): got[("continual", sd)] for sd in seeds}
+        timings["continual"] = round(time.perf_counter() - t0, 1)
+    finally:
+        pool.close()
+
+    import transformers
     report = {
         "preset": cfg.name,
+        "command": command or f"opd-distill --preset {cfg.name}",
         "config": cfg.to_json(),
-        "ops": ops.source,
-        "task": f"{cfg.digits}-digit addition, answer reversed (least significant digit first), exact match",
-        "forgetting_task": f"reversal of {cfg.reversal_length} letters, learned in the warm-up only",
-        "vocab_size": tok.vocab_size,
-        "vocab_note": f"256 byte tokens + <pad>, <bos>, <eos> + {tok.n_unused} unused padding entries",
-        "eval_examples": len(add_eval),
-        "teacher_accuracy": teacher_acc,
-        "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
-        "student_parameters": sum(p.numel() for p in student0.parameters()),
-        "teacher_cached": teacher_cached,
-        "student_warmup_cached": student_cached,
-        "student_warm_accuracy": warm_add,
-        "student_warmup": smeta,
-        "methods": methods,
-        "token_efficiency": efficiency(methods),
-        "summary": summary_lines(methods, efficiency(methods)),
-        "dense_opd_fraction_of_teacher": (methods["dense_opd"]["final_accuracy"] / teacher_acc
-                                          if teacher_acc > 0 else None),
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
-        "wall_seconds": {**timings, **{m: methods[m]["wall_seconds"] for m in METHODS},
-                         "total": round(time.perf_counter() - t_start, 1)},
+        "ops": s.ops.source,
+        "task": f"running sum of {cfg.operands} digits: every running total, 2 digits each, least significant "
+                f"first ({2 * cfg.operands} answer tokens + <eos>); greedy exact match",
+        "old_skill": f"reversal of {cfg.reversal_length} letters, learned in the warm-up only",
+        "new_task": "letter shift (a->b, ..., z->a) of 5 letters: the continual-learning fine-tune",
+        "vocab_size": s.tok.vocab_size,
+        "eval_examples": len(s.eval),
+        "teacher": {**tmeta, "parameters": sum(p.numel() for p in teacher.parameters()), "cached": teacher_cached,
+                    "size": cfg.teacher.as_dict()},
+        "student_warm": {**smeta, **warm, "parameters": sum(p.numel() for p in student0.parameters()),
+                         "cached": student_cached, "size": cfg.student.as_dict()},
+        "learning_rates": {"rule": f"per method, the best of {list(cfg.lr_grid)} by validation accuracy after "
+                                   f"{cfg.lr_probe_fraction:.0%} of the budget at seed {cfg.seed}"
+                           if probe else f"the single value {cfg.lr_grid[0]} for every method",
+                           "validation_accuracy": probe, "chosen": lrs},
+        "seeds": seeds,
+        "runs": runs,
+        "continual": cont,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "opd_kernels": _version()},
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "jobs": cfg.jobs, "torch_threads_per_job": 1},
     }
-    atomic_write_text(json.dumps(report, indent=2) + "\n", os.path.join(output_dir, "report.json"))
-    plot_curves(report, os.path.join(output_dir, "accuracy_vs_tokens.png"))
-    print(table(report), flush=True)
+    report.update(rep.analyse(report))
+    report["wall_seconds"] = {**timings, "total": round(time.perf_counter() - t_start, 1)}
+    _write_text_atomic(os.path.join(output_dir, "report.json"), json.dumps(report, indent=1) + "\n")
+    plots = rep.plot_all(report, output_dir)
+    print(rep.table(report), flush=True)
+    print(f"\nreport: {os.path.join(output_dir, 'report.json')}\nplots: " + ", ".join(plots), flush=True)
     return report
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("opd_kernels")
+    except Exception:  # noqa: BLE001 - a source tree without metadata
+        return "unknown"

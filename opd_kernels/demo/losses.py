@@ -1,4 +1,4 @@
-"""The four training signals compared by the demo, each computed from hidden states + lm_head
+"""The five training signals compared by the study, each computed from hidden states + lm_head
 weights through the package's public ops (the (tokens x vocab) logits never exist here).
 
 Notation: a batch of B sequences ``seq`` (B, P + n) = prompt (P tokens, starting with <bos>) then
@@ -52,8 +52,8 @@ def completion_logprobs(ops, model, seq: torch.Tensor, prompt_len: int) -> torch
 def sft_loss(ops, student, seq, mask, prompt_len):
     """Token-mean cross-entropy on the completion: ``-(logp * mask).sum() / mask.sum()``.
 
-    Used for teacher training and the student warm-up (ground-truth answers) and for method (c),
-    off-policy distillation (teacher samples).
+    Used for teacher training, the student warm-up and the continual-learning fine-tune (ground-truth
+    answers) and for method (d), SFT on teacher samples (off-policy distillation).
     """
     lp = completion_logprobs(ops, student, seq, prompt_len)
     m = mask.to(lp.dtype)
@@ -75,6 +75,19 @@ def dense_opd_loss(ops, student, teacher, seq, mask, prompt_len):
                                  divergence="reverse_kl", mask=mask)
 
 
+def offline_kd_loss(ops, student, teacher, seq, mask, prompt_len):
+    """Method (c): offline dense KD, forward KL ``KL(p_t || p_s)`` over the full vocabulary on the
+    teacher's own samples (traditional distillation: dense, but off-policy).
+
+    ``sum_v p_t,v (log p_t,v - log p_s,v)`` per completion token, averaged over unmasked tokens.
+    """
+    hs = completion_hidden(student, seq, prompt_len)
+    with torch.no_grad():
+        ht = completion_hidden(teacher, seq, prompt_len)
+    return ops.linear_divergence(hs, lm_head_weight(student), ht, lm_head_weight(teacher),
+                                 divergence="forward_kl", mask=mask)
+
+
 def sampled_opd_loss(ops, student, teacher, seq, mask, prompt_len, sampler_logprobs):
     """Method (b): the teacher's log-prob of the sampled token only (Thinking Machines recipe).
 
@@ -89,7 +102,7 @@ def sampled_opd_loss(ops, student, teacher, seq, mask, prompt_len, sampler_logpr
 
 
 def reinforce_loss(ops, student, seq, mask, prompt_len, reward):
-    """Method (d): REINFORCE with a batch-mean baseline on the 0/1 exact-match reward.
+    """Method (e): REINFORCE with a batch-mean baseline on the 0/1 exact-match reward.
 
     ``loss = -sum_b (r_b - mean(r)) * sum_t mask_bt log p_s(y_bt) / sum mask``: the sequence-level
     policy gradient, normalized per token like the other methods so one learning rate fits all.

@@ -1,77 +1,119 @@
-"""One training run of a method from the warm student, at a fixed budget of student tokens.
+"""One training run of a method from the warm student, at a fixed budget of student training tokens.
 
-All four methods share the optimizer (AdamW, constant learning rate), the prompts (the same
-stream, same seed) and the budget: the number of completion tokens the student is trained on,
-counted after masking (``mask.sum()``; tokens after the first <eos> are not counted).
+All five methods share the optimizer (AdamW, learning rate warmed up over 10 steps, then constant),
+the prompts (the same stream, same seed), the sampling seed and the budget: the number of completion
+tokens the student is trained on, counted after masking (``mask.sum()``; tokens after the first <eos>
+are not counted).
 
-- ``dense_opd``:   student samples (T=1), teacher scores every vocab entry: reverse KL per token.
-- ``sampled_opd``: student samples, teacher log-prob of the sampled token only (advantage).
-- ``sft``:         teacher samples (T=1), student cross-entropy on them (off-policy).
-- ``rl``:          student samples, REINFORCE with a batch-mean baseline on the 0/1 reward.
+- ``dense_opd``:   student samples (T=1); the teacher scores every vocabulary entry: reverse KL per token.
+- ``sampled_opd``: student samples; the teacher's log-prob of the sampled token only (per-token advantage).
+- ``offline_kd``:  teacher samples; forward KL to the teacher's full distribution (dense, off-policy).
+- ``sft``:         teacher samples; the student's cross-entropy on them (off-policy).
+- ``rl``:          student samples; REINFORCE with a batch-mean baseline on the 0/1 exact-match reward.
+- ``sft_ground_truth`` (reference, not one of the five): cross-entropy on the true answers.
+
+Cost of each step, besides student tokens: the FLOPs of every model call it makes
+(:mod:`opd_kernels.demo.flops`: sampling, teacher scoring, training forward + backward) and the CPU
+seconds of the step (``time.process_time``; evaluation excluded).
 """
 from __future__ import annotations
 
 import random
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List
 
 import torch
 from tqdm.auto import tqdm
 
 from . import losses
+from .flops import generate_flops, score_flops, train_flops
 from .models import completion_mask, generate
-from .training import exact_match, prompt_batch
+from .training import answer_batch, exact_match, prompt_batch
 
-METHODS = ("dense_opd", "sampled_opd", "sft", "rl")
+METHODS = ("dense_opd", "sampled_opd", "offline_kd", "sft", "rl")
+REFERENCE = "sft_ground_truth"
+TEACHER_SAMPLED = ("offline_kd", "sft")
+TEACHER_SCORED = ("dense_opd", "sampled_opd", "offline_kd")
+
+
+def step_flops(name: str, student_size, teacher_size, vocab: int, batch: int, prompt_len: int,
+               n_new: int) -> Dict[str, int]:
+    """FLOPs of one step of method ``name`` by component (every model call the step makes)."""
+    out = {}
+    if name in TEACHER_SAMPLED:
+        out["teacher_sampling"] = generate_flops(teacher_size, vocab, batch, prompt_len, n_new)
+    elif name != REFERENCE:
+        out["student_sampling"] = generate_flops(student_size, vocab, batch, prompt_len, n_new)
+    if name in TEACHER_SCORED:
+        out["teacher_scoring"] = score_flops(teacher_size, vocab, batch, prompt_len, n_new)
+    out["student_training"] = train_flops(student_size, vocab, batch, prompt_len, n_new)
+    return out
 
 
 def run_method(name: str, student, teacher, ops, tok, task, *, budget: int, batch: int, lr: float,
-               curve_points: int, seed: int, exclude, evaluate_fn: Callable[[object], float],
-               quiet: bool = False) -> Dict:
+               curve_points: int, seed: int, exclude, evaluate_fn: Callable[[object], Dict[str, float]],
+               student_size, teacher_size, warmup_steps: int = 10, quiet: bool = False,
+               desc: str = "") -> Dict:
     """Train ``student`` in place with method ``name`` until ``budget`` student tokens.
 
-    Returns ``{"curve": [[tokens, accuracy], ...], "student_tokens", "steps", "wall_seconds"}``;
-    the curve starts at the warm student (0 tokens) and ends at the budget.
+    The learning rate rises linearly to ``lr`` over the first ``warmup_steps`` steps (a fresh AdamW's
+    first steps are about ``lr`` per weight whatever the gradient's size), then stays constant.
+    Returns ``{"curve": [{"tokens", "flops", "cpu_seconds", **evaluate_fn(student)}, ...], "steps",
+    "flops_by_component", "wall_seconds"}``; the curve starts at the warm student and ends at the budget.
     """
-    if name not in METHODS:
-        raise ValueError(f"method: expected one of {METHODS}, got {name!r}")
+    if name not in METHODS + (REFERENCE,):
+        raise ValueError(f"method: expected one of {METHODS + (REFERENCE,)}, got {name!r}")
     rng = random.Random(f"prompts-{seed}")          # the same prompt stream for every method
     gen = torch.Generator().manual_seed(seed + 1)   # sampling noise, same seed for every method
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     n_new = task.answer_len + 1
-    curve: List[Tuple[int, float]] = [[0, evaluate_fn(student)]]
+    plen = task.prompt_len + 1
+    per_step = step_flops(name, student_size, teacher_size, tok.vocab_size, batch, plen, n_new)
+    flops_by = {k: 0 for k in per_step}
+    curve: List[Dict] = [{"tokens": 0, "flops": 0, "cpu_seconds": 0.0, **evaluate_fn(student)}]
     eval_every = budget / curve_points
-    tokens, steps, start = 0, 0, time.perf_counter()
-    bar = tqdm(total=budget, desc=f"{name:>11}", unit="tok", disable=quiet, leave=False)
+    tokens, steps, cpu, start = 0, 0, 0.0, time.perf_counter()
+    bar = tqdm(total=budget, desc=desc or name, unit="tok", disable=quiet, leave=False)
     while tokens < budget:
+        c0 = time.process_time()
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (steps + 1) / warmup_steps)
         examples = task.sample(rng, batch, exclude)
-        prompts = prompt_batch(tok, examples)
-        plen = prompts.shape[1]
-        sampler = teacher if name == "sft" else student
-        seq, sampler_lp = generate(sampler, prompts, n_new, temperature=1.0, generator=gen)
-        mask = completion_mask(seq[:, plen:], tok.eos_id)
+        if name == REFERENCE:
+            seq, mask = answer_batch(tok, examples)
+            sampler_lp = None
+        else:
+            sampler = teacher if name in TEACHER_SAMPLED else student
+            seq, sampler_lp = generate(sampler, prompt_batch(tok, examples), n_new, temperature=1.0, generator=gen)
+            mask = completion_mask(seq[:, plen:], tok.eos_id)
         student.train()
         if name == "dense_opd":
             loss = losses.dense_opd_loss(ops, student, teacher, seq, mask, plen)
         elif name == "sampled_opd":
             loss = losses.sampled_opd_loss(ops, student, teacher, seq, mask, plen, sampler_lp)
-        elif name == "sft":
-            loss = losses.sft_loss(ops, student, seq, mask, plen)
-        else:
+        elif name == "offline_kd":
+            loss = losses.offline_kd_loss(ops, student, teacher, seq, mask, plen)
+        elif name == "rl":
             reward = exact_match(tok, seq[:, plen:], examples)
             loss = losses.reinforce_loss(ops, student, seq, mask, plen, reward)
+        else:
+            loss = losses.sft_loss(ops, student, seq, mask, plen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         student.eval()
+        cpu += time.process_time() - c0
         steps += 1
+        for k, v in per_step.items():
+            flops_by[k] += v
         new = int(mask.sum())  # bookkeeping only, after the step: not in the loss path
         tokens += new
         bar.update(new)
         if tokens >= eval_every * len(curve) or tokens >= budget:
-            curve.append([tokens, evaluate_fn(student)])
-            bar.set_postfix(acc=f"{curve[-1][1]:.3f}")
+            curve.append({"tokens": tokens, "flops": sum(flops_by.values()), "cpu_seconds": round(cpu, 2),
+                          **evaluate_fn(student)})
+            bar.set_postfix(acc=f"{curve[-1]['accuracy']:.3f}")
     bar.close()
-    return {"curve": curve, "student_tokens": tokens, "steps": steps,
+    return {"curve": curve, "steps": steps, "flops_by_component": flops_by,
             "wall_seconds": round(time.perf_counter() - start, 1)}

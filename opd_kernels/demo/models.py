@@ -1,9 +1,9 @@
-"""Tiny Llama models built from configs, their final hidden states, sampling and greedy decoding.
+"""Tiny Llama models built from configs, sampling and greedy decoding.
 
-The losses in this demo never ask a model for logits: they take the final hidden states
-(after the last norm) and the lm_head weight and hand both to the fused ops, so the
-(tokens x vocab) logits are never materialized in the training step. Sampling does read the
-last position's logits: (batch x vocab) per step, which is what any sampler does.
+The losses never ask a model for logits: they take the final hidden states (after the last norm,
+:func:`opd_kernels.hf.hidden_states`) and the lm_head weight and hand both to the fused ops, so the
+(tokens x vocab) logits are never materialized in a training step. Sampling reads the last
+position's logits: (batch x vocab) per step, which is what any sampler does.
 """
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
+
+from opd_kernels.hf import hidden_states  # noqa: F401  (re-exported for the losses)
+from opd_kernels.trainer.sampling import completion_mask  # noqa: F401  (re-exported for the methods)
 
 
 @dataclass(frozen=True)
@@ -39,18 +42,17 @@ def build_model(size: ModelSize, vocab_size: int, seed: int, max_positions: int 
         return LlamaForCausalLM(cfg)
 
 
-def hidden_states(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """Final hidden states (B, T, H) after the last norm, without computing logits.
-
-    Equivalent PyTorch: ``model(input_ids, output_hidden_states=True).hidden_states[-1]`` (which
-    is post-norm for Llama) minus the (B, T, V) logits that call would also build.
-    """
-    return model.model(input_ids=input_ids).last_hidden_state
-
-
 def lm_head_weight(model) -> torch.Tensor:
     """The (V, H) output projection (Llama: no bias, no softcap, scale 1)."""
     return model.lm_head.weight
+
+
+def _step(model, ids: torch.Tensor, cache=None):
+    """One cached forward; returns (last-position fp32 logits (B, V), cache)."""
+    kwargs = {"cache": cache} if cache is not None else {}
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
+    cache = out["cache"] if "cache" in out else out["past_key_values"]
+    return out.logits[:, -1].float(), cache
 
 
 @torch.no_grad()
@@ -60,13 +62,13 @@ def generate(model, prompt_ids: torch.Tensor, n_new: int, *, temperature: float 
 
     prompt_ids: (B, P) int64 (all prompts one length). Returns the full sequences (B, P + n_new)
     and the sampler's log-probs of the chosen tokens (B, n_new) (``log softmax(logits / T)``;
-    zeros when greedy). Uses the KV cache, so each step runs one position.
+    zeros when greedy). Uses the KV cache: one prefill over P positions, then n_new - 1 one-position
+    steps (the model calls :func:`opd_kernels.demo.flops.generate_flops` counts).
     """
     was_training = model.training
     model.eval()
     seq = prompt_ids
-    out = model(input_ids=prompt_ids, use_cache=True, logits_to_keep=1)  # (B, 1, V): last position only
-    past, logits = out.past_key_values, out.logits[:, -1].float()
+    logits, cache = _step(model, prompt_ids)
     chosen_lp = []
     for step in range(n_new):
         if temperature == 0:
@@ -78,17 +80,6 @@ def generate(model, prompt_ids: torch.Tensor, n_new: int, *, temperature: float 
             chosen_lp.append(logp.gather(-1, nxt[:, None]).squeeze(-1))
         seq = torch.cat([seq, nxt[:, None]], dim=1)
         if step + 1 < n_new:
-            out = model(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
-            past, logits = out.past_key_values, out.logits[:, -1].float()
+            logits, cache = _step(model, nxt[:, None], cache)
     model.train(was_training)
     return seq, torch.stack(chosen_lp, dim=1)
-
-
-def completion_mask(completion: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """(B, n) bool: True up to and including the first ``<eos>`` of each row.
-
-    Equivalent PyTorch: ``mask[b, j] = not any(completion[b, :j] == eos_id)``.
-    """
-    is_eos = (completion == eos_id).long()
-    before = torch.cumsum(is_eos, dim=1) - is_eos  # number of <eos> strictly before position j
-    return before == 0

@@ -1,15 +1,19 @@
-"""Synthetic tasks with verifiable answers, fixed-length prompts and a held-out evaluation split.
+"""Synthetic tasks with verifiable answers, fixed-length prompts and held-out splits.
 
-Two tasks share the tokenizer:
+Three tasks share the tokenizer:
 
-- ``addition`` (the distillation target): ``"123+045="`` -> the sum written with 4 digits, least
-  significant digit first: 123 + 45 = 168 -> ``"0168"`` -> ``"8610"``. Writing the answer in reverse
-  lets a left-to-right model carry digits the way people do (Lee et al. 2023, "Teaching arithmetic
-  to small transformers"), so a small model can learn the task in minutes on a CPU.
-- ``reversal`` (the forgetting check): ``"kqzab<"`` -> ``"bazqk"``.
+- ``running_sum`` (the distillation target): a list of single digits, answered with every running
+  total, two digits each, least significant digit first. ``"73948=" -> 7, 10, 19, 23, 31`` is written
+  ``"70" "01" "91" "32" "13"`` = ``"7001913213"``. With 8 operands the answer is 16 tokens and each
+  total is built on the previous one, so an early mistake carries through to every later total and
+  the exact match fails (writing digits least-significant first lets a left-to-right model carry,
+  Lee et al. 2023).
+- ``reversal`` (the old skill, learned in the warm-up only): ``"kqzab<"`` -> ``"bazqk"``.
+- ``shift`` (the new task of the continual-learning experiment): each letter replaced by the next one
+  (``z`` by ``a``): ``"kqzab>"`` -> ``"lrabc"``.
 
 Every prompt of a task has the same length and every answer the same length, so batches need no
-padding. Evaluation prompts are drawn once from a fixed seed and excluded from every training draw.
+padding. Evaluation and validation prompts are drawn from fixed seeds and excluded from training draws.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 from typing import List, Set, Tuple
 
 Example = Tuple[str, str]  # (prompt, answer), answer without <eos>
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 @dataclass(frozen=True)
@@ -44,10 +49,10 @@ class Task:
                 out.append(ex)
         return out
 
-    def eval_split(self, n: int, seed: int = 1234) -> List[Example]:
-        """``n`` distinct held-out examples, the same for every run with the same seed."""
+    def eval_split(self, n: int, seed: int = 1234, exclude: Set[str] = frozenset()) -> List[Example]:
+        """``n`` distinct held-out examples not in ``exclude``, the same for every run with the same seed."""
         rng = random.Random(f"{self.name}-eval-{seed}")
-        seen, out = set(), []
+        seen, out = set(exclude), []
         while len(out) < n:
             ex = self._draw(rng)
             if ex[0] not in seen:
@@ -57,21 +62,46 @@ class Task:
 
 
 @dataclass(frozen=True)
-class Addition(Task):
-    name: str = "addition"
-    digits: int = 3
+class RunningSum(Task):
+    name: str = "running_sum"
+    operands: int = 8
 
     def _draw(self, rng: random.Random) -> Example:
-        a, b = rng.randrange(10 ** self.digits), rng.randrange(10 ** self.digits)
-        d = self.digits
-        return f"{a:0{d}d}+{b:0{d}d}=", f"{a + b:0{d + 1}d}"[::-1]
+        digits = [rng.randrange(10) for _ in range(self.operands)]
+        totals, t = [], 0
+        for d in digits:
+            t += d
+            totals.append(f"{t:02d}"[::-1])
+        return "".join(map(str, digits)) + "=", "".join(totals)
 
 
 @dataclass(frozen=True)
-class Reversal(Task):
-    name: str = "reversal"
+class Letters(Task):
+    """``length`` random letters + ``marker``; the answer is :meth:`answer` of the letters."""
     length: int = 5
+    marker: str = "?"
+
+    def answer(self, s: str) -> str:
+        raise NotImplementedError
 
     def _draw(self, rng: random.Random) -> Example:
-        s = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(self.length))
-        return s + "<", s[::-1]
+        s = "".join(rng.choice(LETTERS) for _ in range(self.length))
+        return s + self.marker, self.answer(s)
+
+
+@dataclass(frozen=True)
+class Reversal(Letters):
+    name: str = "reversal"
+    marker: str = "<"
+
+    def answer(self, s: str) -> str:
+        return s[::-1]
+
+
+@dataclass(frozen=True)
+class Shift(Letters):
+    name: str = "shift"
+    marker: str = ">"
+
+    def answer(self, s: str) -> str:
+        return "".join(LETTERS[(LETTERS.index(c) + 1) % 26] for c in s)

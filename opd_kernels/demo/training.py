@@ -1,10 +1,9 @@
-"""Batches, greedy exact-match evaluation, supervised training and atomic checkpoints."""
+"""Batches, greedy exact-match evaluation and ground-truth supervised training with a stop rule."""
 from __future__ import annotations
 
+import copy
 import math
-import os
 import random
-import tempfile
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -54,70 +53,53 @@ def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
 
 
 def train_supervised(model, ops, tok: ByteTokenizer, draw: Callable[[random.Random], List[List[Example]]],
-                     steps: int, lr: float, seed: int, desc: str, prompt_len_of: Callable[[List[Example]], int],
-                     quiet: bool = False, stop: Optional[Callable[[int], bool]] = None,
-                     stop_every: int = 25) -> int:
+                     steps: int, lr: float, seed: int, desc: str, quiet: bool = False,
+                     stop: Optional[Callable[[int], bool]] = None, check_every: int = 25,
+                     warmup: int = 50, schedule: bool = True) -> int:
     """At most ``steps`` AdamW steps of ground-truth SFT; returns the number of steps taken.
 
     ``draw(rng)`` returns the list of per-task example batches for one step (tasks have different
-    lengths, so each gets its own forward pass). The learning rate warms up over 50 steps, then
-    decays (cosine) over ``steps``; with ``stop``, training ends early at the first check (every
-    ``stop_every`` steps) where ``stop(step)`` is true, keeping that checkpoint.
+    lengths, so each gets its own forward pass). The learning rate warms up over ``warmup`` steps, then
+    decays (cosine) over ``steps`` (``schedule=False``: constant after the warm-up). With ``stop``, training ends at the
+    first step where ``stop(step)`` is true, without overshooting: ``stop`` is checked every
+    ``check_every`` steps, and once it holds, training goes back to the state of the previous check
+    (weights, optimizer, data stream) and replays those steps checking after each one. The replay is
+    the same computation, so the result is the first step of the run at which ``stop`` holds.
     """
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     model.train()
-    bar = tqdm(range(steps), desc=desc, disable=quiet, leave=False)
-    for step in bar:
+    bar = tqdm(total=steps, desc=desc, disable=quiet, leave=False)
+    step, fine, snapshot = 0, False, None
+    while step < steps:
+        if stop is not None and not fine and step % check_every == 0:
+            snapshot = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), rng.getstate(), step)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup=50)
+            group["lr"] = lr_at(step, steps, lr, warmup) if schedule else lr * min(1.0, (step + 1) / warmup)
         loss = 0.0
         for examples in draw(rng):
             seq, mask = answer_batch(tok, examples)
-            loss = loss + sft_loss(ops, model, seq, mask, prompt_len_of(examples))
+            loss = loss + sft_loss(ops, model, seq, mask, len(examples[0][0]) + 1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        step += 1
+        bar.update(1)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-        if stop is not None and (step + 1) % stop_every == 0:
+        if stop is not None and (fine or step % check_every == 0):
             model.eval()
-            done = stop(step + 1)
+            done = stop(step)
             model.train()
-            if done:
+            if done and not fine and step - snapshot[3] > 1:
+                model.load_state_dict(snapshot[0])
+                opt.load_state_dict(snapshot[1])
+                rng.setstate(snapshot[2])
+                bar.update(snapshot[3] - step)
+                step, fine = snapshot[3], True
+            elif done:
                 break
     bar.close()
     model.eval()
-    return step + 1
-
-
-def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the same directory, then os.replace: a reader never sees
-    a half-written checkpoint, and a crash leaves the previous one intact."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write_text(text: str, path: str) -> None:
-    """Write ``text`` to ``path`` atomically (temporary file + os.replace)."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    return step
