@@ -157,7 +157,8 @@ def lse_gather(hidden, weight, ids, *, bias=None, temperature: float = 1.0, soft
                ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """The log-prob/gather primitive: ``lse (...)``, ``gathered (..., k) = z[ids]``, entropy ``(...)``.
 
-    ``H = L - sum_v p_v z_v`` (the Shannon entropy of softmax(z)).
+    ``H = L - sum_v p_v z_v`` (the Shannon entropy of softmax(z)), a -inf logit contributing 0 (p = 0 there;
+    ``p * z`` would be 0 * -inf = NaN, on every row, with a NaN gradient).
     """
     z = model_logits(hidden, weight, bias, vocab_size=vocab_size, scale=scale, softcap=softcap,
                      temperature=temperature)
@@ -166,7 +167,7 @@ def lse_gather(hidden, weight, ids, *, bias=None, temperature: float = 1.0, soft
     entropy = None
     if return_entropy:
         p = (z - lse.unsqueeze(-1)).exp()
-        entropy = lse - (p * z).sum(-1)
+        entropy = lse - _where_positive(p, z).sum(-1)
     return lse, gathered, entropy
 
 
@@ -220,14 +221,27 @@ def linear_topk_divergence(student_hidden, student_weight, teacher_topk_ids, tea
                                   temperature=temperature, softcap=student_softcap, scale=student_scale,
                                   vocab_size=vocab_size)
     q = gathered - lse.unsqueeze(-1)
-    per_token = topk_divergence_from_logprobs(q, teacher_topk_logprobs.detach(), divergence=divergence,
-                                              tail_bucket=tail_bucket)
+    q, l = masked_inputs(None if mask is None else mask.unsqueeze(-1), q, teacher_topk_logprobs.detach())
+    per_token = topk_divergence_from_logprobs(q, l, divergence=divergence, tail_bucket=tail_bucket)
     return reduce(per_token, mask, reduction, normalizer)
+
+
+def masked_inputs(mask: Optional[torch.Tensor], *tensors: Optional[torch.Tensor]):
+    """Each tensor with its masked positions (``mask`` False / 0, broadcast) replaced by 0, so that a masked
+    token's -inf or NaN input reaches neither the loss nor, through 0 * NaN in a backward, any gradient
+    (issue 16). Differentiable: masked positions get exactly zero gradient. None stays None."""
+    if mask is None:
+        return tensors
+    keep = mask.to(torch.bool)
+    return tuple(None if t is None else torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device))
+                 for t in tensors)
 
 
 def sampled_token_opd_loss(student_logprobs, teacher_logprobs, *, sampler_logprobs=None, mask=None,
                            kl_coef: float = 1.0, normalizer=None, estimator: str = "is") -> torch.Tensor:
     """Sampled-token OPD loss (see ``opd_kernels.sampled_token_opd_loss`` for the estimators)."""
+    student_logprobs, teacher_logprobs, sampler_logprobs = masked_inputs(
+        mask, student_logprobs, teacher_logprobs, sampler_logprobs)
     dtype = _compute_dtype(student_logprobs.dtype)
     ls = student_logprobs.to(dtype)
     lt = teacher_logprobs.detach().to(dtype)

@@ -114,3 +114,90 @@ def test_lse_gather_matches_oracle(backend, n, h, v, k, temperature, softcap, sp
     # relative error is taken against at least n (the gradients, the real check, need no floor)
     errs = compare_to_oracle(make(impl), make(ref.lse_gather), [hidden, weight], value_floor=float(n))
     assert max(errs.values()) <= FP32_TOL[backend], errs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Non-finite inputs, non-contiguous ids and masks (issue 16): the rule, on every backend (Triton interpreted)
+# ---------------------------------------------------------------------------------------------------------------
+def _all_backends():
+    from triton_testing import enable_interpreter_without_cuda
+    enable_interpreter_without_cuda()
+    return [pytest.param(b, marks=pytest.mark.skipif(not device_support(b, torch.device("cpu"))[0],
+                                                     reason=device_support(b, torch.device("cpu"))[1]))
+            for b in ("torch", "cpp", "triton")]
+
+
+ALL_BACKENDS = _all_backends()
+POISON = st.sampled_from([float("nan"), float("inf"), float("-inf")])
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(2, 12), h=st.integers(1, 12), v=st.integers(2, 300),
+       divergence=st.sampled_from(["reverse_kl", "forward_kl", "jsd"]), poison=POISON,
+       where=st.sampled_from(["student_hidden", "teacher_hidden"]), softcap=st.one_of(st.none(), st.floats(1.0, 20.0)),
+       seed=st.integers(0, 2**31 - 1))
+def test_nonfinite_rows_property(backend, n, h, v, divergence, poison, where, softcap, seed):
+    """One poisoned (NaN/+-inf) row masked, one unmasked, the mask a non-contiguous view: the unmasked poisoned
+    token's value is non-finite; every other token's value and every gradient of the masked poisoned row's
+    neighbours equal the clean computation's (the masked row touches nothing)."""
+    g = torch.Generator().manual_seed(seed)
+    hs, ht = torch.randn(n, h, generator=g), torch.randn(n, h + 1, generator=g)
+    ws, wt = torch.randn(v, h, generator=g) / h ** 0.5, torch.randn(v, h + 1, generator=g) / (h + 1) ** 0.5
+    bs = torch.randn(v, generator=g)
+    mask = (torch.rand(n, 2, generator=g) < 0.7)[:, 0]
+    masked_row, open_row = 0, 1
+    mask[masked_row], mask[open_row] = False, True
+    assert not mask.is_contiguous()
+    dirty = dict(student_hidden=hs.clone(), teacher_hidden=ht.clone())
+    dirty[where][masked_row] = poison
+    dirty[where][open_row, 0] = poison
+    upstream = torch.randn(n, generator=g)
+
+    def run(s_h, t_h, rows):
+        leaves = [s_h.clone().requires_grad_(True), ws.clone().requires_grad_(True), bs.clone().requires_grad_(True)]
+        out = ok.linear_divergence(leaves[0], leaves[1], t_h, wt, student_bias=leaves[2], divergence=divergence,
+                                   student_softcap=softcap, mask=mask, reduction="none", backend=backend)
+        (out[rows] * upstream[rows]).sum().backward()
+        return out.detach(), [x.grad for x in leaves]
+
+    rest = mask.clone()
+    rest[open_row] = False  # the unmasked rows other than the poisoned one
+    out_d, grads_d = run(dirty["student_hidden"], dirty["teacher_hidden"], rest)
+    out_c, grads_c = run(hs, ht, rest)
+    # the poisoned unmasked token: non-finite exactly when the float64 oracle's is (a softcap maps an
+    # infinite raw logit to a finite one, so inf does not always poison; NaN always does)
+    oracle = ref.linear_divergence(dirty["student_hidden"].double(), ws.double(), dirty["teacher_hidden"].double(),
+                                   wt.double(), student_bias=bs.double(), divergence=divergence,
+                                   student_softcap=softcap, reduction="none")
+    assert bool(torch.isfinite(out_d[open_row])) == bool(torch.isfinite(oracle[open_row])), (out_d, oracle)
+    if poison != poison:
+        assert not torch.isfinite(out_d[open_row])
+    assert out_d[masked_row] == 0
+    torch.testing.assert_close(out_d[rest], out_c[rest], rtol=1e-4, atol=1e-5)
+    grads_d[0], grads_c[0] = grads_d[0][rest], grads_c[0][rest]
+    for name, a, b in zip(("student_hidden", "student_weight", "student_bias"), grads_d, grads_c):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 12), h=st.integers(1, 12), v=st.integers(2, 300), k=st.integers(1, 5),
+       stride=st.integers(2, 3), seed=st.integers(0, 2**31 - 1))
+def test_noncontiguous_ids_property(backend, n, h, v, k, stride, seed):
+    """Ids and masks given as strided views give exactly what their contiguous copies give."""
+    g = torch.Generator().manual_seed(seed)
+    hidden, weight = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g)
+    wide = torch.randint(0, v, (n, k * stride), generator=g)
+    ids = wide[:, ::stride]
+    lp = torch.log_softmax(torch.randn(n, v, generator=g), -1)
+    teacher = lp.gather(-1, ids.contiguous())
+    mask = (torch.rand(n, 2, generator=g) < 0.6)[:, 1]
+    got = ok.linear_topk_divergence(hidden, weight, ids, teacher, mask=mask, reduction="none", backend=backend)
+    want = ok.linear_topk_divergence(hidden, weight, ids.contiguous(), teacher, mask=mask.contiguous(),
+                                     reduction="none", backend=backend)
+    torch.testing.assert_close(got, want)
+    targets = wide[:, 1]
+    torch.testing.assert_close(ok.linear_logprobs(hidden, weight, targets, backend=backend),
+                               ok.linear_logprobs(hidden, weight, targets.contiguous(), backend=backend))

@@ -4,6 +4,9 @@
 //
 // Accuracy (float): exp and log within ~2 ulp of libm over the ranges used here; tanh within ~3 ulp.
 // exp(x) returns exactly 0 for x < -87.3 (so exp(-inf) == 0, which the -inf teacher logits rely on).
+// NaN in gives NaN out, for exp, log, log1p and tanh (issue 16): the clamps and the exponent-bit
+// arithmetic would otherwise turn a NaN into a finite number (exp(NaN) read as 2^-2^31 times p, log(NaN)
+// as 89.9), and a NaN logit into a plausible finite log-prob. One select per call; still vectorizes.
 #pragma once
 
 #include <cmath>
@@ -42,7 +45,7 @@ struct CpuMath {
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
     float s = bits_to_float((static_cast<int32_t>(n) + 127) << 23);
-    return under ? 0.0f : p * s;
+    return x != x ? x : (under ? 0.0f : p * s);
   }
   // log: x = 2^e * f, f in [sqrt(1/2), sqrt(2)), log(f) by the Cephes logf polynomial.
   // log(0) = -inf, log(inf) = inf; inputs below FLT_MIN are treated as FLT_MIN (never needed here).
@@ -70,7 +73,7 @@ struct CpuMath {
     y += -2.12194440e-4f * e;
     y += -0.5f * z;
     float r = f + y + 0.693359375f * e;
-    return zero ? -INFINITY : (inf ? INFINITY : r);
+    return x != x ? x : (zero ? -INFINITY : (inf ? INFINITY : r));
   }
   // log1p(x) = log(u) * x / (u - 1) with u = 1 + x (Goldberg): the quotient corrects the rounding of u.
   // The division is made safe (never by 0) rather than skipped, so both arms of the select can run on every

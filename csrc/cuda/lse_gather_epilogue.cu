@@ -40,7 +40,9 @@ __global__ void __launch_bounds__(kThreads) lse_gather_kernel(const LseGatherArg
     if (a.entropy) a.entropy[r] = entropy_value<M>(ey, d);
   }
   for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
-    a.gathered[r * k + j] = transform<M>(to_float(row[a.ids[r * k + j]]), tr);
+    // ids are range-checked on the host unless OPD_CHECK_IDS=0: never read outside the row, mark it NaN
+    const int64_t v = a.ids[r * k + j];
+    a.gathered[r * k + j] = id_in_range(v, V) ? transform<M>(to_float(row[v]), tr) : NAN;
   }
 }
 
@@ -52,15 +54,23 @@ __global__ void __launch_bounds__(kThreads) lse_gather_backward_kernel(const Lse
   const Transform tr = a.t;
   const int64_t* ids = a.ids + r * k;
   float* staged = a.scratch + r * k;
+  const float g_lse = a.g_lse ? a.g_lse[r] : 0.0f;
+  const float g_ent = a.g_entropy ? a.g_entropy[r] : 0.0f;
+  bool live = g_lse != 0.0f || g_ent != 0.0f;  // the same decision in every thread of the block
+  for (int64_t j = 0; a.g_gathered && !live && j < k; ++j) live = a.g_gathered[r * k + j] != 0.0f;
+  if (!live) {  // zero upstream gradient (a masked token): exact zeros, whatever NaN its logits hold
+    row_map1(row, V, vec, [](float) { return 0.0f; });
+    return;
+  }
   if (a.g_gathered) {
     for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
-      staged[j] = a.g_gathered[r * k + j] * transform_grad(transform<M>(to_float(row[ids[j]]), tr), tr);
+      const int64_t v = ids[j];  // an out-of-range id (OPD_CHECK_IDS=0) is neither read nor written
+      staged[j] = id_in_range(v, V)
+                      ? a.g_gathered[r * k + j] * transform_grad(transform<M>(to_float(row[v]), tr), tr) : 0.0f;
     }
   }
   __syncthreads();  // every raw logit at ids is read before the row is overwritten
   const float lse = a.lse[r];
-  const float g_lse = a.g_lse ? a.g_lse[r] : 0.0f;
-  const float g_ent = a.g_entropy ? a.g_entropy[r] : 0.0f;
   const float H = a.g_entropy ? a.entropy[r] : 0.0f;
   row_map1(row, V, vec, [&](float x) {
     const float z = transform<M>(x, tr);
@@ -69,7 +79,9 @@ __global__ void __launch_bounds__(kThreads) lse_gather_backward_kernel(const Lse
   });
   __syncthreads();  // the row's writes are visible to thread 0
   if (a.g_gathered && threadIdx.x == 0) {
-    for (int64_t j = 0; j < k; ++j) row[ids[j]] = from_float<T>(to_float(row[ids[j]]) + staged[j]);
+    for (int64_t j = 0; j < k; ++j) {
+      if (id_in_range(ids[j], V)) row[ids[j]] = from_float<T>(to_float(row[ids[j]]) + staged[j]);
+    }
   }
 }
 

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #if defined(__CUDACC__)
 #define OPD_HD __host__ __device__ __forceinline__
@@ -74,10 +75,12 @@ OPD_HD F transform_grad(F z, const Transform& t) {
 // forward KL  F = b / d_t - log d_t + log d_s,    b = sum_v e_t,v (y_t,v - y_s,v)
 // A term with e == 0 contributes exactly 0 (lim p log p = 0): with a -inf teacher logit y_t = -inf,
 // so e_t * (y_t - y_s) would be 0 * -inf = NaN without the select.
+// Every such select tests `e != 0`, not `e > 0`: a NaN weight (a NaN logit) must stay NaN, so that a NaN
+// input gives a non-finite value for its token instead of being dropped (issue 16).
 template <class F>
-OPD_HD F reverse_kl_term(F es, F ys, F yt) { return es > F(0) ? es * (ys - yt) : F(0); }
+OPD_HD F reverse_kl_term(F es, F ys, F yt) { return es != F(0) ? es * (ys - yt) : F(0); }
 template <class F>
-OPD_HD F forward_kl_term(F et, F ys, F yt) { return et > F(0) ? et * (yt - ys) : F(0); }
+OPD_HD F forward_kl_term(F et, F ys, F yt) { return et != F(0) ? et * (yt - ys) : F(0); }
 
 // log d_t - log d_s as log1p((d_t - d_s) / d_s): no rounding of two large logs when d_s ~ d_t (flat rows,
 // where the divergence is tiny).
@@ -132,9 +135,9 @@ template <class M, class F>
 OPD_HD F jsd_student_ratio(F delta, const JsdCoefficients& c) { return -softplus<M>(F(c.logit_beta) + delta); }
 template <class M, class F>
 OPD_HD F jsd_teacher_ratio(F delta, const JsdCoefficients& c) { return -softplus<M>(-F(c.logit_beta) - delta); }
-// p * ratio, 0 where p == 0 (the ratio may be -inf or NaN there)
+// p * ratio, 0 where p == 0 (the ratio may be -inf or NaN there); NaN where p is NaN
 template <class F>
-OPD_HD F kl_term(F p, F ratio) { return p > F(0) ? p * ratio : F(0); }
+OPD_HD F kl_term(F p, F ratio) { return p != F(0) ? p * ratio : F(0); }
 
 // JSD(beta) = beta KL(p_t || M) + (1 - beta) KL(p_s || M)      (TRL generalized_jsd_loss)
 // from the shifted sums sum_a = sum p_s a and sum_b = sum p_t b above.
@@ -155,7 +158,7 @@ OPD_HD bool has_gradient(F value) { return value - value == F(0); }
 // p_s-mean of y_s - y_t; the log-normalizers cancel exactly instead of through rounding, which matters for
 // peaked rows where the bracket is tiny next to its terms.
 template <class F>
-OPD_HD F reverse_kl_grad(F ps, F ys, F yt, F E) { return ps > F(0) ? ps * ((ys - yt) - E) : F(0); }
+OPD_HD F reverse_kl_grad(F ps, F ys, F yt, F E) { return ps != F(0) ? ps * ((ys - yt) - E) : F(0); }
 // forward KL: dF/dz_v = p_s,v - p_t,v
 template <class F>
 OPD_HD F forward_kl_grad(F ps, F pt) { return ps - pt; }
@@ -164,20 +167,25 @@ OPD_HD F forward_kl_grad(F ps, F pt) { return ps - pt; }
 // = (1 - beta) p_s,v (a_v - sum_a) in the shifted ratios above (the shifts cancel).
 template <class F>
 OPD_HD F jsd_grad(F ps, F a, F sum_a, const JsdCoefficients& c) {
-  return ps > F(0) ? F(c.one_minus_beta) * ps * (a - sum_a) : F(0);
+  return ps != F(0) ? F(c.one_minus_beta) * ps * (a - sum_a) : F(0);
 }
+
+// An id the kernels may read: 0 <= id < V. The API checks ids on the host unless OPD_CHECK_IDS=0; every
+// kernel checks again (one unsigned compare) and gives an out-of-range id a NaN gathered logit instead of
+// reading or writing outside the row (issue 16).
+OPD_HD bool id_in_range(int64_t id, int64_t V) { return static_cast<uint64_t>(id) < static_cast<uint64_t>(V); }
 
 // ---- log-prob / gather / entropy primitive -------------------------------------------------------
 // lse L = m + log d; entropy H = L - sum p z = log d - (sum_v e_v y_v) / d.
 template <class F>
-OPD_HD F entropy_term(F e, F y) { return e > F(0) ? e * y : F(0); }
+OPD_HD F entropy_term(F e, F y) { return e != F(0) ? e * y : F(0); }
 template <class M, class F>
 OPD_HD F entropy_value(F ey, F d) { return M::log(d) - ey / d; }
 // d/dz_v of  g_lse * L + g_H * H  (the gathered logits add g_j at v = ids_j separately):
 //   dL/dz_v = p_v,   dH/dz_v = -p_v (log p_v + H)
 template <class F>
 OPD_HD F lse_entropy_grad(F p, F lp, F H, F g_lse, F g_ent) {
-  return p > F(0) ? p * (g_lse - g_ent * (lp + H)) : F(0);
+  return p != F(0) ? p * (g_lse - g_ent * (lp + H)) : F(0);
 }
 
 }  // namespace opd

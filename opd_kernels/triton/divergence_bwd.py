@@ -82,7 +82,9 @@ def tile_grad(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, stats_ptr, grad_pt
             _, zt = logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, N, V, HT, t_scale, t_softcap,
                                inv_temp, T_BIAS, T_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
         dz = grad_z(zs, zt, lse_s, lse_t, c, active, beta, log_1mb, log_b, DIVERGENCE)
-        dz = dz * g[:, None] * transform_grad(raw_s, s_scale, s_softcap, inv_temp, S_SOFTCAP)
+        # where, not a plain product: a masked row (dz = 0) may hold NaN logits, whose softcap factor is NaN
+        dz = tl.where(dz != 0, dz * g[:, None] * transform_grad(raw_s, s_scale, s_softcap, inv_temp, S_SOFTCAP),
+                      0.0)
     return dz, keep
 
 

@@ -17,13 +17,14 @@ JSD = tl.constexpr(2)
 def kl_step(acc, m_s, d_s, m_t, d_t, zs, zt, DIVERGENCE: tl.constexpr):
     """Online update of both models' (max, sum) and of the weighted sum ``acc``:
     reverse_kl ``sum e^(z_s - m_s)(z_s - z_t)``, forward_kl ``sum e^(z_t - m_t)(z_t - z_s)`` (jsd: none).
-    Zero-probability terms are dropped, so a -inf in both logits adds 0, not NaN."""
+    Zero-probability terms are dropped, so a -inf in both logits adds 0, not NaN. The tests are ``e != 0``,
+    not ``e > 0``, everywhere in these kernels: a NaN (from a NaN input) must stay NaN (issue 16)."""
     m_s, d_s, alpha_s, e_s = online_softmax(m_s, d_s, zs)
     m_t, d_t, alpha_t, e_t = online_softmax(m_t, d_t, zt)
     if DIVERGENCE == REVERSE_KL:
-        acc = acc * alpha_s + tl.sum(tl.where(e_s > 0, e_s * (zs - zt), 0.0), 1)
+        acc = acc * alpha_s + tl.sum(tl.where(e_s != 0, e_s * (zs - zt), 0.0), 1)
     elif DIVERGENCE == FORWARD_KL:
-        acc = acc * alpha_t + tl.sum(tl.where(e_t > 0, e_t * (zt - zs), 0.0), 1)
+        acc = acc * alpha_t + tl.sum(tl.where(e_t != 0, e_t * (zt - zs), 0.0), 1)
     return acc, m_s, d_s, m_t, d_t
 
 
@@ -66,8 +67,8 @@ def jsd_step(c_sm, kl_tm, zs, zt, lse_s, lse_t, log_1mb, log_b):
     a, r_t = jsd_ratios(lp_s, lp_t, log_1mb, log_b)
     p_s = tl.exp(lp_s)
     p_t = tl.exp(lp_t)
-    c_sm += tl.sum(tl.where(p_s > 0, p_s * a, 0.0), 1)
-    kl_tm += tl.sum(tl.where(p_t > 0, p_t * r_t, 0.0), 1)
+    c_sm += tl.sum(tl.where(p_s != 0, p_s * a, 0.0), 1)
+    kl_tm += tl.sum(tl.where(p_t != 0, p_t * r_t, 0.0), 1)
     return c_sm, kl_tm
 
 
@@ -85,15 +86,18 @@ def store_rows(value_ptr, stats_ptr, rows, N, value, lse_s, lse_t, c):
 def grad_z(zs, zt, lse_s, lse_t, c, active, beta, log_1mb, log_b, DIVERGENCE: tl.constexpr):
     """dValue/dz_s for rows where ``active`` (else 0), derivations in divergence_bwd.py:
     reverse_kl p_s (lp_s - lp_t - R); forward_kl p_s - p_t; jsd (1-b) p_s (lp_s - log M - KL(p_s||M)),
-    computed as (1-b) p_s ((lp_s - log M + log(1-b)) - c) with c = KL(p_s||M) + log(1-b) (jsd_step)."""
+    computed as (1-b) p_s ((lp_s - log M + log(1-b)) - c) with c = KL(p_s||M) + log(1-b) (jsd_step).
+    A row whose c is not finite has a non-finite value (reverse KL against a -inf teacher logit, or a NaN
+    input; c is the value itself for the KLs) and gets a zero gradient row, as on the other backends."""
     lp_s = zs - lse_s[:, None]
     lp_t = zt - lse_t[:, None]
+    active = active & ((c - c) == 0)[:, None]  # v - v == 0 is false exactly for inf and NaN
     p_s = tl.where(active, tl.exp(lp_s), 0.0)
     if DIVERGENCE == REVERSE_KL:
-        dz = tl.where(p_s > 0, p_s * (lp_s - lp_t - c[:, None]), 0.0)
+        dz = tl.where(p_s != 0, p_s * (lp_s - lp_t - c[:, None]), 0.0)
     elif DIVERGENCE == FORWARD_KL:
         dz = p_s - tl.where(active, tl.exp(lp_t), 0.0)
     else:
         a, _ = jsd_ratios(lp_s, lp_t, log_1mb, log_b)
-        dz = tl.where(p_s > 0, (1.0 - beta) * p_s * (a - c[:, None]), 0.0)
+        dz = tl.where(p_s != 0, (1.0 - beta) * p_s * (a - c[:, None]), 0.0)
     return dz

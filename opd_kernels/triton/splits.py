@@ -29,11 +29,12 @@ def split_vocab(n_blocks: int, vocab_size: int, block_v: int, device: torch.devi
 def merge_online(m: torch.Tensor, *sums: torch.Tensor):
     """Merge per-split online-softmax state: the row max over splits and each running sum rescaled to it,
     ``sum_s x_s exp(m_s - m)``. A zero weight (a split with only -inf logits, or underflow) drops the
-    split's term instead of multiplying it (its sum may be inf: 0 * inf would be NaN)."""
+    split's term instead of multiplying it (its sum may be inf: 0 * inf would be NaN); a NaN weight (a NaN
+    logit) keeps the NaN."""
     m_all = m.amax(0)
     shift = torch.where(torch.isneginf(m_all), torch.zeros_like(m_all), m_all)
     w = torch.exp(m - shift)
-    return (m_all,) + tuple(split_sum(torch.where(w > 0, x * w, torch.zeros_like(x))) for x in sums)
+    return (m_all,) + tuple(split_sum(torch.where(w == 0, torch.zeros_like(x), x * w)) for x in sums)
 
 
 def split_sum(x: torch.Tensor) -> torch.Tensor:

@@ -115,6 +115,14 @@ def softplus(x):
 
 
 @triton.jit
+def live_rows(g):
+    """(BLOCK_N,) bool: rows of the gradient tile with a nonzero (or NaN) entry. The others (masked tokens,
+    zero upstream gradient) contribute exactly 0 to dW = g^T h, so their h is read as 0: a NaN hidden state
+    there must not turn 0 * NaN into NaN across dW (issue 16)."""
+    return tl.sum((g != 0).to(tl.int32), 1) > 0
+
+
+@triton.jit
 def accumulate_grads(g, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, rows, cols, N, V, H,
                      HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Gradient epilogue for one tile ``g = dLoss/draw`` (BLOCK_N, BLOCK_V), fp32:
@@ -124,10 +132,12 @@ def accumulate_grads(g, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, rows, cols, N, V, 
     into fp32 accumulators with relaxed atomics (other programs own the other vocab blocks of these
     rows and the other token blocks of these vocab rows). ``g`` enters tl.dot in the inputs' dtype, as
     in the materializing bf16 computation, which rounds its logits gradient to bf16 as well.
+    Rows of ``g`` that are all zero (masked tokens) read h as zeros (live_rows).
     """
     row_off = rows.to(tl.int64) * H
     col_off = cols.to(tl.int64) * H
     g_in = g.to(h_ptr.dtype.element_ty)
+    live = live_rows(g)
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         row_mask = (rows[:, None] < N) & (ks[None, :] < H)
@@ -135,7 +145,7 @@ def accumulate_grads(g, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, rows, cols, N, V, 
         w = tl.load(w_ptr + col_off[:, None] + ks[None, :], mask=col_mask, other=0.0)
         dh = mma(g_in, w, None, DOT_PRECISION)
         tl.atomic_add(dh_ptr + row_off[:, None] + ks[None, :], dh, mask=row_mask, sem="relaxed")
-        h = tl.load(h_ptr + row_off[:, None] + ks[None, :], mask=row_mask, other=0.0)
+        h = tl.load(h_ptr + row_off[:, None] + ks[None, :], mask=row_mask & live[:, None], other=0.0)
         dw = mma(tl.trans(g_in), h, None, DOT_PRECISION)
         tl.atomic_add(dw_ptr + col_off[:, None] + ks[None, :], dw, mask=col_mask, sem="relaxed")
     if HAS_BIAS:
@@ -170,11 +180,12 @@ def add_dw(g, h_ptr, dw_ptr, db_ptr, rows, cols, N, V, H, HAS_BIAS: tl.constexpr
     row_off = rows.to(tl.int64) * H
     col_off = cols.to(tl.int64) * H
     g_in = g.to(h_ptr.dtype.element_ty)
+    live = live_rows(g)
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         col_mask = (cols[:, None] < V) & (ks[None, :] < H)
-        h = tl.load(h_ptr + row_off[:, None] + ks[None, :], mask=(rows[:, None] < N) & (ks[None, :] < H),
-                    other=0.0)
+        h = tl.load(h_ptr + row_off[:, None] + ks[None, :],
+                    mask=(rows[:, None] < N) & (ks[None, :] < H) & live[:, None], other=0.0)
         ptrs = dw_ptr + col_off[:, None] + ks[None, :]
         dw = tl.load(ptrs, mask=col_mask, other=0.0)
         tl.store(ptrs, mma(tl.trans(g_in), h, dw, DOT_PRECISION), mask=col_mask)
