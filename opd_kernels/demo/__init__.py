@@ -2,7 +2,7 @@
 
 A teacher (a tiny Llama, hidden 32, 2 layers) learns running sums of 6 digits (12-token answers with
 every running total, ``tasks.RunningSum``) and is stopped at 90% validation accuracy, so that it
-stays imperfect; a smaller student (hidden 24) is SFT-warmed to 30%. From that same student, five
+stays imperfect; a smaller student (hidden 24) is SFT-warmed to 45%. From that same student, five
 methods train with the same optimizer, prompt stream and sampling seeds: dense full-vocabulary
 reverse-KL OPD (``opd_kernels.linear_divergence``), sampled-token OPD
 (``opd_kernels.sampled_token_opd_loss``), offline dense KD (forward KL on teacher samples), SFT on

@@ -25,19 +25,19 @@ class ExperimentConfig:
     warmup_lr: float = 3e-3
     warmup_batch: int = 64
     warmup_main_fraction: float = 0.875  # of each warm-up batch; the rest is the old skill (reversal)
-    warmup_target: float = 0.3       # stop at the first step where validation accuracy reaches this ...
+    warmup_target: float = 0.45      # stop at the first step where validation accuracy reaches this ...
     old_skill_target: float = 0.9    # ... and the old skill this (checked every warmup_check_every steps,
     warmup_check_every: int = 25     #     then step by step from the last check below the target)
     reversal_length: int = 5
     # the five methods: same optimizer (AdamW, constant lr), prompts per step, prompt stream,
     # sampling seeds and budget of student training tokens
     method_batch: int = 32
-    token_budget: int = 80_000
-    curve_points: int = 10
+    token_budget: int = 100_000
+    curve_points: int = 8
     # learning rate rule: per method, the value of lr_grid with the best validation accuracy after
     # lr_probe_fraction of the budget at the first seed (a single value: no probe)
     lr_grid: Tuple[float, ...] = (1e-3, 3e-4)
-    lr_probe_fraction: float = 0.34
+    lr_probe_fraction: float = 0.25
     seeds: int = 3
     method_warmup_steps: int = 10    # linear learning-rate warm-up of every method, then constant
     # continual learning: fine-tune on the new task (shift) until it is learned (continual_new_target on
@@ -48,7 +48,7 @@ class ExperimentConfig:
     continual_batch: int = 32
     continual_max_steps: int = 400
     continual_drop_to: float = 0.5
-    recovery_tokens: int = 20_000
+    recovery_tokens: int = 30_000
     # held-out evaluation (greedy exact match); validation is disjoint from evaluation
     eval_examples: int = 400
     old_eval_examples: int = 200
@@ -71,11 +71,12 @@ PRESETS = {
         lr_grid=(1e-3, 3e-4), lr_probe_fraction=0.34, seeds=2, continual_max_steps=6, continual_batch=8,
         recovery_tokens=80, eval_examples=30, old_eval_examples=20, jobs=1,
     ),
-    # CI size: 4 operands (8-token answers), 2 seeds, a short budget and one learning rate (no probe)
-    "quick": ExperimentConfig(name="quick", operands=4, teacher_steps=800, teacher_target=0.85,
-                              warmup_max_steps=800, warmup_main_fraction=0.75, token_budget=10_000,
-                              curve_points=3, lr_grid=(3e-4,), seeds=2, eval_examples=150, old_eval_examples=100,
-                              validation_examples=100, continual_max_steps=100, recovery_tokens=4_000),
+    # CI size, a smoke run: 3 operands (6-token answers), 2 seeds, a short budget, one learning rate
+    "quick": ExperimentConfig(name="quick", operands=3, teacher_steps=500, teacher_target=0.8,
+                              warmup_max_steps=400, warmup_target=0.3, warmup_main_fraction=0.75,
+                              token_budget=6_000, curve_points=3, lr_grid=(1e-3,), seeds=2, eval_examples=100,
+                              old_eval_examples=100, validation_examples=100, continual_max_steps=60,
+                              recovery_tokens=3_000),
     "default": ExperimentConfig(name="default"),
 }
 

@@ -39,7 +39,7 @@ from .tokenizer import ByteTokenizer
 from .training import evaluate, train_supervised
 
 # Bump when the teacher or warm-up recipe changes in code, so stale cached checkpoints are not reused.
-RECIPE_VERSION = 4
+RECIPE_VERSION = 3
 
 
 def _key(obj) -> str:
@@ -143,7 +143,7 @@ def continual(s: Setup, before, seed: int, lrs: Dict[str, float]) -> Dict:
        until the new task is learned (``continual_new_target`` validation accuracy) and its running-sum
        validation accuracy has fallen below ``continual_drop_to`` x its level (or max steps).
     3. Recover the running sum with ``before`` as the teacher on running-sum prompts: dense OPD vs SFT
-       on ``before``'s samples, ``recovery_tokens`` each, at the methods' learning rates.
+       on ``before``'s samples, ``recovery_tokens`` each, both at ``continual_lr``.
     """
     cfg = s.cfg
     for p in before.parameters():
@@ -164,7 +164,7 @@ def continual(s: Setup, before, seed: int, lrs: Dict[str, float]) -> Dict:
            "running_sum_validation_before": level}
     for name in ("dense_opd", "sft"):
         student = copy.deepcopy(tuned)
-        res = _train(s, name, student, before, lrs[name], seed + 100, cfg.recovery_tokens, new_scores,
+        res = _train(s, name, student, before, cfg.continual_lr, seed + 100, cfg.recovery_tokens, new_scores,
                      max(2, cfg.curve_points // 3))
         out[f"recovered_{name}"] = res
     return out
