@@ -126,7 +126,7 @@ def _ptxas_report(ptx: str, arch: int) -> str:
 def check(archs=(90, 80), dtypes=("bf16", "fp16", "fp32"), only: str = "") -> list:
     """Compile all variants (those whose name contains ``only``); returns report lines, raises on the
     first compile error."""
-    if launch.INTERPRETED:
+    if launch.INTERPRET:
         raise RuntimeError("the kernels were created under TRITON_INTERPRET=1; run without it")
     lines = []
     for arch in archs:

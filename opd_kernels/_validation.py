@@ -1,8 +1,11 @@
 """Argument checking for the public API.
 
 Every check raises ValueError or TypeError naming the argument, what was expected and what was received,
-before any kernel runs. Only the id range check reads tensor values (one host sync); it can be turned
-off with ``OPD_CHECK_IDS=0`` for hot loops whose ids are known to be valid, and it is skipped while
+before any kernel runs. The ``check_<op>`` functions at the end run every check of one public op and return
+its frozen :class:`~opd_kernels._options.Options`, the only object the layers below read.
+
+Only the id range check reads tensor values (one host sync, for the min and max together); it can be
+turned off with ``OPD_CHECK_IDS=0`` for hot loops whose ids are known to be valid, and it is skipped while
 torch.compile traces.
 """
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from ._common import DIVERGENCES, REDUCTIONS, STRATEGIES
+from ._options import LogitTransform, Options
 
 BACKENDS = ("auto", "torch", "cpp", "triton")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -131,8 +135,9 @@ def check_normalizer(normalizer, device):
     return check_real("normalizer", normalizer, positive=True)
 
 
-def check_ids(name: str, ids, v: int, leading: torch.Size, leading_name: str, *, trailing: Optional[int] = None,
-              device=None) -> None:
+def check_ids(name: str, ids, v: Optional[int], leading: torch.Size, leading_name: str, *,
+              trailing: Optional[int] = None, device=None) -> None:
+    """dtype, shape and device of an id tensor, then (``v`` given) the range 0 <= id < v."""
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of integer ids, got {type(ids).__name__}")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
@@ -145,31 +150,71 @@ def check_ids(name: str, ids, v: int, leading: torch.Size, leading_name: str, *,
                          f"got {tuple(ids.shape)}")
     if device is not None and ids.device != device:
         raise ValueError(f"{name}: expected device {device}, got {ids.device}")
-    # The range check reads values (a host sync, and a graph break under torch.compile): skipped while
-    # compiling and when OPD_CHECK_IDS=0.
+    if v is not None:
+        check_id_range(name, ids, v)
+
+
+def check_id_range(name: str, ids: torch.Tensor, v: int) -> None:
+    """0 <= ids < v. Reads values: one host sync (min and max come back together) and a graph break under
+    torch.compile, so it is skipped while compiling and when OPD_CHECK_IDS=0."""
     if ids.numel() and os.environ.get("OPD_CHECK_IDS", "1") != "0" and not torch.compiler.is_compiling():
-        lo, hi = int(ids.min()), int(ids.max())  # one host sync, at validation time only
+        lo, hi = torch.stack([ids.min(), ids.max()]).tolist()  # the one host sync of this check
         if lo < 0 or hi >= v:
             bad = lo if lo < 0 else hi
             raise ValueError(f"{name}: expected ids in [0, {v}) (V = {v}), got {bad}")
 
 
-def check_filter_eps(filter_eps) -> Optional[float]:
-    return None if filter_eps is None else check_real("filter_eps", filter_eps, low=0.0, high=1.0)
+def check_filter_eps(filter_eps) -> float:
+    """``None`` is the default :data:`DEFAULT_FILTER_EPS`; else a number in [0, 1]."""
+    return DEFAULT_FILTER_EPS if filter_eps is None else check_real("filter_eps", filter_eps, low=0.0, high=1.0)
 
 
-__all__ = [n for n in dir() if n.startswith("check_")] + ["BACKENDS", "DIVERGENCES", "REDUCTIONS", "STRATEGIES"]
+def check_flag(name: str, value) -> bool:
+    """A real bool: ``"False"`` or ``0`` is a TypeError, not silently truthy or falsy."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {type(value).__name__} ({value!r})")
+    return value
 
 
-def check_linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, *, divergence, beta,
-                            temperature, student_bias, teacher_bias, student_softcap, teacher_softcap,
-                            student_scale, teacher_scale, mask, reduction, normalizer, backend, strategy,
-                            filter_eps) -> dict:
-    """Every check of ``linear_divergence`` except ``vocab_size`` (local or global, the caller's business).
+def check_deterministic(deterministic) -> bool:
+    """The caller's request, or torch.use_deterministic_algorithms(True) (as PyTorch's own ops switch to
+    their deterministic implementations under it)."""
+    return check_flag("deterministic", deterministic) or torch.are_deterministic_algorithms_enabled()
 
-    Returns the normalized options: floats as Python floats, ``mask`` flat bool (N,) or None, ``normalizer``
-    a float, a 0-dim tensor or None.
-    """
+
+def resolve_divergence(divergence: str, beta: float) -> str:
+    """TRL's generalized JSD at the ends of its range is a KL (the mixture is degenerate there):
+    beta = 0 is forward KL, beta = 1 reverse KL. The one place this rule is applied: every
+    implementation below receives the KL, and the kernels reject "jsd" outside 0 < beta < 1."""
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        return "forward_kl" if beta == 0.0 else "reverse_kl"
+    return divergence
+
+
+def check_vocab_request(vocab_size) -> Optional[int]:
+    """The type of ``vocab_size`` alone (an int or None), for a vocab-parallel call: its bound is the
+    group's total rows, known only after the ranks agree on the layout (distributed/shards.py)."""
+    if vocab_size is None:
+        return None
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral):
+        raise TypeError(f"vocab_size: expected an int or None, got {type(vocab_size).__name__}")
+    return int(vocab_size)
+
+
+# Default for ``filter_eps=None``: see docs/triton.md ("Choosing filter_eps") for the measurements.
+DEFAULT_FILTER_EPS = 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# one function per public op: every check, then the call's Options
+# --------------------------------------------------------------------------------------------------
+def check_linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, *, divergence="reverse_kl",
+                            beta=0.5, temperature=1.0, student_bias=None, teacher_bias=None, student_softcap=None,
+                            teacher_softcap=None, student_scale=1.0, teacher_scale=1.0, vocab_size=None, mask=None,
+                            reduction="mean", normalizer=None, backend="auto", strategy="auto", filter_eps=None,
+                            deterministic=False, process_group=None, reduce_hidden_grad=True) -> Options:
+    """Every check of ``linear_divergence``; returns its :class:`Options`. With a ``process_group`` the
+    weights are this rank's shards and ``vocab_size`` stays the request (distributed/shards.py fixes V)."""
     check_tensor("student_hidden", student_hidden)
     check_tensor("teacher_hidden", teacher_hidden)
     check_weight("student_weight", student_weight, student_hidden, "student_hidden")
@@ -185,12 +230,118 @@ def check_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
     check_choice("backend", backend, BACKENDS)
     check_choice("strategy", strategy, STRATEGIES)
     device = student_hidden.device
-    return dict(
-        divergence=divergence, beta=check_real("beta", beta, low=0.0, high=1.0),
-        temperature=check_real("temperature", temperature, positive=True),
-        student_softcap=check_softcap("student_softcap", student_softcap),
-        teacher_softcap=check_softcap("teacher_softcap", teacher_softcap),
-        student_scale=check_real("student_scale", student_scale),
-        teacher_scale=check_real("teacher_scale", teacher_scale),
-        reduction=reduction, strategy=strategy, filter_eps=check_filter_eps(filter_eps),
-        mask=check_mask(mask, leading, "student_hidden", device), normalizer=check_normalizer(normalizer, device))
+    beta = check_real("beta", beta, low=0.0, high=1.0)
+    temperature = check_real("temperature", temperature, positive=True)
+    student = LogitTransform(check_real("student_scale", student_scale),
+                             check_softcap("student_softcap", student_softcap), temperature)
+    teacher = LogitTransform(check_real("teacher_scale", teacher_scale),
+                             check_softcap("teacher_softcap", teacher_softcap), temperature)
+    filter_eps = check_filter_eps(filter_eps)
+    if process_group is None:
+        v = check_vocab_size(vocab_size, v_student=student_weight.shape[0], v_teacher=teacher_weight.shape[0])
+    else:
+        v = check_vocab_request(vocab_size)
+    return Options(
+        divergence=resolve_divergence(divergence, beta), beta=beta, vocab_size=v, student=student, teacher=teacher,
+        mask=check_mask(mask, leading, "student_hidden", device), reduction=reduction,
+        normalizer=check_normalizer(normalizer, device), backend=backend, strategy=strategy, filter_eps=filter_eps,
+        deterministic=check_deterministic(deterministic), process_group=process_group,
+        reduce_hidden_grad=bool(reduce_hidden_grad))
+
+
+def check_lse_gather(hidden, weight, ids, *, bias=None, temperature=1.0, softcap=None, scale=1.0, vocab_size=None,
+                     return_entropy=False, backend="auto", deterministic=False, process_group=None,
+                     reduce_hidden_grad=True, ids_name="targets", trailing=None,
+                     names=("hidden", "weight", "bias", "softcap", "scale")) -> Options:
+    """The checks of the lse/gather ops (``linear_logprobs``; ``linear_topk_divergence`` passes its own
+    ``names``): the one model's :class:`LogitTransform` becomes ``Options.student``. With a ``process_group``
+    the id range is checked once the global V is known (distributed/vocab_parallel.py)."""
+    hname, wname, bname, cname, sname = names
+    check_tensor(hname, hidden)
+    check_weight(wname, weight, hidden, hname)
+    check_bias(bname, bias, weight, wname)
+    check_same_device(**{hname: hidden, wname: weight, bname: bias})
+    temperature = check_real("temperature", temperature, positive=True)
+    student = LogitTransform(check_real(sname, scale), check_softcap(cname, softcap), temperature)
+    check_choice("backend", backend, BACKENDS)
+    if process_group is None:
+        v = check_vocab_size(vocab_size, v_student=weight.shape[0], student_name=wname)
+    else:
+        v = check_vocab_request(vocab_size)
+    check_ids(ids_name, ids, v if process_group is None else None, hidden.shape[:-1], hname, trailing=trailing,
+              device=hidden.device)
+    return Options(vocab_size=v, student=student, return_entropy=bool(return_entropy), backend=backend,
+                   deterministic=check_deterministic(deterministic), process_group=process_group,
+                   reduce_hidden_grad=bool(reduce_hidden_grad))
+
+
+def check_linear_topk_divergence(student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, *,
+                                 divergence="forward_kl", tail_bucket=True, temperature=1.0, student_bias=None,
+                                 student_softcap=None, student_scale=1.0, vocab_size=None, mask=None,
+                                 reduction="mean", normalizer=None, backend="auto", deterministic=False,
+                                 process_group=None, reduce_hidden_grad=True) -> Options:
+    """Every check of ``linear_topk_divergence``; returns its :class:`Options`."""
+    check_choice("divergence", divergence, ("forward_kl", "reverse_kl"))
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_tensor("teacher_topk_logprobs", teacher_topk_logprobs)
+    trailing = (teacher_topk_ids.shape[-1] if isinstance(teacher_topk_ids, torch.Tensor) and teacher_topk_ids.dim()
+                else None)
+    opts = check_lse_gather(
+        student_hidden, student_weight, teacher_topk_ids, bias=student_bias, temperature=temperature,
+        softcap=student_softcap, scale=student_scale, vocab_size=vocab_size, backend=backend,
+        deterministic=deterministic, process_group=process_group, reduce_hidden_grad=reduce_hidden_grad,
+        ids_name="teacher_topk_ids", trailing=trailing,
+        names=("student_hidden", "student_weight", "student_bias", "student_softcap", "student_scale"))
+    if tuple(teacher_topk_logprobs.shape) != tuple(teacher_topk_ids.shape):
+        raise ValueError(f"teacher_topk_logprobs: expected shape {tuple(teacher_topk_ids.shape)} (the shape of "
+                         f"teacher_topk_ids), got {tuple(teacher_topk_logprobs.shape)}")
+    check_same_device(student_hidden=student_hidden, teacher_topk_logprobs=teacher_topk_logprobs)
+    device = student_hidden.device
+    return opts.replace(divergence=divergence, tail_bucket=bool(tail_bucket), reduction=reduction,
+                        mask=check_mask(mask, student_hidden.shape[:-1], "student_hidden", device),
+                        normalizer=check_normalizer(normalizer, device))
+
+
+def check_logits_divergence(student_logits, teacher_logits, *, divergence="reverse_kl", beta=0.5, temperature=1.0,
+                            vocab_size=None, mask=None, reduction="mean", normalizer=None, backend="auto",
+                            deterministic=False, inplace_grad=False) -> Options:
+    """Every check of ``logits_divergence``; returns its :class:`Options` (both transforms are 1/T)."""
+    check_tensor("student_logits", student_logits)
+    check_tensor("teacher_logits", teacher_logits)
+    leading = student_logits.shape[:-1]
+    check_leading("teacher_logits", teacher_logits[..., 0], leading, "student_logits")
+    check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
+    check_choice("divergence", divergence, DIVERGENCES)
+    beta = check_real("beta", beta, low=0.0, high=1.0)
+    transform = LogitTransform(temperature=check_real("temperature", temperature, positive=True))
+    v = check_vocab_size(vocab_size, v_student=student_logits.shape[-1], v_teacher=teacher_logits.shape[-1],
+                         student_name="student_logits (last dim)", teacher_name="teacher_logits")
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("backend", backend, BACKENDS)
+    device = student_logits.device
+    return Options(divergence=resolve_divergence(divergence, beta), beta=beta, vocab_size=v, student=transform,
+                   teacher=transform, mask=check_mask(mask, leading, "student_logits", device), reduction=reduction,
+                   normalizer=check_normalizer(normalizer, device), backend=backend,
+                   deterministic=check_deterministic(deterministic), inplace_grad=bool(inplace_grad))
+
+
+def backend_call_options(primitive: str, tensors, keywords: dict) -> Options:
+    """The Options of a direct call of a backend primitive with keywords (tests, benchmarks), e.g.
+    ``backends.cpp.lse_gather(h, w, ids, bias=b, temperature=0.7, vocab_size=157, return_entropy=True)``:
+    the same ``check_<op>`` the public API runs, on the primitive's flat tensors. The API itself passes
+    an Options object and never comes here."""
+    if primitive == "lse_gather":
+        hidden, weight, ids, bias = tensors
+        return check_lse_gather(hidden, weight, ids, bias=bias, ids_name="ids", trailing=ids.shape[-1], **keywords)
+    if primitive == "logits_divergence":
+        return check_logits_divergence(*tensors, **keywords)
+    if primitive == "linear_divergence":
+        hs, ws, bs, ht, wt, bt = tensors
+        return check_linear_divergence(hs, ws, ht, wt, student_bias=bs, teacher_bias=bt, **keywords)
+    raise ValueError(f"primitive: expected one of 'linear_divergence', 'lse_gather', 'logits_divergence', "
+                     f"got {primitive!r}")
+
+
+__all__ = [n for n in dir() if n.startswith("check_")] + [
+    "BACKENDS", "DIVERGENCES", "REDUCTIONS", "STRATEGIES", "DEFAULT_FILTER_EPS", "backend_call_options",
+    "resolve_divergence"]

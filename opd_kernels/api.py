@@ -1,12 +1,15 @@
 """The public functional API (docs/design.md section 5): argument checks, flattening, backend dispatch.
 
-Each function validates everything before any kernel runs, flattens the leading dims to N rows, asks the
-backend registry which implementation runs, and reshapes per-token outputs back to the leading shape.
+Each function validates everything into one frozen ``Options`` (opd_kernels/_validation.py) before any kernel
+runs, flattens the leading dims to N rows, asks the backend registry which implementation runs, hands it the
+tensors and the Options, and reshapes per-token outputs back to the leading shape. ``process_group`` is one
+more option of the same path: the ranks agree on their vocabulary shards during validation
+(distributed/shards.py) and the vocab-parallel implementation (distributed/vocab_parallel.py) runs the same
+backend primitives on each shard.
 """
 from __future__ import annotations
 
-import inspect
-from typing import Optional, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 
@@ -15,6 +18,7 @@ from . import backends
 from ._common import empty_result as _empty_result
 from ._common import flatten_rows as _rows
 from ._common import reduce_per_token, token_weights
+from ._options import Options
 from .reference import topk_divergence_from_logprobs
 
 Normalizer = Union[None, int, float, torch.Tensor]
@@ -24,6 +28,21 @@ def _vocab_parallel():
     """The vocab-parallel implementations (imported on use: torch.distributed is not needed otherwise)."""
     from .distributed import vocab_parallel
     return vocab_parallel
+
+
+def _validated(checks: Callable[[], Options], sizes: Callable[[], Tuple[int, Optional[int], int, int, int]],
+               process_group, device) -> Options:
+    """The call's Options: ``checks()``; with a ``process_group`` every rank runs them and the group agrees
+    on the vocabulary layout (and V) in one exchange of ``sizes()`` = (student rows, teacher rows or None,
+    tokens, hidden size, ids per token), so an argument error on any rank is raised on every rank."""
+    if process_group is None:
+        return checks()
+    from .distributed.shards import agree_on_layout
+    return agree_on_layout(process_group, device, checks, sizes)
+
+
+def _device_of(x) -> torch.device:
+    return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
 
 
 def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
@@ -81,47 +100,26 @@ def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor
     -inf teacher logits are allowed: forward KL and JSD stay finite; reverse KL is +inf for such a token
     (p_s > 0 everywhere), with a zero gradient row instead of NaN.
     """
-    if process_group is not None:
-        return _vocab_parallel().linear_divergence(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, divergence=divergence, beta=beta,
-            temperature=temperature, student_bias=student_bias, teacher_bias=teacher_bias,
-            student_softcap=student_softcap, teacher_softcap=teacher_softcap, student_scale=student_scale,
-            teacher_scale=teacher_scale, vocab_size=vocab_size, mask=mask, reduction=reduction,
-            normalizer=normalizer, backend=backend, strategy=strategy, filter_eps=filter_eps,
-            process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
-    opts = check.check_linear_divergence(
+    opts = _validated(lambda: check.check_linear_divergence(
         student_hidden, student_weight, teacher_hidden, teacher_weight, divergence=divergence, beta=beta,
         temperature=temperature, student_bias=student_bias, teacher_bias=teacher_bias,
         student_softcap=student_softcap, teacher_softcap=teacher_softcap, student_scale=student_scale,
-        teacher_scale=teacher_scale, mask=mask, reduction=reduction, normalizer=normalizer, backend=backend,
-        strategy=strategy, filter_eps=filter_eps)
-    v = check.check_vocab_size(vocab_size, v_student=student_weight.shape[0], v_teacher=teacher_weight.shape[0])
+        teacher_scale=teacher_scale, vocab_size=vocab_size, mask=mask, reduction=reduction, normalizer=normalizer,
+        backend=backend, strategy=strategy, filter_eps=filter_eps, deterministic=deterministic,
+        process_group=process_group, reduce_hidden_grad=reduce_hidden_grad),
+        lambda: (student_weight.shape[0], teacher_weight.shape[0], student_hidden.shape[:-1].numel(),
+                 student_hidden.shape[-1], 0),
+        process_group, _device_of(student_hidden))
     leading = student_hidden.shape[:-1]
-    device = student_hidden.device
     if student_hidden.numel() == 0:
         return _empty_result(leading, reduction, student_hidden, student_weight, student_bias)
-    impl = backends.resolve(backend, device, "linear_divergence")
-    out = impl.linear_divergence(
-        _rows(student_hidden), student_weight.contiguous(), _rows(teacher_hidden), teacher_weight.contiguous(),
-        student_bias=student_bias, teacher_bias=teacher_bias, vocab_size=v, deterministic=bool(deterministic), **opts)
-    return out.reshape(leading) if reduction == "none" else out
-
-
-def _lse_gather_checked(hidden, weight, ids, *, bias, temperature, softcap, scale, vocab_size, return_entropy,
-                        backend, ids_name, trailing):
-    check.check_tensor("hidden", hidden)
-    check.check_weight("weight", weight, hidden, "hidden")
-    check.check_bias("bias", bias, weight, "weight")
-    check.check_same_device(hidden=hidden, weight=weight, bias=bias)
-    temperature = check.check_real("temperature", temperature, positive=True)
-    softcap = check.check_softcap("softcap", softcap)
-    scale = check.check_real("scale", scale)
-    v = check.check_vocab_size(vocab_size, v_student=weight.shape[0], student_name="weight")
-    check.check_choice("backend", backend, check.BACKENDS)
-    leading = hidden.shape[:-1]
-    check.check_ids(ids_name, ids, v, leading, "hidden", trailing=trailing, device=hidden.device)
-    return dict(temperature=temperature, softcap=softcap, scale=scale, vocab_size=v,
-                return_entropy=return_entropy), leading
+    tensors = (_rows(student_hidden), student_weight.contiguous(), _rows(teacher_hidden), teacher_weight.contiguous())
+    if opts.process_group is not None:
+        impl = _vocab_parallel()
+    else:
+        impl = backends.resolve(opts.backend, student_hidden.device, "linear_divergence")
+    out = impl.linear_divergence(*tensors, opts, student_bias=student_bias, teacher_bias=teacher_bias)
+    return out.reshape(leading) if opts.reduction == "none" else out
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
@@ -146,26 +144,31 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     With ``process_group``, ``weight``/``bias`` are this rank's vocabulary shard and ``targets`` are global
     ids (docs/distributed.md).
     """
-    if process_group is not None:
-        return _vocab_parallel().linear_logprobs(
-            hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap, scale=scale,
-            vocab_size=vocab_size, return_entropy=return_entropy, backend=backend, process_group=process_group,
-            reduce_hidden_grad=reduce_hidden_grad)
-    opts, leading = _lse_gather_checked(hidden, weight, targets, bias=bias, temperature=temperature,
-                                        softcap=softcap, scale=scale, vocab_size=vocab_size,
-                                        return_entropy=bool(return_entropy), backend=backend,
-                                        ids_name="targets", trailing=None)
+    opts = _validated(lambda: check.check_lse_gather(
+        hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap, scale=scale,
+        vocab_size=vocab_size, return_entropy=return_entropy, backend=backend, deterministic=deterministic,
+        process_group=process_group, reduce_hidden_grad=reduce_hidden_grad, ids_name="targets"),
+        lambda: (weight.shape[0], None, hidden.shape[:-1].numel(), hidden.shape[-1], 1),
+        process_group, _device_of(hidden))
+    leading = hidden.shape[:-1]
+    if opts.process_group is not None:
+        check.check_id_range("targets", targets, opts.vocab_size)     # against the global V
     if hidden.numel() == 0:
         empty = _empty_result(leading, "none", hidden, weight, bias)
-        return (empty, empty.clone()) if return_entropy else empty
-    impl = backends.resolve(backend, hidden.device, "lse_gather")
-    ids = targets.reshape(-1, 1).to(torch.int64)
-    lse, gathered, entropy = impl.lse_gather(_rows(hidden), weight.contiguous(), ids, bias=bias,
-                                             deterministic=bool(deterministic), **opts)
+        return (empty, empty.clone()) if opts.return_entropy else empty
+    lse, gathered, entropy = _lse_gather(_rows(hidden), weight.contiguous(), targets.reshape(-1, 1).to(torch.int64),
+                                         bias, opts)
     logprobs = (gathered[:, 0] - lse).float().reshape(leading)
-    if return_entropy:
+    if opts.return_entropy:
         return logprobs, entropy.float().reshape(leading)
     return logprobs
+
+
+def _lse_gather(hidden, weight, ids, bias, opts: Options):
+    """The lse/gather primitive on flat tensors, on one device or over the vocab-parallel group."""
+    impl = (_vocab_parallel() if opts.process_group is not None
+            else backends.resolve(opts.backend, hidden.device, "lse_gather"))
+    return impl.lse_gather(hidden, weight, ids, opts, bias=bias)
 
 
 def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor,
@@ -192,43 +195,30 @@ def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.T
     student's full-vocabulary logsumexp and the k gathered logits with exact gradients. With
     ``process_group``, the student weight is this rank's vocabulary shard and the ids are global.
     """
-    if process_group is not None:
-        return _vocab_parallel().linear_topk_divergence(
-            student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, divergence=divergence,
-            tail_bucket=tail_bucket, temperature=temperature, student_bias=student_bias,
-            student_softcap=student_softcap, student_scale=student_scale, vocab_size=vocab_size, mask=mask,
-            reduction=reduction, normalizer=normalizer, backend=backend, process_group=process_group,
-            reduce_hidden_grad=reduce_hidden_grad)
-    check.check_choice("divergence", divergence, ("forward_kl", "reverse_kl"))
-    check.check_choice("reduction", reduction, check.REDUCTIONS)
-    check.check_tensor("teacher_topk_logprobs", teacher_topk_logprobs)
-    opts, leading = _lse_gather_checked(student_hidden, student_weight, teacher_topk_ids, bias=student_bias,
-                                        temperature=temperature, softcap=student_softcap, scale=student_scale,
-                                        vocab_size=vocab_size, return_entropy=False, backend=backend,
-                                        ids_name="teacher_topk_ids", trailing=teacher_topk_ids.shape[-1]
-                                        if isinstance(teacher_topk_ids, torch.Tensor) and teacher_topk_ids.dim()
-                                        else None)
-    if tuple(teacher_topk_logprobs.shape) != tuple(teacher_topk_ids.shape):
-        raise ValueError(f"teacher_topk_logprobs: expected shape {tuple(teacher_topk_ids.shape)} (the shape of "
-                         f"teacher_topk_ids), got {tuple(teacher_topk_logprobs.shape)}")
-    check.check_same_device(student_hidden=student_hidden, teacher_topk_logprobs=teacher_topk_logprobs)
-    device = student_hidden.device
-    flat_mask = check.check_mask(mask, leading, "student_hidden", device)
-    normalizer = check.check_normalizer(normalizer, device)
+    opts = _validated(lambda: check.check_linear_topk_divergence(
+        student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, divergence=divergence,
+        tail_bucket=tail_bucket, temperature=temperature, student_bias=student_bias, student_softcap=student_softcap,
+        student_scale=student_scale, vocab_size=vocab_size, mask=mask, reduction=reduction, normalizer=normalizer,
+        backend=backend, deterministic=deterministic, process_group=process_group,
+        reduce_hidden_grad=reduce_hidden_grad),
+        lambda: (student_weight.shape[0], None, student_hidden.shape[:-1].numel(), student_hidden.shape[-1],
+                 teacher_topk_ids.shape[-1] if teacher_topk_ids.dim() else 0),
+        process_group, _device_of(student_hidden))
+    leading = student_hidden.shape[:-1]
+    if opts.process_group is not None:
+        check.check_id_range("teacher_topk_ids", teacher_topk_ids, opts.vocab_size)     # against the global V
     if student_hidden.numel() == 0:
         return _empty_result(leading, reduction, student_hidden, student_weight, student_bias)
     k = teacher_topk_ids.shape[-1]
-    impl = backends.resolve(backend, device, "lse_gather")
-    lse, gathered, _ = impl.lse_gather(_rows(student_hidden), student_weight.contiguous(),
-                                       teacher_topk_ids.reshape(-1, k).to(torch.int64), bias=student_bias,
-                                       deterministic=bool(deterministic), **opts)
+    lse, gathered, _ = _lse_gather(_rows(student_hidden), student_weight.contiguous(),
+                                   teacher_topk_ids.reshape(-1, k).to(torch.int64), student_bias, opts)
     q = gathered - lse.unsqueeze(-1)
     l = teacher_topk_logprobs.detach().reshape(-1, k).to(q.dtype)
-    per_token = topk_divergence_from_logprobs(q, l, divergence=divergence, tail_bucket=bool(tail_bucket))
-    weights = token_weights(flat_mask, per_token.shape[0], reduction, normalizer, device, per_token.dtype)
-    out = reduce_per_token(per_token, weights, reduction)
+    per_token = topk_divergence_from_logprobs(q, l, divergence=opts.divergence, tail_bucket=opts.tail_bucket)
+    out = reduce_per_token(per_token, opts.token_weights(per_token.shape[0], q.device, per_token.dtype),
+                           opts.reduction)
     out = out.to(torch.promote_types(out.dtype, torch.float32))
-    return out.reshape(leading) if reduction == "none" else out
+    return out.reshape(leading) if opts.reduction == "none" else out
 
 
 def logits_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, divergence: str = "reverse_kl",
@@ -247,34 +237,19 @@ def logits_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     The logits are overwritten: use it only when nothing else needs them (autograd raises if another op
     saved them for its backward).
     """
-    check.check_tensor("student_logits", student_logits)
-    check.check_tensor("teacher_logits", teacher_logits)
+    opts = check.check_logits_divergence(
+        student_logits, teacher_logits, divergence=divergence, beta=beta, temperature=temperature,
+        vocab_size=vocab_size, mask=mask, reduction=reduction, normalizer=normalizer, backend=backend,
+        deterministic=deterministic, inplace_grad=inplace_grad)
     leading = student_logits.shape[:-1]
-    check.check_leading("teacher_logits", teacher_logits[..., 0], leading, "student_logits")
-    check.check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
-    check.check_choice("divergence", divergence, check.DIVERGENCES)
-    beta = check.check_real("beta", beta, low=0.0, high=1.0)
-    temperature = check.check_real("temperature", temperature, positive=True)
-    v = check.check_vocab_size(vocab_size, v_student=student_logits.shape[-1], v_teacher=teacher_logits.shape[-1],
-                               student_name="student_logits (last dim)", teacher_name="teacher_logits")
-    check.check_choice("reduction", reduction, check.REDUCTIONS)
-    check.check_choice("backend", backend, check.BACKENDS)
-    device = student_logits.device
-    flat_mask = check.check_mask(mask, leading, "student_logits", device)
-    normalizer = check.check_normalizer(normalizer, device)
     if student_logits.numel() == 0:
         return _empty_result(leading, reduction, student_logits)
-    impl = backends.resolve(backend, device, "logits_divergence")
-    extra = {}
-    if inplace_grad:
-        if "inplace_grad" not in inspect.signature(impl.logits_divergence).parameters:
-            raise ValueError(f"inplace_grad: not supported by the {impl.__name__.rsplit('.', 1)[-1]} backend; "
-                             "use backend='cpp' or 'torch'")
-        extra["inplace_grad"] = True
-    out = impl.logits_divergence(_rows(student_logits), _rows(teacher_logits), divergence=divergence, beta=beta,
-                                 temperature=temperature, vocab_size=v, mask=flat_mask, reduction=reduction,
-                                 normalizer=normalizer, deterministic=bool(deterministic), **extra)
-    return out.reshape(leading) if reduction == "none" else out
+    impl = backends.resolve(opts.backend, student_logits.device, "logits_divergence")
+    if opts.inplace_grad and not getattr(impl, "INPLACE_GRAD", False):
+        raise ValueError(f"inplace_grad: not supported by the {impl.__name__.rsplit('.', 1)[-1]} backend; "
+                         "use backend='cpp' or 'torch'")
+    out = impl.logits_divergence(_rows(student_logits), _rows(teacher_logits), opts)
+    return out.reshape(leading) if opts.reduction == "none" else out
 
 
 def sampled_token_opd_loss(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, *,

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 
 
 def _xmul(p: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
-    """``p * term`` with 0 * anything = 0 (p = 0 where a logit is -inf, and term may be +-inf or NaN there)."""
-    return torch.where(p > 0, p * term, torch.zeros((), dtype=term.dtype, device=term.device))
+    """``p * term`` with 0 * anything = 0 (p = 0 where a logit is -inf, and term may be +-inf or NaN there).
+    The test is ``p == 0``, not ``p > 0``: a NaN p (a NaN input) stays NaN instead of scoring 0 (issue 16)."""
+    return torch.where(p == 0, torch.zeros((), dtype=term.dtype, device=term.device), p * term)
 
 
 def _log_softmax(z: torch.Tensor) -> torch.Tensor:
@@ -66,11 +67,9 @@ def divergence_and_grad(zs: torch.Tensor, zt: torch.Tensor, divergence: str, bet
     A row whose value is +inf (reverse KL against a -inf teacher logit where p_s > 0) has no defined
     gradient; it gets a zero gradient row instead of NaN. Entries with p_s = 0 (a -inf student logit)
     get exactly 0 (their log-ratio terms may be -inf - -inf = NaN, which must not leak).
+    "jsd" needs 0 < beta < 1: validation stores beta = 0 / 1 as forward / reverse KL
+    (``_validation.resolve_divergence``), and ``math.log`` raises at the ends.
     """
-    if divergence == "jsd" and beta == 0.0:
-        divergence = "forward_kl"
-    elif divergence == "jsd" and beta == 1.0:
-        divergence = "reverse_kl"
     ls = _log_softmax(zs)
     lt = _log_softmax(zt)
     ps = ls.exp()
@@ -108,14 +107,46 @@ def lse_gather_grad(z: torch.Tensor, lse: torch.Tensor, ids: torch.Tensor, entro
         d lse / dz_v      = p_v
         d z[ids_j] / dz_v = [v == ids_j]
         d H / dz_v        = -p_v (log p_v + H)        (H = L - sum_v p_v z_v)
+
+    Rows whose upstream gradients are all 0 (masked tokens) get exact zeros, whatever NaN their logits hold;
+    ids outside [0, V) (possible with ``OPD_CHECK_IDS=0``) are skipped (their gathered logit is NaN).
     """
     logp = z - lse.unsqueeze(-1)
     p = logp.exp()
     grad = torch.zeros_like(z)
+    live = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
     if grad_lse is not None:
         grad += grad_lse.unsqueeze(-1).to(z.dtype) * p
+        live |= grad_lse != 0
     if grad_entropy is not None and entropy is not None:
-        grad -= grad_entropy.unsqueeze(-1).to(z.dtype) * p * (logp + entropy.unsqueeze(-1))
-    if grad_gathered is not None:
-        grad.scatter_add_(-1, ids, grad_gathered.to(z.dtype))
-    return grad
+        grad -= grad_entropy.unsqueeze(-1).to(z.dtype) * _xmul(p, logp + entropy.unsqueeze(-1))
+        live |= grad_entropy != 0
+    if grad_gathered is not None and ids.shape[-1] > 0:
+        valid = ids_in_range(ids, z.shape[-1])
+        g = torch.where(valid, grad_gathered.to(z.dtype), torch.zeros((), dtype=z.dtype, device=z.device))
+        grad.scatter_add_(-1, torch.where(valid, ids, torch.zeros_like(ids)), g)
+        live |= (grad_gathered != 0).any(-1)
+    return torch.where(live.unsqueeze(-1), grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+
+
+def ids_in_range(ids: torch.Tensor, v: int) -> torch.Tensor:
+    """``0 <= ids < v``: the in-kernel id check (the host check is skipped with ``OPD_CHECK_IDS=0``)."""
+    return (ids >= 0) & (ids < v)
+
+
+def gather_checked(z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``z.gather(-1, ids)``, NaN where an id is outside [0, V): never an out-of-bounds read (issue 16)."""
+    valid = ids_in_range(ids, z.shape[-1])
+    out = z.gather(-1, torch.where(valid, ids, torch.zeros_like(ids)))
+    return torch.where(valid, out, torch.full((), float("nan"), dtype=z.dtype, device=z.device))
+
+
+def entropy_from_logits(z: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy of softmax(z) per row from max-shifted sums, ``log d - sum_v e_v y_v / d`` with
+    ``y = z - max``, ``e = exp(y)``, ``d = sum e``: no cancellation of ``L - sum p z`` on peaked rows, and a
+    -inf logit contributes 0 (not 0 * -inf)."""
+    m = z.amax(-1, keepdim=True)
+    y = z - torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    e = y.exp()
+    d = e.sum(-1)
+    return d.log() - _xmul(e, y).sum(-1) / d

@@ -16,22 +16,26 @@ Equivalent PyTorch for one chunk (reverse KL; ``w`` the token weights of ``_comm
     G = w[:, None] * torch.autograd.grad(values.sum(), raw_s)        # over the student workspace
     dhs = G @ Ws[:V]; dWs[:V] += G.T @ hs; dbs[:V] += G.sum(0)
 
-This module holds the Python side of the ops registered in C++ (``torch.ops.opd.*``): their fake
-(meta) implementations and autograd formulas through ``torch.library``, so ``torch.compile`` traces them,
-and the three backend primitives of docs/internals.md.
+Registration (docs/internals.md, "Ops"): each op's schema is declared once, in csrc/ops.cpp; this module
+registers, per op and side by side, its fake (meta) implementation and its autograd formula through
+``torch.library``, so ``torch.compile`` traces the ops, and implements the three backend primitives of
+docs/internals.md on top of them. The call's Options cross into an op as the schema's scalars, packed by one
+``_<op>_scalars`` function per op family; a setup_context unpacks them by name.
 
-Chunk size: C = ``OPD_WORKSPACE_MB`` / (V * (student + teacher element size)), default
-:data:`DEFAULT_WORKSPACE_MB` per device type.
+Chunk size: C = ``OPD_WORKSPACE_MB`` MiB / (V * (student + teacher element size)): the two workspaces
+together (opd_kernels/_chunking.py; default 64 MiB on CPU, 1024 MiB on CUDA).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 
-from .. import reference
-from .._common import token_weights
+from .. import _validation as check
+from .._chunking import DEFAULT_WORKSPACE_MB
+from .._chunking import chunk_rows as _chunk_rows
+from .._options import Options
+from . import pytorch as _pytorch  # strategy "materialize" (the reference path) runs there
 
 try:
     from .. import _C  # noqa: F401  (loading the library runs TORCH_LIBRARY(opd, ...))
@@ -51,22 +55,35 @@ else:
     CUDA_UNAVAILABLE_REASON = (UNAVAILABLE_REASON if not AVAILABLE else
                                "opd_kernels._C was built without CUDA epilogues (CPU-only torch or no nvcc)")
 
-# Workspace budget per device type (MiB, both models' chunk logits together). CPU: 64 MiB (C ~ 260 rows at
-# V = 32k) keeps the chunk GEMMs within a few percent of whole-batch speed while peak memory is 7.7% of the
-# materializing path's at issue 3's shape (workspace sweep in docs/cpp.md). CUDA: not measured (no GPU has
-# run these kernels yet).
-DEFAULT_WORKSPACE_MB = {"cpu": 64, "cuda": 1024}
-_DIVERGENCE_NAMES = ("reverse_kl", "forward_kl", "jsd")
-_REFERENCE_ARGS = ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight", "divergence", "beta",
-                   "temperature", "student_bias", "teacher_bias", "student_softcap", "teacher_softcap",
-                   "student_scale", "teacher_scale", "vocab_size", "mask", "reduction", "normalizer")
+# logits_divergence(..., inplace_grad=True) is supported (the API asks before passing it)
+INPLACE_GRAD = True
 
 
 def chunk_rows(n: int, vocab: int, element_bytes: int, device: torch.device) -> int:
-    """Rows per chunk so the workspaces (``element_bytes`` per vocab entry, both models) fit the budget."""
-    default = DEFAULT_WORKSPACE_MB.get(device.type, 1024)
-    budget = float(os.environ.get("OPD_WORKSPACE_MB", default)) * 2**20
-    return int(max(1, min(max(n, 1), budget // (vocab * element_bytes))))
+    """Rows per chunk so the workspaces (``element_bytes`` per vocab entry, both models) fit
+    ``OPD_WORKSPACE_MB`` (default ``_chunking.DEFAULT_WORKSPACE_MB["cpp-<device type>"]``)."""
+    default = DEFAULT_WORKSPACE_MB.get(f"cpp-{device.type}", DEFAULT_WORKSPACE_MB["cpp-cuda"])
+    return _chunk_rows(n, vocab, element_bytes, default)
+
+
+# The options as the schemas' scalar arguments (csrc/ops.cpp), one function per op family: the only place
+# Options are packed for the C++ ops.
+def _divergence_scalars(opts: Options) -> tuple:
+    """(divergence, beta, temperature, student_softcap, teacher_softcap, student_scale, teacher_scale,
+    vocab_size) of opd::linear_divergence and opd::linear_divergence_values."""
+    s, t = opts.student, opts.teacher
+    return (opts.divergence, opts.beta, opts.temperature, s.softcap, t.softcap, s.scale, t.scale, opts.vocab_size)
+
+
+def _lse_gather_scalars(opts: Options) -> tuple:
+    """(temperature, softcap, scale, vocab_size) of opd::lse_gather and opd::lse_gather_backward."""
+    m = opts.student
+    return (m.temperature, m.softcap, m.scale, opts.vocab_size)
+
+
+def _logits_scalars(opts: Options) -> tuple:
+    """(divergence, beta, temperature, vocab_size) of opd::logits_divergence and its in-place form."""
+    return (opts.divergence, opts.beta, opts.temperature, opts.vocab_size)
 
 
 def _optional(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -134,13 +151,9 @@ if AVAILABLE:
     # copy of dW (V x H) would double the peak. (Backward through the same graph twice therefore raises
     # autograd's "modified by an inplace operation" error.) Inputs that needed a gradient the forward did
     # not compute are recomputed with the weights scaled by grad_output.
-    _LD_ARGS = ("hs", "ws", "bs", "ht", "wt", "bt", "weights")
-
     def _linear_divergence_setup(ctx, inputs, output):
-        hs, ws, bs, ht, wt, bt, weights = inputs[:7]
-        ctx.scalars = inputs[7:15]  # divergence .. vocab_size
-        ctx.grad_mask = tuple(inputs[15])
-        ctx.chunk_rows = inputs[16]
+        hs, ws, bs, ht, wt, bt, weights, *scalars, grad_mask, chunk_rows = inputs
+        ctx.scalars, ctx.grad_mask, ctx.chunk_rows = tuple(scalars), tuple(grad_mask), chunk_rows
         _, gh, gw, gb = output
         ctx.save_for_backward(hs, ws, bs, ht, wt, bt, weights, gh, gw, gb)
 
@@ -152,17 +165,16 @@ if AVAILABLE:
                                                    list(need), ctx.chunk_rows)
         else:
             gh, gw, gb = (_scale(g, g_loss) if n else None for g, n in zip((gh, gw, gb), need))
-        return (gh if need[0] else None, gw if need[1] else None, gb if need[2] else None,
-                None, None, None, None) + (None,) * 10
+        return (gh if need[0] else None, gw if need[1] else None, gb if need[2] else None) + (None,) * 14
 
     torch.library.register_autograd("opd::linear_divergence", _linear_divergence_backward,
                                     setup_context=_linear_divergence_setup)
 
     # reduction="none": any upstream gradient g (N,) works by recomputing the chunked pass with weights g.
     def _linear_divergence_values_setup(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:7])
-        ctx.scalars = inputs[7:15]
-        ctx.chunk_rows = inputs[15]
+        hs, ws, bs, ht, wt, bt, weights, *scalars, chunk_rows = inputs
+        ctx.scalars, ctx.chunk_rows = tuple(scalars), chunk_rows
+        ctx.save_for_backward(hs, ws, bs, ht, wt, bt, weights)
 
     def _linear_divergence_values_backward(ctx, g_values):
         hs, ws, bs, ht, wt, bt, weights = ctx.saved_tensors
@@ -176,9 +188,8 @@ if AVAILABLE:
                                     setup_context=_linear_divergence_values_setup)
 
     def _lse_gather_setup(ctx, inputs, output):
-        h, w, b, ids = inputs[:4]
-        ctx.scalars = inputs[4:7]  # temperature, softcap, scale
-        ctx.vocab_size, ctx.chunk_rows = inputs[7], inputs[9]
+        h, w, b, ids, *scalars, _return_entropy, chunk_rows = inputs
+        ctx.scalars, ctx.chunk_rows = tuple(scalars), chunk_rows   # scalars: _lse_gather_scalars
         lse, _, entropy = output
         ctx.save_for_backward(h, w, b, ids, lse, entropy)
 
@@ -187,7 +198,7 @@ if AVAILABLE:
         need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and b is not None]
         g_entropy = g_entropy if (g_entropy is not None and entropy.numel() > 0) else None
         gh, gw, gb = _ops.lse_gather_backward(h, w, b, ids, lse, entropy, g_lse, g_gathered, g_entropy,
-                                              *ctx.scalars, ctx.vocab_size, need, ctx.chunk_rows)
+                                              *ctx.scalars, need, ctx.chunk_rows)
         return (gh if need[0] else None, gw if need[1] else None, gb if need[2] else None) + (None,) * 7
 
     torch.library.register_autograd("opd::lse_gather", _lse_gather_backward, setup_context=_lse_gather_setup)
@@ -195,9 +206,8 @@ if AVAILABLE:
     # logits_divergence: with compute_grad the op returned d loss / d student_logits (scaled in backward);
     # without it (reduction "none"), backward recomputes with the upstream per-token gradient as weights.
     def _logits_divergence_setup(ctx, inputs, output):
-        s, t, weights = inputs[:3]
-        ctx.scalars = inputs[3:7]  # divergence, beta, temperature, vocab_size
-        ctx.compute_grad = inputs[7]
+        s, t, weights, *scalars, compute_grad = inputs
+        ctx.scalars, ctx.compute_grad = tuple(scalars), compute_grad   # scalars: _logits_scalars
         ctx.save_for_backward(s, t, weights, output[2])
 
     def _logits_divergence_backward(ctx, g_loss, g_values, _g_grad):
@@ -228,75 +238,75 @@ def _grad_mask(*tensors: Optional[torch.Tensor]):
 # --------------------------------------------------------------------------------------------------
 # the three backend primitives (docs/internals.md)
 # --------------------------------------------------------------------------------------------------
-def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, *, divergence, beta,
-                      temperature, student_bias, teacher_bias, student_softcap, teacher_softcap, student_scale,
-                      teacher_scale, vocab_size, mask, reduction, normalizer, strategy, filter_eps,
-                      deterministic=False):
+def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, opts: Options = None, *,
+                      student_bias=None, teacher_bias=None, **keywords):
     """Full-vocabulary divergence per token, reduced; see the module docstring for the math.
 
-    Always deterministic (``deterministic`` is accepted for the common contract): OpenMP splits rows, each
-    row's reduction runs in a fixed order, and there are no atomics."""
+    Always deterministic: OpenMP splits rows, each row's reduction runs in a fixed order, and there are no
+    atomics. ``keywords`` instead of ``opts``: a direct call (``_validation.backend_call_options``)."""
     _require()
-    if strategy == "fused":
+    if opts is None:
+        opts = check.backend_call_options("linear_divergence", (student_hidden, student_weight, student_bias,
+                                                                teacher_hidden, teacher_weight, teacher_bias),
+                                          keywords)
+    if opts.strategy == "fused":
         raise ValueError("strategy: 'fused' needs the triton backend; the cpp backend runs 'chunked' "
                          "(default) or 'materialize'")
-    if strategy == "materialize":  # the float64-capable reference path (baseline and oracle only)
-        opts = dict(locals())
-        return reference.linear_divergence(**{k: opts[k] for k in _REFERENCE_ARGS})
+    if opts.strategy == "materialize":  # the float64-capable reference path (baseline and oracle only)
+        return _pytorch.linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, opts,
+                                          student_bias=student_bias, teacher_bias=teacher_bias)
     n = student_hidden.shape[0]
-    weights = token_weights(mask, n, reduction, normalizer, student_hidden.device)
-    rows = chunk_rows(n, vocab_size, student_hidden.element_size() + teacher_hidden.element_size(),
+    weights = opts.token_weights(n, student_hidden.device)
+    rows = chunk_rows(n, opts.vocab_size, student_hidden.element_size() + teacher_hidden.element_size(),
                       student_hidden.device)
     teacher = (teacher_hidden.detach(), teacher_weight.detach(), _optional(teacher_bias))
-    scalars = (divergence, float(beta), float(temperature), _float_or_none(student_softcap),
-               _float_or_none(teacher_softcap), float(student_scale), float(teacher_scale), int(vocab_size))
-    if reduction == "none":
-        return _ops.linear_divergence_values(student_hidden, student_weight, student_bias, teacher[0], teacher[1],
-                                             teacher[2], weights, *scalars, rows)
-    mask3 = _grad_mask(student_hidden, student_weight, student_bias)
-    return _ops.linear_divergence(student_hidden, student_weight, student_bias, teacher[0], teacher[1],
-                                  teacher[2], weights, *scalars, mask3, rows)[0]
+    if opts.reduction == "none":
+        return _ops.linear_divergence_values(student_hidden, student_weight, student_bias, *teacher, weights,
+                                             *_divergence_scalars(opts), rows)
+    grad_mask = _grad_mask(student_hidden, student_weight, student_bias)
+    return _ops.linear_divergence(student_hidden, student_weight, student_bias, *teacher, weights,
+                                  *_divergence_scalars(opts), grad_mask, rows)[0]
 
 
-def lse_gather(hidden, weight, ids, *, bias, temperature, softcap, scale, vocab_size,
-               return_entropy, deterministic=False) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+def lse_gather(hidden, weight, ids, opts: Options = None, *, bias=None,
+               **keywords) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """lse (N,), logits gathered at ``ids`` (N, k), entropy (N,) or None - all fp32, differentiable.
 
     With no input requiring a gradient (the teacher gather) no autograd graph is built and nothing of
-    N x V is allocated: the chunk workspace is C x V.
+    N x V is allocated: the chunk workspace is C x V. ``keywords`` instead of ``opts``: a direct call.
     """
     _require()
-    rows = chunk_rows(hidden.shape[0], vocab_size, hidden.element_size(), hidden.device)
-    lse, gathered, entropy = _ops.lse_gather(hidden, weight, bias, ids, float(temperature),
-                                             _float_or_none(softcap), float(scale), int(vocab_size),
-                                             bool(return_entropy), rows)
-    return lse, gathered, (entropy if return_entropy else None)
+    if opts is None:
+        opts = check.backend_call_options("lse_gather", (hidden, weight, ids, bias), keywords)
+    rows = chunk_rows(hidden.shape[0], opts.vocab_size, hidden.element_size(), hidden.device)
+    lse, gathered, entropy = _ops.lse_gather(hidden, weight, bias, ids, *_lse_gather_scalars(opts),
+                                             opts.return_entropy, rows)
+    return lse, gathered, (entropy if opts.return_entropy else None)
 
 
-def logits_divergence(student_logits, teacher_logits, *, divergence, beta, temperature, vocab_size, mask,
-                      reduction, normalizer, deterministic=False, inplace_grad: bool = False):
+def logits_divergence(student_logits, teacher_logits, opts: Options = None, **keywords):
     """Divergence of caller-held logits (N, V_s) and (N, V_t), one pass per row, no fp32 copy of the inputs.
 
-    ``inplace_grad=True`` (scalar reductions only) writes d loss / d student_logits over ``student_logits``
+    ``opts.inplace_grad`` (scalar reductions only) writes d loss / d student_logits over ``student_logits``
     itself during the forward pass, so the backward allocates nothing of N x V. ``student_logits`` holds
     the gradient afterwards (scaled by grad_output in backward); only use it when nothing else needs those
-    logits - autograd raises if another op saved them for its backward. Eager mode only.
+    logits - autograd raises if another op saved them for its backward. Eager mode only. ``keywords``
+    instead of ``opts``: a direct call (``_validation.backend_call_options``).
     """
     _require()
-    if divergence not in _DIVERGENCE_NAMES:
-        raise ValueError(f"divergence: expected one of {_DIVERGENCE_NAMES}, got {divergence!r}")
-    weights = token_weights(mask, student_logits.shape[0], reduction, normalizer, student_logits.device)
+    if opts is None:
+        opts = check.backend_call_options("logits_divergence", (student_logits, teacher_logits), keywords)
+    weights = opts.token_weights(student_logits.shape[0], student_logits.device)
     t = teacher_logits.detach()
-    scalars = (divergence, float(beta), float(temperature), int(vocab_size))
-    if inplace_grad:
-        if reduction == "none":
+    if opts.inplace_grad:
+        if opts.reduction == "none":
             raise ValueError("inplace_grad: needs reduction 'mean' or 'sum' (got 'none', whose gradient is "
                              "only known in backward)")
         if _grad_mask(student_logits)[0]:
-            return _InplaceLogitsDivergence.apply(student_logits, t, weights, scalars)
-    compute_grad = reduction != "none" and _grad_mask(student_logits)[0]
-    loss, values, _ = _ops.logits_divergence(student_logits, t, weights, *scalars, compute_grad)
-    return values if reduction == "none" else loss
+            return _InplaceLogitsDivergence.apply(student_logits, t, weights, _logits_scalars(opts))
+    compute_grad = opts.reduction != "none" and _grad_mask(student_logits)[0]
+    loss, values, _ = _ops.logits_divergence(student_logits, t, weights, *_logits_scalars(opts), compute_grad)
+    return values if opts.reduction == "none" else loss
 
 
 class _InplaceLogitsDivergence(torch.autograd.Function):
@@ -314,7 +324,3 @@ class _InplaceLogitsDivergence(torch.autograd.Function):
     def backward(ctx, g_loss):
         grad, ctx.grad = ctx.grad, None
         return grad.mul_(g_loss.to(grad.dtype)), None, None, None
-
-
-def _float_or_none(x):
-    return None if x is None else float(x)

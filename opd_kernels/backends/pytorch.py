@@ -5,91 +5,45 @@ logits for one chunk at a time (C x V, never N x V), per-row statistics, and - f
 gradient formed during the forward pass (dH = G W, dW += G^T H), so backward only scales by grad_output.
 reduction="none" recomputes in backward, which makes any per-token upstream gradient work.
 
-The chunk size is chosen so the fp32 chunk buffers stay under ``OPD_WORKSPACE_MB`` (default 256 MiB).
+Every primitive takes the tensors and the call's :class:`~opd_kernels._options.Options` (docs/internals.md).
+The chunk size is ``_chunking.torch_chunk_rows``: its ``LIVE_BUFFERS`` fp32 buffers of C x V stay under
+``OPD_WORKSPACE_MB`` (default 256 MiB).
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-from typing import Optional
-
 import torch
 
+from .. import _validation as check
 from .. import reference
-from .._common import reduce_per_token, token_weights, transform_grad, transform_logits
-from ._divergence_math import divergence_and_grad, lse_gather_grad
+from .._chunking import accumulate_linear_grads, compute_dtype, linear_logits, row_chunks, torch_chunk_rows
+from .._common import reduce_per_token
+from .._options import Options
+from ._divergence_math import divergence_and_grad, entropy_from_logits, gather_checked, lse_gather_grad
 
-# fp32 buffers of C x V alive at once in a chunk step (logits, log-probs, probs, gradient, temporaries).
-_LIVE_BUFFERS = 10
-
-
-def chunk_rows(n: int, v: int, element_size: int = 4) -> int:
-    """Rows per chunk so ``_LIVE_BUFFERS`` buffers of (C, V) fit the workspace budget."""
-    budget = int(float(os.environ.get("OPD_WORKSPACE_MB", "256")) * 2**20)
-    return max(1, min(max(n, 1), budget // (_LIVE_BUFFERS * v * element_size)))
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
-@dataclass(frozen=True)
-class _ModelSpec:
-    """How one model turns hidden states into transformed logits z."""
-    scale: float
-    softcap: Optional[float]
-    temperature: float
-
-    def raw(self, h, w, b, v, dtype):
-        out = h @ w[:v].T
-        if b is not None:
-            out = out + b[:v]
-        return out.to(dtype)
-
-    def z(self, raw):
-        return transform_logits(raw, scale=self.scale, softcap=self.softcap, temperature=self.temperature)
-
-    def chain(self, raw, grad_z):
-        return transform_grad(raw, grad_z, scale=self.scale, softcap=self.softcap, temperature=self.temperature)
-
-
-def _accumulate_linear_grads(g, h, w, v, grad_h_rows, grad_w, grad_b):
-    """dH_rows = G W[:V];  dW[:V] += G^T H;  db[:V] += sum_rows G   (G already chained to raw logits)."""
-    gq = g.to(w.dtype)
-    grad_h_rows.copy_(gq @ w[:v])
-    grad_w[:v] += (gq.T @ h).to(grad_w.dtype)
-    if grad_b is not None:
-        grad_b[:v] += g.sum(0).to(grad_b.dtype)
+# logits_divergence(..., inplace_grad=True) is supported (the API asks before passing it)
+INPLACE_GRAD = True
 
 
 # --------------------------------------------------------------------------------------------------
 # linear_divergence
 # --------------------------------------------------------------------------------------------------
-def _divergence_pass(hs, ws, bs, ht, wt, bt, weights, opts, need_grad):
+def _divergence_pass(hs, ws, bs, ht, wt, bt, weights, opts: Options, need_grad):
     """One sweep over token chunks: per-token values and, if asked, the weighted student gradients."""
-    n, v = hs.shape[0], opts["vocab_size"]
-    cdt = _compute_dtype(hs, ht)
-    student = _ModelSpec(opts["student_scale"], opts["student_softcap"], opts["temperature"])
-    teacher = _ModelSpec(opts["teacher_scale"], opts["teacher_softcap"], opts["temperature"])
+    n, v = hs.shape[0], opts.vocab_size
+    cdt = compute_dtype(hs, ht)
     values = torch.empty(n, dtype=cdt, device=hs.device)
     grad_hs = torch.empty_like(hs) if need_grad else None
     grad_ws = torch.zeros(ws.shape, dtype=cdt, device=ws.device) if need_grad else None
     grad_bs = torch.zeros(bs.shape, dtype=cdt, device=ws.device) if need_grad and bs is not None else None
-    rows = chunk_rows(n, v)
-    for start in range(0, n, rows):
-        end = min(start + rows, n)
-        h = hs[start:end]
-        raw_s = student.raw(h, ws, bs, v, cdt)
+    for sl in row_chunks(n, torch_chunk_rows(n, v)):
+        raw_s = linear_logits(hs[sl], ws, bs, v, cdt)
         with torch.no_grad():
-            zt = teacher.z(teacher.raw(ht[start:end], wt, bt, v, cdt))
-        value, g = divergence_and_grad(student.z(raw_s), zt, opts["divergence"], opts["beta"], need_grad)
-        values[start:end] = value
+            zt = opts.teacher.apply(linear_logits(ht[sl], wt, bt, v, cdt))
+        value, g = divergence_and_grad(opts.student.apply(raw_s), zt, opts.divergence, opts.beta, need_grad)
+        values[sl] = value
         if need_grad:
-            g = student.chain(raw_s, g * weights[start:end].to(cdt).unsqueeze(-1))
-            _accumulate_linear_grads(g, h, ws, v, grad_hs[start:end], grad_ws, grad_bs)
+            g = opts.student.chain(raw_s, g * weights[sl].to(cdt).unsqueeze(-1))
+            accumulate_linear_grads(g, hs[sl], ws, v, grad_hs[sl], grad_ws, grad_bs, live=weights[sl] != 0)
     return values, grad_hs, grad_ws, grad_bs
 
 
@@ -97,9 +51,8 @@ class _ChunkedLinearDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hs, ws, bs, ht, wt, bt, weights, opts):
         ctx.opts = opts
-        ctx.has_bias = bs is not None
         need_grad = any(ctx.needs_input_grad[:3])
-        scalar = opts["reduction"] != "none"
+        scalar = opts.reduction != "none"
         values, grad_hs, grad_ws, grad_bs = _divergence_pass(hs, ws, bs, ht, wt, bt, weights, opts,
                                                              need_grad and scalar)
         if scalar:
@@ -107,12 +60,12 @@ class _ChunkedLinearDivergence(torch.autograd.Function):
         else:
             ctx.save_for_backward(hs, ws, bs, ht, wt, bt, weights)
         ctx.dtypes = (hs.dtype, ws.dtype)
-        out = reduce_per_token(values, weights, opts["reduction"])
+        out = reduce_per_token(values, weights, opts.reduction)
         return out.to(torch.promote_types(out.dtype, torch.float32))
 
     @staticmethod
     def backward(ctx, grad_out):
-        if ctx.opts["reduction"] != "none":
+        if ctx.opts.reduction != "none":
             grad_hs, grad_ws, grad_bs = ctx.saved_tensors
             if grad_hs is None:
                 return (None,) * 8
@@ -128,26 +81,27 @@ class _ChunkedLinearDivergence(torch.autograd.Function):
         return grads[0], grads[1], grads[2], None, None, None, None, None
 
 
-def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, *, divergence, beta,
-                      temperature, student_bias, teacher_bias, student_softcap, teacher_softcap, student_scale,
-                      teacher_scale, vocab_size, mask, reduction, normalizer, strategy, filter_eps,
-                      deterministic=False):
-    # deterministic: always (no atomics; every reduction runs in a fixed order).
-    if strategy == "fused":
+def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, opts: Options = None, *,
+                      student_bias=None, teacher_bias=None, **keywords):
+    """docs/internals.md ``linear_divergence``: strategy "chunked" (also for "auto"), or "materialize" (the
+    reference). Deterministic always: no atomics, every reduction in a fixed order. ``keywords`` instead
+    of ``opts``: a direct call with the public API's keywords (``_validation.backend_call_options``)."""
+    if opts is None:
+        opts = check.backend_call_options("linear_divergence", (student_hidden, student_weight, student_bias,
+                                                                teacher_hidden, teacher_weight, teacher_bias),
+                                          keywords)
+    if opts.strategy == "fused":
         raise ValueError("strategy: 'fused' needs the triton backend; the torch backend runs 'chunked' "
                          "(default) or 'materialize'")
-    if strategy == "materialize":
+    if opts.strategy == "materialize":
         return reference.linear_divergence(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, divergence=divergence, beta=beta,
-            temperature=temperature, student_bias=student_bias, teacher_bias=teacher_bias,
-            student_softcap=student_softcap, teacher_softcap=teacher_softcap, student_scale=student_scale,
-            teacher_scale=teacher_scale, vocab_size=vocab_size, mask=mask, reduction=reduction,
-            normalizer=normalizer)
-    opts = dict(divergence=divergence, beta=beta, temperature=temperature, student_softcap=student_softcap,
-                teacher_softcap=teacher_softcap, student_scale=student_scale, teacher_scale=teacher_scale,
-                vocab_size=vocab_size, reduction=reduction)
-    weights = token_weights(mask, student_hidden.shape[0], reduction, normalizer, student_hidden.device,
-                            _compute_dtype(student_hidden, teacher_hidden))
+            student_hidden, student_weight, teacher_hidden, teacher_weight, divergence=opts.divergence,
+            beta=opts.beta, temperature=opts.temperature, student_bias=student_bias, teacher_bias=teacher_bias,
+            student_softcap=opts.student.softcap, teacher_softcap=opts.teacher.softcap,
+            student_scale=opts.student.scale, teacher_scale=opts.teacher.scale, vocab_size=opts.vocab_size,
+            mask=opts.mask, reduction=opts.reduction, normalizer=opts.normalizer)
+    weights = opts.token_weights(student_hidden.shape[0], student_hidden.device,
+                                 compute_dtype(student_hidden, teacher_hidden))
     return _ChunkedLinearDivergence.apply(student_hidden, student_weight, student_bias, teacher_hidden.detach(),
                                           teacher_weight.detach(),
                                           None if teacher_bias is None else teacher_bias.detach(), weights, opts)
@@ -159,21 +113,17 @@ def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_we
 class _ChunkedLseGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, b, ids, opts):
-        n, v = h.shape[0], opts["vocab_size"]
-        cdt = _compute_dtype(h)
-        model = _ModelSpec(opts["scale"], opts["softcap"], opts["temperature"])
+        n, v = h.shape[0], opts.vocab_size
+        cdt = compute_dtype(h)
         lse = torch.empty(n, dtype=cdt, device=h.device)
         gathered = torch.empty(ids.shape, dtype=cdt, device=h.device)
-        entropy = torch.empty(n if opts["return_entropy"] else 0, dtype=cdt, device=h.device)
-        rows = chunk_rows(n, v)
-        for start in range(0, n, rows):
-            end = min(start + rows, n)
-            z = model.z(model.raw(h[start:end], w, b, v, cdt))
-            lse[start:end] = torch.logsumexp(z, -1)
-            gathered[start:end] = z.gather(-1, ids[start:end])
-            if opts["return_entropy"]:
-                p = (z - lse[start:end].unsqueeze(-1)).exp()
-                entropy[start:end] = lse[start:end] - (p * z).sum(-1)
+        entropy = torch.empty(n if opts.return_entropy else 0, dtype=cdt, device=h.device)
+        for sl in row_chunks(n, torch_chunk_rows(n, v)):
+            z = opts.student.apply(linear_logits(h[sl], w, b, v, cdt))
+            lse[sl] = torch.logsumexp(z, -1)
+            gathered[sl] = gather_checked(z, ids[sl])   # NaN for an id outside [0, V), never out of bounds
+            if opts.return_entropy:
+                entropy[sl] = entropy_from_logits(z)     # max-shifted sums; a -inf logit contributes 0
         ctx.opts = opts
         ctx.save_for_backward(h, w, b, ids, lse, entropy)
         return lse, gathered, entropy
@@ -182,57 +132,57 @@ class _ChunkedLseGather(torch.autograd.Function):
     def backward(ctx, grad_lse, grad_gathered, grad_entropy):
         h, w, b, ids, lse, entropy = ctx.saved_tensors
         opts = ctx.opts
-        n, v = h.shape[0], opts["vocab_size"]
+        n, v = h.shape[0], opts.vocab_size
         cdt = lse.dtype
-        model = _ModelSpec(opts["scale"], opts["softcap"], opts["temperature"])
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros(w.shape, dtype=cdt, device=w.device)
         grad_b = torch.zeros(b.shape, dtype=cdt, device=w.device) if b is not None else None
-        has_entropy = opts["return_entropy"] and grad_entropy is not None
-        rows = chunk_rows(n, v)
-        for start in range(0, n, rows):
-            end = min(start + rows, n)
-            sl = slice(start, end)
-            raw = model.raw(h[sl], w, b, v, cdt)
-            g = lse_gather_grad(model.z(raw), lse[sl], ids[sl], entropy[sl] if has_entropy else None,
+        has_entropy = opts.return_entropy and grad_entropy is not None
+        for sl in row_chunks(n, torch_chunk_rows(n, v)):
+            raw = linear_logits(h[sl], w, b, v, cdt)
+            g = lse_gather_grad(opts.student.apply(raw), lse[sl], ids[sl], entropy[sl] if has_entropy else None,
                                 None if grad_lse is None else grad_lse[sl],
                                 None if grad_gathered is None else grad_gathered[sl],
                                 grad_entropy[sl] if has_entropy else None)
-            _accumulate_linear_grads(model.chain(raw, g), h[sl], w, v, grad_h[sl], grad_w, grad_b)
+            # lse_gather_grad zeroes the rows of masked tokens (all upstream gradients 0)
+            accumulate_linear_grads(opts.student.chain(raw, g), h[sl], w, v, grad_h[sl], grad_w, grad_b,
+                                    live=(g != 0).any(-1))
         return (grad_h, grad_w.to(w.dtype), None if grad_b is None else grad_b.to(w.dtype), None, None)
 
 
-def lse_gather(hidden, weight, ids, *, bias, temperature, softcap, scale, vocab_size, return_entropy,
-               deterministic=False):
-    opts = dict(temperature=temperature, softcap=softcap, scale=scale, vocab_size=vocab_size,
-                return_entropy=return_entropy)
+def lse_gather(hidden, weight, ids, opts: Options = None, *, bias=None, **keywords):
+    """docs/internals.md ``lse_gather``: (lse (N,), gathered (N, k), entropy (N,) or None) in the compute
+    dtype, differentiable. ``keywords`` instead of ``opts``: a direct call (``_validation.backend_call_options``)."""
+    if opts is None:
+        opts = check.backend_call_options("lse_gather", (hidden, weight, ids, bias), keywords)
     lse, gathered, entropy = _ChunkedLseGather.apply(hidden, weight, bias, ids, opts)
-    return lse, gathered, (entropy if return_entropy else None)
+    return lse, gathered, (entropy if opts.return_entropy else None)
 
 
 # --------------------------------------------------------------------------------------------------
 # logits_divergence
 # --------------------------------------------------------------------------------------------------
-def _logits_pass(s, t, weights, opts, need_grad, grad_out_buffer=None):
+def _logits_pass(s, t, weights, opts: Options, need_grad, grad_out_buffer=None):
     """Values (N,) and, if ``need_grad``, the weighted logits gradient - into ``grad_out_buffer`` when given
     (which may be ``s`` itself: each chunk is read before its gradient is written over it)."""
-    n, v = s.shape[0], opts["vocab_size"]
-    cdt = _compute_dtype(s, t)
-    inv_t = 1.0 / opts["temperature"]
+    n, v = s.shape[0], opts.vocab_size
+    cdt = compute_dtype(s, t)
+    inv_t = opts.student.inv_temperature          # z = logits / T for both models
     values = torch.empty(n, dtype=cdt, device=s.device)
     grad = None
     if need_grad:
         grad = torch.zeros_like(s) if grad_out_buffer is None else grad_out_buffer
         grad[:, v:] = 0
-    rows = chunk_rows(n, v)
-    for start in range(0, n, rows):
-        end = min(start + rows, n)
-        zs = s[start:end, :v].to(cdt) * inv_t
-        zt = t[start:end, :v].to(cdt) * inv_t
-        value, g = divergence_and_grad(zs, zt, opts["divergence"], opts["beta"], need_grad)
-        values[start:end] = value
-        if need_grad:  # d z / d logits = 1 / T
-            grad[start:end, :v] = (g * (weights[start:end].to(cdt) * inv_t).unsqueeze(-1)).to(s.dtype)
+    for sl in row_chunks(n, torch_chunk_rows(n, v)):
+        zs = s[sl, :v].to(cdt) * inv_t
+        zt = t[sl, :v].to(cdt) * inv_t
+        value, g = divergence_and_grad(zs, zt, opts.divergence, opts.beta, need_grad)
+        values[sl] = value
+        if need_grad:  # d z / d logits = 1 / T; masked rows exactly 0
+            w_rows = weights[sl].to(cdt)
+            g = torch.where((w_rows != 0).unsqueeze(-1), g * (w_rows * inv_t).unsqueeze(-1),
+                            torch.zeros((), dtype=cdt, device=g.device))
+            grad[sl, :v] = g.to(s.dtype)
     return values, grad
 
 
@@ -240,15 +190,15 @@ class _ChunkedLogitsDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, t, weights, opts):
         ctx.opts = opts
-        scalar = opts["reduction"] != "none"
+        scalar = opts.reduction != "none"
         values, grad = _logits_pass(s, t, weights, opts, scalar and ctx.needs_input_grad[0])
         ctx.save_for_backward(grad) if scalar else ctx.save_for_backward(s, t, weights)
-        out = reduce_per_token(values, weights, opts["reduction"])
+        out = reduce_per_token(values, weights, opts.reduction)
         return out.to(torch.promote_types(out.dtype, torch.float32))
 
     @staticmethod
     def backward(ctx, grad_out):
-        if ctx.opts["reduction"] != "none":
+        if ctx.opts.reduction != "none":
             (grad,) = ctx.saved_tensors
             return (None if grad is None else grad * grad_out.to(grad.dtype)), None, None, None
         s, t, weights = ctx.saved_tensors
@@ -267,7 +217,7 @@ class _InplaceChunkedLogitsDivergence(torch.autograd.Function):
         buffer = s.detach()
         values, _ = _logits_pass(buffer, t, weights, opts, True, grad_out_buffer=buffer)
         ctx.grad = buffer
-        out = reduce_per_token(values, weights, opts["reduction"])
+        out = reduce_per_token(values, weights, opts.reduction)
         return out.to(torch.promote_types(out.dtype, torch.float32))
 
     @staticmethod
@@ -276,16 +226,16 @@ class _InplaceChunkedLogitsDivergence(torch.autograd.Function):
         return grad.mul_(grad_out.to(grad.dtype)), None, None, None
 
 
-def logits_divergence(student_logits, teacher_logits, *, divergence, beta, temperature, vocab_size, mask,
-                      reduction, normalizer, deterministic=False, inplace_grad=False):
-    """``inplace_grad=True`` (scalar reductions): the gradient is written over ``student_logits`` in the
-    forward pass, so the backward allocates nothing of N x V (the logits are gone afterwards)."""
-    opts = dict(divergence=divergence, beta=beta, temperature=temperature, vocab_size=vocab_size,
-                reduction=reduction)
-    weights = token_weights(mask, student_logits.shape[0], reduction, normalizer, student_logits.device,
-                            _compute_dtype(student_logits, teacher_logits))
-    if inplace_grad and student_logits.requires_grad:
-        if reduction == "none":
+def logits_divergence(student_logits, teacher_logits, opts: Options = None, **keywords):
+    """docs/internals.md ``logits_divergence``. ``opts.inplace_grad`` (scalar reductions): the gradient is
+    written over ``student_logits`` in the forward pass, so the backward allocates nothing of N x V (the
+    logits are gone afterwards). ``keywords`` instead of ``opts``: a direct call."""
+    if opts is None:
+        opts = check.backend_call_options("logits_divergence", (student_logits, teacher_logits), keywords)
+    weights = opts.token_weights(student_logits.shape[0], student_logits.device,
+                                 compute_dtype(student_logits, teacher_logits))
+    if opts.inplace_grad and student_logits.requires_grad:
+        if opts.reduction == "none":
             raise ValueError("inplace_grad: needs reduction 'mean' or 'sum' (got 'none', whose gradient is "
                              "only known in backward)")
         return _InplaceChunkedLogitsDivergence.apply(student_logits, teacher_logits.detach(), weights, opts)

@@ -1,10 +1,13 @@
 """The triton backend (strategy "fused", docs/design.md section 3): the three primitives of docs/internals.md on
 top of the kernels in opd_kernels/triton/.
 
-Each primitive is a pair of ``torch.library.custom_op``s in namespace ``opd`` (a forward op returning the
-per-token values plus the row statistics the backward needs, and a backward op), tied together with
-``register_autograd`` and given ``register_fake`` shapes, so ``torch.compile(fullgraph=True)`` traces a
-module calling them as opaque nodes. Reductions (mask, mean/sum/none, normalizer) stay in plain PyTorch
+Each primitive is a pair of ``torch.library.custom_op``s in namespace ``opd`` named ``opd::triton_<primitive>``
+and ``opd::triton_<primitive>_backward`` (a forward op returning the per-token values plus the row
+statistics the backward needs, and a backward op), each declared once with its ``register_fake`` right
+beside it and tied together with ``register_autograd``, so ``torch.compile(fullgraph=True)`` traces a
+module calling them as opaque nodes. The call's Options cross into an op as its scalar arguments: packed by
+one ``_<primitive>_scalars`` function, unpacked inside the op by ``launch.divergence_options`` /
+``launch.lse_options`` for the launchers. Reductions (mask, mean/sum/none, normalizer) stay in plain PyTorch
 around the op (``opd_kernels._common.token_weights``), so the op's backward receives the per-token
 upstream gradient g_n with the mask and the weights already in it.
 
@@ -21,7 +24,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._common import reduce_per_token, token_weights
+from .. import _validation as check
+from .._common import reduce_per_token
+from .._options import Options
 from . import pytorch as _pytorch  # runs what the fused kernels do not (fp64, strategy 'chunked')
 
 # Triton itself is imported on first use, not here: ``import opd_kernels`` imports every backend, and
@@ -29,8 +34,8 @@ from . import pytorch as _pytorch  # runs what the fused kernels do not (fp64, s
 # are interpreted. Importing it lazily lets a test set TRITON_INTERPRET=1 after ``import opd_kernels``.
 AVAILABLE = importlib.util.find_spec("triton") is not None
 UNAVAILABLE_REASON = "" if AVAILABLE else "triton is not installed (pip install triton)"
-# Whether the kernels run interpreted (CPU tensors only). Until they are created (first call) this is what
-# the environment asks for; afterwards what they are.
+# Whether the kernels run interpreted (CPU tensors only): the one flag, ``launch.INTERPRET``, once the kernels
+# exist (first call); until then what the environment asks for.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _launch = None
 
@@ -41,17 +46,31 @@ def _kernels():
     global _launch, INTERPRET
     if _launch is None:
         from ..triton import launch
-        _launch, INTERPRET = launch, launch.INTERPRETED
+        _launch, INTERPRET = launch, launch.INTERPRET
     return _launch
-
-
-# Default for ``filter_eps=None``: see docs/triton.md ("Choosing filter_eps") for the measurements.
-DEFAULT_FILTER_EPS = 0.0
 
 
 # --------------------------------------------------------------------------------------------------
 # linear_divergence
 # --------------------------------------------------------------------------------------------------
+def _divergence_scalars(opts: Options) -> tuple:
+    """The Options as the scalar arguments of _divergence_op and _divergence_backward_op (after the tensors):
+    (divergence, beta, temperature, student_softcap, teacher_softcap, student_scale, teacher_scale,
+    vocab_size, filter_eps, deterministic)."""
+    s, t = opts.student, opts.teacher
+    return (opts.divergence, opts.beta, opts.temperature, s.softcap, t.softcap, s.scale, t.scale,
+            opts.vocab_size, opts.filter_eps, opts.deterministic)
+
+
+def _divergence_options(divergence, beta, temperature, student_softcap, teacher_softcap, student_scale,
+                        teacher_scale, vocab_size, filter_eps, deterministic) -> Options:
+    """Inverse of :func:`_divergence_scalars`, inside the ops: the Options the launchers read."""
+    return _kernels().divergence_options(
+        divergence=divergence, beta=beta, temperature=temperature, s_softcap=student_softcap,
+        t_softcap=teacher_softcap, s_scale=student_scale, t_scale=teacher_scale, vocab_size=vocab_size,
+        filter_eps=filter_eps, deterministic=deterministic)
+
+
 @torch.library.custom_op("opd::triton_linear_divergence", mutates_args=())
 def _divergence_op(student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
                    teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Optional[Tensor],
@@ -61,10 +80,10 @@ def _divergence_op(student_hidden: Tensor, student_weight: Tensor, student_bias:
     """Per-token values (N,) fp32 and row statistics (3, N) fp32 ([L_s, L_t, c], see divergence_fwd.py).
     ``filter_eps`` and ``deterministic`` are only carried to the backward (the forward has no atomics
     and merges its vocabulary splits in a fixed order: it is deterministic either way)."""
-    return _kernels().divergence_forward(
-        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-        divergence=divergence, beta=beta, temperature=temperature, s_softcap=student_softcap,
-        t_softcap=teacher_softcap, s_scale=student_scale, t_scale=teacher_scale, vocab_size=vocab_size)
+    opts = _divergence_options(divergence, beta, temperature, student_softcap, teacher_softcap, student_scale,
+                               teacher_scale, vocab_size, filter_eps, deterministic)
+    return _kernels().divergence_forward(student_hidden, student_weight, student_bias, teacher_hidden,
+                                         teacher_weight, teacher_bias, opts)
 
 
 @_divergence_op.register_fake
@@ -85,11 +104,10 @@ def _divergence_backward_op(grad_values: Tensor, stats: Tensor, student_hidden: 
                             deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """(dH_s, dW_s, db_s) in the student's dtype; db_s is empty (0,) when there is no student bias.
     ``deterministic``: no atomics, fixed summation order (launch.divergence_backward)."""
-    dh, dw, db = _kernels().divergence_backward(
-        grad_values, stats, student_hidden, student_weight, student_bias, teacher_hidden,
-        teacher_weight, teacher_bias, divergence=divergence, beta=beta, temperature=temperature,
-        s_softcap=student_softcap, t_softcap=teacher_softcap, s_scale=student_scale,
-        t_scale=teacher_scale, vocab_size=vocab_size, filter_eps=filter_eps, deterministic=deterministic)
+    opts = _divergence_options(divergence, beta, temperature, student_softcap, teacher_softcap, student_scale,
+                               teacher_scale, vocab_size, filter_eps, deterministic)
+    dh, dw, db = _kernels().divergence_backward(grad_values, stats, student_hidden, student_weight, student_bias,
+                                                teacher_hidden, teacher_weight, teacher_bias, opts)
     return (dh.to(student_hidden.dtype), dw.to(student_weight.dtype),
             db.to(student_bias.dtype) if db is not None else student_weight.new_empty(0))
 
@@ -100,62 +118,67 @@ def _(grad_values, stats, student_hidden, student_weight, student_bias, *args, *
     return torch.empty_like(student_hidden), torch.empty_like(student_weight), db
 
 
-_DIVERGENCE_ARGS = ("divergence", "beta", "temperature", "student_softcap", "teacher_softcap",
-                    "student_scale", "teacher_scale", "vocab_size", "filter_eps", "deterministic")
-
-
 def _divergence_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:6], output[1])
-    ctx.opts = dict(zip(_DIVERGENCE_ARGS, inputs[6:]))
+    hs, ws, bs, ht, wt, bt, *scalars = inputs      # scalars: _divergence_scalars
+    ctx.save_for_backward(hs, ws, bs, ht, wt, bt, output[1])
+    ctx.scalars = tuple(scalars)
 
 
 def _divergence_backward(ctx, grad_values, grad_stats):
     hs, ws, bs, ht, wt, bt, stats = ctx.saved_tensors
-    dh, dw, db = _divergence_backward_op(grad_values, stats, hs, ws, bs, ht, wt, bt, **ctx.opts)
-    return (dh, dw, db if bs is not None else None) + (None,) * (3 + len(_DIVERGENCE_ARGS))
+    dh, dw, db = _divergence_backward_op(grad_values, stats, hs, ws, bs, ht, wt, bt, *ctx.scalars)
+    return (dh, dw, db if bs is not None else None) + (None,) * (3 + len(ctx.scalars))
 
 
 _divergence_op.register_autograd(_divergence_backward, setup_context=_divergence_setup)
 
 
-def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, *, divergence, beta,
-                      temperature, student_bias, teacher_bias, student_softcap, teacher_softcap,
-                      student_scale, teacher_scale, vocab_size, mask, reduction, normalizer, strategy,
-                      filter_eps, deterministic=False):
-    """docs/internals.md ``linear_divergence`` with strategy "fused" (also for "auto"). ``deterministic``
+def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, opts: Options = None, *,
+                      student_bias=None, teacher_bias=None, **keywords):
+    """docs/internals.md ``linear_divergence`` with strategy "fused" (also for "auto"). ``opts.deterministic``
     selects the atomic-free backward (the torch backend, which runs fp64 and "chunked", is deterministic
-    anyway)."""
-    if strategy in ("chunked", "materialize") or torch.float64 in (student_hidden.dtype, teacher_hidden.dtype):
+    anyway). ``keywords`` instead of ``opts``: a direct call (``_validation.backend_call_options``)."""
+    if opts is None:
+        opts = check.backend_call_options("linear_divergence", (student_hidden, student_weight, student_bias,
+                                                                teacher_hidden, teacher_weight, teacher_bias),
+                                          keywords)
+    if opts.strategy in ("chunked", "materialize") or torch.float64 in (student_hidden.dtype, teacher_hidden.dtype):
         return _pytorch.linear_divergence(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, divergence=divergence,
-            beta=beta, temperature=temperature, student_bias=student_bias, teacher_bias=teacher_bias,
-            student_softcap=student_softcap, teacher_softcap=teacher_softcap,
-            student_scale=student_scale, teacher_scale=teacher_scale, vocab_size=vocab_size, mask=mask,
-            reduction=reduction, normalizer=normalizer,
-            strategy="chunked" if strategy == "fused" else strategy, filter_eps=filter_eps)
+            student_hidden, student_weight, teacher_hidden, teacher_weight,
+            opts.replace(strategy="chunked") if opts.strategy == "fused" else opts,
+            student_bias=student_bias, teacher_bias=teacher_bias)
     _check_runnable(student_hidden=student_hidden, teacher_hidden=teacher_hidden)
-    divergence = _jsd_ends(divergence, beta)
     values, _ = _divergence_op(
         student_hidden, student_weight, student_bias, teacher_hidden.detach(), teacher_weight.detach(),
-        None if teacher_bias is None else teacher_bias.detach(), divergence, float(beta),
-        float(temperature), _opt_float(student_softcap), _opt_float(teacher_softcap),
-        float(student_scale), float(teacher_scale), int(vocab_size),
-        DEFAULT_FILTER_EPS if filter_eps is None else float(filter_eps), _deterministic(deterministic))
-    weights = token_weights(mask, student_hidden.shape[0], reduction, normalizer, student_hidden.device)
-    return reduce_per_token(values, weights, reduction)
+        None if teacher_bias is None else teacher_bias.detach(), *_divergence_scalars(opts))
+    weights = opts.token_weights(student_hidden.shape[0], student_hidden.device)
+    return reduce_per_token(values, weights, opts.reduction)
 
 
 # --------------------------------------------------------------------------------------------------
 # lse_gather
 # --------------------------------------------------------------------------------------------------
+def _lse_gather_scalars(opts: Options) -> tuple:
+    """The Options as the scalar arguments of _lse_gather_op and _lse_gather_backward_op:
+    (temperature, softcap, scale, vocab_size, deterministic) of the one model (``opts.student``)."""
+    m = opts.student
+    return (m.temperature, m.softcap, m.scale, opts.vocab_size, opts.deterministic)
+
+
+def _lse_gather_options(temperature, softcap, scale, vocab_size, deterministic) -> Options:
+    """Inverse of :func:`_lse_gather_scalars`, inside the ops."""
+    return _kernels().lse_options(temperature=temperature, softcap=softcap, scale=scale, vocab_size=vocab_size,
+                                  deterministic=deterministic)
+
+
 @torch.library.custom_op("opd::triton_lse_gather", mutates_args=())
 def _lse_gather_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ids: Tensor,
                    temperature: float, softcap: Optional[float], scale: float,
                    vocab_size: int, deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """(lse (N,), gathered (N, k), entropy (N,)), fp32. The entropy costs one extra FMA per logit.
     ``deterministic`` is only carried to the backward (the forward is deterministic either way)."""
-    return _kernels().lse_gather_forward(hidden, weight, bias, ids, temperature=temperature,
-                                      softcap=softcap, scale=scale, vocab_size=vocab_size)
+    opts = _lse_gather_options(temperature, softcap, scale, vocab_size, deterministic)
+    return _kernels().lse_gather_forward(hidden, weight, bias, ids, opts)
 
 
 @_lse_gather_op.register_fake
@@ -172,10 +195,9 @@ def _lse_gather_backward_op(grad_lse: Tensor, grad_gathered: Tensor, grad_entrop
                             vocab_size: int, deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """(dh, dw, db) in the inputs' dtypes; db is empty (0,) without a bias. ``deterministic``: no
     atomics, fixed summation order (launch.lse_gather_backward)."""
-    dh, dw, db = _kernels().lse_gather_backward(
-        grad_lse, grad_gathered, grad_entropy, lse, entropy, hidden, weight, bias, ids,
-        temperature=temperature, softcap=softcap, scale=scale, vocab_size=vocab_size,
-        deterministic=deterministic)
+    opts = _lse_gather_options(temperature, softcap, scale, vocab_size, deterministic)
+    dh, dw, db = _kernels().lse_gather_backward(grad_lse, grad_gathered, grad_entropy, lse, entropy, hidden,
+                                                weight, bias, ids, opts)
     return (dh.to(hidden.dtype), dw.to(weight.dtype),
             db.to(bias.dtype) if db is not None else weight.new_empty(0))
 
@@ -186,12 +208,10 @@ def _(grad_lse, grad_gathered, grad_entropy, lse, entropy, hidden, weight, bias,
     return torch.empty_like(hidden), torch.empty_like(weight), db
 
 
-_LSE_ARGS = ("temperature", "softcap", "scale", "vocab_size", "deterministic")
-
-
 def _lse_gather_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:4], output[0], output[2])
-    ctx.opts = dict(zip(_LSE_ARGS, inputs[4:]))
+    h, w, b, ids, *scalars = inputs               # scalars: _lse_gather_scalars
+    ctx.save_for_backward(h, w, b, ids, output[0], output[2])
+    ctx.scalars = tuple(scalars)
 
 
 def _lse_gather_backward(ctx, grad_lse, grad_gathered, grad_entropy):
@@ -202,39 +222,48 @@ def _lse_gather_backward(ctx, grad_lse, grad_gathered, grad_entropy):
         if grad_gathered is None else grad_gathered
     grad_entropy = torch.zeros_like(entropy) if grad_entropy is None else grad_entropy
     dh, dw, db = _lse_gather_backward_op(grad_lse, grad_gathered, grad_entropy, lse, entropy, h, w, b,
-                                         ids, **ctx.opts)
-    return (dh, dw, db if b is not None else None) + (None,) * (1 + len(_LSE_ARGS))
+                                         ids, *ctx.scalars)
+    return (dh, dw, db if b is not None else None) + (None,) * (1 + len(ctx.scalars))
 
 
 _lse_gather_op.register_autograd(_lse_gather_backward, setup_context=_lse_gather_setup)
 
 
-def lse_gather(hidden, weight, ids, *, bias, temperature, softcap, scale, vocab_size, return_entropy,
-               deterministic=False):
+def lse_gather(hidden, weight, ids, opts: Options = None, *, bias=None, **keywords):
     """docs/internals.md ``lse_gather``: (lse (N,), gathered (N, k), entropy (N,) or None), fp32.
 
-    With no gradient required (the teacher-side gather) no autograd node is recorded. ``deterministic``
-    selects the atomic-free backward."""
+    With no gradient required (the teacher-side gather) no autograd node is recorded.
+    ``opts.deterministic`` selects the atomic-free backward. ``keywords`` instead of ``opts``: a direct call."""
+    if opts is None:
+        opts = check.backend_call_options("lse_gather", (hidden, weight, ids, bias), keywords)
     if hidden.dtype == torch.float64:
-        return _pytorch.lse_gather(hidden, weight, ids, bias=bias, temperature=temperature,
-                                  softcap=softcap, scale=scale, vocab_size=vocab_size,
-                                  return_entropy=return_entropy)
+        return _pytorch.lse_gather(hidden, weight, ids, opts, bias=bias)
     _check_runnable(hidden=hidden)
-    lse, gathered, entropy = _lse_gather_op(hidden, weight, bias, ids, float(temperature),
-                                            _opt_float(softcap), float(scale), int(vocab_size),
-                                            _deterministic(deterministic))
-    return lse, gathered, (entropy if return_entropy else None)
+    lse, gathered, entropy = _lse_gather_op(hidden, weight, bias, ids, *_lse_gather_scalars(opts))
+    return lse, gathered, (entropy if opts.return_entropy else None)
 
 
 # --------------------------------------------------------------------------------------------------
 # logits_divergence
 # --------------------------------------------------------------------------------------------------
+def _logits_scalars(opts: Options) -> tuple:
+    """The Options as the scalar arguments of _logits_op and _logits_backward_op:
+    (divergence, beta, temperature, vocab_size)."""
+    return (opts.divergence, opts.beta, opts.temperature, opts.vocab_size)
+
+
+def _logits_options(divergence, beta, temperature, vocab_size) -> Options:
+    """Inverse of :func:`_logits_scalars`, inside the ops."""
+    return _kernels().divergence_options(divergence=divergence, beta=beta, temperature=temperature,
+                                         vocab_size=vocab_size)
+
+
 @torch.library.custom_op("opd::triton_logits_divergence", mutates_args=())
 def _logits_op(student_logits: Tensor, teacher_logits: Tensor, divergence: str, beta: float,
                temperature: float, vocab_size: int) -> Tuple[Tensor, Tensor]:
     """Per-token values (N,) fp32 and row statistics (3, N) fp32, as _divergence_op."""
-    return _kernels().logits_forward(student_logits, teacher_logits, divergence=divergence, beta=beta,
-                                  temperature=temperature, vocab_size=vocab_size)
+    return _kernels().logits_forward(student_logits, teacher_logits,
+                                     _logits_options(divergence, beta, temperature, vocab_size))
 
 
 @_logits_op.register_fake
@@ -249,8 +278,7 @@ def _logits_backward_op(grad_values: Tensor, stats: Tensor, student_logits: Tens
                         divergence: str, beta: float, temperature: float, vocab_size: int) -> Tensor:
     """d loss / d student_logits, (N, V_s) in the student's dtype (zeros beyond vocab_size)."""
     return _kernels().logits_backward(grad_values, stats, student_logits, teacher_logits,
-                                   divergence=divergence, beta=beta, temperature=temperature,
-                                   vocab_size=vocab_size)
+                                      _logits_options(divergence, beta, temperature, vocab_size))
 
 
 @_logits_backward_op.register_fake
@@ -259,55 +287,38 @@ def _(grad_values, stats, student_logits, *args):
 
 
 def _logits_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], inputs[1], output[1])
-    ctx.opts = inputs[2:]
+    s, t, *scalars = inputs                       # scalars: _logits_scalars
+    ctx.save_for_backward(s, t, output[1])
+    ctx.scalars = tuple(scalars)
 
 
 def _logits_backward(ctx, grad_values, grad_stats):
     s, t, stats = ctx.saved_tensors
-    return (_logits_backward_op(grad_values, stats, s, t, *ctx.opts),) + (None,) * 5
+    return (_logits_backward_op(grad_values, stats, s, t, *ctx.scalars),) + (None,) * (1 + len(ctx.scalars))
 
 
 _logits_op.register_autograd(_logits_backward, setup_context=_logits_setup)
 
 
-def logits_divergence(student_logits, teacher_logits, *, divergence, beta, temperature, vocab_size, mask,
-                      reduction, normalizer, deterministic=False):
+def logits_divergence(student_logits, teacher_logits, opts: Options = None, **keywords):
     """docs/internals.md ``logits_divergence``: one pass over vocab tiles (jsd: two), logits read in their
     own dtype; the backward writes the (N, V_s) logits gradient tile by tile. Deterministic whatever
-    ``deterministic`` says: no atomics, no splits, every output element written once by one program."""
+    ``deterministic`` says: no atomics, no splits, every output element written once by one program.
+    ``keywords`` instead of ``opts``: a direct call."""
+    if opts is None:
+        opts = check.backend_call_options("logits_divergence", (student_logits, teacher_logits), keywords)
     if torch.float64 in (student_logits.dtype, teacher_logits.dtype):
-        return _pytorch.logits_divergence(student_logits, teacher_logits, divergence=divergence, beta=beta,
-                                         temperature=temperature, vocab_size=vocab_size, mask=mask,
-                                         reduction=reduction, normalizer=normalizer)
+        return _pytorch.logits_divergence(student_logits, teacher_logits, opts)
     _check_runnable(student_logits=student_logits, teacher_logits=teacher_logits)
-    divergence = _jsd_ends(divergence, beta)
-    values, _ = _logits_op(student_logits.contiguous(), teacher_logits.detach().contiguous(), divergence,
-                           float(beta), float(temperature), int(vocab_size))
-    weights = token_weights(mask, student_logits.shape[0], reduction, normalizer, student_logits.device)
-    return reduce_per_token(values, weights, reduction)
+    values, _ = _logits_op(student_logits.contiguous(), teacher_logits.detach().contiguous(),
+                           *_logits_scalars(opts))
+    weights = opts.token_weights(student_logits.shape[0], student_logits.device)
+    return reduce_per_token(values, weights, opts.reduction)
 
 
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
-def _jsd_ends(divergence: str, beta: float) -> str:
-    """TRL's generalized JSD: beta = 0 is forward KL and beta = 1 reverse KL (the mixture is degenerate)."""
-    if divergence == "jsd" and beta in (0.0, 1.0):
-        return "forward_kl" if beta == 0.0 else "reverse_kl"
-    return divergence
-
-
-def _deterministic(requested) -> bool:
-    """The atomic-free backward when asked for, or when torch.use_deterministic_algorithms(True) is on
-    (as PyTorch's own ops switch to their deterministic implementations under it)."""
-    return bool(requested) or torch.are_deterministic_algorithms_enabled()
-
-
-def _opt_float(x) -> Optional[float]:
-    return None if x is None else float(x)
-
-
 def _check_runnable(**tensors: Tensor) -> None:
     """Triton runs CUDA tensors compiled, CPU tensors only interpreted. Reads flags only: no import here,
     since torch.compile traces this function."""

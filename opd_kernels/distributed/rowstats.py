@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import torch
 
+from .._chunking import accumulate_linear_grads, compute_dtype, linear_logits, row_chunks, torch_chunk_rows
 from .._common import reduce_per_token
+from .._options import Options
 from ..backends._divergence_math import binary_entropy, jsd_shifted_ratios
-from ..backends.pytorch import _accumulate_linear_grads, _compute_dtype, _ModelSpec, chunk_rows
 from .collectives import all_gather_plain, all_reduce_sum
 
 
@@ -63,65 +64,63 @@ def _chunk_value_and_grad(zs, zt, divergence, beta, group, need_grad):
     return value, grad
 
 
-def _pass(hs, ws, bs, ht, wt, bt, weights, opts, layout, group, need_grad):
+def _pass(hs, ws, bs, ht, wt, bt, weights, opts: Options, group, need_grad):
+    layout = opts.layout
     n, v = hs.shape[0], layout.local_vocab
-    cdt = _compute_dtype(hs, ht)
-    student = _ModelSpec(opts["student_scale"], opts["student_softcap"], opts["temperature"])
-    teacher = _ModelSpec(opts["teacher_scale"], opts["teacher_softcap"], opts["temperature"])
+    cdt = compute_dtype(hs, ht)
     values = torch.empty(n, dtype=cdt, device=hs.device)
     grad_hs = torch.empty_like(hs) if need_grad else None
     grad_ws = torch.zeros(ws.shape, dtype=cdt, device=ws.device) if need_grad else None
     grad_bs = torch.zeros(bs.shape, dtype=cdt, device=ws.device) if need_grad and bs is not None else None
-    rows = chunk_rows(n, max(layout.max_local_vocab, 1))  # identical on every rank
-    for start in range(0, n, rows):
-        sl = slice(start, min(start + rows, n))
-        raw_s = student.raw(hs[sl], ws, bs, v, cdt)
+    rows = torch_chunk_rows(n, max(layout.max_local_vocab, 1))  # identical on every rank
+    for sl in row_chunks(n, rows):
+        raw_s = linear_logits(hs[sl], ws, bs, v, cdt)
         with torch.no_grad():
-            zt = teacher.z(teacher.raw(ht[sl], wt, bt, v, cdt))
-        value, g = _chunk_value_and_grad(student.z(raw_s), zt, opts["divergence"], opts["beta"], group, need_grad)
+            zt = opts.teacher.apply(linear_logits(ht[sl], wt, bt, v, cdt))
+        value, g = _chunk_value_and_grad(opts.student.apply(raw_s), zt, opts.divergence, opts.beta, group, need_grad)
         values[sl] = value
         if need_grad:
-            g = student.chain(raw_s, g * weights[sl].to(cdt).unsqueeze(-1))
-            _accumulate_linear_grads(g, hs[sl], ws, v, grad_hs[sl], grad_ws, grad_bs)
+            g = opts.student.chain(raw_s, g * weights[sl].to(cdt).unsqueeze(-1))
+            accumulate_linear_grads(g, hs[sl], ws, v, grad_hs[sl], grad_ws, grad_bs, live=weights[sl] != 0)
     return values, grad_hs, grad_ws, grad_bs
 
 
 class _RowStatsDivergence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hs, ws, bs, ht, wt, bt, weights, opts, layout, group):
-        ctx.opts, ctx.layout, ctx.group = opts, layout, group
-        scalar = opts["reduction"] != "none"
+    def forward(ctx, hs, ws, bs, ht, wt, bt, weights, opts, group):
+        ctx.opts, ctx.group = opts, group
+        scalar = opts.reduction != "none"
         need_grad = any(ctx.needs_input_grad[:3]) and scalar
-        values, grad_hs, grad_ws, grad_bs = _pass(hs, ws, bs, ht, wt, bt, weights, opts, layout, group, need_grad)
+        values, grad_hs, grad_ws, grad_bs = _pass(hs, ws, bs, ht, wt, bt, weights, opts, group, need_grad)
         if scalar:
             ctx.save_for_backward(grad_hs, grad_ws, grad_bs)
         else:
             ctx.save_for_backward(hs, ws, bs, ht, wt, bt, weights)
         ctx.weight_dtype = ws.dtype
-        return reduce_per_token(values, weights, opts["reduction"])
+        return reduce_per_token(values, weights, opts.reduction)
 
     @staticmethod
     def backward(ctx, grad_out):
         wdt = ctx.weight_dtype
-        if ctx.opts["reduction"] != "none":
+        if ctx.opts.reduction != "none":
             grad_hs, grad_ws, grad_bs = ctx.saved_tensors
             if grad_hs is None:
-                return (None,) * 10
+                return (None,) * 9
             scale = grad_out.to(grad_ws.dtype)
             return (grad_hs * scale.to(grad_hs.dtype), (grad_ws * scale).to(wdt),
-                    None if grad_bs is None else (grad_bs * scale).to(wdt)) + (None,) * 7
+                    None if grad_bs is None else (grad_bs * scale).to(wdt)) + (None,) * 6
         hs, ws, bs, ht, wt, bt, weights = ctx.saved_tensors
         upstream = torch.where(weights != 0, grad_out, torch.zeros((), dtype=grad_out.dtype, device=grad_out.device))
-        _, grad_hs, grad_ws, grad_bs = _pass(hs, ws, bs, ht, wt, bt, upstream, ctx.opts, ctx.layout, ctx.group, True)
-        return (grad_hs, grad_ws.to(wdt), None if grad_bs is None else grad_bs.to(wdt)) + (None,) * 7
+        _, grad_hs, grad_ws, grad_bs = _pass(hs, ws, bs, ht, wt, bt, upstream, ctx.opts, ctx.group, True)
+        return (grad_hs, grad_ws.to(wdt), None if grad_bs is None else grad_bs.to(wdt)) + (None,) * 6
 
 
-def rowstats_divergence(hs, ws, bs, ht, wt, bt, weights, opts, layout, group) -> torch.Tensor:
-    """Reduced loss (0-dim) or per-token values (N,) of ``opts["divergence"]`` over the sharded vocabulary.
+def rowstats_divergence(hs, ws, bs, ht, wt, bt, weights, opts: Options) -> torch.Tensor:
+    """Reduced loss (0-dim) or per-token values (N,) of ``opts.divergence`` over the sharded vocabulary.
 
-    ``hs`` (N, H_s), ``ws`` (V_r, H_s) this rank's shard, ``weights`` (N,) from ``token_weights``; only the
-    first ``layout.local_vocab`` rows of the shards count. Gradients: ``hs`` gets this shard's part of
+    ``hs`` (N, H_s), ``ws`` (V_r, H_s) this rank's shard, ``weights`` (N,) from ``opts.token_weights``; only the
+    first ``opts.layout.local_vocab`` rows of the shards count. Gradients: ``hs`` gets this shard's part of
     dL/dH (the caller sums it over the group), ``ws``/``bs`` the exact shard gradient.
     """
     return _RowStatsDivergence.apply(hs, ws, bs, ht.detach(), wt.detach(), None if bt is None else bt.detach(),
-                                     weights, opts, layout, group)
+                                     weights, opts, opts.process_group)

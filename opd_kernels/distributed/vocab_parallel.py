@@ -1,4 +1,11 @@
-"""Vocab-parallel ``linear_divergence``, ``linear_logprobs`` and ``linear_topk_divergence`` (docs/distributed.md).
+"""Vocab-parallel execution of the backend primitives (docs/distributed.md): ``process_group`` is an option of
+the one path of ``opd_kernels.linear_divergence``, ``linear_logprobs`` and ``linear_topk_divergence``.
+
+The API validates the call with its own checks, and the ranks agree on their vocabulary shards during that
+validation (shards.agree_on_layout puts the group's ``ShardLayout`` and the global V into the Options). The
+API then calls this module's ``linear_divergence`` / ``lse_gather`` exactly where it would call a backend's
+(same arguments: flat tensors, the Options, biases as keywords); everything after them (log-probs, top-k
+divergences, reductions) is the API's own code.
 
 Each rank of ``process_group`` passes its contiguous shard of the lm_head rows (student and teacher: the same
 global rows), the full (replicated) hidden states, and *global* target / top-k ids; every rank returns the
@@ -18,128 +25,78 @@ Methods (both exact; docs/distributed.md):
   strategy: each rank runs that backend's per-token op and lse on its shard, the ranks all-gather those
   O(N) pieces, and every rank assembles the exact value.
 
+``deterministic`` reaches every local backend op (Triton's atomic-free backward); the row statistics are
+PyTorch ops in a fixed order, and the collectives reduce in an order fixed by the process-group backend for
+a given group (gloo; NCCL for a fixed topology).
+
 Every rank must make the same calls with the same options, token count and ids (standard for collectives).
 """
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import torch
 
-from .. import _validation as check
 from .. import backends
-from .._common import empty_result as _empty_result
-from .._common import flatten_rows as _rows
-from .._common import reduce_per_token, token_weights
+from .._chunking import compute_dtype
+from .._common import reduce_per_token
 from .._common import zero_anchor as _zero_anchor
-from ..reference import topk_divergence_from_logprobs
+from .._options import Options
 from .collectives import copy_to_group, gather_ranks
 from .combine import shard_entropy, shard_kl
 from .rowstats import rowstats_divergence
-from .shards import LocalSizes, ShardLayout, agree_on_layout
-
-Normalizer = Union[None, int, float, torch.Tensor]
-
-
-def _device_of(x) -> torch.device:
-    return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 # --------------------------------------------------------------------------------------------------
 # linear_divergence
 # --------------------------------------------------------------------------------------------------
-def _kl_from_shards(hs, ws, bs, ht, wt, bt, opts, layout: ShardLayout, group, backend, device, reduce_hidden_grad):
+def _kl_from_shards(hs, ws, bs, ht, wt, bt, opts: Options):
     """Per-token KL (N,) by the shard decomposition (combine.py) on top of any backend's local ops."""
-    n, v, cdt = hs.shape[0], layout.local_vocab, _compute_dtype(hs)
+    group, device = opts.process_group, hs.device
+    n, v, cdt = hs.shape[0], opts.layout.local_vocab, compute_dtype(hs)
     # The hidden states are used twice (divergence, lse): one alias per use, so that the two gradients are
     # summed in fp32 by copy_to_group (then over the group) instead of in bf16 by autograd.
-    hs, hs_lse = copy_to_group(hs, group, copies=2, reduce=reduce_hidden_grad)
+    hs, hs_lse = copy_to_group(hs, group, copies=2, reduce=opts.reduce_hidden_grad)
     if v > 0:
-        div = backends.resolve(backend, device, "linear_divergence")
-        lse = backends.resolve(backend, device, "lse_gather")
-        d = div.linear_divergence(hs, ws, ht, wt, divergence=opts["divergence"], beta=0.0,
-                                  temperature=opts["temperature"], student_bias=bs, teacher_bias=bt,
-                                  student_softcap=opts["student_softcap"], teacher_softcap=opts["teacher_softcap"],
-                                  student_scale=opts["student_scale"], teacher_scale=opts["teacher_scale"],
-                                  vocab_size=v, mask=None, reduction="none", normalizer=None,
-                                  strategy=opts["strategy"], filter_eps=opts["filter_eps"])
+        # this shard's local problem: local V, per-token values, no group
+        local = opts.replace(vocab_size=v, mask=None, reduction="none", normalizer=None, process_group=None,
+                             layout=None)
+        div = backends.resolve(opts.backend, device, "linear_divergence")
+        lse = backends.resolve(opts.backend, device, "lse_gather")
+        d = div.linear_divergence(hs, ws, ht, wt, local, student_bias=bs, teacher_bias=bt)
         ids = torch.zeros((n, 1), dtype=torch.int64, device=device)   # lse only; the gather is unused
-        ls = lse.lse_gather(hs_lse, ws, ids, bias=bs, temperature=opts["temperature"], softcap=opts["student_softcap"],
-                            scale=opts["student_scale"], vocab_size=v, return_entropy=False)[0]
+        ls = lse.lse_gather(hs_lse, ws, ids, local.replace(return_entropy=False), bias=bs)[0]
         with torch.no_grad():
-            lt = lse.lse_gather(ht, wt, ids, bias=bt, temperature=opts["temperature"],
-                                softcap=opts["teacher_softcap"], scale=opts["teacher_scale"], vocab_size=v,
-                                return_entropy=False)[0]
+            lt = lse.lse_gather(ht, wt, ids, local.replace(student=opts.teacher, return_entropy=False), bias=bt)[0]
     else:  # this shard lies entirely beyond V: zero mass (L^r = -inf), contributes nothing
         d = torch.zeros(n, dtype=cdt, device=device) + _zero_anchor(hs, ws, bs)
         ls = lt = torch.full((n,), float("-inf"), dtype=cdt, device=device)
     pieces = gather_ranks(torch.stack([d.to(cdt), ls.to(cdt), lt.to(cdt)]), group)     # (world, 3, N)
-    return shard_kl(pieces[:, 0], pieces[:, 1], pieces[:, 2], opts["divergence"])
+    return shard_kl(pieces[:, 0], pieces[:, 1], pieces[:, 2], opts.divergence)
 
 
-def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
-                      teacher_weight: torch.Tensor, *, divergence: str = "reverse_kl", beta: float = 0.5,
-                      temperature: float = 1.0, student_bias: Optional[torch.Tensor] = None,
-                      teacher_bias: Optional[torch.Tensor] = None, student_softcap: Optional[float] = None,
-                      teacher_softcap: Optional[float] = None, student_scale: float = 1.0, teacher_scale: float = 1.0,
-                      vocab_size: Optional[int] = None, mask: Optional[torch.Tensor] = None, reduction: str = "mean",
-                      normalizer: Normalizer = None, backend: str = "auto", strategy: str = "auto",
-                      filter_eps: Optional[float] = None, process_group=None,
-                      reduce_hidden_grad: bool = True) -> torch.Tensor:
-    r"""``opd_kernels.linear_divergence`` over a vocabulary sharded across ``process_group``.
+def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, opts: Options, *,
+                      student_bias=None, teacher_bias=None) -> torch.Tensor:
+    r"""The ``linear_divergence`` primitive over a vocabulary sharded across ``opts.process_group``.
 
-    Shapes on rank r: ``student_hidden`` (..., H_s) and ``teacher_hidden`` (..., H_t), the same on every rank;
+    Shapes on rank r: ``student_hidden`` (N, H_s) and ``teacher_hidden`` (N, H_t), the same on every rank;
     ``student_weight`` (V_s^r, H_s) and ``teacher_weight`` (V_t^r, H_t), rows [o_r, o_r + V_s^r) of the
-    global lm_heads, o_r = sum_{q<r} V_s^q; ``vocab_size`` is the global V (default sum_r V_s^r); the
-    teacher shard must hold the rank's rows below V. Returns what the single-process op returns on the
-    concatenated weights, on every rank::
+    global lm_heads, o_r = sum_{q<r} V_s^q; ``opts.vocab_size`` is the global V. Returns what the
+    single-process primitive returns on the concatenated weights, on every rank::
 
         W_s = torch.cat([student_weight of rank 0, rank 1, ...]);  W_t likewise
         opd_kernels.linear_divergence(student_hidden, W_s, teacher_hidden, W_t, ...)
 
     ``student_weight.grad`` is the matching shard of the single-process gradient; ``student_hidden.grad`` is
-    the full single-process gradient (summed over ranks in backward) unless ``reduce_hidden_grad=False``,
-    which leaves each rank with its own shard's part.
+    the full single-process gradient (summed over ranks in backward) unless ``opts.reduce_hidden_grad`` is
+    False, which leaves each rank with its own shard's part.
     """
-    group = process_group
-    device = _device_of(student_hidden)
-    opts = {}
-
-    def local_checks() -> LocalSizes:
-        opts.update(check.check_linear_divergence(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, divergence=divergence, beta=beta,
-            temperature=temperature, student_bias=student_bias, teacher_bias=teacher_bias,
-            student_softcap=student_softcap, teacher_softcap=teacher_softcap, student_scale=student_scale,
-            teacher_scale=teacher_scale, mask=mask, reduction=reduction, normalizer=normalizer, backend=backend,
-            strategy=strategy, filter_eps=filter_eps))
-        for primitive in ("linear_divergence", "lse_gather"):   # raises ValueError if it cannot run here
-            backends.resolve(backend, device, primitive)
-        return LocalSizes(student_weight.shape[0], teacher_weight.shape[0], student_hidden.shape[:-1].numel(),
-                          student_hidden.shape[-1], 0)
-
-    layout = agree_on_layout(group, device, local_checks, vocab_size)
-    leading = student_hidden.shape[:-1]
-    if student_hidden.numel() == 0:
-        return _empty_result(leading, reduction, student_hidden, student_weight, student_bias)
-    # JSD's mixture formula is 0 at beta = 0 and 1, where TRL's semantics are forward and reverse KL.
-    if opts["divergence"] == "jsd" and opts["beta"] in (0.0, 1.0):
-        opts["divergence"] = "forward_kl" if opts["beta"] == 0.0 else "reverse_kl"
-    hs = _rows(student_hidden)
-    ws, ht, wt = student_weight.contiguous(), _rows(teacher_hidden), teacher_weight.contiguous()
-    n = hs.shape[0]
-    weights = token_weights(opts["mask"], n, reduction, opts["normalizer"], device)
-    if _use_rowstats(opts["divergence"], backend, strategy):
-        hs = copy_to_group(hs, group, reduce=reduce_hidden_grad)
-        out = rowstats_divergence(hs, ws, student_bias, ht, wt, teacher_bias, weights, opts, layout, group)
-    else:
-        per_token = _kl_from_shards(hs, ws, student_bias, ht, wt, teacher_bias, opts, layout, group, backend, device,
-                                    reduce_hidden_grad)
-        out = reduce_per_token(per_token, weights, reduction)
-    return out.reshape(leading) if reduction == "none" else out
+    weights = opts.token_weights(student_hidden.shape[0], student_hidden.device)
+    if _use_rowstats(opts.divergence, opts.backend, opts.strategy):
+        hs = copy_to_group(student_hidden, opts.process_group, reduce=opts.reduce_hidden_grad)
+        return rowstats_divergence(hs, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                                   weights, opts)
+    per_token = _kl_from_shards(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                                teacher_bias, opts)
+    return reduce_per_token(per_token, weights, opts.reduction)
 
 
 def _use_rowstats(divergence: str, backend: str, strategy: str) -> bool:
@@ -155,21 +112,26 @@ def _use_rowstats(divergence: str, backend: str, strategy: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------
-# log-probs and top-k: one sharded lse + gather
+# lse_gather: log-probs and top-k
 # --------------------------------------------------------------------------------------------------
-def _sharded_lse_gather(hidden, weight, bias, ids, opts, layout: ShardLayout, group, backend, device):
-    """Global ``lse`` (N,), ``gathered`` (N, k) at global ``ids`` and ``entropy`` (N,) or None.
+def lse_gather(hidden, weight, ids, opts: Options, *, bias=None):
+    """The ``lse_gather`` primitive over the sharded vocabulary: global ``lse`` (N,), ``gathered`` (N, k) at
+    global ``ids`` and ``entropy`` (N,) or None, on every rank.
 
     lse = logsumexp_r L^r; the owner of each id contributes its logit and the other shards exactly 0, so the
-    sum over ranks is that logit; entropy by combine.shard_entropy. All differentiable (gather_ranks keeps
-    each rank's slot of the gradient).
+    sum over ranks is that logit; entropy = sum_r a_r (H^r - log a_r), a_r = exp(L^r - L) (combine.shard_entropy).
+    All differentiable (gather_ranks keeps each rank's slot of the gradient; the hidden-state gradient is
+    summed over the group unless ``opts.reduce_hidden_grad`` is False).
     """
-    n, k, v, cdt = hidden.shape[0], ids.shape[1], layout.local_vocab, _compute_dtype(hidden)
-    with_entropy = opts["return_entropy"]
+    layout, group, device = opts.layout, opts.process_group, hidden.device
+    hidden = copy_to_group(hidden, group, reduce=opts.reduce_hidden_grad)
+    n, k, v, cdt = hidden.shape[0], ids.shape[1], layout.local_vocab, compute_dtype(hidden)
+    with_entropy = opts.return_entropy
     if v > 0:
         local_ids, owned = layout.local_ids(ids)
-        lse, gathered, entropy = backends.resolve(backend, device, "lse_gather").lse_gather(
-            hidden, weight, local_ids, bias=bias, vocab_size=v, **opts)
+        local = opts.replace(vocab_size=v, process_group=None, layout=None)
+        lse, gathered, entropy = backends.resolve(opts.backend, device, "lse_gather").lse_gather(
+            hidden, weight, local_ids, local, bias=bias)
         gathered = torch.where(owned, gathered.to(cdt), torch.zeros((), dtype=cdt, device=device))
     else:  # nothing below V here: zero mass, no owned ids
         lse = torch.full((n,), float("-inf"), dtype=cdt, device=device)
@@ -181,104 +143,3 @@ def _sharded_lse_gather(hidden, weight, bias, ids, opts, layout: ShardLayout, gr
     global_gathered = pieces[:, :, 1:1 + k].sum(0)
     global_entropy = shard_entropy(global_lse, pieces[:, :, 0], pieces[:, :, -1]) if with_entropy else None
     return global_lse, global_gathered, global_entropy
-
-
-def _lse_gather_checks(hidden, weight, bias, ids, ids_name, temperature, softcap, scale, backend, return_entropy,
-                       opts, device) -> LocalSizes:
-    check.check_tensor("hidden" if ids_name == "targets" else "student_hidden", hidden)
-    hname, wname, bname = (("hidden", "weight", "bias") if ids_name == "targets"
-                           else ("student_hidden", "student_weight", "student_bias"))
-    check.check_weight(wname, weight, hidden, hname)
-    check.check_bias(bname, bias, weight, wname)
-    check.check_same_device(**{hname: hidden, wname: weight, bname: bias})
-    check.check_choice("backend", backend, check.BACKENDS)
-    backends.resolve(backend, device, "lse_gather")   # raises ValueError if it cannot run here
-    opts.update(temperature=check.check_real("temperature", temperature, positive=True),
-                softcap=check.check_softcap("softcap" if ids_name == "targets" else "student_softcap", softcap),
-                scale=check.check_real("scale" if ids_name == "targets" else "student_scale", scale),
-                return_entropy=bool(return_entropy))
-    k = 1 if ids_name == "targets" else (ids.shape[-1] if isinstance(ids, torch.Tensor) and ids.dim() else 0)
-    return LocalSizes(weight.shape[0], None, hidden.shape[:-1].numel(), hidden.shape[-1], k)
-
-
-def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                    bias: Optional[torch.Tensor] = None, temperature: float = 1.0, softcap: Optional[float] = None,
-                    scale: float = 1.0, vocab_size: Optional[int] = None, return_entropy: bool = False,
-                    backend: str = "auto", process_group=None, reduce_hidden_grad: bool = True):
-    r"""``opd_kernels.linear_logprobs`` over a vocabulary sharded across ``process_group``.
-
-    ``weight`` (V^r, H) is this rank's shard (rows [o_r, o_r + V^r) of the global lm_head), ``hidden`` (..., H)
-    and ``targets`` (...) (global ids in [0, V)) are the same on every rank. Every rank returns the full
-    ``logprobs`` (...) (and ``entropy``), equal to the single-process op on the concatenated weight::
-
-        lse = logsumexp_r lse_r;   logprobs = z[targets] (from the owning shard) - lse
-        entropy = sum_r a_r (entropy_r - log a_r),   a_r = exp(lse_r - lse)   (chain rule of entropy)
-    """
-    group, device, opts = process_group, _device_of(hidden), {}
-    layout = agree_on_layout(group, device, lambda: _lse_gather_checks(
-        hidden, weight, bias, targets, "targets", temperature, softcap, scale, backend, return_entropy, opts,
-        device), vocab_size)
-    leading = hidden.shape[:-1]
-    check.check_ids("targets", targets, layout.vocab_size, leading, "hidden", device=device)
-    if hidden.numel() == 0:
-        empty = _empty_result(leading, "none", hidden, weight, bias)
-        return (empty, empty.clone()) if return_entropy else empty
-    h = copy_to_group(_rows(hidden), group, reduce=reduce_hidden_grad)
-    lse, gathered, entropy = _sharded_lse_gather(h, weight.contiguous(), bias, targets.reshape(-1, 1).to(torch.int64),
-                                                 opts, layout, group, backend, device)
-    logprobs = (gathered[:, 0] - lse).float().reshape(leading)
-    return (logprobs, entropy.float().reshape(leading)) if return_entropy else logprobs
-
-
-def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor,
-                           teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: torch.Tensor, *,
-                           divergence: str = "forward_kl", tail_bucket: bool = True, temperature: float = 1.0,
-                           student_bias: Optional[torch.Tensor] = None, student_softcap: Optional[float] = None,
-                           student_scale: float = 1.0, vocab_size: Optional[int] = None,
-                           mask: Optional[torch.Tensor] = None, reduction: str = "mean",
-                           normalizer: Normalizer = None, backend: str = "auto", process_group=None,
-                           reduce_hidden_grad: bool = True) -> torch.Tensor:
-    r"""``opd_kernels.linear_topk_divergence`` over a vocabulary sharded across ``process_group``.
-
-    ``student_weight`` (V^r, H) is this rank's shard; ``student_hidden`` (..., H), ``teacher_topk_ids`` (..., k)
-    (global ids) and ``teacher_topk_logprobs`` (..., k) are the same on every rank. The student's top-k
-    log-probs q come from the sharded lse + gather of :func:`linear_logprobs`; the divergence of q against
-    the teacher's l (with the tail bucket) is then computed identically on every rank.
-    """
-    group, device, opts = process_group, _device_of(student_hidden), {}
-    extra = {}
-
-    def local_checks() -> LocalSizes:
-        check.check_choice("divergence", divergence, ("forward_kl", "reverse_kl"))
-        check.check_choice("reduction", reduction, check.REDUCTIONS)
-        check.check_tensor("teacher_topk_logprobs", teacher_topk_logprobs)
-        sizes = _lse_gather_checks(student_hidden, student_weight, student_bias, teacher_topk_ids,
-                                   "teacher_topk_ids", temperature, student_softcap, student_scale, backend, False,
-                                   opts, device)
-        if not isinstance(teacher_topk_ids, torch.Tensor) or tuple(teacher_topk_logprobs.shape) != tuple(
-                teacher_topk_ids.shape):
-            raise ValueError(f"teacher_topk_logprobs: expected shape {tuple(getattr(teacher_topk_ids, 'shape', ()))} "
-                             f"(the shape of teacher_topk_ids), got {tuple(teacher_topk_logprobs.shape)}")
-        check.check_same_device(student_hidden=student_hidden, teacher_topk_logprobs=teacher_topk_logprobs)
-        leading = student_hidden.shape[:-1]
-        extra.update(mask=check.check_mask(mask, leading, "student_hidden", device),
-                     normalizer=check.check_normalizer(normalizer, device))
-        return sizes
-
-    layout = agree_on_layout(group, device, local_checks, vocab_size)
-    leading = student_hidden.shape[:-1]
-    k = teacher_topk_ids.shape[-1] if teacher_topk_ids.dim() else 0
-    check.check_ids("teacher_topk_ids", teacher_topk_ids, layout.vocab_size, leading, "student_hidden",
-                    trailing=k if teacher_topk_ids.dim() else None, device=device)
-    if student_hidden.numel() == 0:
-        return _empty_result(leading, reduction, student_hidden, student_weight, student_bias)
-    h = copy_to_group(_rows(student_hidden), group, reduce=reduce_hidden_grad)
-    lse, gathered, _ = _sharded_lse_gather(h, student_weight.contiguous(), student_bias,
-                                           teacher_topk_ids.reshape(-1, k).to(torch.int64), opts, layout, group,
-                                           backend, device)
-    q = gathered - lse.unsqueeze(-1)
-    l = teacher_topk_logprobs.detach().reshape(-1, k).to(q.dtype)
-    per_token = topk_divergence_from_logprobs(q, l, divergence=divergence, tail_bucket=bool(tail_bucket))
-    weights = token_weights(extra["mask"], per_token.shape[0], reduction, extra["normalizer"], device)
-    out = reduce_per_token(per_token, weights, reduction).float()
-    return out.reshape(leading) if reduction == "none" else out

@@ -26,6 +26,6 @@ N x V_s gradient of logits the caller already holds. Per-token outputs are (N,),
 split states (k, S, N), gradient accumulators fp32 copies of the inputs' shapes (N x H and V x H).
 
 Importing ``launch`` imports triton and creates the kernels; Triton decides then whether they are
-interpreted (``TRITON_INTERPRET=1``) or compiled for a GPU, and ``launch.INTERPRETED`` records which.
+interpreted (``TRITON_INTERPRET=1``) or compiled for a GPU, and ``launch.INTERPRET`` records which.
 opd_kernels.backends.triton imports it on the first kernel launch.
 """

@@ -1,0 +1,84 @@
+"""Token-chunk helpers shared by the PyTorch-op implementations: the torch backend (backends/pytorch.py) and
+the vocab-parallel row statistics (distributed/rowstats.py).
+
+A chunk is C token rows whose logits over the (local) vocabulary exist at once, C x V, never N x V.
+
+``OPD_WORKSPACE_MB`` means one thing everywhere: the MiB that one chunk's C x V buffers of both models may
+take together (default :data:`DEFAULT_WORKSPACE_MB` per implementation). The torch backend counts the
+``LIVE_BUFFERS`` fp32 buffers its chunk step keeps alive; the cpp driver its two workspaces (one per model,
+in the models' dtypes).
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator, Optional
+
+import torch
+
+# MiB of chunk workspace when OPD_WORKSPACE_MB is unset. torch: any device. cpp CPU: 64 MiB (C ~ 260 rows at
+# V = 32k) keeps the chunk GEMMs within a few percent of whole-batch speed at 7.7% of the materializing
+# path's peak memory (workspace sweep in docs/cpp.md). cpp CUDA: not measured (no GPU has run it yet).
+DEFAULT_WORKSPACE_MB = {"torch": 256.0, "cpp-cpu": 64.0, "cpp-cuda": 1024.0}
+
+# fp32 buffers of C x V alive at once in a torch-ops chunk step (logits, log-probs, probs, gradient,
+# temporaries), the torch backend's bytes per vocabulary entry being LIVE_BUFFERS * 4.
+LIVE_BUFFERS = 10
+
+
+def chunk_rows(n: int, vocab: int, bytes_per_entry: int, default_mb: float) -> int:
+    """Rows per chunk C so that C x ``vocab`` entries of ``bytes_per_entry`` bytes (all of a chunk's
+    buffers together) fit ``OPD_WORKSPACE_MB`` (else ``default_mb``); 1 <= C <= max(n, 1)."""
+    budget = float(os.environ.get("OPD_WORKSPACE_MB", default_mb)) * 2**20
+    return int(max(1, min(max(n, 1), budget // (max(vocab, 1) * bytes_per_entry))))
+
+
+def torch_chunk_rows(n: int, vocab: int) -> int:
+    """:func:`chunk_rows` for a chunk step written in torch ops (``LIVE_BUFFERS`` fp32 buffers)."""
+    return chunk_rows(n, vocab, LIVE_BUFFERS * 4, DEFAULT_WORKSPACE_MB["torch"])
+
+
+def row_chunks(n: int, rows: int) -> Iterator[slice]:
+    """``slice(start, end)`` of each chunk of ``rows`` token rows, in order."""
+    for start in range(0, n, rows):
+        yield slice(start, min(start + rows, n))
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The arithmetic dtype after the matmuls: fp32, or fp64 when an input is fp64."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def linear_logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], vocab: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Raw logits ``h @ w[:V].T + b[:V]`` (C, V) of one chunk, in the inputs' dtype, then cast to ``dtype``.
+    Autocast is off here: fp32 inputs stay fp32 under autocast(bf16), as in the cpp and Triton custom ops
+    (which autocast does not touch)."""
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        out = h @ w[:vocab].T
+        if b is not None:
+            out = out + b[:vocab]
+    return out.to(dtype)
+
+
+def accumulate_linear_grads(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, vocab: int,
+                            grad_h_rows: torch.Tensor, grad_w: torch.Tensor, grad_b: Optional[torch.Tensor],
+                            live: Optional[torch.Tensor] = None) -> None:
+    """The gradients of ``h @ w[:V].T + b[:V]`` from G = d loss / d raw logits (C, V) of one chunk::
+
+        grad_h_rows = G @ w[:V];    grad_w[:V] += G.T @ h;    grad_b[:V] += G.sum(0)
+
+    ``live`` (C,) bool: the rows that carry a gradient; the others (masked tokens) get G = 0 and h = 0
+    exactly, so a NaN in their logits or hidden states cannot reach dW through 0 * NaN (issue 16).
+    """
+    if live is not None:
+        g = torch.where(live.unsqueeze(-1), g, torch.zeros((), dtype=g.dtype, device=g.device))
+        h = torch.where(live.unsqueeze(-1), h, torch.zeros((), dtype=h.dtype, device=h.device))
+    gq = g.to(w.dtype)
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        grad_h_rows.copy_(gq @ w[:vocab])
+        grad_w[:vocab] += (gq.T @ h).to(grad_w.dtype)
+    if grad_b is not None:
+        grad_b[:vocab] += g.sum(0).to(grad_b.dtype)
