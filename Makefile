@@ -1,26 +1,33 @@
-# One-command set-up and runs on a fresh machine (CPU torch 2.13.0 build unless a torch is already there).
+# One-command set-up and runs on a fresh machine (torch 2.13.0 unless a torch is already there: from the
+# configured index, which on Linux from the public one is the CUDA build; TORCH_INDEX=<CPU wheel index> for CPU).
 #   make test    venv + torch + build/install the package with its C++ extension + the test suite
 #   make demo    venv + ... + the main job: `opd-distill` (the embedded default distillation experiment)
 #   make bench   venv + ... + `opd-bench --quick`
-# Switches: OPD_SKIP_EXT=1 (no compiled extension), VENV=path, PYTHON=python3.x, TORCH_SPEC=torch==2.13.0
+#   make gpu-check  (on a CUDA machine, with a CUDA torch and nvcc) build with the CUDA epilogues, run the
+#                gpu-marked tests and the GPU bench cases, write gpu-check.md (benchmarks/gpu_check.py; build +
+#                150 s of tests + 180 s of bench, meant to fit 8 min on one H100/H200; never run yet)
+# Switches: OPD_SKIP_EXT=1 (no compiled extension), VENV=path, PYTHON=python3.x, TORCH_SPEC=torch==2.13.0,
+#           TORCH_INDEX=url (pip --index-url for torch only)
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 BIN := $(VENV)/bin
 # The test suite insists on the compiled extension unless the build was skipped on purpose.
 OPD_REQUIRE_EXT ?= $(if $(filter 1,$(OPD_SKIP_EXT)),0,1)
 export OPD_REQUIRE_EXT
 
-.PHONY: venv install test demo bench clean
+.PHONY: venv install test demo bench gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 venv: $(BIN)/python
-	@# torch first, from the CPU wheel, so nothing below pulls a multi-GB CUDA build.
-	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	@# torch first, so nothing below pulls another one (TORCH_INDEX: e.g. PyTorch's CPU wheel index).
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" \
+		$(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet setuptools wheel ninja numpy
 
 install: venv
@@ -36,6 +43,13 @@ demo: install
 
 bench: install
 	$(BIN)/opd-bench --quick
+
+gpu-check: venv
+	@$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() and torch.version.cuda else 'gpu-check: needs a CUDA build of torch and a visible GPU')"
+	@# the build sees a CUDA torch and nvcc, so setup.py adds csrc/cuda/*.cu (sm_80, sm_90)
+	$(BIN)/python -m pip install --quiet --no-build-isolation -e ".[test,triton]"
+	-$(BIN)/python -m pip install --quiet --no-deps cut-cross-entropy liger-kernel
+	$(BIN)/python benchmarks/gpu_check.py --out gpu-check.md --tests-timeout 150 --bench-timeout 180
 
 clean:
 	rm -rf build dist *.egg-info opd_kernels/_C*.so
