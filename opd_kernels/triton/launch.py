@@ -23,8 +23,8 @@ from .divergence_fwd import combine_splits, divergence_fwd_kernel
 from .divergence_math import FORWARD_KL, JSD, REVERSE_KL
 from .gather import gather_bwd_kernel, gather_fwd_kernel
 from .logits import logits_bwd_kernel, logits_fwd_kernel
-from .lse import lse_bwd_kernel, lse_bwd_owned_kernel, lse_fwd_kernel
-from .splits import merge_online, split_sum, split_vocab
+from .lse import lse_bwd_kernel, lse_bwd_owned_kernel, lse_entropy, lse_fwd_kernel
+from .splits import split_sum, split_vocab
 
 # Whether the kernels run in the Triton interpreter (TRITON_INTERPRET=1 when triton was imported), decided
 # when this module (hence the kernels) was created; see opd_kernels/triton/__init__.py. backends/triton.py
@@ -185,13 +185,11 @@ def lse_gather_forward(h, w, b, ids, opts: Optional[Options] = None, **keywords)
         lse_fwd_kernel[(n_blocks, splits)](
             h, w, b, part, n, opts.vocab_size, h.shape[1], v_split, m.scale, m.kernel_softcap,
             m.inv_temperature, DOT_PRECISION=dot_precision(h.dtype), **common, **_options(blocks))
-        mx, d, a = merge_online(*part)
-        lse = mx + torch.log(d)
-        ent = lse - a / d
+        lse, ent = lse_entropy(part)  # from max-shifted sums (lse.py)
         if k > 0:
             block_j = gather_block_j(k)
             gather_fwd_kernel[(n, triton.cdiv(k, block_j))](
-                h, w, b, ids, gathered, k, h.shape[1], m.scale, m.kernel_softcap, m.inv_temperature,
+                h, w, b, ids.contiguous(), gathered, k, opts.vocab_size, h.shape[1], m.scale, m.kernel_softcap, m.inv_temperature,
                 BLOCK_J=block_j, BLOCK_K=blocks.k, num_warps=1 if INTERPRET else 4, **common)
     return lse, gathered, ent
 
@@ -237,7 +235,7 @@ def lse_gather_backward(g_lse, g_gathered, g_ent, lse, ent, h, w, b, ids, opts: 
         if gather:
             block_j = gather_block_j(k)
             gather_bwd_kernel[(n, triton.cdiv(k, block_j))](
-                h, w, b, ids, g_gathered, dh, dw, db, k, hdim, *transform, BLOCK_J=block_j,
+                h, w, b, ids, g_gathered, dh, dw, db, k, vocab, hdim, *transform, BLOCK_J=block_j,
                 BLOCK_K=blocks.k, num_warps=1 if INTERPRET else 4, **common)
     return dh, dw, db
 
