@@ -161,7 +161,11 @@ def _check_head_structure(model: nn.Module, proj: nn.Module, decoder: nn.Module,
     if proj_name is not None and "." in proj_name:
         parent_name = proj_name.rsplit(".", 1)[0]
         parent = model.get_submodule(parent_name)
-        if parent is not decoder:
+        # A wrapper holding nothing but the projection (BertGenerationOnlyLMHead, XLMPredLayer) adds no
+        # parametrized transform; a parameter-free one would still fail verify_lm_head.
+        own = {id(p) for p in proj.parameters()}
+        wrapper = parent is not model and all(id(p) in own for p in parent.parameters())
+        if parent is not decoder and not wrapper:
             raise ValueError(
                 f"model: {name} computes its logits with {type(parent).__name__} ({parent_name}), a head that "
                 f"transforms the hidden states before its output projection {proj_name} (a prediction transform "
