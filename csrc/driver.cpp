@@ -202,6 +202,13 @@ struct LinearGrads {
   }
 };
 
+// Rows whose token weight (or whole upstream gradient) is 0 have G == 0, but 0 * NaN = NaN inside G^T h:
+// a masked token's NaN/inf hidden state must not reach dW (issue 16). For the dW product such rows of h
+// are replaced by zeros (a C x H select, next to the C x V x H products).
+Tensor zero_dead_rows(const Tensor& h, const Tensor& live) {
+  return at::where(live.unsqueeze(1), h, at::zeros({}, h.options()));
+}
+
 struct DivergenceResult {
   Tensor values, grad_hidden, grad_weight, grad_bias;
 };
@@ -264,7 +271,7 @@ DivergenceResult run_linear_divergence(
       a.num_threads = at::get_num_threads();
       ep.divergence(a);
 
-      grads.accumulate(Sc, h_s, ws_v, r0);
+      grads.accumulate(Sc, grads.need_w ? zero_dead_rows(h_s, weights.narrow(0, r0, c).ne(0)) : h_s, ws_v, r0);
     }
   }
   std::tie(res.grad_hidden, res.grad_weight, res.grad_bias) = grads.finish(hs, ws, bs_full);
@@ -371,6 +378,11 @@ std::tuple<Tensor, Tensor, Tensor> lse_gather_backward(
   const OptTensor b_v = narrow_bias(bias, V);
 
   LinearGrads grads(hidden, weight, bias, V, grad_mask[0], grad_mask[1], grad_mask[2]);
+  // rows with any nonzero (or NaN) upstream gradient; the epilogue writes zero rows for the others
+  Tensor live = at::zeros({N}, hidden.options().dtype(at::kBool));
+  if (g_lse.defined()) live.logical_or_(g_lse.ne(0));
+  if (g_ent.defined()) live.logical_or_(g_ent.ne(0));
+  if (g_gath.defined() && k > 0) live.logical_or_(g_gath.ne(0).any(1));
   if (N > 0 && grads.any()) {
     const int64_t C = rows_per_chunk(chunk_rows, N);
     Tensor Z = at::empty({C, workspace_ld(hidden, V)}, hidden.options());
@@ -398,7 +410,7 @@ std::tuple<Tensor, Tensor, Tensor> lse_gather_backward(
       a.scratch = scratch.data_ptr<float>();
       a.num_threads = at::get_num_threads();
       ep.lse_gather_backward(a);
-      grads.accumulate(Zc, h, w_v, r0);
+      grads.accumulate(Zc, grads.need_w ? zero_dead_rows(h, live.narrow(0, r0, c)) : h, w_v, r0);
     }
   }
   return grads.finish(hidden, weight, bias);

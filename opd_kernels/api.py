@@ -19,7 +19,7 @@ from ._common import empty_result as _empty_result
 from ._common import flatten_rows as _rows
 from ._common import reduce_per_token, token_weights
 from ._options import Options
-from .reference import topk_divergence_from_logprobs
+from .reference import masked_inputs, topk_divergence_from_logprobs
 
 Normalizer = Union[None, int, float, torch.Tensor]
 
@@ -214,6 +214,8 @@ def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.T
                                    teacher_topk_ids.reshape(-1, k).to(torch.int64), student_bias, opts)
     q = gathered - lse.unsqueeze(-1)
     l = teacher_topk_logprobs.detach().reshape(-1, k).to(q.dtype)
+    live = opts.token_weights(q.shape[0], q.device, q.dtype) != 0
+    q, l = masked_inputs(live.unsqueeze(-1), q, l)  # masked rows: no NaN into the loss or its gradient
     per_token = topk_divergence_from_logprobs(q, l, divergence=opts.divergence, tail_bucket=opts.tail_bucket)
     out = reduce_per_token(per_token, opts.token_weights(per_token.shape[0], q.device, per_token.dtype),
                            opts.reduction)
@@ -295,6 +297,7 @@ def sampled_token_opd_loss(student_logprobs: torch.Tensor, teacher_logprobs: tor
     ls = student_logprobs.reshape(-1).float()
     lt = teacher_logprobs.detach().reshape(-1).float()
     lq = ls.detach() if sampler_logprobs is None else sampler_logprobs.detach().reshape(-1).float()
+    ls, lt, lq = masked_inputs(flat_mask, ls, lt, lq)  # a masked -inf/NaN reaches no loss, no gradient
     ratio = torch.exp(ls - lq)
     if estimator == "is":
         per_token = ratio * (kl_coef * (lq - lt))          # = -ratio * A

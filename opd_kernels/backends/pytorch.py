@@ -144,9 +144,10 @@ class _ChunkedLseGather(torch.autograd.Function):
                                 None if grad_lse is None else grad_lse[sl],
                                 None if grad_gathered is None else grad_gathered[sl],
                                 grad_entropy[sl] if has_entropy else None)
-            # lse_gather_grad zeroes the rows of masked tokens (all upstream gradients 0)
-            accumulate_linear_grads(opts.student.chain(raw, g), h[sl], w, v, grad_h[sl], grad_w, grad_b,
-                                    live=(g != 0).any(-1))
+            # lse_gather_grad zeroes the rows of masked tokens (all upstream gradients 0); read before chain(),
+            # which scales g in place and turns a NaN raw logit of such a row into a NaN gradient
+            live = (g != 0).any(-1)
+            accumulate_linear_grads(opts.student.chain(raw, g), h[sl], w, v, grad_h[sl], grad_w, grad_b, live=live)
         return (grad_h, grad_w.to(w.dtype), None if grad_b is None else grad_b.to(w.dtype), None, None)
 
 
