@@ -5,6 +5,7 @@ import sys
 import types
 
 import pytest
+from trainer_helpers import one_thread  # noqa: F401 (autouse: 1 intra-op thread for tiny models)
 
 from opd_kernels.trainer import cli
 

@@ -6,25 +6,10 @@ import os
 
 import pytest
 import torch
+from trainer_helpers import make, one_thread, snapshot  # noqa: F401 (one_thread: autouse)
 
-from opd_kernels.hf.tiny import tiny_causal_lm
-from opd_kernels.trainer import OPDTrainer, TrainConfig, cli, latest_checkpoint
+from opd_kernels.trainer import cli, latest_checkpoint
 from opd_kernels.trainer import checkpoint as ckpt
-
-PROMPTS = [[3 + i, 4 + i, 5 + i] for i in range(7)]
-
-
-def make(out_dir, steps, seed, callbacks=(), **overrides):
-    torch.manual_seed(seed)
-    student = tiny_causal_lm("llama", seed=seed)
-    teacher = tiny_causal_lm("llama", seed=seed + 1, hidden_size=48).eval()
-    cfg = TrainConfig(output_dir=str(out_dir), steps=steps, batch_size=2, max_new_tokens=4, lr=1e-3,
-                      save_every=2, progress=False, verify_lm_head=False, **overrides)
-    return OPDTrainer(cfg, student, teacher, PROMPTS, callbacks=callbacks)
-
-
-def snapshot(trainer):
-    return {n: p.detach().clone() for n, p in trainer.student.named_parameters()}
 
 
 def test_non_finite_loss_skips_the_step_and_is_logged(tmp_path, capsys):
