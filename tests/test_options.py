@@ -1,0 +1,108 @@
+"""The options object (opd_kernels/_options.py): validation builds it once per call, and what reaches the
+backends and the vocab-parallel path is what it says."""
+import dataclasses
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import opd_kernels as ok
+from opd_kernels import _validation as check
+from opd_kernels._options import LogitTransform, Options
+from opd_kernels.backends import pytorch as torch_backend
+
+
+def _tensors(n=5, h=4, v=11):
+    return torch.randn(n, h), torch.randn(v, h), torch.randn(n, 3), torch.randn(v + 2, 3)
+
+
+def test_options_are_frozen_and_converted():
+    hs, ws, ht, wt = _tensors()
+    opts = check.check_linear_divergence(hs, ws, ht, wt, temperature=2, beta=1, divergence="jsd",
+                                         student_softcap=30, teacher_scale=3, mask=torch.tensor([1, 0, 1, 1, 0]))
+    assert opts.divergence == "reverse_kl" and opts.beta == 1.0          # JSD at beta = 1 resolved, once
+    assert opts.vocab_size == 11 and type(opts.vocab_size) is int
+    assert opts.student == LogitTransform(scale=1.0, softcap=30.0, temperature=2.0)
+    assert opts.teacher.scale == 3.0 and type(opts.teacher.scale) is float
+    assert opts.student.inv_temperature == 0.5
+    assert opts.mask.dtype == torch.bool and opts.mask.tolist() == [True, False, True, True, False]
+    assert opts.filter_eps == 0.0 and opts.deterministic is False
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.beta = 0.3
+
+
+@pytest.mark.parametrize("beta,expected", [(0.0, "forward_kl"), (1.0, "reverse_kl"), (0.25, "jsd")])
+def test_jsd_ends(beta, expected):
+    s, t = torch.randn(3, 7), torch.randn(3, 7)
+    assert check.check_logits_divergence(s, t, divergence="jsd", beta=beta).divergence == expected
+
+
+@pytest.mark.parametrize("bad", ["False", 0, 1, None, torch.tensor(True)])
+def test_deterministic_must_be_a_bool(bad):
+    hs, ws, ht, wt = _tensors()
+    with pytest.raises(TypeError, match="deterministic"):
+        ok.linear_divergence(hs, ws, ht, wt, deterministic=bad)
+    with pytest.raises(TypeError, match="deterministic"):
+        ok.linear_logprobs(hs, ws, torch.zeros(5, dtype=torch.long), deterministic=bad)
+    with pytest.raises(TypeError, match="deterministic"):
+        ok.logits_divergence(torch.randn(5, 7), torch.randn(5, 7), deterministic=bad)
+
+
+def test_the_global_deterministic_flag_is_read_at_validation():
+    hs, ws, ht, wt = _tensors()
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert check.check_linear_divergence(hs, ws, ht, wt).deterministic is True
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert check.check_linear_divergence(hs, ws, ht, wt).deterministic is was
+
+
+def _record(monkeypatch, module, name):
+    seen = []
+    original = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        seen.append(next(a for a in args if isinstance(a, Options)))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return seen
+
+
+def test_the_backend_receives_the_validated_options(monkeypatch):
+    hs, ws, ht, wt = _tensors()
+    seen = _record(monkeypatch, torch_backend, "linear_divergence")
+    ok.linear_divergence(hs, ws, ht, wt, backend="torch", temperature=0.5, divergence="jsd", beta=0.0,
+                         vocab_size=9, deterministic=True)
+    (opts,) = seen
+    assert (opts.divergence, opts.vocab_size, opts.deterministic) == ("forward_kl", 9, True)
+    assert opts.student.inv_temperature == 2.0 and opts.process_group is None
+
+
+@pytest.fixture
+def world_of_one():
+    """A one-process gloo group in this process (no spawn)."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vocab_parallel_reuses_the_checks_and_honours_deterministic(world_of_one, monkeypatch):
+    hs, ws, ht, wt = _tensors()
+    with pytest.raises(TypeError, match="deterministic"):       # the API's own checks, inside the agreement
+        ok.linear_divergence(hs, ws, ht, wt, process_group=world_of_one, deterministic="yes")
+    divergence = _record(monkeypatch, torch_backend, "linear_divergence")
+    lse = _record(monkeypatch, torch_backend, "lse_gather")
+    # strategy "materialize" takes the shard decomposition, which runs the backend's own primitives
+    out = ok.linear_divergence(hs, ws, ht, wt, process_group=world_of_one, backend="torch", strategy="materialize",
+                               deterministic=True, vocab_size=10)
+    assert [o.deterministic for o in divergence + lse] == [True, True, True]
+    assert all(o.vocab_size == 10 and o.process_group is None for o in divergence + lse)   # the local problem
+    single = ok.linear_divergence(hs, ws, ht, wt, backend="torch", vocab_size=10)
+    torch.testing.assert_close(out, single)
