@@ -28,8 +28,25 @@ LIVE_BUFFERS = 10
 def chunk_rows(n: int, vocab: int, bytes_per_entry: int, default_mb: float) -> int:
     """Rows per chunk C so that C x ``vocab`` entries of ``bytes_per_entry`` bytes (all of a chunk's
     buffers together) fit ``OPD_WORKSPACE_MB`` (else ``default_mb``); 1 <= C <= max(n, 1)."""
-    budget = float(os.environ.get("OPD_WORKSPACE_MB", default_mb)) * 2**20
+    budget = workspace_mb(default_mb) * 2**20
     return int(max(1, min(max(n, 1), budget // (max(vocab, 1) * bytes_per_entry))))
+
+
+def workspace_mb(default_mb: float) -> float:
+    """``OPD_WORKSPACE_MB`` as a number of MiB: unset or empty means ``default_mb``; anything but a finite
+    number > 0 is a ValueError naming the variable (``abc``, ``nan``, ``inf`` used to fail every call with
+    a message that did not say which setting was wrong, or to pick a silent one-row chunk)."""
+    raw = os.environ.get("OPD_WORKSPACE_MB", "").strip()
+    if not raw:
+        return float(default_mb)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value != float("inf")):
+        raise ValueError(f"OPD_WORKSPACE_MB: expected a finite number of MiB > 0 (or unset for the default "
+                         f"{default_mb:g}), got {raw!r}")
+    return value
 
 
 def torch_chunk_rows(n: int, vocab: int) -> int:

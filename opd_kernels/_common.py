@@ -65,7 +65,11 @@ def token_weights(mask: Optional[torch.Tensor], n: int, reduction: str,
         return w
     if normalizer is not None:
         if isinstance(normalizer, torch.Tensor):
-            return w / normalizer.to(device=device, dtype=dtype)
+            # checked on the device, not on the host (a sync): a normalizer <= 0, NaN or inf is no token count,
+            # and makes every weight, hence the loss, NaN (issue 16; it used to give a silent sign flip or 0)
+            n = normalizer.to(device=device, dtype=dtype)
+            return w / torch.where(torch.isfinite(n) & (n > 0), n, torch.full((), float("nan"), dtype=dtype,
+                                                                             device=device))
         return w / float(normalizer)
     return w / w.sum().clamp_min(1.0)
 
@@ -78,6 +82,21 @@ def reduce_per_token(values: torch.Tensor, weights: torch.Tensor, reduction: str
     if reduction == "none":
         return torch.where(weights != 0, values, zero)
     return torch.where(weights != 0, values * weights, zero).sum()
+
+
+DOUBLE_BACKWARD_MESSAGE = (
+    "opd_kernels: double backward is not supported: the gradients of these ops are formed by fused kernels "
+    "(or in the forward pass) without an autograd graph of their own, so they cannot be differentiated again. "
+    "Call backward / torch.autograd.grad without create_graph=True through opd_kernels ops")
+
+
+def no_double_backward() -> None:
+    """The one behaviour of every backend under ``create_graph=True`` (issue 16: torch returned a gradient
+    without a graph, cpp said "modified by an inplace operation", Triton "no autograd formula"): a
+    RuntimeError saying so, raised by each op's backward when grad mode is on inside it (it is off in a
+    plain backward). Not while torch.compile traces."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
 
 
 def flatten_rows(x: torch.Tensor) -> torch.Tensor:

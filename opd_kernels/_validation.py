@@ -86,8 +86,35 @@ def check_real(name: str, value, *, positive: bool = False, low: Optional[float]
     return value
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_fp32(name: str, value: float, *, reciprocal: bool = False) -> float:
+    """``value`` (and, with ``reciprocal``, ``1 / value``: the kernels multiply by 1/T and 1/c) representable
+    as a finite nonzero-where-nonzero fp32, the precision every kernel applies it in (issue 16: a scale of
+    1e39 or a temperature of 1e-40 gave NaN losses without a word)."""
+    if abs(value) > FLOAT32_MAX or (reciprocal and value != 0 and abs(1.0 / value) > FLOAT32_MAX):
+        what = f"|{name}| and 1/|{name}|" if reciprocal else f"|{name}|"
+        raise ValueError(f"{name}: expected {what} <= {FLOAT32_MAX:.4g} (the kernels work in float32), got {value}")
+    return value
+
+
 def check_softcap(name: str, value) -> Optional[float]:
-    return None if value is None else check_real(name, value, positive=True)
+    return None if value is None else check_fp32(name, check_real(name, value, positive=True), reciprocal=True)
+
+
+def check_temperature(temperature) -> float:
+    return check_fp32("temperature", check_real("temperature", temperature, positive=True), reciprocal=True)
+
+
+def check_scale(name: str, value) -> float:
+    return check_fp32(name, check_real(name, value))
+
+
+def check_hidden_size(name: str, x: torch.Tensor, what: str = "hidden size") -> None:
+    """A last dimension of at least 1 (H = 0 or V = 0 raised an IndexError deep inside)."""
+    if x.dim() and x.shape[-1] < 1:
+        raise ValueError(f"{name}: expected a {what} (last dim) >= 1, got shape {tuple(x.shape)}")
 
 
 def check_vocab_size(vocab_size, *, v_student: int, v_teacher: Optional[int] = None,
@@ -120,6 +147,10 @@ def check_mask(mask, leading: torch.Size, leading_name: str, device) -> Optional
     check_leading("mask", mask, leading, leading_name)
     if mask.device != device:
         raise ValueError(f"mask: expected device {device}, got {mask.device}")
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        # a float mask was silently rounded to 0/1 (issue 16); weights are a separate argument
+        raise TypeError(f"mask: expected a bool or integer tensor (True / nonzero = counted), got {mask.dtype}; "
+                        "per-token weights go in token_weights=")
     return (mask if mask.dtype == torch.bool else mask != 0).reshape(-1)
 
 
@@ -131,13 +162,18 @@ def check_normalizer(normalizer, device):
             raise ValueError(f"normalizer: expected a number or a one-element tensor, got shape {tuple(normalizer.shape)}")
         if normalizer.device != device and normalizer.device.type != "cpu":
             raise ValueError(f"normalizer: expected device {device} or cpu, got {normalizer.device}")
+        if normalizer.dtype == torch.bool or normalizer.dtype.is_complex:
+            raise TypeError(f"normalizer: expected a real number or a real one-element tensor, got {normalizer.dtype}")
+        # Its value is not read here (a host sync): a tensor normalizer <= 0 or non-finite makes the loss NaN
+        # on the device instead (_common.token_weights), so it cannot pass for a number.
         return normalizer.reshape(())
     return check_real("normalizer", normalizer, positive=True)
 
 
 def check_ids(name: str, ids, v: Optional[int], leading: torch.Size, leading_name: str, *,
-              trailing: Optional[int] = None, device=None) -> None:
-    """dtype, shape and device of an id tensor, then (``v`` given) the range 0 <= id < v."""
+              trailing: Optional[int] = None, device=None, distinct: bool = False) -> None:
+    """dtype, shape and device of an id tensor, then (``v`` given) the range 0 <= id < v (and with
+    ``distinct`` no repeated id within a row, for top-k sets)."""
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of integer ids, got {type(ids).__name__}")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
@@ -151,17 +187,50 @@ def check_ids(name: str, ids, v: Optional[int], leading: torch.Size, leading_nam
     if device is not None and ids.device != device:
         raise ValueError(f"{name}: expected device {device}, got {ids.device}")
     if v is not None:
-        check_id_range(name, ids, v)
+        check_id_range(name, ids, v, distinct=distinct)
 
 
-def check_id_range(name: str, ids: torch.Tensor, v: int) -> None:
-    """0 <= ids < v. Reads values: one host sync (min and max come back together) and a graph break under
-    torch.compile, so it is skipped while compiling and when OPD_CHECK_IDS=0."""
+def check_id_range(name: str, ids: torch.Tensor, v: int, *, distinct: bool = False) -> None:
+    """0 <= ids < v (and, with ``distinct``, no id twice in a row of the last dim). Reads values: one host
+    sync (min, max and the duplicate count come back together) and a graph break under torch.compile, so it
+    is skipped while compiling and when OPD_CHECK_IDS=0 - the kernels bound-check every id anyway (an
+    out-of-range id gives a NaN row) and the top-k loss turns rows with duplicate ids NaN on the device
+    (``topk_rows_checked``)."""
     if ids.numel() and os.environ.get("OPD_CHECK_IDS", "1") != "0" and not torch.compiler.is_compiling():
-        lo, hi = torch.stack([ids.min(), ids.max()]).tolist()  # the one host sync of this check
+        stats = [ids.min(), ids.max()]
+        if distinct:
+            stats.append(duplicate_rows(ids).sum())
+        got = torch.stack(stats).tolist()  # the one host sync of this check
+        lo, hi = got[0], got[1]
         if lo < 0 or hi >= v:
             bad = lo if lo < 0 else hi
             raise ValueError(f"{name}: expected ids in [0, {v}) (V = {v}), got {bad}")
+        if distinct and got[2]:
+            raise ValueError(f"{name}: expected distinct ids within each row (a top-k set), got {got[2]} row(s) "
+                             "with a repeated id")
+
+
+def duplicate_rows(ids: torch.Tensor) -> torch.Tensor:
+    """Bool (...,): rows of the last dim that hold some id twice (sort + compare neighbours, O(k log k))."""
+    s = ids.sort(-1).values
+    return (s[..., 1:] == s[..., :-1]).any(-1)
+
+
+# How far above 0 a teacher top-k log-prob (or the log of their total mass) may round before the row is
+# invalid: log-probs from a server are <= 0 and sum to <= 1, up to their own rounding (bf16: 2^-8).
+TOPK_LOGPROB_SLACK = 1e-2
+
+
+def topk_rows_checked(ids: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """The teacher's top-k log-probs (..., k) with NaN rows where the top-k set is invalid: an id repeated
+    in the row, a log-prob above 0, or a total mass above 1 (logsumexp above 0, both with
+    :data:`TOPK_LOGPROB_SLACK`). A device-side check (no host sync): such a row's loss is NaN, so the
+    trainer's non-finite guard sees it (random inputs used to give a finite loss of 233). NaN log-probs stay
+    NaN; -inf log-probs (zero mass) are valid."""
+    bad = duplicate_rows(ids) | (logprobs > TOPK_LOGPROB_SLACK).any(-1)
+    bad = bad | (torch.logsumexp(logprobs.float(), -1) > TOPK_LOGPROB_SLACK)
+    return torch.where(bad.unsqueeze(-1), torch.full((), float("nan"), dtype=logprobs.dtype,
+                                                     device=logprobs.device), logprobs)
 
 
 def check_filter_eps(filter_eps) -> float:
@@ -217,6 +286,8 @@ def check_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
     weights are this rank's shards and ``vocab_size`` stays the request (distributed/shards.py fixes V)."""
     check_tensor("student_hidden", student_hidden)
     check_tensor("teacher_hidden", teacher_hidden)
+    check_hidden_size("student_hidden", student_hidden)
+    check_hidden_size("teacher_hidden", teacher_hidden)
     check_weight("student_weight", student_weight, student_hidden, "student_hidden")
     check_weight("teacher_weight", teacher_weight, teacher_hidden, "teacher_hidden")
     leading = student_hidden.shape[:-1]
@@ -231,10 +302,10 @@ def check_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
     check_choice("strategy", strategy, STRATEGIES)
     device = student_hidden.device
     beta = check_real("beta", beta, low=0.0, high=1.0)
-    temperature = check_real("temperature", temperature, positive=True)
-    student = LogitTransform(check_real("student_scale", student_scale),
+    temperature = check_temperature(temperature)
+    student = LogitTransform(check_scale("student_scale", student_scale),
                              check_softcap("student_softcap", student_softcap), temperature)
-    teacher = LogitTransform(check_real("teacher_scale", teacher_scale),
+    teacher = LogitTransform(check_scale("teacher_scale", teacher_scale),
                              check_softcap("teacher_softcap", teacher_softcap), temperature)
     filter_eps = check_filter_eps(filter_eps)
     if process_group is None:
@@ -258,18 +329,19 @@ def check_lse_gather(hidden, weight, ids, *, bias=None, temperature=1.0, softcap
     the id range is checked once the global V is known (distributed/vocab_parallel.py)."""
     hname, wname, bname, cname, sname = names
     check_tensor(hname, hidden)
+    check_hidden_size(hname, hidden)
     check_weight(wname, weight, hidden, hname)
     check_bias(bname, bias, weight, wname)
     check_same_device(**{hname: hidden, wname: weight, bname: bias})
-    temperature = check_real("temperature", temperature, positive=True)
-    student = LogitTransform(check_real(sname, scale), check_softcap(cname, softcap), temperature)
+    temperature = check_temperature(temperature)
+    student = LogitTransform(check_scale(sname, scale), check_softcap(cname, softcap), temperature)
     check_choice("backend", backend, BACKENDS)
     if process_group is None:
         v = check_vocab_size(vocab_size, v_student=weight.shape[0], student_name=wname)
     else:
         v = check_vocab_request(vocab_size)
     check_ids(ids_name, ids, v if process_group is None else None, hidden.shape[:-1], hname, trailing=trailing,
-              device=hidden.device)
+              device=hidden.device, distinct=ids_name == "teacher_topk_ids")
     return Options(vocab_size=v, student=student, return_entropy=bool(return_entropy), backend=backend,
                    deterministic=check_deterministic(deterministic), process_group=process_group,
                    reduce_hidden_grad=bool(reduce_hidden_grad))
@@ -286,6 +358,9 @@ def check_linear_topk_divergence(student_hidden, student_weight, teacher_topk_id
     check_tensor("teacher_topk_logprobs", teacher_topk_logprobs)
     trailing = (teacher_topk_ids.shape[-1] if isinstance(teacher_topk_ids, torch.Tensor) and teacher_topk_ids.dim()
                 else None)
+    if trailing == 0:  # was a reshape RuntimeError deep inside
+        raise ValueError(f"teacher_topk_ids: expected k >= 1 ids per token (last dim), got shape "
+                         f"{tuple(teacher_topk_ids.shape)}")
     opts = check_lse_gather(
         student_hidden, student_weight, teacher_topk_ids, bias=student_bias, temperature=temperature,
         softcap=student_softcap, scale=student_scale, vocab_size=vocab_size, backend=backend,
@@ -308,12 +383,14 @@ def check_logits_divergence(student_logits, teacher_logits, *, divergence="rever
     """Every check of ``logits_divergence``; returns its :class:`Options` (both transforms are 1/T)."""
     check_tensor("student_logits", student_logits)
     check_tensor("teacher_logits", teacher_logits)
+    check_hidden_size("student_logits", student_logits, "vocabulary size")
+    check_hidden_size("teacher_logits", teacher_logits, "vocabulary size")
     leading = student_logits.shape[:-1]
     check_leading("teacher_logits", teacher_logits[..., 0], leading, "student_logits")
     check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
     check_choice("divergence", divergence, DIVERGENCES)
     beta = check_real("beta", beta, low=0.0, high=1.0)
-    transform = LogitTransform(temperature=check_real("temperature", temperature, positive=True))
+    transform = LogitTransform(temperature=check_temperature(temperature))
     v = check_vocab_size(vocab_size, v_student=student_logits.shape[-1], v_teacher=teacher_logits.shape[-1],
                          student_name="student_logits (last dim)", teacher_name="teacher_logits")
     check_choice("reduction", reduction, REDUCTIONS)

@@ -210,6 +210,8 @@ def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.T
     if student_hidden.numel() == 0:
         return _empty_result(leading, reduction, student_hidden, student_weight, student_bias)
     k = teacher_topk_ids.shape[-1]
+    # rows whose top-k set is invalid (repeated id, log-prob > 0, mass > 1) become NaN on the device
+    teacher_topk_logprobs = check.topk_rows_checked(teacher_topk_ids, teacher_topk_logprobs.detach())
     lse, gathered, _ = _lse_gather(_rows(student_hidden), student_weight.contiguous(),
                                    teacher_topk_ids.reshape(-1, k).to(torch.int64), student_bias, opts)
     q = gathered - lse.unsqueeze(-1)

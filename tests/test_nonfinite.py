@@ -381,3 +381,148 @@ def test_out_of_range_ids_unchecked(backend, bad, monkeypatch):
     assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2, 3]]).all(), out
     out.sum().backward()
     assert torch.isfinite(hh.grad[[0, 2, 3]]).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inputs accepted without a word, unclear errors
+# ---------------------------------------------------------------------------------------------------------------
+def _small(n=3, h=4, v=10):
+    g = torch.Generator().manual_seed(11)
+    return torch.randn(n, h, generator=g), torch.randn(v, h, generator=g), torch.randn(n, h, generator=g), \
+        torch.randn(v, h, generator=g)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_invalid_sets_are_nan_or_rejected(backend, monkeypatch):
+    """Duplicate ids in a row: a ValueError from the host id check; with OPD_CHECK_IDS=0 (no sync) that row is
+    NaN. Log-probs above 0 or summing above 1: that row is NaN (a device-side check). Random inputs gave 233."""
+    hs, ws, _, _ = _small()
+    ok_ids = torch.tensor([[1, 2], [3, 4], [5, 6]])
+    good = torch.log(torch.tensor([[0.5, 0.2], [0.3, 0.3], [0.1, 0.6]]))
+    with pytest.raises(ValueError, match="teacher_topk_ids.*distinct"):
+        ok.linear_topk_divergence(hs, ws, torch.tensor([[1, 1], [3, 4], [5, 6]]), good, backend=backend)
+    monkeypatch.setenv("OPD_CHECK_IDS", "0")
+    out = ok.linear_topk_divergence(hs, ws, torch.tensor([[1, 1], [3, 4], [5, 6]]), good, reduction="none",
+                                    backend=backend)
+    assert torch.isnan(out[0]) and torch.isfinite(out[1:]).all()
+    for bad_row in (torch.tensor([0.5, -1.0]), torch.log(torch.tensor([0.7, 0.6]))):  # > 0; sum > 1
+        lp = good.clone()
+        lp[1] = bad_row
+        out = ok.linear_topk_divergence(hs, ws, ok_ids, lp, reduction="none", backend=backend)
+        assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all(), out
+        assert torch.isnan(ok.linear_topk_divergence(hs, ws, ok_ids, lp, backend=backend))
+    lp = good.clone()
+    lp[2, 1] = -INF  # zero mass is a valid log-prob (finite forward KL; reverse KL is +inf there by definition)
+    assert torch.isfinite(ok.linear_topk_divergence(hs, ws, ok_ids, lp, divergence="forward_kl", backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float_mask_rejected(backend):
+    hs, ws, ht, wt = _small()
+    with pytest.raises(TypeError, match="mask.*token_weights"):
+        ok.linear_divergence(hs, ws, ht, wt, mask=torch.tensor([0.5, 1.0, 0.2]), backend=backend)
+    with pytest.raises(TypeError, match="mask"):
+        ok.sampled_token_opd_loss(torch.zeros(3), torch.zeros(3), mask=torch.tensor([0.5, 1.0, 0.2]))
+    # integer masks keep their meaning: nonzero = counted
+    a = ok.linear_divergence(hs, ws, ht, wt, mask=torch.tensor([1, 0, 2]), backend=backend)
+    b = ok.linear_divergence(hs, ws, ht, wt, mask=torch.tensor([True, False, True]), backend=backend)
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", [-2.0, 0.0, NAN, INF])
+def test_tensor_normalizer_not_positive_gives_nan(backend, value):
+    """A tensor normalizer is not read on the host (a sync): <= 0, NaN or inf makes the loss NaN on the device."""
+    hs, ws, ht, wt = _small()
+    assert torch.isnan(ok.linear_divergence(hs, ws, ht, wt, normalizer=torch.tensor(value), backend=backend))
+    g = torch.Generator().manual_seed(12)
+    s, t = torch.randn(3, 10, generator=g), torch.randn(3, 10, generator=g)
+    assert torch.isnan(ok.logits_divergence(s, t, normalizer=torch.tensor(value), backend=backend))
+    assert torch.isfinite(ok.linear_divergence(hs, ws, ht, wt, normalizer=torch.tensor(5.0), backend=backend))
+    if value <= 0 or value != value:
+        with pytest.raises(ValueError, match="normalizer"):
+            ok.linear_divergence(hs, ws, ht, wt, normalizer=value, backend=backend)
+
+
+@pytest.mark.parametrize("value", ["False", "True", 0, 1, None])
+def test_deterministic_must_be_bool(value):
+    hs, ws, ht, wt = _small()
+    with pytest.raises(TypeError, match="deterministic"):
+        ok.linear_divergence(hs, ws, ht, wt, deterministic=value, backend="torch")
+
+
+@pytest.mark.parametrize("kw,name", [(dict(temperature=1e-40), "temperature"), (dict(student_scale=1e39), "student_scale"),
+                                     (dict(teacher_scale=-1e39), "teacher_scale"),
+                                     (dict(student_softcap=1e39), "student_softcap"),
+                                     (dict(teacher_softcap=1e-40), "teacher_softcap")])
+def test_fp32_overflowing_constants_rejected(kw, name):
+    hs, ws, ht, wt = _small()
+    with pytest.raises(ValueError, match=name):
+        ok.linear_divergence(hs, ws, ht, wt, backend="torch", **kw)
+    if name == "temperature":
+        with pytest.raises(ValueError, match=name):
+            ok.linear_logprobs(hs, ws, torch.zeros(3, dtype=torch.long), temperature=1e-40)
+        with pytest.raises(ValueError, match=name):
+            ok.logits_divergence(torch.randn(3, 5), torch.randn(3, 5), temperature=1e-40)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_sizes_name_the_argument(backend):
+    """H = 0, V = 0 and k = 0 raise a ValueError naming the argument (IndexError / reshape RuntimeError before;
+    H = 0 in linear_logprobs silently returned log-probs of 0)."""
+    z = torch.zeros(3, 0)
+    with pytest.raises(ValueError, match="student_hidden"):
+        ok.linear_divergence(z, torch.zeros(10, 0), z, torch.zeros(10, 0), backend=backend)
+    with pytest.raises(ValueError, match="hidden"):
+        ok.linear_logprobs(z, torch.zeros(10, 0), torch.zeros(3, dtype=torch.long), backend=backend)
+    with pytest.raises(ValueError, match="student_logits"):
+        ok.logits_divergence(z, z, backend=backend)
+    with pytest.raises(ValueError, match="student_weight"):
+        ok.linear_divergence(torch.randn(3, 4), torch.zeros(0, 4), torch.randn(3, 4), torch.zeros(0, 4),
+                             backend=backend)
+    for reduction in ("mean", "none"):
+        with pytest.raises(ValueError, match="teacher_topk_ids"):
+            ok.linear_topk_divergence(torch.randn(3, 4), torch.randn(10, 4), torch.zeros(3, 0, dtype=torch.long),
+                                      torch.zeros(3, 0), reduction=reduction, backend=backend)
+
+
+CHUNKED = BACKENDS[:2]  # the chunked backends read OPD_WORKSPACE_MB (Triton's fused kernels have no workspace)
+
+
+@pytest.mark.parametrize("backend", CHUNKED)
+@pytest.mark.parametrize("value", ["abc", "nan", "inf", "-3", "0"])
+def test_workspace_env_named(backend, value, monkeypatch):
+    hs, ws, ht, wt = _small()
+    monkeypatch.setenv("OPD_WORKSPACE_MB", value)
+    with pytest.raises(ValueError, match="OPD_WORKSPACE_MB"):
+        ok.linear_divergence(hs, ws, ht, wt, backend=backend)
+
+
+@pytest.mark.parametrize("backend", CHUNKED)
+def test_workspace_env_empty_is_default(backend, monkeypatch):
+    hs, ws, ht, wt = _small()
+    expect = ok.linear_divergence(hs, ws, ht, wt, backend=backend)
+    monkeypatch.setenv("OPD_WORKSPACE_MB", " ")
+    torch.testing.assert_close(ok.linear_divergence(hs, ws, ht, wt, backend=backend), expect)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["linear_divergence", "linear_divergence_none", "linear_logprobs", "logits_divergence"])
+def test_double_backward_one_behaviour(backend, op):
+    """create_graph=True through an op raises the same RuntimeError on every backend (torch returned a gradient
+    without a graph, cpp said "modified by an inplace operation", Triton "no autograd formula")."""
+    hs, ws, ht, wt = _small()
+    hs = hs.clone().requires_grad_(True)
+    if op == "linear_divergence":
+        out = ok.linear_divergence(hs, ws, ht, wt, backend=backend)
+    elif op == "linear_divergence_none":
+        out = ok.linear_divergence(hs, ws, ht, wt, reduction="none", backend=backend).sum()
+    elif op == "linear_logprobs":
+        out = ok.linear_logprobs(hs, ws, torch.tensor([1, 2, 3]), backend=backend).sum()
+    else:
+        hs = torch.randn(3, 10, requires_grad=True)
+        out = ok.logits_divergence(hs, torch.randn(3, 10), backend=backend)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        torch.autograd.grad(out, hs, create_graph=True)
+    (g,) = torch.autograd.grad(out, hs)  # a plain backward still works
+    assert torch.isfinite(g).all()

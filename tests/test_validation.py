@@ -108,7 +108,8 @@ TOPK_CASES = [
 @pytest.mark.parametrize("overrides,exc,name", TOPK_CASES, ids=[f"{c[2]}-{i}" for i, c in enumerate(TOPK_CASES)])
 def test_linear_topk_divergence_rejects(overrides, exc, name):
     args = dict(student_hidden=torch.randn(6, 8), student_weight=torch.randn(31, 8),
-                teacher_topk_ids=torch.randint(0, 31, (6, 3)), teacher_topk_logprobs=-torch.rand(6, 3))
+                teacher_topk_ids=torch.stack([torch.randperm(31)[:3] for _ in range(6)]),  # a top-k set: distinct
+                teacher_topk_logprobs=-torch.rand(6, 3) - 1.2)
     args.update(overrides)
     pos = [args.pop(k) for k in ("student_hidden", "student_weight", "teacher_topk_ids", "teacher_topk_logprobs")]
     with pytest.raises(exc, match=name):

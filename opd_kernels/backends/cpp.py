@@ -34,6 +34,7 @@ import torch
 from .. import _validation as check
 from .._chunking import DEFAULT_WORKSPACE_MB
 from .._chunking import chunk_rows as _chunk_rows
+from .._common import no_double_backward as _no_double_backward
 from .._options import Options
 from . import pytorch as _pytorch  # strategy "materialize" (the reference path) runs there
 
@@ -158,6 +159,7 @@ if AVAILABLE:
         ctx.save_for_backward(hs, ws, bs, ht, wt, bt, weights, gh, gw, gb)
 
     def _linear_divergence_backward(ctx, g_loss, _gh, _gw, _gb):
+        _no_double_backward()
         hs, ws, bs, ht, wt, bt, weights, gh, gw, gb = ctx.saved_tensors
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bs is not None)
         if any(n and not m for n, m in zip(need, ctx.grad_mask)):
@@ -177,6 +179,7 @@ if AVAILABLE:
         ctx.save_for_backward(hs, ws, bs, ht, wt, bt, weights)
 
     def _linear_divergence_values_backward(ctx, g_values):
+        _no_double_backward()
         hs, ws, bs, ht, wt, bt, weights = ctx.saved_tensors
         need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bs is not None]
         upstream = torch.where(weights != 0, g_values.float(), torch.zeros((), device=weights.device))
@@ -194,6 +197,7 @@ if AVAILABLE:
         ctx.save_for_backward(h, w, b, ids, lse, entropy)
 
     def _lse_gather_backward(ctx, g_lse, g_gathered, g_entropy):
+        _no_double_backward()
         h, w, b, ids, lse, entropy = ctx.saved_tensors
         need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and b is not None]
         g_entropy = g_entropy if (g_entropy is not None and entropy.numel() > 0) else None
@@ -211,6 +215,7 @@ if AVAILABLE:
         ctx.save_for_backward(s, t, weights, output[2])
 
     def _logits_divergence_backward(ctx, g_loss, g_values, _g_grad):
+        _no_double_backward()
         s, t, weights, grad = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None, None, None
@@ -322,5 +327,6 @@ class _InplaceLogitsDivergence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss):
+        _no_double_backward()
         grad, ctx.grad = ctx.grad, None
         return grad.mul_(g_loss.to(grad.dtype)), None, None, None

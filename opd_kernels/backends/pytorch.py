@@ -16,6 +16,7 @@ import torch
 from .. import _validation as check
 from .. import reference
 from .._chunking import accumulate_linear_grads, compute_dtype, linear_logits, row_chunks, torch_chunk_rows
+from .._common import no_double_backward as _no_double_backward
 from .._common import reduce_per_token
 from .._options import Options
 from ._divergence_math import divergence_and_grad, entropy_from_logits, gather_checked, lse_gather_grad
@@ -65,6 +66,7 @@ class _ChunkedLinearDivergence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        _no_double_backward()
         if ctx.opts.reduction != "none":
             grad_hs, grad_ws, grad_bs = ctx.saved_tensors
             if grad_hs is None:
@@ -130,6 +132,7 @@ class _ChunkedLseGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_lse, grad_gathered, grad_entropy):
+        _no_double_backward()
         h, w, b, ids, lse, entropy = ctx.saved_tensors
         opts = ctx.opts
         n, v = h.shape[0], opts.vocab_size
@@ -199,6 +202,7 @@ class _ChunkedLogitsDivergence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        _no_double_backward()
         if ctx.opts.reduction != "none":
             (grad,) = ctx.saved_tensors
             return (None if grad is None else grad * grad_out.to(grad.dtype)), None, None, None
@@ -223,6 +227,7 @@ class _InplaceChunkedLogitsDivergence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        _no_double_backward()
         grad, ctx.grad = ctx.grad, None
         return grad.mul_(grad_out.to(grad.dtype)), None, None, None
 

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .. import _validation as check
 from .._common import reduce_per_token
+from .._common import no_double_backward as _no_double_backward
 from .._options import Options
 from . import pytorch as _pytorch  # runs what the fused kernels do not (fp64, strategy 'chunked')
 
@@ -125,6 +126,7 @@ def _divergence_setup(ctx, inputs, output):
 
 
 def _divergence_backward(ctx, grad_values, grad_stats):
+    _no_double_backward()
     hs, ws, bs, ht, wt, bt, stats = ctx.saved_tensors
     dh, dw, db = _divergence_backward_op(grad_values, stats, hs, ws, bs, ht, wt, bt, *ctx.scalars)
     return (dh, dw, db if bs is not None else None) + (None,) * (3 + len(ctx.scalars))
@@ -215,6 +217,7 @@ def _lse_gather_setup(ctx, inputs, output):
 
 
 def _lse_gather_backward(ctx, grad_lse, grad_gathered, grad_entropy):
+    _no_double_backward()
     h, w, b, ids, lse, entropy = ctx.saved_tensors
     # Autograd hands zeros (not None) for outputs that did not reach the loss; zeros are exact here.
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
@@ -293,6 +296,7 @@ def _logits_setup(ctx, inputs, output):
 
 
 def _logits_backward(ctx, grad_values, grad_stats):
+    _no_double_backward()
     s, t, stats = ctx.saved_tensors
     return (_logits_backward_op(grad_values, stats, s, t, *ctx.scalars),) + (None,) * (1 + len(ctx.scalars))
 

@@ -29,6 +29,7 @@ import torch
 
 from .._chunking import accumulate_linear_grads, compute_dtype, linear_logits, row_chunks, torch_chunk_rows
 from .._common import reduce_per_token
+from .._common import no_double_backward as _no_double_backward
 from .._options import Options
 from ..backends._divergence_math import binary_entropy, jsd_shifted_ratios
 from .collectives import all_gather_plain, all_reduce_sum
@@ -101,6 +102,7 @@ class _RowStatsDivergence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        _no_double_backward()
         wdt = ctx.weight_dtype
         if ctx.opts.reduction != "none":
             grad_hs, grad_ws, grad_bs = ctx.saved_tensors
