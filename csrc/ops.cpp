@@ -1,8 +1,9 @@
 // The `opd` operator library: schemas declared once here, CPU kernels registered here, CUDA kernels
 // registered by csrc/cuda/glue.cpp when the extension is built against a CUDA torch.
 //
-// Python side: opd_kernels/backends/cpp.py adds the fake (meta) implementations and autograd formulas
-// with torch.library.register_fake / register_autograd.
+// Python side: opd_kernels/backends/cpp.py registers each op's fake (meta) implementation and, beside it,
+// its autograd formula (torch.library.register_fake / register_autograd), and packs the call's Options
+// into the scalar arguments below. The convention for every op of the namespace: docs/internals.md, "Ops".
 #include <torch/library.h>
 
 #include <Python.h>
