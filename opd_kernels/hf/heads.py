@@ -135,6 +135,10 @@ def lm_head(model: nn.Module) -> LMHead:
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(f"model: {type(model).__name__} is an encoder-decoder model; expected a decoder-only CausalLM")
     _check_head_structure(model, proj, decoder_stack(model), name)
+    if getattr(config, "ngram", None) is not None:
+        raise ValueError(
+            f"model: {name} computes its logits from the first of its {config.ngram} n-gram predicting streams "
+            "(the decoder's second output), not from its last_hidden_state; opd_kernels.hf does not read them")
     for key in _UNSUPPORTED_KEYS:
         if getattr(config, key, None) is not None:
             raise ValueError(
