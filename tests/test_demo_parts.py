@@ -11,7 +11,8 @@ from opd_kernels.demo import losses
 from opd_kernels.demo.flops import forward_flops, generate_flops, score_flops, train_flops
 from opd_kernels.demo.methods import METHODS, step_flops
 from opd_kernels.demo.models import ModelSize, build_model, completion_mask, generate, hidden_states, lm_head_weight
-from opd_kernels.demo.report import analyse, choose_lr, cost_to_reach, max_drop, ratio_to, value_at, verdict
+from opd_kernels.demo.report import (analyse, choose_lr, common_score_ratio, cost_to_reach, max_drop, ratio_to,
+                                     value_at, verdict)
 from opd_kernels.demo.tasks import Reversal, RunningSum, Shift
 from opd_kernels.demo.tokenizer import ByteTokenizer
 from opd_kernels.demo.training import answer_batch, exact_match, prompt_batch, train_supervised
@@ -235,6 +236,9 @@ def test_matched_accuracy_read_out():
     assert ratio_to(c, base, 0.95) == {"ratio": None, "lower_bound": False}       # base never reaches it
     never = _curve([(0, 0.3, 1.0), (5000, 0.4, 1.0)])
     assert ratio_to(never, base, 0.9) == {"ratio": 50.0, "lower_bound": True}     # whole cost: a lower bound
+    # at the highest score both reach (0.4 here): 5000 FLOPs vs base's 100 * (0.1 / 0.6)
+    got = common_score_ratio(never, base, 0.9)
+    assert got["score"] == 0.4 and got["ratio"] == pytest.approx(5000 / (100 / 6))
     assert max_drop(_curve([(0, 0.3, 1), (1, 0.6, 1), (2, 0.45, 1), (3, 0.7, 1)])) == pytest.approx(0.15)
 
 
