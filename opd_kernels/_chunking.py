@@ -11,7 +11,7 @@ in the models' dtypes).
 from __future__ import annotations
 
 import os
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 
@@ -99,3 +99,40 @@ def accumulate_linear_grads(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, v
         grad_w[:vocab] += (gq.T @ h).to(grad_w.dtype)
     if grad_b is not None:
         grad_b[:vocab] += g.sum(0).to(grad_b.dtype)
+
+
+ValueAndGrad = Callable[[torch.Tensor, torch.Tensor, bool], Tuple[torch.Tensor, Optional[torch.Tensor]]]
+
+
+def linear_divergence_pass(hs, ws, bs, ht, wt, bt, weights: torch.Tensor, opts, vocab: int, rows: int,
+                           value_and_grad: ValueAndGrad, need_grad: bool):
+    """One sweep over token chunks of ``rows`` rows: per-token values (N,) and, if ``need_grad``, the student
+    gradients of ``sum_n weights_n value_n`` (dH_s (N, H_s), dW_s, db_s or None; compute dtype).
+
+    Per chunk (PyTorch equivalent; V = ``vocab``, the local vocabulary)::
+
+        raw_s = h_s[c] @ W_s[:V].T + b_s[:V];   zs = opts.student.apply(raw_s)
+        zt = opts.teacher.apply(h_t[c] @ W_t[:V].T + b_t[:V])            # no gradient
+        value[c], dz = value_and_grad(zs, zt, need_grad)                  # (C,), (C, V) d value / d zs
+        G = opts.student.chain(raw_s, weights[c, None] * dz)              # d loss / d raw_s
+        dH_s[c] = G @ W_s[:V];   dW_s[:V] += G.T @ h_s[c];   db_s[:V] += G.sum(0)
+
+    ``value_and_grad`` is the local divergence (the torch backend) or the group's row statistics
+    (distributed/rowstats.py).
+    """
+    n = hs.shape[0]
+    cdt = compute_dtype(hs, ht)
+    values = torch.empty(n, dtype=cdt, device=hs.device)
+    grad_hs = torch.empty_like(hs) if need_grad else None
+    grad_ws = torch.zeros(ws.shape, dtype=cdt, device=ws.device) if need_grad else None
+    grad_bs = torch.zeros(bs.shape, dtype=cdt, device=ws.device) if need_grad and bs is not None else None
+    for sl in row_chunks(n, rows):
+        raw_s = linear_logits(hs[sl], ws, bs, vocab, cdt)
+        with torch.no_grad():
+            zt = opts.teacher.apply(linear_logits(ht[sl], wt, bt, vocab, cdt))
+        value, g = value_and_grad(opts.student.apply(raw_s), zt, need_grad)
+        values[sl] = value
+        if need_grad:
+            g = opts.student.chain(raw_s, g * weights[sl].to(cdt).unsqueeze(-1))
+            accumulate_linear_grads(g, hs[sl], ws, vocab, grad_hs[sl], grad_ws, grad_bs, live=weights[sl] != 0)
+    return values, grad_hs, grad_ws, grad_bs

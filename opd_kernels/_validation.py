@@ -10,6 +10,7 @@ torch.compile traces.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -402,23 +403,41 @@ def check_logits_divergence(student_logits, teacher_logits, *, divergence="rever
                    deterministic=check_deterministic(deterministic), inplace_grad=bool(inplace_grad))
 
 
-def backend_call_options(primitive: str, tensors, keywords: dict) -> Options:
-    """The Options of a direct call of a backend primitive with keywords (tests, benchmarks), e.g.
-    ``backends.cpp.lse_gather(h, w, ids, bias=b, temperature=0.7, vocab_size=157, return_entropy=True)``:
-    the same ``check_<op>`` the public API runs, on the primitive's flat tensors. The API itself passes
-    an Options object and never comes here."""
+# (positional tensors, optional tensors passed by keyword) of each backend primitive (docs/internals.md)
+_PRIMITIVE_TENSORS = {"linear_divergence": (4, ("student_bias", "teacher_bias")), "lse_gather": (3, ("bias",)),
+                      "logits_divergence": (2, ())}
+
+
+def backend_call_options(primitive: str, args: tuple, tensors: dict, keywords: dict) -> Options:
+    """The Options of a direct call of a backend primitive with the public API's keywords: the same
+    ``check_<op>`` the API runs, on the primitive's flat tensors ``args`` and ``tensors`` (its biases)."""
     if primitive == "lse_gather":
-        hidden, weight, ids, bias = tensors
-        return check_lse_gather(hidden, weight, ids, bias=bias, ids_name="ids", trailing=ids.shape[-1], **keywords)
+        hidden, weight, ids = args
+        return check_lse_gather(hidden, weight, ids, bias=tensors["bias"], ids_name="ids",
+                                trailing=ids.shape[-1], **keywords)
     if primitive == "logits_divergence":
-        return check_logits_divergence(*tensors, **keywords)
-    if primitive == "linear_divergence":
-        hs, ws, bs, ht, wt, bt = tensors
-        return check_linear_divergence(hs, ws, ht, wt, student_bias=bs, teacher_bias=bt, **keywords)
-    raise ValueError(f"primitive: expected one of 'linear_divergence', 'lse_gather', 'logits_divergence', "
-                     f"got {primitive!r}")
+        return check_logits_divergence(*args, **keywords)
+    return check_linear_divergence(*args, **tensors, **keywords)
+
+
+def accepts_keywords(primitive: str):
+    """Decorator of a backend primitive ``fn(*tensors, opts, **optional_tensors)``: called without ``opts``
+    but with the public API's keywords (tests, benchmarks: ``backends.cpp.lse_gather(h, w, ids, bias=b,
+    temperature=0.7, vocab_size=157)``), it builds the Options with :func:`backend_call_options`. The API
+    always passes Options and goes straight through."""
+    n, optional = _PRIMITIVE_TENSORS[primitive]
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(*args, **keywords):
+            if len(args) > n or "opts" in keywords:
+                return fn(*args, **keywords)
+            tensors = {k: keywords.pop(k, None) for k in optional}
+            return fn(*args, backend_call_options(primitive, args, tensors, keywords), **tensors)
+        return call
+    return wrap
 
 
 __all__ = [n for n in dir() if n.startswith("check_")] + [
-    "BACKENDS", "DIVERGENCES", "REDUCTIONS", "STRATEGIES", "DEFAULT_FILTER_EPS", "backend_call_options",
-    "resolve_divergence"]
+    "BACKENDS", "DIVERGENCES", "REDUCTIONS", "STRATEGIES", "DEFAULT_FILTER_EPS", "accepts_keywords",
+    "backend_call_options", "resolve_divergence"]

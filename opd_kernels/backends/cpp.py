@@ -243,17 +243,14 @@ def _grad_mask(*tensors: Optional[torch.Tensor]):
 # --------------------------------------------------------------------------------------------------
 # the three backend primitives (docs/internals.md)
 # --------------------------------------------------------------------------------------------------
-def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, opts: Options = None, *,
-                      student_bias=None, teacher_bias=None, **keywords):
+@check.accepts_keywords("linear_divergence")
+def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, opts: Options, *,
+                      student_bias=None, teacher_bias=None):
     """Full-vocabulary divergence per token, reduced; see the module docstring for the math.
 
     Always deterministic: OpenMP splits rows, each row's reduction runs in a fixed order, and there are no
-    atomics. ``keywords`` instead of ``opts``: a direct call (``_validation.backend_call_options``)."""
+    atomics. Keywords instead of ``opts``: a direct call (``_validation.accepts_keywords``)."""
     _require()
-    if opts is None:
-        opts = check.backend_call_options("linear_divergence", (student_hidden, student_weight, student_bias,
-                                                                teacher_hidden, teacher_weight, teacher_bias),
-                                          keywords)
     if opts.strategy == "fused":
         raise ValueError("strategy: 'fused' needs the triton backend; the cpp backend runs 'chunked' "
                          "(default) or 'materialize'")
@@ -273,34 +270,33 @@ def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_we
                                   *_divergence_scalars(opts), grad_mask, rows)[0]
 
 
-def lse_gather(hidden, weight, ids, opts: Options = None, *, bias=None,
-               **keywords) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+@check.accepts_keywords("lse_gather")
+def lse_gather(hidden, weight, ids, opts: Options, *,
+               bias=None) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """lse (N,), logits gathered at ``ids`` (N, k), entropy (N,) or None - all fp32, differentiable.
 
     With no input requiring a gradient (the teacher gather) no autograd graph is built and nothing of
-    N x V is allocated: the chunk workspace is C x V. ``keywords`` instead of ``opts``: a direct call.
+    N x V is allocated: the chunk workspace is C x V. Keywords instead of ``opts``: a direct call
+    (``_validation.accepts_keywords``).
     """
     _require()
-    if opts is None:
-        opts = check.backend_call_options("lse_gather", (hidden, weight, ids, bias), keywords)
     rows = chunk_rows(hidden.shape[0], opts.vocab_size, hidden.element_size(), hidden.device)
     lse, gathered, entropy = _ops.lse_gather(hidden, weight, bias, ids, *_lse_gather_scalars(opts),
                                              opts.return_entropy, rows)
     return lse, gathered, (entropy if opts.return_entropy else None)
 
 
-def logits_divergence(student_logits, teacher_logits, opts: Options = None, **keywords):
+@check.accepts_keywords("logits_divergence")
+def logits_divergence(student_logits, teacher_logits, opts: Options):
     """Divergence of caller-held logits (N, V_s) and (N, V_t), one pass per row, no fp32 copy of the inputs.
 
     ``opts.inplace_grad`` (scalar reductions only) writes d loss / d student_logits over ``student_logits``
     itself during the forward pass, so the backward allocates nothing of N x V. ``student_logits`` holds
     the gradient afterwards (scaled by grad_output in backward); only use it when nothing else needs those
-    logits - autograd raises if another op saved them for its backward. Eager mode only. ``keywords``
-    instead of ``opts``: a direct call (``_validation.backend_call_options``).
+    logits - autograd raises if another op saved them for its backward. Eager mode only. Keywords
+    instead of ``opts``: a direct call (``_validation.accepts_keywords``).
     """
     _require()
-    if opts is None:
-        opts = check.backend_call_options("logits_divergence", (student_logits, teacher_logits), keywords)
     weights = opts.token_weights(student_logits.shape[0], student_logits.device)
     t = teacher_logits.detach()
     if opts.inplace_grad:

@@ -15,7 +15,8 @@ import torch
 
 from .. import _validation as check
 from .. import reference
-from .._chunking import accumulate_linear_grads, compute_dtype, linear_logits, row_chunks, torch_chunk_rows
+from .._chunking import (accumulate_linear_grads, compute_dtype, linear_divergence_pass, linear_logits, row_chunks,
+                         torch_chunk_rows)
 from .._common import no_double_backward as _no_double_backward
 from .._common import reduce_per_token
 from .._options import Options
@@ -29,23 +30,11 @@ INPLACE_GRAD = True
 # linear_divergence
 # --------------------------------------------------------------------------------------------------
 def _divergence_pass(hs, ws, bs, ht, wt, bt, weights, opts: Options, need_grad):
-    """One sweep over token chunks: per-token values and, if asked, the weighted student gradients."""
-    n, v = hs.shape[0], opts.vocab_size
-    cdt = compute_dtype(hs, ht)
-    values = torch.empty(n, dtype=cdt, device=hs.device)
-    grad_hs = torch.empty_like(hs) if need_grad else None
-    grad_ws = torch.zeros(ws.shape, dtype=cdt, device=ws.device) if need_grad else None
-    grad_bs = torch.zeros(bs.shape, dtype=cdt, device=ws.device) if need_grad and bs is not None else None
-    for sl in row_chunks(n, torch_chunk_rows(n, v)):
-        raw_s = linear_logits(hs[sl], ws, bs, v, cdt)
-        with torch.no_grad():
-            zt = opts.teacher.apply(linear_logits(ht[sl], wt, bt, v, cdt))
-        value, g = divergence_and_grad(opts.student.apply(raw_s), zt, opts.divergence, opts.beta, need_grad)
-        values[sl] = value
-        if need_grad:
-            g = opts.student.chain(raw_s, g * weights[sl].to(cdt).unsqueeze(-1))
-            accumulate_linear_grads(g, hs[sl], ws, v, grad_hs[sl], grad_ws, grad_bs, live=weights[sl] != 0)
-    return values, grad_hs, grad_ws, grad_bs
+    """One sweep over token chunks (``_chunking.linear_divergence_pass``) with this process's divergence."""
+    def value_and_grad(zs, zt, need):
+        return divergence_and_grad(zs, zt, opts.divergence, opts.beta, need)
+    return linear_divergence_pass(hs, ws, bs, ht, wt, bt, weights, opts, opts.vocab_size,
+                                  torch_chunk_rows(hs.shape[0], opts.vocab_size), value_and_grad, need_grad)
 
 
 class _ChunkedLinearDivergence(torch.autograd.Function):
@@ -83,15 +72,12 @@ class _ChunkedLinearDivergence(torch.autograd.Function):
         return grads[0], grads[1], grads[2], None, None, None, None, None
 
 
-def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, opts: Options = None, *,
-                      student_bias=None, teacher_bias=None, **keywords):
+@check.accepts_keywords("linear_divergence")
+def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, opts: Options, *,
+                      student_bias=None, teacher_bias=None):
     """docs/internals.md ``linear_divergence``: strategy "chunked" (also for "auto"), or "materialize" (the
     reference). Deterministic always: no atomics, every reduction in a fixed order. ``keywords`` instead
-    of ``opts``: a direct call with the public API's keywords (``_validation.backend_call_options``)."""
-    if opts is None:
-        opts = check.backend_call_options("linear_divergence", (student_hidden, student_weight, student_bias,
-                                                                teacher_hidden, teacher_weight, teacher_bias),
-                                          keywords)
+    of ``opts``: a direct call with the public API's keywords (``_validation.accepts_keywords``)."""
     if opts.strategy == "fused":
         raise ValueError("strategy: 'fused' needs the triton backend; the torch backend runs 'chunked' "
                          "(default) or 'materialize'")
@@ -154,11 +140,10 @@ class _ChunkedLseGather(torch.autograd.Function):
         return (grad_h, grad_w.to(w.dtype), None if grad_b is None else grad_b.to(w.dtype), None, None)
 
 
-def lse_gather(hidden, weight, ids, opts: Options = None, *, bias=None, **keywords):
+@check.accepts_keywords("lse_gather")
+def lse_gather(hidden, weight, ids, opts: Options, *, bias=None):
     """docs/internals.md ``lse_gather``: (lse (N,), gathered (N, k), entropy (N,) or None) in the compute
-    dtype, differentiable. ``keywords`` instead of ``opts``: a direct call (``_validation.backend_call_options``)."""
-    if opts is None:
-        opts = check.backend_call_options("lse_gather", (hidden, weight, ids, bias), keywords)
+    dtype, differentiable. Keywords instead of ``opts``: a direct call (``_validation.accepts_keywords``)."""
     lse, gathered, entropy = _ChunkedLseGather.apply(hidden, weight, bias, ids, opts)
     return lse, gathered, (entropy if opts.return_entropy else None)
 
@@ -232,12 +217,11 @@ class _InplaceChunkedLogitsDivergence(torch.autograd.Function):
         return grad.mul_(grad_out.to(grad.dtype)), None, None, None
 
 
-def logits_divergence(student_logits, teacher_logits, opts: Options = None, **keywords):
+@check.accepts_keywords("logits_divergence")
+def logits_divergence(student_logits, teacher_logits, opts: Options):
     """docs/internals.md ``logits_divergence``. ``opts.inplace_grad`` (scalar reductions): the gradient is
     written over ``student_logits`` in the forward pass, so the backward allocates nothing of N x V (the
-    logits are gone afterwards). ``keywords`` instead of ``opts``: a direct call."""
-    if opts is None:
-        opts = check.backend_call_options("logits_divergence", (student_logits, teacher_logits), keywords)
+    logits are gone afterwards). Keywords instead of ``opts``: a direct call (``_validation.accepts_keywords``)."""
     weights = opts.token_weights(student_logits.shape[0], student_logits.device,
                                  compute_dtype(student_logits, teacher_logits))
     if opts.inplace_grad and student_logits.requires_grad:

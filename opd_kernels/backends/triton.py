@@ -135,15 +135,12 @@ def _divergence_backward(ctx, grad_values, grad_stats):
 _divergence_op.register_autograd(_divergence_backward, setup_context=_divergence_setup)
 
 
-def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, opts: Options = None, *,
-                      student_bias=None, teacher_bias=None, **keywords):
+@check.accepts_keywords("linear_divergence")
+def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, opts: Options, *,
+                      student_bias=None, teacher_bias=None):
     """docs/internals.md ``linear_divergence`` with strategy "fused" (also for "auto"). ``opts.deterministic``
     selects the atomic-free backward (the torch backend, which runs fp64 and "chunked", is deterministic
-    anyway). ``keywords`` instead of ``opts``: a direct call (``_validation.backend_call_options``)."""
-    if opts is None:
-        opts = check.backend_call_options("linear_divergence", (student_hidden, student_weight, student_bias,
-                                                                teacher_hidden, teacher_weight, teacher_bias),
-                                          keywords)
+    anyway). Keywords instead of ``opts``: a direct call (``_validation.accepts_keywords``)."""
     if opts.strategy in ("chunked", "materialize") or torch.float64 in (student_hidden.dtype, teacher_hidden.dtype):
         return _pytorch.linear_divergence(
             student_hidden, student_weight, teacher_hidden, teacher_weight,
@@ -232,13 +229,13 @@ def _lse_gather_backward(ctx, grad_lse, grad_gathered, grad_entropy):
 _lse_gather_op.register_autograd(_lse_gather_backward, setup_context=_lse_gather_setup)
 
 
-def lse_gather(hidden, weight, ids, opts: Options = None, *, bias=None, **keywords):
+@check.accepts_keywords("lse_gather")
+def lse_gather(hidden, weight, ids, opts: Options, *, bias=None):
     """docs/internals.md ``lse_gather``: (lse (N,), gathered (N, k), entropy (N,) or None), fp32.
 
     With no gradient required (the teacher-side gather) no autograd node is recorded.
-    ``opts.deterministic`` selects the atomic-free backward. ``keywords`` instead of ``opts``: a direct call."""
-    if opts is None:
-        opts = check.backend_call_options("lse_gather", (hidden, weight, ids, bias), keywords)
+    ``opts.deterministic`` selects the atomic-free backward. Keywords instead of ``opts``: a direct call
+    (``_validation.accepts_keywords``)."""
     if hidden.dtype == torch.float64:
         return _pytorch.lse_gather(hidden, weight, ids, opts, bias=bias)
     _check_runnable(hidden=hidden)
@@ -304,13 +301,12 @@ def _logits_backward(ctx, grad_values, grad_stats):
 _logits_op.register_autograd(_logits_backward, setup_context=_logits_setup)
 
 
-def logits_divergence(student_logits, teacher_logits, opts: Options = None, **keywords):
+@check.accepts_keywords("logits_divergence")
+def logits_divergence(student_logits, teacher_logits, opts: Options):
     """docs/internals.md ``logits_divergence``: one pass over vocab tiles (jsd: two), logits read in their
     own dtype; the backward writes the (N, V_s) logits gradient tile by tile. Deterministic whatever
     ``deterministic`` says: no atomics, no splits, every output element written once by one program.
-    ``keywords`` instead of ``opts``: a direct call."""
-    if opts is None:
-        opts = check.backend_call_options("logits_divergence", (student_logits, teacher_logits), keywords)
+    Keywords instead of ``opts``: a direct call (``_validation.accepts_keywords``)."""
     if torch.float64 in (student_logits.dtype, teacher_logits.dtype):
         return _pytorch.logits_divergence(student_logits, teacher_logits, opts)
     _check_runnable(student_logits=student_logits, teacher_logits=teacher_logits)

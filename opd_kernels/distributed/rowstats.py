@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .._chunking import accumulate_linear_grads, compute_dtype, linear_logits, row_chunks, torch_chunk_rows
+from .._chunking import linear_divergence_pass, torch_chunk_rows
 from .._common import reduce_per_token
 from .._common import no_double_backward as _no_double_backward
 from .._options import Options
@@ -66,24 +66,13 @@ def _chunk_value_and_grad(zs, zt, divergence, beta, group, need_grad):
 
 
 def _pass(hs, ws, bs, ht, wt, bt, weights, opts: Options, group, need_grad):
-    layout = opts.layout
-    n, v = hs.shape[0], layout.local_vocab
-    cdt = compute_dtype(hs, ht)
-    values = torch.empty(n, dtype=cdt, device=hs.device)
-    grad_hs = torch.empty_like(hs) if need_grad else None
-    grad_ws = torch.zeros(ws.shape, dtype=cdt, device=ws.device) if need_grad else None
-    grad_bs = torch.zeros(bs.shape, dtype=cdt, device=ws.device) if need_grad and bs is not None else None
-    rows = torch_chunk_rows(n, max(layout.max_local_vocab, 1))  # identical on every rank
-    for sl in row_chunks(n, rows):
-        raw_s = linear_logits(hs[sl], ws, bs, v, cdt)
-        with torch.no_grad():
-            zt = opts.teacher.apply(linear_logits(ht[sl], wt, bt, v, cdt))
-        value, g = _chunk_value_and_grad(opts.student.apply(raw_s), zt, opts.divergence, opts.beta, group, need_grad)
-        values[sl] = value
-        if need_grad:
-            g = opts.student.chain(raw_s, g * weights[sl].to(cdt).unsqueeze(-1))
-            accumulate_linear_grads(g, hs[sl], ws, v, grad_hs[sl], grad_ws, grad_bs, live=weights[sl] != 0)
-    return values, grad_hs, grad_ws, grad_bs
+    """One sweep over token chunks (``_chunking.linear_divergence_pass``) with the group's row statistics;
+    every rank uses the same chunk size (from the largest local shard), so the collectives line up."""
+    def value_and_grad(zs, zt, need):
+        return _chunk_value_and_grad(zs, zt, opts.divergence, opts.beta, group, need)
+    rows = torch_chunk_rows(hs.shape[0], max(opts.layout.max_local_vocab, 1))
+    return linear_divergence_pass(hs, ws, bs, ht, wt, bt, weights, opts, opts.layout.local_vocab, rows,
+                                  value_and_grad, need_grad)
 
 
 class _RowStatsDivergence(torch.autograd.Function):
