@@ -102,6 +102,13 @@ def lse_options(*, temperature: float, softcap: Optional[float] = None, scale: f
                    deterministic=deterministic)
 
 
+def _grad_accumulators(h, w, b: Optional[torch.Tensor]):
+    """fp32 zeros for the gradients of a linear layer: dh (N, H), dw (V_m, H), db (V_m,) or None."""
+    f32 = dict(dtype=torch.float32, device=h.device)
+    return (torch.zeros(h.shape, **f32), torch.zeros(w.shape, **f32),
+            torch.zeros(w.shape[0], **f32) if b is not None else None)
+
+
 def divergence_forward(hs, ws, bs: Optional[torch.Tensor], ht, wt, bt: Optional[torch.Tensor],
                        opts: Optional[Options] = None, **keywords):
     """Per-token divergence values (N,) fp32 and row statistics (3, N) fp32 = [L_s, L_t, c].
@@ -143,9 +150,7 @@ def divergence_backward(grad, stats, hs, ws, bs, ht, wt, bt, opts: Optional[Opti
     instead of ``opts``: those of :func:`divergence_options`."""
     opts = divergence_options(**keywords) if opts is None else opts
     n, h_s = hs.shape
-    dhs = torch.zeros(n, h_s, dtype=torch.float32, device=hs.device)
-    dws = torch.zeros(ws.shape, dtype=torch.float32, device=hs.device)
-    dbs = torch.zeros(ws.shape[0], dtype=torch.float32, device=hs.device) if bs is not None else None
+    dhs, dws, dbs = _grad_accumulators(hs, ws, bs)
     if n == 0:
         return dhs, dws, dbs
     s, t = opts.student, opts.teacher
@@ -206,9 +211,7 @@ def lse_gather_backward(g_lse, g_gathered, g_ent, lse, ent, h, w, b, ids, opts: 
     n, hdim = h.shape
     ids = ids.contiguous()  # the kernels index ids as a dense (N, k) array
     k = ids.shape[1]
-    dh = torch.zeros(n, hdim, dtype=torch.float32, device=h.device)
-    dw = torch.zeros(w.shape, dtype=torch.float32, device=h.device)
-    db = torch.zeros(w.shape[0], dtype=torch.float32, device=h.device) if b is not None else None
+    dh, dw, db = _grad_accumulators(h, w, b)
     if n == 0:
         return dh, dw, db
     m, vocab = opts.student, opts.vocab_size
