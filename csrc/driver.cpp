@@ -16,12 +16,13 @@
 #include <algorithm>
 
 #include "cpu/epilogues.h"
+#include "include/lse_gather_loss.h"
 
 namespace opd {
 namespace {
 
 const EpilogueTable kCpuEpilogues{&cpu::divergence_epilogue, &cpu::lse_gather_epilogue,
-                                  &cpu::lse_gather_backward_epilogue};
+                                  &cpu::lse_gather_backward_epilogue, &cpu::lse_gather_loss_epilogue};
 const EpilogueTable* g_cuda_epilogues = nullptr;
 
 const EpilogueTable& epilogues_for(const Tensor& t) {
@@ -42,11 +43,16 @@ DType to_dtype(at::ScalarType s) {
 }
 
 // jsd at beta = 0 and beta = 1 is forward and reverse KL exactly (TRL's generalized_jsd_loss special
-// cases; the mixture formula degenerates there).
+// cases; the mixture formula degenerates there). That rule is applied once, by the Python validation
+// (_validation.resolve_divergence): "jsd" reaches an op only with 0 < beta < 1, and is rejected otherwise.
 int parse_divergence(c10::string_view name, double beta) {
   if (name == "reverse_kl") return kReverseKL;
   if (name == "forward_kl") return kForwardKL;
-  if (name == "jsd") return beta == 0.0 ? kForwardKL : (beta == 1.0 ? kReverseKL : kJSD);
+  if (name == "jsd") {
+    TORCH_CHECK(beta > 0.0 && beta < 1.0, "opd: jsd needs 0 < beta < 1, got beta = ", beta,
+                " (beta = 0 is forward_kl and beta = 1 reverse_kl: pass that divergence)");
+    return kJSD;
+  }
   TORCH_CHECK(false, "opd: divergence must be 'reverse_kl', 'forward_kl' or 'jsd', got '", name, "'");
 }
 
@@ -477,6 +483,91 @@ std::tuple<Tensor, Tensor> logits_divergence_inplace_(
   // writing the same buffer is safe.
   return run_logits_divergence(student_logits, teacher_logits, weights, divergence, beta, temperature,
                                vocab_size, &student_logits);
+}
+
+// ---- fused lse/gather loss (sampled-token OPD, top-k teacher) ---------------------------------------
+// The loss of each row is a function of the row's log-probs at k ids whose upstream gradient is known
+// once they are (csrc/include/lse_gather_loss.h), so, per chunk (PyTorch equivalent):
+//     Z = h[c] @ W[:V].T + b[:V]                        # the reused (C, V) workspace
+//     values[c], Z = epilogue(Z, ids[c], teacher[c])     # Z now holds G = w * d loss / d raw
+//     dh[c] = G @ W[:V];  dW[:V] += G.T @ h[c];  db[:V] += G.sum(0)
+// FLOPs: 2 N V H forward + 4 N V H for the gradient, the minimum (the 3 GEMMs of the floor); nothing is
+// recomputed in backward, which only scales by grad_output.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lse_gather_loss(
+    const Tensor& hidden, const Tensor& weight, const OptTensor& bias, const Tensor& ids_in,
+    const Tensor& teacher_in, const OptTensor& sampler_in, const Tensor& weights_in, c10::string_view kind,
+    c10::string_view estimator, c10::string_view divergence, bool tail_bucket, double kl_coef,
+    double entropy_coef, double temperature, c10::optional<double> softcap, double scale, int64_t V,
+    std::array<bool, 3> grad_mask, int64_t chunk_rows) {
+  check_2d(hidden, "hidden");
+  TORCH_CHECK(ids_in.dim() == 2 && ids_in.size(0) == hidden.size(0), "opd: ids must be (N, k)");
+  TORCH_CHECK(teacher_in.sizes() == ids_in.sizes(), "opd: teacher log-probs must have the shape of ids");
+  TORCH_CHECK(V >= 1 && V <= weight.size(0), "opd: vocab_size ", V, " out of range");
+  RowLossSpec spec;
+  TORCH_CHECK(kind == "sampled_token" || kind == "topk", "opd: kind must be 'sampled_token' or 'topk'");
+  spec.kind = kind == "topk" ? kTopK : kSampledToken;
+  TORCH_CHECK(estimator == "is" || estimator == "k1" || estimator == "k3", "opd: estimator must be is/k1/k3");
+  spec.estimator = estimator == "is" ? kEstimatorIS : (estimator == "k1" ? kEstimatorK1 : kEstimatorK3);
+  TORCH_CHECK(divergence == "reverse_kl" || divergence == "forward_kl",
+              "opd: top-k divergence must be 'reverse_kl' or 'forward_kl'");
+  spec.divergence = divergence == "forward_kl" ? kForwardKL : kReverseKL;
+  spec.tail_bucket = tail_bucket ? 1 : 0;
+  spec.kl_coef = kl_coef;
+  spec.entropy_coef = entropy_coef;
+  TORCH_CHECK(spec.kind == kTopK || ids_in.size(1) == 1, "opd: the sampled-token loss takes one id per row");
+  const int64_t N = hidden.size(0), k = ids_in.size(1);
+  const Tensor ids = ids_in.to(at::kLong).contiguous();
+  const Tensor teacher = teacher_in.to(at::kFloat).contiguous();
+  const Tensor sampler = (sampler_in.has_value() && sampler_in->defined())
+                             ? sampler_in->to(at::kFloat).contiguous() : Tensor();
+  TORCH_CHECK(!sampler.defined() || sampler.numel() == N, "opd: sampler log-probs must be (N,)");
+  const Tensor weights = weights_in.to(at::kFloat).contiguous();
+  const Tensor w_v = weight.narrow(0, 0, V).contiguous();
+  const OptTensor b_v = narrow_bias(bias, V);
+  Tensor values = at::zeros({N}, hidden.options().dtype(at::kFloat));
+  LinearGrads grads(hidden, weight, bias, V, grad_mask[0], grad_mask[1], grad_mask[2]);
+  if (N > 0) {
+    const int64_t C = rows_per_chunk(chunk_rows, N);
+    Tensor Z = at::empty({C, workspace_ld(hidden, V)}, hidden.options());
+    Tensor scratch = at::empty({C, k}, hidden.options().dtype(at::kFloat));
+    const EpilogueTable& ep = epilogues_for(hidden);
+    TORCH_CHECK(ep.lse_gather_loss != nullptr, "opd: no lse_gather_loss epilogue for device ", hidden.device());
+    for (int64_t r0 = 0; r0 < N; r0 += C) {
+      const int64_t c = std::min(C, N - r0);
+      Tensor Zc = Z.narrow(0, 0, c).narrow(1, 0, V);
+      const Tensor h = hidden.narrow(0, r0, c);
+      logits_into(Zc, h, w_v, b_v);
+      LseGatherLossArgs a;
+      a.rows = c;
+      a.vocab = V;
+      a.logits = Zc.data_ptr();
+      a.ld = Zc.stride(0);
+      a.dtype = to_dtype(hidden.scalar_type());
+      a.t = transform_of(scale, temperature, softcap);
+      a.ids = ids.data_ptr<int64_t>() + r0 * k;
+      a.k = k;
+      a.teacher = teacher.data_ptr<float>() + r0 * k;
+      a.sampler = sampler.defined() ? sampler.data_ptr<float>() + r0 : nullptr;
+      a.weights = weights.data_ptr<float>() + r0;
+      a.values = values.data_ptr<float>() + r0;
+      a.scratch = scratch.data_ptr<float>();
+      a.spec = spec;
+      a.grad = grads.any() ? 1 : 0;
+      a.num_threads = at::get_num_threads();
+      ep.lse_gather_loss(a);
+      if (grads.any()) {
+        grads.accumulate(Zc, grads.need_w ? zero_dead_rows(h, weights.narrow(0, r0, c).ne(0)) : h, w_v, r0);
+      }
+    }
+  }
+  Tensor gh, gw, gb;
+  std::tie(gh, gw, gb) = grads.finish(hidden, weight, bias);
+  // outputs that were not requested are distinct empty tensors (the schema declares no aliasing)
+  if (!grad_mask[1]) gw = at::empty({0}, weight.options());
+  if (!grad_mask[2] || !bias.has_value() || !bias->defined()) gb = at::empty({0}, weight.options());
+  // sum_n w_n * value_n; values are 0 where w_n == 0, so an inf value never meets a 0 weight.
+  Tensor loss = (weights * values).sum();
+  return {loss, values, gh, gw, gb};
 }
 
 }  // namespace opd

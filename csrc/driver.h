@@ -7,6 +7,7 @@
 #include <tuple>
 
 #include "include/epilogue_args.h"
+#include "include/lse_gather_loss.h"
 
 namespace opd {
 
@@ -14,6 +15,7 @@ struct EpilogueTable {
   void (*divergence)(const DivergenceArgs&);
   void (*lse_gather)(const LseGatherArgs&);
   void (*lse_gather_backward)(const LseGatherBackwardArgs&);
+  void (*lse_gather_loss)(const LseGatherLossArgs&) = nullptr;  // csrc/include/lse_gather_loss.h
 };
 
 // Called once at load time by the CUDA glue (csrc/cuda/glue.cpp) when the extension has CUDA kernels.
@@ -54,5 +56,14 @@ std::tuple<Tensor, Tensor, Tensor> logits_divergence(
 std::tuple<Tensor, Tensor> logits_divergence_inplace_(
     Tensor& student_logits, const Tensor& teacher_logits, const Tensor& weights,
     c10::string_view divergence, double beta, double temperature, int64_t vocab_size);
+
+// Fused lse/gather loss (sampled-token OPD, top-k teacher): loss = sum_n weights_n values_n, per-row values
+// (N,), and the gradients for grad_mask = (hidden, weight, bias) formed in the same pass.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lse_gather_loss(
+    const Tensor& hidden, const Tensor& weight, const OptTensor& bias, const Tensor& ids, const Tensor& teacher,
+    const OptTensor& sampler, const Tensor& weights, c10::string_view kind, c10::string_view estimator,
+    c10::string_view divergence, bool tail_bucket, double kl_coef, double entropy_coef, double temperature,
+    c10::optional<double> softcap, double scale, int64_t vocab_size, std::array<bool, 3> grad_mask,
+    int64_t chunk_rows);
 
 }  // namespace opd

@@ -7,16 +7,16 @@
 See docs/design.md for the math and README.md for the backends; ``python -m opd_kernels`` reports which
 backends are available here and why the others are not.
 """
-from .api import (linear_divergence, linear_logprobs, linear_topk_divergence, logits_divergence,
-                  sampled_token_opd_loss)
-from .modules import (LinearDivergenceLoss, LinearLogprobs, LinearTopkDivergenceLoss, LogitsDivergenceLoss,
-                      SampledTokenOPDLoss)
+from .api import (linear_divergence, linear_logprobs, linear_sampled_token_opd_loss, linear_topk_divergence,
+                  logits_divergence, sampled_token_opd_loss)
+from .modules import (LinearDivergenceLoss, LinearLogprobs, LinearSampledTokenOPDLoss, LinearTopkDivergenceLoss,
+                      LogitsDivergenceLoss, SampledTokenOPDLoss)
 from .backends import available as available_backends
 
 __version__ = "0.1.0"
 
 __all__ = [
     "linear_divergence", "linear_logprobs", "linear_topk_divergence", "logits_divergence",
-    "sampled_token_opd_loss", "LinearDivergenceLoss", "LinearLogprobs", "LinearTopkDivergenceLoss",
-    "LogitsDivergenceLoss", "SampledTokenOPDLoss", "available_backends", "__version__",
+    "sampled_token_opd_loss", "linear_sampled_token_opd_loss", "LinearDivergenceLoss", "LinearLogprobs", "LinearTopkDivergenceLoss",
+    "LogitsDivergenceLoss", "SampledTokenOPDLoss", "LinearSampledTokenOPDLoss", "available_backends", "__version__",
 ]

@@ -53,7 +53,8 @@ def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor
                       vocab_size: Optional[int] = None, mask: Optional[torch.Tensor] = None, reduction: str = "mean",
                       normalizer: Normalizer = None, backend: str = "auto", strategy: str = "auto",
                       filter_eps: Optional[float] = None, process_group=None,
-                      reduce_hidden_grad: bool = True, deterministic: bool = False) -> torch.Tensor:
+                      reduce_hidden_grad: bool = True, deterministic: bool = False,
+                      token_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     r"""Per-token divergence between the student's and the teacher's next-token distributions, computed
     from last hidden states and lm_head weights without materializing the N x V logits.
 
@@ -73,6 +74,7 @@ def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor
         forward_kl = (lt.exp() * (lt - ls)).sum(-1)            # KL(p_t || p_s)
         jsd        = TRL generalized_jsd_loss(beta): beta*KL(p_t||M) + (1-beta)*KL(p_s||M),
                      M = (1-beta) p_s + beta p_t; beta=0 is forward_kl, beta=1 is reverse_kl
+        per_token = per_token * token_weights                        # when token_weights is given
         loss = per_token[mask].sum() / (normalizer or mask.sum())       # reduction="mean"
 
     Args:
@@ -96,6 +98,9 @@ def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor
             fixed reduction order). The torch and cpp backends always are; Triton's default backward
             accumulates with atomics and switches to an atomic-free path (also under
             ``torch.use_deterministic_algorithms(True)``).
+        token_weights: float per-token weights (...) (advantages, importance weights; detached) multiplying
+            each token's value. With "mean"/"sum" they enter the token weights of the fused pass, so the
+            gradient is still formed in the forward (no recomputation); "none" returns weighted values.
 
     -inf teacher logits are allowed: forward KL and JSD stay finite; reverse KL is +inf for such a token
     (p_s > 0 everywhere), with a zero gradient row instead of NaN.
@@ -111,6 +116,9 @@ def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor
                  student_hidden.shape[-1], 0),
         process_group, _device_of(student_hidden))
     leading = student_hidden.shape[:-1]
+    tw = _check_token_weights(token_weights, leading, _device_of(student_hidden))
+    if tw is not None and opts.reduction != "none":
+        opts = opts.replace(per_token_weights=tw)
     if student_hidden.numel() == 0:
         return _empty_result(leading, reduction, student_hidden, student_weight, student_bias)
     tensors = (_rows(student_hidden), student_weight.contiguous(), _rows(teacher_hidden), teacher_weight.contiguous())
@@ -119,7 +127,15 @@ def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor
     else:
         impl = backends.resolve(opts.backend, student_hidden.device, "linear_divergence")
     out = impl.linear_divergence(*tensors, opts, student_bias=student_bias, teacher_bias=teacher_bias)
+    if opts.reduction == "none" and tw is not None:
+        out = _weighted_values(out, tw)
     return out.reshape(leading) if opts.reduction == "none" else out
+
+
+def _weighted_values(values: torch.Tensor, tw: torch.Tensor) -> torch.Tensor:
+    """Per-token values times token weights, 0 (not NaN) where a weight is 0 and a value inf."""
+    return torch.where(tw != 0, values * tw.to(values.dtype), torch.zeros((), dtype=values.dtype,
+                                                                           device=values.device))
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
@@ -173,12 +189,13 @@ def _lse_gather(hidden, weight, ids, bias, opts: Options):
 
 def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor,
                            teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: torch.Tensor, *,
-                           divergence: str = "forward_kl", tail_bucket: bool = True, temperature: float = 1.0,
+                           divergence: str = "reverse_kl", tail_bucket: bool = True, temperature: float = 1.0,
                            student_bias: Optional[torch.Tensor] = None, student_softcap: Optional[float] = None,
                            student_scale: float = 1.0, vocab_size: Optional[int] = None,
                            mask: Optional[torch.Tensor] = None, reduction: str = "mean",
                            normalizer: Normalizer = None, backend: str = "auto", process_group=None,
-                           reduce_hidden_grad: bool = True, deterministic: bool = False) -> torch.Tensor:
+                           reduce_hidden_grad: bool = True, deterministic: bool = False,
+                           token_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     r"""Divergence against a teacher given only as top-k ids and log-probs (what inference servers return).
 
     Shapes: ``student_hidden`` (..., H), ``student_weight`` (V_s, H), ``teacher_topk_ids`` (..., k) int,
@@ -191,9 +208,13 @@ def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.T
         forward_kl = (l.exp() * (l - q)).sum(-1) + P_tail * (log P_tail - log Q_tail)
         reverse_kl = (q.exp() * (q - l)).sum(-1) + Q_tail * (log Q_tail - log P_tail)
 
-    ``tail_bucket=False`` drops the tail terms. One fused lse-and-gather pass over the vocabulary gives the
-    student's full-vocabulary logsumexp and the k gathered logits with exact gradients. With
-    ``process_group``, the student weight is this rank's vocabulary shard and the ids are global.
+    ``tail_bucket=False`` drops the tail terms. The default divergence is reverse KL, as for every other
+    op (it was forward KL before; CHANGELOG.md). ``token_weights`` (...) float multiply each token's value
+    (detached). With reduction "mean"/"sum" the torch and cpp backends run one fused pass that forms the
+    gradient in the forward (the GEMM floor's 3 matmuls, backends/_lse_gather_loss.py); "none", triton and
+    vocab-parallel compute the student's logsumexp and the k gathered logits with the lse/gather op and
+    apply the formula (their backward recomputes the logits). With ``process_group``, the student weight is
+    this rank's vocabulary shard and the ids are global.
     """
     opts = _validated(lambda: check.check_linear_topk_divergence(
         student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, divergence=divergence,
@@ -212,6 +233,15 @@ def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.T
     k = teacher_topk_ids.shape[-1]
     # rows whose top-k set is invalid (repeated id, log-prob > 0, mass > 1) become NaN on the device
     teacher_topk_logprobs = check.topk_rows_checked(teacher_topk_ids, teacher_topk_logprobs.detach())
+    tw = _check_token_weights(token_weights, leading, student_hidden.device)
+    if opts.reduction != "none":
+        weights = opts.token_weights(leading.numel(), student_hidden.device)
+        spec = dict(kind="topk", estimator="is", divergence=opts.divergence, tail_bucket=opts.tail_bucket,
+                    kl_coef=1.0, entropy_coef=0.0)
+        return _fused_row_loss(_rows(student_hidden), student_weight.contiguous(),
+                               teacher_topk_ids.reshape(-1, k).to(torch.int64),
+                               teacher_topk_logprobs.detach().reshape(-1, k).to(_acc_dtype(student_hidden)), student_bias, opts, sampler=None,
+                               weights=weights if tw is None else weights * tw, loss_spec=spec)
     lse, gathered, _ = _lse_gather(_rows(student_hidden), student_weight.contiguous(),
                                    teacher_topk_ids.reshape(-1, k).to(torch.int64), student_bias, opts)
     q = gathered - lse.unsqueeze(-1)
@@ -221,6 +251,8 @@ def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.T
     per_token = topk_divergence_from_logprobs(q, l, divergence=opts.divergence, tail_bucket=opts.tail_bucket)
     out = reduce_per_token(per_token, opts.token_weights(per_token.shape[0], q.device, per_token.dtype),
                            opts.reduction)
+    if tw is not None:
+        out = _weighted_values(out, tw)
     out = out.to(torch.promote_types(out.dtype, torch.float32))
     return out.reshape(leading) if opts.reduction == "none" else out
 
@@ -283,16 +315,9 @@ def sampled_token_opd_loss(student_logprobs: torch.Tensor, teacher_logprobs: tor
         loss = -(mask * torch.exp(student_logprobs - lq) * A).sum() / (normalizer or mask.sum())
     """
     check.check_tensor("student_logprobs", student_logprobs, min_dim=0)
-    check.check_tensor("teacher_logprobs", teacher_logprobs, min_dim=0)
     shape = student_logprobs.shape
-    check.check_leading("teacher_logprobs", teacher_logprobs, shape, "student_logprobs")
-    if sampler_logprobs is not None:
-        check.check_tensor("sampler_logprobs", sampler_logprobs, min_dim=0)
-        check.check_leading("sampler_logprobs", sampler_logprobs, shape, "student_logprobs")
-    check.check_same_device(student_logprobs=student_logprobs, teacher_logprobs=teacher_logprobs,
-                            sampler_logprobs=sampler_logprobs)
+    _check_teacher_sampler(teacher_logprobs, sampler_logprobs, estimator, "student_logprobs", student_logprobs)
     kl_coef = check.check_real("kl_coef", kl_coef)
-    check.check_choice("estimator", estimator, ("is", "k1", "k3"))
     device = student_logprobs.device
     flat_mask = check.check_mask(mask, shape, "student_logprobs", device)
     normalizer = check.check_normalizer(normalizer, device)
@@ -310,3 +335,140 @@ def sampled_token_opd_loss(student_logprobs: torch.Tensor, teacher_logprobs: tor
         per_token = kl_coef * ratio.detach() * (torch.exp(log_r) - 1.0 - log_r)
     weights = token_weights(flat_mask, ls.shape[0], "mean", normalizer, device)
     return reduce_per_token(per_token, weights, "mean")
+
+
+SAMPLED_TOKEN_ESTIMATORS = ("is", "k1", "k3")
+_token_weights = token_weights   # the helper, under a name the ``token_weights=`` keyword does not shadow
+
+
+def _check_teacher_sampler(teacher_logprobs, sampler_logprobs, estimator, ref_name: str, ref: torch.Tensor,
+                           shape=None) -> None:
+    """The per-token log-prob inputs of the sampled-token losses: shape ``shape`` (default ``ref``'s), the
+    device of ``ref`` (named ``ref_name``), and a known estimator."""
+    shape = ref.shape if shape is None else shape
+    check.check_tensor("teacher_logprobs", teacher_logprobs, min_dim=0)
+    check.check_leading("teacher_logprobs", teacher_logprobs, shape, ref_name)
+    if sampler_logprobs is not None:
+        check.check_tensor("sampler_logprobs", sampler_logprobs, min_dim=0)
+        check.check_leading("sampler_logprobs", sampler_logprobs, shape, ref_name)
+    check.check_same_device(**{ref_name: ref}, teacher_logprobs=teacher_logprobs, sampler_logprobs=sampler_logprobs)
+    check.check_choice("estimator", estimator, SAMPLED_TOKEN_ESTIMATORS)
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32, or fp64 for fp64 inputs: the dtype of the row statistics and losses."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _check_token_weights(token_weights, leading, device) -> Optional[torch.Tensor]:
+    """``token_weights``: None or a floating tensor of the leading shape on the inputs' device -> flat fp32."""
+    if token_weights is None:
+        return None
+    check.check_tensor("token_weights", token_weights, min_dim=0)
+    check.check_leading("token_weights", token_weights, leading, "student_hidden")
+    if token_weights.device != device:
+        raise ValueError(f"token_weights: expected device {device}, got {token_weights.device}")
+    return token_weights.detach().reshape(-1).float()
+
+
+def _fused_row_loss(hidden, weight, ids, teacher, bias, opts: Options, *, sampler, weights, loss_spec: dict):
+    """``sum_n weights_n row_loss_n`` on flat tensors: the backend's fused ``lse_gather_loss`` (gradient formed
+    in the forward, 3 GEMMs) where it has one, else lse_gather + the row formula (vocab-parallel, triton)."""
+    impl = None if opts.process_group is not None else backends.resolve(opts.backend, hidden.device, "lse_gather")
+    fused = getattr(impl, "lse_gather_loss", None)
+    if fused is not None:
+        return fused(hidden, weight, ids, teacher, bias=bias, sampler=sampler, weights=weights,
+                     temperature=opts.student.temperature, softcap=opts.student.softcap, scale=opts.student.scale,
+                     vocab_size=opts.vocab_size, deterministic=opts.deterministic, **loss_spec)[0]
+    from .backends._lse_gather_loss import row_loss
+    ec = loss_spec["entropy_coef"]
+    lse, gathered, entropy = _lse_gather(hidden, weight, ids, bias, opts.replace(return_entropy=ec != 0.0))
+    q = gathered - lse.unsqueeze(-1)
+    live = weights != 0  # masked rows: no NaN into the loss or its gradient (issue 16)
+    q, teacher, sampler = masked_inputs(live.unsqueeze(-1), q, teacher, None if sampler is None else
+                                        sampler.reshape(q.shape[0], -1))
+    sampler = None if sampler is None else sampler.reshape(-1)
+    values = row_loss(q, teacher.to(q.dtype), None if sampler is None else sampler.to(q.dtype),
+                      **{k: loss_spec[k] for k in ("kind", "estimator", "divergence", "tail_bucket", "kl_coef")})
+    if ec != 0.0:
+        values = values - ec * entropy
+    out = reduce_per_token(values, weights.to(values.dtype), "sum")
+    return out.to(torch.promote_types(out.dtype, torch.float32))
+
+
+def linear_sampled_token_opd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                                  sampled_ids: torch.Tensor, teacher_logprobs: torch.Tensor, *,
+                                  sampler_logprobs: Optional[torch.Tensor] = None, estimator: str = "is",
+                                  kl_coef: float = 1.0, entropy_coef: float = 0.0,
+                                  mask: Optional[torch.Tensor] = None, token_weights: Optional[torch.Tensor] = None,
+                                  reduction: str = "mean", normalizer: Normalizer = None, temperature: float = 1.0,
+                                  bias: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
+                                  scale: float = 1.0, vocab_size: Optional[int] = None, backend: str = "auto",
+                                  process_group=None, reduce_hidden_grad: bool = True,
+                                  deterministic: bool = False) -> torch.Tensor:
+    r"""The sampled-token OPD loss straight from the student's hidden states, in one chunked pass.
+
+    Exactly ``sampled_token_opd_loss(linear_logprobs(student_hidden, student_weight, sampled_ids, ...),
+    teacher_logprobs, ...)`` (same estimators, docs/design.md section 4), plus an optional entropy bonus,
+    per-token weights and a "sum" reduction. The advantage is detached, so each row's upstream gradient is
+    known once its log-prob is: the gradient is formed in the forward pass (cpp and torch backends) and
+    forward + backward costs the GEMM floor's 3 matmuls; nothing N x V is kept.
+
+    Shapes: ``student_hidden`` (..., H), ``student_weight`` (V_w, H), ``sampled_ids`` (...) int in [0, V),
+    ``teacher_logprobs``, ``sampler_logprobs``, ``mask``, ``token_weights`` (...). Returns a 0-dim fp32 loss.
+
+    Equivalent PyTorch::
+
+        z = softcap(scale * (student_hidden @ student_weight[:V].T + bias[:V])) / temperature
+        lp = z.float().log_softmax(-1)
+        s = lp.gather(-1, sampled_ids[..., None])[..., 0]             # log p_s(y)
+        H = -(lp.exp() * lp).sum(-1)                                   # student entropy
+        r = sampler_logprobs if given else s.detach(); ratio = exp(s - r); t = teacher_logprobs
+        per_token = {"is": ratio * kl_coef * (r - t),                  # -ratio * A, A = -kl_coef (r - t)
+                     "k1": kl_coef * ratio.detach() * (s - t),
+                     "k3": kl_coef * ratio.detach() * (exp(t - s) - 1 - (t - s))}[estimator]
+        per_token = token_weights * (per_token - entropy_coef * H)
+        loss = per_token[mask].sum() / (normalizer or mask.sum())     # reduction="mean"; "sum": no division
+
+    Args:
+        estimator: "is" (default, the Thinking Machines recipe), "k1" or "k3" (see sampled_token_opd_loss).
+        kl_coef: scales the KL advantage.
+        entropy_coef: ``loss -= entropy_coef * H`` per token (an entropy bonus for > 0); 0 skips the entropy.
+        mask: which tokens count; token_weights: float per-token multipliers (advantages, importance
+            weights), detached; reduction: "mean" (over unmasked tokens, or by ``normalizer``) or "sum".
+        temperature, bias, softcap, scale, vocab_size: the student's logit transform (as linear_logprobs).
+        backend: "auto" | "torch" | "cpp" | "triton". torch and cpp run the fused pass; triton and a
+            ``process_group`` (vocab-parallel, docs/distributed.md) compute the log-probs and entropy with
+            their lse/gather op and apply the same formula (their backward recomputes the logits).
+    """
+    opts = _validated(lambda: check.check_lse_gather(
+        student_hidden, student_weight, sampled_ids, bias=bias, temperature=temperature, softcap=softcap,
+        scale=scale, vocab_size=vocab_size, backend=backend, deterministic=deterministic,
+        process_group=process_group, reduce_hidden_grad=reduce_hidden_grad, ids_name="sampled_ids",
+        names=("student_hidden", "student_weight", "bias", "softcap", "scale")),
+        lambda: (student_weight.shape[0], None, student_hidden.shape[:-1].numel(), student_hidden.shape[-1], 1),
+        process_group, _device_of(student_hidden))
+    leading = student_hidden.shape[:-1]
+    device = student_hidden.device
+    _check_teacher_sampler(teacher_logprobs, sampler_logprobs, estimator, "student_hidden", student_hidden,
+                           leading)
+    check.check_choice("reduction", reduction, ("mean", "sum"))
+    kl_coef = check.check_real("kl_coef", kl_coef)
+    entropy_coef = check.check_real("entropy_coef", entropy_coef)
+    flat_mask = check.check_mask(mask, leading, "student_hidden", device)
+    normalizer = check.check_normalizer(normalizer, device)
+    tw = _check_token_weights(token_weights, leading, device)
+    if opts.process_group is not None:
+        check.check_id_range("sampled_ids", sampled_ids, opts.vocab_size)     # against the global V
+    if student_hidden.numel() == 0:
+        return _empty_result(leading, reduction, student_hidden, student_weight, bias)
+    n = leading.numel()
+    weights = _token_weights(flat_mask, n, reduction, normalizer, device)
+    if tw is not None:
+        weights = weights * tw
+    spec = dict(kind="sampled_token", estimator=estimator, divergence="reverse_kl", tail_bucket=False,
+                kl_coef=kl_coef, entropy_coef=entropy_coef)
+    return _fused_row_loss(_rows(student_hidden), student_weight.contiguous(), sampled_ids.reshape(-1, 1).to(torch.int64),
+                           teacher_logprobs.detach().reshape(-1, 1).to(_acc_dtype(student_hidden)), bias, opts,
+                           sampler=None if sampler_logprobs is None else sampler_logprobs.detach().reshape(-1).to(_acc_dtype(student_hidden)),
+                           weights=weights, loss_spec=spec)

@@ -34,7 +34,7 @@ class _OpModule(torch.nn.Module):
 
 class LinearDivergenceLoss(_OpModule):
     """Module form of :func:`opd_kernels.linear_divergence`."""
-    _call_keywords = ("student_bias", "teacher_bias", "mask", "normalizer")
+    _call_keywords = ("student_bias", "teacher_bias", "mask", "normalizer", "token_weights")
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, **kwargs):
         return api.linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight,
@@ -51,7 +51,7 @@ class LinearLogprobs(_OpModule):
 
 class LinearTopkDivergenceLoss(_OpModule):
     """Module form of :func:`opd_kernels.linear_topk_divergence`."""
-    _call_keywords = ("student_bias", "mask", "normalizer")
+    _call_keywords = ("student_bias", "mask", "normalizer", "token_weights")
 
     def forward(self, student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, **kwargs):
         return api.linear_topk_divergence(student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs,
@@ -64,6 +64,15 @@ class LogitsDivergenceLoss(_OpModule):
 
     def forward(self, student_logits, teacher_logits, **kwargs):
         return api.logits_divergence(student_logits, teacher_logits, **self._merge(kwargs))
+
+
+class LinearSampledTokenOPDLoss(_OpModule):
+    """Module form of :func:`opd_kernels.linear_sampled_token_opd_loss`."""
+    _call_keywords = ("sampler_logprobs", "mask", "token_weights", "normalizer", "bias")
+
+    def forward(self, student_hidden, student_weight, sampled_ids, teacher_logprobs, **kwargs):
+        return api.linear_sampled_token_opd_loss(student_hidden, student_weight, sampled_ids, teacher_logprobs,
+                                                 **self._merge(kwargs))
 
 
 class SampledTokenOPDLoss(_OpModule):

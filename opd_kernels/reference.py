@@ -127,8 +127,9 @@ def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_we
                       divergence: str = "reverse_kl", beta: float = 0.5, temperature: float = 1.0,
                       student_bias=None, teacher_bias=None, student_softcap=None, teacher_softcap=None,
                       student_scale: float = 1.0, teacher_scale: float = 1.0, vocab_size=None, mask=None,
-                      reduction: str = "mean", normalizer=None) -> torch.Tensor:
-    """Materializing ``opd_kernels.linear_divergence``: builds both (..., V) logits, then the divergence."""
+                      reduction: str = "mean", normalizer=None, token_weights=None) -> torch.Tensor:
+    """Materializing ``opd_kernels.linear_divergence``: builds both (..., V) logits, then the divergence
+    (times ``token_weights`` per token when given)."""
     v = student_weight.shape[0] if vocab_size is None else vocab_size
     zs = model_logits(student_hidden, student_weight, student_bias, vocab_size=v, scale=student_scale,
                       softcap=student_softcap, temperature=temperature)
@@ -137,7 +138,12 @@ def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_we
                           softcap=teacher_softcap, temperature=temperature)
     zt = zt.to(zs.dtype)
     per_token = divergence_from_logits(zs, zt, divergence=divergence, beta=beta)
-    return reduce(per_token, mask, reduction, normalizer)
+    return reduce(_weighted(per_token, token_weights), mask, reduction, normalizer)
+
+
+def _weighted(per_token: torch.Tensor, token_weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """``per_token * token_weights`` (detached), or ``per_token`` without weights."""
+    return per_token if token_weights is None else per_token * token_weights.detach().to(per_token.dtype)
 
 
 def logits_divergence(student_logits, teacher_logits, *, divergence: str = "reverse_kl", beta: float = 0.5,
@@ -213,9 +219,9 @@ def topk_divergence_from_logprobs(student_topk_logprobs, teacher_topk_logprobs, 
 
 
 def linear_topk_divergence(student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, *,
-                           divergence: str = "forward_kl", tail_bucket: bool = True, temperature: float = 1.0,
+                           divergence: str = "reverse_kl", tail_bucket: bool = True, temperature: float = 1.0,
                            student_bias=None, student_softcap=None, student_scale: float = 1.0, vocab_size=None,
-                           mask=None, reduction: str = "mean", normalizer=None) -> torch.Tensor:
+                           mask=None, reduction: str = "mean", normalizer=None, token_weights=None) -> torch.Tensor:
     """Materializing ``opd_kernels.linear_topk_divergence``."""
     lse, gathered, _ = lse_gather(student_hidden, student_weight, teacher_topk_ids, bias=student_bias,
                                   temperature=temperature, softcap=student_softcap, scale=student_scale,
@@ -223,7 +229,7 @@ def linear_topk_divergence(student_hidden, student_weight, teacher_topk_ids, tea
     q = gathered - lse.unsqueeze(-1)
     q, l = masked_inputs(None if mask is None else mask.unsqueeze(-1), q, teacher_topk_logprobs.detach())
     per_token = topk_divergence_from_logprobs(q, l, divergence=divergence, tail_bucket=tail_bucket)
-    return reduce(per_token, mask, reduction, normalizer)
+    return reduce(_weighted(per_token, token_weights), mask, reduction, normalizer)
 
 
 def masked_inputs(mask: Optional[torch.Tensor], *tensors: Optional[torch.Tensor]):
@@ -242,6 +248,14 @@ def sampled_token_opd_loss(student_logprobs, teacher_logprobs, *, sampler_logpro
     """Sampled-token OPD loss (see ``opd_kernels.sampled_token_opd_loss`` for the estimators)."""
     student_logprobs, teacher_logprobs, sampler_logprobs = masked_inputs(
         mask, student_logprobs, teacher_logprobs, sampler_logprobs)
+    per_token = sampled_token_per_token(student_logprobs, teacher_logprobs, sampler_logprobs=sampler_logprobs,
+                                        kl_coef=kl_coef, estimator=estimator)
+    return reduce(per_token, mask, "mean", normalizer)
+
+
+def sampled_token_per_token(student_logprobs, teacher_logprobs, *, sampler_logprobs=None, kl_coef: float = 1.0,
+                            estimator: str = "is") -> torch.Tensor:
+    """Per-token sampled-token OPD loss (before the masked reduction), differentiable in student_logprobs."""
     dtype = _compute_dtype(student_logprobs.dtype)
     ls = student_logprobs.to(dtype)
     lt = teacher_logprobs.detach().to(dtype)
@@ -249,12 +263,30 @@ def sampled_token_opd_loss(student_logprobs, teacher_logprobs, *, sampler_logpro
     ratio = torch.exp(ls - lq)
     if estimator == "is":
         advantage = -kl_coef * (lq - lt)
-        per_token = -ratio * advantage
-    elif estimator == "k1":
-        per_token = kl_coef * ratio.detach() * (ls - lt)
-    elif estimator == "k3":
+        return -ratio * advantage
+    if estimator == "k1":
+        return kl_coef * ratio.detach() * (ls - lt)
+    if estimator == "k3":
         log_r = lt - ls
-        per_token = kl_coef * ratio.detach() * (torch.exp(log_r) - 1.0 - log_r)
-    else:
-        raise ValueError(f"estimator: expected one of 'is', 'k1', 'k3', got {estimator!r}")
-    return reduce(per_token, mask, "mean", normalizer)
+        return kl_coef * ratio.detach() * (torch.exp(log_r) - 1.0 - log_r)
+    raise ValueError(f"estimator: expected one of 'is', 'k1', 'k3', got {estimator!r}")
+
+
+def linear_sampled_token_opd_loss(student_hidden, student_weight, sampled_ids, teacher_logprobs, *,
+                                  sampler_logprobs=None, estimator: str = "is", kl_coef: float = 1.0,
+                                  entropy_coef: float = 0.0, mask=None, token_weights=None, reduction: str = "mean",
+                                  normalizer=None, temperature: float = 1.0, bias=None, softcap=None,
+                                  scale: float = 1.0, vocab_size=None) -> torch.Tensor:
+    """Materializing ``opd_kernels.linear_sampled_token_opd_loss``::
+
+        s, H = linear_logprobs(student_hidden, student_weight, sampled_ids, return_entropy=True, ...)
+        per_token = token_weights * (sampled_token_per_token(s, teacher_logprobs, ...) - entropy_coef * H)
+        loss = reduce(per_token, mask, reduction, normalizer)
+    """
+    s, entropy = linear_logprobs(student_hidden, student_weight, sampled_ids, bias=bias, temperature=temperature,
+                                 softcap=softcap, scale=scale, vocab_size=vocab_size, return_entropy=True)
+    per_token = sampled_token_per_token(s, teacher_logprobs, sampler_logprobs=sampler_logprobs, kl_coef=kl_coef,
+                                        estimator=estimator)
+    if entropy_coef != 0.0:
+        per_token = per_token - entropy_coef * entropy
+    return reduce(_weighted(per_token, token_weights), mask, reduction, normalizer)

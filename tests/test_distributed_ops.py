@@ -359,6 +359,26 @@ def _public_api_cases(ctx: _Ctx) -> None:
                                                        process_group=ctx.group),
              lambda h, w, b: reference.linear_topk_divergence(h, w, ids, teacher_lp, divergence="reverse_kl"),
              hs, ws, None, torch.tensor(1.0))
+    # issue 17: the sampled-token loss and token_weights over the vocabulary shards
+    tw, t_lp, s_lp = torch.rand(2, 4, generator=ctx.gen).double(), -ctx.randn(2, 4).abs(), -ctx.randn(2, 4).abs()
+    kw = dict(sampler_logprobs=s_lp, estimator="k3", kl_coef=0.8, entropy_coef=0.1, temperature=0.9)
+    _compare(ctx, "ok.linear_sampled_token_opd_loss",
+             lambda h, w, b: ok.linear_sampled_token_opd_loss(h, w, targets, t_lp.float(), process_group=ctx.group,
+                                                              token_weights=tw.float(),
+                                                              **{**kw, "sampler_logprobs": s_lp.float()}),
+             lambda h, w, b: reference.linear_sampled_token_opd_loss(h, w, targets, t_lp, token_weights=tw, **kw),
+             hs, ws, None, torch.tensor(1.0))
+    _compare(ctx, "ok.linear_topk_divergence token_weights",
+             lambda h, w, b: ok.linear_topk_divergence(h, w, ids, teacher_lp.float(), token_weights=tw.float(),
+                                                       process_group=ctx.group),
+             lambda h, w, b: reference.linear_topk_divergence(h, w, ids, teacher_lp, token_weights=tw),
+             hs, ws, None, torch.tensor(1.0))
+    kw = dict(divergence="reverse_kl", reduction="mean")
+    _compare(ctx, "ok.linear_divergence token_weights",
+             lambda h, w, b: ok.linear_divergence(h, w, ht.float(), ctx.shard(wt).float(), process_group=ctx.group,
+                                                  token_weights=tw.float(), **kw),
+             lambda h, w, b: reference.linear_divergence(h, w, ht, wt, token_weights=tw, **kw),
+             hs, ws, None, torch.tensor(1.0))
 
 
 def _torch_cases(ctx: _Ctx) -> None:

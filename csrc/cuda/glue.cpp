@@ -26,6 +26,7 @@ const EpilogueTable kCudaEpilogues{
     &on_current_stream<DivergenceArgs, &cuda::divergence_epilogue>,
     &on_current_stream<LseGatherArgs, &cuda::lse_gather_epilogue>,
     &on_current_stream<LseGatherBackwardArgs, &cuda::lse_gather_backward_epilogue>,
+    &on_current_stream<LseGatherLossArgs, &cuda::lse_gather_loss_epilogue>,
 };
 
 // Runs an op with the first tensor's device current (kernels and ATen calls go to that GPU).
@@ -54,4 +55,5 @@ TORCH_LIBRARY_IMPL(opd, CUDA, m) {
   m.impl("lse_gather_backward", &opd::Guarded<&opd::lse_gather_backward>::call);
   m.impl("logits_divergence", &opd::Guarded<&opd::logits_divergence>::call);
   m.impl("logits_divergence_inplace_", &opd::Guarded<&opd::logits_divergence_inplace_>::call);
+  m.impl("lse_gather_loss", &opd::Guarded<&opd::lse_gather_loss>::call);
 }

@@ -99,3 +99,9 @@ def available() -> Dict[str, Tuple[bool, str]]:
 # traced function is a graph break. A backend that fails to import is recorded with its reason.
 for _name in MODULE_NAMES:
     _module(_name)
+
+# The fused row-loss primitive ``lse_gather_loss`` of the torch and cpp backends (sampled-token OPD, top-k
+# with a scalar reduction; backends/_lse_gather_loss.py) joins those modules here.
+from . import _lse_gather_loss  # noqa: E402
+
+_lse_gather_loss.attach(_modules)

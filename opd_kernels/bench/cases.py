@@ -14,7 +14,8 @@ from typing import Dict, Optional
 import torch
 
 #: the ops the suite knows, in the order tables list them
-OPS = ("linear_divergence", "linear_logprobs", "linear_topk_divergence", "logits_divergence")
+OPS = ("linear_divergence", "linear_logprobs", "linear_topk_divergence", "logits_divergence",
+       "linear_sampled_token_opd_loss")
 MODES = ("fwd+bwd", "fwd")
 LOGIT_STD = 4.0
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -33,7 +34,8 @@ class Case:
     ``H`` is the student hidden size (the hidden size for single-model ops), ``H_t`` the teacher's
     (linear_divergence only), ``k`` the number of teacher top-k ids (linear_topk_divergence only).
     ``mode`` is "fwd+bwd" (loss and student gradients) or "fwd" (no autograd graph, e.g. the teacher-side
-    log-prob gather). ``name`` labels named cases (issue numbers) and ``sweep`` the swept axis ("N"/"V").
+    log-prob gather). ``name`` labels named cases (by their shape) and ``sweep`` the swept axis ("N"/"V").
+    ``token_weights``: linear_divergence / linear_topk_divergence called with per-token float weights.
     """
     op: str
     N: int
@@ -48,6 +50,7 @@ class Case:
     name: str = ""
     sweep: str = ""
     beta: float = 0.5
+    token_weights: bool = False
 
     def __post_init__(self):
         if self.op not in OPS:
@@ -81,6 +84,7 @@ class Case:
         shape += f" V={self.V}" + (f" k={self.k}" if self.op == "linear_topk_divergence" else "")
         div = f" {self.divergence}" if self.op in ("linear_divergence", "linear_topk_divergence",
                                                      "logits_divergence") else ""
+        div += " token_weights" if self.token_weights else ""
         return f"{self.op}{div} {self.mode} {self.dtype} {shape}"
 
     def with_(self, **changes) -> "Case":
@@ -95,6 +99,8 @@ def make_inputs(case: Case, seed: int = 0) -> Dict[str, torch.Tensor]:
       linear_logprobs:        h (N, H), W (V, H), targets (N,) int64
       linear_topk_divergence: hs (N, H), Ws (V, H), ids (N, k) int64 distinct per row, teacher_lp (N, k) fp32
       logits_divergence:      zs (N, V), zt (N, V)
+      linear_sampled_token_opd_loss: h (N, H), W (V, H), targets (N,) int64, teacher_lp (N,), sampler_lp (N,)
+    ``token_weights=True`` adds tw (N,) fp32 in [0, 2).
     """
     g = torch.Generator(device="cpu").manual_seed(seed)
     dev, dt = case.torch_device, case.torch_dtype
@@ -106,10 +112,19 @@ def make_inputs(case: Case, seed: int = 0) -> Dict[str, torch.Tensor]:
     def lm_head(v, h):
         return (torch.randn(v, h, generator=g) * (LOGIT_STD / h ** 0.5)).to(dev, dt)
 
+    extra = {"tw": (torch.rand(case.N, generator=g) * 2.0).to(dev)} if case.token_weights else {}
     if case.op == "linear_divergence":
         hs, Ws = hidden(case.N, case.H), lm_head(case.V, case.H)
         ht, Wt = hidden(case.N, case.teacher_hidden), lm_head(case.V, case.teacher_hidden)
-        return {"hs": hs.requires_grad_(grad), "Ws": Ws.requires_grad_(grad), "ht": ht, "Wt": Wt}
+        return {"hs": hs.requires_grad_(grad), "Ws": Ws.requires_grad_(grad), "ht": ht, "Wt": Wt, **extra}
+    if case.op == "linear_sampled_token_opd_loss":
+        h, W = hidden(case.N, case.H), lm_head(case.V, case.H)
+        targets = torch.randint(0, case.V, (case.N,), generator=g).to(dev)
+        # sampled-token log-probs of LM-like magnitude; the sampler slightly off the student (off-policy ratio)
+        teacher_lp = -torch.rand(case.N, generator=g) * 6.0
+        sampler_lp = -torch.rand(case.N, generator=g) * 6.0
+        return {"h": h.requires_grad_(grad), "W": W.requires_grad_(grad), "targets": targets,
+                "teacher_lp": teacher_lp.to(dev), "sampler_lp": sampler_lp.to(dev)}
     if case.op == "linear_logprobs":
         h, W = hidden(case.N, case.H), lm_head(case.V, case.H)
         targets = torch.randint(0, case.V, (case.N,), generator=g).to(dev)
@@ -127,7 +142,7 @@ def make_inputs(case: Case, seed: int = 0) -> Dict[str, torch.Tensor]:
         scores = torch.randn(case.N, case.k + 1, generator=g) * 2.0
         teacher_lp = torch.log_softmax(scores, dim=-1)[:, :case.k]
         return {"hs": hs.requires_grad_(grad), "Ws": Ws.requires_grad_(grad), "ids": ids.to(dev),
-                "teacher_lp": teacher_lp.to(dev)}
+                "teacher_lp": teacher_lp.to(dev), **extra}
     # logits_divergence: raw logits of the two models, as an inference engine or an HF forward returns them
     zs = (torch.randn(case.N, case.V, generator=g) * LOGIT_STD).to(dev, dt)
     zt = (torch.randn(case.N, case.V, generator=g) * LOGIT_STD).to(dev, dt)

@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--quick", action="store_true", help="every op once at a small shape")
     p.add_argument("--case", action="append", default=[], metavar="NAME",
-                   help="named case(s): rkl-n2k-v32k, rkl-n1k-8k-v32k, rkl-n16k-v152k-bf16, logprobs-logits-n4k-v32k (repeatable; replaces the preset)")
+                   help="named case(s): rkl-n2k-v32k, rkl-n1k-8k-v32k, rkl-n16k-v152k-bf16, logprobs-logits-n4k-v32k, signals-n4k-v32k, signals-n16k-v152k-bf16 (repeatable; replaces the preset)")
     p.add_argument("--ops", nargs="+", choices=OPS, help="only these ops")
     p.add_argument("--providers", nargs="+", metavar="NAME",
                    help="only these providers (names or prefixes: naive, torch.compile, liger, ours, "

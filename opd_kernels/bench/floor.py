@@ -7,7 +7,8 @@ softmax work at all:
     linear_divergence, fwd+bwd: zs = hs @ Ws.T, zt = ht @ Wt.T, dH = G @ Ws, dW = G.T @ hs
                                  (G is any (N, V) buffer: the matmul time does not depend on its values)
                                  FLOPs 2NV(H_t + 3H)
-    linear_logprobs / linear_topk_divergence, fwd+bwd: z = h @ W.T, dH = G @ W, dW = G.T @ h   FLOPs 6NVH
+    linear_logprobs / linear_topk_divergence / linear_sampled_token_opd_loss, fwd+bwd:
+                                 z = h @ W.T, dH = G @ W, dW = G.T @ h   FLOPs 6NVH
     "fwd" mode: the forward matmuls only.
     logits_divergence (no matmul): one elementwise pass reading both (N, V) logits and writing one (N, V)
     result, ``torch.add(zs, zt, out=G)`` - the bytes a one-pass in-place gradient must move.

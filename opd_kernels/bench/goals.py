@@ -6,6 +6,9 @@ interquartile ranges is reported as "within noise", neither met nor missed); pea
 <= 10% of naive's.
 (The fourth goal, memory flat in N at a fixed workspace, is read off the N sweep of the default preset.)
 issue 5 (CPU): the figures to record - ours vs naive time ratio and memory - with no numeric goal stated.
+issue 17 (CPU, case signals-n4k-v32k, the cpp backend): the fused sampled-token loss at <= 1.05 x the GEMM
+floor, <= 15% of naive's memory, faster than torch.compile and cut-cross-entropy; top-k with a scalar
+reduction at <= 1.05 x the floor; linear_divergence with token_weights within 5% of the time without.
 """
 from __future__ import annotations
 
@@ -19,13 +22,58 @@ def _f(x):
         return None
 
 
+def _faster(label: str, ours: dict, other_name: str, other: dict) -> str:
+    """"faster than X" with the IQR noise rule of the module doc."""
+    t, to = _f(ours.get("median_s")), _f(other.get("median_s"))
+    if not to:
+        return f"{label}: faster than {other_name}: {other_name} not measured ({other.get('note', 'absent')})"
+    noise = max(_f(ours.get("iqr_s")) or 0.0, _f(other.get("iqr_s")) or 0.0)
+    verdict = "within noise (IQR)" if abs(t - to) <= noise else ("met" if t < to else "NOT met")
+    return (f"{label}: faster than {other_name}: {t * 1e3:.0f} ms vs {to * 1e3:.0f} ms "
+            f"(larger IQR {noise * 1e3:.0f} ms): {verdict}")
+
+
+def signal_goals(case: str, by_case: Dict[str, Dict[str, dict]]) -> List[str]:
+    """The issue-17 goals of the student-side signal cases (see the module doc)."""
+    lines: List[str] = []
+    st = by_case.get(f"{case}:linear_sampled_token_opd_loss", {})
+    ours = st.get("ours:cpp", {})
+    if st and _f(ours.get("median_s")) is not None:
+        ratio = _f(ours["ratio_to_floor"])
+        lines.append(f"{case} sampled token: time / GEMM floor = {ratio:.3f} (goal <= 1.05): "
+                     f"{'met' if ratio <= 1.05 else 'NOT met'}")
+        m, mn = _f(ours.get("peak_mem_mb")), _f(st.get("naive", {}).get("peak_mem_mb"))
+        if m is not None and mn:
+            lines.append(f"{case} sampled token: peak memory {m:.1f} MiB = {100 * m / mn:.1f}% of naive's "
+                         f"{mn:.1f} MiB (goal <= 15%): {'met' if m <= 0.15 * mn else 'NOT met'}")
+        for other in ("torch.compile", "cce"):
+            lines.append(_faster(f"{case} sampled token", ours, other, st.get(other, {})))
+    elif st:
+        lines.append(f"{case} sampled token: ours:cpp not measured ({ours.get('note', 'absent')})")
+    tk = by_case.get(f"{case}:linear_topk_divergence", {}).get("ours:cpp", {})
+    if _f(tk.get("median_s")) is not None:
+        ratio = _f(tk["ratio_to_floor"])
+        lines.append(f"{case} top-k (scalar): time / GEMM floor = {ratio:.3f} (goal <= 1.05): "
+                     f"{'met' if ratio <= 1.05 else 'NOT met'}")
+    both = by_case.get(f"{case}:linear_divergence+token_weights", {})
+    plain, weighted = both.get("ours:cpp:chunked:no-weights", {}), both.get("ours:cpp:chunked", {})
+    tp, tw = _f(plain.get("median_s")), _f(weighted.get("median_s"))
+    if tp and tw:
+        lines.append(f"{case} token_weights: linear_divergence {tw * 1e3:.0f} ms with vs {tp * 1e3:.0f} ms "
+                     f"without = {tw / tp:.3f} (goal within 5%): {'met' if abs(tw / tp - 1) <= 0.05 else 'NOT met'}")
+    return lines
+
+
 def check_goals(rows: List[dict]) -> List[str]:
     """Human-readable lines "goal: measured -> met / NOT met" for the named cases present in ``rows``."""
     lines: List[str] = []
     by_case: Dict[str, Dict[str, dict]] = {}
     for r in rows:
         if r.get("case"):
-            by_case.setdefault(f"{r['case']}:{r['op']}", {})[r["provider"]] = r
+            tw = "+token_weights" if str(r.get("divergence", "")).endswith("+token_weights") else ""
+            by_case.setdefault(f"{r['case']}:{r['op']}{tw}", {})[r["provider"]] = r
+    for case in sorted({r["case"] for r in rows if str(r.get("case", "")).startswith("signals-")}):
+        lines += signal_goals(case, by_case)
     for key, prov in by_case.items():
         if key == "rkl-n2k-v32k:linear_divergence":
             ours = prov.get("ours:cpp:chunked", {})

@@ -42,12 +42,14 @@ def divergence_from_logits(zs: torch.Tensor, zt: torch.Tensor, divergence: str, 
     raise ValueError(f"divergence: expected 'reverse_kl', 'forward_kl' or 'jsd', got {divergence!r}")
 
 
-def linear_divergence(hs, Ws, ht, Wt, divergence: str = "reverse_kl", beta: float = 0.5) -> torch.Tensor:
-    """``divergence(softmax(hs @ Ws.T), softmax(ht @ Wt.T)).mean()``; the teacher is detached."""
+def linear_divergence(hs, Ws, ht, Wt, divergence: str = "reverse_kl", beta: float = 0.5, tw=None) -> torch.Tensor:
+    """``divergence(softmax(hs @ Ws.T), softmax(ht @ Wt.T)).mean()`` (times ``tw`` per token when given);
+    the teacher is detached."""
     zs = _up(hs @ Ws.T)
     with torch.no_grad():
         zt = _up(ht @ Wt.T)
-    return divergence_from_logits(zs, zt, divergence, beta).mean()
+    value = divergence_from_logits(zs, zt, divergence, beta)
+    return (value if tw is None else value * tw).mean()
 
 
 def linear_logprobs(h, W, targets) -> torch.Tensor:
@@ -56,7 +58,7 @@ def linear_logprobs(h, W, targets) -> torch.Tensor:
     return lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def topk_divergence(hs, Ws, ids, teacher_lp, divergence: str = "forward_kl") -> torch.Tensor:
+def topk_divergence(hs, Ws, ids, teacher_lp, divergence: str = "reverse_kl", tw=None) -> torch.Tensor:
     """Top-k divergence with the tail bucket (docs/design.md section 4), mean over tokens."""
     q = F.log_softmax(_up(hs @ Ws.T), dim=-1).gather(-1, ids)
     lt = teacher_lp
@@ -67,7 +69,15 @@ def topk_divergence(hs, Ws, ids, teacher_lp, divergence: str = "forward_kl") -> 
         value = (lt.exp() * (lt - q)).sum(-1) + p_tail * (log_p - log_q)
     else:
         value = (q.exp() * (q - lt)).sum(-1) + q_tail * (log_q - log_p)
-    return value.mean()
+    return (value if tw is None else value * tw).mean()
+
+
+def sampled_token_opd_loss(h, W, targets, teacher_lp, sampler_lp) -> torch.Tensor:
+    """The Thinking Machines sampled-token loss the way its recipes write it: log-probs by log_softmax +
+    gather, advantage ``-(sampler - teacher)`` detached, importance ratio ``exp(s - sampler)``, mean."""
+    s = linear_logprobs(h, W, targets)
+    advantage = -(sampler_lp - teacher_lp)
+    return -(torch.exp(s - sampler_lp) * advantage).mean()
 
 
 def logits_divergence(zs, zt, divergence: str = "reverse_kl", beta: float = 0.5) -> torch.Tensor:
@@ -78,13 +88,16 @@ def logits_divergence(zs, zt, divergence: str = "reverse_kl", beta: float = 0.5)
 def arguments(op: str, inputs: Dict[str, torch.Tensor], divergence: str, beta: float) -> Tuple:
     """Positional arguments of ``FUNCTIONS[op]`` for the input dict of ``make_inputs``."""
     if op == "linear_divergence":
-        return (inputs["hs"], inputs["Ws"], inputs["ht"], inputs["Wt"], divergence, beta)
+        return (inputs["hs"], inputs["Ws"], inputs["ht"], inputs["Wt"], divergence, beta, inputs.get("tw"))
     if op == "linear_logprobs":
         return (inputs["h"], inputs["W"], inputs["targets"])
     if op == "linear_topk_divergence":
-        return (inputs["hs"], inputs["Ws"], inputs["ids"], inputs["teacher_lp"], divergence)
+        return (inputs["hs"], inputs["Ws"], inputs["ids"], inputs["teacher_lp"], divergence, inputs.get("tw"))
+    if op == "linear_sampled_token_opd_loss":
+        return (inputs["h"], inputs["W"], inputs["targets"], inputs["teacher_lp"], inputs["sampler_lp"])
     return (inputs["zs"], inputs["zt"], divergence, beta)
 
 
 FUNCTIONS = {"linear_divergence": linear_divergence, "linear_logprobs": linear_logprobs,
-             "linear_topk_divergence": topk_divergence, "logits_divergence": logits_divergence}
+             "linear_topk_divergence": topk_divergence, "logits_divergence": logits_divergence,
+             "linear_sampled_token_opd_loss": sampled_token_opd_loss}

@@ -27,7 +27,23 @@ def named_cases(device: str = "cpu") -> Dict[str, List[Case]]:
         # issue 4: the H100 case (runs anywhere it fits; meant for a GPU)
         "rkl-n16k-v152k-bf16": [Case("linear_divergence", N=16384, H=4096, H_t=5120, V=151936, dtype="bf16", device=device,
                         divergence="reverse_kl", name="rkl-n16k-v152k-bf16")],
+        # the student side of the three teacher signals (issue 17), CPU shape: sampled token (importance-
+        # sampled, sampler log-probs given), top-k (k = 64, reverse KL + tail, scalar loss), and the dense
+        # loss with per-token weights (its providers also time the same call without them, interleaved)
+        "signals-n4k-v32k": student_signals(device, N=4096, H=1024, H_t=1024, V=32000, dtype="fp32",
+                                            name="signals-n4k-v32k"),
+        # the same at the GPU shape (a 4096-wide student over Qwen's vocabulary, bf16); meant for a GPU
+        "signals-n16k-v152k-bf16": student_signals(device, N=16384, H=4096, H_t=5120, V=151936, dtype="bf16",
+                                                   name="signals-n16k-v152k-bf16"),
     }
+
+
+def student_signals(device: str, *, N: int, H: int, H_t: int, V: int, dtype: str, name: str) -> List[Case]:
+    """The student-side cases of every teacher signal at one shape (see named_cases)."""
+    common = dict(N=N, V=V, dtype=dtype, device=device, name=name)
+    return [Case("linear_sampled_token_opd_loss", H=H, **common),
+            Case("linear_topk_divergence", H=H, k=64, divergence="reverse_kl", **common),
+            Case("linear_divergence", H=H, H_t=H_t, divergence="reverse_kl", token_weights=True, **common)]
 
 
 def quick(device: str = "cpu", dtype: str = "fp32") -> List[Case]:
@@ -40,6 +56,7 @@ def quick(device: str = "cpu", dtype: str = "fp32") -> List[Case]:
               Case("linear_logprobs", N=n, H=ht, V=v, dtype=dtype, device=device, mode="fwd"),
               Case("linear_topk_divergence", N=n, H=h, V=v, k=64, dtype=dtype, device=device,
                    divergence="forward_kl"),
+              Case("linear_sampled_token_opd_loss", N=n, H=h, V=v, dtype=dtype, device=device),
               Case("logits_divergence", N=n, H=0, V=v, dtype="bf16" if dtype == "fp32" else dtype,
                    device=device)]
     return cases

@@ -14,9 +14,10 @@ the reason, so a missing provider is visible in every table, never silently abse
   ``beta=1`` is KL(p_s||p_t) (reverse KL); its loss is a mean over tokens, like our "mean".
 - ``liger-fused`` (CUDA): Liger's Triton ``LigerFusedLinearJSD(jsd_beta=...)``, same beta convention;
   for linear_logprobs, Liger's Triton ``LigerFusedLinearCrossEntropyLoss`` (the sum of -log-probs).
-- ``cce`` (CUDA, linear_logprobs): cut-cross-entropy's ``linear_cross_entropy(..., reduction="none")`` at its
-  default gradient filtering (``filter_eps="high"``),
-  which is -log p(target).
+- ``cce`` (linear_logprobs, linear_sampled_token_opd_loss): cut-cross-entropy's
+  ``linear_cross_entropy(..., reduction="none")``, which is -log p(target): on CUDA its Triton kernel at
+  its default gradient filtering (``filter_eps="high"``), on CPU its ``impl="torch_compile"``
+  implementation (no filtering). For the sampled-token loss the naive formula is applied to its log-probs.
 - ``ours:<backend>:<strategy>``: ``opd_kernels.<op>(..., backend=, strategy=)`` through the public API.
 """
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Provider:
     name: str
     build: Callable[[Case, Dict[str, torch.Tensor]], Callable[[], torch.Tensor]]
     materializes: bool = False  # builds N x V tensors: the runner checks free memory before running it
+    checked: bool = True        # False: computes something else on purpose (a timing reference), no error check
 
 
 # ---------------------------------------------------------------------------------------------- baselines
@@ -65,6 +67,8 @@ def _liger_beta(case: Case) -> float:
 def _build_liger(case, inputs):
     if case.op != "linear_divergence":
         raise Unavailable(f"Liger-Kernel has no chunked_loss counterpart of {case.op}")
+    if case.token_weights:
+        raise Unavailable("Liger-Kernel's fused JSD loss takes no per-token weights")
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
     except ImportError as exc:
@@ -102,16 +106,24 @@ def _build_liger_fused(case, inputs):
 
 
 def _build_cce(case, inputs):
-    if case.op != "linear_logprobs":
+    if case.op not in ("linear_logprobs", "linear_sampled_token_opd_loss"):
         raise Unavailable(f"cut-cross-entropy computes log-probs only, not {case.op}")
-    if case.device != "cuda":
-        raise Unavailable("cut-cross-entropy's kernels need CUDA")
+    if case.mode != "fwd+bwd" and case.device != "cuda":
+        raise Unavailable("cut-cross-entropy's torch_compile implementation is a loss with gradient")
     try:
         from cut_cross_entropy import linear_cross_entropy
     except ImportError as exc:
         raise Unavailable(f"cut-cross-entropy not installed ({exc})")
+    impl = {} if case.device == "cuda" else {"impl": "torch_compile"}
     h, W, t = inputs["h"], inputs["W"], inputs["targets"]
-    return lambda: -linear_cross_entropy(h, W, t, reduction="none")
+    if case.op == "linear_logprobs":
+        return lambda: -linear_cross_entropy(h, W, t, reduction="none", **impl)
+    teacher, sampler = inputs["teacher_lp"], inputs["sampler_lp"]
+
+    def sampled_token():
+        s = -linear_cross_entropy(h, W, t, reduction="none", **impl)
+        return -(torch.exp(s - sampler) * -(sampler - teacher)).mean()
+    return sampled_token
 
 
 # ---------------------------------------------------------------------------------------------------- ours
@@ -126,7 +138,7 @@ def backend_support(backend: str, device: torch.device) -> Tuple[bool, str]:
     return True, ""  # older registry: let the call itself say whether it works
 
 
-def _build_ours(backend: str, strategy: str, filter_eps=None):
+def _build_ours(backend: str, strategy: str, filter_eps=None, weighted: bool = True):
     def build(case, inputs):
         try:
             import opd_kernels as ok
@@ -145,6 +157,8 @@ def _build_ours(backend: str, strategy: str, filter_eps=None):
             kw.update(strategy=strategy, divergence=case.divergence, beta=case.beta)
             if filter_eps is not None:
                 kw["filter_eps"] = filter_eps
+            if case.token_weights and weighted:
+                kw["token_weights"] = inputs["tw"]
             hs, Ws, ht, Wt = inputs["hs"], inputs["Ws"], inputs["ht"], inputs["Wt"]
             return lambda: fn(hs, Ws, ht, Wt, **kw)
         if case.op == "linear_logprobs":
@@ -158,7 +172,16 @@ def _build_ours(backend: str, strategy: str, filter_eps=None):
             if fn is None:
                 raise Unavailable("opd_kernels.linear_topk_divergence does not exist yet")
             hs, Ws, ids, lp = inputs["hs"], inputs["Ws"], inputs["ids"], inputs["teacher_lp"]
+            if case.token_weights:
+                kw["token_weights"] = inputs["tw"]
             return lambda: fn(hs, Ws, ids, lp, divergence=case.divergence, **kw)
+        if case.op == "linear_sampled_token_opd_loss":
+            fn = getattr(ok, "linear_sampled_token_opd_loss", None)
+            if fn is None:
+                raise Unavailable("opd_kernels.linear_sampled_token_opd_loss does not exist yet")
+            h, W, t = inputs["h"], inputs["W"], inputs["targets"]
+            teacher, sampler = inputs["teacher_lp"], inputs["sampler_lp"]
+            return lambda: fn(h, W, t, teacher, sampler_logprobs=sampler, **kw)
         fn = getattr(ok, "logits_divergence", None)
         if fn is None:
             raise Unavailable("opd_kernels.logits_divergence does not exist yet")
@@ -184,14 +207,19 @@ def providers_for(case: Case, names: Optional[List[str]] = None) -> List[Provide
         out.append(Provider("liger", _build_liger))
     if case.device == "cuda" and case.op in ("linear_divergence", "linear_logprobs"):
         out.append(Provider("liger-fused", _build_liger_fused))
-    if case.device == "cuda" and case.op == "linear_logprobs":
+    if case.op == "linear_sampled_token_opd_loss" or (case.device == "cuda" and case.op == "linear_logprobs"):
         out.append(Provider("cce", _build_cce))
+    if case.op in ("linear_sampled_token_opd_loss", "linear_topk_divergence"):
+        out.append(Provider("liger", _build_liger))  # listed to say why it is absent
     if case.op == "linear_divergence":
         for backend, strategy, eps in OURS_LINEAR:
             if backend == "triton" and case.device != "cuda" and (strategy, eps) != ("fused", None):
                 continue  # one visible "skipped" row for triton on CPU is enough
             suffix = "" if eps is None else f":eps={eps:g}"
             out.append(Provider(f"ours:{backend}:{strategy}{suffix}", _build_ours(backend, strategy, eps)))
+            if case.token_weights:  # the same call without the weights, timed in the same interleaved run
+                out.append(Provider(f"ours:{backend}:{strategy}{suffix}:no-weights",
+                                    _build_ours(backend, strategy, eps, weighted=False), checked=False))
     else:
         for backend in OURS_OTHER:
             out.append(Provider(f"ours:{backend}", _build_ours(backend, "auto")))

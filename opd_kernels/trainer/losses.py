@@ -5,7 +5,7 @@
 | reverse_kl   | full vocabulary (default)              | ok.linear_divergence                 |
 | forward_kl   | full vocabulary                        | ok.linear_divergence                 |
 | jsd          | full vocabulary, mixture weight beta   | ok.linear_divergence                 |
-| sampled      | log p_t of the sampled token           | ok.linear_logprobs (student, teacher) + ok.sampled_token_opd_loss |
+| sampled      | log p_t of the sampled token           | ok.linear_logprobs (teacher) + ok.linear_sampled_token_opd_loss |
 | topk         | teacher top-k ids and log-probs        | teacher_topk + ok.linear_topk_divergence |
 """
 from __future__ import annotations
@@ -38,17 +38,17 @@ def opd_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch: SampleBa
     s, t = p.student_head, p.teacher_head
     with hf.no_autocast(p.student_hidden.device):
         if cfg.loss == "sampled":
-            # log p_s(y_t) with gradient; log p_t(y_t) without (teacher logit gathering: lse + gather).
-            ls = ok.linear_logprobs(p.student_hidden, p.student_weight, p.targets, bias=p.student_bias,
-                                    temperature=cfg.temperature, softcap=s.softcap, scale=s.scale,
-                                    vocab_size=p.vocab_size, backend=cfg.backend)
+            # log p_t(y_t) without gradient (teacher logit gathering: lse + gather); the student's log-probs
+            # and the loss in one fused pass whose gradient is formed in the forward.
             with torch.no_grad():
                 lt = ok.linear_logprobs(p.teacher_hidden, p.teacher_weight, p.targets, bias=p.teacher_bias,
                                         temperature=cfg.temperature, softcap=t.softcap, scale=t.scale,
                                         vocab_size=p.vocab_size, backend=cfg.backend)
             lq = None if batch.sampler_logprobs is None else batch.sampler_logprobs[:, 1:]
-            return ok.sampled_token_opd_loss(ls, lt, sampler_logprobs=lq, mask=p.mask, kl_coef=cfg.kl_coef,
-                                             normalizer=normalizer)
+            return ok.linear_sampled_token_opd_loss(
+                p.student_hidden, p.student_weight, p.targets, lt, sampler_logprobs=lq, mask=p.mask,
+                kl_coef=cfg.kl_coef, normalizer=normalizer, bias=p.student_bias, temperature=cfg.temperature,
+                softcap=s.softcap, scale=s.scale, vocab_size=p.vocab_size, backend=cfg.backend)
         if cfg.loss == "topk":
             ids, logprobs = teacher_topk(p.teacher_hidden, p.teacher_weight, cfg.topk, bias=p.teacher_bias,
                                          softcap=t.softcap, scale=t.scale, temperature=cfg.temperature,

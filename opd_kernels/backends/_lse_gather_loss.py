@@ -1,0 +1,209 @@
+"""The fused lse/gather loss primitive, ``lse_gather_loss``, for the torch and cpp backends.
+
+The sampled-token OPD loss and the top-k teacher divergence are per-row functions of the student's
+log-probs at k ids, q = z[ids] - L. Their upstream gradient is known as soon as q is (the teacher's
+log-probs, the sampler's and the advantage are detached), so the gradient is formed in the forward
+pass, chunk by chunk, exactly as ``linear_divergence`` does for scalar reductions: the matmul work is the
+GEMM floor's 3 products (logits, ``dH = G W``, ``dW += G^T H``) and backward only scales by grad_output.
+
+Backend primitive (docs/internals.md; inputs validated and flattened by the API)::
+
+    lse_gather_loss(hidden (N, H), weight (V_w, H), ids (N, k) int64, teacher (N, k) float, *, bias,
+                    sampler (N,) or None, weights (N,) fp32, kind, estimator, divergence, tail_bucket,
+                    kl_coef, entropy_coef, temperature, softcap, scale, vocab_size, deterministic)
+        -> (loss 0-dim fp32, values (N,) fp32)
+
+``weights`` are the token weights w_n (mask, reduction, normalizer and the caller's token_weights);
+``loss = sum_n w_n values_n``, ``values_n = row_loss(q_n) - entropy_coef * H_n`` (0 where w_n = 0).
+The loss is differentiable w.r.t. hidden, weight and bias; ``values`` carries no gradient.
+
+Equivalent PyTorch (``reference.py`` formulas)::
+
+    z = softcap(scale * (hidden @ weight[:V].T + bias[:V])) / temperature
+    lp = z.float().log_softmax(-1); q = lp.gather(-1, ids); H = -(lp.exp() * lp).sum(-1)
+    row = sampled_token_per_token(q[:, 0], teacher[:, 0], sampler_logprobs=sampler, ...)   # kind "sampled_token"
+        | topk_divergence_from_logprobs(q, teacher, divergence=..., tail_bucket=...)        # kind "topk"
+    values = torch.where(weights != 0, row - entropy_coef * H, 0); loss = (weights * values).sum()
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .. import reference
+from .._chunking import accumulate_linear_grads, linear_logits, workspace_mb
+from .._common import no_double_backward as _no_double_backward
+from .._common import transform_grad, transform_logits
+from ._divergence_math import entropy_from_logits, gather_checked, lse_gather_grad
+
+KINDS = ("sampled_token", "topk")
+
+
+def row_loss(q: torch.Tensor, teacher: torch.Tensor, sampler: Optional[torch.Tensor], *, kind: str,
+             estimator: str, divergence: str, tail_bucket: bool, kl_coef: float) -> torch.Tensor:
+    """Per-row loss (N,) of the student log-probs ``q`` (N, k), differentiable in ``q`` (reference formulas)."""
+    if kind == "sampled_token":
+        return reference.sampled_token_per_token(q[:, 0], teacher[:, 0], sampler_logprobs=sampler,
+                                                 kl_coef=kl_coef, estimator=estimator)
+    return reference.topk_divergence_from_logprobs(q, teacher, divergence=divergence, tail_bucket=tail_bucket)
+
+
+def row_loss_and_grad(q: torch.Tensor, teacher: torch.Tensor, sampler: Optional[torch.Tensor], opts: dict):
+    """(values (N,), d values / d q (N, k)) - by autograd on the (N, k) log-probs only (no N x V work)."""
+    with torch.enable_grad():
+        qd = q.detach().requires_grad_(True)
+        values = row_loss(qd, teacher, sampler, kind=opts["kind"], estimator=opts["estimator"],
+                          divergence=opts["divergence"], tail_bucket=opts["tail_bucket"], kl_coef=opts["kl_coef"])
+        (dq,) = torch.autograd.grad(values.sum(), qd)
+    return values.detach(), dq
+
+
+def _chunk_rows(n: int, v: int) -> int:
+    budget = int(workspace_mb(256.0) * 2**20)  # OPD_WORKSPACE_MB, parsed in one place
+    return max(1, min(max(n, 1), budget // (8 * v * 4)))
+
+
+def _torch_pass(h, w, b, ids, teacher, sampler, weights, opts, need_grad):
+    """One sweep over row chunks: values (N,) and, if ``need_grad``, the weighted gradients (dh, dW, db).
+
+    Per chunk, with g_j = w dq_j (upstream of q_j), g_lse = -sum_j g_j, g_H = -w entropy_coef:
+        d/dz_v = p_v (g_lse - g_H (log p_v + H)) + sum_j g_j [v = ids_j]      (reference-exact, see module doc)
+    """
+    n, v = h.shape[0], opts["vocab_size"]
+    cdt = torch.promote_types(h.dtype, torch.float32)
+    values = torch.empty(n, dtype=cdt, device=h.device)
+    grad_h = torch.empty_like(h) if need_grad else None
+    grad_w = torch.zeros(w.shape, dtype=cdt, device=w.device) if need_grad else None
+    grad_b = torch.zeros(b.shape, dtype=cdt, device=w.device) if need_grad and b is not None else None
+    ec = opts["entropy_coef"]
+    tf = dict(scale=opts["scale"], softcap=opts["softcap"], temperature=opts["temperature"])
+    zero = torch.zeros((), dtype=cdt, device=h.device)
+    rows = _chunk_rows(n, v)
+    for start in range(0, n, rows):
+        sl = slice(start, min(start + rows, n))
+        raw = linear_logits(h[sl], w, b, v, cdt)  # autocast off: fp32 stays fp32
+        z = transform_logits(raw, **tf)
+        lse = torch.logsumexp(z, -1)
+        q = gather_checked(z, ids[sl]) - lse.unsqueeze(-1)  # NaN for an id outside [0, V), never out of bounds
+        entropy = None
+        if ec != 0.0:
+            entropy = entropy_from_logits(z)
+        row, dq = row_loss_and_grad(q, teacher[sl].to(cdt), None if sampler is None else sampler[sl].to(cdt), opts)
+        if entropy is not None:
+            row = row - ec * entropy
+        wc = weights[sl].to(cdt)
+        live = (wc != 0) & torch.isfinite(row)
+        values[sl] = torch.where(wc != 0, row, zero)
+        if need_grad:
+            wl = torch.where(live, wc, zero)
+            g_q = torch.where(live.unsqueeze(-1), wl.unsqueeze(-1) * dq, zero)  # inf rows: zero gradient
+            g = lse_gather_grad(z, lse, ids[sl], entropy, -g_q.sum(-1), g_q,
+                                None if entropy is None else -ec * wl)
+            g = transform_grad(raw, g, **tf)
+            # masked / non-finite rows: exact zeros (their NaN logits or hidden states must not reach dW)
+            accumulate_linear_grads(g, h[sl], w, v, grad_h[sl], grad_w, grad_b, live=live)
+    return values, grad_h, grad_w, grad_b
+
+
+class _TorchLseGatherLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, b, ids, teacher, sampler, weights, opts):
+        need = any(ctx.needs_input_grad[:3])
+        values, gh, gw, gb = _torch_pass(h, w, b, ids, teacher, sampler, weights, opts, need)
+        ctx.save_for_backward(gh, gw, gb)
+        ctx.dtypes = (h.dtype, w.dtype)
+        ctx.mark_non_differentiable(values)
+        loss = (weights.to(values.dtype) * values).sum()
+        return loss.to(torch.promote_types(loss.dtype, torch.float32)), values.float()
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_values):
+        _no_double_backward()
+        gh, gw, gb = ctx.saved_tensors
+        if gh is None:
+            return (None,) * 8
+        s = g_loss.to(gw.dtype)
+        return (gh * s.to(gh.dtype), (gw * s).to(ctx.dtypes[1]),
+                None if gb is None else (gb * s).to(ctx.dtypes[1]), None, None, None, None, None)
+
+
+def torch_lse_gather_loss(hidden, weight, ids, teacher, *, bias, sampler, weights, kind, estimator, divergence,
+                          tail_bucket, kl_coef, entropy_coef, temperature, softcap, scale, vocab_size,
+                          deterministic=False):
+    """The torch backend's ``lse_gather_loss`` (module doc). Always deterministic."""
+    opts = dict(kind=kind, estimator=estimator, divergence=divergence, tail_bucket=bool(tail_bucket),
+                kl_coef=float(kl_coef), entropy_coef=float(entropy_coef), temperature=float(temperature),
+                softcap=softcap, scale=float(scale), vocab_size=int(vocab_size))
+    return _TorchLseGatherLoss.apply(hidden, weight, bias, ids, teacher.detach(),
+                                     None if sampler is None else sampler.detach(), weights, opts)
+
+
+# --------------------------------------------------------------------------------------------------
+# cpp: torch.ops.opd.lse_gather_loss (csrc/lse_gather_loss_ops.cpp, csrc/driver.cpp)
+# --------------------------------------------------------------------------------------------------
+def register_cpp(ops) -> None:
+    """Fake implementation and autograd formula of ``opd::lse_gather_loss`` (called once by backends/cpp.py)."""
+
+    @torch.library.register_fake("opd::lse_gather_loss")
+    def _fake(h, w, b, ids, teacher, sampler, weights, kind, estimator, divergence, tail_bucket, kl_coef,
+              entropy_coef, temperature, softcap, scale, vocab_size, grad_mask, chunk_rows):
+        return (h.new_empty((), dtype=torch.float32), h.new_empty((h.shape[0],), dtype=torch.float32),
+                torch.empty_like(h) if grad_mask[0] else h.new_empty((0,)),
+                torch.empty_like(w) if grad_mask[1] else w.new_empty((0,)),
+                torch.empty_like(b) if (grad_mask[2] and b is not None) else w.new_empty((0,)))
+
+    # loss = sum_n w_n values_n: the op returned d loss / d (h, W, b) for its grad_mask, so backward is a
+    # scale by grad_output (in place in eager mode, see cpp._scale). An input that needs a gradient the
+    # forward did not compute is recomputed with the weights scaled by grad_output. ``values`` carries no
+    # gradient.
+    def _setup(ctx, inputs, output):
+        h, w, b, ids, teacher, sampler, weights = inputs[:7]
+        ctx.scalars = inputs[7:17]
+        ctx.grad_mask = tuple(inputs[17])
+        ctx.chunk_rows = inputs[18]
+        ctx.save_for_backward(h, w, b, ids, teacher, sampler, weights, *output[2:])
+
+    def _backward(ctx, g_loss, _g_values, _gh, _gw, _gb):
+        _no_double_backward()
+        from .cpp import _scale
+        h, w, b, ids, teacher, sampler, weights, gh, gw, gb = ctx.saved_tensors
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and b is not None)
+        if any(n and not m for n, m in zip(need, ctx.grad_mask)):
+            _, _, gh, gw, gb = ops.lse_gather_loss(h, w, b, ids, teacher, sampler, weights * g_loss, *ctx.scalars,
+                                                   list(need), ctx.chunk_rows)
+        else:
+            gh, gw, gb = (_scale(g, g_loss) if n else None for g, n in zip((gh, gw, gb), need))
+        return (gh if need[0] else None, gw if need[1] else None, gb if need[2] else None) + (None,) * 16
+
+    torch.library.register_autograd("opd::lse_gather_loss", _backward, setup_context=_setup)
+
+
+def cpp_lse_gather_loss(hidden, weight, ids, teacher, *, bias, sampler, weights, kind, estimator, divergence,
+                        tail_bucket, kl_coef, entropy_coef, temperature, softcap, scale, vocab_size,
+                        deterministic=False):
+    """The cpp backend's ``lse_gather_loss`` (module doc): one chunked pass of the compiled driver.
+
+    Always deterministic: OpenMP splits rows, each row's reductions run in a fixed order, no atomics."""
+    from . import cpp
+    cpp._require()
+    rows = cpp.chunk_rows(hidden.shape[0], vocab_size, hidden.element_size(), hidden.device)
+    mask3 = cpp._grad_mask(hidden, weight, bias)
+    loss, values, _, _, _ = cpp._ops.lse_gather_loss(
+        hidden, weight, bias, ids, teacher.detach().float(), None if sampler is None else sampler.detach().float(),
+        weights.float(), kind, estimator, divergence, bool(tail_bucket), float(kl_coef), float(entropy_coef),
+        float(temperature), None if softcap is None else float(softcap), float(scale), int(vocab_size), mask3, rows)
+    return loss, values
+
+
+def attach(modules: dict) -> None:
+    """Give the torch and cpp backend modules their ``lse_gather_loss`` (and register the cpp op's fake and
+    autograd formula once); called by backends/__init__.py after importing the backends."""
+    if modules.get("torch") is not None:
+        modules["torch"].lse_gather_loss = torch_lse_gather_loss
+    cpp = modules.get("cpp")
+    if cpp is not None and getattr(cpp, "AVAILABLE", False) and hasattr(cpp._ops, "lse_gather_loss"):
+        register_cpp(cpp._ops)
+        cpp.lse_gather_loss = cpp_lse_gather_loss
+
