@@ -526,3 +526,17 @@ def test_double_backward_one_behaviour(backend, op):
         torch.autograd.grad(out, hs, create_graph=True)
     (g,) = torch.autograd.grad(out, hs)  # a plain backward still works
     assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lse_of_all_neg_inf_row(backend):
+    """A row whose logits are all -inf (a vocabulary shard of zero mass in vocab-parallel) has lse -inf, as
+    torch.logsumexp says, not NaN (exp(-inf - -inf) once the exponentials keep NaN as NaN)."""
+    from opd_kernels.backends import resolve
+    g = torch.Generator().manual_seed(13)
+    h, w = torch.randn(2, 4, generator=g), torch.randn(300, 4, generator=g)
+    b = torch.zeros(300)
+    b[:] = -INF
+    lse, _, _ = resolve(backend, CPU, "lse_gather").lse_gather(h, w, torch.zeros(2, 1, dtype=torch.long), bias=b,
+                                                              vocab_size=300)
+    assert torch.isneginf(lse).all(), lse

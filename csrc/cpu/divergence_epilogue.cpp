@@ -31,8 +31,9 @@ void divergence_row(const DivergenceArgs& a, int64_t r, F* zs, F* zt, F* es, F* 
     if (grad) zero_row(grad, V);
     return;
   }
-  const F ms = load_transform(static_cast<const TS*>(a.student) + r * a.ld_student, zs, V, a.ts);
-  const F mt = load_transform(static_cast<const TT*>(a.teacher) + r * a.ld_teacher, zt, V, a.tt);
+  // the row maxima, used only as shifts (finite_shift: 0 for a row of -inf logits)
+  const F ms = finite_shift(load_transform(static_cast<const TS*>(a.student) + r * a.ld_student, zs, V, a.ts));
+  const F mt = finite_shift(load_transform(static_cast<const TT*>(a.teacher) + r * a.ld_teacher, zt, V, a.tt));
   F ds, dt, acc;
   divergence_sums<DIV>(zs, zt, V, ms, mt, es, et, &ds, &dt, &acc);
   const F log_ds = M::log(ds), log_dt = M::log(dt);

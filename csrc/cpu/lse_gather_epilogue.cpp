@@ -26,7 +26,8 @@ void lse_gather_rows(const LseGatherArgs& a) {
     std::unique_ptr<F[]> z(new F[V]);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < a.rows; ++r) {
-      const F m = load_transform(static_cast<const T*>(a.logits) + r * a.ld, z.get(), V, a.t);
+      // shift: the row max, 0 for a row of -inf logits (whose lse is then -inf, as torch.logsumexp's)
+      const F m = finite_shift(load_transform(static_cast<const T*>(a.logits) + r * a.ld, z.get(), V, a.t));
       const F d = sum_exp(z.get(), V, m);
       a.lse[r] = static_cast<float>(m + M::log(d));
       for (int64_t j = 0; j < a.k; ++j) {

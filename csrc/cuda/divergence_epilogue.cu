@@ -35,8 +35,8 @@ __global__ void __launch_bounds__(kThreads) divergence_kernel(const DivergenceAr
     ms = fmaxf(ms, transform<M>(rs, ts));
     mt = fmaxf(mt, transform<M>(rt, tt));
   });
-  ms = block_reduce<true>(ms, smem);
-  mt = block_reduce<true>(mt, smem);
+  ms = finite_shift(block_reduce<true>(ms, smem));  // shifts only: 0 for a row of -inf logits
+  mt = finite_shift(block_reduce<true>(mt, smem));
 
   float ds = 0.0f, dt = 0.0f, acc = 0.0f;
   row_foreach(s, t, V, vec, [&](float rs, float rt) {

@@ -25,7 +25,7 @@ __global__ void __launch_bounds__(kThreads) lse_gather_kernel(const LseGatherArg
   const Transform tr = a.t;
   float m = -INFINITY;
   row_foreach1(row, V, vec, [&](float x) { m = fmaxf(m, transform<M>(x, tr)); });
-  m = block_reduce<true>(m, smem);
+  m = finite_shift(block_reduce<true>(m, smem));  // 0 for a row of -inf logits: lse = -inf, no NaN
   float d = 0.0f, ey = 0.0f;
   row_foreach1(row, V, vec, [&](float x) {
     const float y = transform<M>(x, tr) - m;

@@ -68,6 +68,12 @@ OPD_HD F transform_grad(F z, const Transform& t) {
   return g;
 }
 
+// The shift of a row's sums: its max m, or 0 when every logit is -inf (m = -inf), so that exp(z - m) is
+// exp(-inf) = 0 and the row's logsumexp m + log(sum) is -inf, instead of exp(-inf - -inf) = exp(NaN): the
+// exponentials now keep NaN as NaN (issue 16), so this case must not form one.
+template <class F>
+OPD_HD F finite_shift(F m) { return m == F(-INFINITY) ? F(0) : m; }
+
 // ---- statistics pass terms ------------------------------------------------------------------------
 // Sums are taken relative to the row maxima (y = z - m), which keeps the value well conditioned:
 // reverse KL  R = sum p_s (log p_s - log p_t)
