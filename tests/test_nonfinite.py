@@ -540,3 +540,38 @@ def test_lse_of_all_neg_inf_row(backend):
     lse, _, _ = resolve(backend, CPU, "lse_gather").lse_gather(h, w, torch.zeros(2, 1, dtype=torch.long), bias=b,
                                                               vocab_size=300)
     assert torch.isneginf(lse).all(), lse
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("estimator", ["is", "k3"])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_fused_sampled_token_masked_and_unchecked_ids(backend, estimator, softcap, monkeypatch):
+    """The fused sampled-token loss (one lse/gather-loss pass): a masked row holding NaN hidden states, a -inf
+    teacher and a -inf sampler log-prob touches no output or gradient; an out-of-range id of an unmasked row
+    (OPD_CHECK_IDS=0) gives a NaN loss, never an out-of-bounds access."""
+    g = torch.Generator().manual_seed(14)
+    h, w, b = torch.randn(4, 8, generator=g), torch.randn(300, 8, generator=g) / 3, torch.randn(300, generator=g)
+    ids = torch.tensor([3, 17, 250, 299])
+    lt, lq = -torch.rand(4, generator=g) - 1.0, -torch.rand(4, generator=g) - 1.0
+    mask = torch.tensor([True, False, True, True])
+    kw = dict(estimator=estimator, mask=mask, softcap=softcap, entropy_coef=0.01, backend=backend)
+
+    def run(hh, t, q, i):
+        leaves = [x.clone().requires_grad_(True) for x in (hh, w, b)]
+        loss = ok.linear_sampled_token_opd_loss(leaves[0], leaves[1], i, t, sampler_logprobs=q, bias=leaves[2], **kw)
+        loss.backward()
+        return loss.detach(), [x.grad for x in leaves]
+
+    clean = run(h, lt, lq, ids)
+    h2, lt2, lq2 = h.clone(), lt.clone(), lq.clone()
+    h2[1], lt2[1], lq2[1] = NAN, -INF, -INF
+    dirty = run(h2, lt2, lq2, ids)
+    torch.testing.assert_close(dirty[0], clean[0])
+    torch.testing.assert_close(dirty[1][0][mask], clean[1][0][mask])
+    for a, c in zip(dirty[1][1:], clean[1][1:]):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, c)
+    monkeypatch.setenv("OPD_CHECK_IDS", "0")
+    for bad in (300, -1, 10 ** 9):
+        loss, _ = run(h, lt, lq, torch.tensor([3, 17, bad, 299]))
+        assert torch.isnan(loss), (bad, loss)
