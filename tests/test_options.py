@@ -106,3 +106,20 @@ def test_vocab_parallel_reuses_the_checks_and_honours_deterministic(world_of_one
     assert all(o.vocab_size == 10 and o.process_group is None for o in divergence + lse)   # the local problem
     single = ok.linear_divergence(hs, ws, ht, wt, backend="torch", vocab_size=10)
     torch.testing.assert_close(out, single)
+
+
+def test_kernels_reject_jsd_at_the_ends():
+    """The ends are resolved once, at validation; an op called directly with "jsd" at beta = 0 / 1 raises
+    instead of resolving them again."""
+    from opd_kernels.backends import cpp
+    s, t = torch.randn(3, 7), torch.randn(3, 7)
+    if cpp.AVAILABLE:
+        with pytest.raises(RuntimeError, match="jsd needs 0 < beta < 1"):
+            torch.ops.opd.logits_divergence(s, t, torch.ones(3), "jsd", 1.0, 1.0, 7, False)
+    with pytest.raises(ValueError):   # math.log(0) in the torch backend's JSD terms
+        torch_backend.logits_divergence(s, t, dataclasses.replace(
+            check.check_logits_divergence(s, t, divergence="jsd", beta=0.5), beta=0.0))
+    # through the API the ends are the KLs, on every backend
+    for backend in ("torch",) + (("cpp",) if cpp.AVAILABLE else ()):
+        torch.testing.assert_close(ok.logits_divergence(s, t, divergence="jsd", beta=1.0, backend=backend),
+                                   ok.logits_divergence(s, t, divergence="reverse_kl", backend=backend))
