@@ -28,6 +28,25 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def peak_start(device: torch.device) -> int:
+    """Reset the peak-memory counter; returns the baseline (bytes) that :func:`peak_since` subtracts."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _rss_kib("VmRSS:") * 1024
+
+
+def peak_since(device: torch.device, base: int) -> int:
+    """Peak memory (bytes) above ``base`` since :func:`peak_start`."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    return _rss_kib("VmHWM:") * 1024 - base
+
+
 def one_path(path: str, args) -> dict:
     from opd_kernels import hf, reference
     from opd_kernels.hf.tiny import tiny_causal_lm
@@ -53,21 +72,10 @@ def one_path(path: str, args) -> dict:
         return float(loss.detach())
 
     step()  # warm-up (allocates the gradient buffers)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _rss_kib("VmRSS:") * 1024
+    base = peak_start(device)
     start = time.perf_counter()
     loss = step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = _rss_kib("VmHWM:") * 1024 - base
+    peak = peak_since(device, base)
     return {"path": path, "loss": loss, "seconds": time.perf_counter() - start, "peak_mib": peak / 2**20,
             "device": str(device)}
 

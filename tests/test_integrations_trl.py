@@ -147,7 +147,10 @@ def test_labels_jsd_trainers_equal_native(opd_trl, kind, family):
 
     native_cls = {"gkd": GKDTrainer, "gold": GOLDTrainer}[kind]
     trainer = build(opd_trl, kind, family)
-    batch = padded_batch()
+    # What GKD's collator and on-policy generation put in a batch (GOLD passes any other tensor key to the
+    # model as a multimodal input, and the fused trainer then runs TRL's own loss).
+    batch = {k: v for k, v in padded_batch().items()
+             if k in ("input_ids", "attention_mask", "labels", "prompts", "prompt_attention_mask")}
     cases = [(0.5, 1.0, None), (0.0, 1.0, 37), (1.0, 1.0, None), (0.3, 2.0, None)]
     for beta, temperature, n_items in cases:
         trainer.beta, trainer.temperature = beta, temperature  # GKD's loss ignores temperature (GKD semantics)
@@ -158,6 +161,10 @@ def test_labels_jsd_trainers_equal_native(opd_trl, kind, family):
         native = loss_and_grads(trainer, lambda: native_cls.compute_loss(trainer, trainer.model, dict(batch),
                                                                          num_items_in_batch=n_items))
         assert_same(fused, native, (kind, family, beta, temperature, n_items))
+    assert not trainer._opd_native_logged  # every call above ran the fused loss
+    if kind == "gold":  # an extra tensor key is a multimodal input to GOLD: its own loss runs, logged once
+        trainer.compute_loss(trainer.model, {**batch, "extra_model_input": torch.zeros(3, 1)})
+        assert trainer._opd_native_logged == {"multimodal inputs are not fused"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -275,6 +282,8 @@ def test_training_curve_matches_native(opd_trl, kind, tmp_path):
                         learning_rate=1e-2, **extra)
         trainer.train()
         curves[fused] = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+        if fused:
+            assert not trainer._opd_native_logged  # no batch fell back to TRL's own loss
     assert len(curves[True]) == 3, curves
     for a, b in zip(curves[True], curves[False]):
         assert abs(a - b) <= 1e-3 * max(1.0, abs(b)), curves

@@ -132,3 +132,14 @@ def test_compare_loss_modes_script_runs():
     rows = load_example("compare_loss_modes").main(["--steps", "1", "--modes", "jsd", "--max-new-tokens", "4"])
     before, after, tokens = rows["jsd"]
     assert 0 < after < 100 and before > 0 and 8 <= tokens <= 32
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl is not installed")
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="CPU peak memory needs Linux /proc")
+def test_trl_bench_script_paths_agree():
+    rows = load_example("trl_bench").main(["--trainers", "gkd", "--vocab", "300", "--hidden", "16", "--seq", "16",
+                                           "--batch", "2", "--repeat", "1"])
+    native, fused = rows
+    assert (native["path"], fused["path"]) == ("native", "fused")
+    assert abs(fused["loss"] - native["loss"]) <= 5e-5 * abs(native["loss"])
