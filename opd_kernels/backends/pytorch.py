@@ -26,6 +26,17 @@ from ._divergence_math import divergence_and_grad, entropy_from_logits, gather_c
 INPLACE_GRAD = True
 
 
+def _reduced(values: torch.Tensor, weights: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The op's output from per-token values: ``reduce_per_token``, in fp32 (fp64 for fp64 inputs)."""
+    out = reduce_per_token(values, weights, reduction)
+    return out.to(torch.promote_types(out.dtype, torch.float32))
+
+
+def _upstream(weights: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """reduction="none": the per-token upstream gradient as the weights of a recomputed pass (0 where masked)."""
+    return torch.where(weights != 0, grad_out, torch.zeros((), dtype=grad_out.dtype, device=grad_out.device))
+
+
 # --------------------------------------------------------------------------------------------------
 # linear_divergence
 # --------------------------------------------------------------------------------------------------
@@ -50,8 +61,7 @@ class _ChunkedLinearDivergence(torch.autograd.Function):
         else:
             ctx.save_for_backward(hs, ws, bs, ht, wt, bt, weights)
         ctx.dtypes = (hs.dtype, ws.dtype)
-        out = reduce_per_token(values, weights, opts.reduction)
-        return out.to(torch.promote_types(out.dtype, torch.float32))
+        return _reduced(values, weights, opts.reduction)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -65,9 +75,8 @@ class _ChunkedLinearDivergence(torch.autograd.Function):
                      (grad_bs * scale).to(ctx.dtypes[1]) if grad_bs is not None else None]
         else:
             hs, ws, bs, ht, wt, bt, weights = ctx.saved_tensors
-            upstream = torch.where(weights != 0, grad_out, torch.zeros((), dtype=grad_out.dtype,
-                                                                       device=grad_out.device))
-            _, grad_hs, grad_ws, grad_bs = _divergence_pass(hs, ws, bs, ht, wt, bt, upstream, ctx.opts, True)
+            _, grad_hs, grad_ws, grad_bs = _divergence_pass(hs, ws, bs, ht, wt, bt, _upstream(weights, grad_out),
+                                                            ctx.opts, True)
             grads = [grad_hs, grad_ws.to(ws.dtype), grad_bs.to(ws.dtype) if grad_bs is not None else None]
         return grads[0], grads[1], grads[2], None, None, None, None, None
 
@@ -182,8 +191,7 @@ class _ChunkedLogitsDivergence(torch.autograd.Function):
         scalar = opts.reduction != "none"
         values, grad = _logits_pass(s, t, weights, opts, scalar and ctx.needs_input_grad[0])
         ctx.save_for_backward(grad) if scalar else ctx.save_for_backward(s, t, weights)
-        out = reduce_per_token(values, weights, opts.reduction)
-        return out.to(torch.promote_types(out.dtype, torch.float32))
+        return _reduced(values, weights, opts.reduction)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -192,8 +200,7 @@ class _ChunkedLogitsDivergence(torch.autograd.Function):
             (grad,) = ctx.saved_tensors
             return (None if grad is None else grad * grad_out.to(grad.dtype)), None, None, None
         s, t, weights = ctx.saved_tensors
-        upstream = torch.where(weights != 0, grad_out, torch.zeros((), dtype=grad_out.dtype, device=grad_out.device))
-        _, grad = _logits_pass(s, t, upstream, ctx.opts, True)
+        _, grad = _logits_pass(s, t, _upstream(weights, grad_out), ctx.opts, True)
         return grad, None, None, None
 
 
@@ -207,8 +214,7 @@ class _InplaceChunkedLogitsDivergence(torch.autograd.Function):
         buffer = s.detach()
         values, _ = _logits_pass(buffer, t, weights, opts, True, grad_out_buffer=buffer)
         ctx.grad = buffer
-        out = reduce_per_token(values, weights, opts.reduction)
-        return out.to(torch.promote_types(out.dtype, torch.float32))
+        return _reduced(values, weights, opts.reduction)
 
     @staticmethod
     def backward(ctx, grad_out):
