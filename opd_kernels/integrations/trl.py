@@ -14,7 +14,7 @@ One subclass per trainer, each replacing only the loss and keeping the trainer's
 | ``GKDTrainer``                | ``generalized_jsd_loss`` (beta, temperature 1 as GKD passes none, labels != -100, ``num_items_in_batch``) |
 | ``DistillationTrainer``       | ``_chunked_divergence_loss`` (beta, temperature, completion/tool mask, entropy metric) |
 | ``IWOPDTrainer`` (local teacher) | ``iw_opd`` (sampled-token, gamma weights, rollout log-probs, its metrics); ``jsd`` full vocabulary; ``loss_top_k=1`` sparse top-1 (``reverse_kl_top_1_mode``); ``loss_top_k=k`` (teacher / student / union support, ``loss_add_tail`` tail bucket or renormalized) |
-| ``GOLDTrainer``               | the same-tokenizer generalized JSD (beta, temperature); the cross-tokenizer ULD path and multimodal batches run TRL's own loss (logged once) |
+| ``GOLDTrainer``               | the same-tokenizer generalized JSD (beta, temperature); the cross-tokenizer ULD path and batches with extra model inputs (any tensor GOLD would pass to the model: pixel values, ...) run TRL's own loss (a warning, once per reason) |
 
 What is kept: positions as the trainer's forward computes them (no ``position_ids``:
 ``hf.hidden_states(..., position_ids="trainer")``; DistillationTrainer's own ``_get_last_hidden_state`` with
