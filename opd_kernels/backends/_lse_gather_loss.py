@@ -51,13 +51,45 @@ def row_loss(q: torch.Tensor, teacher: torch.Tensor, sampler: Optional[torch.Ten
 
 
 def row_loss_and_grad(q: torch.Tensor, teacher: torch.Tensor, sampler: Optional[torch.Tensor], opts: dict):
-    """(values (N,), d values / d q (N, k)) - by autograd on the (N, k) log-probs only (no N x V work)."""
-    with torch.enable_grad():
-        qd = q.detach().requires_grad_(True)
-        values = row_loss(qd, teacher, sampler, kind=opts["kind"], estimator=opts["estimator"],
-                          divergence=opts["divergence"], tail_bucket=opts["tail_bucket"], kl_coef=opts["kl_coef"])
-        (dq,) = torch.autograd.grad(values.sum(), qd)
-    return values.detach(), dq
+    """(values (N,), d values / d q (N, k)) in closed form - the formulas of csrc/include/lse_gather_loss.h
+    (derivations there), on the (N, k) log-probs only. Closed form, not autograd.grad: torch.compile
+    traces it (fullgraph) inside the backend's autograd.Function."""
+    c = opts["kl_coef"]
+    if opts["kind"] == "sampled_token":
+        s, t = q[:, 0], teacher[:, 0]
+        r = s if sampler is None else sampler
+        ratio = torch.exp(s - r)
+        if opts["estimator"] == "is":
+            loss = ratio * c * (r - t)
+            ds = loss
+        elif opts["estimator"] == "k1":
+            loss = c * ratio * (s - t)
+            ds = c * ratio
+        else:
+            lr = t - s
+            e = torch.exp(lr)
+            loss = c * ratio * (e - 1.0 - lr)
+            ds = c * ratio * (1.0 - e)
+        return loss, ds.unsqueeze(-1)
+    e, pl = q.exp(), teacher.exp()
+    big_q, big_p = 1.0 - e.sum(-1, keepdim=True), 1.0 - pl.sum(-1, keepdim=True)
+    q_c, p_c = big_q.clamp_min(reference.TAIL_CLAMP), big_p.clamp_min(reference.TAIL_CLAMP)
+    log_ratio = q_c.log() - p_c.log()
+    active = (big_q >= reference.TAIL_CLAMP).to(q.dtype)
+    if opts["divergence"] == "reverse_kl":
+        loss = (e * (q - teacher)).sum(-1)
+        dq = e * (q - teacher + 1.0)
+        if opts["tail_bucket"]:
+            loss = loss + (big_q * log_ratio)[:, 0]
+            dq = dq - e * (log_ratio + active)
+    else:
+        zero = torch.zeros((), dtype=q.dtype, device=q.device)
+        loss = (pl * torch.where(pl != 0, teacher - q, zero)).sum(-1)
+        dq = -pl
+        if opts["tail_bucket"]:
+            loss = loss - (big_p * log_ratio)[:, 0]
+            dq = dq + active * big_p * e / q_c
+    return loss, dq
 
 
 def _chunk_rows(n: int, v: int) -> int:
