@@ -416,6 +416,8 @@ def plot_all(report: Dict, output_dir: str) -> List[str]:
     a.bar(range(len(names)), med, yerr=err, capsize=3, color="tab:red", alpha=0.7)
     a.set_xticks(range(len(names)), [METHOD_LABELS[m].split(" (")[0] for m in names], rotation=20, fontsize=7)
     a.set_ylabel("old-skill (reversal) accuracy drop")
+    a.set_ylim(min([-0.05] + [v - e for v, e in zip(med, err[0])]), max([0.25] + [v + e for v, e in zip(med, err[1])]))
+    a.axhline(0, color="k", lw=0.8)
     a.set_title(f"(a) forgetting at matched running-sum accuracy {_num(fg['matched_accuracy'])}", fontsize=9)
     a.grid(alpha=0.3, axis="y")
     cl = fg["continual_learning"]
@@ -441,10 +443,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 description="Print the README table (markdown) from a recorded report.json.")
     p.add_argument("report", help="path of a report.json written by opd-distill")
     p.add_argument("--claims", action="store_true", help="also print each claim's figures and condition")
+    p.add_argument("--plots", metavar="DIR", help="also redraw the report's plots into DIR")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     with open(args.report) as f:
         report = json.load(f)
     print(table(report))
+    if args.plots:
+        os.makedirs(args.plots, exist_ok=True)
+        print("\nplots: " + ", ".join(plot_all(report, args.plots)))
     if args.claims:
         for c in report["claims"]:
             print(f"\n{c['id']}. {c['claim']}: {c['verdict']}\n   condition: {c['condition']}")
