@@ -301,7 +301,7 @@ def table(report: Dict) -> str:
         f"{report['student_warm']['old_skill_accuracy']:.3f}. {n} seeds: median [min-max]; "
         f"{report['config']['token_budget']:,} student tokens per run.",
         "",
-        "| method | lr | final accuracy | % of teacher | FLOPs to 90% of teacher, x dense OPD | x dense OPD at the "
+        "| method | lr | final accuracy | fraction of teacher | FLOPs to 90% of teacher, x dense OPD | x dense OPD at the "
         "highest common score <= 90%: FLOPs / CPU s / tokens (score) | old-skill drop at matched accuracy | "
         "largest fall |",
         "|---|---|---|---|---|---|---|---|",
