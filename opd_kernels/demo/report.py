@@ -200,6 +200,17 @@ def _fmt(mr: Dict, digits: int = 3, suffix: str = "") -> str:
     return f"{lb}{mr['median']:.{digits}f}{suffix} [{mr['min']:.{digits}f}-{mr['max']:.{digits}f}]"
 
 
+def _judged(pm: Dict, methods: Sequence[str], key: str) -> List[Dict]:
+    """Each method's FLOPs ratio to dense OPD at the target ``key``; where that is only a lower bound
+    (never reached) or missing, the ratio at the highest common score instead: a bound decides nothing."""
+    out = []
+    for m in methods:
+        r = pm[m][f"flops_ratio_to_dense_opd_{key}"]
+        out.append(r if r["median"] is not None and not r["lower_bound"]
+                   else pm[m]["flops_ratio_to_dense_opd_common_score"])
+    return out
+
+
 def claims(pm: Dict, fg: Dict, teacher: float, cfg: Dict) -> List[Dict]:
     """One entry per published claim: the figures, a verdict and the condition it was judged by."""
     out = []
@@ -217,9 +228,7 @@ def claims(pm: Dict, fg: Dict, teacher: float, cfg: Dict) -> List[Dict]:
     # the 95% target when dense OPD reaches it at most seeds, else 90%
     key = "95pct_teacher" if 2 * d["reached_95pct_teacher"] > d["final_accuracy"]["n"] else "90pct_teacher"
     rl, sft = pm["rl"][f"flops_ratio_to_dense_opd_{key}"], pm["sft"][f"flops_ratio_to_dense_opd_{key}"]
-    # a lower bound (never reached) decides nothing: the ratio at the highest common score is used
-    judged = [r if r["median"] is not None and not r["lower_bound"] else pm[m]["flops_ratio_to_dense_opd_common_score"]
-              for r, m in ((rl, "rl"), (sft, "sft"))]
+    judged = _judged(pm, ("rl", "sft"), key)
     ok = [_ge(r["median"], 5) for r in judged]
     out.append({
         "id": 2, "claim": "OPD needs about 1/10 of the compute of RL or SFT on teacher data for the same score "
@@ -267,8 +276,7 @@ def claims(pm: Dict, fg: Dict, teacher: float, cfg: Dict) -> List[Dict]:
 
     sp = pm["sampled_opd"]["flops_ratio_to_dense_opd_90pct_teacher"]
     rl = pm["rl"]["flops_ratio_to_dense_opd_90pct_teacher"]
-    judged = [r if r["median"] is not None and not r["lower_bound"] else pm[m]["flops_ratio_to_dense_opd_common_score"]
-              for r, m in ((sp, "sampled_opd"), (rl, "rl"))]
+    judged = _judged(pm, ("sampled_opd", "rl"), "90pct_teacher")
     ok = [_ge(r["median"], 1.5) for r in judged]
     out.append({
         "id": 5, "claim": "Dense per-token supervision carries more than sparse signals (sampled-token, "
