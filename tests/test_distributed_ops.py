@@ -120,7 +120,7 @@ def _compare(ctx: _Ctx, name, dist_fn, ref_fn, hidden, weight, bias, upstream, *
 # cases (run inside the workers)
 # --------------------------------------------------------------------------------------------------
 def _divergence_cases(ctx: _Ctx, backend: str = "torch", methods=("auto", "shards"), only=None) -> None:
-    from opd_kernels.distributed import linear_divergence
+    from opd_kernels import linear_divergence
 
     total = sum(ctx.sizes)
     leading = (3, 5)
@@ -161,7 +161,7 @@ def _divergence_cases(ctx: _Ctx, backend: str = "torch", methods=("auto", "shard
 
 
 def _lse_cases(ctx: _Ctx, backend: str = "torch", topk=True) -> None:
-    from opd_kernels.distributed import linear_logprobs, linear_topk_divergence
+    from opd_kernels import linear_logprobs, linear_topk_divergence
 
     total = sum(ctx.sizes)
     # log-probs (+ entropy); targets spread over every shard; odd leading shape, then N = 1
@@ -203,7 +203,7 @@ def _lse_cases(ctx: _Ctx, backend: str = "torch", topk=True) -> None:
 
 
 def _hidden_grad_and_errors(ctx: _Ctx) -> None:
-    from opd_kernels.distributed import linear_divergence, linear_logprobs
+    from opd_kernels import linear_divergence, linear_logprobs
 
     total = sum(ctx.sizes)
     hs, ht = ctx.randn(7, H_S), ctx.randn(7, H_T)
@@ -246,7 +246,7 @@ def _inf_teacher_cases(ctx: _Ctx) -> None:
     """-inf teacher logits, against the single-process torch backend (the float64 oracle's autograd turns
     0 * inf into NaN): at a few entries, and over rank 0's whole shard (a teacher shard of zero mass)."""
     import opd_kernels as ok
-    from opd_kernels.distributed import linear_divergence
+    from opd_kernels import linear_divergence
 
     total = sum(ctx.sizes)
     hs, ht = ctx.randn(2, 3, H_S), ctx.randn(2, 3, H_T)
@@ -292,7 +292,7 @@ def _low_precision_cases(ctx: _Ctx) -> None:
       bf16-rounded shard gradient and the two partly cancel; measured up to 2.27x (row statistics: 1.00x).
     Measured by ``python benchmarks/distributed_measure.py bf16 --world 2|3`` (docs/distributed.md).
     """
-    from opd_kernels.distributed import linear_divergence, linear_logprobs
+    from opd_kernels import linear_divergence, linear_logprobs
 
     total = sum(ctx.sizes)
     hs, ht = ctx.randn(4, 5, H_S), ctx.randn(4, 5, H_T)

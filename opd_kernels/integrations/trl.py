@@ -394,7 +394,7 @@ class _IWOPDLoss(_FusedLoss):
         return _iw_opd._jsd_divergence(s_lp, t_lp, self.beta, full_mask)
 
     def _opd_top1(self, hidden, head) -> torch.Tensor:
-        from ..trainer.topk import teacher_topk
+        from ..topk import teacher_topk
 
         w, b = _weights(head, hidden)
         ids, _ = teacher_topk(hidden.detach(), w, 1, bias=b, softcap=head.softcap, scale=head.scale,
@@ -421,7 +421,7 @@ class _IWOPDLoss(_FusedLoss):
     def _opd_topk(self, h_s, s_head, h_t, t_head):
         """IWOPDTrainer.generalized_jsd_loss with top_k > 1: teacher's top-k (beta 0), student's (beta 1),
         their de-duplicated union (0 < beta < 1)."""
-        from ..trainer.topk import teacher_topk
+        from ..topk import teacher_topk
 
         k = self.loss_top_k
 

@@ -13,7 +13,7 @@ from .data import load_prompts, prompts_for_step
 from .loop import OPDTrainer
 from .losses import opd_loss
 from .sampling import FunctionSampler, HFSampler, SampleBatch, Sampler
-from .topk import teacher_topk
+from ..topk import teacher_topk
 
 __all__ = [
     "OPDTrainer", "TrainConfig", "config_from_args", "LOSSES", "DENSE_LOSSES", "Sampler", "HFSampler",

@@ -15,7 +15,7 @@ import torch
 from .. import hf
 from .config import DENSE_LOSSES, TrainConfig
 from .sampling import SampleBatch
-from .topk import teacher_topk
+from ..topk import teacher_topk
 
 
 def opd_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch: SampleBatch, cfg: TrainConfig,

@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._common import transform_logits
+from ._common import transform_logits
 
 
 @torch.no_grad()

@@ -1,0 +1,93 @@
+"""The layer picture of docs/design.md section 2, checked on the source: no module imports a layer above
+its own.
+
+Each top-level module or subpackage of ``opd_kernels`` has a rank; a module may import modules of its own
+rank or below. Imports are read with ``ast`` (nothing is executed), including imports inside functions,
+which are where an upward dependency usually hides.
+"""
+import ast
+import pathlib
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "opd_kernels"
+
+# lower rank = lower layer
+RANKS = {
+    # the oracle and the small shared pieces every layer may use; _validation is the contract itself
+    # (checks and the Options they build; it imports nothing above _common/_options), so a backend
+    # primitive called directly with keywords (tests, benchmarks) runs the same checks as the API
+    "reference": 0, "_common": 0, "_options": 0, "_chunking": 0, "_C": 0, "_validation": 0,
+    # kernels and backends (vocab-parallel is an option of the same path, at the same level)
+    "triton": 1, "backends": 1, "distributed": 1,
+    # the public API
+    "api": 2, "topk": 2, "modules": 2, "__init__": 2, "__main__": 2, "selfcheck": 2,
+    # clients of the public API inside the package
+    "hf": 3, "bench": 3, "integrations": 3,
+    # the trainer and the study built on it
+    "trainer": 4, "demo": 4,
+}
+
+
+def _unit(path: pathlib.Path, root: pathlib.Path = PACKAGE) -> str:
+    """The top-level module or subpackage of ``opd_kernels`` that ``path`` belongs to."""
+    rel = path.relative_to(root)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def _imported_units(path: pathlib.Path, root: pathlib.Path = PACKAGE):
+    """(line, unit) for every import of an ``opd_kernels`` module in ``path``, absolute or relative."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    # the package that holds this module, e.g. ["backends"] for backends/cpp.py (and for backends/__init__.py)
+    package = list(path.relative_to(root).parts[:-1])
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "opd_kernels":
+                    yield node.lineno, parts[1] if len(parts) > 1 else "__init__"
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                parts = (node.module or "").split(".")
+                if parts[0] != "opd_kernels":
+                    continue
+                base = parts[1:]
+            else:
+                up = node.level - 1
+                if up > len(package):
+                    continue
+                base = package[:len(package) - up] + ((node.module or "").split(".") if node.module else [])
+            if base:
+                yield node.lineno, base[0]
+            else:  # "from opd_kernels import x" or "from .. import x": x names the unit
+                for alias in node.names:
+                    yield node.lineno, alias.name if alias.name in RANKS else "__init__"
+
+
+def test_every_unit_has_a_rank():
+    units = {_unit(p) for p in PACKAGE.rglob("*.py")}
+    assert units <= set(RANKS), f"modules without a layer in RANKS: {sorted(units - set(RANKS))}"
+
+
+def test_no_import_runs_up_the_layers():
+    upward = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        unit = _unit(path)
+        for line, target in _imported_units(path):
+            if RANKS.get(target, -1) > RANKS[unit]:
+                upward.append(f"{path.relative_to(PACKAGE.parent)}:{line} ({unit}, layer {RANKS[unit]}) "
+                              f"imports {target} (layer {RANKS[target]})")
+    assert not upward, "imports that run up the layers:\n" + "\n".join(upward)
+
+
+@pytest.mark.parametrize("bad", ["from ..trainer import loop\n", "import opd_kernels.demo\n",
+                                 "def f():\n    from .. import api\n"])
+def test_the_check_catches_an_upward_import(tmp_path, bad):
+    """The checker itself: an upward import (also one inside a function) in a backend module is found."""
+    root = tmp_path / "opd_kernels"
+    probe = root / "backends" / "probe.py"
+    probe.parent.mkdir(parents=True)
+    probe.write_text(bad)
+    found = list(_imported_units(probe, root))
+    assert _unit(probe, root) == "backends"
+    assert found and all(RANKS[t] > RANKS["backends"] for _, t in found), found
