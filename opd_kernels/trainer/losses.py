@@ -32,9 +32,9 @@ def opd_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch: SampleBa
         return hf.distillation_loss(
             student, teacher, batch.input_ids, attention_mask=batch.attention_mask, loss_mask=batch.loss_mask,
             divergence=cfg.loss, beta=cfg.beta, temperature=cfg.temperature, normalizer=normalizer,
-            backend=cfg.backend, vocab_size=vocab)
+            backend=cfg.backend, vocab_size=vocab, verify=cfg.verify_lm_head)
     p = hf.score_pair(student, teacher, batch.input_ids, attention_mask=batch.attention_mask,
-                      loss_mask=batch.loss_mask, vocab_size=vocab)
+                      loss_mask=batch.loss_mask, vocab_size=vocab, verify=cfg.verify_lm_head)
     s, t = p.student_head, p.teacher_head
     with hf.no_autocast(p.student_hidden.device):
         if cfg.loss == "sampled":
