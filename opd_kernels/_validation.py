@@ -239,6 +239,13 @@ def check_filter_eps(filter_eps) -> float:
     return DEFAULT_FILTER_EPS if filter_eps is None else check_real("filter_eps", filter_eps, low=0.0, high=1.0)
 
 
+def check_integer(name: str, value) -> int:
+    """A Python (or numpy) integer; bools and floats are a TypeError, not silently converted."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} ({value!r})")
+    return int(value)
+
+
 def check_flag(name: str, value) -> bool:
     """A real bool: ``"False"`` or ``0`` is a TypeError, not silently truthy or falsy."""
     if not isinstance(value, bool):

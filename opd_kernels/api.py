@@ -142,11 +142,16 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
                     bias: Optional[torch.Tensor] = None, temperature: float = 1.0, softcap: Optional[float] = None,
                     scale: float = 1.0, vocab_size: Optional[int] = None, return_entropy: bool = False,
                     backend: str = "auto", process_group=None, reduce_hidden_grad: bool = True,
-                    deterministic: bool = False):
+                    deterministic: bool = False, ignore_index: Optional[int] = None):
     r"""Log-probabilities of ``targets`` (and optionally the entropy) straight from hidden states.
 
     Shapes: ``hidden`` (..., H), ``weight`` (V_w, H), ``targets`` (...) int ids in [0, V).
     Returns ``logprobs`` (...) fp32, or ``(logprobs, entropy)`` with ``return_entropy=True``.
+
+    ``ignore_index`` (e.g. -100, the label of prompt and padding positions in HF/TRL batches): targets equal
+    to it get log-prob 0 and no gradient through the log-prob, as
+    ``-F.cross_entropy(..., ignore_index=ignore_index, reduction="none")`` gives; their entropy is still
+    computed. The default ``None`` ignores nothing: every target must then be a valid id.
 
     Equivalent PyTorch::
 
@@ -160,6 +165,13 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     With ``process_group``, ``weight``/``bias`` are this rank's vocabulary shard and ``targets`` are global
     ids (docs/distributed.md).
     """
+    ignored = None
+    if ignore_index is not None:
+        check.check_integer("ignore_index", ignore_index)
+        if isinstance(targets, torch.Tensor) and not targets.dtype.is_floating_point:
+            # no host sync: the ignored positions read id 0, and their log-probs are zeroed below
+            ignored = targets == ignore_index
+            targets = targets.masked_fill(ignored, 0)
     opts = _validated(lambda: check.check_lse_gather(
         hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap, scale=scale,
         vocab_size=vocab_size, return_entropy=return_entropy, backend=backend, deterministic=deterministic,
@@ -175,6 +187,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     lse, gathered, entropy = _lse_gather(_rows(hidden), weight.contiguous(), targets.reshape(-1, 1).to(torch.int64),
                                          bias, opts)
     logprobs = (gathered[:, 0] - lse).float().reshape(leading)
+    if ignored is not None:
+        logprobs = logprobs.masked_fill(ignored, 0.0)
     if opts.return_entropy:
         return logprobs, entropy.float().reshape(leading)
     return logprobs
