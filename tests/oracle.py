@@ -13,6 +13,11 @@ import torch
 FP32_TOL = {"torch": 5e-5, "cpp": 5e-5, "triton": 2e-4}
 
 
+def fresh_seed() -> int:
+    """A seed drawn from the test's RNG (seeded per run by conftest: fresh inputs, replayable)."""
+    return int(torch.randint(0, 2**31 - 1, ()))
+
+
 def rel_err(got: torch.Tensor, ref: torch.Tensor, floor: float = 1e-30) -> float:
     """max|got - ref| / max(max|ref|, floor)."""
     got, ref = got.detach().double(), ref.detach().double()

@@ -6,17 +6,9 @@ import opd_kernels.reference as ref
 from opd_kernels import hf
 from opd_kernels.hf.tiny import FAMILIES, tiny_causal_lm
 
+from oracle import fresh_seed as fresh, rel_err
+
 FP32_TOL = 5e-5
-
-
-def fresh():
-    """A seed drawn from the test's RNG (seeded per run by conftest: fresh inputs, replayable)."""
-    return int(torch.randint(0, 2**31 - 1, ()))
-
-
-def rel_err(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
 def batch(vocab, b=3, t=11, seed=None):

@@ -13,17 +13,9 @@ from opd_kernels.trainer import (HFSampler, OPDTrainer, SampleBatch, TrainConfig
                                  latest_checkpoint, opd_loss, prompts_for_step, teacher_topk)
 from opd_kernels.trainer.sampling import completion_mask
 
+from oracle import fresh_seed as fresh, rel_err
+
 FP32_TOL = 5e-5
-
-
-def fresh():
-    """A seed drawn from the test's RNG (seeded per run by conftest: fresh inputs, replayable)."""
-    return int(torch.randint(0, 2**31 - 1, ()))
-
-
-def rel_err(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
 def pair(family="llama", seed=None):
