@@ -164,3 +164,18 @@ def test_naive_sampled_token_matches_reference():
     want = ref.linear_sampled_token_opd_loss(x["h"].double(), x["W"].double(), x["targets"], x["teacher_lp"].double(),
                                              sampler_logprobs=x["sampler_lp"].double())
     assert float((got - want).abs()) < 1e-10
+
+
+def test_plot_without_matplotlib_names_the_extra(monkeypatch, tmp_path):
+    """A base install has no matplotlib: --plot says which extra brings it instead of a traceback."""
+    import builtins
+    from opd_kernels.bench.plot import plot_rows
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(SystemExit, match=r"opd_kernels\[bench\]"):
+        plot_rows([], str(tmp_path / "x.png"))

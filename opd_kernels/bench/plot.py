@@ -35,7 +35,11 @@ def _groups(rows: List[dict]) -> "OrderedDict[str, List[dict]]":
 
 
 def plot_rows(rows: List[dict], path: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:  # a base install: say which extra brings it, not a traceback
+        raise SystemExit("opd-bench --plot needs matplotlib, from the 'bench' extra: "
+                         "pip install 'opd_kernels[bench]'") from e
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
