@@ -365,13 +365,20 @@ class _IWOPDLoss(_FusedLoss):
         loss = torch.where(valid, -lp_s * advantages, 0.0)
         with torch.no_grad():
             mode = "train" if self.model.training else "eval"
-            if valid.any():
+            # TRL's five metrics, read back in one host sync (not one per metric): with no valid
+            # position the count is 0 and nothing is logged, as in TRL
+            count = valid.sum()
+            den = count.clamp_min(1)
+            inf = torch.tensor(float("inf"), device=weights.device, dtype=weights.dtype)
+            stats = torch.stack([
+                count.to(weights.dtype), (advantages * valid).sum() / den, (abs_adv * valid).sum() / den,
+                (weights * valid).sum() / den, torch.where(valid, weights, inf).min(),
+                torch.where(valid, weights, -inf).max()]).tolist()
+            if stats[0] > 0:
                 m = self._metrics[mode]
-                m["iw_opd/mean_advantage"].append(advantages[valid].mean().item())
-                m["iw_opd/mean_abs_advantage"].append(abs_adv[valid].mean().item())
-                m["iw_opd/mean_weight"].append(weights[valid].mean().item())
-                m["iw_opd/min_weight"].append(weights[valid].min().item())
-                m["iw_opd/max_weight"].append(weights[valid].max().item())
+                for name, value in zip(("mean_advantage", "mean_abs_advantage", "mean_weight", "min_weight",
+                                        "max_weight"), stats[1:]):
+                    m[f"iw_opd/{name}"].append(value)
         return _normalize(loss.sum(), num_items_in_batch, valid.sum())
 
     def _opd_support_jsd(self, h_s, s_head, h_t, t_head, support, mask, teacher_lp=None):
