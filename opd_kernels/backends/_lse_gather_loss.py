@@ -156,9 +156,9 @@ class _TorchLseGatherLoss(torch.autograd.Function):
         gh, gw, gb = ctx.saved_tensors
         if gh is None:
             return (None,) * 8
-        s = g_loss.to(gw.dtype)
-        return (gh * s.to(gh.dtype), (gw * s).to(ctx.dtypes[1]),
-                None if gb is None else (gb * s).to(ctx.dtypes[1]), None, None, None, None, None)
+        from .cpp import _scale  # in place in eager mode: ``gw * s`` would be a second (V, H) tensor
+        return (_scale(gh, g_loss), _scale(gw, g_loss).to(ctx.dtypes[1]),
+                None if gb is None else _scale(gb, g_loss).to(ctx.dtypes[1]), None, None, None, None, None)
 
 
 def torch_lse_gather_loss(hidden, weight, ids, teacher, *, bias, sampler, weights, kind, estimator, divergence,
@@ -191,6 +191,8 @@ def register_cpp(ops) -> None:
     # forward did not compute is recomputed with the weights scaled by grad_output. ``values`` carries no
     # gradient.
     def _setup(ctx, inputs, output):
+        from .cpp import _no_zero_grads
+        _no_zero_grads(ctx)  # the returned gradients reach backward as None, not as (V, H) zeros
         h, w, b, ids, teacher, sampler, weights = inputs[:7]
         ctx.scalars = inputs[7:17]
         ctx.grad_mask = tuple(inputs[17])
@@ -199,8 +201,9 @@ def register_cpp(ops) -> None:
 
     def _backward(ctx, g_loss, _g_values, _gh, _gw, _gb):
         _no_double_backward()
-        from .cpp import _scale
+        from .cpp import _or_zero, _scale
         h, w, b, ids, teacher, sampler, weights, gh, gw, gb = ctx.saved_tensors
+        g_loss = _or_zero(g_loss, weights)
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and b is not None)
         if any(n and not m for n, m in zip(need, ctx.grad_mask)):
             _, _, gh, gw, gb = ops.lse_gather_loss(h, w, b, ids, teacher, sampler, weights * g_loss, *ctx.scalars,

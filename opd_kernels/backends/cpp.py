@@ -100,6 +100,19 @@ def _scale(grad: torch.Tensor, g_out: torch.Tensor) -> torch.Tensor:
     return grad.mul_(g_out.to(grad.dtype))
 
 
+def _no_zero_grads(ctx) -> None:
+    """Outputs nobody differentiated reach backward as None, not as zeros of their shape. Autograd's default
+    (``set_materialize_grads(True)``) would allocate and fill, in backward, a zero tensor per returned
+    gradient - one of (V, H) for dW, (N, V) for logits_divergence - which was the dW-sized transient of
+    issue 17 (peak memory) and a full pass over it (time)."""
+    ctx.set_materialize_grads(False)
+
+
+def _or_zero(g: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """An upstream gradient that may be None (see ``_no_zero_grads``) as a tensor: a 0-dim zero if None."""
+    return torch.zeros((), dtype=torch.float32, device=like.device) if g is None else g
+
+
 if AVAILABLE:
     # ------------------------------------------------------------------------------------------------
     # fake (meta) implementations: shapes and dtypes only, for torch.compile / FakeTensor tracing
@@ -154,6 +167,7 @@ if AVAILABLE:
     # not compute are recomputed with the weights scaled by grad_output.
     def _linear_divergence_setup(ctx, inputs, output):
         hs, ws, bs, ht, wt, bt, weights, *scalars, grad_mask, chunk_rows = inputs
+        _no_zero_grads(ctx)
         ctx.scalars, ctx.grad_mask, ctx.chunk_rows = tuple(scalars), tuple(grad_mask), chunk_rows
         _, gh, gw, gb = output
         ctx.save_for_backward(hs, ws, bs, ht, wt, bt, weights, gh, gw, gb)
@@ -161,6 +175,7 @@ if AVAILABLE:
     def _linear_divergence_backward(ctx, g_loss, _gh, _gw, _gb):
         _no_double_backward()
         hs, ws, bs, ht, wt, bt, weights, gh, gw, gb = ctx.saved_tensors
+        g_loss = _or_zero(g_loss, weights)
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bs is not None)
         if any(n and not m for n, m in zip(need, ctx.grad_mask)):
             _, gh, gw, gb = _ops.linear_divergence(hs, ws, bs, ht, wt, bt, weights * g_loss, *ctx.scalars,
@@ -211,6 +226,7 @@ if AVAILABLE:
     # without it (reduction "none"), backward recomputes with the upstream per-token gradient as weights.
     def _logits_divergence_setup(ctx, inputs, output):
         s, t, weights, *scalars, compute_grad = inputs
+        _no_zero_grads(ctx)
         ctx.scalars, ctx.compute_grad = tuple(scalars), compute_grad   # scalars: _logits_scalars
         ctx.save_for_backward(s, t, weights, output[2])
 
@@ -220,9 +236,9 @@ if AVAILABLE:
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None, None, None
         if ctx.compute_grad:
-            grad = _scale(grad, g_loss)
+            grad = _scale(grad, _or_zero(g_loss, weights))
         else:
-            upstream = torch.where(weights != 0, g_values.float(), torch.zeros((), device=weights.device))
+            upstream = torch.where(weights != 0, _or_zero(g_values, weights).float(), torch.zeros((), device=weights.device))
             grad = _ops.logits_divergence(s, t, upstream, *ctx.scalars, True)[2]
         return grad, None, None, None, None, None, None, None
 
