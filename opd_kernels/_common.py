@@ -10,6 +10,7 @@ import torch
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
+TOPK_TAILS = ("bucket", "renormalize", "none")  # linear_topk_divergence(tail=...)
 STRATEGIES = ("auto", "chunked", "fused", "materialize")
 
 

@@ -61,13 +61,13 @@ class Options:
 
     Which op reads which field:
 
-    - ``linear_divergence``: all but ``return_entropy``, ``tail_bucket``, ``inplace_grad``;
+    - ``linear_divergence``: all but ``return_entropy``, ``tail``, ``inplace_grad``;
     - ``logits_divergence``: ``divergence``, ``beta``, ``vocab_size``, ``student``/``teacher`` (temperature
       only), reductions, ``backend``, ``deterministic``, ``inplace_grad``;
     - ``linear_logprobs`` / the lse-gather primitive: ``student`` (the one model's transform),
       ``vocab_size``, ``return_entropy``, ``backend``, ``deterministic``, the vocab-parallel fields;
-    - ``linear_topk_divergence``: those of ``linear_logprobs`` plus ``divergence``, ``tail_bucket`` and
-      the reductions.
+    - ``linear_topk_divergence``: those of ``linear_logprobs`` plus ``divergence``, ``beta``, ``tail`` and
+      the reductions (its ``support_mask`` is a tensor argument, checked but not stored here).
     """
     # what is computed
     divergence: str = "reverse_kl"          # resolved: JSD at beta = 0 / 1 is stored as forward_kl / reverse_kl
@@ -76,7 +76,7 @@ class Options:
     student: LogitTransform = LogitTransform()
     teacher: Optional[LogitTransform] = None
     return_entropy: bool = False
-    tail_bucket: bool = True
+    tail: str = "bucket"                    # top-k: "bucket" | "renormalize" | "none" (tail_bucket=True/False)
     # which tokens count and how the per-token values are reduced
     mask: Optional[torch.Tensor] = None     # flat bool (N,) or None
     reduction: str = "mean"
@@ -94,6 +94,11 @@ class Options:
     process_group: Any = None
     layout: Any = None
     reduce_hidden_grad: bool = True
+
+    @property
+    def tail_bucket(self) -> bool:
+        """The top-k tail as the fused kernels' flag: True for "bucket" (they run "bucket" and "none")."""
+        return self.tail == "bucket"
 
     @property
     def temperature(self) -> float:

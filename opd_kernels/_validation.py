@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._common import DIVERGENCES, REDUCTIONS, STRATEGIES
+from ._common import DIVERGENCES, REDUCTIONS, STRATEGIES, TOPK_TAILS
 from ._options import LogitTransform, Options
 
 BACKENDS = ("auto", "torch", "cpp", "triton")
@@ -172,9 +172,9 @@ def check_normalizer(normalizer, device):
 
 
 def check_ids(name: str, ids, v: Optional[int], leading: torch.Size, leading_name: str, *,
-              trailing: Optional[int] = None, device=None, distinct: bool = False) -> None:
+              trailing: Optional[int] = None, device=None, distinct: bool = False, support=None) -> None:
     """dtype, shape and device of an id tensor, then (``v`` given) the range 0 <= id < v (and with
-    ``distinct`` no repeated id within a row, for top-k sets)."""
+    ``distinct`` no repeated id within a row, for top-k sets; among the ``support`` entries when given)."""
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of integer ids, got {type(ids).__name__}")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
@@ -188,10 +188,10 @@ def check_ids(name: str, ids, v: Optional[int], leading: torch.Size, leading_nam
     if device is not None and ids.device != device:
         raise ValueError(f"{name}: expected device {device}, got {ids.device}")
     if v is not None:
-        check_id_range(name, ids, v, distinct=distinct)
+        check_id_range(name, ids, v, distinct=distinct, support=support)
 
 
-def check_id_range(name: str, ids: torch.Tensor, v: int, *, distinct: bool = False) -> None:
+def check_id_range(name: str, ids: torch.Tensor, v: int, *, distinct: bool = False, support=None) -> None:
     """0 <= ids < v (and, with ``distinct``, no id twice in a row of the last dim). Reads values: one host
     sync (min, max and the duplicate count come back together) and a graph break under torch.compile, so it
     is skipped while compiling and when OPD_CHECK_IDS=0 - the kernels bound-check every id anyway (an
@@ -200,7 +200,7 @@ def check_id_range(name: str, ids: torch.Tensor, v: int, *, distinct: bool = Fal
     if ids.numel() and os.environ.get("OPD_CHECK_IDS", "1") != "0" and not torch.compiler.is_compiling():
         stats = [ids.min(), ids.max()]
         if distinct:
-            stats.append(duplicate_rows(ids).sum())
+            stats.append(duplicate_rows(ids, support).sum())
         got = torch.stack(stats).tolist()  # the one host sync of this check
         lo, hi = got[0], got[1]
         if lo < 0 or hi >= v:
@@ -211,8 +211,11 @@ def check_id_range(name: str, ids: torch.Tensor, v: int, *, distinct: bool = Fal
                              "with a repeated id")
 
 
-def duplicate_rows(ids: torch.Tensor) -> torch.Tensor:
-    """Bool (...,): rows of the last dim that hold some id twice (sort + compare neighbours, O(k log k))."""
+def duplicate_rows(ids: torch.Tensor, support: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Bool (...,): rows of the last dim that hold some id twice (sort + compare neighbours, O(k log k)),
+    counting only the entries where ``support`` (bool, same shape) is True when it is given."""
+    if support is not None:  # padding becomes -1, -2, ...: distinct from each other and from every id
+        ids = torch.where(support, ids, -1 - torch.arange(ids.shape[-1], device=ids.device, dtype=ids.dtype))
     s = ids.sort(-1).values
     return (s[..., 1:] == s[..., :-1]).any(-1)
 
@@ -222,14 +225,17 @@ def duplicate_rows(ids: torch.Tensor) -> torch.Tensor:
 TOPK_LOGPROB_SLACK = 1e-2
 
 
-def topk_rows_checked(ids: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+def topk_rows_checked(ids: torch.Tensor, logprobs: torch.Tensor, support: Optional[torch.Tensor] = None
+                      ) -> torch.Tensor:
     """The teacher's top-k log-probs (..., k) with NaN rows where the top-k set is invalid: an id repeated
     in the row, a log-prob above 0, or a total mass above 1 (logsumexp above 0, both with
     :data:`TOPK_LOGPROB_SLACK`). A device-side check (no host sync): such a row's loss is NaN, so the
     trainer's non-finite guard sees it (random inputs used to give a finite loss of 233). NaN log-probs stay
-    NaN; -inf log-probs (zero mass) are valid."""
-    bad = duplicate_rows(ids) | (logprobs > TOPK_LOGPROB_SLACK).any(-1)
-    bad = bad | (torch.logsumexp(logprobs.float(), -1) > TOPK_LOGPROB_SLACK)
+    NaN; -inf log-probs (zero mass) are valid. With ``support`` (..., k) bool only its True entries are
+    checked: padding's ids and log-probs are ignored."""
+    lp = logprobs if support is None else torch.where(support, logprobs, float("-inf"))
+    bad = duplicate_rows(ids, support) | (lp > TOPK_LOGPROB_SLACK).any(-1)
+    bad = bad | (torch.logsumexp(lp.float(), -1) > TOPK_LOGPROB_SLACK)
     return torch.where(bad.unsqueeze(-1), torch.full((), float("nan"), dtype=logprobs.dtype,
                                                      device=logprobs.device), logprobs)
 
@@ -331,7 +337,7 @@ def check_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
 def check_lse_gather(hidden, weight, ids, *, bias=None, temperature=1.0, softcap=None, scale=1.0, vocab_size=None,
                      return_entropy=False, backend="auto", deterministic=False, process_group=None,
                      reduce_hidden_grad=True, ids_name="targets", trailing=None,
-                     names=("hidden", "weight", "bias", "softcap", "scale")) -> Options:
+                     names=("hidden", "weight", "bias", "softcap", "scale"), support=None) -> Options:
     """The checks of the lse/gather ops (``linear_logprobs``; ``linear_topk_divergence`` passes its own
     ``names``): the one model's :class:`LogitTransform` becomes ``Options.student``. With a ``process_group``
     the id range is checked once the global V is known (distributed/vocab_parallel.py)."""
@@ -349,21 +355,57 @@ def check_lse_gather(hidden, weight, ids, *, bias=None, temperature=1.0, softcap
     else:
         v = check_vocab_request(vocab_size)
     check_ids(ids_name, ids, v if process_group is None else None, hidden.shape[:-1], hname, trailing=trailing,
-              device=hidden.device, distinct=ids_name == "teacher_topk_ids")
+              device=hidden.device, distinct=ids_name == "teacher_topk_ids", support=support)
     return Options(vocab_size=v, student=student, return_entropy=bool(return_entropy), backend=backend,
                    deterministic=check_deterministic(deterministic), process_group=process_group,
                    reduce_hidden_grad=bool(reduce_hidden_grad))
 
 
+
+
+def check_topk_tail(tail, tail_bucket) -> str:
+    """``tail`` ("bucket" | "renormalize" | "none") with the legacy ``tail_bucket`` (True = "bucket",
+    False = "none"; None = not given). Neither given: "bucket"; both given and disagreeing: ValueError."""
+    if tail is not None:
+        check_choice("tail", tail, TOPK_TAILS)
+    if tail_bucket is None:
+        return "bucket" if tail is None else tail
+    legacy = "bucket" if check_flag("tail_bucket", tail_bucket) else "none"
+    if tail is not None and tail != legacy:
+        raise ValueError(f"tail={tail!r} and tail_bucket={tail_bucket!r} disagree (tail_bucket={tail_bucket} "
+                         f"means tail={legacy!r}); pass tail alone")
+    return legacy
+
+
+def check_support_mask(support_mask, ids) -> None:
+    """``support_mask``: None or a bool tensor of the shape and device of ``ids`` (..., k)."""
+    if support_mask is None:
+        return
+    if not isinstance(support_mask, torch.Tensor):
+        raise TypeError(f"support_mask: expected a bool torch.Tensor or None, got {type(support_mask).__name__}")
+    if support_mask.dtype != torch.bool:
+        raise TypeError(f"support_mask: expected dtype torch.bool (False = padding), got {support_mask.dtype}")
+    if isinstance(ids, torch.Tensor):
+        if tuple(support_mask.shape) != tuple(ids.shape):
+            raise ValueError(f"support_mask: expected shape {tuple(ids.shape)} (the shape of teacher_topk_ids), "
+                             f"got {tuple(support_mask.shape)}")
+        if support_mask.device != ids.device:
+            raise ValueError(f"support_mask: expected device {ids.device}, got {support_mask.device}")
+
+
 def check_linear_topk_divergence(student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, *,
-                                 divergence="forward_kl", tail_bucket=True, temperature=1.0, student_bias=None,
-                                 student_softcap=None, student_scale=1.0, vocab_size=None, mask=None,
-                                 reduction="mean", normalizer=None, backend="auto", deterministic=False,
-                                 process_group=None, reduce_hidden_grad=True) -> Options:
-    """Every check of ``linear_topk_divergence``; returns its :class:`Options`."""
-    check_choice("divergence", divergence, ("forward_kl", "reverse_kl"))
+                                 divergence="forward_kl", tail_bucket=None, tail=None, beta=0.5, support_mask=None,
+                                 temperature=1.0, student_bias=None, student_softcap=None, student_scale=1.0,
+                                 vocab_size=None, mask=None, reduction="mean", normalizer=None, backend="auto",
+                                 deterministic=False, process_group=None, reduce_hidden_grad=True) -> Options:
+    """Every check of ``linear_topk_divergence``; returns its :class:`Options` (``support_mask`` is checked
+    here, and the distinct-id check of ``teacher_topk_ids`` ignores its padding)."""
+    check_choice("divergence", divergence, DIVERGENCES)
+    beta = check_real("beta", beta, low=0.0, high=1.0)
+    tail = check_topk_tail(tail, tail_bucket)
     check_choice("reduction", reduction, REDUCTIONS)
     check_tensor("teacher_topk_logprobs", teacher_topk_logprobs)
+    check_support_mask(support_mask, teacher_topk_ids)
     trailing = (teacher_topk_ids.shape[-1] if isinstance(teacher_topk_ids, torch.Tensor) and teacher_topk_ids.dim()
                 else None)
     if trailing == 0:  # was a reshape RuntimeError deep inside
@@ -373,14 +415,14 @@ def check_linear_topk_divergence(student_hidden, student_weight, teacher_topk_id
         student_hidden, student_weight, teacher_topk_ids, bias=student_bias, temperature=temperature,
         softcap=student_softcap, scale=student_scale, vocab_size=vocab_size, backend=backend,
         deterministic=deterministic, process_group=process_group, reduce_hidden_grad=reduce_hidden_grad,
-        ids_name="teacher_topk_ids", trailing=trailing,
+        ids_name="teacher_topk_ids", trailing=trailing, support=support_mask,
         names=("student_hidden", "student_weight", "student_bias", "student_softcap", "student_scale"))
     if tuple(teacher_topk_logprobs.shape) != tuple(teacher_topk_ids.shape):
         raise ValueError(f"teacher_topk_logprobs: expected shape {tuple(teacher_topk_ids.shape)} (the shape of "
                          f"teacher_topk_ids), got {tuple(teacher_topk_logprobs.shape)}")
     check_same_device(student_hidden=student_hidden, teacher_topk_logprobs=teacher_topk_logprobs)
     device = student_hidden.device
-    return opts.replace(divergence=divergence, tail_bucket=bool(tail_bucket), reduction=reduction,
+    return opts.replace(divergence=resolve_divergence(divergence, beta), beta=beta, tail=tail, reduction=reduction,
                         mask=check_mask(mask, student_hidden.shape[:-1], "student_hidden", device),
                         normalizer=check_normalizer(normalizer, device))
 

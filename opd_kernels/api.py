@@ -19,7 +19,8 @@ from ._common import empty_result as _empty_result
 from ._common import flatten_rows as _rows
 from ._common import reduce_per_token, token_weights
 from ._options import Options
-from .reference import masked_inputs, topk_divergence_from_logprobs
+from .backends._divergence_math import topk_divergence_from_logprobs
+from .reference import masked_inputs
 
 Normalizer = Union[None, int, float, torch.Tensor]
 
@@ -203,36 +204,63 @@ def _lse_gather(hidden, weight, ids, bias, opts: Options):
 
 def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor,
                            teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: torch.Tensor, *,
-                           divergence: str = "reverse_kl", tail_bucket: bool = True, temperature: float = 1.0,
+                           divergence: str = "reverse_kl", tail_bucket: Optional[bool] = None, temperature: float = 1.0,
                            student_bias: Optional[torch.Tensor] = None, student_softcap: Optional[float] = None,
                            student_scale: float = 1.0, vocab_size: Optional[int] = None,
                            mask: Optional[torch.Tensor] = None, reduction: str = "mean",
                            normalizer: Normalizer = None, backend: str = "auto", process_group=None,
                            reduce_hidden_grad: bool = True, deterministic: bool = False,
-                           token_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           token_weights: Optional[torch.Tensor] = None, tail: Optional[str] = None,
+                           beta: float = 0.5, support_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     r"""Divergence against a teacher given only as top-k ids and log-probs (what inference servers return).
 
     Shapes: ``student_hidden`` (..., H), ``student_weight`` (V_s, H), ``teacher_topk_ids`` (..., k) int,
-    ``teacher_topk_logprobs`` (..., k) (the teacher's full-vocabulary log-probs at those ids).
+    ``teacher_topk_logprobs`` (..., k) (the teacher's full-vocabulary log-probs at those ids),
+    ``support_mask`` (..., k) bool or None. Any k >= 1.
 
-    Equivalent PyTorch (q = student log-probs at the teacher's ids, l = teacher log-probs)::
+    Equivalent PyTorch (q = student log-probs at the ids, l = teacher log-probs; docs/design.md, top-k)::
 
-        q = linear_logprobs-style log_softmax(z_s).gather(-1, ids)
-        P_tail, Q_tail = 1 - l.exp().sum(-1), 1 - q.exp().sum(-1)        # clamped >= 1e-12 in the logs
-        forward_kl = (l.exp() * (l - q)).sum(-1) + P_tail * (log P_tail - log Q_tail)
-        reverse_kl = (q.exp() * (q - l)).sum(-1) + Q_tail * (log Q_tail - log P_tail)
+        q = log_softmax(z_s).gather(-1, ids)                          # z_s as in linear_logprobs
+        q, l = q[support], l[support]                                 # support_mask False: padding, dropped
+        if tail == "renormalize":                                     # TRL's loss_add_tail=False
+            q, l = q - q.logsumexp(-1), l - l.logsumexp(-1)
+        if tail == "bucket":                                          # one more entry: the mass outside
+            q = cat(q, log(1 - q.exp().sum(-1)));  l = cat(l, log(1 - l.exp().sum(-1)))
+            #   (the log's argument clamped >= 1e-12; the entry's weight is the unclamped mass)
+        p_s, p_t = q.exp(), l.exp()
+        forward_kl = (p_t * (l - q)).sum(-1)
+        reverse_kl = (p_s * (q - l)).sum(-1)
+        jsd        = (beta * p_t * (l - log M) + (1 - beta) * p_s * (q - log M)).sum(-1),
+                     M = (1 - beta) p_s + beta p_t   # beta = 0: forward_kl, beta = 1: reverse_kl
+        per_token = per_token * token_weights        # when given; then reduced as linear_divergence
 
-    ``tail_bucket=False`` drops the tail terms. The default divergence is reverse KL, as for every other
-    op (it was forward KL before; CHANGELOG.md). ``token_weights`` (...) float multiply each token's value
-    (detached). With reduction "mean"/"sum" the torch and cpp backends run one fused pass that forms the
-    gradient in the forward (the GEMM floor's 3 matmuls, backends/_lse_gather_loss.py); "none", triton and
-    vocab-parallel compute the student's logsumexp and the k gathered logits with the lse/gather op and
-    apply the formula (their backward recomputes the logits). With ``process_group``, the student weight is
-    this rank's vocabulary shard and the ids are global.
+    Args:
+        divergence: "reverse_kl" (default, as for every other op; it was forward KL before: CHANGELOG.md) |
+            "forward_kl" | "jsd" (TRL's generalized JSD over these entries, ``linear_divergence``'s convention).
+        beta: JSD mixture weight in [0, 1]; read by "jsd" only.
+        tail: "bucket" (default) | "renormalize" | "none" (the k terms only, the tail dropped).
+        tail_bucket: the legacy spelling: True = tail "bucket", False = "none". Passing both ``tail`` and a
+            ``tail_bucket`` that means another tail is a ValueError.
+        support_mask: False entries are padding: no part of the support on either side, their ids (any
+            in-range id, repeats allowed) and log-probs ignored. This is how a union support (teacher's top-k
+            and student's top-k, de-duplicated, padded to a common width) is passed. Only the support
+            entries must be distinct, <= 0 and of total mass <= 1 (else that row's value is NaN).
+        token_weights: float per-token weights (...) (detached) multiplying each token's value.
+        the rest: as :func:`linear_divergence` (one model: the student's transform).
+
+    Which settings run what: forward/reverse KL (and jsd at beta 0 / 1) with tail "bucket" or "none",
+    no ``support_mask`` and reduction "mean"/"sum" run, on the torch and cpp backends, one fused pass that
+    forms the gradient in the forward (the GEMM floor's 3 matmuls, backends/_lse_gather_loss.py). Every
+    other setting - tail "renormalize", "jsd" with 0 < beta < 1, a ``support_mask``, reduction "none", the
+    triton backend, a ``process_group`` - computes the student's logsumexp and the k gathered logits with
+    the lse/gather op and applies the formula above on the (N, k) tensors
+    (backends/_divergence_math.topk_divergence_from_logprobs); its backward recomputes the logits. With
+    ``process_group``, the student weight is this rank's vocabulary shard and the ids are global.
     """
     opts = _validated(lambda: check.check_linear_topk_divergence(
         student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, divergence=divergence,
-        tail_bucket=tail_bucket, temperature=temperature, student_bias=student_bias, student_softcap=student_softcap,
+        tail_bucket=tail_bucket, tail=tail, beta=beta, support_mask=support_mask, temperature=temperature,
+        student_bias=student_bias, student_softcap=student_softcap,
         student_scale=student_scale, vocab_size=vocab_size, mask=mask, reduction=reduction, normalizer=normalizer,
         backend=backend, deterministic=deterministic, process_group=process_group,
         reduce_hidden_grad=reduce_hidden_grad),
@@ -246,27 +274,30 @@ def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.T
         return _empty_result(leading, reduction, student_hidden, student_weight, student_bias)
     k = teacher_topk_ids.shape[-1]
     # rows whose top-k set is invalid (repeated id, log-prob > 0, mass > 1) become NaN on the device
-    teacher_topk_logprobs = check.topk_rows_checked(teacher_topk_ids, teacher_topk_logprobs.detach())
+    teacher_topk_logprobs = check.topk_rows_checked(teacher_topk_ids, teacher_topk_logprobs.detach(), support_mask)
     tw = _check_token_weights(token_weights, leading, student_hidden.device)
-    if opts.reduction != "none":
+    ids = teacher_topk_ids.reshape(-1, k).to(torch.int64)
+    fused = (opts.reduction != "none" and support_mask is None and opts.tail != "renormalize"
+             and opts.divergence != "jsd")
+    if fused:
         weights = opts.token_weights(leading.numel(), student_hidden.device)
         spec = dict(kind="topk", estimator="is", divergence=opts.divergence, tail_bucket=opts.tail_bucket,
                     kl_coef=1.0, entropy_coef=0.0)
-        return _fused_row_loss(_rows(student_hidden), student_weight.contiguous(),
-                               teacher_topk_ids.reshape(-1, k).to(torch.int64),
-                               teacher_topk_logprobs.detach().reshape(-1, k).to(_acc_dtype(student_hidden)), student_bias, opts, sampler=None,
+        return _fused_row_loss(_rows(student_hidden), student_weight.contiguous(), ids,
+                               teacher_topk_logprobs.reshape(-1, k).to(_acc_dtype(student_hidden)), student_bias, opts, sampler=None,
                                weights=weights if tw is None else weights * tw, loss_spec=spec)
-    lse, gathered, _ = _lse_gather(_rows(student_hidden), student_weight.contiguous(),
-                                   teacher_topk_ids.reshape(-1, k).to(torch.int64), student_bias, opts)
+    lse, gathered, _ = _lse_gather(_rows(student_hidden), student_weight.contiguous(), ids, student_bias, opts)
     q = gathered - lse.unsqueeze(-1)
-    l = teacher_topk_logprobs.detach().reshape(-1, k).to(q.dtype)
-    live = opts.token_weights(q.shape[0], q.device, q.dtype) != 0
+    l = teacher_topk_logprobs.reshape(-1, k).to(q.dtype)
+    weights = opts.token_weights(q.shape[0], q.device, q.dtype)
+    live = weights != 0 if tw is None else (weights != 0) & (tw != 0)
     q, l = masked_inputs(live.unsqueeze(-1), q, l)  # masked rows: no NaN into the loss or its gradient
-    per_token = topk_divergence_from_logprobs(q, l, divergence=opts.divergence, tail_bucket=opts.tail_bucket)
-    out = reduce_per_token(per_token, opts.token_weights(per_token.shape[0], q.device, per_token.dtype),
-                           opts.reduction)
+    per_token = topk_divergence_from_logprobs(
+        q, l, divergence=opts.divergence, tail=opts.tail, beta=opts.beta,
+        support_mask=None if support_mask is None else support_mask.reshape(-1, k))
     if tw is not None:
-        out = _weighted_values(out, tw)
+        per_token = _weighted_values(per_token, tw)
+    out = reduce_per_token(per_token, weights, opts.reduction)
     out = out.to(torch.promote_types(out.dtype, torch.float32))
     return out.reshape(leading) if opts.reduction == "none" else out
 

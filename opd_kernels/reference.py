@@ -18,7 +18,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from ._common import transform_logits
+from ._common import TOPK_TAILS, transform_logits
 
 Number = Union[int, float]
 
@@ -191,44 +191,89 @@ TAIL_CLAMP = 1e-12
 
 
 def topk_divergence_from_logprobs(student_topk_logprobs, teacher_topk_logprobs, *, divergence: str = "forward_kl",
-                                  tail_bucket: bool = True) -> torch.Tensor:
+                                  tail_bucket: bool = True, tail: Optional[str] = None, beta: float = 0.5,
+                                  support_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-row top-k divergence of docs/design.md section 4 from q_j (student) and l_j (teacher), (..., k).
 
-    Equivalent PyTorch::
+    ``support_mask`` (..., k) bool: False entries are padding, no part of either distribution. ``tail``
+    (default from the legacy ``tail_bucket``: True "bucket", False "none") says what the distributions are:
+
+    - "bucket": the k entries plus one tail entry of mass ``1 - sum exp`` on each side;
+    - "renormalize": q - logsumexp(q), l - logsumexp(l) over the support (TRL's ``add_tail=False``);
+    - "none": the k entries as they are (the terms of the tail dropped).
+
+    Equivalent PyTorch, over the entries e of the chosen distributions (p_t = exp(l), p_s = exp(q))::
 
         P_tail = (1 - l.exp().sum(-1)).clamp_min(1e-12);  Q_tail = (1 - q.exp().sum(-1)).clamp_min(1e-12)
-        forward_kl = (l.exp() * (l - q)).sum(-1) + P_tail_raw * (log P_tail - log Q_tail)
-        reverse_kl = (q.exp() * (q - l)).sum(-1) + Q_tail_raw * (log Q_tail - log P_tail)
+        forward_kl = sum_e p_t (l - q);   reverse_kl = sum_e p_s (q - l)
+        jsd        = sum_e beta p_t (l - log M) + (1 - beta) p_s (q - log M),  M = (1-beta) p_s + beta p_t
+                     (beta = 0 is forward_kl, beta = 1 reverse_kl, as ``divergence_from_logits``)
 
-    where ``*_raw`` is the unclamped tail mass (the clamp only guards the logarithm).
+    where the tail entry's weight is its unclamped mass (the clamp only guards the logarithm). A row with
+    no support entry scores 0.
     """
     q, l = student_topk_logprobs, teacher_topk_logprobs.to(student_topk_logprobs.dtype)
+    tail = ("bucket" if tail_bucket else "none") if tail is None else tail
+    if tail not in TOPK_TAILS:
+        raise ValueError(f"tail: expected one of {TOPK_TAILS}, got {tail!r}")
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    if divergence not in ("forward_kl", "reverse_kl", "jsd"):
+        raise ValueError(f"divergence: expected 'forward_kl', 'reverse_kl' or 'jsd', got {divergence!r}")
+    m = torch.ones(q.shape, dtype=torch.bool, device=q.device) if support_mask is None else support_mask.bool()
+    zero = torch.zeros((), dtype=q.dtype, device=q.device)
+    # padding: log-prob 0 as a safe value for the arithmetic, probability 0 (it contributes nothing)
+    q, l = torch.where(m, q, zero), torch.where(m, l, zero)
+    if tail == "renormalize":
+        q, l = q - _support_logsumexp(q, m), l - _support_logsumexp(l, m)
+    ps = torch.where(m, q.exp(), zero)
+    pt = torch.where(m, l.exp(), zero)
     if divergence == "forward_kl":
-        value = _where_positive(l.exp(), l - q).sum(-1)
+        value = _where_positive(pt, l - q).sum(-1)
     elif divergence == "reverse_kl":
-        value = (q.exp() * (q - l)).sum(-1)
+        value = _where_positive(ps, q - l).sum(-1)
     else:
-        raise ValueError(f"divergence: expected 'forward_kl' or 'reverse_kl', got {divergence!r}")
-    if tail_bucket:
-        p_tail = 1.0 - l.exp().sum(-1)
-        q_tail = 1.0 - q.exp().sum(-1)
+        log_m = _log_mixture(q + math.log(1.0 - beta), l + math.log(beta))
+        value = (beta * _where_positive(pt, l - log_m) + (1.0 - beta) * _where_positive(ps, q - log_m)).sum(-1)
+    if tail == "bucket":
+        p_tail = 1.0 - pt.sum(-1)
+        q_tail = 1.0 - ps.sum(-1)
         log_p = p_tail.clamp_min(TAIL_CLAMP).log()
         log_q = q_tail.clamp_min(TAIL_CLAMP).log()
-        value = value + (p_tail * (log_p - log_q) if divergence == "forward_kl" else q_tail * (log_q - log_p))
+        if divergence == "forward_kl":
+            value = value + p_tail * (log_p - log_q)
+        elif divergence == "reverse_kl":
+            value = value + q_tail * (log_q - log_p)
+        else:
+            log_m = torch.logaddexp(log_q + math.log(1.0 - beta), log_p + math.log(beta))
+            value = value + beta * p_tail * (log_p - log_m) + (1.0 - beta) * q_tail * (log_q - log_m)
     return value
 
 
+def _support_logsumexp(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """logsumexp (..., 1) of ``x`` over the entries where ``m``; a row without any takes all its entries
+    (a finite stand-in: that row scores 0 anyway, and the logsumexp of nothing has a NaN gradient)."""
+    neg_inf = torch.full((), float("-inf"), dtype=x.dtype, device=x.device)
+    over = m | ~m.any(-1, keepdim=True)
+    return torch.where(over, x, neg_inf).logsumexp(-1, keepdim=True)
+
+
 def linear_topk_divergence(student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, *,
-                           divergence: str = "reverse_kl", tail_bucket: bool = True, temperature: float = 1.0,
-                           student_bias=None, student_softcap=None, student_scale: float = 1.0, vocab_size=None,
-                           mask=None, reduction: str = "mean", normalizer=None, token_weights=None) -> torch.Tensor:
+                           divergence: str = "reverse_kl", tail_bucket: Optional[bool] = None,
+                           tail: Optional[str] = None, beta: float = 0.5, support_mask=None,
+                           temperature: float = 1.0, student_bias=None, student_softcap=None,
+                           student_scale: float = 1.0, vocab_size=None, mask=None, reduction: str = "mean",
+                           normalizer=None, token_weights=None) -> torch.Tensor:
     """Materializing ``opd_kernels.linear_topk_divergence``."""
+    if tail is None:
+        tail = "none" if tail_bucket is False else "bucket"
     lse, gathered, _ = lse_gather(student_hidden, student_weight, teacher_topk_ids, bias=student_bias,
                                   temperature=temperature, softcap=student_softcap, scale=student_scale,
                                   vocab_size=vocab_size)
     q = gathered - lse.unsqueeze(-1)
     q, l = masked_inputs(None if mask is None else mask.unsqueeze(-1), q, teacher_topk_logprobs.detach())
-    per_token = topk_divergence_from_logprobs(q, l, divergence=divergence, tail_bucket=tail_bucket)
+    per_token = topk_divergence_from_logprobs(q, l, divergence=divergence, tail=tail, beta=beta,
+                                              support_mask=support_mask)
     return reduce(_weighted(per_token, token_weights), mask, reduction, normalizer)
 
 

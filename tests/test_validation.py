@@ -99,7 +99,7 @@ TOPK_CASES = [
     (dict(teacher_topk_ids=torch.full((6, 3), 31)), ValueError, "teacher_topk_ids"),
     (dict(teacher_topk_ids=torch.zeros(6, dtype=torch.long)), ValueError, "teacher_topk_ids"),
     (dict(teacher_topk_logprobs=torch.randn(6, 4)), ValueError, "teacher_topk_logprobs"),
-    (dict(divergence="jsd"), ValueError, "divergence"),
+    (dict(divergence="tvd"), ValueError, "divergence"),
     (dict(reduction="max"), ValueError, "reduction"),
     (dict(mask=torch.ones(7, dtype=torch.bool)), ValueError, "mask"),
 ]

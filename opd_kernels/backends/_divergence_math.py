@@ -150,3 +150,63 @@ def entropy_from_logits(z: torch.Tensor) -> torch.Tensor:
     e = y.exp()
     d = e.sum(-1)
     return d.log() - _xmul(e, y).sum(-1) / d
+
+
+TOPK_TAIL_CLAMP = 1e-12   # the floor of a tail mass inside its logarithm (reference.TAIL_CLAMP)
+
+
+def _support_lse(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """logsumexp (..., 1) of ``x`` over the support entries ``m``; -inf for a row without any (its
+    gradient is 0 there, not the NaN of a logsumexp over -inf only)."""
+    has = m.any(-1, keepdim=True)
+    neg_inf = torch.full((), float("-inf"), dtype=x.dtype, device=x.device)
+    lse = torch.where(m | ~has, x, neg_inf).logsumexp(-1, keepdim=True)
+    return torch.where(has, lse, neg_inf)
+
+
+def topk_divergence_from_logprobs(q: torch.Tensor, l: torch.Tensor, *, divergence: str, tail: str,
+                                  beta: float = 0.5, support_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-row top-k divergence (...,) from the student's log-probs ``q`` and the teacher's ``l`` (..., k) at
+    the same ids, differentiable in ``q`` by autograd (the (N, k) path of ``linear_topk_divergence``).
+
+    The distributions (docs/design.md section 4, top-k): the support entries (``support_mask``; padding
+    has probability 0 on both sides), then by ``tail``:
+        "bucket":      plus one entry of mass Q = 1 - sum exp(q) (student), P = 1 - sum exp(l) (teacher),
+                       formed as -expm1(logsumexp) (no cancellation for small masses); log of the mass
+                       clamped at 1e-12, its weight the raw mass;
+        "renormalize": q - logsumexp(q), l - logsumexp(l) over the support;
+        "none":        the support entries as they are.
+    Over those entries e (p_s = exp(q_e), p_t = exp(l_e)):
+        forward_kl = sum p_t (l - q);  reverse_kl = sum p_s (q - l)
+        jsd        = sum [b p_t (l - log M) + (1-b) p_s (q - log M)],  M = (1-b) p_s + b p_t, 0 < b < 1
+                     with l - log M = c - log b, q - log M = a - log(1-b) and the shifted ratios a, c of
+                     :func:`jsd_shifted_ratios` (log M never formed). The constants stay per entry
+                     (b p_t log b + ...): "none" is no full distribution, so they do not sum to H(b).
+    "jsd" needs 0 < beta < 1 (validation stores the ends as the KLs). A row without support entries
+    scores 0 (and, with "bucket", only its tail entries of mass 1 on both sides: 0 as well).
+    """
+    m = torch.ones(q.shape, dtype=torch.bool, device=q.device) if support_mask is None else support_mask
+    zero = torch.zeros((), dtype=q.dtype, device=q.device)
+    l = l.to(q.dtype)
+    # padding: a safe log-prob of 0 in the arithmetic (ids and values ignored), probability 0 below
+    q, l = torch.where(m, q, zero), torch.where(m, l, zero)
+    if tail == "renormalize":
+        q = q - torch.where(m.any(-1, keepdim=True), _support_lse(q, m), zero)
+        l = l - torch.where(m.any(-1, keepdim=True), _support_lse(l, m), zero)
+    ps = torch.where(m, q.exp(), zero)
+    pt = torch.where(m, l.exp(), zero)
+    if tail == "bucket":
+        # one more entry per side: the mass outside the support, raw as a weight, clamped in the log
+        q_tail = -torch.expm1(_support_lse(q, m))
+        p_tail = -torch.expm1(_support_lse(l, m))
+        q = torch.cat([q, q_tail.clamp_min(TOPK_TAIL_CLAMP).log()], -1)
+        l = torch.cat([l, p_tail.clamp_min(TOPK_TAIL_CLAMP).log()], -1)
+        ps, pt = torch.cat([ps, q_tail], -1), torch.cat([pt, p_tail], -1)
+    if divergence == "forward_kl":
+        return _xmul(pt, l - q).sum(-1)
+    if divergence == "reverse_kl":
+        return _xmul(ps, q - l).sum(-1)
+    if divergence != "jsd":
+        raise ValueError(f"divergence: expected one of 'reverse_kl', 'forward_kl', 'jsd', got {divergence!r}")
+    a, c = jsd_shifted_ratios(q, l, beta)
+    return (beta * _xmul(pt, c - math.log(beta)) + (1.0 - beta) * _xmul(ps, a - math.log1p(-beta))).sum(-1)
