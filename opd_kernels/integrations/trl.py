@@ -30,9 +30,11 @@ Refused (ValueError at construction): IW-OPD with ``use_teacher_server=True`` (t
 ``IWOPDTrainer``), ServerDistillationTrainer-style trainers without a local teacher. ``compute_loss(...,
 return_outputs=True)`` returns an empty dict as outputs: there are no logits to return.
 
-The sparse / top-k IW-OPD paths take the student's log-probs at the k support ids from one fused
-log-softmax pass plus the k support rows of the lm_head (an (N, k, H) gather: cheap for small k); the
-teacher's top-k ids come from a chunked running top-k (no (N, V) buffer).
+The sparse / top-k IW-OPD paths are one :func:`opd_kernels.linear_topk_divergence` call on the student
+(``divergence="jsd"`` with the trainer's beta, ``tail="bucket"`` / ``"renormalize"`` from ``loss_add_tail``,
+the de-duplicated union as ``support_mask``); the teacher's log-probs at the support ids come from one fused
+log-softmax pass plus the k support rows of its lm_head (an (N, k, H) gather: cheap for small k), its top-k
+ids from a chunked running top-k (no (N, V) buffer).
 """
 from __future__ import annotations
 
@@ -47,7 +49,6 @@ try:
     from trl.experimental.gkd import GKDTrainer
     from trl.experimental.gold import GOLDTrainer
     from trl.experimental.iw_opd import IWOPDTrainer
-    from trl.experimental.iw_opd import iw_opd_trainer as _iw_opd
     from trl.models.utils import _ForwardRedirection
 except ImportError as e:  # pragma: no cover - exercised only without trl
     raise ImportError(f"opd_kernels.integrations.trl needs trl ({e}); pip install 'opd_kernels[trl]'") from e
@@ -382,23 +383,22 @@ class _IWOPDLoss(_FusedLoss):
         return _normalize(loss.sum(), num_items_in_batch, valid.sum())
 
     def _opd_support_jsd(self, h_s, s_head, h_t, t_head, support, mask, teacher_lp=None):
-        """TRL's sparse JSD over ``support`` (n, m) ids (``mask`` marks real entries): tail bucket or
-        renormalized, as ``loss_add_tail`` says."""
-        neg_inf = torch.tensor(float("-inf"), device=h_s.device)
-        s_lp = _logprobs_at(h_s, s_head, support, self.temperature, self._opd_vocab)
+        """TRL's sparse JSD over ``support`` (n, m) ids (``mask`` marks real entries; TRL's
+        ``_add_tail_bucket`` when ``loss_add_tail``, else renormalized, then ``_jsd_divergence``) as one
+        :func:`opd_kernels.linear_topk_divergence` call: (n,) per-token values (the sum of TRL's per-entry
+        terms, so its "batchmean" reduction is unchanged)."""
+        import opd_kernels as ok
+
         if teacher_lp is None:
             with torch.no_grad():
                 teacher_lp = _logprobs_at(h_t, t_head, support, self.temperature, self._opd_vocab)
-        s_lp = torch.where(mask, s_lp, neg_inf)
-        t_lp = torch.where(mask, teacher_lp.to(s_lp.dtype), neg_inf)
-        if self.loss_add_tail:
-            s_lp, full_mask = _iw_opd._add_tail_bucket(s_lp, mask)
-            t_lp, _ = _iw_opd._add_tail_bucket(t_lp, mask)
-        else:
-            full_mask = mask
-            s_lp = s_lp - torch.logsumexp(s_lp, dim=-1, keepdim=True)
-            t_lp = t_lp - torch.logsumexp(t_lp, dim=-1, keepdim=True)
-        return _iw_opd._jsd_divergence(s_lp, t_lp, self.beta, full_mask)
+        w, b = _weights(s_head, h_s)
+        with hf.no_autocast(h_s.device):
+            return ok.linear_topk_divergence(
+                h_s, w, support, teacher_lp.float(), divergence="jsd", beta=self.beta,
+                tail="bucket" if self.loss_add_tail else "renormalize", support_mask=mask,
+                temperature=self.temperature, student_bias=b, student_softcap=s_head.softcap,
+                student_scale=s_head.scale, vocab_size=self._opd_vocab, reduction="none", backend=self.opd_backend)
 
     def _opd_top1(self, hidden, head) -> torch.Tensor:
         from ..topk import teacher_topk
