@@ -122,7 +122,10 @@ def test_full_support_is_the_full_divergence(backend, divergence, beta, tail):
                                     tail=tail, backend=backend, **kw)
     want = ref.linear_divergence(hidden.double(), weight.double(), t_hidden.double(), t_weight.double(),
                                  student_bias=bias.double(), **kw)
-    assert rel_err(got, want) < 1e-5, (rel_err(got, want), got, want)
+    # "bucket": with every id in the support the fp32 tail masses are rounding noise (|Q| ~ 1e-7) times
+    # logs of ~ -16: up to 1.5e-5 of the value over 60 seeds (renormalize / none: 6e-7)
+    bound = 1e-4 if tail == "bucket" else 1e-5
+    assert rel_err(got, want) < bound, (rel_err(got, want), got, want)
 
 
 def test_jsd_ends_are_the_kls():
@@ -298,3 +301,51 @@ def test_agreeing_spellings_accepted():
     a = _call(case, tail="bucket", tail_bucket=True, divergence="jsd", beta=0.2)
     b = _call(case, tail="bucket", divergence="jsd", beta=0.2)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ vocab-parallel
+def _vocab_parallel_worker(rank: int, world: int, port: int, seed: int) -> None:
+    """One rank: its shard of the student weight; the new settings (JSD, renormalize, a padded union
+    support, k = 1) against the float64 oracle on the full weight (tests/test_distributed_ops.py's checks)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from test_distributed_ops import H_S, _compare, _Ctx
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    try:
+        ctx = _Ctx(rank, world, seed)
+        total = sum(ctx.sizes)
+        for divergence, beta, tail, k, union, reduction in (("jsd", 0.4, "bucket", 4, True, "mean"),
+                                                            ("jsd", 0.5, "renormalize", 3, True, "none"),
+                                                            ("forward_kl", 0.5, "renormalize", 1, False, "sum")):
+            h, w, b = ctx.randn(6, H_S), ctx.randn(total, H_S, scale=0.5), ctx.randn(total, scale=0.3)
+            teacher = torch.log_softmax(ctx.randn(6, total, scale=2.0), -1)
+            ids = torch.stack([torch.randperm(total, generator=ctx.gen)[:k] for _ in range(6)])
+            support = None
+            if union:   # the last column pads (a repeated id) in every other row
+                support = torch.ones(6, k, dtype=torch.bool)
+                support[::2, -1] = False
+                ids = torch.where(support, ids, ids[:, :1])
+            lp = teacher.gather(-1, ids)
+            mask = torch.tensor([True, True, False, True, True, True])
+            kw = dict(divergence=divergence, beta=beta, tail=tail, support_mask=support, mask=mask,
+                      reduction=reduction)
+            up = ctx.randn(6) if reduction == "none" else torch.tensor(1.0)
+            _compare(ctx, f"topk {kw}",
+                     lambda h_, w_, b_: ok.linear_topk_divergence(h_, w_, ids, lp.float(), student_bias=b_,
+                                                                  process_group=ctx.group, **kw),
+                     lambda h_, w_, b_: ref.linear_topk_divergence(h_, w_, ids, lp, student_bias=b_, **kw),
+                     h, w, b, up)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vocab_parallel():
+    import torch.multiprocessing as mp
+    from test_distributed_ops import _free_port
+
+    mp.spawn(_vocab_parallel_worker, args=(2, _free_port(), int(torch.randint(0, 2**31 - 1, ()))), nprocs=2,
+             join=True)
