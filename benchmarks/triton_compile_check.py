@@ -24,6 +24,7 @@ from opd_kernels.triton.divergence_fwd import divergence_fwd_kernel
 from opd_kernels.triton.gather import gather_bwd_kernel, gather_fwd_kernel
 from opd_kernels.triton.logits import logits_bwd_kernel, logits_fwd_kernel
 from opd_kernels.triton.lse import lse_bwd_kernel, lse_bwd_owned_kernel, lse_fwd_kernel
+from opd_kernels.triton.row_loss import row_loss_bwd_kernel, row_loss_bwd_owned_kernel, row_loss_fwd_kernel
 
 _TL = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 
@@ -74,6 +75,10 @@ def variants(dtype: str):
     for own in ("rows", "cols"):
         yield f"lse_bwd_owned[gather,{own}]", lse_bwd_owned_kernel, dict(OWN_ROWS=own == "rows", GATHER=True,
                                                                          **one), opts
+    yield "row_loss_fwd", row_loss_fwd_kernel, one, opts  # lse_gather_loss (row_loss.py)
+    yield "row_loss_bwd", row_loss_bwd_kernel, one, opts
+    for own in ("rows", "cols"):
+        yield f"row_loss_bwd_owned[{own}]", row_loss_bwd_owned_kernel, dict(OWN_ROWS=own == "rows", **one), opts
     gather = dict(HAS_BIAS=True, HAS_SOFTCAP=True, BLOCK_J=16, BLOCK_K=b.k)
     yield "gather_fwd", gather_fwd_kernel, gather, dict(num_warps=4, num_stages=2)
     yield "gather_bwd", gather_bwd_kernel, gather, dict(num_warps=4, num_stages=2)

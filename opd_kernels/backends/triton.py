@@ -19,7 +19,7 @@ fp64 inputs have no tensor-core path: they are handed to the pure-PyTorch backen
 """
 import importlib.util
 import os
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -241,6 +241,94 @@ def lse_gather(hidden, weight, ids, opts: Options, *, bias=None):
     _check_runnable(hidden=hidden)
     lse, gathered, entropy = _lse_gather_op(hidden, weight, bias, ids, *_lse_gather_scalars(opts))
     return lse, gathered, (entropy if opts.return_entropy else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# lse_gather_loss: the fused row loss (backends/_lse_gather_loss.py), gradient formed in the forward
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op("opd::triton_lse_gather_loss", mutates_args=())
+def _lse_gather_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ids: Tensor, teacher: Tensor,
+                        sampler: Optional[Tensor], weights: Tensor, kind: str, estimator: str, divergence: str,
+                        tail_bucket: bool, kl_coef: float, entropy_coef: float, temperature: float,
+                        softcap: Optional[float], scale: float, vocab_size: int, deterministic: bool,
+                        grad_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss 0-dim fp32 = sum_n weights_n values_n, values (N,) fp32, d loss / d (hidden, weight, bias)) in
+    the inputs' dtypes, each gradient empty (0,) where ``grad_mask`` does not ask for it (or without a
+    bias). One chunked pass of opd_kernels/triton/row_loss.py: the gradient is formed in the forward."""
+    from ..triton import row_loss
+    spec = dict(kind=kind, estimator=estimator, divergence=divergence, tail_bucket=tail_bucket, kl_coef=kl_coef,
+                entropy_coef=entropy_coef)
+    opts = _lse_gather_options(temperature, softcap, scale, vocab_size, deterministic)
+    values, dh, dw, db = row_loss.row_loss_forward(hidden, weight, bias, ids, teacher, sampler, weights, opts, spec,
+                                                   any(grad_mask))
+    keep = (grad_mask[0], grad_mask[1], grad_mask[2] and bias is not None)
+    grads = tuple(g.to(x.dtype) if want else x.new_empty(0)
+                  for g, x, want in zip((dh, dw, db), (hidden, weight, weight if bias is None else bias), keep))
+    return ((weights * values).sum(), values) + grads
+
+
+@_lse_gather_loss_op.register_fake
+def _(hidden, weight, bias, ids, teacher, sampler, weights, *args):
+    grad_mask = args[-1]
+    keep = (grad_mask[0], grad_mask[1], grad_mask[2] and bias is not None)
+    return ((hidden.new_empty((), dtype=torch.float32), hidden.new_empty(hidden.shape[0], dtype=torch.float32))
+            + tuple(torch.empty_like(x) if want else x.new_empty(0)
+                    for x, want in zip((hidden, weight, weight if bias is None else bias), keep)))
+
+
+# loss = sum_n w_n values_n and the op returned d loss / d (h, W, b) for its grad_mask: backward scales
+# them by grad_output. An input needing a gradient the forward did not form is recomputed with the
+# weights scaled by grad_output (as the cpp op). ``values`` carries no gradient.
+def _lse_gather_loss_setup(ctx, inputs, output):
+    from .cpp import _no_zero_grads
+    _no_zero_grads(ctx)  # the unused outputs' gradients reach backward as None, not as (V, H) zeros
+    ctx.scalars = tuple(inputs[7:18])
+    ctx.grad_mask = tuple(inputs[18])
+    ctx.save_for_backward(*inputs[:7], *output[2:])
+
+
+def _lse_gather_loss_backward(ctx, g_loss, *_):
+    _no_double_backward()
+    from .cpp import _scale
+    h, w, b, ids, teacher, sampler, weights, gh, gw, gb = ctx.saved_tensors
+    need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and b is not None)
+    if g_loss is None or not any(need):
+        return (None,) * 19
+    if any(n and not m for n, m in zip(need, ctx.grad_mask)):
+        _, _, gh, gw, gb = _lse_gather_loss_op(h, w, b, ids, teacher, sampler, weights * g_loss, *ctx.scalars,
+                                               list(need))
+    else:
+        gh, gw, gb = (_scale(g, g_loss) if n else None for g, n in zip((gh, gw, gb), need))
+    return (gh if need[0] else None, gw if need[1] else None, gb if need[2] else None) + (None,) * 16
+
+
+_lse_gather_loss_op.register_autograd(_lse_gather_loss_backward, setup_context=_lse_gather_loss_setup)
+
+
+def lse_gather_loss(hidden, weight, ids, teacher, *, bias, sampler, weights, kind, estimator, divergence,
+                    tail_bucket, kl_coef, entropy_coef, temperature, softcap, scale, vocab_size,
+                    deterministic=False):
+    """The triton backend's ``lse_gather_loss`` (backends/_lse_gather_loss.py module doc, docs/internals.md):
+    -> (loss 0-dim fp32, values (N,) fp32), the gradient formed in the forward (3 GEMMs in all).
+    ``deterministic``: the atomic-free second pass. fp64 inputs run the torch backend's."""
+    if hidden.dtype == torch.float64:
+        from ._lse_gather_loss import torch_lse_gather_loss
+        return torch_lse_gather_loss(
+            hidden, weight, ids, teacher, bias=bias, sampler=sampler, weights=weights, kind=kind,
+            estimator=estimator, divergence=divergence, tail_bucket=tail_bucket, kl_coef=kl_coef,
+            entropy_coef=entropy_coef, temperature=temperature, softcap=softcap, scale=scale,
+            vocab_size=vocab_size, deterministic=deterministic)
+    if kind == "topk" and divergence not in ("forward_kl", "reverse_kl"):
+        raise ValueError(f"divergence: the fused top-k loss is forward_kl or reverse_kl, got {divergence!r}")
+    _check_runnable(hidden=hidden)
+    from .cpp import _grad_mask
+    loss, values, *_ = _lse_gather_loss_op(
+        hidden, weight, bias, ids.contiguous(), teacher.detach().float().contiguous(),
+        None if sampler is None else sampler.detach().float().contiguous(), weights.detach().float(), kind,
+        estimator, divergence, bool(tail_bucket), float(kl_coef), float(entropy_coef), float(temperature),
+        None if softcap is None else float(softcap), float(scale), int(vocab_size), bool(deterministic),
+        _grad_mask(hidden, weight, bias))
+    return loss, values
 
 
 # --------------------------------------------------------------------------------------------------

@@ -40,6 +40,19 @@ from .tiles import (accumulate_grads, add_owned, logit_tile, online_softmax, own
 
 
 @triton.jit
+def entropy_step(m, d, a, z):
+    """One online step of the row state (m, d, a) over a logit tile z: max, d = sum e^(z - m) and
+    a = sum e^(z - m) (z - m), both moved to the new max (also used by row_loss.py)."""
+    m_old, d_old = m, d
+    m, d, alpha, e = online_softmax(m, d, z)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    # sum e^(z - m_old)(z - m_old) -> sum e^(z - m)(z - m) = alpha (a + d_old (m_old - m)); 0 while d_old = 0
+    a = alpha * (a + tl.where(d_old != 0, d_old * (m_old - m_safe), 0.0))
+    a += tl.sum(tl.where(e != 0, e * (z - m_safe[:, None]), 0.0), 1)
+    return m, d, a
+
+
+@triton.jit
 def lse_fwd_kernel(h_ptr, w_ptr, b_ptr, part_ptr, N, V, H, V_SPLIT, scale, softcap, inv_temp,
                    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -55,12 +68,7 @@ def lse_fwd_kernel(h_ptr, w_ptr, b_ptr, part_ptr, N, V, H, V_SPLIT, scale, softc
         cols = v0 + tl.arange(0, BLOCK_V)
         _, z = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, scale, softcap, inv_temp,
                           HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
-        m_old, d_old = m, d
-        m, d, alpha, e = online_softmax(m, d, z)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        # sum e^(z - m_old)(z - m_old) -> sum e^(z - m)(z - m) = alpha (a + d_old (m_old - m)); 0 while d_old = 0
-        a = alpha * (a + tl.where(d_old != 0, d_old * (m_old - m_safe), 0.0))
-        a += tl.sum(tl.where(e != 0, e * (z - m_safe[:, None]), 0.0), 1)
+        m, d, a = entropy_step(m, d, a, z)
     row_ok = rows < N
     out = part_ptr + split * N + rows
     tl.store(out, m, mask=row_ok)
@@ -76,29 +84,43 @@ def tile_grad(h_ptr, w_ptr, b_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_p
     """(G, keep): G = dLoss/draw on the tile (rows, cols), fp32 (BLOCK_N, BLOCK_V), from the lse and
     entropy gradients, plus (GATHER) the gathered logits' gradients g_ids (N, K) at ids (N, K); keep is
     false when G is exactly 0 (no gradient matmuls needed)."""
+    raw, z = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, scale, softcap, inv_temp,
+                        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
+    return grad_of_tile(raw, z, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr, rows, cols, N, V, K,
+                        scale, softcap, inv_temp, GATHER, HAS_SOFTCAP, BLOCK_V)
+
+
+@triton.jit
+def ids_in_tile(ids_ptr, rows, cols, N, V, K, j, BLOCK_V: tl.constexpr):
+    """(ids, hit_rows, hit): column j of ids (N, K) for these rows, the rows whose id falls in the tile's
+    columns (cols, contiguous from their minimum), and whether any does. Ids outside [0, V)
+    (OPD_CHECK_IDS=0) never hit: their gathered logit is NaN (gather.py)."""
+    row_ok = rows < N
+    ids = tl.load(ids_ptr + rows.to(tl.int64) * K + j, mask=row_ok, other=-1)
+    col_lo = tl.min(cols, 0)
+    hit_rows = row_ok & (ids >= col_lo) & (ids < col_lo + BLOCK_V) & (ids >= 0) & (ids < V)
+    return ids, hit_rows, tl.max(hit_rows.to(tl.int32), 0) > 0
+
+
+@triton.jit
+def grad_of_tile(raw, z, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr, rows, cols, N, V, K,
+                 scale, softcap, inv_temp, GATHER: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    """tile_grad given the tile's (raw, z), computed (tile_grad) or read from a workspace (row_loss.py)."""
     row_ok = rows < N
     g_lse = tl.load(g_lse_ptr + rows, mask=row_ok, other=0.0)
     g_ent = tl.load(g_ent_ptr + rows, mask=row_ok, other=0.0)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
     active = ((g_lse != 0) | (g_ent != 0))[:, None]
-
-    raw, z = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, scale, softcap, inv_temp,
-                        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
     lp = z - lse[:, None]
     p = tl.where(active, tl.exp(lp), 0.0)
     keep = tl.max(tl.max((p != 0).to(tl.int32), 1), 0) > 0  # != 0: a NaN p (NaN input) is kept
     dz = tl.where(p != 0, p * (g_lse[:, None] - g_ent[:, None] * (lp + ent[:, None])), 0.0)
     if GATHER:
-        row_k = rows.to(tl.int64) * K
-        col_lo = tl.min(cols, 0)
         for j in range(0, K):
-            ids = tl.load(ids_ptr + row_k + j, mask=row_ok, other=-1)
-            # ids outside [0, V) (OPD_CHECK_IDS=0) never hit: their gathered logit is NaN (gather.py)
-            hit_rows = row_ok & (ids >= col_lo) & (ids < col_lo + BLOCK_V) & (ids >= 0) & (ids < V)
-            hit = tl.max(hit_rows.to(tl.int32), 0) > 0
+            ids, hit_rows, hit = ids_in_tile(ids_ptr, rows, cols, N, V, K, j, BLOCK_V)
             if hit:  # some id of column j falls in this tile
-                g_j = tl.load(g_ids_ptr + row_k + j, mask=hit_rows, other=0.0)
+                g_j = tl.load(g_ids_ptr + rows.to(tl.int64) * K + j, mask=hit_rows, other=0.0)
                 dz += tl.where(ids[:, None] == cols[None, :], g_j[:, None], 0.0)
             keep = keep | hit
     # where, not a plain product: a masked row (dz = 0) may hold NaN logits, whose softcap factor is NaN

@@ -1,0 +1,183 @@
+"""The fused row loss ``lse_gather_loss`` (sampled-token OPD loss, top-k KL with a scalar reduction;
+contract and equivalent PyTorch in backends/_lse_gather_loss.py) with its gradient formed in the forward:
+forward + backward is the GEMM floor's 3 products (logits, dH = G W, dW = G^T H), the backward a scale.
+
+Per chunk of C rows, with a C x V fp32 workspace (``OPD_WORKSPACE_MB``, default 256 MiB; C a multiple of
+the row block, at least one block):
+
+- pass 1, ``row_loss_fwd_kernel``, grid (row blocks, vocabulary splits): the raw logit tiles through
+  tl.dot, stored in the workspace; the online row state (m, d, a) of lse.py (lse and entropy, merged by
+  lse.lse_entropy); the logits at ids (C, k), taken from the same tiles.
+- in PyTorch, on (C, k) tensors: q = gathered - lse, (row loss, d row / d q) in closed form
+  (backends/_lse_gather_loss.row_loss_and_grad), the weighted upstreams g_q, g_lse, g_H (zero on masked
+  and non-finite rows).
+- pass 2, ``row_loss_bwd_kernel``, grid (row blocks, vocab blocks): each tile read back from the
+  workspace (not recomputed), G = d loss / d raw formed in registers (lse.grad_of_tile), then
+  dH += G W, dW += G^T H, db += G.sum(0) with atomics (tiles.accumulate_grads), the divergence
+  backward's tiling. ``deterministic=True``: ``row_loss_bwd_owned_kernel`` launched twice (dH by
+  row-block programs, dW and db by vocab-block programs, fixed order, no atomics), as lse.py.
+
+Interpreter-tested only (TRITON_INTERPRET=1 on CPU); never run on a GPU (docs/internals.md).
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .._chunking import workspace_mb
+from .._options import Options
+from ..backends._lse_gather_loss import row_loss_and_grad
+from .launch import INTERPRET, _grad_accumulators, _on, _options, blocks_for, dot_precision
+from .lse import entropy_step, grad_of_tile, ids_in_tile, lse_entropy
+from .splits import split_vocab
+from .tiles import accumulate_grads, add_owned, logit_tile, owned_steps, owned_tile, transform
+
+
+@triton.jit
+def row_loss_fwd_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, raw_ptr, part_ptr, gathered_ptr, N, V, H, K, V_SPLIT,
+                        scale, softcap, inv_temp, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
+    """Pass 1 of one chunk (N rows): raw tiles into raw (N, V), partial (m, d, a) of split
+    ``program_id(1)`` into part (3, S, N), and gathered[n, j] = z[n, ids[n, j]] for the ids in this
+    program's tiles (each (n, j) lies in one tile of one program: plain stores; the caller fills NaN)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    v_begin = split * V_SPLIT
+    row_ok = rows < N
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    d = tl.zeros((BLOCK_N,), tl.float32)
+    a = tl.zeros((BLOCK_N,), tl.float32)
+    for v0 in range(v_begin, tl.minimum(v_begin + V_SPLIT, V), BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        raw, z = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, scale, softcap, inv_temp,
+                            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
+        tl.store(raw_ptr + rows.to(tl.int64)[:, None] * V + cols[None, :], raw,
+                 mask=row_ok[:, None] & (cols[None, :] < V))
+        m, d, a = entropy_step(m, d, a, z)
+        for j in range(0, K):
+            ids, hit_rows, hit = ids_in_tile(ids_ptr, rows, cols, N, V, K, j, BLOCK_V)
+            if hit:
+                z_j = tl.sum(tl.where(ids[:, None] == cols[None, :], z, 0.0), 1)
+                tl.store(gathered_ptr + rows.to(tl.int64) * K + j, z_j, mask=hit_rows)
+    out = part_ptr + split * N + rows
+    tl.store(out, m, mask=row_ok)
+    tl.store(out + splits * N, d, mask=row_ok)
+    tl.store(out + 2 * splits * N, a, mask=row_ok)
+
+
+@triton.jit
+def _workspace_grad(raw_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr, rows, cols, N, V, K,
+                    scale, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(G, keep) of one tile, its raw logits read from the workspace (N, V) (-inf z beyond V, as logit_tile).
+
+    loss = sum_n w_n (row(q_n) - c_H H_n), q_nj = z_n,ids_nj - L_n, L = logsumexp z, H = -sum_v p log p.
+    With d q_nj / d z_nv = [v = ids_nj] - p_nv, d L / d z_v = p_v, d H / d z_v = -p_v (log p_v + H) (lse.py):
+        G_nv = d loss / d z_nv = sum_j g_nj ([v = ids_nj] - p_nv) - g_H,n p_nv (log p_nv + H_n)
+             = p_nv (g_lse,n - g_H,n (log p_nv + H_n)) + sum_j g_nj [v = ids_nj]
+    with g_nj = w_n d row / d q_nj (closed form, row_loss_and_grad), g_lse = -sum_j g_nj and
+    g_H = -c_H w_n; then times dz/draw (tiles.transform_grad). lse.grad_of_tile computes exactly this."""
+    raw = tl.load(raw_ptr + rows.to(tl.int64)[:, None] * V + cols[None, :],
+                  mask=(rows[:, None] < N) & (cols[None, :] < V), other=0.0)
+    z = tl.where(cols[None, :] < V, transform(raw, scale, softcap, inv_temp, HAS_SOFTCAP), float("-inf"))
+    return grad_of_tile(raw, z, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr, rows, cols, N, V, K,
+                        scale, softcap, inv_temp, True, HAS_SOFTCAP, BLOCK_V)
+
+
+@triton.jit
+def row_loss_bwd_kernel(raw_ptr, h_ptr, w_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr,
+                        dh_ptr, dw_ptr, db_ptr, N, V, H, K, scale, softcap, inv_temp,
+                        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Pass 2 of one chunk, grid (row blocks, vocab blocks): G (_workspace_grad) into dh, dw, db (atomics)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    dz, keep = _workspace_grad(raw_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr, rows, cols,
+                               N, V, K, scale, softcap, inv_temp, HAS_SOFTCAP, BLOCK_V)
+    if keep:
+        accumulate_grads(dz, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, rows, cols, N, V, H,
+                         HAS_BIAS, BLOCK_K, DOT_PRECISION)
+
+
+@triton.jit
+def row_loss_bwd_owned_kernel(raw_ptr, h_ptr, w_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr,
+                              dh_ptr, dw_ptr, db_ptr, N, V, H, K, scale, softcap, inv_temp,
+                              OWN_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                              DOT_PRECISION: tl.constexpr):
+    """Deterministic pass 2 (see lse_bwd_owned_kernel): OWN_ROWS, grid (row blocks,), into dh; else grid
+    (vocab blocks,), into dw, db. The tiles are read from the workspace twice, never recomputed."""
+    for step in range(0, owned_steps(N, V, OWN_ROWS, BLOCK_N, BLOCK_V)):
+        rows, cols = owned_tile(step, OWN_ROWS, BLOCK_N, BLOCK_V)
+        dz, keep = _workspace_grad(raw_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr, rows,
+                                   cols, N, V, K, scale, softcap, inv_temp, HAS_SOFTCAP, BLOCK_V)
+        if keep:
+            add_owned(dz, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, rows, cols, N, V, H, OWN_ROWS, HAS_BIAS,
+                      BLOCK_K, DOT_PRECISION)
+        tl.debug_barrier()  # this step's stores visible to every thread before the next step's loads
+
+
+# --------------------------------------------------------------------------------------------------
+# launcher
+# --------------------------------------------------------------------------------------------------
+def chunk_rows(n: int, vocab: int, block_n: int) -> int:
+    """Rows per chunk: the C x V fp32 workspace within ``OPD_WORKSPACE_MB`` (default 256 MiB), C a multiple
+    of ``block_n`` and at least one block, at most n rounded up to a block."""
+    budget = int(workspace_mb(256.0) * 2**20) // (4 * vocab)
+    return max(block_n, min(budget, triton.cdiv(n, block_n) * block_n) // block_n * block_n)
+
+
+def row_loss_forward(h, w, b: Optional[torch.Tensor], ids, teacher, sampler: Optional[torch.Tensor], weights,
+                     opts: Options, spec: dict, need_grad: bool):
+    """(values (N,) fp32, dh (N, H), dw (V_m, H), db (V_m,) or None as fp32 accumulators; the three are
+    None without ``need_grad``). ``spec``: the row loss (kind, estimator, divergence, tail_bucket,
+    kl_coef, entropy_coef); teacher (N, k), sampler (N,), weights (N,) fp32; values_n = 0 where w_n = 0."""
+    n, hdim = h.shape
+    k, vocab, m = ids.shape[1], opts.vocab_size, opts.student
+    f32 = dict(dtype=torch.float32, device=h.device)
+    values = torch.zeros(n, **f32)
+    dh, dw, db = _grad_accumulators(h, w, b) if need_grad else (None, None, None)
+    if n == 0:
+        return values, dh, dw, db
+    blocks = blocks_for(h.device, h.dtype)
+    rows = chunk_rows(n, vocab, blocks.n)
+    workspace = torch.empty(min(rows, n), vocab, **f32)
+    ec = float(spec["entropy_coef"])
+    consts = dict(HAS_BIAS=b is not None, HAS_SOFTCAP=m.softcap is not None, DOT_PRECISION=dot_precision(h.dtype),
+                  **_options(blocks))
+    transform_args = (m.scale, m.kernel_softcap, m.inv_temperature)
+    zero = torch.zeros((), **f32)
+    for start in range(0, n, rows):
+        sl = slice(start, min(start + rows, n))
+        c = sl.stop - start
+        hc, ids_c = h[sl], ids[sl]
+        n_blocks = triton.cdiv(c, blocks.n)
+        splits, v_split = split_vocab(n_blocks, vocab, blocks.v, h.device, INTERPRET)
+        part = torch.empty(3, splits, c, **f32)
+        gathered = torch.full((c, k), float("nan"), **f32)  # an id outside [0, V) stays NaN
+        with _on(h.device):
+            row_loss_fwd_kernel[(n_blocks, splits)](hc, w, b, ids_c, workspace, part, gathered, c, vocab, hdim, k,
+                                                    v_split, *transform_args, **consts)
+        lse, ent = lse_entropy(part)
+        row, dq = row_loss_and_grad(gathered - lse.unsqueeze(-1), teacher[sl], None if sampler is None
+                                    else sampler[sl], spec)
+        if ec != 0.0:
+            row = row - ec * ent
+        wc = weights[sl]
+        values[sl] = torch.where(wc != 0, row, zero)
+        if not need_grad:
+            continue
+        live = (wc != 0) & torch.isfinite(row)  # masked and non-finite rows: exact zero gradients
+        wl = torch.where(live, wc, zero)
+        g_q = torch.where(live.unsqueeze(-1), wl.unsqueeze(-1) * dq, zero).contiguous()
+        args = (workspace, hc, w, lse, ent, -g_q.sum(-1), -ec * wl, ids_c, g_q, dh[sl], dw, db, c, vocab, hdim, k,
+                *transform_args)
+        with _on(h.device):
+            if opts.deterministic:
+                row_loss_bwd_owned_kernel[(n_blocks,)](*args, OWN_ROWS=True, **consts)
+                row_loss_bwd_owned_kernel[(triton.cdiv(vocab, blocks.v),)](*args, OWN_ROWS=False, **consts)
+            else:
+                row_loss_bwd_kernel[(n_blocks, triton.cdiv(vocab, blocks.v))](*args, **consts)
+    return values, dh, dw, db
