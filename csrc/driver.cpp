@@ -138,6 +138,56 @@ void logits_into(Tensor& out, const Tensor& h, const Tensor& w, const OptTensor&
   });
 }
 
+// ---- per-row scalars ----------------------------------------------------------------------------------
+// Token weights, values, losses, lse, gathered logits and entropies are fp64 when an input's logits are
+// fp64 (the accumulation type of the epilogues then), fp32 otherwise - as the torch backend returns them.
+at::ScalarType real_dtype(const Tensor& a, const Tensor& b) {
+  return (a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
+}
+
+// fn(R{}) with R = double or float for the per-row scalar dtype `real`.
+template <class Fn>
+auto with_real(at::ScalarType real, Fn&& fn) {
+  return real == at::kDouble ? fn(double{}) : fn(float{});
+}
+
+// t's data from element `offset`, or null for an undefined tensor.
+template <class R>
+R* data_or_null(const Tensor& t, int64_t offset = 0) {
+  return t.defined() ? t.data_ptr<R>() + offset : nullptr;
+}
+
+// One chunk's epilogue: the device's table for float row scalars; fp64 inputs (double row scalars) run on
+// CPU only - the CUDA epilogues take fp32 / bf16 / fp16 logits.
+void check_fp64_device(const Tensor& like) {
+  TORCH_CHECK(like.device().is_cpu(), "opd: float64 inputs run on CPU only (got ", like.device(),
+              "; the CUDA epilogues take float32, bfloat16 or float16)");
+}
+void run_epilogue(const Tensor& like, const DivergenceArgs& a) { epilogues_for(like).divergence(a); }
+void run_epilogue(const Tensor& like, const DivergenceArgs64& a) {
+  check_fp64_device(like);
+  cpu::divergence_epilogue(a);
+}
+void run_epilogue(const Tensor& like, const LseGatherArgs& a) { epilogues_for(like).lse_gather(a); }
+void run_epilogue(const Tensor& like, const LseGatherArgs64& a) {
+  check_fp64_device(like);
+  cpu::lse_gather_epilogue(a);
+}
+void run_epilogue(const Tensor& like, const LseGatherBackwardArgs& a) { epilogues_for(like).lse_gather_backward(a); }
+void run_epilogue(const Tensor& like, const LseGatherBackwardArgs64& a) {
+  check_fp64_device(like);
+  cpu::lse_gather_backward_epilogue(a);
+}
+void run_epilogue(const Tensor& like, const LseGatherLossArgs& a) {
+  const EpilogueTable& ep = epilogues_for(like);
+  TORCH_CHECK(ep.lse_gather_loss != nullptr, "opd: no lse_gather_loss epilogue for device ", like.device());
+  ep.lse_gather_loss(a);
+}
+void run_epilogue(const Tensor& like, const LseGatherLossArgs64& a) {
+  check_fp64_device(like);
+  cpu::lse_gather_loss_epilogue(a);
+}
+
 void check_2d(const Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, "opd: ", name, " must be 2-D with unit inner stride, got sizes ",
               t.sizes(), " strides ", t.strides());
@@ -236,10 +286,11 @@ DivergenceResult run_linear_divergence(
   const Tensor ws_v = ws.narrow(0, 0, V).contiguous();
   const Tensor wt_v = wt.narrow(0, 0, V).contiguous();
   const OptTensor bs = narrow_bias(bs_full, V), bt = narrow_bias(bt_full, V);
-  const Tensor weights = weights_in.to(at::kFloat).contiguous();
+  const at::ScalarType real = real_dtype(hs, ht);
+  const Tensor weights = weights_in.to(real).contiguous();
 
   DivergenceResult res;
-  res.values = at::zeros({N}, hs.options().dtype(at::kFloat));
+  res.values = at::zeros({N}, hs.options().dtype(real));
   LinearGrads grads(hs, ws, bs_full, V, need_h, need_w, need_b);
 
   if (N > 0) {
@@ -247,7 +298,6 @@ DivergenceResult run_linear_divergence(
     const int64_t ld_s = workspace_ld(hs, V), ld_t = workspace_ld(ht, V);
     Tensor S = at::empty({C, ld_s}, hs.options());
     Tensor T = at::empty({C, ld_t}, ht.options());
-    const EpilogueTable& ep = epilogues_for(hs);
     for (int64_t r0 = 0; r0 < N; r0 += C) {
       const int64_t c = std::min(C, N - r0);
       Tensor Sc = S.narrow(0, 0, c).narrow(1, 0, V);
@@ -256,7 +306,9 @@ DivergenceResult run_linear_divergence(
       logits_into(Sc, h_s, ws_v, bs);
       logits_into(Tc, ht.narrow(0, r0, c), wt_v, bt);
 
-      DivergenceArgs a;
+      with_real(real, [&](auto zero) {
+      using R = decltype(zero);
+      DivergenceArgsT<R> a;
       a.rows = c;
       a.vocab = V;
       a.student = Sc.data_ptr();
@@ -268,14 +320,15 @@ DivergenceResult run_linear_divergence(
       a.grad = grads.any() ? Sc.data_ptr() : nullptr;  // the gradient overwrites the student logits
       a.ld_grad = Sc.stride(0);
       a.grad_dtype = a.student_dtype;
-      a.weights = weights.data_ptr<float>() + r0;
-      a.values = res.values.data_ptr<float>() + r0;
+      a.weights = weights.data_ptr<R>() + r0;
+      a.values = res.values.data_ptr<R>() + r0;
       a.divergence = div;
       a.jsd = make_jsd_coefficients(beta);
       a.ts = ts;
       a.tt = tt;
       a.num_threads = at::get_num_threads();
-      ep.divergence(a);
+      run_epilogue(hs, a);
+      });
 
       grads.accumulate(Sc, grads.need_w ? zero_dead_rows(h_s, weights.narrow(0, r0, c).ne(0)) : h_s, ws_v, r0);
     }
@@ -302,7 +355,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_divergence(
       divergence, beta, temperature, student_softcap, teacher_softcap, student_scale, teacher_scale,
       vocab_size, grad_mask[0], grad_mask[1], grad_mask[2], chunk_rows);
   // sum_n w_n * value_n; values are 0 where w_n == 0, so an inf value never meets a 0 weight.
-  Tensor loss = (weights.to(at::kFloat) * r.values).sum();
+  Tensor loss = (weights.to(r.values.scalar_type()) * r.values).sum();
   return {loss, r.grad_hidden, r.grad_weight, r.grad_bias};
 }
 
@@ -320,6 +373,46 @@ Tensor linear_divergence_values(
 }
 
 // ---- lse / gather primitive ------------------------------------------------------------------------
+namespace {
+// The chunk loop of the one-model ops (lse_gather, its backward, lse_gather_loss): per chunk of C rows,
+//     Zc = h[r0 : r0 + c] @ W[:V].T + b[:V]          # into one reused (C, V) workspace
+// then fn(R{}, Zc, h[r0 : r0 + c], r0) with R the row scalars' type (with_real(real, ...)).
+template <class Fn>
+void for_each_logits_chunk(const Tensor& hidden, const Tensor& w_v, const OptTensor& b_v, int64_t V,
+                           int64_t chunk_rows, at::ScalarType real, Fn&& fn) {
+  const int64_t N = hidden.size(0);
+  if (N == 0) return;
+  const int64_t C = rows_per_chunk(chunk_rows, N);
+  Tensor Z = at::empty({C, workspace_ld(hidden, V)}, hidden.options());
+  for (int64_t r0 = 0; r0 < N; r0 += C) {
+    const int64_t c = std::min(C, N - r0);
+    Tensor Zc = Z.narrow(0, 0, c).narrow(1, 0, V);
+    const Tensor h = hidden.narrow(0, r0, c);
+    logits_into(Zc, h, w_v, b_v);
+    with_real(real, [&](auto zero) { fn(zero, Zc, h, r0); });
+  }
+}
+
+// The fields that the arguments of every one-model epilogue share, for the chunk Zc of rows r0 ...
+template <class A>
+void set_logits_chunk(A& a, const Tensor& Zc, const Tensor& hidden, const Tensor& ids, int64_t r0, Transform t) {
+  a.rows = Zc.size(0);
+  a.vocab = Zc.size(1);
+  a.logits = Zc.data_ptr();
+  a.ld = Zc.stride(0);
+  a.dtype = to_dtype(hidden.scalar_type());
+  a.t = t;
+  a.k = ids.size(1);
+  a.ids = ids.data_ptr<int64_t>() + r0 * a.k;
+  a.num_threads = at::get_num_threads();
+}
+
+// A per-row input (upstream gradient, teacher log-probs, ...) in the row scalars' dtype, or undefined.
+Tensor real_or_undefined(const OptTensor& t, at::ScalarType real) {
+  return (t.has_value() && t->defined()) ? t->to(real).contiguous() : Tensor();
+}
+}  // namespace
+
 // Forward, per chunk:  Z = h[c] @ W[:V].T + b;  lse, gathered, entropy = epilogue(Z, ids[c]).
 // Nothing N x V is allocated; with no gradient required this is the teacher gather.
 std::tuple<Tensor, Tensor, Tensor> lse_gather(
@@ -331,35 +424,22 @@ std::tuple<Tensor, Tensor, Tensor> lse_gather(
   TORCH_CHECK(V >= 1 && V <= weight.size(0), "opd: vocab_size ", V, " out of range");
   const int64_t N = hidden.size(0), k = ids_in.size(1);
   const Tensor ids = ids_in.to(at::kLong).contiguous();
-  const Tensor w_v = weight.narrow(0, 0, V).contiguous();
-  const OptTensor b_v = narrow_bias(bias, V);
-  const auto f32 = hidden.options().dtype(at::kFloat);
-  Tensor lse = at::empty({N}, f32);
-  Tensor gathered = at::empty({N, k}, f32);
-  Tensor entropy = return_entropy ? at::empty({N}, f32) : at::empty({0}, f32);
-  if (N == 0) return {lse, gathered, entropy};
-  const int64_t C = rows_per_chunk(chunk_rows, N);
-  Tensor Z = at::empty({C, workspace_ld(hidden, V)}, hidden.options());
-  const EpilogueTable& ep = epilogues_for(hidden);
-  for (int64_t r0 = 0; r0 < N; r0 += C) {
-    const int64_t c = std::min(C, N - r0);
-    Tensor Zc = Z.narrow(0, 0, c).narrow(1, 0, V);
-    logits_into(Zc, hidden.narrow(0, r0, c), w_v, b_v);
-    LseGatherArgs a;
-    a.rows = c;
-    a.vocab = V;
-    a.logits = Zc.data_ptr();
-    a.ld = Zc.stride(0);
-    a.dtype = to_dtype(hidden.scalar_type());
-    a.t = transform_of(scale, temperature, softcap);
-    a.ids = ids.data_ptr<int64_t>() + r0 * k;
-    a.k = k;
-    a.lse = lse.data_ptr<float>() + r0;
-    a.gathered = gathered.data_ptr<float>() + r0 * k;
-    a.entropy = return_entropy ? entropy.data_ptr<float>() + r0 : nullptr;
-    a.num_threads = at::get_num_threads();
-    ep.lse_gather(a);
-  }
+  const at::ScalarType real = real_dtype(hidden, weight);
+  const auto opts = hidden.options().dtype(real);
+  Tensor lse = at::empty({N}, opts);
+  Tensor gathered = at::empty({N, k}, opts);
+  Tensor entropy = at::empty({return_entropy ? N : 0}, opts);
+  const Transform t = transform_of(scale, temperature, softcap);
+  for_each_logits_chunk(hidden, weight.narrow(0, 0, V).contiguous(), narrow_bias(bias, V), V, chunk_rows, real,
+                        [&](auto zero, const Tensor& Zc, const Tensor&, int64_t r0) {
+    using R = decltype(zero);
+    LseGatherArgsT<R> a;
+    set_logits_chunk(a, Zc, hidden, ids, r0, t);
+    a.lse = lse.data_ptr<R>() + r0;
+    a.gathered = gathered.data_ptr<R>() + r0 * k;
+    a.entropy = return_entropy ? entropy.data_ptr<R>() + r0 : nullptr;
+    run_epilogue(hidden, a);
+  });
   return {lse, gathered, entropy};
 }
 
@@ -373,15 +453,13 @@ std::tuple<Tensor, Tensor, Tensor> lse_gather_backward(
   check_2d(hidden, "hidden");
   const int64_t N = hidden.size(0), k = ids_in.size(1);
   const Tensor ids = ids_in.to(at::kLong).contiguous();
-  const Tensor lse = lse_in.to(at::kFloat).contiguous();
-  auto f32c = [](const OptTensor& t) -> Tensor {
-    return (t.has_value() && t->defined()) ? t->to(at::kFloat).contiguous() : Tensor();
-  };
-  const Tensor g_lse = f32c(grad_lse), g_gath = f32c(grad_gathered), g_ent = f32c(grad_entropy);
-  const Tensor entropy = g_ent.defined() ? entropy_in.to(at::kFloat).contiguous() : Tensor();
+  const at::ScalarType real = real_dtype(hidden, weight);
+  const Tensor lse = lse_in.to(real).contiguous();
+  const Tensor g_lse = real_or_undefined(grad_lse, real), g_gath = real_or_undefined(grad_gathered, real);
+  const Tensor g_ent = real_or_undefined(grad_entropy, real);
+  const Tensor entropy = g_ent.defined() ? entropy_in.to(real).contiguous() : Tensor();
   TORCH_CHECK(!g_ent.defined() || entropy.numel() == N, "opd: grad_entropy given but entropy was not computed");
   const Tensor w_v = weight.narrow(0, 0, V).contiguous();
-  const OptTensor b_v = narrow_bias(bias, V);
 
   LinearGrads grads(hidden, weight, bias, V, grad_mask[0], grad_mask[1], grad_mask[2]);
   // rows with any nonzero (or NaN) upstream gradient; the epilogue writes zero rows for the others
@@ -389,36 +467,22 @@ std::tuple<Tensor, Tensor, Tensor> lse_gather_backward(
   if (g_lse.defined()) live.logical_or_(g_lse.ne(0));
   if (g_ent.defined()) live.logical_or_(g_ent.ne(0));
   if (g_gath.defined() && k > 0) live.logical_or_(g_gath.ne(0).any(1));
-  if (N > 0 && grads.any()) {
-    const int64_t C = rows_per_chunk(chunk_rows, N);
-    Tensor Z = at::empty({C, workspace_ld(hidden, V)}, hidden.options());
-    Tensor scratch = at::empty({C, k}, hidden.options().dtype(at::kFloat));
-    const EpilogueTable& ep = epilogues_for(hidden);
-    for (int64_t r0 = 0; r0 < N; r0 += C) {
-      const int64_t c = std::min(C, N - r0);
-      Tensor Zc = Z.narrow(0, 0, c).narrow(1, 0, V);
-      const Tensor h = hidden.narrow(0, r0, c);
-      logits_into(Zc, h, w_v, b_v);
-      LseGatherBackwardArgs a;
-      a.rows = c;
-      a.vocab = V;
-      a.logits = Zc.data_ptr();
-      a.ld = Zc.stride(0);
-      a.dtype = to_dtype(hidden.scalar_type());
-      a.t = transform_of(scale, temperature, softcap);
-      a.ids = ids.data_ptr<int64_t>() + r0 * k;
-      a.k = k;
-      a.lse = lse.data_ptr<float>() + r0;
-      a.entropy = entropy.defined() ? entropy.data_ptr<float>() + r0 : nullptr;
-      a.g_lse = g_lse.defined() ? g_lse.data_ptr<float>() + r0 : nullptr;
-      a.g_gathered = g_gath.defined() ? g_gath.data_ptr<float>() + r0 * k : nullptr;
-      a.g_entropy = g_ent.defined() ? g_ent.data_ptr<float>() + r0 : nullptr;
-      a.scratch = scratch.data_ptr<float>();
-      a.num_threads = at::get_num_threads();
-      ep.lse_gather_backward(a);
-      grads.accumulate(Zc, grads.need_w ? zero_dead_rows(h, live.narrow(0, r0, c)) : h, w_v, r0);
-    }
-  }
+  if (!grads.any()) return grads.finish(hidden, weight, bias);
+  Tensor scratch = at::empty({rows_per_chunk(chunk_rows, N), k}, hidden.options().dtype(at::kFloat));
+  for_each_logits_chunk(hidden, w_v, narrow_bias(bias, V), V, chunk_rows, real,
+                        [&](auto zero, const Tensor& Zc, const Tensor& h, int64_t r0) {
+    using R = decltype(zero);
+    LseGatherBackwardArgsT<R> a;
+    set_logits_chunk(a, Zc, hidden, ids, r0, transform_of(scale, temperature, softcap));
+    a.lse = lse.data_ptr<R>() + r0;
+    a.entropy = data_or_null<R>(entropy, r0);
+    a.g_lse = data_or_null<R>(g_lse, r0);
+    a.g_gathered = data_or_null<R>(g_gath, r0 * k);
+    a.g_entropy = data_or_null<R>(g_ent, r0);
+    a.scratch = scratch.data_ptr<float>();
+    run_epilogue(hidden, a);
+    grads.accumulate(Zc, grads.need_w ? zero_dead_rows(h, live.narrow(0, r0, Zc.size(0))) : h, w_v, r0);
+  });
   return grads.finish(hidden, weight, bias);
 }
 
@@ -433,10 +497,12 @@ std::tuple<Tensor, Tensor> run_logits_divergence(const Tensor& s, const Tensor& 
   TORCH_CHECK(s.size(0) == t.size(0), "opd: student_logits and teacher_logits need the same rows");
   TORCH_CHECK(V >= 1 && V <= s.size(1) && V <= t.size(1), "opd: vocab_size ", V, " out of range");
   const int64_t N = s.size(0);
-  const Tensor weights = weights_in.to(at::kFloat).contiguous();
-  Tensor values = at::zeros({N}, s.options().dtype(at::kFloat));
-  if (N > 0) {
-    DivergenceArgs a;
+  const at::ScalarType real = real_dtype(s, t);
+  const Tensor weights = weights_in.to(real).contiguous();
+  Tensor values = at::zeros({N}, s.options().dtype(real));
+  if (N > 0) with_real(real, [&](auto zero) {
+    using R = decltype(zero);
+    DivergenceArgsT<R> a;
     a.rows = N;
     a.vocab = V;
     a.student = s.data_ptr();
@@ -450,17 +516,17 @@ std::tuple<Tensor, Tensor> run_logits_divergence(const Tensor& s, const Tensor& 
       a.ld_grad = grad->stride(0);
       a.grad_dtype = a.student_dtype;
     }
-    a.weights = weights.data_ptr<float>();
-    a.values = values.data_ptr<float>();
+    a.weights = weights.data_ptr<R>();
+    a.values = values.data_ptr<R>();
     a.divergence = parse_divergence(divergence, beta);
     a.jsd = make_jsd_coefficients(beta);
     a.ts = transform_of(1.0, temperature, c10::nullopt);
     a.tt = a.ts;
     a.num_threads = at::get_num_threads();
-    epilogues_for(s).divergence(a);
+    run_epilogue(s, a);
     // student columns beyond vocab_size do not enter the loss: zero gradient
     if (grad != nullptr && V < grad->size(1)) grad->narrow(1, V, grad->size(1) - V).zero_();
-  }
+  });
   Tensor loss = (weights * values).sum();
   return {loss, values};
 }
@@ -517,49 +583,33 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lse_gather_loss(
   TORCH_CHECK(spec.kind == kTopK || ids_in.size(1) == 1, "opd: the sampled-token loss takes one id per row");
   const int64_t N = hidden.size(0), k = ids_in.size(1);
   const Tensor ids = ids_in.to(at::kLong).contiguous();
-  const Tensor teacher = teacher_in.to(at::kFloat).contiguous();
-  const Tensor sampler = (sampler_in.has_value() && sampler_in->defined())
-                             ? sampler_in->to(at::kFloat).contiguous() : Tensor();
+  const at::ScalarType real = real_dtype(hidden, weight);
+  const Tensor teacher = teacher_in.to(real).contiguous();
+  const Tensor sampler = real_or_undefined(sampler_in, real);
   TORCH_CHECK(!sampler.defined() || sampler.numel() == N, "opd: sampler log-probs must be (N,)");
-  const Tensor weights = weights_in.to(at::kFloat).contiguous();
+  const Tensor weights = weights_in.to(real).contiguous();
   const Tensor w_v = weight.narrow(0, 0, V).contiguous();
-  const OptTensor b_v = narrow_bias(bias, V);
-  Tensor values = at::zeros({N}, hidden.options().dtype(at::kFloat));
+  Tensor values = at::zeros({N}, hidden.options().dtype(real));
   LinearGrads grads(hidden, weight, bias, V, grad_mask[0], grad_mask[1], grad_mask[2]);
-  if (N > 0) {
-    const int64_t C = rows_per_chunk(chunk_rows, N);
-    Tensor Z = at::empty({C, workspace_ld(hidden, V)}, hidden.options());
-    Tensor scratch = at::empty({C, k}, hidden.options().dtype(at::kFloat));
-    const EpilogueTable& ep = epilogues_for(hidden);
-    TORCH_CHECK(ep.lse_gather_loss != nullptr, "opd: no lse_gather_loss epilogue for device ", hidden.device());
-    for (int64_t r0 = 0; r0 < N; r0 += C) {
-      const int64_t c = std::min(C, N - r0);
-      Tensor Zc = Z.narrow(0, 0, c).narrow(1, 0, V);
-      const Tensor h = hidden.narrow(0, r0, c);
-      logits_into(Zc, h, w_v, b_v);
-      LseGatherLossArgs a;
-      a.rows = c;
-      a.vocab = V;
-      a.logits = Zc.data_ptr();
-      a.ld = Zc.stride(0);
-      a.dtype = to_dtype(hidden.scalar_type());
-      a.t = transform_of(scale, temperature, softcap);
-      a.ids = ids.data_ptr<int64_t>() + r0 * k;
-      a.k = k;
-      a.teacher = teacher.data_ptr<float>() + r0 * k;
-      a.sampler = sampler.defined() ? sampler.data_ptr<float>() + r0 : nullptr;
-      a.weights = weights.data_ptr<float>() + r0;
-      a.values = values.data_ptr<float>() + r0;
-      a.scratch = scratch.data_ptr<float>();
-      a.spec = spec;
-      a.grad = grads.any() ? 1 : 0;
-      a.num_threads = at::get_num_threads();
-      ep.lse_gather_loss(a);
-      if (grads.any()) {
-        grads.accumulate(Zc, grads.need_w ? zero_dead_rows(h, weights.narrow(0, r0, c).ne(0)) : h, w_v, r0);
-      }
+  Tensor scratch = at::empty({rows_per_chunk(chunk_rows, N), k}, hidden.options().dtype(at::kFloat));
+  const Transform t = transform_of(scale, temperature, softcap);
+  for_each_logits_chunk(hidden, w_v, narrow_bias(bias, V), V, chunk_rows, real,
+                        [&](auto zero, const Tensor& Zc, const Tensor& h, int64_t r0) {
+    using R = decltype(zero);
+    LseGatherLossArgsT<R> a;
+    set_logits_chunk(a, Zc, hidden, ids, r0, t);
+    a.spec = spec;
+    a.grad = grads.any() ? 1 : 0;
+    a.teacher = teacher.data_ptr<R>() + r0 * k;
+    a.sampler = data_or_null<R>(sampler, r0);
+    a.weights = weights.data_ptr<R>() + r0;
+    a.values = values.data_ptr<R>() + r0;
+    a.scratch = scratch.data_ptr<float>();
+    run_epilogue(hidden, a);
+    if (grads.any()) {
+      grads.accumulate(Zc, grads.need_w ? zero_dead_rows(h, weights.narrow(0, r0, Zc.size(0)).ne(0)) : h, w_v, r0);
     }
-  }
+  });
   Tensor gh, gw, gb;
   std::tie(gh, gw, gb) = grads.finish(hidden, weight, bias);
   // outputs that were not requested are distinct empty tensors (the schema declares no aliasing)

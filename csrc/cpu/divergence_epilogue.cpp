@@ -11,6 +11,7 @@
 #include <omp.h>
 
 #include <memory>
+#include <stdexcept>
 #include <type_traits>
 
 #include "dtype_dispatch.h"
@@ -22,12 +23,12 @@ namespace cpu {
 namespace {
 
 template <int DIV, class TS, class TT, class F>
-void divergence_row(const DivergenceArgs& a, int64_t r, F* zs, F* zt, F* es, F* et) {
+void divergence_row(const DivergenceArgsT<F>& a, int64_t r, F* zs, F* zt, F* es, F* et) {
   const int64_t V = a.vocab;
   const F w = static_cast<F>(a.weights[r]);
   TS* grad = a.grad ? static_cast<TS*>(a.grad) + r * a.ld_grad : nullptr;
   if (w == F(0)) {  // masked (or zero upstream gradient): nothing to compute, zero gradient row
-    a.values[r] = 0.0f;
+    a.values[r] = F(0);
     if (grad) zero_row(grad, V);
     return;
   }
@@ -49,7 +50,7 @@ void divergence_row(const DivergenceArgs& a, int64_t r, F* zs, F* zt, F* es, F* 
     value = jsd_value(sum_b, sum_a, a.jsd);
     stat = sum_a;
   }
-  a.values[r] = static_cast<float>(value);
+  a.values[r] = value;
   if (!grad) return;
   if (has_gradient(value)) {
     divergence_grad<DIV>(zs, zt, es, et, V, ms, mt, log_ds, log_dt, F(1) / ds, F(1) / dt, stat, w, a.jsd, a.ts,
@@ -59,25 +60,30 @@ void divergence_row(const DivergenceArgs& a, int64_t r, F* zs, F* zt, F* es, F* 
   }
 }
 
-template <int DIV, class TS, class TT>
-void divergence_rows(const DivergenceArgs& a) {
+// The row scalars (weights, values) are of type R, which must be the accumulation type F: double when
+// either model's logits are fp64 (DivergenceArgs64), float otherwise.
+template <int DIV, class TS, class TT, class R>
+void divergence_rows(const DivergenceArgsT<R>& a) {
   using F = std::conditional_t<std::is_same<TS, double>::value || std::is_same<TT, double>::value,
                                double, float>;
-  const int64_t V = a.vocab;
+  if constexpr (!std::is_same<F, R>::value) {
+    throw std::invalid_argument("opd: float64 logits need float64 weights and values, and the reverse");
+  } else {
+    const int64_t V = a.vocab;
 #pragma omp parallel num_threads(a.num_threads)
-  {
-    std::unique_ptr<F[]> scratch(new F[4 * V]);  // z_s | z_t | e_s | e_t of the current row
-    F* buf = scratch.get();
+    {
+      std::unique_ptr<F[]> scratch(new F[4 * V]);  // z_s | z_t | e_s | e_t of the current row
+      F* buf = scratch.get();
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t r = 0; r < a.rows; ++r) {
-      divergence_row<DIV, TS, TT, F>(a, r, buf, buf + V, buf + 2 * V, buf + 3 * V);
+      for (int64_t r = 0; r < a.rows; ++r) {
+        divergence_row<DIV, TS, TT, F>(a, r, buf, buf + V, buf + 2 * V, buf + 3 * V);
+      }
     }
   }
 }
 
-}  // namespace
-
-void divergence_epilogue(const DivergenceArgs& a) {
+template <class R>
+void divergence_dispatch(const DivergenceArgsT<R>& a) {
   if (a.rows == 0) return;
   OPD_CPU_DISPATCH(a.student_dtype, TS, [&] {
     OPD_CPU_DISPATCH(a.teacher_dtype, TT, [&] {
@@ -89,6 +95,11 @@ void divergence_epilogue(const DivergenceArgs& a) {
     });
   });
 }
+
+}  // namespace
+
+void divergence_epilogue(const DivergenceArgs& a) { divergence_dispatch(a); }
+void divergence_epilogue(const DivergenceArgs64& a) { divergence_dispatch(a); }
 
 }  // namespace cpu
 }  // namespace opd

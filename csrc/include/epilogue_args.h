@@ -1,6 +1,10 @@
 // Arguments of the per-device epilogues: raw pointers and sizes only (no torch, no CUDA types), so the
 // same structs cross from the device-agnostic chunk driver (csrc/driver.cpp) into csrc/cpu/*.cpp and
 // csrc/cuda/*.cu. Every 2-D buffer is row-major with an explicit row stride (`ld*`, in elements).
+//
+// Per-row scalars (token weights, values, lse, gathered logits, entropies, their upstream gradients) are of
+// type R: float for fp32 / bf16 / fp16 inputs (the `...Args` names, what the CUDA epilogues take), double for
+// fp64 inputs (the `...Args64` names, CPU only), so fp64 inputs keep fp64 losses end to end.
 #pragma once
 
 #include <cstdint>
@@ -13,10 +17,11 @@ enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3
 
 // One chunk of rows of the full-vocabulary divergence.
 //   in : student / teacher raw logits (rows, vocab), row strides ld_student / ld_teacher
-//   out: values[r] = divergence of row r (fp32; 0 where weights[r] == 0)
+//   out: values[r] = divergence of row r (R; 0 where weights[r] == 0)
 //        grad (optional, may alias student): weights[r] * d value_r / d raw_student[r, :],
 //        in grad_dtype; rows with weights[r] == 0 are written as zeros.
-struct DivergenceArgs {
+template <class R>
+struct DivergenceArgsT {
   int64_t rows = 0;
   int64_t vocab = 0;
   const void* student = nullptr;
@@ -28,8 +33,8 @@ struct DivergenceArgs {
   void* grad = nullptr;
   int64_t ld_grad = 0;
   DType grad_dtype = DType::kFloat32;
-  const float* weights = nullptr;
-  float* values = nullptr;
+  const R* weights = nullptr;
+  R* values = nullptr;
   int divergence = kReverseKL;
   JsdCoefficients jsd = make_jsd_coefficients(0.5);  // beta and its logs (JSD only)
   Transform ts{};
@@ -37,10 +42,13 @@ struct DivergenceArgs {
   int num_threads = 1;    // CPU: OpenMP threads
   void* stream = nullptr; // CUDA: cudaStream_t
 };
+using DivergenceArgs = DivergenceArgsT<float>;
+using DivergenceArgs64 = DivergenceArgsT<double>;
 
 // Forward of the lse/gather primitive on one chunk: lse[r], gathered[r, j] = z[r, ids[r, j]],
 // entropy[r] (optional).
-struct LseGatherArgs {
+template <class R>
+struct LseGatherArgsT {
   int64_t rows = 0;
   int64_t vocab = 0;
   const void* logits = nullptr;
@@ -49,17 +57,20 @@ struct LseGatherArgs {
   Transform t{};
   const int64_t* ids = nullptr;  // (rows, k), 0 <= id < vocab
   int64_t k = 0;
-  float* lse = nullptr;
-  float* gathered = nullptr;     // (rows, k)
-  float* entropy = nullptr;      // (rows,) or null
+  R* lse = nullptr;
+  R* gathered = nullptr;         // (rows, k)
+  R* entropy = nullptr;          // (rows,) or null
   int num_threads = 1;
   void* stream = nullptr;
 };
+using LseGatherArgs = LseGatherArgsT<float>;
+using LseGatherArgs64 = LseGatherArgsT<double>;
 
 // Backward of the lse/gather primitive on one chunk: overwrites the raw logits in place with
 //   d/d raw [ g_lse L + sum_j g_gathered_j z_{ids_j} + g_entropy H ]
 // Any of the three upstream gradients may be null (treated as zero).
-struct LseGatherBackwardArgs {
+template <class R>
+struct LseGatherBackwardArgsT {
   int64_t rows = 0;
   int64_t vocab = 0;
   void* logits = nullptr;        // in: raw logits, out: gradient (same dtype)
@@ -68,14 +79,16 @@ struct LseGatherBackwardArgs {
   Transform t{};
   const int64_t* ids = nullptr;
   int64_t k = 0;
-  const float* lse = nullptr;
-  const float* entropy = nullptr;      // needed when g_entropy is given
-  const float* g_lse = nullptr;
-  const float* g_gathered = nullptr;   // (rows, k)
-  const float* g_entropy = nullptr;
+  const R* lse = nullptr;
+  const R* entropy = nullptr;          // needed when g_entropy is given
+  const R* g_lse = nullptr;
+  const R* g_gathered = nullptr;       // (rows, k)
+  const R* g_entropy = nullptr;
   float* scratch = nullptr;            // (rows, k) fp32, used by the CUDA epilogue
   int num_threads = 1;
   void* stream = nullptr;
 };
+using LseGatherBackwardArgs = LseGatherBackwardArgsT<float>;
+using LseGatherBackwardArgs64 = LseGatherBackwardArgsT<double>;
 
 }  // namespace opd

@@ -31,7 +31,9 @@ struct RowLossSpec {
 // One chunk of rows. in: raw logits (rows, vocab) with row stride ld; out: values[r] = w_r-free per-row loss
 // (0 where weights[r] == 0) and, when `grad` is set, the logits overwritten with
 //     weights[r] * d loss_r / d raw[r, :]                                           (in the logits' dtype)
-struct LseGatherLossArgs {
+// R, the per-row scalars' type: float (fp32 / bf16 / fp16 inputs, CPU and CUDA) or double (fp64, CPU).
+template <class R>
+struct LseGatherLossArgsT {
   int64_t rows = 0;
   int64_t vocab = 0;
   void* logits = nullptr;        // in: raw logits; out (grad != 0): the gradient
@@ -40,17 +42,19 @@ struct LseGatherLossArgs {
   Transform t{};
   const int64_t* ids = nullptr;  // (rows, k), 0 <= id < vocab
   int64_t k = 0;
-  const float* teacher = nullptr;  // (rows, k): teacher log-probs at ids (sampled token: k = 1)
-  const float* sampler = nullptr;  // (rows,) or null: the sampler's log-prob (sampled token only)
-  const float* weights = nullptr;  // (rows,) token weights w_r (mask, reduction, normalizer, token_weights)
-  float* values = nullptr;         // (rows,) per-row loss
-  float* logprobs = nullptr;       // (rows, k) or null: the student log-probs q = z[ids] - lse
+  const R* teacher = nullptr;      // (rows, k): teacher log-probs at ids (sampled token: k = 1)
+  const R* sampler = nullptr;      // (rows,) or null: the sampler's log-prob (sampled token only)
+  const R* weights = nullptr;      // (rows,) token weights w_r (mask, reduction, normalizer, token_weights)
+  R* values = nullptr;             // (rows,) per-row loss
+  R* logprobs = nullptr;           // (rows, k) or null: the student log-probs q = z[ids] - lse
   float* scratch = nullptr;        // (rows, k) fp32: d loss / d q (the CUDA epilogue keeps them here)
   RowLossSpec spec{};
   int grad = 1;
   int num_threads = 1;
   void* stream = nullptr;
 };
+using LseGatherLossArgs = LseGatherLossArgsT<float>;
+using LseGatherLossArgs64 = LseGatherLossArgsT<double>;
 
 // ---- the per-row losses, from the student log-probs q (k of them) -----------------------------------
 // Sampled token (k = 1), s = log p_s(y), t = log p_t(y), r = log p_sampler(y) (r = s, detached, without a
@@ -88,8 +92,10 @@ OPD_HD F sampled_token_loss(const RowLossSpec& spec, F s, F t, F r, F* dloss_ds)
 // (tail_bucket = 0 drops the tail terms and their derivatives.)
 constexpr double kTailClamp = 1e-12;
 
-template <class M, class F>
-OPD_HD F topk_loss(const RowLossSpec& spec, const F* q, const float* l, int64_t k, float* dq) {
+// q in F, teacher log-probs l in L, dq written in D (the CUDA epilogue passes dq == q: each dq_j is
+// written after the last read of q_j).
+template <class M, class F, class L, class D>
+OPD_HD F topk_loss(const RowLossSpec& spec, const F* q, const L* l, int64_t k, D* dq) {
   F sum_e = 0, sum_pl = 0, v = 0;
   for (int64_t j = 0; j < k; ++j) {
     const F e = M::exp(q[j]), pl = M::exp(F(l[j]));
@@ -116,7 +122,7 @@ OPD_HD F topk_loss(const RowLossSpec& spec, const F* q, const float* l, int64_t 
       g = -M::exp(F(l[j]));
       if (spec.tail_bucket) g += q_active * P * e / Qc;
     }
-    dq[j] = static_cast<float>(g);
+    dq[j] = static_cast<D>(g);
   }
   return v;
 }
@@ -124,6 +130,7 @@ OPD_HD F topk_loss(const RowLossSpec& spec, const F* q, const float* l, int64_t 
 // The epilogues (CPU: csrc/cpu/lse_gather_loss_epilogue.cpp; CUDA: csrc/cuda/lse_gather_loss_epilogue.cu).
 namespace cpu {
 void lse_gather_loss_epilogue(const LseGatherLossArgs& a);
+void lse_gather_loss_epilogue(const LseGatherLossArgs64& a);
 }  // namespace cpu
 namespace cuda {
 void lse_gather_loss_epilogue(const LseGatherLossArgs& a);

@@ -28,23 +28,25 @@ namespace opd {
 enum Divergence : int { kReverseKL = 0, kForwardKL = 1, kJSD = 2 };
 
 // The logit transform of one model: z = softcap(scale * raw) / T, softcap_c(x) = c * tanh(x / c).
+// In double, so fp64 logits see the caller's coefficients unrounded; every use converts to the accumulation
+// type F first (F(t.scale), ...), so fp32 arithmetic is what it was with float fields.
 struct Transform {
-  float scale;
-  float inv_temp;      // 1 / T
-  float softcap;       // c (unused when has_softcap == 0)
-  float inv_softcap;   // 1 / c
-  float z_to_tanh;     // T / c: tanh(scale * raw / c) == z * T / c, so dz/draw needs only z
+  double scale;
+  double inv_temp;      // 1 / T
+  double softcap;       // c (unused when has_softcap == 0)
+  double inv_softcap;   // 1 / c
+  double z_to_tanh;     // T / c: tanh(scale * raw / c) == z * T / c, so dz/draw needs only z
   int has_softcap;
 };
 
 inline Transform make_transform(double scale, double temperature, bool has_softcap, double softcap) {
   Transform t;
-  t.scale = static_cast<float>(scale);
-  t.inv_temp = static_cast<float>(1.0 / temperature);
+  t.scale = scale;
+  t.inv_temp = 1.0 / temperature;
   t.has_softcap = has_softcap ? 1 : 0;
-  t.softcap = has_softcap ? static_cast<float>(softcap) : 1.0f;
-  t.inv_softcap = has_softcap ? static_cast<float>(1.0 / softcap) : 1.0f;
-  t.z_to_tanh = has_softcap ? static_cast<float>(temperature / softcap) : 0.0f;
+  t.softcap = has_softcap ? softcap : 1.0;
+  t.inv_softcap = has_softcap ? 1.0 / softcap : 1.0;
+  t.z_to_tanh = has_softcap ? temperature / softcap : 0.0;
   return t;
 }
 

@@ -11,7 +11,7 @@ Backend primitive (docs/internals.md; inputs validated and flattened by the API)
     lse_gather_loss(hidden (N, H), weight (V_w, H), ids (N, k) int64, teacher (N, k) float, *, bias,
                     sampler (N,) or None, weights (N,) fp32, kind, estimator, divergence, tail_bucket,
                     kl_coef, entropy_coef, temperature, softcap, scale, vocab_size, deterministic)
-        -> (loss 0-dim fp32, values (N,) fp32)
+        -> (loss 0-dim, values (N,)): fp32, fp64 for fp64 inputs
 
 ``weights`` are the token weights w_n (mask, reduction, normalizer and the caller's token_weights);
 ``loss = sum_n w_n values_n``, ``values_n = row_loss(q_n) - entropy_coef * H_n`` (0 where w_n = 0).
@@ -148,7 +148,8 @@ class _TorchLseGatherLoss(torch.autograd.Function):
         ctx.dtypes = (h.dtype, w.dtype)
         ctx.mark_non_differentiable(values)
         loss = (weights.to(values.dtype) * values).sum()
-        return loss.to(torch.promote_types(loss.dtype, torch.float32)), values.float()
+        real = torch.promote_types(loss.dtype, torch.float32)
+        return loss.to(real), values.to(real)
 
     @staticmethod
     def backward(ctx, g_loss, _g_values):
@@ -181,7 +182,8 @@ def register_cpp(ops) -> None:
     @torch.library.register_fake("opd::lse_gather_loss")
     def _fake(h, w, b, ids, teacher, sampler, weights, kind, estimator, divergence, tail_bucket, kl_coef,
               entropy_coef, temperature, softcap, scale, vocab_size, grad_mask, chunk_rows):
-        return (h.new_empty((), dtype=torch.float32), h.new_empty((h.shape[0],), dtype=torch.float32),
+        from .cpp import _real
+        return (h.new_empty((), dtype=_real(h)), h.new_empty((h.shape[0],), dtype=_real(h)),
                 torch.empty_like(h) if grad_mask[0] else h.new_empty((0,)),
                 torch.empty_like(w) if grad_mask[1] else w.new_empty((0,)),
                 torch.empty_like(b) if (grad_mask[2] and b is not None) else w.new_empty((0,)))
@@ -225,9 +227,10 @@ def cpp_lse_gather_loss(hidden, weight, ids, teacher, *, bias, sampler, weights,
     cpp._require()
     rows = cpp.chunk_rows(hidden.shape[0], vocab_size, hidden.element_size(), hidden.device)
     mask3 = cpp._grad_mask(hidden, weight, bias)
+    real = cpp._real(hidden)  # fp64 inputs: fp64 row scalars and loss, as the torch backend
     loss, values, _, _, _ = cpp._ops.lse_gather_loss(
-        hidden, weight, bias, ids, teacher.detach().float(), None if sampler is None else sampler.detach().float(),
-        weights.float(), kind, estimator, divergence, bool(tail_bucket), float(kl_coef), float(entropy_coef),
+        hidden, weight, bias, ids, teacher.detach().to(real), None if sampler is None else sampler.detach().to(real),
+        weights.to(real), kind, estimator, divergence, bool(tail_bucket), float(kl_coef), float(entropy_coef),
         float(temperature), None if softcap is None else float(softcap), float(scale), int(vocab_size), mask3, rows)
     return loss, values
 

@@ -87,6 +87,12 @@ def _logits_scalars(opts: Options) -> tuple:
     return (opts.divergence, opts.beta, opts.temperature, opts.vocab_size)
 
 
+def _real(*tensors: torch.Tensor) -> torch.dtype:
+    """dtype of the ops' per-row scalars (weights, values, losses, lse, gathered logits, entropies): float64
+    when an input is float64 (the epilogues accumulate in it), float32 otherwise - as the torch backend."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def _optional(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.detach()
 
@@ -123,7 +129,7 @@ if AVAILABLE:
     @torch.library.register_fake("opd::linear_divergence")
     def _linear_divergence_fake(hs, ws, bs, ht, wt, bt, weights, divergence, beta, temperature, s_cap, t_cap,
                                 s_scale, t_scale, vocab_size, grad_mask, chunk_rows):
-        loss = hs.new_empty((), dtype=torch.float32)
+        loss = hs.new_empty((), dtype=_real(hs, ht))
         gh = torch.empty_like(hs) if grad_mask[0] else _empty0(hs)
         gw = torch.empty_like(ws) if grad_mask[1] else _empty0(ws)
         gb = torch.empty_like(bs) if (grad_mask[2] and bs is not None) else _empty0(ws)
@@ -132,13 +138,13 @@ if AVAILABLE:
     @torch.library.register_fake("opd::linear_divergence_values")
     def _linear_divergence_values_fake(hs, ws, bs, ht, wt, bt, weights, divergence, beta, temperature, s_cap,
                                        t_cap, s_scale, t_scale, vocab_size, chunk_rows):
-        return hs.new_empty((hs.shape[0],), dtype=torch.float32)
+        return hs.new_empty((hs.shape[0],), dtype=_real(hs, ht))
 
     @torch.library.register_fake("opd::lse_gather")
     def _lse_gather_fake(h, w, b, ids, temperature, softcap, scale, vocab_size, return_entropy, chunk_rows):
-        n = h.shape[0]
-        return (h.new_empty((n,), dtype=torch.float32), h.new_empty(ids.shape, dtype=torch.float32),
-                h.new_empty((n if return_entropy else 0,), dtype=torch.float32))
+        n, real = h.shape[0], _real(h)
+        return (h.new_empty((n,), dtype=real), h.new_empty(ids.shape, dtype=real),
+                h.new_empty((n if return_entropy else 0,), dtype=real))
 
     @torch.library.register_fake("opd::lse_gather_backward")
     def _lse_gather_backward_fake(h, w, b, ids, lse, entropy, g_lse, g_gathered, g_entropy, temperature, softcap,
@@ -150,12 +156,14 @@ if AVAILABLE:
 
     @torch.library.register_fake("opd::logits_divergence")
     def _logits_divergence_fake(s, t, weights, divergence, beta, temperature, vocab_size, compute_grad):
-        return (s.new_empty((), dtype=torch.float32), s.new_empty((s.shape[0],), dtype=torch.float32),
+        real = _real(s, t)
+        return (s.new_empty((), dtype=real), s.new_empty((s.shape[0],), dtype=real),
                 torch.empty_like(s) if compute_grad else _empty0(s))
 
     @torch.library.register_fake("opd::logits_divergence_inplace_")
     def _logits_divergence_inplace_fake(s, t, weights, divergence, beta, temperature, vocab_size):
-        return s.new_empty((), dtype=torch.float32), s.new_empty((s.shape[0],), dtype=torch.float32)
+        real = _real(s, t)
+        return s.new_empty((), dtype=real), s.new_empty((s.shape[0],), dtype=real)
 
     # ------------------------------------------------------------------------------------------------
     # autograd
@@ -197,7 +205,7 @@ if AVAILABLE:
         _no_double_backward()
         hs, ws, bs, ht, wt, bt, weights = ctx.saved_tensors
         need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bs is not None]
-        upstream = torch.where(weights != 0, g_values.float(), torch.zeros((), device=weights.device))
+        upstream = torch.where(weights != 0, g_values.to(weights.dtype), torch.zeros((), device=weights.device))
         _, gh, gw, gb = _ops.linear_divergence(hs, ws, bs, ht, wt, bt, upstream, *ctx.scalars, need,
                                                ctx.chunk_rows)
         return (gh if need[0] else None, gw if need[1] else None, gb if need[2] else None) + (None,) * 13
@@ -238,7 +246,8 @@ if AVAILABLE:
         if ctx.compute_grad:
             grad = _scale(grad, _or_zero(g_loss, weights))
         else:
-            upstream = torch.where(weights != 0, _or_zero(g_values, weights).float(), torch.zeros((), device=weights.device))
+            upstream = torch.where(weights != 0, _or_zero(g_values, weights).to(weights.dtype),
+                                   torch.zeros((), device=weights.device))
             grad = _ops.logits_divergence(s, t, upstream, *ctx.scalars, True)[2]
         return grad, None, None, None, None, None, None, None
 
@@ -274,7 +283,7 @@ def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_we
         return _pytorch.linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, opts,
                                           student_bias=student_bias, teacher_bias=teacher_bias)
     n = student_hidden.shape[0]
-    weights = opts.token_weights(n, student_hidden.device)
+    weights = opts.token_weights(n, student_hidden.device, _real(student_hidden, teacher_hidden))
     rows = chunk_rows(n, opts.vocab_size, student_hidden.element_size() + teacher_hidden.element_size(),
                       student_hidden.device)
     teacher = (teacher_hidden.detach(), teacher_weight.detach(), _optional(teacher_bias))
@@ -289,7 +298,8 @@ def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_we
 @check.accepts_keywords("lse_gather")
 def lse_gather(hidden, weight, ids, opts: Options, *,
                bias=None) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """lse (N,), logits gathered at ``ids`` (N, k), entropy (N,) or None - all fp32, differentiable.
+    """lse (N,), logits gathered at ``ids`` (N, k), entropy (N,) or None - fp32 (fp64 for fp64 inputs),
+    differentiable.
 
     With no input requiring a gradient (the teacher gather) no autograd graph is built and nothing of
     N x V is allocated: the chunk workspace is C x V. Keywords instead of ``opts``: a direct call
@@ -313,7 +323,7 @@ def logits_divergence(student_logits, teacher_logits, opts: Options):
     instead of ``opts``: a direct call (``_validation.accepts_keywords``).
     """
     _require()
-    weights = opts.token_weights(student_logits.shape[0], student_logits.device)
+    weights = opts.token_weights(student_logits.shape[0], student_logits.device, _real(student_logits, teacher_logits))
     t = teacher_logits.detach()
     if opts.inplace_grad:
         if opts.reduction == "none":
