@@ -14,8 +14,10 @@ the row block, at least one block):
 - pass 2, ``row_loss_bwd_kernel``, grid (row blocks, vocab blocks): each tile read back from the
   workspace (not recomputed), G = d loss / d raw formed in registers (lse.grad_of_tile), then
   dH += G W, dW += G^T H, db += G.sum(0) with atomics (tiles.accumulate_grads), the divergence
-  backward's tiling. ``deterministic=True``: ``row_loss_bwd_owned_kernel`` launched twice (dH by
-  row-block programs, dW and db by vocab-block programs, fixed order, no atomics), as lse.py.
+  backward's tiling; G's scatter term at the ids is added by gather.gather_bwd_kernel (O(N k H) dot
+  products, no GEMM). ``deterministic=True``: ``row_loss_bwd_owned_kernel`` launched twice (dH by
+  row-block programs, dW and db by vocab-block programs, fixed order, no atomics, the scatter term in
+  the tiles), as lse.py.
 
 Interpreter-tested only (TRITON_INTERPRET=1 on CPU); never run on a GPU (docs/internals.md).
 """
@@ -28,7 +30,8 @@ import triton.language as tl
 from .._chunking import workspace_mb
 from .._options import Options
 from ..backends._lse_gather_loss import row_loss_and_grad
-from .launch import INTERPRET, _grad_accumulators, _on, _options, blocks_for, dot_precision
+from .gather import gather_bwd_kernel
+from .launch import INTERPRET, _grad_accumulators, _on, _options, blocks_for, dot_precision, gather_block_j
 from .lse import entropy_step, grad_of_tile, ids_in_tile, lse_entropy
 from .splits import split_vocab
 from .tiles import accumulate_grads, add_owned, logit_tile, owned_steps, owned_tile, transform
@@ -70,8 +73,10 @@ def row_loss_fwd_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, raw_ptr, part_ptr, gathere
 
 @triton.jit
 def _workspace_grad(raw_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr, rows, cols, N, V, K,
-                    scale, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
-    """(G, keep) of one tile, its raw logits read from the workspace (N, V) (-inf z beyond V, as logit_tile).
+                    scale, softcap, inv_temp, GATHER: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                    BLOCK_V: tl.constexpr):
+    """(G, keep) of one tile, its raw logits read from the workspace (N, V) (-inf z beyond V, as logit_tile);
+    the scatter term only with GATHER (else gather.gather_bwd_kernel adds it).
 
     loss = sum_n w_n (row(q_n) - c_H H_n), q_nj = z_n,ids_nj - L_n, L = logsumexp z, H = -sum_v p log p.
     With d q_nj / d z_nv = [v = ids_nj] - p_nv, d L / d z_v = p_v, d H / d z_v = -p_v (log p_v + H) (lse.py):
@@ -83,7 +88,7 @@ def _workspace_grad(raw_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_
                   mask=(rows[:, None] < N) & (cols[None, :] < V), other=0.0)
     z = tl.where(cols[None, :] < V, transform(raw, scale, softcap, inv_temp, HAS_SOFTCAP), float("-inf"))
     return grad_of_tile(raw, z, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr, rows, cols, N, V, K,
-                        scale, softcap, inv_temp, True, HAS_SOFTCAP, BLOCK_V)
+                        scale, softcap, inv_temp, GATHER, HAS_SOFTCAP, BLOCK_V)
 
 
 @triton.jit
@@ -91,11 +96,13 @@ def row_loss_bwd_kernel(raw_ptr, h_ptr, w_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_en
                         dh_ptr, dw_ptr, db_ptr, N, V, H, K, scale, softcap, inv_temp,
                         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Pass 2 of one chunk, grid (row blocks, vocab blocks): G (_workspace_grad) into dh, dw, db (atomics)."""
+    """Pass 2 of one chunk, grid (row blocks, vocab blocks): G (_workspace_grad) into dh, dw, db (atomics),
+    without the scatter term at the ids, which gather.gather_bwd_kernel adds after it (with it in the tile
+    ptxas spilled 316 B per thread on sm_90 against none without, benchmarks/triton_compile_check.py)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     dz, keep = _workspace_grad(raw_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr, rows, cols,
-                               N, V, K, scale, softcap, inv_temp, HAS_SOFTCAP, BLOCK_V)
+                               N, V, K, scale, softcap, inv_temp, False, HAS_SOFTCAP, BLOCK_V)
     if keep:
         accumulate_grads(dz, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, rows, cols, N, V, H,
                          HAS_BIAS, BLOCK_K, DOT_PRECISION)
@@ -112,7 +119,7 @@ def row_loss_bwd_owned_kernel(raw_ptr, h_ptr, w_ptr, lse_ptr, ent_ptr, g_lse_ptr
     for step in range(0, owned_steps(N, V, OWN_ROWS, BLOCK_N, BLOCK_V)):
         rows, cols = owned_tile(step, OWN_ROWS, BLOCK_N, BLOCK_V)
         dz, keep = _workspace_grad(raw_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr, rows,
-                                   cols, N, V, K, scale, softcap, inv_temp, HAS_SOFTCAP, BLOCK_V)
+                                   cols, N, V, K, scale, softcap, inv_temp, True, HAS_SOFTCAP, BLOCK_V)
         if keep:
             add_owned(dz, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, rows, cols, N, V, H, OWN_ROWS, HAS_BIAS,
                       BLOCK_K, DOT_PRECISION)
@@ -180,4 +187,9 @@ def row_loss_forward(h, w, b: Optional[torch.Tensor], ids, teacher, sampler: Opt
                 row_loss_bwd_owned_kernel[(triton.cdiv(vocab, blocks.v),)](*args, OWN_ROWS=False, **consts)
             else:
                 row_loss_bwd_kernel[(n_blocks, triton.cdiv(vocab, blocks.v))](*args, **consts)
+                block_j = gather_block_j(k)
+                gather_bwd_kernel[(c, triton.cdiv(k, block_j))](
+                    hc, w, b, ids_c, g_q, dh[sl], dw, db, k, vocab, hdim, *transform_args, BLOCK_J=block_j,
+                    BLOCK_K=blocks.k, num_warps=1 if INTERPRET else 4, HAS_BIAS=b is not None,
+                    HAS_SOFTCAP=m.softcap is not None)
     return values, dh, dw, db
