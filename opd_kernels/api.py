@@ -456,7 +456,7 @@ def linear_sampled_token_opd_loss(student_hidden: torch.Tensor, student_weight: 
     Exactly ``sampled_token_opd_loss(linear_logprobs(student_hidden, student_weight, sampled_ids, ...),
     teacher_logprobs, ...)`` (same estimators, docs/design.md section 4), plus an optional entropy bonus,
     per-token weights and a "sum" reduction. The advantage is detached, so each row's upstream gradient is
-    known once its log-prob is: the gradient is formed in the forward pass (cpp and torch backends) and
+    known once its log-prob is: the gradient is formed in the forward pass (cpp, torch, Triton backends) and
     forward + backward costs the GEMM floor's 3 matmuls; nothing N x V is kept.
 
     Shapes: ``student_hidden`` (..., H), ``student_weight`` (V_w, H), ``sampled_ids`` (...) int in [0, V),

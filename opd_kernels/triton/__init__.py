@@ -12,6 +12,8 @@ One file per kernel family, each short enough to read top to bottom:
                          (``deterministic=True``: owner programs, fixed order, no atomics).
 - ``lse.py``             logsumexp + entropy of one model (forward and dense backward).
 - ``gather.py``          logits at given ids (N, k) (forward and sparse backward).
+- ``row_loss.py``        the fused row loss ``lse_gather_loss`` (sampled-token, top-k KL): gradient
+                         formed in the forward from a C x V logits workspace (interpreter-tested only).
 - ``logits.py``          the divergences from given logits (``logits_divergence``).
 - ``splits.py``          vocabulary splits of the forward kernels and the merge of their row states.
 - ``launch.py``          Python launchers: block sizes, allocation, grids.
