@@ -249,10 +249,10 @@ def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.T
         the rest: as :func:`linear_divergence` (one model: the student's transform).
 
     Which settings run what: forward/reverse KL (and jsd at beta 0 / 1) with tail "bucket" or "none",
-    no ``support_mask`` and reduction "mean"/"sum" run, on the torch and cpp backends, one fused pass that
-    forms the gradient in the forward (the GEMM floor's 3 matmuls, backends/_lse_gather_loss.py). Every
-    other setting - tail "renormalize", "jsd" with 0 < beta < 1, a ``support_mask``, reduction "none", the
-    triton backend, a ``process_group`` - computes the student's logsumexp and the k gathered logits with
+    no ``support_mask`` and reduction "mean"/"sum" run, on the torch, cpp and triton backends, one fused
+    pass that forms the gradient in the forward (the GEMM floor's 3 matmuls, backends/_lse_gather_loss.py;
+    Triton: opd_kernels/triton/row_loss.py). Every other setting - tail "renormalize", "jsd" with
+    0 < beta < 1, a ``support_mask``, reduction "none", a ``process_group`` - computes the student's logsumexp and the k gathered logits with
     the lse/gather op and applies the formula above on the (N, k) tensors
     (backends/_divergence_math.topk_divergence_from_logprobs); its backward recomputes the logits. With
     ``process_group``, the student weight is this rank's vocabulary shard and the ids are global.
