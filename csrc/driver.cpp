@@ -250,11 +250,20 @@ struct LinearGrads {
     for (int64_t p = 1; need_h && p < slabs.count; ++p) dh_rows.add_(dh_partial.narrow(0, (p - 1) * C, C));
   }
 
-  // (dh, dW, db) in the inputs' dtypes; empty (0,) tensors for the ones not requested.
+  // (dh, dW, db) in the inputs' dtypes; empty (0,) tensors for the ones not requested. A half-precision
+  // dW is rounded into the (V, H) temporary when that is the whole weight (no third dW-sized buffer), else
+  // the temporary is released before the cast allocates the result.
   std::tuple<Tensor, Tensor, Tensor> finish(const Tensor& h, const Tensor& w, const OptTensor& b) {
     Tensor none = at::empty({0}, w.options());
-    return {need_h ? dh : at::empty({0}, h.options()), need_w ? dw_acc.to(w.scalar_type()) : none,
-            need_b ? db_acc.to(b->scalar_type()) : none};
+    Tensor gw = none;
+    if (need_w && dw_tmp.defined() && dw_tmp.size(0) == w.size(0)) {
+      gw = dw_tmp.copy_(dw_acc);
+    } else if (need_w) {
+      dw_tmp = Tensor();
+      gw = dw_acc.to(w.scalar_type());
+    }
+    dw_tmp = Tensor();
+    return {need_h ? dh : at::empty({0}, h.options()), gw, need_b ? db_acc.to(b->scalar_type()) : none};
   }
 };
 
