@@ -117,7 +117,7 @@ def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor
                  student_hidden.shape[-1], 0),
         process_group, _device_of(student_hidden))
     leading = student_hidden.shape[:-1]
-    tw = _check_token_weights(token_weights, leading, _device_of(student_hidden))
+    tw = _check_token_weights(token_weights, leading, _device_of(student_hidden), _acc_dtype(student_hidden))
     if tw is not None and opts.reduction != "none":
         opts = opts.replace(per_token_weights=tw)
     if student_hidden.numel() == 0:
@@ -275,12 +275,12 @@ def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.T
     k = teacher_topk_ids.shape[-1]
     # rows whose top-k set is invalid (repeated id, log-prob > 0, mass > 1) become NaN on the device
     teacher_topk_logprobs = check.topk_rows_checked(teacher_topk_ids, teacher_topk_logprobs.detach(), support_mask)
-    tw = _check_token_weights(token_weights, leading, student_hidden.device)
+    tw = _check_token_weights(token_weights, leading, student_hidden.device, _acc_dtype(student_hidden))
     ids = teacher_topk_ids.reshape(-1, k).to(torch.int64)
     fused = (opts.reduction != "none" and support_mask is None and opts.tail != "renormalize"
              and opts.divergence != "jsd")
     if fused:
-        weights = opts.token_weights(leading.numel(), student_hidden.device)
+        weights = opts.token_weights(leading.numel(), student_hidden.device, _acc_dtype(student_hidden))
         spec = dict(kind="topk", estimator="is", divergence=opts.divergence, tail_bucket=opts.tail_bucket,
                     kl_coef=1.0, entropy_coef=0.0)
         return _fused_row_loss(_rows(student_hidden), student_weight.contiguous(), ids,
@@ -405,15 +405,16 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _check_token_weights(token_weights, leading, device) -> Optional[torch.Tensor]:
-    """``token_weights``: None or a floating tensor of the leading shape on the inputs' device -> flat fp32."""
+def _check_token_weights(token_weights, leading, device, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """``token_weights``: None or a floating tensor of the leading shape on the inputs' device -> flat, in
+    ``dtype`` (the accumulation dtype: fp32, or fp64 for fp64 inputs)."""
     if token_weights is None:
         return None
     check.check_tensor("token_weights", token_weights, min_dim=0)
     check.check_leading("token_weights", token_weights, leading, "student_hidden")
     if token_weights.device != device:
         raise ValueError(f"token_weights: expected device {device}, got {token_weights.device}")
-    return token_weights.detach().reshape(-1).float()
+    return token_weights.detach().reshape(-1).to(dtype)
 
 
 def _fused_row_loss(hidden, weight, ids, teacher, bias, opts: Options, *, sampler, weights, loss_spec: dict):
@@ -502,13 +503,13 @@ def linear_sampled_token_opd_loss(student_hidden: torch.Tensor, student_weight: 
     entropy_coef = check.check_real("entropy_coef", entropy_coef)
     flat_mask = check.check_mask(mask, leading, "student_hidden", device)
     normalizer = check.check_normalizer(normalizer, device)
-    tw = _check_token_weights(token_weights, leading, device)
+    tw = _check_token_weights(token_weights, leading, device, _acc_dtype(student_hidden))
     if opts.process_group is not None:
         check.check_id_range("sampled_ids", sampled_ids, opts.vocab_size)     # against the global V
     if student_hidden.numel() == 0:
         return _empty_result(leading, reduction, student_hidden, student_weight, bias)
     n = leading.numel()
-    weights = _token_weights(flat_mask, n, reduction, normalizer, device)
+    weights = _token_weights(flat_mask, n, reduction, normalizer, device, _acc_dtype(student_hidden))
     if tw is not None:
         weights = weights * tw
     spec = dict(kind="sampled_token", estimator=estimator, divergence="reverse_kl", tail_bucket=False,

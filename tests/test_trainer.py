@@ -96,7 +96,12 @@ def test_hf_sampler_logprobs_are_those_of_the_sampling_distribution(top_p):
 def test_hf_sampler_stops_rows_at_their_first_eos():
     model = tiny_causal_lm("llama", seed=fresh()).eval()
     eos = list(range(3, 131, 2))  # half the vocabulary ends a row: most rows stop early
-    batch = HFSampler(model, max_new_tokens=8, eos_token_id=eos).sample([[4, 6], [8, 10], [12, 14]])
+    sampler = HFSampler(model, max_new_tokens=8, eos_token_id=eos)
+    # the model's own generation eos (llama's config: 2) ends rows too: the sampler's set is the union
+    assert set(eos) <= set(sampler.eos_token_id) and set(model.config.eos_token_id if isinstance(
+        model.config.eos_token_id, list) else [model.config.eos_token_id]) <= set(sampler.eos_token_id)
+    eos = set(sampler.eos_token_id)
+    batch = sampler.sample([[4, 6], [8, 10], [12, 14]])
     gen, keep = batch.input_ids[:, 2:], batch.loss_mask[:, 2:]
     ended = 0
     for row, kept in zip(gen.tolist(), keep.tolist()):
