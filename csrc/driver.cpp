@@ -206,13 +206,17 @@ at::ScalarType accumulation_dtype(const Tensor& param) {
 struct LinearGrads {
   Tensor dh, dw_acc, dw_tmp, db_acc, dh_partial;
   bool need_h = false, need_w = false, need_b = false;
+  bool dw_written = false;  // dW[:V] holds a first chunk's product (before that: uninitialized)
 
   LinearGrads(const Tensor& h, const Tensor& w, const OptTensor& b, int64_t V, bool want_h, bool want_w,
               bool want_b)
       : need_h(want_h), need_w(want_w), need_b(want_b && b.has_value() && b->defined()) {
     if (need_h) dh = at::empty_like(h);  // every row is written by exactly one chunk
     if (need_w) {
-      dw_acc = at::zeros(w.sizes(), w.options().dtype(accumulation_dtype(w)));
+      // rows [0, V) are written (not accumulated) by the first chunk, so only the rows past the vocabulary
+      // are zeroed here: a zero fill of the whole (V, H) dW would be one more pass over it
+      dw_acc = at::empty(w.sizes(), w.options().dtype(accumulation_dtype(w)));
+      if (w.size(0) > V) dw_acc.narrow(0, V, w.size(0) - V).zero_();
       if (dw_acc.scalar_type() != w.scalar_type()) dw_tmp = at::empty({V, h.size(1)}, w.options());
     }
     if (need_b) db_acc = at::zeros({b->size(0)}, b->options().dtype(accumulation_dtype(*b)));
@@ -240,14 +244,17 @@ struct LinearGrads {
         if (dw_tmp.defined()) {
           Tensor tmp = dw_tmp.narrow(0, v0, n);
           at::mm_out(tmp, g.t(), h_rows);
-          acc.add_(tmp);
-        } else {
+          dw_written ? acc.add_(tmp) : acc.copy_(tmp);
+        } else if (dw_written) {
           acc.addmm_(g.t(), h_rows);
+        } else {
+          at::mm_out(acc, g.t(), h_rows);
         }
       }
       if (need_b) db_acc.narrow(0, v0, n).add_(g.sum(0, /*keepdim=*/false, db_acc.scalar_type()));
     });
     for (int64_t p = 1; need_h && p < slabs.count; ++p) dh_rows.add_(dh_partial.narrow(0, (p - 1) * C, C));
+    dw_written = dw_written || need_w;
   }
 
   // (dh, dW, db) in the inputs' dtypes; empty (0,) tensors for the ones not requested. A half-precision
@@ -256,6 +263,7 @@ struct LinearGrads {
   std::tuple<Tensor, Tensor, Tensor> finish(const Tensor& h, const Tensor& w, const OptTensor& b) {
     Tensor none = at::empty({0}, w.options());
     Tensor gw = none;
+    if (need_w && !dw_written) dw_acc.zero_();  // no chunk ran (N = 0)
     if (need_w && dw_tmp.defined() && dw_tmp.size(0) == w.size(0)) {
       gw = dw_tmp.copy_(dw_acc);
     } else if (need_w) {

@@ -9,7 +9,7 @@ import torch
 import opd_kernels.reference as ref
 from opd_kernels.demo import losses
 from opd_kernels.demo.flops import forward_flops, generate_flops, score_flops, train_flops
-from opd_kernels.demo.methods import METHODS, step_flops
+from opd_kernels.demo.methods import METHODS, step_flops, token_lr
 from opd_kernels.demo.models import ModelSize, build_model, completion_mask, generate, hidden_states, lm_head_weight
 from opd_kernels.demo.report import (analyse, choose_lr, common_score_ratio, cost_to_reach, max_drop, ratio_to,
                                      value_at, verdict)
@@ -240,6 +240,17 @@ def test_matched_accuracy_read_out():
     got = common_score_ratio(never, base, 0.9)
     assert got["score"] == 0.4 and got["ratio"] == pytest.approx(5000 / (100 / 6))
     assert max_drop(_curve([(0, 0.3, 1), (1, 0.6, 1), (2, 0.45, 1), (3, 0.7, 1)])) == pytest.approx(0.15)
+
+
+def test_method_schedule_warms_up_then_decays_over_the_token_budget():
+    lr, warm = 1e-3, 10
+    assert token_lr(lr, 0, warm, 0.0) == pytest.approx(lr / warm)          # warm-up, step 1 of 10
+    assert token_lr(lr, 9, warm, 0.0) == pytest.approx(lr)                 # warm-up done, no decay yet
+    assert token_lr(lr, 500, warm, 0.5) == pytest.approx(lr * 0.55)        # halfway: (0.1 + 1) / 2
+    assert token_lr(lr, 900, warm, 1.0) == pytest.approx(lr * 0.1)         # the end of the budget: 10%
+    assert token_lr(lr, 950, warm, 1.3) == pytest.approx(lr * 0.1)         # the last step may pass it
+    values = [token_lr(lr, 100, warm, p / 20) for p in range(21)]
+    assert all(a > b for a, b in zip(values, values[1:]))                  # strictly decreasing
 
 
 def test_learning_rate_rule():

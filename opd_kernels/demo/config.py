@@ -29,17 +29,19 @@ class ExperimentConfig:
     old_skill_target: float = 0.9    # ... and the old skill this (checked every warmup_check_every steps,
     warmup_check_every: int = 25     #     then step by step from the last check below the target)
     reversal_length: int = 5
-    # the five methods: same optimizer (AdamW, constant lr), prompts per step, prompt stream,
-    # sampling seeds and budget of student training tokens
+    # the five methods: same optimizer (AdamW; lr warm-up, then a cosine over the token budget to 10%),
+    # prompts per step, prompt stream, sampling seeds and budget of student training tokens
     method_batch: int = 32
-    token_budget: int = 100_000
+    token_budget: int = 200_000
     curve_points: int = 8
-    # learning rate rule: per method, the value of lr_grid with the best validation accuracy after
-    # lr_probe_fraction of the budget at the first seed (a single value: no probe)
+    # learning rate rule: per method, the value of lr_grid with the best validation accuracy at the end of
+    # a probe run of lr_probe_fraction of the budget, its schedule compressed to that length, at the first
+    # seed (a single value: no probe)
     lr_grid: Tuple[float, ...] = (1e-3, 3e-4)
     lr_probe_fraction: float = 0.25
     seeds: int = 3
-    method_warmup_steps: int = 10    # linear learning-rate warm-up of every method, then constant
+    method_warmup_steps: int = 10    # linear learning-rate warm-up of every method, then ...
+    method_lr_decay: bool = True     # ... a cosine over the token budget down to 10% (False: constant)
     # continual learning: fine-tune on the new task (shift) until it is learned (continual_new_target on
     # its validation split) and the running sum has fallen below continual_drop_to x its level, then
     # recover the running sum with the earlier checkpoint as the teacher

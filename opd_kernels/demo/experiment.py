@@ -104,13 +104,19 @@ def _worker_init(cfg: ExperimentConfig, paths: Tuple[str, str]) -> None:
     _WORKER.update(setup=s, teacher=teacher.eval(), student0=student0.eval())
 
 
+def lr_schedule(cfg: ExperimentConfig) -> str:
+    """The methods' learning-rate schedule in words (report.json)."""
+    tail = "a cosine over the token budget down to 10%" if cfg.method_lr_decay else "then constant"
+    return f"linear warm-up over {cfg.method_warmup_steps} steps, {tail}"
+
+
 def _train(s: Setup, name: str, student, teacher, lr: float, seed: int, budget: int, evaluate_fn,
            curve_points: int) -> Dict:
     cfg = s.cfg
     return run_method(name, student, teacher, s.ops, s.tok, s.main, budget=budget, batch=cfg.method_batch,
                       lr=lr, curve_points=curve_points, seed=seed, exclude=s.exclude, evaluate_fn=evaluate_fn,
                       student_size=cfg.student, teacher_size=cfg.teacher, warmup_steps=cfg.method_warmup_steps,
-                      quiet=True)
+                      decay=cfg.method_lr_decay, quiet=True)
 
 
 def _job(item: Tuple) -> Tuple[Tuple, Dict]:
@@ -276,7 +282,8 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
         probe = {}
         if len(cfg.lr_grid) > 1:
             log(f"phase 3/5: learning rate of each method: the best of {list(cfg.lr_grid)} on {len(s.val)} "
-                f"validation prompts after {cfg.lr_probe_fraction:.0%} of the budget (seed {cfg.seed})")
+                f"validation prompts after a {cfg.lr_probe_fraction:.0%}-of-the-budget run"
+                f"{' (its schedule compressed to that length)' if cfg.method_lr_decay else ''}, seed {cfg.seed}")
             got = pool.run([(("probe", m, lr), None) for m in methods for lr in cfg.lr_grid], "lr probe", quiet)
             probe = {m: {str(lr): got[("probe", m, lr)]["validation_accuracy"] for lr in cfg.lr_grid}
                      for m in methods}
@@ -320,8 +327,10 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
                     "size": cfg.teacher.as_dict()},
         "student_warm": {**smeta, **warm, "parameters": sum(p.numel() for p in student0.parameters()),
                          "cached": student_cached, "size": cfg.student.as_dict()},
-        "learning_rates": {"rule": f"per method, the best of {list(cfg.lr_grid)} by validation accuracy after "
-                                   f"{cfg.lr_probe_fraction:.0%} of the budget at seed {cfg.seed}"
+        "learning_rates": {"rule": f"per method, the best of {list(cfg.lr_grid)} by validation accuracy at the "
+                                   f"end of a run of {cfg.lr_probe_fraction:.0%} of the budget"
+                                   f"{' with the schedule compressed to it' if cfg.method_lr_decay else ''} "
+                                   f"at seed {cfg.seed}; schedule: {lr_schedule(cfg)}"
                            if probe else f"the single value {cfg.lr_grid[0]} for every method",
                            "validation_accuracy": probe, "chosen": lrs},
         "seeds": seeds,

@@ -18,6 +18,7 @@ seconds of the step (``time.process_time``; evaluation excluded).
 """
 from __future__ import annotations
 
+import math
 import random
 import time
 from typing import Callable, Dict, List
@@ -50,14 +51,22 @@ def step_flops(name: str, student_size, teacher_size, vocab: int, batch: int, pr
     return out
 
 
+def token_lr(lr: float, step: int, warmup_steps: int, progress: float) -> float:
+    """Learning rate at ``step`` with ``progress`` = tokens trained / budget in [0, 1]: a linear warm-up
+    over ``warmup_steps`` steps times a cosine from 1 (progress 0) to 0.1 (progress 1)."""
+    cosine = 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+    return lr * min(1.0, (step + 1) / warmup_steps) * cosine
+
+
 def run_method(name: str, student, teacher, ops, tok, task, *, budget: int, batch: int, lr: float,
                curve_points: int, seed: int, exclude, evaluate_fn: Callable[[object], Dict[str, float]],
-               student_size, teacher_size, warmup_steps: int = 10, quiet: bool = False,
-               desc: str = "") -> Dict:
+               student_size, teacher_size, warmup_steps: int = 10, decay: bool = False,
+               quiet: bool = False, desc: str = "") -> Dict:
     """Train ``student`` in place with method ``name`` until ``budget`` student tokens.
 
     The learning rate rises linearly to ``lr`` over the first ``warmup_steps`` steps (a fresh AdamW's
-    first steps are about ``lr`` per weight whatever the gradient's size), then stays constant.
+    first steps are about ``lr`` per weight whatever the gradient's size), then stays constant, or with
+    ``decay`` follows a cosine over the token budget down to 10% of ``lr`` (:func:`token_lr`).
     Returns ``{"curve": [{"tokens", "flops", "cpu_seconds", **evaluate_fn(student)}, ...], "steps",
     "flops_by_component", "wall_seconds"}``; the curve starts at the warm student and ends at the budget.
     """
@@ -77,7 +86,7 @@ def run_method(name: str, student, teacher, ops, tok, task, *, budget: int, batc
     while tokens < budget:
         c0 = time.process_time()
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (steps + 1) / warmup_steps)
+            group["lr"] = token_lr(lr, steps, warmup_steps, tokens / budget if decay else 0.0)
         examples = task.sample(rng, batch, exclude)
         if name == REFERENCE:
             seq, mask = answer_batch(tok, examples)
