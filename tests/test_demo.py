@@ -2,6 +2,7 @@
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +76,15 @@ def test_cli_rejects_bad_arguments(capsys):
     assert main(["--jobs", "0"]) == 2
     with pytest.raises(SystemExit):
         main(["--preset", "huge"])
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/demo.md"])
+def test_docs_carry_the_table_of_the_recorded_report(doc, capsys):
+    """The study's figures in the docs are the ones `python -m opd_kernels.demo.report` prints from the
+    recorded report.json, line for line (a re-recorded run must update them)."""
+    root = Path(__file__).resolve().parents[1]
+    assert report_main([str(root / "docs" / "results" / "demo_report.json")]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    text = (root / doc).read_text()
+    missing = [line for line in table if line not in text]
+    assert len(table) > 15 and not missing, f"{doc} lacks these lines of the recorded report's table: {missing}"
