@@ -110,6 +110,13 @@ def lr_schedule(cfg: ExperimentConfig) -> str:
     return f"linear warm-up over {cfg.method_warmup_steps} steps, {tail}"
 
 
+def lr_rule(cfg: ExperimentConfig) -> str:
+    """The learning-rate rule in words (the phase-3 log line and report.json)."""
+    compressed = " with the schedule compressed to it" if cfg.method_lr_decay else ""
+    return (f"per method, the best of {list(cfg.lr_grid)} by validation accuracy at the end of a run of "
+            f"{cfg.lr_probe_fraction:.0%} of the budget{compressed} at seed {cfg.seed}")
+
+
 def _train(s: Setup, name: str, student, teacher, lr: float, seed: int, budget: int, evaluate_fn,
            curve_points: int) -> Dict:
     cfg = s.cfg
@@ -281,9 +288,7 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
         t0 = time.perf_counter()
         probe = {}
         if len(cfg.lr_grid) > 1:
-            log(f"phase 3/5: learning rate of each method: the best of {list(cfg.lr_grid)} on {len(s.val)} "
-                f"validation prompts after a {cfg.lr_probe_fraction:.0%}-of-the-budget run"
-                f"{' (its schedule compressed to that length)' if cfg.method_lr_decay else ''}, seed {cfg.seed}")
+            log(f"phase 3/5: learning rate of each method: {lr_rule(cfg)} ({len(s.val)} validation prompts)")
             got = pool.run([(("probe", m, lr), None) for m in methods for lr in cfg.lr_grid], "lr probe", quiet)
             probe = {m: {str(lr): got[("probe", m, lr)]["validation_accuracy"] for lr in cfg.lr_grid}
                      for m in methods}
@@ -327,11 +332,7 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
                     "size": cfg.teacher.as_dict()},
         "student_warm": {**smeta, **warm, "parameters": sum(p.numel() for p in student0.parameters()),
                          "cached": student_cached, "size": cfg.student.as_dict()},
-        "learning_rates": {"rule": f"per method, the best of {list(cfg.lr_grid)} by validation accuracy at the "
-                                   f"end of a run of {cfg.lr_probe_fraction:.0%} of the budget"
-                                   f"{' with the schedule compressed to it' if cfg.method_lr_decay else ''} "
-                                   f"at seed {cfg.seed}; schedule: {lr_schedule(cfg)}"
-                           if probe else f"the single value {cfg.lr_grid[0]} for every method",
+        "learning_rates": {"rule": f"{lr_rule(cfg)}; schedule: {lr_schedule(cfg)}" if probe else f"the single value {cfg.lr_grid[0]} for every method",
                            "validation_accuracy": probe, "chosen": lrs},
         "seeds": seeds,
         "runs": runs,

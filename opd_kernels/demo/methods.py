@@ -18,7 +18,6 @@ seconds of the step (``time.process_time``; evaluation excluded).
 """
 from __future__ import annotations
 
-import math
 import random
 import time
 from typing import Callable, Dict, List
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 from . import losses
 from .flops import generate_flops, score_flops, train_flops
 from .models import completion_mask, generate
-from .training import answer_batch, exact_match, prompt_batch
+from .training import answer_batch, cosine_to_tenth, exact_match, prompt_batch
 
 METHODS = ("dense_opd", "sampled_opd", "offline_kd", "sft", "rl")
 REFERENCE = "sft_ground_truth"
@@ -54,8 +53,7 @@ def step_flops(name: str, student_size, teacher_size, vocab: int, batch: int, pr
 def token_lr(lr: float, step: int, warmup_steps: int, progress: float) -> float:
     """Learning rate at ``step`` with ``progress`` = tokens trained / budget in [0, 1]: a linear warm-up
     over ``warmup_steps`` steps times a cosine from 1 (progress 0) to 0.1 (progress 1)."""
-    cosine = 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
-    return lr * min(1.0, (step + 1) / warmup_steps) * cosine
+    return lr * min(1.0, (step + 1) / warmup_steps) * cosine_to_tenth(progress)
 
 
 def run_method(name: str, student, teacher, ops, tok, task, *, budget: int, batch: int, lr: float,

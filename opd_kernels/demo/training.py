@@ -44,12 +44,16 @@ def evaluate(model, tok: ByteTokenizer, task: Task, examples: List[Example], bat
     return hits / len(examples)
 
 
+def cosine_to_tenth(progress: float) -> float:
+    """The decay factor of every schedule here: a cosine from 1 at ``progress`` 0 to 0.1 at 1 (clamped)."""
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+
+
 def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
     """Linear warm-up then cosine decay to 10% of ``lr``."""
     if step < warmup:
         return lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+    return lr * cosine_to_tenth((step - warmup) / max(1, total - warmup))
 
 
 def train_supervised(model, ops, tok: ByteTokenizer, draw: Callable[[random.Random], List[List[Example]]],
