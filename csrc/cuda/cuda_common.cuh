@@ -24,6 +24,9 @@ struct CudaMath {
   static __device__ __forceinline__ float log(float x) { return logf(x); }
   static __device__ __forceinline__ float log1p(float x) { return log1pf(x); }
   static __device__ __forceinline__ float tanh(float x) { return tanhf(x); }
+  // float64: the top-k tails (1 - sum of k probabilities, see topk_loss), k values per row.
+  static __device__ __forceinline__ double exp(double x) { return ::exp(x); }
+  static __device__ __forceinline__ double log(double x) { return ::log(x); }
 };
 
 template <class T> __device__ __forceinline__ float to_float(T x);

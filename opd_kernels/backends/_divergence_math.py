@@ -172,7 +172,7 @@ def topk_divergence_from_logprobs(q: torch.Tensor, l: torch.Tensor, *, divergenc
     The distributions (docs/design.md section 4, top-k): the support entries (``support_mask``; padding
     has probability 0 on both sides), then by ``tail``:
         "bucket":      plus one entry of mass Q = 1 - sum exp(q) (student), P = 1 - sum exp(l) (teacher),
-                       formed as -expm1(logsumexp) (no cancellation for small masses); log of the mass
+                       formed as -expm1(logsumexp) in float64 (no cancellation for small masses); log of the mass
                        clamped at 1e-12, its weight the raw mass;
         "renormalize": q - logsumexp(q), l - logsumexp(l) over the support;
         "none":        the support entries as they are.
@@ -197,8 +197,10 @@ def topk_divergence_from_logprobs(q: torch.Tensor, l: torch.Tensor, *, divergenc
     pt = torch.where(m, l.exp(), zero)
     if tail == "bucket":
         # one more entry per side: the mass outside the support, raw as a weight, clamped in the log
-        q_tail = -torch.expm1(_support_lse(q, m))
-        p_tail = -torch.expm1(_support_lse(l, m))
+        # in float64: the logsumexp of k values near 0 carries an absolute fp32 error of ~1e-7, a relative
+        # error of 1e-7 / P in a small tail P, which Q log P passes on to the loss
+        q_tail = -torch.expm1(_support_lse(q.double(), m)).to(q.dtype)
+        p_tail = -torch.expm1(_support_lse(l.double(), m)).to(q.dtype)
         q = torch.cat([q, q_tail.clamp_min(TOPK_TAIL_CLAMP).log()], -1)
         l = torch.cat([l, p_tail.clamp_min(TOPK_TAIL_CLAMP).log()], -1)
         ps, pt = torch.cat([ps, q_tail], -1), torch.cat([pt, p_tail], -1)

@@ -47,7 +47,9 @@ def row_loss(q: torch.Tensor, teacher: torch.Tensor, sampler: Optional[torch.Ten
     if kind == "sampled_token":
         return reference.sampled_token_per_token(q[:, 0], teacher[:, 0], sampler_logprobs=sampler,
                                                  kl_coef=kl_coef, estimator=estimator)
-    return reference.topk_divergence_from_logprobs(q, teacher, divergence=divergence, tail_bucket=tail_bucket)
+    # float64 on the (N, k) values: the tails 1 - sum exp cancel in fp32 (see row_loss_and_grad)
+    return reference.topk_divergence_from_logprobs(q.double(), teacher.double(), divergence=divergence,
+                                                   tail_bucket=tail_bucket).to(q.dtype)
 
 
 def row_loss_and_grad(q: torch.Tensor, teacher: torch.Tensor, sampler: Optional[torch.Tensor], opts: dict):
@@ -72,9 +74,14 @@ def row_loss_and_grad(q: torch.Tensor, teacher: torch.Tensor, sampler: Optional[
             ds = c * ratio * (1.0 - e)
         return loss, ds.unsqueeze(-1)
     e, pl = q.exp(), teacher.exp()
-    big_q, big_p = 1.0 - e.sum(-1, keepdim=True), 1.0 - pl.sum(-1, keepdim=True)
-    q_c, p_c = big_q.clamp_min(reference.TAIL_CLAMP), big_p.clamp_min(reference.TAIL_CLAMP)
-    log_ratio = q_c.log() - p_c.log()
+    # tails in float64: 1 - sum cancels when the top-k holds nearly all the mass (see topk_loss in
+    # csrc/include/lse_gather_loss.h); (N, k) values, nothing next to the V-wide pass
+    big_q = (1.0 - q.double().exp().sum(-1, keepdim=True)).to(q.dtype)
+    big_p = 1.0 - teacher.double().exp().sum(-1, keepdim=True)
+    p_c = big_p.clamp_min(reference.TAIL_CLAMP)
+    big_p = big_p.to(q.dtype)
+    q_c = big_q.clamp_min(reference.TAIL_CLAMP)
+    log_ratio = (q_c.double().log() - p_c.log()).to(q.dtype)
     active = (big_q >= reference.TAIL_CLAMP).to(q.dtype)
     if opts["divergence"] == "reverse_kl":
         loss = (e * (q - teacher)).sum(-1)
