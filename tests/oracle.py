@@ -25,6 +25,20 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor, floor: float = 1e-30) -> float
     return float((got - ref).abs().max() / scale)
 
 
+def cancellation_floor(terms: torch.Tensor, reduction: str = "mean", mask=None, normalizer=None) -> float:
+    """``value_floor`` for a scalar reduction of signed per-token ``terms`` (the oracle's reduction="none"):
+    their absolute values reduced the same way (sum; mean over the unmasked tokens; / normalizer). Terms of
+    both signs can sum to nearly 0, and the sum then keeps the absolute fp32 error of its largest terms:
+    relative to its own small value that error says nothing about the kernel (sampled-token losses, top-k
+    reverse KL without the tail; e.g. terms up to 0.28 summing to 1.1e-3)."""
+    total = float(terms.detach().double().abs().sum())
+    if normalizer is not None:
+        total /= float(normalizer)
+    elif reduction == "mean":
+        total /= max(terms.numel() if mask is None else int(mask.sum()), 1)
+    return max(total, 1e-30)  # every token masked: a value of 0 (rel_err's own floor)
+
+
 def value_and_grads(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], upstream=None):
     """Run ``fn(*inputs)`` and return (output, grads w.r.t. every input) for a given upstream gradient."""
     leaves = [x.detach().clone().requires_grad_(True) for x in inputs]

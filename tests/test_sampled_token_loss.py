@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import opd_kernels as ok
 from opd_kernels import reference as ref
 from opd_kernels.backends import cpp
-from oracle import FP32_TOL, compare_to_oracle, low_precision_bound, rel_err
+from oracle import FP32_TOL, cancellation_floor, compare_to_oracle, low_precision_bound, rel_err
 from triton_testing import assert_within, enable_interpreter_without_cuda, need
 
 enable_interpreter_without_cuda()
@@ -45,6 +45,17 @@ def make(n=23, h=17, rows=163, dtype=torch.float32):
     return hidden, weight, bias, ids, teacher, sampler, mask
 
 
+def _floor(hidden, weight, bias, ids, teacher, sampler, kw):
+    """The cancellation floor of the scalar loss (signed per-token terms), from the oracle's terms."""
+    rkw = {k: v for k, v in kw.items() if k not in ("reduction", "normalizer")}
+    if rkw.get("token_weights") is not None:
+        rkw["token_weights"] = rkw["token_weights"].double()
+    terms = ref.linear_sampled_token_opd_loss(hidden.double(), weight.double(), ids, teacher.double(),
+                                              sampler_logprobs=None if sampler is None else sampler.double(),
+                                              bias=bias.double(), reduction="none", **rkw)
+    return cancellation_floor(terms, kw.get("reduction", "mean"), kw.get("mask"), kw.get("normalizer"))
+
+
 def _pair(ids, teacher, sampler, kw, backend, leading=None):
     """(ours, oracle) as functions of (hidden, weight, bias)."""
     samp64 = None if sampler is None else sampler.double()
@@ -69,8 +80,10 @@ def test_sampled_token_matches_oracle(backend, estimator, with_sampler):
     hidden, weight, bias, ids, teacher, sampler, mask = make()
     kw = dict(estimator=estimator, kl_coef=0.7, entropy_coef=0.3, mask=mask, token_weights=torch.rand(23) * 2,
               **TRANSFORM)
-    ours, oracle = _pair(ids, teacher, sampler if with_sampler else None, kw, backend)
-    assert_within(compare_to_oracle(ours, oracle, [hidden, weight, bias]), FP32_TOL[backend])
+    sampler = sampler if with_sampler else None
+    ours, oracle = _pair(ids, teacher, sampler, kw, backend)
+    floor = _floor(hidden, weight, bias, ids, teacher, sampler, kw)
+    assert_within(compare_to_oracle(ours, oracle, [hidden, weight, bias], value_floor=floor), FP32_TOL[backend])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -97,7 +110,8 @@ def test_sampled_token_arguments(backend, variant, monkeypatch):
         ids, teacher, sampler, mask = (x.reshape(shape) for x in (ids, teacher, sampler, mask))
         kw["mask"] = mask
     ours, oracle = _pair(ids, teacher, sampler, kw, backend)
-    assert_within(compare_to_oracle(ours, oracle, [hidden, weight, bias]), FP32_TOL[backend])
+    floor = _floor(hidden, weight, bias, ids, teacher, sampler, kw)
+    assert_within(compare_to_oracle(ours, oracle, [hidden, weight, bias], value_floor=floor), FP32_TOL[backend])
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("cpp", marks=pytest.mark.skipif(not cpp.AVAILABLE,
@@ -267,12 +281,15 @@ def test_topk_matches_oracle_with_token_weights(backend, divergence, tail_bucket
     tw = torch.rand(23) * 2
     kw = dict(divergence=divergence, tail_bucket=tail_bucket, mask=mask, reduction=reduction, temperature=0.7,
               student_softcap=5.0, student_scale=1.4, vocab_size=V)
+    terms = ref.linear_topk_divergence(hidden.double(), weight.double(), ids, lp.double(), student_bias=bias.double(),
+                                       token_weights=tw.double(), **{**kw, "reduction": "none"})
     errs = compare_to_oracle(
         lambda h, w, b: ok.linear_topk_divergence(h, w, ids, lp, student_bias=b, token_weights=tw, backend=backend,
                                                   **kw),
         lambda h, w, b: ref.linear_topk_divergence(h, w, ids, lp.double(), student_bias=b, token_weights=tw.double(),
                                                    **kw),
-        [hidden, weight, bias], upstream=torch.randn(23) if reduction == "none" else None)
+        [hidden, weight, bias], upstream=torch.randn(23) if reduction == "none" else None,
+        value_floor=cancellation_floor(terms, reduction, mask) if reduction != "none" else 1e-30)
     assert_within(errs, FP32_TOL[backend])
 
 

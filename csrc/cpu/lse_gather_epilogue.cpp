@@ -29,17 +29,17 @@ void lse_gather_rows(const LseGatherArgsT<R>& a) {
     const int64_t V = a.vocab;
 #pragma omp parallel num_threads(a.num_threads)
     {
-      std::unique_ptr<F[]> z(new F[V]);
+      std::unique_ptr<F[]> z(new F[V]), e(new F[V]);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t r = 0; r < a.rows; ++r) {
-        const RowLse<F> s = row_lse(static_cast<const T*>(a.logits) + r * a.ld, z.get(), V, a.t);
+        const RowLse<F> s = row_lse(static_cast<const T*>(a.logits) + r * a.ld, z.get(), e.get(), V, a.t);
         a.lse[r] = static_cast<R>(s.L);
         for (int64_t j = 0; j < a.k; ++j) {
           // ids are range-checked on the host unless OPD_CHECK_IDS=0: never read outside the row, mark it NaN
           const int64_t v = a.ids[r * a.k + j];
           a.gathered[r * a.k + j] = id_in_range(v, V) ? static_cast<R>(z[v]) : R(NAN);
         }
-        if (a.entropy) a.entropy[r] = static_cast<R>(row_entropy(z.get(), V, s));
+        if (a.entropy) a.entropy[r] = static_cast<R>(row_entropy(z.get(), e.get(), V, s));
       }
     }
   }
@@ -69,7 +69,8 @@ void lse_gather_backward_rows(const LseGatherBackwardArgsT<R>& a) {
         }
         load_transform(row, z.get(), V, a.t);
         const F H = a.g_entropy ? F(a.entropy[r]) : F(0);
-        write_lse_gather_grad(z.get(), V, F(a.lse[r]), H, g_lse, g_ent, a.t, a.ids + r * k, g, k, row);
+        write_lse_gather_grad<T, F, R>(z.get(), nullptr, nullptr, V, F(a.lse[r]), H, g_lse, g_ent, a.t, a.ids + r * k,
+                                       g, k, row);
       }
     }
   }

@@ -11,8 +11,9 @@
 //     with g_j = w dq_j, g_lse = -sum_j g_j, g_H = -w entropy_coef
 // then chained through dz/draw (write_lse_gather_grad of lse_rows.h: the lse/gather backward's row step).
 // Rows with w = 0 get value 0 and a zero gradient; a non-finite value a zero gradient row.
-// Two passes over the row, both in the per-thread copy z (L2-resident): the statistics pass
-// (max, sum of exponentials, the entropy sum) and the gradient pass. Per-row scalars (teacher, sampler,
+// Passes over the row, in the per-thread copies z and e = exp(z - max) (L2-resident): the statistics
+// (max; sum of exponentials, kept in e; the entropy sum from e) and the gradient (p = e / d): one exp per
+// logit in all. Per-row scalars (teacher, sampler,
 // weights, values, d loss / d q) are of type R: float, or double for fp64 logits.
 #include <omp.h>
 
@@ -39,7 +40,7 @@ void lse_gather_loss_rows(const LseGatherLossArgsT<R>& a) {
     const bool entropy = a.spec.entropy_coef != 0.0;
 #pragma omp parallel num_threads(a.num_threads)
     {
-      std::unique_ptr<F[]> z(new F[V]);
+      std::unique_ptr<F[]> z(new F[V]), e(new F[V]);  // the row's transformed logits and exp(z - max)
       std::unique_ptr<double[]> q(new double[k]);
       std::unique_ptr<R[]> g(new R[k]);  // d loss / d q_j, then g_j = w d loss / d q_j
 #pragma omp for schedule(dynamic, 1)
@@ -47,8 +48,8 @@ void lse_gather_loss_rows(const LseGatherLossArgsT<R>& a) {
         T* row = static_cast<T*>(a.logits) + r * a.ld;
         const int64_t* ids = a.ids + r * k;
         const double w = a.weights[r];
-        const RowLse<F> s = row_lse(row, z.get(), V, a.t);
-        const double H = entropy ? row_entropy(z.get(), V, s) : 0.0;
+        const RowLse<F> s = row_lse(row, z.get(), e.get(), V, a.t);
+        const double H = entropy ? row_entropy(z.get(), e.get(), V, s) : 0.0;
         for (int64_t j = 0; j < k; ++j) {
           // an id outside [0, V) (OPD_CHECK_IDS=0) is never read: a NaN log-prob, so a NaN row (issue 16)
           q[j] = id_in_range(ids[j], V) ? double(z[ids[j]]) - s.L : NAN;
@@ -76,8 +77,8 @@ void lse_gather_loss_rows(const LseGatherLossArgsT<R>& a) {
           g[j] = static_cast<R>(w * g[j]);
           g_lse -= g[j];
         }
-        write_lse_gather_grad(z.get(), V, F(s.L), F(H), F(g_lse), F(-w * a.spec.entropy_coef), a.t, ids, g.get(), k,
-                              row);
+        write_lse_gather_grad(z.get(), e.get(), &s, V, F(s.L), F(H), F(g_lse), F(-w * a.spec.entropy_coef), a.t, ids,
+                              g.get(), k, row);
       }
     }
   }

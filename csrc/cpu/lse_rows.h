@@ -13,7 +13,8 @@ namespace cpu {
 namespace {
 
 // Statistics of a row: z = transform(raw) into the scratch, the shift m = max z (finite_shift: 0 for a
-// row of -inf logits, whose L is then -inf as torch.logsumexp's), d = sum_v exp(z_v - m), L = m + log d.
+// row of -inf logits, whose L is then -inf as torch.logsumexp's), e = exp(z - m) into the second scratch,
+// d = sum_v e_v, L = m + log d.
 template <class F>
 struct RowLse {
   F m, d;
@@ -21,27 +22,32 @@ struct RowLse {
 };
 
 template <class T, class F>
-RowLse<F> row_lse(const T* raw, F* z, int64_t V, Transform t) {
+RowLse<F> row_lse(const T* raw, F* z, F* e, int64_t V, Transform t) {
   const F m = finite_shift(load_transform(raw, z, V, t));
-  const F d = sum_exp(z, V, m);
+  const F d = sum_exp(z, e, V, m);
   return {m, d, double(m) + std::log(double(d))};
 }
 
-// H = L - sum_v p_v z_v, from the statistics of row_lse.
+// H = L - sum_v p_v z_v, from the statistics and exponentials of row_lse.
 template <class F>
-double row_entropy(const F* z, int64_t V, const RowLse<F>& s) {
-  return double(entropy_value<M>(entropy_sum(z, V, s.m), s.d));
+double row_entropy(const F* z, const F* e, int64_t V, const RowLse<F>& s) {
+  return double(entropy_value<M>(entropy_sum(z, e, V, s.m), s.d));
 }
 
 // The gradient of g_lse L + sum_j g_j z_{ids_j} + g_ent H with respect to the raw logits, written over the
 // row (the forward's z must still be in the scratch):
 //     row_v = dz_v/draw_v * ( p_v (g_lse - g_ent (log p_v + H)) + sum_j g_j [v = ids_j] )
+// p_v from row_lse's exponentials when `s` is given (e and s from the same row), else exp(z_v - L).
 // g may be null (no gathered part). The ids are added one by one, so duplicate ids accumulate; an id
 // outside [0, V) (its gathered value was NaN) is never written.
 template <class T, class F, class G>
-void write_lse_gather_grad(const F* z, int64_t V, F L, F H, F g_lse, F g_ent, Transform t, const int64_t* ids,
-                           const G* g, int64_t k, T* row) {
-  lse_entropy_grad_row(z, V, L, H, g_lse, g_ent, t, row);
+void write_lse_gather_grad(const F* z, const F* e, const RowLse<F>* s, int64_t V, F L, F H, F g_lse, F g_ent,
+                           Transform t, const int64_t* ids, const G* g, int64_t k, T* row) {
+  if (s != nullptr) {
+    lse_entropy_grad_row<true>(z, e, V, L, F(1) / s->d, H, g_lse, g_ent, t, row);
+  } else {
+    lse_entropy_grad_row<false>(z, e, V, L, F(0), H, g_lse, g_ent, t, row);
+  }
   for (int64_t j = 0; g != nullptr && j < k; ++j) {
     const int64_t v = ids[j];
     if (!id_in_range(v, V)) continue;
