@@ -69,8 +69,8 @@ void lse_gather_backward_rows(const LseGatherBackwardArgsT<R>& a) {
         }
         load_transform(row, z.get(), V, a.t);
         const F H = a.g_entropy ? F(a.entropy[r]) : F(0);
-        write_lse_gather_grad<T, F, R>(z.get(), nullptr, nullptr, V, F(a.lse[r]), H, g_lse, g_ent, a.t, a.ids + r * k,
-                                       g, k, row);
+        write_lse_gather_grad<T, F, R>(z.get(), nullptr, F(0), V, F(a.lse[r]), H, g_lse, g_ent, a.t, a.ids + r * k, g,
+                                       k, row);
       }
     }
   }

@@ -77,8 +77,8 @@ void lse_gather_loss_rows(const LseGatherLossArgsT<R>& a) {
           g[j] = static_cast<R>(w * g[j]);
           g_lse -= g[j];
         }
-        write_lse_gather_grad(z.get(), e.get(), &s, V, F(s.L), F(H), F(g_lse), F(-w * a.spec.entropy_coef), a.t, ids,
-                              g.get(), k, row);
+        write_lse_gather_grad(z.get(), e.get(), F(1) / s.d, V, F(s.L), F(H), F(g_lse), F(-w * a.spec.entropy_coef),
+                              a.t, ids, g.get(), k, row);
       }
     }
   }

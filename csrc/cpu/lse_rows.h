@@ -37,16 +37,16 @@ double row_entropy(const F* z, const F* e, int64_t V, const RowLse<F>& s) {
 // The gradient of g_lse L + sum_j g_j z_{ids_j} + g_ent H with respect to the raw logits, written over the
 // row (the forward's z must still be in the scratch):
 //     row_v = dz_v/draw_v * ( p_v (g_lse - g_ent (log p_v + H)) + sum_j g_j [v = ids_j] )
-// p_v from row_lse's exponentials when `s` is given (e and s from the same row), else exp(z_v - L).
-// g may be null (no gathered part). The ids are added one by one, so duplicate ids accumulate; an id
-// outside [0, V) (its gathered value was NaN) is never written.
+// p_v = e_v * inv_d from row_lse's exponentials when `e` is given (inv_d = 1 / d of the same row), else
+// exp(z_v - L). g may be null (no gathered part). The ids are added one by one, so duplicate ids
+// accumulate; an id outside [0, V) (its gathered value was NaN) is never written.
 template <class T, class F, class G>
-void write_lse_gather_grad(const F* z, const F* e, const RowLse<F>* s, int64_t V, F L, F H, F g_lse, F g_ent,
-                           Transform t, const int64_t* ids, const G* g, int64_t k, T* row) {
-  if (s != nullptr) {
-    lse_entropy_grad_row<true>(z, e, V, L, F(1) / s->d, H, g_lse, g_ent, t, row);
+void write_lse_gather_grad(const F* z, const F* e, F inv_d, int64_t V, F L, F H, F g_lse, F g_ent, Transform t,
+                           const int64_t* ids, const G* g, int64_t k, T* row) {
+  if (e != nullptr) {
+    lse_entropy_grad_row<true>(z, e, V, L, inv_d, H, g_lse, g_ent, t, row);
   } else {
-    lse_entropy_grad_row<false>(z, e, V, L, F(0), H, g_lse, g_ent, t, row);
+    lse_entropy_grad_row<false>(z, e, V, L, inv_d, H, g_lse, g_ent, t, row);
   }
   for (int64_t j = 0; g != nullptr && j < k; ++j) {
     const int64_t v = ids[j];

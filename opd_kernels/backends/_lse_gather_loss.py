@@ -76,13 +76,10 @@ def row_loss_and_grad(q: torch.Tensor, teacher: torch.Tensor, sampler: Optional[
     e, pl = q.exp(), teacher.exp()
     # tails in float64: 1 - sum cancels when the top-k holds nearly all the mass (see topk_loss in
     # csrc/include/lse_gather_loss.h); (N, k) values, nothing next to the V-wide pass
-    big_q = (1.0 - q.double().exp().sum(-1, keepdim=True)).to(q.dtype)
-    big_p = 1.0 - teacher.double().exp().sum(-1, keepdim=True)
-    p_c = big_p.clamp_min(reference.TAIL_CLAMP)
-    big_p = big_p.to(q.dtype)
-    q_c = big_q.clamp_min(reference.TAIL_CLAMP)
-    log_ratio = (q_c.double().log() - p_c.log()).to(q.dtype)
-    active = (big_q >= reference.TAIL_CLAMP).to(q.dtype)
+    q64, p64 = (1.0 - x.double().exp().sum(-1, keepdim=True) for x in (q, teacher))
+    log_ratio = (q64.clamp_min(reference.TAIL_CLAMP).log() - p64.clamp_min(reference.TAIL_CLAMP).log()).to(q.dtype)
+    big_q, big_p, q_c = q64.to(q.dtype), p64.to(q.dtype), q64.clamp_min(reference.TAIL_CLAMP).to(q.dtype)
+    active = (q64 >= reference.TAIL_CLAMP).to(q.dtype)
     if opts["divergence"] == "reverse_kl":
         loss = (e * (q - teacher)).sum(-1)
         dq = e * (q - teacher + 1.0)
