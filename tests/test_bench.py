@@ -4,6 +4,7 @@ Runs in well under a minute on CPU (no torch.compile, tiny shapes).
 """
 import csv
 import math
+import statistics
 
 import pytest
 import torch
@@ -34,6 +35,10 @@ def test_tiny_case_rows_floor_and_ratios(tmp_path):
         assert r["runs"] == 5 and r["median_s"] > 0
         assert r["floor_s"] == floor["median_s"]
         assert r["ratio_to_floor"] == pytest.approx(r["median_s"] / floor["median_s"])
+        mine, floors = ([float(x) for x in row["samples_s"].split(";")] for row in (r, floor))
+        assert len(mine) == len(floors) == 5
+        assert r["paired_ratio_to_floor"] == pytest.approx(statistics.median(a / b for a, b in zip(mine, floors)),
+                                                           rel=1e-4)   # samples_s keeps 6 digits
         assert r["speedup_vs_naive"] == pytest.approx(got["naive"]["median_s"] / r["median_s"])
         assert r["peak_mem_mb"] != "" and r["peak_mem_mb"] >= 0
         # the correctness check ran and ours agrees with naive (fp32 tolerance of docs/design.md section 6)
@@ -48,6 +53,17 @@ def test_tiny_case_rows_floor_and_ratios(tmp_path):
         back = list(reader)
     assert [r["provider"] for r in back] == [r["provider"] for r in rows]
     assert all(r["machine"] == "test" and float(r["ratio_to_floor"]) > 0 for r in back)
+
+
+def test_paired_ratio_cancels_a_slow_round():
+    """A round in which the machine ran 3 x slower scales both callables; the per-round ratio ignores it."""
+    from opd_kernels.bench.measure import Timing
+    floor = Timing([1.0, 1.0, 3.0, 3.0, 3.0])   # the slow phase hit the floor's calls in rounds 3-5 ...
+    ours = Timing([1.1, 1.1, 1.1, 3.3, 3.3])    # ... and ours only in rounds 4-5 (its round-3 call ran before it)
+    assert ours.median / floor.median == pytest.approx(1.1 / 3.0)
+    assert ours.paired_ratio(floor) == pytest.approx(1.1)
+    with pytest.raises(ValueError, match="paired_ratio"):
+        ours.paired_ratio(Timing([1.0] * 4))
 
 
 def test_unavailable_provider_is_a_visible_skipped_row():

@@ -129,6 +129,17 @@ class Timing:
         q = statistics.quantiles(self.samples, n=4, method="inclusive")
         return q[2] - q[0]
 
+    def paired_ratio(self, reference: "Timing") -> float:
+        """Median over rounds of this callable's time / ``reference``'s time in the same round.
+
+        The rounds of :func:`time_interleaved` run every callable once, so a slow phase of the machine that
+        lasts a round or longer scales both times of that round alike and cancels in their ratio; the ratio
+        of the two medians keeps it when it hits the callables' rounds unequally.
+        """
+        if len(self.samples) != len(reference.samples):
+            raise ValueError(f"paired_ratio: {len(self.samples)} samples against {len(reference.samples)}")
+        return statistics.median(t / r for t, r in zip(self.samples, reference.samples))
+
 
 def _time_once(fn: Callable[[], object], device: torch.device) -> float:
     if device.type == "cuda":

@@ -14,10 +14,11 @@ from .measure import environ_summary
 
 #: CSV columns, in order. The first ten are the contract of issue 8; the rest explain and qualify them.
 COLUMNS = ["op", "provider", "device", "dtype", "N", "H", "V", "median_s", "peak_mem_mb", "ratio_to_floor",
-           "H_t", "k", "divergence", "mode", "case", "sweep", "min_s", "iqr_s", "runs", "floor_s", "flops",
+           "H_t", "k", "divergence", "mode", "case", "sweep", "min_s", "iqr_s", "runs", "floor_s",
+           "paired_ratio_to_floor", "flops",
            "speedup_vs_naive", "mem_vs_naive", "loss_rel_err", "grad_rel_err", "checked_against", "note",
            "machine", "device_name", "threads", "torch", "triton", "liger_kernel", "cut_cross_entropy",
-           "opd_kernels", "git_commit", "env", "loadavg", "timestamp"]
+           "opd_kernels", "git_commit", "env", "loadavg", "timestamp", "samples_s"]
 
 
 def _version(module: str) -> str:
@@ -104,7 +105,8 @@ def _note(row: dict) -> str:
 
 def format_table(rows: List[dict], markdown: bool = False) -> str:
     """One block per case: provider, median ms, x floor, x naive speed, peak MiB, memory / naive, errors."""
-    header = ["provider", "median ms", "IQR ms", "x floor", "speedup vs naive", "peak MiB above inputs",
+    header = ["provider", "median ms", "IQR ms", "x floor", "x floor, per round", "speedup vs naive",
+              "peak MiB above inputs",
               "mem / naive", "loss err", "grad err", "note"]
     blocks, current, key = [], [], None
     for r in rows:
@@ -120,7 +122,9 @@ def format_table(rows: List[dict], markdown: bool = False) -> str:
     for title, block in blocks:
         body = [[r["provider"], _num(r.get("median_s") and float(r["median_s"]) * 1e3, ".1f"),
                  _num(r.get("iqr_s") and float(r["iqr_s"]) * 1e3, ".1f"), _num(r.get("ratio_to_floor"), ".2f"),
-                 _num(r.get("speedup_vs_naive") if r["provider"] != "floor" else "", ".2f"), _num(r.get("peak_mem_mb"), ".1f"),
+                 _num(r.get("paired_ratio_to_floor"), ".3f"),
+                 _num(r.get("speedup_vs_naive") if r["provider"] != "floor" else "", ".2f"),
+                 _num(r.get("peak_mem_mb"), ".1f"),
                  _num(r.get("mem_vs_naive"), ".3f"), _num(r.get("loss_rel_err"), ".1e"),
                  _num(r.get("grad_rel_err"), ".1e"), _note(r)] for r in block]
         if markdown:

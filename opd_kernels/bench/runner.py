@@ -166,6 +166,8 @@ def run_case(case: Case, *, providers: Optional[List[str]] = None, repeats: int 
             row.update(median_s=t.median, min_s=t.minimum, iqr_s=t.iqr, runs=len(t.samples),
                        peak_mem_mb=(mem / MiB) if mem is not None else "",
                        ratio_to_floor=t.median / floor_t, floor_s=floor_t,
+                       paired_ratio_to_floor=t.paired_ratio(timings[FLOOR]),
+                       samples_s=";".join(f"{x:.6g}" for x in t.samples),
                        speedup_vs_naive=(naive_t / t.median) if naive_t else "",
                        mem_vs_naive=(mem / naive_m) if (mem is not None and naive_m) else "",
                        loss_rel_err=errors.get(name, ("", ""))[0], grad_rel_err=errors.get(name, ("", ""))[1],
