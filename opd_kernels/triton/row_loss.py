@@ -130,10 +130,15 @@ def row_loss_bwd_owned_kernel(raw_ptr, h_ptr, w_ptr, lse_ptr, ent_ptr, g_lse_ptr
 # launcher
 # --------------------------------------------------------------------------------------------------
 def chunk_rows(n: int, vocab: int, block_n: int) -> int:
-    """Rows per chunk: the C x V fp32 workspace within ``OPD_WORKSPACE_MB`` (default 256 MiB), C a multiple
-    of ``block_n`` and at least one block, at most n rounded up to a block."""
-    budget = int(workspace_mb(256.0) * 2**20) // (4 * vocab)
-    return max(block_n, min(budget, triton.cdiv(n, block_n) * block_n) // block_n * block_n)
+    """Rows per chunk C: the C x V fp32 workspace within ``OPD_WORKSPACE_MB`` (default 256 MiB), C a multiple
+    of ``block_n`` and at least one block, at most n rounded up to a block.
+
+    Balanced like the other chunk loops (``_chunking.chunk_rows``): the fewest chunks the budget allows, of
+    equal block-rounded size, so no chunk is a small remainder that reads all of W for a few rows
+    (N = 4200 under a 2048-row cap: 3 chunks of 1408 rows, not 2048 + 2048 + 104)."""
+    cap = max(block_n, int(workspace_mb(256.0) * 2**20) // (4 * vocab) // block_n * block_n)
+    chunks = triton.cdiv(max(n, 1), cap)
+    return triton.cdiv(triton.cdiv(max(n, 1), chunks), block_n) * block_n
 
 
 def row_loss_forward(h, w, b: Optional[torch.Tensor], ids, teacher, sampler: Optional[torch.Tensor], weights,
