@@ -11,7 +11,7 @@ import torch
 import opd_kernels as ok
 from opd_kernels import reference as ref
 from opd_kernels.backends import device_support
-from oracle import FP32_TOL, compare_to_oracle, low_precision_bound
+from oracle import FP32_TOL, cancellation_floor, compare_to_oracle, low_precision_bound
 
 CPU = torch.device("cpu")
 
@@ -255,7 +255,12 @@ def test_sampled_token_opd_loss(estimator, with_sampler):
     mask = torch.rand(shape) > 0.3
     make = lambda fn: (lambda a: fn(a, lt.to(a.dtype), sampler_logprobs=None if lq is None else lq.to(a.dtype),
                                     mask=mask, kl_coef=0.7, normalizer=25, estimator=estimator))
-    errs = compare_to_oracle(make(ok.sampled_token_opd_loss), make(ref.sampled_token_opd_loss), [ls])
+    # the per-token terms have both signs (log p_s - log p_t): the value's error is bounded relative to the
+    # sum of their magnitudes (1 of ~40 seeds cancelled to a 5.6e-6 relative error of the value itself)
+    terms = ref.sampled_token_per_token(ls.double(), lt.double(), sampler_logprobs=None if lq is None else lq.double(),
+                                        kl_coef=0.7, estimator=estimator)
+    floor = cancellation_floor(terms * mask, mask=mask, normalizer=25)
+    errs = compare_to_oracle(make(ok.sampled_token_opd_loss), make(ref.sampled_token_opd_loss), [ls], value_floor=floor)
     _assert_within(errs, {k: 5e-6 for k in errs})
 
 
