@@ -11,6 +11,7 @@ import torch
 
 import opd_kernels as ok
 from opd_kernels.backends import cpp
+from oracle import rel_err, value_and_grads
 from triton_testing import enable_interpreter_without_cuda, need
 
 enable_interpreter_without_cuda()  # before cut_cross_entropy imports triton
@@ -35,22 +36,11 @@ def _inputs(seed_offset=0):
     return h, w, ids, g
 
 
-def _value_and_grads(fn, h, w, upstream=None):
-    h = h.clone().requires_grad_()
-    w = w.clone().requires_grad_()
-    out = fn(h, w)
-    (out if upstream is None else (out * upstream).sum()).backward()
-    return out.detach(), h.grad, w.grad
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
-
-
 def _assert_close(ours, theirs):
-    for name, a, b in zip(("value", "grad hidden", "grad weight"), ours, theirs):
+    """ours, theirs: (value, [grad hidden, grad weight]) of oracle.value_and_grads."""
+    for name, a, b in zip(("value", "grad hidden", "grad weight"), [ours[0], *ours[1]], [theirs[0], *theirs[1]]):
         assert torch.isfinite(a).all(), name
-        assert _rel(a, b) <= TOL, f"{name}: {_rel(a, b):.2e} > {TOL:.0e}"
+        assert rel_err(a, b) <= TOL, f"{name}: {rel_err(a, b):.2e} > {TOL:.0e}"
 
 
 def _need(backend):
@@ -65,9 +55,9 @@ def test_linear_logprobs_matches_cce(backend, softcap):
     h, w, ids, g = _inputs()
     ids[[3, 11, 30]] = -100      # prompt / padding labels: log-prob 0, no gradient, as CCE's loss 0
     upstream = torch.randn(N, generator=g)
-    theirs = _value_and_grads(lambda h_, w_: _cce_logprobs(h_, w_, ids, softcap), h, w, upstream)
-    ours = _value_and_grads(lambda h_, w_: ok.linear_logprobs(h_, w_, ids, softcap=softcap, ignore_index=-100,
-                                                              backend=backend), h, w, upstream)
+    theirs = value_and_grads(lambda h_, w_: _cce_logprobs(h_, w_, ids, softcap), [h, w], upstream)
+    ours = value_and_grads(lambda h_, w_: ok.linear_logprobs(h_, w_, ids, softcap=softcap, ignore_index=-100,
+                                                             backend=backend), [h, w], upstream)
     assert torch.equal(ours[0][[3, 11, 30]], torch.zeros(3))
     _assert_close(ours, theirs)
 
@@ -104,7 +94,7 @@ def test_fused_sampled_token_loss_matches_loss_on_cce_logprobs(backend, estimato
         def theirs_fn(h_, w_):
             return _k1_loss(_cce_logprobs(h_, w_, ids), teacher, mask.float(), kl_coef)
         extra = {}
-    theirs = _value_and_grads(theirs_fn, h, w)
-    ours = _value_and_grads(lambda h_, w_: ok.linear_sampled_token_opd_loss(
-        h_, w_, ids, teacher, estimator=estimator, kl_coef=kl_coef, mask=mask, backend=backend, **extra), h, w)
+    theirs = value_and_grads(theirs_fn, [h, w])
+    ours = value_and_grads(lambda h_, w_: ok.linear_sampled_token_opd_loss(
+        h_, w_, ids, teacher, estimator=estimator, kl_coef=kl_coef, mask=mask, backend=backend, **extra), [h, w])
     _assert_close(ours, theirs)

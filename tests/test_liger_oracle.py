@@ -11,6 +11,7 @@ import torch
 
 import opd_kernels as ok
 from opd_kernels.backends import cpp
+from oracle import rel_err, value_and_grads
 from triton_testing import enable_interpreter_without_cuda, need
 
 enable_interpreter_without_cuda()  # before liger_kernel imports triton
@@ -20,10 +21,6 @@ BACKENDS = ["torch", pytest.param("cpp", marks=pytest.mark.skipif(not cpp.AVAILA
             pytest.param("triton", marks=pytest.mark.interpret)]
 N, HS, HT, V = 29, 13, 21, 173
 TOL = 5e-5
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -38,17 +35,13 @@ def test_linear_divergence_matches_liger_fused_linear_jsd(backend, beta):
     labels[[0, 7, 8, 20]] = -100          # prompt / padding positions: not in the loss, not in the mean
     temperature = 0.8
 
-    def run(fn):
-        h, w = hs.clone().requires_grad_(), ws.clone().requires_grad_()
-        loss = fn(h, w)
-        loss.backward()
-        return loss.detach(), h.grad, w.grad
-
     liger_loss = liger.LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta,
                                                temperature=temperature, compiled=False, chunk_size=8)
-    theirs = run(lambda h, w: liger_loss(h, w, ht, wt, labels))
-    ours = run(lambda h, w: ok.linear_divergence(h, w, ht, wt, divergence="jsd", beta=beta, temperature=temperature,
-                                                 mask=labels != -100, backend=backend))
-    for name, a, b in zip(("loss", "grad student_hidden", "grad student_weight"), ours, theirs):
+    theirs = value_and_grads(lambda h, w: liger_loss(h, w, ht, wt, labels), [hs, ws])
+    ours = value_and_grads(lambda h, w: ok.linear_divergence(h, w, ht, wt, divergence="jsd", beta=beta,
+                                                             temperature=temperature, mask=labels != -100,
+                                                             backend=backend), [hs, ws])
+    for name, a, b in zip(("loss", "grad student_hidden", "grad student_weight"),
+                          [ours[0], *ours[1]], [theirs[0], *theirs[1]]):
         assert torch.isfinite(a).all(), name
-        assert _rel(a, b) <= TOL, f"{name}: {_rel(a, b):.2e} > {TOL:.0e}"
+        assert rel_err(a, b) <= TOL, f"{name}: {rel_err(a, b):.2e} > {TOL:.0e}"
