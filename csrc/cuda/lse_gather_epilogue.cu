@@ -7,7 +7,7 @@
 // The gathered part is staged in `scratch` (rows x k, fp32) before the row is overwritten, and added by
 // one thread afterwards so duplicate ids accumulate without atomics.
 #include "epilogues.h"
-#include "row_access.cuh"
+#include "lse_rows.cuh"
 
 namespace opd {
 namespace cuda {
@@ -23,21 +23,10 @@ __global__ void __launch_bounds__(kThreads) lse_gather_kernel(const LseGatherArg
   const int64_t V = a.vocab, k = a.k;
   const T* row = static_cast<const T*>(a.logits) + r * a.ld;
   const Transform tr = a.t;
-  float m = -INFINITY;
-  row_foreach1(row, V, vec, [&](float x) { m = fmaxf(m, transform<M>(x, tr)); });
-  m = finite_shift(block_reduce<true>(m, smem));  // 0 for a row of -inf logits: lse = -inf, no NaN
-  float d = 0.0f, ey = 0.0f;
-  row_foreach1(row, V, vec, [&](float x) {
-    const float y = transform<M>(x, tr) - m;
-    const float e = M::exp(y);
-    d += e;
-    ey += entropy_term(e, y);
-  });
-  d = block_reduce<false>(d, smem);
-  if (a.entropy) ey = block_reduce<false>(ey, smem);
+  const RowLse s = row_lse(row, V, vec, tr, a.entropy != nullptr, smem);
   if (threadIdx.x == 0) {
-    a.lse[r] = m + M::log(d);
-    if (a.entropy) a.entropy[r] = entropy_value<M>(ey, d);
+    a.lse[r] = s.m + M::log(s.d);
+    if (a.entropy) a.entropy[r] = entropy_value<M>(s.ey, s.d);
   }
   for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
     // ids are range-checked on the host unless OPD_CHECK_IDS=0: never read outside the row, mark it NaN
@@ -72,17 +61,9 @@ __global__ void __launch_bounds__(kThreads) lse_gather_backward_kernel(const Lse
   __syncthreads();  // every raw logit at ids is read before the row is overwritten
   const float lse = a.lse[r];
   const float H = a.g_entropy ? a.entropy[r] : 0.0f;
-  row_map1(row, V, vec, [&](float x) {
-    const float z = transform<M>(x, tr);
-    const float lp = z - lse;
-    return lse_entropy_grad(M::exp(lp), lp, H, g_lse, g_ent) * transform_grad(z, tr);
-  });
+  write_lse_entropy_grad(row, V, vec, tr, lse, H, g_lse, g_ent);
   __syncthreads();  // the row's writes are visible to thread 0
-  if (a.g_gathered && threadIdx.x == 0) {
-    for (int64_t j = 0; j < k; ++j) {
-      if (id_in_range(ids[j], V)) row[ids[j]] = from_float<T>(to_float(row[ids[j]]) + staged[j]);
-    }
-  }
+  if (a.g_gathered && threadIdx.x == 0) add_staged_at_ids(row, V, ids, staged, k);
 }
 
 template <class T>

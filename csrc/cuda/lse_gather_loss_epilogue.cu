@@ -15,7 +15,7 @@
 // NOTE: compile-checked by tests/test_cuda_compile.py (nvcc, sm_80 / sm_90, no spills); never run on a GPU.
 #include "../include/lse_gather_loss.h"
 #include "epilogues.h"
-#include "row_access.cuh"
+#include "lse_rows.cuh"
 
 namespace opd {
 namespace cuda {
@@ -33,24 +33,13 @@ __global__ void __launch_bounds__(kThreads) lse_gather_loss_kernel(const LseGath
   T* row = static_cast<T*>(a.logits) + r * a.ld;
   const Transform tr = a.t;
   const bool entropy = a.spec.entropy_coef != 0.0;
-  float m = -INFINITY;
-  row_foreach1(row, V, vec, [&](float x) { m = fmaxf(m, transform<M>(x, tr)); });
-  m = finite_shift(block_reduce<true>(m, smem));  // 0 for a row of -inf logits: lse = -inf, no NaN
-  float d = 0.0f, ey = 0.0f;
-  row_foreach1(row, V, vec, [&](float x) {
-    const float y = transform<M>(x, tr) - m;
-    const float e = M::exp(y);
-    d += e;
-    ey += entropy_term(e, y);
-  });
-  d = block_reduce<false>(d, smem);
-  if (entropy) ey = block_reduce<false>(ey, smem);
+  const RowLse s = row_lse(row, V, vec, tr, entropy, smem);
   if (threadIdx.x == 0) {
     const int64_t* ids = a.ids + r * k;
     float* q = a.scratch + r * k;  // q_j, then dq_j, then the staged g_j dz/draw
     const float w = a.weights[r];
-    const float L = m + M::log(d);
-    const float H = entropy ? entropy_value<M>(ey, d) : 0.0f;
+    const float L = s.m + M::log(s.d);
+    const float H = entropy ? entropy_value<M>(s.ey, s.d) : 0.0f;
     for (int64_t j = 0; j < k; ++j) {
       // an id outside [0, V) (OPD_CHECK_IDS=0) is never read: a NaN log-prob, so a NaN row (issue 16)
       q[j] = id_in_range(ids[j], V) ? transform<M>(to_float(row[ids[j]]), tr) - L : NAN;
@@ -83,21 +72,13 @@ __global__ void __launch_bounds__(kThreads) lse_gather_loss_kernel(const LseGath
   __syncthreads();  // the staged values and the broadcast are visible; the raw logits at ids were read
   if (!a.grad) return;
   const float L = bcast[0], H = bcast[1], g_lse = bcast[2], g_ent = bcast[3];
-  const bool dense = g_lse != 0.0f || g_ent != 0.0f;  // else (a masked row) exact zeros, whatever NaN it holds
-  row_map1(row, V, vec, [&](float x) {
-    if (!dense) return 0.0f;
-    const float z = transform<M>(x, tr);
-    const float lp = z - L;
-    return lse_entropy_grad(M::exp(lp), lp, H, g_lse, g_ent) * transform_grad(z, tr);
-  });
-  __syncthreads();  // the row's writes are visible to thread 0
-  if (threadIdx.x == 0) {
-    const int64_t* ids = a.ids + r * k;
-    const float* staged = a.scratch + r * k;
-    for (int64_t j = 0; j < k; ++j) {
-      if (id_in_range(ids[j], V)) row[ids[j]] = from_float<T>(to_float(row[ids[j]]) + staged[j]);
-    }
+  if (g_lse != 0.0f || g_ent != 0.0f) {
+    write_lse_entropy_grad(row, V, vec, tr, L, H, g_lse, g_ent);
+  } else {  // a masked row (or a non-finite loss): exact zeros, whatever NaN it holds
+    row_map1(row, V, vec, [](float) { return 0.0f; });
   }
+  __syncthreads();  // the row's writes are visible to thread 0
+  if (threadIdx.x == 0) add_staged_at_ids(row, V, a.ids + r * k, a.scratch + r * k, k);
 }
 
 template <class T>
