@@ -1,8 +1,9 @@
 """Timing and peak-memory measurement, the same protocol on CPU and CUDA (docs/design.md section 7).
 
 Timing: every callable is warmed up first, then timed ``repeats`` times *interleaved* with the other
-callables of the same case (round r runs provider 1, 2, ..., then round r + 1), so that a slow phase of a
-shared machine hits every provider alike and the ratios of medians stay meaningful. CPU times come from
+callables of the same case (round r runs every provider once, the order rotated by one position per round,
+then round r + 1), so that a slow phase of a shared machine hits every provider alike and the ratios of
+medians stay meaningful. CPU times come from
 ``time.perf_counter``; CUDA times from CUDA events recorded on the current stream, with a synchronize after
 each call (the figure is the device time of one call, host launch overhead included when it is on the
 critical path).
@@ -159,9 +160,18 @@ def _time_once(fn: Callable[[], object], device: torch.device) -> float:
     return t1 - t0
 
 
+def round_order(names: Sequence[str], r: int) -> List[str]:
+    """The order of round ``r``: ``names`` rotated left by r. With a fixed order one provider would always
+    run right after the same other one (after its frees, its cache and page state), a bias that no number
+    of rounds removes; rotated, each callable takes every position equally often over len(names) rounds."""
+    k = r % len(names) if names else 0
+    return list(names[k:]) + list(names[:k])
+
+
 def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, *, repeats: int = 5,
                      warmup: int = 1) -> Dict[str, Timing]:
-    """Median-ready timings of several callables, warmed up and then timed round-robin.
+    """Median-ready timings of several callables, warmed up and then timed round-robin: every round runs each
+    callable once, in the order :func:`round_order` gives (rotated by one position per round).
 
     ``repeats`` >= 5 is the protocol minimum (docs/design.md section 7); fewer raises ValueError. ``warmup``
     calls of each callable run first (0 is allowed for callers that have already called each one, as the
@@ -178,8 +188,8 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device,
             del out
         synchronize(device)
     samples: Dict[str, List[float]] = {name: [] for name in names}
-    for _ in range(repeats):
-        for name in names:
+    for r in range(repeats):
+        for name in round_order(names, r):
             samples[name].append(_time_once(fns[name], device))
     return {name: Timing(s) for name, s in samples.items()}
 
