@@ -202,3 +202,30 @@ def test_plot_without_matplotlib_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     with pytest.raises(SystemExit, match=r"opd_kernels\[bench\]"):
         plot_rows([], str(tmp_path / "x.png"))
+
+
+def test_paired_rounds_pools_same_round_comparisons(tmp_path, capsys):
+    """benchmarks/paired_rounds.py: rounds won per run and over all runs, with the sign-test p-value."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "paired_rounds.py"
+    spec = importlib.util.spec_from_file_location("paired_rounds", path)
+    paired = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paired)
+    assert paired.sign_test_p(5, 5) == 1 / 32 and paired.sign_test_p(0, 7) == 1.0
+
+    def rows(ours, cce):
+        base = {"case": "c", "op": "linear_sampled_token_opd_loss", "git_commit": "abc"}
+        return [{**base, "provider": "ours:cpp", "samples_s": ";".join(map(str, ours))},
+                {**base, "provider": "cce", "samples_s": ";".join(map(str, cce))},
+                {**base, "provider": "floor", "samples_s": ""}]     # no samples: not compared
+    write_csv(rows([1.0, 2.0, 1.0], [2.0, 1.0, 3.0]), str(tmp_path / "run1.csv"))
+    write_csv(rows([1.0, 1.0], [1.5, 0.5]), str(tmp_path / "run2.csv"))
+    assert paired.main([str(tmp_path / "run1.csv"), str(tmp_path / "run2.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "run1.csv [abc] linear_sampled_token_opd_loss: ours:cpp faster than cce: 2/3 (per round 0.500)" in out
+    assert "cce: 1/2 (per round 1.333)" in out
+    # 3 of 5 rounds, ratios 0.5, 2, 0.333, 0.667, 2: median 0.667; P(X >= 3 | n = 5) = 16/32
+    assert "linear_sampled_token_opd_loss vs cce: ours:cpp faster in 3 of 5 rounds, median per-round ratio " \
+           "0.667, sign-test p = 0.5" in out
