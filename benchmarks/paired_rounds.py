@@ -16,22 +16,13 @@ the ``samples_s`` column) are skipped and listed.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
 from typing import Dict, List
 
+from opd_kernels.bench.goals import round_samples as samples, sign_test_p
 from opd_kernels.bench.report import read_csv
-
-
-def samples(row: dict) -> List[float]:
-    return [float(x) for x in str(row.get("samples_s") or "").split(";") if x]
-
-
-def sign_test_p(wins: int, n: int) -> float:
-    """P(X >= wins) for X ~ Binomial(n, 1/2)."""
-    return sum(math.comb(n, i) for i in range(wins, n + 1)) / 2 ** n
 
 
 def main(argv=None) -> int:

@@ -90,22 +90,25 @@ def linear_logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], v
 
 
 def accumulate_linear_grads(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, vocab: int,
-                            grad_h_rows: torch.Tensor, grad_w: torch.Tensor, grad_b: Optional[torch.Tensor],
-                            live: Optional[torch.Tensor] = None) -> None:
+                            grad_h_rows: Optional[torch.Tensor], grad_w: Optional[torch.Tensor],
+                            grad_b: Optional[torch.Tensor], live: Optional[torch.Tensor] = None) -> None:
     """The gradients of ``h @ w[:V].T + b[:V]`` from G = d loss / d raw logits (C, V) of one chunk::
 
         grad_h_rows = G @ w[:V];    grad_w[:V] += G.T @ h;    grad_b[:V] += G.sum(0)
 
-    ``live`` (C,) bool: the rows that carry a gradient; the others (masked tokens) get G = 0 and h = 0
-    exactly, so a NaN in their logits or hidden states cannot reach dW through 0 * NaN (issue 16).
+    A gradient passed as None is not formed (a frozen weight: no dW product). ``live`` (C,) bool: the rows
+    that carry a gradient; the others (masked tokens) get G = 0 and h = 0 exactly, so a NaN in their logits
+    or hidden states cannot reach dW through 0 * NaN (issue 16).
     """
     if live is not None:
         g = torch.where(live.unsqueeze(-1), g, torch.zeros((), dtype=g.dtype, device=g.device))
         h = torch.where(live.unsqueeze(-1), h, torch.zeros((), dtype=h.dtype, device=h.device))
     gq = g.to(w.dtype)
     with torch.autocast(device_type=h.device.type, enabled=False):
-        grad_h_rows.copy_(gq @ w[:vocab])
-        grad_w[:vocab] += (gq.T @ h).to(grad_w.dtype)
+        if grad_h_rows is not None:
+            grad_h_rows.copy_(gq @ w[:vocab])
+        if grad_w is not None:
+            grad_w[:vocab] += (gq.T @ h).to(grad_w.dtype)
     if grad_b is not None:
         grad_b[:vocab] += g.sum(0).to(grad_b.dtype)
 

@@ -15,6 +15,7 @@ import torch
 
 from . import _validation as check
 from . import backends
+from .backends import _frozen_head
 from ._common import empty_result as _empty_result
 from ._common import flatten_rows as _rows
 from ._common import reduce_per_token, token_weights
@@ -163,6 +164,10 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
     Differentiable w.r.t. hidden, weight and bias through both outputs. Under ``torch.no_grad()`` (the
     teacher side of OPD, "teacher logit gathering") no graph is kept and no N x V buffer is allocated.
+    The backward recomputes the logits (its upstream is only known then), except under a frozen lm_head:
+    when only ``hidden`` needs a gradient and no entropy is returned, d logprob_n / d hidden_n (N, H) is
+    formed in the forward and the backward is a per-row scale (2 GEMMs instead of 3; docs/design.md,
+    "Log-probs, entropy and gathering"; ``OPD_FROZEN_HEAD=0`` turns it off).
     With ``process_group``, ``weight``/``bias`` are this rank's vocabulary shard and ``targets`` are global
     ids (docs/distributed.md).
     """
@@ -185,8 +190,15 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if hidden.numel() == 0:
         empty = _empty_result(leading, "none", hidden, weight, bias)
         return (empty, empty.clone()) if opts.return_entropy else empty
-    lse, gathered, entropy = _lse_gather(_rows(hidden), weight.contiguous(), targets.reshape(-1, 1).to(torch.int64),
-                                         bias, opts)
+    flat_ids = targets.reshape(-1, 1).to(torch.int64)
+    impl = None if opts.process_group is not None else backends.resolve(opts.backend, hidden.device, "lse_gather")
+    if _frozen_head.applies(hidden, weight, bias, opts.return_entropy, opts.process_group, impl):
+        # a frozen lm_head (LoRA): d logprob_n / d hidden_n formed in the forward, 2 GEMMs instead of 3
+        live = None if ignored is None else ~ignored.reshape(-1)
+        logprobs = _frozen_head.frozen_head_logprobs(_rows(hidden), weight.contiguous(), flat_ids, bias, opts, live)
+        logprobs = logprobs.float().reshape(leading)
+        return logprobs if ignored is None else logprobs.masked_fill(ignored, 0.0)
+    lse, gathered, entropy = _lse_gather(_rows(hidden), weight.contiguous(), flat_ids, bias, opts)
     logprobs = (gathered[:, 0] - lse).float().reshape(leading)
     if ignored is not None:
         logprobs = logprobs.masked_fill(ignored, 0.0)

@@ -159,7 +159,9 @@ def test_floor_goals_are_judged_from_the_rows():
     # the same-round comparison is printed beside the verdict (CSV rows hold the rounds as "t1;t2;...")
     rows[1]["samples_s"], rows[-1]["samples_s"] = "1.4;1.7;1.5", [1.6, 1.6, 1.6]
     line = check_goals(rows)[1]
-    assert "faster in 1 of 3 rounds (per round 1.067)" in line and line.endswith("within noise (IQR)"), line
+    # one-sided sign test: P(X >= 1 | n = 3, p = 1/2) = 7/8
+    assert "faster in 1 of 3 rounds (per round 1.067, sign test p = 0.88)" in line, line
+    assert line.endswith("within noise (IQR)"), line
 
 
 def test_signal_cases_run_and_check_against_naive():
@@ -214,6 +216,7 @@ def test_paired_rounds_pools_same_round_comparisons(tmp_path, capsys):
     paired = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(paired)
     assert paired.sign_test_p(5, 5) == 1 / 32 and paired.sign_test_p(0, 7) == 1.0
+    assert paired.sign_test_p(9, 11) == 67 / 2048       # C(11,9) + C(11,10) + C(11,11) = 55 + 11 + 1
 
     def rows(ours, cce):
         base = {"case": "c", "op": "linear_sampled_token_opd_loss", "git_commit": "abc"}

@@ -78,9 +78,13 @@ def test_independent_of_chunk_size(monkeypatch, divergence, reduction):
                                     (torch.bfloat16, torch.float32)], ids=["bf16", "fp16", "bf16-fp32teacher"])
 def test_low_precision_within_twice_naive(divergence, dtypes):
     s_dtype, t_dtype = dtypes
-    x32 = make_inputs(n=33, spread=2.0)
+    # 129 rows, not 33: ours and naive round alike, and the ratio of their max errors is a ratio of two
+    # maxima of rounding noise; over 150 seeds (fp16, jsd) its worst case was 1.80 at 33 rows, 1.60 at 129,
+    # and one seed in ~1000 test instances went past 2 at 33 rows (OPD_TEST_SEED=2142764901: 2.004).
+    n = 129
+    x32 = make_inputs(n=n, spread=2.0)
     x = {k: v.to(s_dtype if k.startswith("student") else t_dtype) for k, v in x32.items()}
-    mask = torch.rand(33) > 0.2
+    mask = torch.rand(n) > 0.2
     kw = dict(OPTIONS, divergence=divergence, mask=mask)
     ours = compare_to_oracle(call(ok.linear_divergence, x, backend="cpp", **kw), oracle(x, **kw), student(x))
     # the same-dtype materializing computation: the reference run in the inputs' dtype

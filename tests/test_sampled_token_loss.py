@@ -10,11 +10,11 @@ module form, argument errors, and the new top-k default (reverse KL).
 """
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import opd_kernels as ok
 from opd_kernels import reference as ref
 from opd_kernels.backends import cpp
+from matmul_count import CountMatmuls
 from oracle import FP32_TOL, cancellation_floor, compare_to_oracle, low_precision_bound, rel_err
 from triton_testing import assert_within, enable_interpreter_without_cuda, need
 
@@ -158,23 +158,14 @@ def test_fully_masked_batch_is_zero_with_zero_grads(backend):
     assert all(float(x.grad.abs().max()) == 0.0 for x in leaves)
 
 
-class _CountMatmuls(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
+@pytest.mark.parametrize("frozen_weight", [False, True])
 @pytest.mark.parametrize("op", ["sampled_token", "topk"])
-def test_torch_backend_runs_the_floor_three_matmuls(op):
-    """One chunk: logits, dH = G W, dW = G^T H - in the forward; backward runs no matmul at all."""
+def test_torch_backend_runs_the_floor_three_matmuls(op, frozen_weight):
+    """One chunk: logits, dH = G W, dW = G^T H - in the forward; backward runs no matmul at all. A frozen
+    weight (a LoRA student's lm_head) costs no dW product: 2 matmuls."""
     hidden, weight, _, ids, teacher, sampler, mask = make()
-    leaves = [x.clone().requires_grad_(True) for x in (hidden, weight)]
-    with _CountMatmuls() as fwd:
+    leaves = [hidden.clone().requires_grad_(True), weight.clone().requires_grad_(not frozen_weight)]
+    with CountMatmuls() as fwd:
         if op == "sampled_token":
             loss = ok.linear_sampled_token_opd_loss(*leaves, ids, teacher, sampler_logprobs=sampler, mask=mask,
                                                     backend="torch")
@@ -182,9 +173,10 @@ def test_torch_backend_runs_the_floor_three_matmuls(op):
             top = torch.stack([torch.randperm(V)[:4] for _ in range(23)])
             lp = torch.log_softmax(torch.randn(23, 5), -1)[:, :4]
             loss = ok.linear_topk_divergence(*leaves, top, lp, mask=mask, backend="torch")
-    with _CountMatmuls() as bwd:
+    with CountMatmuls() as bwd:
         loss.backward()
-    assert (fwd.count, bwd.count) == (3, 0)
+    assert (fwd.count, bwd.count) == ((2, 0) if frozen_weight else (3, 0))
+    assert leaves[1].grad is None if frozen_weight else torch.isfinite(leaves[1].grad).all()
 
 
 @pytest.mark.skipif(not cpp.AVAILABLE, reason="cpp unavailable")

@@ -27,6 +27,7 @@ Equivalent PyTorch (``reference.py`` formulas)::
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -101,8 +102,9 @@ def _chunk_rows(n: int, v: int) -> int:
     return max(1, min(max(n, 1), budget // (8 * v * 4)))
 
 
-def _torch_pass(h, w, b, ids, teacher, sampler, weights, opts, need_grad):
-    """One sweep over row chunks: values (N,) and, if ``need_grad``, the weighted gradients (dh, dW, db).
+def _torch_pass(h, w, b, ids, teacher, sampler, weights, opts, need):
+    """One sweep over row chunks: values (N,) and the weighted gradients (dh, dW, db) that ``need`` (three
+    flags) asks for, None for the others (a frozen weight costs no dW product).
 
     Per chunk, with g_j = w dq_j (upstream of q_j), g_lse = -sum_j g_j, g_H = -w entropy_coef:
         d/dz_v = p_v (g_lse - g_H (log p_v + H)) + sum_j g_j [v = ids_j]      (reference-exact, see module doc)
@@ -110,9 +112,10 @@ def _torch_pass(h, w, b, ids, teacher, sampler, weights, opts, need_grad):
     n, v = h.shape[0], opts["vocab_size"]
     cdt = torch.promote_types(h.dtype, torch.float32)
     values = torch.empty(n, dtype=cdt, device=h.device)
-    grad_h = torch.empty_like(h) if need_grad else None
-    grad_w = torch.zeros(w.shape, dtype=cdt, device=w.device) if need_grad else None
-    grad_b = torch.zeros(b.shape, dtype=cdt, device=w.device) if need_grad and b is not None else None
+    grad_h = torch.empty_like(h) if need[0] else None
+    grad_w = torch.zeros(w.shape, dtype=cdt, device=w.device) if need[1] else None
+    grad_b = torch.zeros(b.shape, dtype=cdt, device=w.device) if need[2] and b is not None else None
+    need_grad = any(g is not None for g in (grad_h, grad_w, grad_b))
     ec = opts["entropy_coef"]
     tf = dict(scale=opts["scale"], softcap=opts["softcap"], temperature=opts["temperature"])
     zero = torch.zeros((), dtype=cdt, device=h.device)
@@ -139,15 +142,15 @@ def _torch_pass(h, w, b, ids, teacher, sampler, weights, opts, need_grad):
                                 None if entropy is None else -ec * wl)
             g = transform_grad(raw, g, **tf)
             # masked / non-finite rows: exact zeros (their NaN logits or hidden states must not reach dW)
-            accumulate_linear_grads(g, h[sl], w, v, grad_h[sl], grad_w, grad_b, live=live)
+            accumulate_linear_grads(g, h[sl], w, v, None if grad_h is None else grad_h[sl], grad_w, grad_b,
+                                    live=live)
     return values, grad_h, grad_w, grad_b
 
 
 class _TorchLseGatherLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, b, ids, teacher, sampler, weights, opts):
-        need = any(ctx.needs_input_grad[:3])
-        values, gh, gw, gb = _torch_pass(h, w, b, ids, teacher, sampler, weights, opts, need)
+        values, gh, gw, gb = _torch_pass(h, w, b, ids, teacher, sampler, weights, opts, ctx.needs_input_grad[:3])
         ctx.save_for_backward(gh, gw, gb)
         ctx.dtypes = (h.dtype, w.dtype)
         ctx.mark_non_differentiable(values)
@@ -159,20 +162,27 @@ class _TorchLseGatherLoss(torch.autograd.Function):
     def backward(ctx, g_loss, _g_values):
         _no_double_backward()
         gh, gw, gb = ctx.saved_tensors
-        if gh is None:
-            return (None,) * 8
         from .cpp import _scale  # in place in eager mode: ``gw * s`` would be a second (V, H) tensor
-        return (_scale(gh, g_loss), _scale(gw, g_loss).to(ctx.dtypes[1]),
-                None if gb is None else _scale(gb, g_loss).to(ctx.dtypes[1]), None, None, None, None, None)
+        gh, gw, gb = (None if g is None else _scale(g, g_loss) for g in (gh, gw, gb))
+        return (gh, None if gw is None else gw.to(ctx.dtypes[1]), None if gb is None else gb.to(ctx.dtypes[1]),
+                None, None, None, None, None)
 
 
 def torch_lse_gather_loss(hidden, weight, ids, teacher, *, bias, sampler, weights, kind, estimator, divergence,
                           tail_bucket, kl_coef, entropy_coef, temperature, softcap, scale, vocab_size,
-                          deterministic=False):
-    """The torch backend's ``lse_gather_loss`` (module doc). Always deterministic."""
+                          deterministic=False, hidden_grad_only=False):
+    """The torch backend's ``lse_gather_loss`` (module doc). Always deterministic.
+
+    ``hidden_grad_only``: return ``(values, d loss / d hidden)`` instead, without autograd (the gradient's
+    rows are per token; backends/_frozen_head.py)."""
     opts = dict(kind=kind, estimator=estimator, divergence=divergence, tail_bucket=bool(tail_bucket),
                 kl_coef=float(kl_coef), entropy_coef=float(entropy_coef), temperature=float(temperature),
                 softcap=softcap, scale=float(scale), vocab_size=int(vocab_size))
+    if hidden_grad_only:
+        with torch.no_grad():
+            values, gh, _, _ = _torch_pass(hidden, weight, bias, ids, teacher, sampler, weights, opts,
+                                           (True, False, False))
+        return values, gh
     return _TorchLseGatherLoss.apply(hidden, weight, bias, ids, teacher.detach(),
                                      None if sampler is None else sampler.detach(), weights, opts)
 
@@ -223,20 +233,23 @@ def register_cpp(ops) -> None:
 
 def cpp_lse_gather_loss(hidden, weight, ids, teacher, *, bias, sampler, weights, kind, estimator, divergence,
                         tail_bucket, kl_coef, entropy_coef, temperature, softcap, scale, vocab_size,
-                        deterministic=False):
+                        deterministic=False, hidden_grad_only=False):
     """The cpp backend's ``lse_gather_loss`` (module doc): one chunked pass of the compiled driver.
+    ``hidden_grad_only``: ``(values, d loss / d hidden)`` without autograd, as the torch backend's.
 
     Always deterministic: OpenMP splits rows, each row's reductions run in a fixed order, no atomics."""
     from . import cpp
     cpp._require()
     rows = cpp.chunk_rows(hidden.shape[0], vocab_size, hidden.element_size(), hidden.device)
-    mask3 = cpp._grad_mask(hidden, weight, bias)
+    mask3 = [True, False, False] if hidden_grad_only else cpp._grad_mask(hidden, weight, bias)
     real = cpp._real(hidden)  # fp64 inputs: fp64 row scalars and loss, as the torch backend
-    loss, values, _, _, _ = cpp._ops.lse_gather_loss(
-        hidden, weight, bias, ids, teacher.detach().to(real), None if sampler is None else sampler.detach().to(real),
-        weights.to(real), kind, estimator, divergence, bool(tail_bucket), float(kl_coef), float(entropy_coef),
-        float(temperature), None if softcap is None else float(softcap), float(scale), int(vocab_size), mask3, rows)
-    return loss, values
+    with torch.no_grad() if hidden_grad_only else contextlib.nullcontext():
+        loss, values, grad_h, _, _ = cpp._ops.lse_gather_loss(
+            hidden, weight, bias, ids, teacher.detach().to(real),
+            None if sampler is None else sampler.detach().to(real), weights.to(real), kind, estimator, divergence,
+            bool(tail_bucket), float(kl_coef), float(entropy_coef), float(temperature),
+            None if softcap is None else float(softcap), float(scale), int(vocab_size), mask3, rows)
+    return (values, grad_h) if hidden_grad_only else (loss, values)
 
 
 def attach(modules: dict) -> None:

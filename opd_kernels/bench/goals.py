@@ -11,10 +11,12 @@ floor, <= 15% of naive's memory, faster than torch.compile and cut-cross-entropy
 reduction at <= 1.05 x the floor; linear_divergence with token_weights within 5% of the time without.
 The verdicts on "x the floor" use the ratio of medians (the protocol of docs/benchmarks.md); the median of
 the per-round ratios (``paired_ratio_to_floor``) is printed beside it, not used for the verdict; so are, for
-"faster than", the rounds in which ours was the faster of the two (rounds are interleaved, measure.py).
+"faster than", the rounds in which ours was the faster of the two (rounds are interleaved, measure.py)
+and the one-sided sign test's p-value of those wins.
 """
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Dict, List
 
@@ -37,7 +39,7 @@ def _faster(label: str, ours: dict, other_name: str, other: dict) -> str:
             f"(larger IQR {noise * 1e3:.0f} ms){_rounds_won(ours, other)}: {verdict}")
 
 
-def _samples(row: dict) -> List[float]:
+def round_samples(row: dict) -> List[float]:
     """The per-round times of a row (``samples_s``: a list, or the CSV's "t1;t2;..." string)."""
     raw = row.get("samples_s")
     if isinstance(raw, str):
@@ -45,14 +47,22 @@ def _samples(row: dict) -> List[float]:
     return [float(x) for x in raw or ()]
 
 
+def sign_test_p(wins: int, n: int) -> float:
+    """One-sided sign test: P(X >= wins) for X ~ Binomial(n, 1/2), the chance of winning at least ``wins``
+    of ``n`` rounds if each round were a fair coin."""
+    return sum(math.comb(n, i) for i in range(wins, n + 1)) / 2 ** n
+
+
 def _rounds_won(ours: dict, other: dict) -> str:
-    """", faster in 5 of 7 rounds (per round 0.979)": the same-round comparison beside the medians' verdict
-    (printed, not used for it); empty when the rows do not hold the same number of rounds."""
-    a, b = _samples(ours), _samples(other)
+    """", faster in 5 of 7 rounds (per round 0.979, sign test p = 0.23)": the same-round comparison beside
+    the medians' verdict (printed, not used for it); empty when the rows do not hold the same number of
+    rounds. Rounds of one run share its machine state, so the p-value is a guide, not a proof."""
+    a, b = round_samples(ours), round_samples(other)
     if not a or len(a) != len(b):
         return ""
     won = sum(x < y for x, y in zip(a, b))
-    return f", faster in {won} of {len(a)} rounds (per round {statistics.median(x / y for x, y in zip(a, b)):.3f})"
+    ratio = statistics.median(x / y for x, y in zip(a, b))
+    return f", faster in {won} of {len(a)} rounds (per round {ratio:.3f}, sign test p = {sign_test_p(won, len(a)):.2g})"
 
 
 def _per_round(row: dict) -> str:

@@ -1,0 +1,78 @@
+"""``linear_logprobs`` under a frozen lm_head: the hidden-state gradient formed in the forward pass.
+
+When only the hidden states need a gradient (weight and bias frozen, as peft leaves the lm_head of a LoRA
+student) and no entropy is returned, the gradient of each log-prob s_n = log p(y_n | h_n) reaches its own
+row of ``hidden`` only::
+
+    d s_n / d h_n = D_n = sum_v t'(raw_nv) ([v = y_n] - p_nv) W_v      (t: scale, softcap, 1 / temperature)
+
+so whatever the upstream g (N,) is, the backward is ``dh_n = g_n D_n``: no vocabulary-sized work. D is the
+hidden gradient of the fused row-loss pass (``lse_gather_loss`` with ``hidden_grad_only``,
+backends/_lse_gather_loss.py) whose row loss is s_n itself: kind "sampled_token", estimator "k1",
+kl_coef 1, teacher log-probs 0, no sampler (k1's loss is kl_coef * (s - t)), token weight 1. So the
+forward runs two GEMMs (the logits, then D = G W) where lse_gather's recomputing backward runs three
+(the logits, the logits again, G W): fwd + bwd takes about 2/3 of the time.
+
+The price: D, (N, H) in the hidden dtype like the gradient it becomes, is kept from forward to backward,
+and a forward whose backward never runs has still paid for G W. ``OPD_FROZEN_HEAD=0`` turns the path off.
+Rows carrying no gradient: ignored targets (``ignore_index``) and rows whose log-prob is not finite get
+a zero D row (the fused pass's rule: no 0 * NaN), and a zero upstream gives a zero row.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .._common import no_double_backward
+
+
+def enabled() -> bool:
+    return os.environ.get("OPD_FROZEN_HEAD", "1").strip() != "0"
+
+
+def applies(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], return_entropy: bool,
+            process_group, impl) -> bool:
+    """Whether linear_logprobs takes this path: a gradient to ``hidden`` only, on one device, from a backend
+    with the fused row-loss pass."""
+    return (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
+            and (bias is None or not bias.requires_grad) and not return_entropy and process_group is None
+            and getattr(impl, "lse_gather_loss", None) is not None and enabled())
+
+
+class _FrozenHeadLogprobs(torch.autograd.Function):
+    """values (N,) = s_n; backward: dh = g[:, None] * D, zero rows where g is 0."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, weights, backend, params):
+        from . import resolve
+        impl = resolve(backend, hidden.device, "lse_gather")
+        n = hidden.shape[0]
+        values, d_hidden = impl.lse_gather_loss(
+            hidden, weight, ids, hidden.new_zeros((n, 1), dtype=weights.dtype), bias=bias, sampler=None,
+            weights=weights, kind="sampled_token", estimator="k1", divergence="reverse_kl", tail_bucket=False,
+            kl_coef=1.0, entropy_coef=0.0, hidden_grad_only=True, **params)
+        ctx.save_for_backward(d_hidden)
+        return values
+
+    @staticmethod
+    def backward(ctx, g):
+        no_double_backward()
+        (d_hidden,) = ctx.saved_tensors
+        g = g.unsqueeze(-1)
+        grad = torch.where(g != 0, g * d_hidden, torch.zeros((), dtype=d_hidden.dtype, device=d_hidden.device))
+        return grad.to(d_hidden.dtype), None, None, None, None, None, None
+
+
+def frozen_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
+                         bias: Optional[torch.Tensor], opts, live: Optional[torch.Tensor]) -> torch.Tensor:
+    """The log-probs (N,) of ``ids`` (N, 1) under the flat ``hidden`` (N, H), differentiable w.r.t. ``hidden``
+    only (module doc); ``live`` (N,) bool or None: rows whose log-prob counts (False: 0, no gradient)."""
+    real = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    weights = (torch.ones(hidden.shape[0], dtype=real, device=hidden.device) if live is None
+               else live.to(real))
+    params = dict(temperature=opts.student.temperature, softcap=opts.student.softcap, scale=opts.student.scale,
+                  vocab_size=opts.vocab_size, deterministic=opts.deterministic)
+    return _FrozenHeadLogprobs.apply(hidden, weight.detach(), None if bias is None else bias.detach(), ids,
+                                     weights, opts.backend, params)
