@@ -495,9 +495,10 @@ def linear_sampled_token_opd_loss(student_hidden: torch.Tensor, student_weight: 
         mask: which tokens count; token_weights: float per-token multipliers (advantages, importance
             weights), detached; reduction: "mean" (over unmasked tokens, or by ``normalizer``) or "sum".
         temperature, bias, softcap, scale, vocab_size: the student's logit transform (as linear_logprobs).
-        backend: "auto" | "torch" | "cpp" | "triton". torch and cpp run the fused pass; triton and a
-            ``process_group`` (vocab-parallel, docs/distributed.md) compute the log-probs and entropy with
-            their lse/gather op and apply the same formula (their backward recomputes the logits).
+        backend: "auto" | "torch" | "cpp" | "triton": each runs the fused pass (Triton's kernels are
+            interpreter-tested only). With a ``process_group`` (vocab-parallel, docs/distributed.md) the
+            log-probs and entropy come from the lse/gather op and the same formula is applied (its backward
+            recomputes the logits).
     """
     opts = _validated(lambda: check.check_lse_gather(
         student_hidden, student_weight, sampled_ids, bias=bias, temperature=temperature, softcap=softcap,
