@@ -266,8 +266,11 @@ def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.T
     Triton: opd_kernels/triton/row_loss.py). Every other setting - tail "renormalize", "jsd" with
     0 < beta < 1, a ``support_mask``, reduction "none", a ``process_group`` - computes the student's logsumexp and the k gathered logits with
     the lse/gather op and applies the formula above on the (N, k) tensors
-    (backends/_divergence_math.topk_divergence_from_logprobs); its backward recomputes the logits. With
-    ``process_group``, the student weight is this rank's vocabulary shard and the ids are global.
+    (backends/_divergence_math.topk_divergence_from_logprobs); its backward recomputes the logits - except
+    for reduction "none" with the fused settings under a frozen lm_head (only ``student_hidden`` needs a
+    gradient), where d value_n / d hidden_n is formed in the forward (2 GEMMs; ``OPD_FROZEN_HEAD=0`` turns
+    it off). With ``process_group``, the student weight is this rank's vocabulary shard and the ids are
+    global.
     """
     opts = _validated(lambda: check.check_linear_topk_divergence(
         student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, divergence=divergence,
@@ -298,6 +301,22 @@ def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.T
         return _fused_row_loss(_rows(student_hidden), student_weight.contiguous(), ids,
                                teacher_topk_logprobs.reshape(-1, k).to(_acc_dtype(student_hidden)), student_bias, opts, sampler=None,
                                weights=weights if tw is None else weights * tw, loss_spec=spec)
+    impl = None if opts.process_group is not None else backends.resolve(opts.backend, student_hidden.device,
+                                                                         "lse_gather")
+    fused_rows = (support_mask is None and opts.tail != "renormalize" and opts.divergence != "jsd"
+                  and _frozen_head.applies(student_hidden, student_weight, student_bias, False, opts.process_group,
+                                           impl))
+    if fused_rows:  # reduction "none" under a frozen lm_head: d value_n / d hidden_n formed in the forward
+        weights = opts.token_weights(leading.numel(), student_hidden.device, _acc_dtype(student_hidden))
+        spec = dict(kind="topk", estimator="is", divergence=opts.divergence, tail_bucket=opts.tail_bucket,
+                    kl_coef=1.0)
+        per_token = _frozen_head.frozen_head_rows(_rows(student_hidden), student_weight.contiguous(), ids,
+                                                  teacher_topk_logprobs.reshape(-1, k), student_bias, opts,
+                                                  weights, spec)
+        if tw is not None:
+            per_token = _weighted_values(per_token, tw)
+        out = per_token.to(torch.promote_types(per_token.dtype, torch.float32))
+        return out.reshape(leading)
     lse, gathered, _ = _lse_gather(_rows(student_hidden), student_weight.contiguous(), ids, student_bias, opts)
     q = gathered - lse.unsqueeze(-1)
     l = teacher_topk_logprobs.reshape(-1, k).to(q.dtype)

@@ -6,7 +6,8 @@ arbitrary upstream with zero entries, on odd shapes, with and without bias, with
 scale / vocab_size, ``ignore_index``; bf16 by the 2x rule; torch, cpp and the Triton interpreter. Also: the
 path is taken exactly when it applies, ``OPD_FROZEN_HEAD=0`` gives the recomputing path's numbers, the torch
 backend runs 2 matmuls per chunk in forward and none in backward, non-finite rows, double backward, and
-torch.compile(fullgraph=True).
+torch.compile(fullgraph=True). The same path for ``linear_topk_divergence(reduction="none")``: the oracle with
+masks, token weights and transforms for both KLs and both tails, where it is (not) taken, its matmul count.
 """
 import pytest
 import torch
@@ -49,7 +50,7 @@ def took_frozen_head_path(out: torch.Tensor) -> bool:
         if fn is None or fn in seen:
             continue
         seen.add(fn)
-        if type(fn).__name__ == "_FrozenHeadLogprobsBackward":
+        if type(fn).__name__ == "_FrozenHeadRowsBackward":
             return True
         stack.extend(f for f, _ in fn.next_functions)
     return False
@@ -209,3 +210,76 @@ def test_double_backward_raises_and_compile_matches_eager(backend):
                                      torch.ones(()))
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(compiled[1], eager[1], rtol=1e-5, atol=1e-6)
+
+
+# ---- linear_topk_divergence(reduction="none") under a frozen lm_head ---------------------------------------
+def make_topk(n=19, k=5):
+    """Distinct teacher ids per row and LM-like teacher log-probs at them (a top-k of a real distribution)."""
+    teacher = torch.log_softmax(torch.randn(n, V) * 2, -1)
+    top = teacher.topk(k, -1)
+    return top.indices, top.values
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl"])
+@pytest.mark.parametrize("tail", ["bucket", "none"])
+def test_topk_per_token_matches_oracle(backend, divergence, tail):
+    _need(backend)
+    hidden, weight, bias, _, _ = make(leading=(19,))
+    ids, lp = make_topk()
+    mask = torch.rand(19) > 0.3
+    mask[:2] = False
+    tw = torch.rand(19) + 0.5
+    upstream = torch.randn(19)
+    upstream[5] = 0.0
+    kw = dict(divergence=divergence, tail=tail, reduction="none", mask=mask, token_weights=tw,
+              temperature=0.8, student_softcap=6.0, student_scale=1.2, vocab_size=V)
+
+    def ours(h):
+        return ok.linear_topk_divergence(h, weight, ids, lp, student_bias=bias, backend=backend, **kw)
+
+    def oracle(h):
+        return ref.linear_topk_divergence(h, weight.double(), ids, lp.double(), student_bias=bias.double(),
+                                          **{**kw, "token_weights": tw.double()})
+    out, grad, graph = value_and_hidden_grad(ours, hidden, upstream)
+    ref_out, ref_grad, _ = value_and_hidden_grad(oracle, hidden.double(), upstream.double())
+    assert took_frozen_head_path(graph)
+    assert out.shape == (19,) and (out[~mask] == 0).all() and (grad[~mask] == 0).all()
+    errs = {"value": rel_err(out, ref_out), "grad_hidden": rel_err(grad, ref_grad)}
+    assert max(errs.values()) <= FP32_TOL[backend], errs
+
+
+@pytest.mark.parametrize("setting", ["jsd", "renormalize", "support_mask", "weight_trains", "off"])
+def test_topk_per_token_path_only_where_the_fused_pass_applies(setting, monkeypatch):
+    hidden, weight, bias, _, upstream = make(leading=(19,))
+    ids, lp = make_topk()
+    kw = dict(reduction="none", vocab_size=V, backend="torch")
+    if setting == "jsd":
+        kw.update(divergence="jsd", beta=0.3)
+    if setting == "renormalize":
+        kw.update(tail="renormalize")
+    if setting == "support_mask":
+        kw.update(support_mask=torch.rand(19, 5) > 0.2)
+    w = weight.clone().requires_grad_(setting == "weight_trains")
+    if setting == "off":
+        monkeypatch.setenv("OPD_FROZEN_HEAD", "0")
+    plain = {k: v for k, v in kw.items() if k not in ("support_mask",)}
+    recomputed = value_and_hidden_grad(lambda h: ok.linear_topk_divergence(h, w, ids, lp, **kw), hidden, upstream)
+    assert not took_frozen_head_path(recomputed[2])
+    if setting in ("weight_trains", "off"):  # the same numbers as the frozen-head path
+        monkeypatch.setenv("OPD_FROZEN_HEAD", "1")
+        fused = value_and_hidden_grad(lambda h: ok.linear_topk_divergence(h, weight, ids, lp, **plain), hidden,
+                                      upstream)
+        assert took_frozen_head_path(fused[2])
+        assert rel_err(fused[0], recomputed[0]) <= 5e-6 and rel_err(fused[1], recomputed[1]) <= 5e-6
+
+
+def test_topk_per_token_torch_backend_runs_two_matmuls():
+    hidden, weight, bias, _, upstream = make(leading=(19,))
+    ids, lp = make_topk()
+    leaf = hidden.clone().requires_grad_(True)
+    with CountMatmuls() as fwd:
+        out = ok.linear_topk_divergence(leaf, weight, ids, lp, reduction="none", vocab_size=V, backend="torch")
+    with CountMatmuls() as bwd:
+        out.backward(upstream)
+    assert (fwd.count, bwd.count) == (2, 0)

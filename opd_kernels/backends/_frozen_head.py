@@ -1,4 +1,4 @@
-"""``linear_logprobs`` under a frozen lm_head: the hidden-state gradient formed in the forward pass.
+"""Per-token outputs under a frozen lm_head: the hidden-state gradient formed in the forward pass.
 
 When only the hidden states need a gradient (weight and bias frozen, as peft leaves the lm_head of a LoRA
 student) and no entropy is returned, the gradient of each log-prob s_n = log p(y_n | h_n) reaches its own
@@ -17,6 +17,10 @@ The price: D, (N, H) in the hidden dtype like the gradient it becomes, is kept f
 and a forward whose backward never runs has still paid for G W. ``OPD_FROZEN_HEAD=0`` turns the path off.
 Rows carrying no gradient: ignored targets (``ignore_index``) and rows whose log-prob is not finite get
 a zero D row (the fused pass's rule: no 0 * NaN), and a zero upstream gives a zero row.
+
+The same holds for any per-token row loss of the fused pass, so ``linear_topk_divergence`` with
+``reduction="none"`` (forward / reverse KL, tail "bucket" or "none", no ``support_mask``) takes this path
+too: D_n = d value_n / d h_n from the top-k row loss, masked rows 0.
 """
 from __future__ import annotations
 
@@ -41,18 +45,17 @@ def applies(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
             and getattr(impl, "lse_gather_loss", None) is not None and enabled())
 
 
-class _FrozenHeadLogprobs(torch.autograd.Function):
-    """values (N,) = s_n; backward: dh = g[:, None] * D, zero rows where g is 0."""
+class _FrozenHeadRows(torch.autograd.Function):
+    """values (N,) = the row losses of ``spec`` (0 where weights are 0); backward: dh = g[:, None] * D, zero
+    rows where g is 0."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, weights, backend, params):
+    def forward(ctx, hidden, weight, bias, ids, teacher, weights, backend, params, spec):
         from . import resolve
         impl = resolve(backend, hidden.device, "lse_gather")
-        n = hidden.shape[0]
-        values, d_hidden = impl.lse_gather_loss(
-            hidden, weight, ids, hidden.new_zeros((n, 1), dtype=weights.dtype), bias=bias, sampler=None,
-            weights=weights, kind="sampled_token", estimator="k1", divergence="reverse_kl", tail_bucket=False,
-            kl_coef=1.0, entropy_coef=0.0, hidden_grad_only=True, **params)
+        values, d_hidden = impl.lse_gather_loss(hidden, weight, ids, teacher, bias=bias, sampler=None,
+                                                weights=weights, entropy_coef=0.0, hidden_grad_only=True,
+                                                **params, **spec)
         ctx.save_for_backward(d_hidden)
         return values
 
@@ -62,17 +65,31 @@ class _FrozenHeadLogprobs(torch.autograd.Function):
         (d_hidden,) = ctx.saved_tensors
         g = g.unsqueeze(-1)
         grad = torch.where(g != 0, g * d_hidden, torch.zeros((), dtype=d_hidden.dtype, device=d_hidden.device))
-        return grad.to(d_hidden.dtype), None, None, None, None, None, None
+        return (grad.to(d_hidden.dtype),) + (None,) * 8
+
+
+def _real(hidden: torch.Tensor) -> torch.dtype:
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
+def frozen_head_rows(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, teacher: torch.Tensor,
+                     bias: Optional[torch.Tensor], opts, weights: torch.Tensor, spec: dict) -> torch.Tensor:
+    """Per-row losses (N,) of the fused pass (``spec``: kind, estimator, divergence, tail_bucket, kl_coef)
+    for flat ``hidden`` (N, H), ``ids`` and ``teacher`` (N, k), with ``weights`` (N,) 1 for rows that count
+    and 0 for the others (value 0, no gradient); differentiable w.r.t. ``hidden`` only (module doc)."""
+    params = dict(temperature=opts.student.temperature, softcap=opts.student.softcap, scale=opts.student.scale,
+                  vocab_size=opts.vocab_size, deterministic=opts.deterministic)
+    return _FrozenHeadRows.apply(hidden, weight.detach(), None if bias is None else bias.detach(), ids,
+                                 teacher.to(_real(hidden)), weights.to(_real(hidden)), opts.backend, params, spec)
 
 
 def frozen_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
                          bias: Optional[torch.Tensor], opts, live: Optional[torch.Tensor]) -> torch.Tensor:
     """The log-probs (N,) of ``ids`` (N, 1) under the flat ``hidden`` (N, H), differentiable w.r.t. ``hidden``
-    only (module doc); ``live`` (N,) bool or None: rows whose log-prob counts (False: 0, no gradient)."""
-    real = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    weights = (torch.ones(hidden.shape[0], dtype=real, device=hidden.device) if live is None
-               else live.to(real))
-    params = dict(temperature=opts.student.temperature, softcap=opts.student.softcap, scale=opts.student.scale,
-                  vocab_size=opts.vocab_size, deterministic=opts.deterministic)
-    return _FrozenHeadLogprobs.apply(hidden, weight.detach(), None if bias is None else bias.detach(), ids,
-                                     weights, opts.backend, params)
+    only (module doc); ``live`` (N,) bool or None: rows whose log-prob counts (False: 0, no gradient).
+    The row loss is k1's kl_coef * (s - t) at kl_coef 1, t = 0 (no sampler: ratio 1): s itself."""
+    n = hidden.shape[0]
+    weights = torch.ones(n, device=hidden.device) if live is None else live
+    spec = dict(kind="sampled_token", estimator="k1", divergence="reverse_kl", tail_bucket=False, kl_coef=1.0)
+    return frozen_head_rows(hidden, weight, ids, hidden.new_zeros((n, 1), dtype=_real(hidden)), bias, opts,
+                            weights, spec)
