@@ -195,9 +195,9 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if _frozen_head.applies(hidden, weight, bias, opts.return_entropy, opts.process_group, impl):
         # a frozen lm_head (LoRA): d logprob_n / d hidden_n formed in the forward, 2 GEMMs instead of 3
         live = None if ignored is None else ~ignored.reshape(-1)
+        # ignored rows have token weight 0: the fused pass returns 0 for them, with a zero gradient row
         logprobs = _frozen_head.frozen_head_logprobs(_rows(hidden), weight.contiguous(), flat_ids, bias, opts, live)
-        logprobs = logprobs.float().reshape(leading)
-        return logprobs if ignored is None else logprobs.masked_fill(ignored, 0.0)
+        return logprobs.float().reshape(leading)
     lse, gathered, entropy = _lse_gather(_rows(hidden), weight.contiguous(), flat_ids, bias, opts)
     logprobs = (gathered[:, 0] - lse).float().reshape(leading)
     if ignored is not None:
@@ -313,10 +313,7 @@ def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.T
         per_token = _frozen_head.frozen_head_rows(_rows(student_hidden), student_weight.contiguous(), ids,
                                                   teacher_topk_logprobs.reshape(-1, k), student_bias, opts,
                                                   weights, spec)
-        if tw is not None:
-            per_token = _weighted_values(per_token, tw)
-        out = per_token.to(torch.promote_types(per_token.dtype, torch.float32))
-        return out.reshape(leading)
+        return (per_token if tw is None else _weighted_values(per_token, tw)).reshape(leading)
     lse, gathered, _ = _lse_gather(_rows(student_hidden), student_weight.contiguous(), ids, student_bias, opts)
     q = gathered - lse.unsqueeze(-1)
     l = teacher_topk_logprobs.reshape(-1, k).to(q.dtype)

@@ -38,8 +38,8 @@ def enabled() -> bool:
 
 def applies(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], return_entropy: bool,
             process_group, impl) -> bool:
-    """Whether linear_logprobs takes this path: a gradient to ``hidden`` only, on one device, from a backend
-    with the fused row-loss pass."""
+    """Whether a per-token call (linear_logprobs, top-k with reduction "none") takes this path: a gradient to
+    ``hidden`` only, on one device, from a backend with the fused row-loss pass."""
     return (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
             and (bias is None or not bias.requires_grad) and not return_entropy and process_group is None
             and getattr(impl, "lse_gather_loss", None) is not None and enabled())
