@@ -1,6 +1,6 @@
 """linear_divergence (reverse KL, forward KL, JSD) forward+backward on every provider against the GEMM floor.
 
-Default: issue 3's CPU case (fp32, N=2048, H_s=512, H_t=1024, V=32000, reverse KL).
+Default: the rkl-n2k-v32k case (CPU, fp32, N=2048, H_s=512, H_t=1024, V=32000, reverse KL).
 
     python benchmarks/bench_linear_divergence.py
     python benchmarks/bench_linear_divergence.py --divergence reverse_kl forward_kl jsd --csv ld.csv

@@ -1,6 +1,6 @@
 """linear_logprobs (log-probs of the targets) vs naive log_softmax + gather, cut-cross-entropy and Liger (GPU).
 
-Default: issue 5's CPU case (fp32, N=4096, H=1024, V=32000, forward+backward of the summed log-probs).
+Default: the logprobs-logits-n4k-v32k shape (CPU, fp32, N=4096, H=1024, V=32000, forward+backward of the summed log-probs).
 ``--mode fwd`` measures the teacher-side gather (no autograd graph).
 
     python benchmarks/bench_linear_logprobs.py

@@ -1,6 +1,6 @@
 """logits_divergence on caller-held logits forward+backward vs naive PyTorch and torch.compile.
 
-Default: issue 5's case (bf16 logits, N=4096, V=32000, reverse KL). The floor is one elementwise pass over
+Default: the logprobs-logits-n4k-v32k shape (bf16 logits, N=4096, V=32000, reverse KL). The floor is one elementwise pass over
 the logits (no matmul).
 
     python benchmarks/bench_logits_divergence.py

@@ -1,9 +1,9 @@
-"""The cpp backend against its GEMM floor and naive PyTorch (issue 3's CPU performance case).
+"""The cpp backend against its GEMM floor and naive PyTorch (the rkl-n2k-v32k CPU case).
 
     python benchmarks/cpp_floor_check.py                       # N=2048 H_s=512 H_t=1024 V=32000, reverse KL
     python benchmarks/cpp_floor_check.py --n 4096 --workspace-mb 32 64 128
-    python benchmarks/cpp_floor_check.py --case logits     # issue 5: bf16 (4096 x 32000) logits
-    python benchmarks/cpp_floor_check.py --case logprobs   # issue 5: linear_logprobs N=4096 H=1024
+    python benchmarks/cpp_floor_check.py --case logits     # bf16 (4096 x 32000) logits
+    python benchmarks/cpp_floor_check.py --case logprobs   # linear_logprobs N=4096 H=1024
 
 Forward + backward, median of --repeats runs after one warm-up, all in one process and one run:
 - floor: the four matmuls alone (student logits, teacher logits, dH = G W_s, dW = G^T H_s) at full size;
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
 
 
 def sparse_cases(args) -> int:
-    """Issue 5's CPU measurements: cpp against naive PyTorch, time and peak memory above the inputs."""
+    """The logprobs-logits-n4k-v32k CPU measurements: cpp against naive PyTorch, time and peak memory above the inputs."""
     g = torch.Generator().manual_seed(0)
     n = 4096 if args.n == 2048 else args.n
     if args.case == "logits":

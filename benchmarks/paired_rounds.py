@@ -1,17 +1,17 @@
 """Same-round comparisons of one provider against the others, pooled over recorded opd-bench runs.
 
-    python benchmarks/paired_rounds.py benchmarks/results/cpu_signals_n4k_v32k_sampled_run*.csv
+    python benchmarks/paired_rounds.py benchmarks/results/cpu_signals_n4k_v32k_sampled.csv
     python benchmarks/paired_rounds.py --ours ours:cpp --against cce torch.compile floor -- <csv files>
 
-opd-bench times its providers interleaved: round r runs each provider once (in an order rotated per round
-since commit d634e44). A noisy phase of the machine that lasts a round slows every provider of that round,
+opd-bench times its providers interleaved: round r runs each provider once, in an order rotated per round.
+A noisy phase of the machine that lasts a round slows every provider of that round,
 so the ratio of two providers' times *in the same round* is less noisy than the ratio of their medians.
 For each CSV (one run of one case) this prints, per other provider, the rounds in which ``--ours`` was
 faster and the median per-round ratio ours / other; then the totals over all files, with the one-sided
 sign-test p-value of "ours is not faster" (the probability of winning at least that many rounds if each
 round were a fair coin). Rounds of one run share that run's machine state, so they are not fully
-independent; the p-value is a guide, not a proof. Rows without per-round samples (CSVs recorded before
-the ``samples_s`` column) are skipped and listed.
+independent; the p-value is a guide, not a proof. Rows without per-round samples (an empty
+``samples_s`` column) are skipped and listed.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import statistics
 import sys
 from typing import Dict, List
 
-from opd_kernels.bench.goals import round_samples as samples, sign_test_p
+from opd_kernels.bench.stats import round_samples as samples, sign_test_p
 from opd_kernels.bench.report import read_csv
 
 

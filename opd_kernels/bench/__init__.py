@@ -7,7 +7,8 @@ Modules, one job each:
 - ``floor``     the op's matmuls alone (the GEMM floor every time is divided by);
 - ``measure``   median-of-interleaved-runs timing and peak memory above the inputs, CPU and CUDA;
 - ``runner``    one case: correctness check vs naive, memory, timing -> CSV rows;
-- ``presets``   the named cases of issues 3, 4, 5 and the quick / default / GPU suites;
+- ``presets``   the named cases (named by op and shape) and the quick / default suites;
+- ``stats``     the IQR noise rule for "faster than", same-round ratios and the sign test;
 - ``report``    stdout table, CSV, machine and version fields;  ``plot``  the PNG;  ``cli``  opd-bench.
 
 Programmatic use::

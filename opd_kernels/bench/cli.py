@@ -1,9 +1,9 @@
 """``opd-bench``: run the benchmark suite, print the table, write the CSV and the PNG.
 
     opd-bench --quick                       # every op once, small shapes (< 2 min on a 2-core CPU)
-    opd-bench                               # issue 3's case + every op + N and V sweeps (< 20 min there)
-    opd-bench --case rkl-n2k-v32k --case logprobs-logits-n4k-v32k   # the measurement cases of issues 3 and 5
-    opd-bench --device cuda --case rkl-n16k-v152k-bf16   # the H100 case of issue 4
+    opd-bench                               # rkl-n2k-v32k + every op + N and V sweeps (< 20 min there)
+    opd-bench --case rkl-n2k-v32k --case logprobs-logits-n4k-v32k   # the CPU measurement cases
+    opd-bench --device cuda --case rkl-n16k-v152k-bf16   # the H100-sized case
     opd-bench --ops linear_logprobs --providers naive ours --csv out.csv --plot out.png
     opd-bench --from-csv out.csv --markdown --plot out.png   # tables/plot of an earlier run, nothing measured
 """
@@ -17,7 +17,6 @@ from typing import List, Optional
 import torch
 
 from . import presets
-from .goals import check_goals
 from .cases import OPS, Case
 from .report import format_table, machine_info, read_csv, write_csv
 from .runner import run_case
@@ -82,8 +81,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"Measured on {r['device_name']}, torch {r['torch']}, {r['threads']} threads, commit "
                   f"{r['git_commit']}, load average {r.get('loadavg', '?')}, {r['timestamp']}.\n")
         print(format_table(rows, markdown=args.markdown))
-        for line in check_goals(rows):
-            print(("- " if args.markdown else "# ") + line)
         if args.plot:
             from .plot import plot_rows
             plot_rows(rows, args.plot)
@@ -106,8 +103,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(format_table(case_rows, markdown=args.markdown), flush=True)
         if args.csv:  # rewrite after every case: a long run that dies still leaves its rows
             write_csv(rows, args.csv, info)
-    for line in check_goals(rows):
-        print("# " + line)
     print(f"# {len(cases)} cases in {time.perf_counter() - t0:.0f} s", flush=True)
     if args.csv:
         print(f"# wrote {args.csv}")

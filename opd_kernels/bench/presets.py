@@ -1,8 +1,10 @@
-"""Named cases (the measurement cases of issues 3, 4 and 5) and the quick / default / GPU suites.
+"""Named cases, each named by its op and shape, and the quick / default suites.
 
+Names read ``<op>-n<N>-v<V>[-<dtype>]``: "rkl" is linear_divergence with reverse KL, "logprobs-logits" the
+log-prob gather and caller-held logits, "signals" the student side of the three teacher signals.
 Shapes: H is the student (or single-model) hidden size, H_t the teacher's. CPU suites keep the hidden
-sizes small so that the N and V sweeps fit in the time budget of a 2-core machine; the GPU suite uses the
-real model sizes of issue 4 (a 4096-wide student and 5120-wide teacher over Qwen's 151936-token vocabulary).
+sizes small so that the N and V sweeps fit in the time budget of a 2-core machine; the GPU cases use real
+model sizes (a 4096-wide student and 5120-wide teacher over Qwen's 151936-token vocabulary).
 """
 from __future__ import annotations
 
@@ -12,22 +14,22 @@ from .cases import Case
 
 
 def named_cases(device: str = "cpu") -> Dict[str, List[Case]]:
-    """The cases the issues ask for, by name (``opd-bench --case NAME``)."""
+    """The named cases, by name (``opd-bench --case NAME``)."""
     return {
-        # issue 3: CPU, fp32, reverse KL forward+backward
+        # CPU, fp32, reverse KL forward+backward
         "rkl-n2k-v32k": [Case("linear_divergence", N=2048, H=512, H_t=1024, V=32000, dtype="fp32", device=device,
                         divergence="reverse_kl", name="rkl-n2k-v32k")],
-        # issue 3's "flat in N": its shape at N = 1k..8k (opd-bench --case rkl-n1k-8k-v32k --providers ours:cpp)
+        # memory flat in N: the rkl-n2k-v32k shape at N = 1k..8k (opd-bench --case rkl-n1k-8k-v32k --providers ours:cpp)
         "rkl-n1k-8k-v32k": [Case("linear_divergence", N=n, H=512, H_t=1024, V=32000, dtype="fp32", device=device,
                           divergence="reverse_kl", name="rkl-n1k-8k-v32k", sweep="N") for n in (1024, 2048, 4096, 8192)],
-        # issue 5: log-probs forward+backward vs log_softmax+gather; logits_divergence on bf16 logits
+        # log-probs forward+backward vs log_softmax+gather; logits_divergence on bf16 logits
         "logprobs-logits-n4k-v32k": [Case("linear_logprobs", N=4096, H=1024, V=32000, dtype="fp32", device=device, name="logprobs-logits-n4k-v32k"),
                    Case("logits_divergence", N=4096, H=0, V=32000, dtype="bf16", device=device,
                         divergence="reverse_kl", name="logprobs-logits-n4k-v32k")],
-        # issue 4: the H100 case (runs anywhere it fits; meant for a GPU)
+        # H100-sized: the model sizes above, bf16 (runs anywhere it fits; meant for a GPU)
         "rkl-n16k-v152k-bf16": [Case("linear_divergence", N=16384, H=4096, H_t=5120, V=151936, dtype="bf16", device=device,
                         divergence="reverse_kl", name="rkl-n16k-v152k-bf16")],
-        # the student side of the three teacher signals (issue 17), CPU shape: sampled token (importance-
+        # the student side of the three teacher signals, CPU shape: sampled token (importance-
         # sampled, sampler log-probs given), top-k (k = 64, reverse KL + tail, scalar loss), and the dense
         # loss with per-token weights (its providers also time the same call without them, interleaved)
         "signals-n4k-v32k": student_signals(device, N=4096, H=1024, H_t=1024, V=32000, dtype="fp32",
@@ -85,10 +87,11 @@ def sweeps(device: str = "cpu", dtype: str = "fp32") -> List[Case]:
 
 
 def default(device: str = "cpu", dtype: str = "fp32") -> List[Case]:
-    """Issue 3's case (CPU) or issue 4's (GPU), every op at its quick shape, and the N and V sweeps.
+    """rkl-n2k-v32k (CPU) or rkl-n16k-v152k-bf16 and logprobs-logits-n4k-v32k (GPU), every op at its quick
+    shape, and the N and V sweeps.
 
-    Issue 5's CPU cases (N=4096, H=1024: about 6x issue 3's FLOPs) are left to ``--case logprobs-logits-n4k-v32k`` so that
-    the default run stays under 20 minutes on the 2-core dev machine.
+    On CPU, logprobs-logits-n4k-v32k (N=4096, H=1024: about 6x the FLOPs of rkl-n2k-v32k) is left to
+    ``--case logprobs-logits-n4k-v32k`` so that the default run stays under 20 minutes on a 2-core machine.
     """
     named = named_cases(device)
     cases = named["rkl-n2k-v32k"] if device == "cpu" else named["rkl-n16k-v152k-bf16"] + named["logprobs-logits-n4k-v32k"]

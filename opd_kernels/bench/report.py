@@ -12,7 +12,8 @@ import torch
 
 from .measure import environ_summary
 
-#: CSV columns, in order. The first ten are the contract of issue 8; the rest explain and qualify them.
+#: CSV columns, in order. The first ten are the stable contract readers rely on; the rest explain and
+#: qualify them.
 COLUMNS = ["op", "provider", "device", "dtype", "N", "H", "V", "median_s", "peak_mem_mb", "ratio_to_floor",
            "H_t", "k", "divergence", "mode", "case", "sweep", "min_s", "iqr_s", "runs", "floor_s",
            "paired_ratio_to_floor", "flops",

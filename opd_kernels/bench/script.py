@@ -1,7 +1,7 @@
 """Shared body of the per-op scripts under benchmarks/: one op, shape flags, the same outputs as opd-bench.
 
-    python benchmarks/bench_linear_divergence.py                       # issue 3's CPU case
-    python benchmarks/bench_linear_divergence.py --case rkl-n16k-v152k-bf16         # issue 4's H100 case (on a GPU)
+    python benchmarks/bench_linear_divergence.py                               # the rkl-n2k-v32k shape (CPU)
+    python benchmarks/bench_linear_divergence.py --case rkl-n16k-v152k-bf16    # the H100-sized case (on a GPU)
     python benchmarks/bench_linear_divergence.py --N 4096 --V 65536 --divergence jsd --csv out.csv
 """
 from __future__ import annotations
