@@ -13,30 +13,49 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
+# The pinned test environment (exact versions the suite was verified with); empty: the newest releases.
+CONSTRAINTS ?= requirements/test-constraints.txt
+PIN_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 BIN := $(VENV)/bin
 # The test suite insists on the compiled extension unless the build was skipped on purpose.
 OPD_REQUIRE_EXT ?= $(if $(filter 1,$(OPD_SKIP_EXT)),0,1)
 export OPD_REQUIRE_EXT
 
-.PHONY: venv install test demo bench gpu-check clean
+.PHONY: venv install test test-latest pin demo bench gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --upgrade pip $(PIN_C)
 
 venv: $(BIN)/python
 	@# torch first, so nothing below pulls another one (TORCH_INDEX: e.g. PyTorch's CPU wheel index).
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" \
 		$(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install --quiet setuptools wheel ninja numpy
+	$(BIN)/python -m pip install --quiet setuptools wheel ninja numpy $(PIN_C)
 
 install: venv
 	@# --no-build-isolation: build against the torch installed above (an isolated build would download one).
-	$(BIN)/python -m pip install --quiet --no-build-isolation -e ".[test,triton]"
+	$(BIN)/python -m pip install --quiet --no-build-isolation $(PIN_C) -e ".[test,triton]"
 	$(BIN)/python -m opd_kernels
 
 test: install
-	$(BIN)/python -m pytest -ra -q --durations=15 tests
+	OPD_PINNED_ENV=$(if $(CONSTRAINTS),1,0) $(BIN)/python -m pytest -ra -q --durations=15 tests
+
+# The suite against the newest releases (not the pins), in its own venv; then the CausalLM families added
+# since the pinned transformers, each classified (read correctly / refused by name / unbuildable, with why).
+test-latest:
+	rm -rf .venv-latest
+	$(MAKE) install VENV=.venv-latest CONSTRAINTS=
+	-.venv-latest/bin/python -m pytest -ra -q tests
+	.venv-latest/bin/python tests/causal_lm_sweep.py --new-since requirements/causal-lm-families.txt
+
+# Refresh the pins: the newest releases in a fresh venv, the whole suite, and only if it passes, the pinned
+# versions (requirements/test-constraints.txt) and the CausalLM family list rewritten from that venv.
+pin:
+	rm -rf .venv-pin
+	$(MAKE) install VENV=.venv-pin CONSTRAINTS=
+	.venv-pin/bin/python -m pytest -ra -q tests
+	.venv-pin/bin/python requirements/pin.py
 
 demo: install
 	$(BIN)/opd-distill

@@ -45,6 +45,10 @@ OVERRIDES = {
        for t in ("axk1", "axk2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "sarvam_mla", "glm4_moe_lite",
                  "minicpm3", "youtu", "deepseek_v2")},
     "bailing_hybrid": dict(n_group=1, topk_group=1),
+    # the indexer's heads must fit one key head's query heads; its pools shrunk to the tiny sequence
+    "kolibri1_1": dict(index_num_heads=2, index_topk=4, index_pool_size=16, index_compression=4,
+                       index_num_local_tokens=2, index_num_sink_tokens=1, sliding_window=4,
+                       layer_types=["sliding_attention", "indexed_attention"]),
 }
 
 # Config keys of logit transforms, set to non-identity values where the class has them (None keeps it off).
@@ -145,17 +149,48 @@ def causal_lm_types():
     return list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
-if __name__ == "__main__":
-    import sys
+def new_since(families_file: str) -> list[str]:
+    """The installed transformers' CausalLM model types that ``families_file`` (one per line, ``#`` comments;
+    written by ``make pin``) does not list."""
+    with open(families_file) as f:
+        known = {line.strip() for line in f if line.strip() and not line.startswith("#")}
+    return [t for t in causal_lm_types() if t not in known]
+
+
+_VERDICT = {"ok": "read correctly", "refused": "refused by name", "unbuildable": "unbuildable from a tiny config",
+            "WRONG": "WRONG: builds and gives a wrong loss"}
+
+
+def main(argv: list[str]) -> int:
+    """``python tests/causal_lm_sweep.py [TYPE ...]`` checks the given (or every) CausalLM type;
+    ``--new-since FILE`` checks those added since the pinned list. Exit status 1 if any is read wrongly."""
+    import argparse
     import time
     from collections import Counter
 
     import transformers
 
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("types", nargs="*")
+    p.add_argument("--new-since", metavar="FILE", help="check only the types FILE does not list")
+    args = p.parse_args(argv)
     transformers.logging.set_verbosity_error()
+    types = args.types or (new_since(args.new_since) if args.new_since else causal_lm_types())
+    if args.new_since:
+        print(f"transformers {transformers.__version__}: {len(types)} CausalLM families new since "
+              f"{args.new_since}" + (":" if types else "."))
     results = {}
-    for mt in sys.argv[1:] or causal_lm_types():
+    for mt in types:
         t0 = time.time()
         results[mt] = check(mt)
-        print(f"{mt:28s} {results[mt][0]:12s} {time.time() - t0:5.1f}s  {results[mt][1][:230]}", flush=True)
-    print(Counter(s for s, _ in results.values()))
+        status, detail = results[mt]
+        print(f"  {mt:28s} {_VERDICT[status]:32s} {time.time() - t0:5.1f}s  {detail[:200]}", flush=True)
+    if results:
+        print(dict(Counter(_VERDICT[s] for s, _ in results.values())))
+    return 1 if any(s == "WRONG" for s, _ in results.values()) else 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))
