@@ -287,3 +287,74 @@ def test_training_curve_matches_native(opd_trl, kind, tmp_path):
     assert len(curves[True]) == 3, curves
     for a, b in zip(curves[True], curves[False]):
         assert abs(a - b) <= 1e-3 * max(1.0, abs(b)), curves
+
+
+def byte_level_tokenizer(vocab_size):
+    """A ByteLevel BPE tokenizer of ``vocab_size`` entries (TRL's cross-tokenizer ULD needs ByteLevel)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from opd_kernels.hf.tiny import CHAT_TEMPLATE
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    text = [" ".join(f"t{i}" for i in range(5, 400)), "user assistant </s>"] * 4
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    core.train_from_iterator(text, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tok.chat_template = CHAT_TEMPLATE
+    tok.padding_side = "left"
+    assert len(tok) == vocab_size
+    return tok
+
+
+def test_gold_uld_with_different_vocabularies_runs_trl_uld_loss(opd_trl, tmp_path, caplog):
+    # Student 320 lm_head rows, teacher 300, use_uld_loss=True: TRL's ULD loss (sorted probabilities) trains;
+    # the fused trainer leaves it in charge and says so once at construction.
+    from datasets import Dataset
+    from trl.experimental.gold import GOLDConfig, GOLDTrainer
+
+    teacher_tok = str(tmp_path / "teacher_tokenizer")
+    byte_level_tokenizer(300).save_pretrained(teacher_tok)
+    losses = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        from opd_kernels.hf.tiny import tiny_causal_lm
+
+        student = tiny_causal_lm("llama", seed=0, vocab_size=320)
+        teacher = tiny_causal_lm("llama", seed=1, hidden_size=48, vocab_size=300)
+        args = GOLDConfig(**common_args(str(tmp_path / str(fused)), max_completion_length=4, use_uld_loss=True,
+                                        teacher_tokenizer_name_or_path=teacher_tok))
+        cls = opd_trl.FusedGOLDTrainer if fused else GOLDTrainer
+        caplog.clear()
+        with caplog.at_level("WARNING", logger=opd_trl.__name__):
+            trainer = cls(model=student, teacher_model=teacher, args=args, processing_class=byte_level_tokenizer(320),
+                          train_dataset=Dataset.from_list(conversations()))
+        if fused:
+            assert any("320 rows, teacher 300" in r.getMessage() and "ULD" in r.getMessage()
+                       for r in caplog.records), caplog.text
+        trainer.train()
+        losses[fused] = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert len(losses[True]) == 1 and losses[True] == losses[False], losses
+
+
+def test_iw_opd_teacher_tokenizer_of_another_size_is_refused_by_name(opd_trl, tmp_path):
+    from datasets import Dataset
+    from trl.experimental.iw_opd import IWOPDConfig, IWOPDTrainer
+
+    from opd_kernels.hf.tiny import tiny_causal_lm, tiny_tokenizer
+
+    out = str(tmp_path)
+    student, teacher = tiny_causal_lm("llama", seed=0), tiny_causal_lm("llama", seed=1, vocab_size=120)
+    tiny_tokenizer(120).save_pretrained(out)  # IW-OPD loads the teacher's tokenizer from config._name_or_path
+    teacher.config._name_or_path = out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        native = IWOPDTrainer(model=student, teacher_model=teacher, processing_class=tokenizer(),
+                              args=IWOPDConfig(**common_args(out, max_completion_length=4, max_length=64)),
+                              train_dataset=Dataset.from_list(conversations()))
+    with pytest.raises(ValueError, match="teacher's tokenizer .* does not match the student's tokenizer") as e:
+        opd_trl.fuse(native)
+    assert "lm_head" not in str(e.value)

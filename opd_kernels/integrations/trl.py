@@ -14,7 +14,7 @@ One subclass per trainer, each replacing only the loss and keeping the trainer's
 | ``GKDTrainer``                | ``generalized_jsd_loss`` (beta, temperature 1 as GKD passes none, labels != -100, ``num_items_in_batch``) |
 | ``DistillationTrainer``       | ``_chunked_divergence_loss`` (beta, temperature, completion/tool mask, entropy metric) |
 | ``IWOPDTrainer`` (local teacher) | ``iw_opd`` (sampled-token, gamma weights, rollout log-probs, its metrics); ``jsd`` full vocabulary; ``loss_top_k=1`` sparse top-1 (``reverse_kl_top_1_mode``); ``loss_top_k=k`` (teacher / student / union support, ``loss_add_tail`` tail bucket or renormalized) |
-| ``GOLDTrainer``               | the same-tokenizer generalized JSD (beta, temperature); the cross-tokenizer ULD path and batches with extra model inputs (any tensor GOLD would pass to the model: pixel values, ...) run TRL's own loss (a warning, once per reason) |
+| ``GOLDTrainer``               | the same-tokenizer generalized JSD (beta, temperature); the cross-tokenizer ULD path and batches with extra model inputs (any tensor GOLD would pass to the model: pixel values, ...) run TRL's own loss (a warning, once per reason); with ``use_uld_loss=True`` the two lm_heads may have different row counts (a warning at construction; TRL's ULD loss computes every batch) |
 
 What is kept: positions as the trainer's forward computes them (no ``position_ids``:
 ``hf.hidden_states(..., position_ids="trainer")``; DistillationTrainer's own ``_get_last_hidden_state`` with
@@ -27,7 +27,8 @@ Each model's lm_head reading is checked once at construction (:func:`opd_kernels
 model whose logit transform the reader does not know is refused by name.
 
 Refused (ValueError at construction): IW-OPD with ``use_teacher_server=True`` (the teacher is a server; use
-``IWOPDTrainer``), ServerDistillationTrainer-style trainers without a local teacher. ``compute_loss(...,
+``IWOPDTrainer``), IW-OPD with a teacher tokenizer that is not the student's, lm_heads of different row counts
+(but for GOLD's ULD loss), ServerDistillationTrainer-style trainers without a local teacher. ``compute_loss(...,
 return_outputs=True)`` returns an empty dict as outputs: there are no logits to return.
 
 The sparse / top-k IW-OPD paths are one :func:`opd_kernels.linear_topk_divergence` call on the student
@@ -147,10 +148,15 @@ class _FusedLoss:
         # Each reading checked once against the model's own logits (then cached by hf.verified_lm_head).
         s_head, t_head = hf.verify_lm_head(student), hf.verify_lm_head(t)
         v_s, v_t = s_head.weight.shape[0], t_head.weight.shape[0]
-        if v_s != v_t:
+        self._opd_vocab = v_s
+        if v_s != v_t and not self._opd_vocab_mismatch(v_s, v_t):
             raise ValueError(f"{type(self).__name__}: student lm_head has {v_s} rows, teacher {v_t}; TRL's losses "
                              "compare full distributions over one vocabulary")
-        self._opd_vocab = v_s
+
+    def _opd_vocab_mismatch(self, v_s: int, v_t: int) -> bool:
+        """Whether this trainer runs with lm_heads of ``v_s`` and ``v_t`` rows anyway (raising its own refusal
+        if it has a more precise one); the fused losses need one vocabulary."""
+        return False
 
     def _opd_heads(self, student):
         teacher = self.accelerator.unwrap_model(self.teacher_model)
@@ -219,9 +225,23 @@ class _GKDLoss(_FusedLoss):
 
 
 class _GOLDLoss(_FusedLoss):
+    _ULD_REASON = "the cross-tokenizer ULD loss is not fused"
+
+    def _opd_uld(self) -> bool:
+        return bool(self.use_uld_loss) and self.teacher_tokenizer is not None
+
+    def _opd_vocab_mismatch(self, v_s: int, v_t: int) -> bool:
+        # ULD compares sorted probabilities, not one vocabulary: every batch runs TRL's own ULD loss.
+        if not self._opd_uld():
+            return False
+        self._opd_native_logged.add(self._ULD_REASON)
+        logger.warning("%s: student lm_head has %d rows, teacher %d, and use_uld_loss=True: every batch uses "
+                       "TRL's own (unfused) ULD loss", type(self).__name__, v_s, v_t)
+        return True
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.use_uld_loss and self.teacher_tokenizer is not None:
-            return self._opd_native("the cross-tokenizer ULD loss is not fused", model, inputs,
+        if self._opd_uld():
+            return self._opd_native(self._ULD_REASON, model, inputs,
                                     return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if self._get_model_forward_kwargs(inputs):
             return self._opd_native("multimodal inputs are not fused", model, inputs,
@@ -303,6 +323,12 @@ class _IWOPDLoss(_FusedLoss):
         if getattr(self, "use_teacher_server", False):
             raise ValueError(f"{type(self).__name__}: use_teacher_server=True is not fused (the teacher is a server "
                              "returning log-probs); use IWOPDTrainer")
+        if not getattr(self, "_local_teacher_tokenizer_matches_student", True):
+            # Checked before the lm_head rows: a tokenizer of another size leaves the teacher's lm_head unresized.
+            raise ValueError(f"{type(self).__name__}: the teacher's tokenizer (loaded from the teacher's "
+                             "config._name_or_path) does not match the student's tokenizer (processing_class); "
+                             "IW-OPD's local-teacher losses need one tokenizer. Use a teacher with the student's "
+                             "tokenizer, or IWOPDTrainer with use_teacher_server=True")
         super()._opd_init()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
