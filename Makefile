@@ -1,7 +1,7 @@
 # One-command set-up and runs on a fresh machine (torch 2.13.0 unless a torch is already there: from the
 # configured index, which on Linux from the public one is the CUDA build; TORCH_INDEX=<CPU wheel index> for CPU).
 #   make test    venv + torch + build/install the package with its C++ extension + the test suite
-#   make demo    venv + ... + the main job: `opd-distill` (the embedded default distillation experiment)
+#   make demo    venv + torch + the package with the `trainer` extra + `opd-distill` (the default experiment)
 #   make bench   venv + ... + `opd-bench --quick`
 #   make gpu-check  (on a CUDA machine, with a CUDA torch and nvcc) build with the CUDA epilogues, run the
 #                gpu-marked tests and the GPU bench cases, write gpu-check.md (benchmarks/gpu_check.py; build +
@@ -21,7 +21,7 @@ BIN := $(VENV)/bin
 OPD_REQUIRE_EXT ?= $(if $(filter 1,$(OPD_SKIP_EXT)),0,1)
 export OPD_REQUIRE_EXT
 
-.PHONY: venv install test test-latest pin demo bench gpu-check clean
+.PHONY: venv install install-demo test test-latest pin demo bench gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,7 +57,12 @@ pin:
 	.venv-pin/bin/python -m pytest -ra -q tests
 	.venv-pin/bin/python requirements/pin.py
 
-demo: install
+# The study needs only the trainer extra: no test tools, no Triton (about 1 GB, of no use on a CPU).
+install-demo: venv
+	$(BIN)/python -m pip install --quiet --no-build-isolation $(PIN_C) -e ".[trainer]"
+	$(BIN)/python -m opd_kernels
+
+demo: install-demo
 	$(BIN)/opd-distill
 
 bench: install
