@@ -27,6 +27,7 @@ together (opd_kernels/_chunking.py; default 64 MiB on CPU, 1024 MiB on CUDA).
 """
 from __future__ import annotations
 
+import importlib
 from typing import Optional, Tuple
 
 import torch
@@ -39,12 +40,21 @@ from .._options import Options
 from . import pytorch as _pytorch  # strategy "materialize" (the reference path) runs there
 
 try:
-    from .. import _C  # noqa: F401  (loading the library runs TORCH_LIBRARY(opd, ...))
+    # import_module, not `from .. import _C`: while the package initializes, a missing _C would read as a
+    # "circular import" there. Loading the library runs TORCH_LIBRARY(opd, ...).
+    importlib.import_module(f"{__package__.rpartition('.')[0]}._C")
     _ops = torch.ops.opd
     _ops.linear_divergence  # noqa: B018  (raises if the library registered nothing)
     AVAILABLE = True
     UNAVAILABLE_REASON = ""
-except Exception as e:  # not built (OPD_SKIP_EXT=1), or built against another torch
+except ModuleNotFoundError as e:
+    if not (e.name or "").endswith("._C"):
+        raise
+    AVAILABLE = False
+    UNAVAILABLE_REASON = ("the compiled extension opd_kernels._C was not built (installed with OPD_SKIP_EXT=1, "
+                          "or its build was skipped); build it with `pip install --no-build-isolation .` from "
+                          "a source checkout (docs/cpp.md)")
+except Exception as e:  # built against another torch, or for another platform
     AVAILABLE = False
     UNAVAILABLE_REASON = f"the compiled extension opd_kernels._C did not load ({type(e).__name__}: {e})"
 

@@ -151,12 +151,22 @@ def _main(argv: Optional[List[str]]) -> int:
             return 2
         try:
             from opd_kernels.demo.cli import main as demo_main
+            if not any(f in ("-h", "--help") for f in _flags(argv)):
+                import transformers  # noqa: F401  (the experiment's models; checked before its work starts)
         except ImportError as e:
+            # The generic loop needs the trainer extra too: point at it only when the extra is complete.
+            loop_hint = ("" if (getattr(e, "name", None) or "").split(".")[0] in _EXTRA_HINT else
+                         "\nGive --student and --teacher to run the generic loop (see --help).")
             print(f"opd-distill: the default experiment (opd_kernels.demo.cli) is not available: {e}\n"
-                  f"{_missing_extra(e, 'opd-distill')}\n"
-                  "Give --student and --teacher to run the generic loop (see --help).", file=sys.stderr)
+                  f"{_missing_extra(e, 'opd-distill')}{loop_hint}", file=sys.stderr)
             return 2
-        return demo_main(argv)
+        try:
+            return demo_main(argv)
+        except ImportError as e:  # a module of the trainer extra imported later by the experiment
+            if (getattr(e, "name", None) or "").split(".")[0] not in _EXTRA_HINT:
+                raise
+            print(_missing_extra(e, "opd-distill"), file=sys.stderr)
+            return 2
     parser = build_parser(epilog=_EPILOG)
     try:
         cfg = config_from_args(argv, parser)
