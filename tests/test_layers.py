@@ -23,7 +23,7 @@ RANKS = {
     # the public API
     "api": 2, "topk": 2, "modules": 2, "__init__": 2, "__main__": 2, "selfcheck": 2,
     # clients of the public API inside the package
-    "hf": 3, "bench": 3, "integrations": 3,
+    "hf": 3, "bench": 3, "integrations": 3, "teacher": 3,
     # the trainer and the study built on it
     "trainer": 4, "demo": 4,
 }

@@ -94,16 +94,33 @@ class ScoredPair:
     vocab_size: int
 
 
-def score_pair(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, *,
+def _is_teacher_object(teacher) -> bool:
+    """Whether ``teacher`` follows the teacher protocol of opd_kernels.teacher (RemoteTeacher, LocalTeacher):
+    ``hidden_states(input_ids, attention_mask, *, position_ids)`` and a ``head`` (:class:`LMHead`)."""
+    return not isinstance(teacher, nn.Module) and callable(getattr(teacher, "hidden_states", None)) \
+        and hasattr(type(teacher), "head")
+
+
+def score_pair(student: nn.Module, teacher, input_ids: torch.Tensor, *,
                attention_mask: Optional[torch.Tensor] = None, loss_mask: Optional[torch.Tensor] = None,
                vocab_size: Optional[int] = None, position_ids: Positions = "generate",
                verify: bool = True) -> ScoredPair:
     """Run both decoder stacks (teacher without grad) and line everything up for next-token scoring.
 
-    ``verify``: check each model's lm_head reading once against its own logits (:func:`verified_lm_head`).
+    ``teacher``: a CausalLM, or a teacher object (``opd_kernels.teacher.RemoteTeacher`` / ``LocalTeacher``)
+    that returns its final hidden states and its :class:`LMHead` (a served teacher's head was checked by its
+    server). ``verify``: check each model's lm_head reading once against its own logits
+    (:func:`verified_lm_head`).
     """
     read = verified_lm_head if verify else lm_head
-    s_head, t_head = read(student), read(teacher)
+    remote = _is_teacher_object(teacher)
+    s_head = read(student)
+    if remote:
+        with torch.no_grad():
+            ht = teacher.hidden_states(input_ids, attention_mask, position_ids=position_ids)[:, :-1]
+        t_head = teacher.head
+    else:
+        t_head = read(teacher)
     v_s, v_t = s_head.weight.shape[0], t_head.weight.shape[0]
     v = v_s if vocab_size is None else int(vocab_size)
     if not 0 < v <= min(v_s, v_t):
@@ -112,8 +129,10 @@ def score_pair(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, 
             "vocab_size=len(tokenizer) when the teacher's vocabulary is the smaller (padded) one")
     mask = next_token_mask(input_ids, attention_mask, loss_mask)
     hs = hidden_states(student, input_ids, attention_mask, position_ids=position_ids)[:, :-1]
-    with torch.no_grad():
-        ht = hidden_states(teacher, input_ids, attention_mask, position_ids=position_ids)[:, :-1].to(hs.device)
+    if not remote:
+        with torch.no_grad():
+            ht = hidden_states(teacher, input_ids, attention_mask, position_ids=position_ids)[:, :-1]
+    ht = ht.to(hs.device)
     for who, h, head in (("student", hs, s_head), ("teacher", ht, t_head)):
         if h.shape[-1] != head.weight.shape[1]:
             raise ValueError(f"{who}: the decoder stack returns hidden size {h.shape[-1]} but the lm_head expects "
@@ -123,7 +142,7 @@ def score_pair(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, 
     return ScoredPair(hs, ws, bs, s_head, ht, wt, bt, t_head, mask, input_ids[:, 1:], v)
 
 
-def distillation_loss(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, *,
+def distillation_loss(student: nn.Module, teacher, input_ids: torch.Tensor, *,
                       attention_mask: Optional[torch.Tensor] = None, loss_mask: Optional[torch.Tensor] = None,
                       divergence: str = "reverse_kl", beta: float = 0.5, temperature: float = 1.0,
                       reduction: str = "mean", normalizer=None, backend: str = "auto",
@@ -135,7 +154,9 @@ def distillation_loss(student: nn.Module, teacher: nn.Module, input_ids: torch.T
     For every completion token t (``loss_mask[b, t]`` true, not padding, t >= 1) the student's and the
     teacher's next-token distributions at position t-1 are compared with ``divergence`` (docs/design.md
     section 4), straight from the final hidden states and the lm_head weights: the (B, T, V) logits are
-    never built. The teacher runs under ``torch.no_grad()`` and gets no gradient.
+    never built. The teacher runs under ``torch.no_grad()`` and gets no gradient. ``teacher`` is a CausalLM
+    or a teacher object: ``opd_kernels.teacher.RemoteTeacher`` (a teacher served by ``opd-teacher serve``,
+    docs/serving.md) or ``LocalTeacher``.
 
     Equivalent PyTorch (materializing)::
 
