@@ -138,7 +138,8 @@ class OPDTrainer:
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
         self.sampler = sampler or HFSampler(student, max_new_tokens=cfg.max_new_tokens,
                                             temperature=cfg.sample_temperature, top_p=cfg.top_p,
-                                            pad_token_id=pad, eos_token_id=eos)
+                                            pad_token_id=pad, eos_token_id=eos,
+                                            vocab_size=cfg.vocab_size or None)
         self.step = 0
         self.total_tokens = 0
         self.skipped_steps = 0

@@ -107,6 +107,19 @@ class _LogprobRecorder:
         return torch.stack(self.taken, dim=1)
 
 
+class _VocabLimit:
+    """Logits processor: ids >= ``vocab_size`` get -inf (they are never drawn)."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def __call__(self, input_ids, scores):
+        if scores.shape[-1] > self.vocab_size:
+            scores = scores.clone()
+            scores[:, self.vocab_size:] = float("-inf")
+        return scores
+
+
 class HFSampler:
     """Samples with ``model.generate`` (temperature, top-p, max new tokens) and reports sampler log-probs.
 
@@ -114,15 +127,24 @@ class HFSampler:
     after temperature and top-p, gathered at the drawn tokens. Temperature and top-p are applied by
     our own processor list (generate's are switched off), so that the recorder runs after them whatever
     the model's ``generation_config`` says; top-k, min-p and the like are switched off.
+
+    ``vocab_size``: draw only ids below it (the logits of ids >= ``vocab_size`` are -inf before
+    temperature and top-p), so every drawn id is one the teacher accepts when its vocabulary is the
+    smaller one; the recorded log-probs are those of that restricted distribution, which is the student
+    distribution the losses compare over ``vocab_size`` ids. None: the model's whole vocabulary.
     """
 
     def __init__(self, model: torch.nn.Module, *, max_new_tokens: int = 64, temperature: float = 1.0,
                  top_p: float = 1.0, pad_token_id: Optional[int] = None,
-                 eos_token_id: Union[None, int, Sequence[int]] = None):
+                 eos_token_id: Union[None, int, Sequence[int]] = None, vocab_size: Optional[int] = None):
         self.model = model
         self.max_new_tokens = int(max_new_tokens)
         self.temperature = float(temperature)
         self.top_p = float(top_p)
+        if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
+                                       or vocab_size < 1):
+            raise ValueError(f"vocab_size: expected None or an integer >= 1, got {vocab_size!r}")
+        self.vocab_size = vocab_size
         cfg = model.generation_config
         # Stop on the given ids and on the model's own (its generation_config may list end-of-turn ids).
         self.eos_token_id = sorted(set(_ids(eos_token_id)) | set(_ids(cfg.eos_token_id))) or None
@@ -133,6 +155,8 @@ class HFSampler:
         from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
         procs = LogitsProcessorList()
+        if self.vocab_size is not None:
+            procs.append(_VocabLimit(self.vocab_size))
         if self.temperature != 1.0:
             procs.append(TemperatureLogitsWarper(self.temperature))
         if self.top_p < 1.0:
