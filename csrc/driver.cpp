@@ -314,7 +314,7 @@ struct LinearGrads {
 };
 
 // Rows whose token weight (or whole upstream gradient) is 0 have G == 0, but 0 * NaN = NaN inside G^T h:
-// a masked token's NaN/inf hidden state must not reach dW (issue 16). For the dW product such rows of h
+// a masked token's NaN/inf hidden state must not reach dW. For the dW product such rows of h
 // are replaced by zeros (a C x H select, next to the C x V x H products).
 Tensor zero_dead_rows(const Tensor& h, const Tensor& live) {
   return at::where(live.unsqueeze(1), h, at::zeros({}, h.options()));

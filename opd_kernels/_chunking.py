@@ -98,7 +98,7 @@ def accumulate_linear_grads(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, v
 
     A gradient passed as None is not formed (a frozen weight: no dW product). ``live`` (C,) bool: the rows
     that carry a gradient; the others (masked tokens) get G = 0 and h = 0 exactly, so a NaN in their logits
-    or hidden states cannot reach dW through 0 * NaN (issue 16).
+    or hidden states cannot reach dW through 0 * NaN.
     """
     if live is not None:
         g = torch.where(live.unsqueeze(-1), g, torch.zeros((), dtype=g.dtype, device=g.device))

@@ -67,7 +67,7 @@ def token_weights(mask: Optional[torch.Tensor], n: int, reduction: str,
     if normalizer is not None:
         if isinstance(normalizer, torch.Tensor):
             # checked on the device, not on the host (a sync): a normalizer <= 0, NaN or inf is no token count,
-            # and makes every weight, hence the loss, NaN (issue 16; it used to give a silent sign flip or 0)
+            # and makes every weight, hence the loss, NaN rather than a silent sign flip or 0
             n = normalizer.to(device=device, dtype=dtype)
             return w / torch.where(torch.isfinite(n) & (n > 0), n, torch.full((), float("nan"), dtype=dtype,
                                                                              device=device))
@@ -92,8 +92,8 @@ DOUBLE_BACKWARD_MESSAGE = (
 
 
 def no_double_backward() -> None:
-    """The one behaviour of every backend under ``create_graph=True`` (issue 16: torch returned a gradient
-    without a graph, cpp said "modified by an inplace operation", Triton "no autograd formula"): a
+    """The one behaviour of every backend under ``create_graph=True`` (each backend's own autograd would
+    fail differently: a gradient without a graph, "modified by an inplace operation", "no autograd formula"): a
     RuntimeError saying so, raised by each op's backward when grad mode is on inside it (it is off in a
     plain backward). Not while torch.compile traces."""
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():

@@ -92,8 +92,8 @@ FLOAT32_MAX = 3.4028234663852886e38
 
 def check_fp32(name: str, value: float, *, reciprocal: bool = False) -> float:
     """``value`` (and, with ``reciprocal``, ``1 / value``: the kernels multiply by 1/T and 1/c) representable
-    as a finite nonzero-where-nonzero fp32, the precision every kernel applies it in (issue 16: a scale of
-    1e39 or a temperature of 1e-40 gave NaN losses without a word)."""
+    as a finite nonzero-where-nonzero fp32, the precision every kernel applies it in (a scale of 1e39 or a
+    temperature of 1e-40 would give NaN losses without a word)."""
     if abs(value) > FLOAT32_MAX or (reciprocal and value != 0 and abs(1.0 / value) > FLOAT32_MAX):
         what = f"|{name}| and 1/|{name}|" if reciprocal else f"|{name}|"
         raise ValueError(f"{name}: expected {what} <= {FLOAT32_MAX:.4g} (the kernels work in float32), got {value}")
@@ -149,7 +149,7 @@ def check_mask(mask, leading: torch.Size, leading_name: str, device) -> Optional
     if mask.device != device:
         raise ValueError(f"mask: expected device {device}, got {mask.device}")
     if mask.dtype.is_floating_point or mask.dtype.is_complex:
-        # a float mask was silently rounded to 0/1 (issue 16); weights are a separate argument
+        # a float mask would be silently rounded to 0/1; per-token weights are a separate argument
         raise TypeError(f"mask: expected a bool or integer tensor (True / nonzero = counted), got {mask.dtype}; "
                         "per-token weights go in token_weights=")
     return (mask if mask.dtype == torch.bool else mask != 0).reshape(-1)

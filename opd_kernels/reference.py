@@ -279,8 +279,8 @@ def linear_topk_divergence(student_hidden, student_weight, teacher_topk_ids, tea
 
 def masked_inputs(mask: Optional[torch.Tensor], *tensors: Optional[torch.Tensor]):
     """Each tensor with its masked positions (``mask`` False / 0, broadcast) replaced by 0, so that a masked
-    token's -inf or NaN input reaches neither the loss nor, through 0 * NaN in a backward, any gradient
-    (issue 16). Differentiable: masked positions get exactly zero gradient. None stays None."""
+    token's -inf or NaN input reaches neither the loss nor, through 0 * NaN in a backward, any gradient.
+    Differentiable: masked positions get exactly zero gradient. None stays None."""
     if mask is None:
         return tensors
     keep = mask.to(torch.bool)

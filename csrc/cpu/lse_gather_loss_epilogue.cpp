@@ -51,7 +51,7 @@ void lse_gather_loss_rows(const LseGatherLossArgsT<R>& a) {
         const RowLse<F> s = row_lse(row, z.get(), e.get(), V, a.t);
         const double H = entropy ? row_entropy(z.get(), e.get(), V, s) : 0.0;
         for (int64_t j = 0; j < k; ++j) {
-          // an id outside [0, V) (OPD_CHECK_IDS=0) is never read: a NaN log-prob, so a NaN row (issue 16)
+          // an id outside [0, V) (OPD_CHECK_IDS=0) is never read: a NaN log-prob, so a NaN row
           q[j] = id_in_range(ids[j], V) ? double(z[ids[j]]) - s.L : NAN;
           if (a.logprobs) a.logprobs[r * k + j] = static_cast<R>(q[j]);
         }

@@ -4,7 +4,7 @@
 //
 // Accuracy (float): exp and log within ~2 ulp of libm over the ranges used here; tanh within ~3 ulp.
 // exp(x) returns exactly 0 for x < -87.3 (so exp(-inf) == 0, which the -inf teacher logits rely on).
-// NaN in gives NaN out, for exp, log, log1p and tanh (issue 16): the clamps and the exponent-bit
+// NaN in gives NaN out, for exp, log, log1p and tanh: the clamps and the exponent-bit
 // arithmetic would otherwise turn a NaN into a finite number (exp(NaN) read as 2^-2^31 times p, log(NaN)
 // as 89.9), and a NaN logit into a plausible finite log-prob. One select per call; still vectorizes.
 #pragma once

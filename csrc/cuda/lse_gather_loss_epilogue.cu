@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(kThreads) lse_gather_loss_kernel(const LseGath
     const float L = s.m + M::log(s.d);
     const float H = entropy ? entropy_value<M>(s.ey, s.d) : 0.0f;
     for (int64_t j = 0; j < k; ++j) {
-      // an id outside [0, V) (OPD_CHECK_IDS=0) is never read: a NaN log-prob, so a NaN row (issue 16)
+      // an id outside [0, V) (OPD_CHECK_IDS=0) is never read: a NaN log-prob, so a NaN row
       q[j] = id_in_range(ids[j], V) ? transform<M>(to_float(row[ids[j]]), tr) - L : NAN;
       if (a.logprobs) a.logprobs[r * k + j] = q[j];
     }

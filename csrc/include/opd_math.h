@@ -72,7 +72,7 @@ OPD_HD F transform_grad(F z, const Transform& t) {
 
 // The shift of a row's sums: its max m, or 0 when every logit is -inf (m = -inf), so that exp(z - m) is
 // exp(-inf) = 0 and the row's logsumexp m + log(sum) is -inf, instead of exp(-inf - -inf) = exp(NaN): the
-// exponentials now keep NaN as NaN (issue 16), so this case must not form one.
+// exponentials keep NaN as NaN, so this case must not form one.
 template <class F>
 OPD_HD F finite_shift(F m) { return m == F(-INFINITY) ? F(0) : m; }
 
@@ -84,7 +84,7 @@ OPD_HD F finite_shift(F m) { return m == F(-INFINITY) ? F(0) : m; }
 // A term with e == 0 contributes exactly 0 (lim p log p = 0): with a -inf teacher logit y_t = -inf,
 // so e_t * (y_t - y_s) would be 0 * -inf = NaN without the select.
 // Every such select tests `e != 0`, not `e > 0`: a NaN weight (a NaN logit) must stay NaN, so that a NaN
-// input gives a non-finite value for its token instead of being dropped (issue 16).
+// input gives a non-finite value for its token instead of being dropped.
 template <class F>
 OPD_HD F reverse_kl_term(F es, F ys, F yt) { return es != F(0) ? es * (ys - yt) : F(0); }
 template <class F>
@@ -180,7 +180,7 @@ OPD_HD F jsd_grad(F ps, F a, F sum_a, const JsdCoefficients& c) {
 
 // An id the kernels may read: 0 <= id < V. The API checks ids on the host unless OPD_CHECK_IDS=0; every
 // kernel checks again (one unsigned compare) and gives an out-of-range id a NaN gathered logit instead of
-// reading or writing outside the row (issue 16).
+// reading or writing outside the row.
 OPD_HD bool id_in_range(int64_t id, int64_t V) { return static_cast<uint64_t>(id) < static_cast<uint64_t>(V); }
 
 // ---- log-prob / gather / entropy primitive -------------------------------------------------------

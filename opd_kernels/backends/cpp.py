@@ -119,8 +119,8 @@ def _scale(grad: torch.Tensor, g_out: torch.Tensor) -> torch.Tensor:
 def _no_zero_grads(ctx) -> None:
     """Outputs nobody differentiated reach backward as None, not as zeros of their shape. Autograd's default
     (``set_materialize_grads(True)``) would allocate and fill, in backward, a zero tensor per returned
-    gradient - one of (V, H) for dW, (N, V) for logits_divergence - which was the dW-sized transient of
-    issue 17 (peak memory) and a full pass over it (time)."""
+    gradient - one of (V, H) for dW, (N, V) for logits_divergence - a dW-sized transient in peak
+    memory and a full pass over it in time."""
     ctx.set_materialize_grads(False)
 
 

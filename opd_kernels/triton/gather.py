@@ -12,7 +12,7 @@ Backward (g = d loss / d gathered, (N, k)): with gz = g * dz/draw at (n, ids[n, 
     db[ids[n,j]] += gz[n, j]
 
 Every id is bound-checked here (the host check is skipped with ``OPD_CHECK_IDS=0``): an id outside
-[0, V) reads nothing and writes nothing, and its gathered logit is NaN (issue 16).
+[0, V) reads nothing and writes nothing, and its gathered logit is NaN.
 """
 import triton
 import triton.language as tl
