@@ -34,7 +34,7 @@ def run(mode: str, args) -> tuple:
     before = held_out()
     cfg = TrainConfig(output_dir=tempfile.mkdtemp(prefix="opd_modes_"), steps=args.steps, batch_size=8,
                       max_new_tokens=args.max_new_tokens, lr=args.lr, loss=mode, topk=8, progress=False,
-                      save_every=0)
+                      save_every=0, topk_divergence="forward_kl")  # the mode as docs/trainer.md's table has it
     summary = OPDTrainer(cfg, student, teacher, prompts).train()
     return before, held_out(), summary["total_tokens"]
 

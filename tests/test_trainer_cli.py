@@ -53,7 +53,7 @@ def test_clear_errors(tmp_path, capsys):
     assert "loss: expected one of" in capsys.readouterr().err
     rc = cli.main(["--student", str(tmp_path / "nowhere"), "--teacher", "tiny:llama", "--prompts", "random:2:3",
                    "--output-dir", str(tmp_path / "o")])
-    assert rc == 2 and "neither a local model directory nor a model in the local" in capsys.readouterr().err
+    assert rc == 2 and f"{str(tmp_path / 'nowhere')!r} does not exist" in capsys.readouterr().err
     text = tmp_path / "p.txt"
     text.write_text("hello\n")
     rc = cli.main(["--student", "tiny:llama", "--teacher", "tiny:llama", "--prompts", str(text),

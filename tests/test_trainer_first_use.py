@@ -41,3 +41,51 @@ def test_python_m_opd_kernels_without_the_extension_says_it_was_not_built(tmp_pa
     assert cpp and "unavailable" in cpp[0], proc.stdout
     assert "was not built" in cpp[0] and "pip install --no-build-isolation" in cpp[0], cpp
     assert "circular import" not in proc.stdout
+
+
+def test_topk_divergence_default_is_the_ops_default():
+    import inspect
+
+    import opd_kernels as ok
+    from opd_kernels.trainer import TrainConfig
+    from opd_kernels.trainer.config import build_parser
+
+    op_default = inspect.signature(ok.linear_topk_divergence).parameters["divergence"].default
+    assert TrainConfig().topk_divergence == op_default == "reverse_kl"
+    help_text = next(a.help for a in build_parser()._actions if "--topk-divergence" in a.option_strings)
+    assert "(default: 'reverse_kl')" in help_text
+
+
+def test_a_mistyped_model_path_is_said_not_to_exist_and_hub_names_still_reach_the_cache(tmp_path):
+    import pytest
+    import torch
+
+    from opd_kernels.trainer.models import load_model
+
+    cpu = torch.device("cpu")
+    for spec in (str(tmp_path / "runs" / "studnet"), "runs/x/student", "./student", "../models/teacher",
+                 "runs/my--model", "missing-config.json"):
+        with pytest.raises(ValueError, match="does not exist") as e:
+            load_model(spec, device=cpu)
+        assert "Repo id" not in str(e.value), spec
+    for spec in ("gpt2-not-in-this-cache", "some-org/some-model-not-in-this-cache"):  # hub names: the cache
+        with pytest.raises(ValueError, match="neither a local model directory nor a model in the local") as e:
+            load_model(spec, device=cpu)
+        assert "does not exist" not in str(e.value).split(":")[0], spec
+
+
+def test_an_unknown_prompts_file_type_is_refused_listing_the_accepted_ones(tmp_path):
+    import pytest
+
+    from opd_kernels.trainer import load_prompts
+    from opd_kernels.trainer.data import READERS
+
+    csv = tmp_path / "prompts.csv"
+    csv.write_text("prompt\nt5 t6\n")
+    with pytest.raises(ValueError, match=r"unknown file type '\.csv'; expected one of \.jsonl, \.txt or random:"):
+        load_prompts(str(csv), vocab_size=131)
+    bare = tmp_path / "prompts"
+    bare.write_text("t5 t6\n")
+    with pytest.raises(ValueError, match=r"unknown file type '\(no extension\)'"):
+        load_prompts(str(bare), vocab_size=131)
+    assert set(READERS) == {".jsonl", ".txt"}

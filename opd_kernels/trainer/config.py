@@ -14,6 +14,11 @@ from typing import Any, Dict, Optional, Sequence
 DENSE_LOSSES = ("reverse_kl", "forward_kl", "jsd")
 LOSSES = DENSE_LOSSES + ("sampled", "topk")
 PRECISIONS = ("auto", "bf16", "fp32")
+# Options a resumed run may change: how long it runs, what it writes along the way, where and how it computes.
+# Every other field is the training recipe, which a resumed run must keep (refused naming the differences).
+# The first three say which run this is (the --resume help lists the rest).
+RESUME_MAY_CHANGE = ("output_dir", "resume", "overwrite", "steps", "progress", "save_every", "keep_checkpoints",
+                     "export_every", "device", "backend", "fsdp", "verify_lm_head", "param_guard")
 
 
 @dataclass
@@ -31,7 +36,8 @@ class TrainConfig:
     temperature: float = field(default=1.0, metadata={"help": "temperature of the distributions compared"})
     kl_coef: float = field(default=1.0, metadata={"help": "advantage scale (loss=sampled)"})
     topk: int = field(default=20, metadata={"help": "teacher top-k size (loss=topk)"})
-    topk_divergence: str = field(default="forward_kl", metadata={"help": "forward_kl or reverse_kl (loss=topk)"})
+    topk_divergence: str = field(default="reverse_kl", metadata={"help": "reverse_kl or forward_kl (loss=topk; "
+                                 "the default is ok.linear_topk_divergence's)"})
     vocab_size: int = field(default=0, metadata={"help": "vocabulary rows compared (0: the student's lm_head "
                             "rows); set it when the teacher's lm_head is smaller"})
     steps: int = field(default=100, metadata={"help": "optimizer steps"})
@@ -56,7 +62,10 @@ class TrainConfig:
                        "fully_shard instead of DDP (one group at the root; see docs/trainer.md)"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (0: only at the end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
-    resume: bool = field(default=False, metadata={"help": "continue from output_dir's newest intact checkpoint"})
+    resume: bool = field(default=False, metadata={"help": "continue from output_dir's newest intact checkpoint "
+                         "(an empty or absent output_dir: start a fresh run). Of the other options only "
+                         f"{', '.join('--' + n.replace('_', '-') for n in RESUME_MAY_CHANGE[3:])} "
+                         "may differ from the checkpoint's run"})
     overwrite: bool = field(default=False, metadata={"help": "start afresh in a non-empty output_dir: remove "
                             "the trainer's own files there first (a non-empty one is refused without "
                             "--resume or --overwrite)"})
@@ -114,6 +123,13 @@ class TrainConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def resume_differences(self, saved: Dict[str, Any]) -> Dict[str, tuple]:
+        """``{name: (saved value, this value)}`` for every option outside :data:`RESUME_MAY_CHANGE` that
+        differs from ``saved`` (a checkpoint's config; keys this version does not know are ignored)."""
+        mine = self.to_dict()
+        return {k: (saved[k], mine[k]) for k in mine
+                if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != mine[k]}
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":

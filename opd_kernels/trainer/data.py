@@ -21,7 +21,7 @@ def load_prompts(spec: str, tokenizer=None, *, max_prompt_len: int = 512, chat_t
     - ``*.jsonl``: one object per line with ``"prompt"`` (a string, needs a tokenizer) or ``"prompt_ids"``
       (a list of integers; not a string, not floats, not booleans); blank lines are skipped;
     - ``*.txt``: one text prompt per line (needs a tokenizer).
-    Files are UTF-8 (a leading BOM is skipped). Prompts longer than ``max_prompt_len`` keep their last
+    Any other file type is refused (:data:`READERS` lists the accepted ones). Files are UTF-8 (a leading BOM is skipped). Prompts longer than ``max_prompt_len`` keep their last
     ``max_prompt_len`` ids. With ``vocab_size`` every id must lie in [0, vocab_size); with
     ``max_positions`` a prompt plus ``max_new_tokens`` must fit in the model's positions. Every problem
     is a ValueError naming ``file:line``.
@@ -45,6 +45,7 @@ def load_prompts(spec: str, tokenizer=None, *, max_prompt_len: int = 512, chat_t
         return torch.randint(3, vocab_size, (count, length), generator=g).tolist()
     if not os.path.isfile(spec):
         raise ValueError(f"prompts: file {spec!r} does not exist")
+    read_line = _reader(spec)
     with open(spec, "rb") as f:
         raw = f.read()
     try:
@@ -58,10 +59,7 @@ def load_prompts(spec: str, tokenizer=None, *, max_prompt_len: int = 512, chat_t
         where = f"{spec}:{number}"
         if not line.strip():
             continue
-        if spec.endswith(".jsonl"):
-            ids = _jsonl_prompt(line, where, tokenizer, chat_template)
-        else:
-            ids = _encode(line.rstrip("\r"), tokenizer, chat_template, where)
+        ids = read_line(line, where, tokenizer, chat_template)
         if not ids:
             raise ValueError(f"prompts: {where}: the prompt is empty")
         ids = ids[-max_prompt_len:]
@@ -71,6 +69,10 @@ def load_prompts(spec: str, tokenizer=None, *, max_prompt_len: int = 512, chat_t
     if not out:
         raise ValueError(f"prompts: {spec!r} holds no prompts")
     return out
+
+
+def _text_prompt(line: str, where: str, tokenizer, chat_template: bool) -> List[int]:
+    return _encode(line.rstrip("\r"), tokenizer, chat_template, where)
 
 
 def _jsonl_prompt(line: str, where: str, tokenizer, chat_template: bool) -> List[int]:
@@ -97,6 +99,15 @@ def _jsonl_prompt(line: str, where: str, tokenizer, chat_template: bool) -> List
             raise ValueError(f"prompts: {where}: 'prompt' must be a string, got {type(row['prompt']).__name__}")
         return _encode(row["prompt"], tokenizer, chat_template, where)
     raise ValueError(f"prompts: {where}: has neither 'prompt' nor 'prompt_ids' (keys: {sorted(row)[:5]})")
+
+
+def _reader(spec: str):
+    """The line reader of ``spec``'s file type: the one place prompt file types are dispatched."""
+    suffix = os.path.splitext(spec)[1].lower()
+    if suffix not in READERS:
+        raise ValueError(f"prompts: {spec!r}: unknown file type {suffix or '(no extension)'!r}; expected one of "
+                         f"{', '.join(READERS)} or random:COUNT:LEN")
+    return READERS[suffix]
 
 
 def check_prompt_ids(ids: Sequence[int], where: str, *, vocab_size: Optional[int] = None,
@@ -144,3 +155,8 @@ def prompts_for_step(prompts: Sequence[Sequence[int]], step: int, micro: int, *,
             perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
         out.append(prompts[int(perms[epoch][pos])])
     return out
+
+
+#: Prompt file types by extension: a reader of one line -> token ids (``line, "file:line", tokenizer,
+#: chat_template``). Any other extension is refused.
+READERS = {".jsonl": _jsonl_prompt, ".txt": _text_prompt}

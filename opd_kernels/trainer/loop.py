@@ -94,6 +94,13 @@ def prepare_output_dir(cfg: TrainConfig) -> List[str]:
     return notes
 
 
+def _has_entries(path: str) -> bool:
+    try:
+        return bool(os.listdir(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
 class OPDTrainer:
     """Thin on-policy distillation trainer around opd_kernels' fused losses, on one or many processes.
 
@@ -149,6 +156,8 @@ class OPDTrainer:
         self._snapshot_params: Optional[List[torch.Tensor]] = None
         self._snapshot_optimizer = None
         error, notes = None, []
+        # --resume on an empty or absent output_dir starts the run: one command starts and restarts it.
+        fresh = cfg.resume and not _has_entries(cfg.output_dir)
         if self.dp.is_main:
             try:
                 notes = prepare_output_dir(cfg)
@@ -157,7 +166,10 @@ class OPDTrainer:
         self._raise_rank0_error(error)
         for note in notes:
             print(f"opd-distill: {note}", file=sys.stderr)
-        resumed = self._load_weights() if cfg.resume else None
+        if fresh and self.dp.is_main:
+            print(f"opd-distill: --resume: {cfg.output_dir!r} is empty or absent; starting a fresh run",
+                  file=sys.stderr)
+        resumed = self._load_weights() if cfg.resume and not fresh else None
         self.loss_module = dp_.wrap(dp_.StudentLoss(student), self.mode, self.device)
         self.optimizer = optimizer or torch.optim.AdamW(student.parameters(), lr=cfg.lr,
                                                         weight_decay=cfg.weight_decay)
@@ -184,6 +196,16 @@ class OPDTrainer:
 
     def _load_weights(self):
         path, state, optimizer, rngs, _ = resume_checkpoint(self.checkpoint_root, self.student, warn=self.dp.is_main)
+        differ = self.cfg.resume_differences(state.get("config") or {})
+        if differ:
+            listed = "; ".join(f"--{k.replace('_', '-')}: {was!r} there, {now!r} now"
+                               for k, (was, now) in differ.items())
+            raise ValueError(f"resume: {path!r} was trained with other options ({listed}); resume with the run's "
+                             "own options (its config.json), or start a new run in another --output-dir")
+        step = int(state["step"])
+        if step > self.cfg.steps:
+            raise ValueError(f"steps: the run in {self.cfg.output_dir!r} is already at step {step} ({path!r}), past "
+                             f"--steps {self.cfg.steps}; pass --steps {step + 1} or more to continue it")
         self.resumed_from = path
         return state, optimizer, rngs
 

@@ -3,10 +3,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from typing import Optional
 
 import torch
+
+
+# A Hugging Face hub repo id: 'name' or 'org/name', each of letters, digits, '-', '_', '.', beginning and
+# ending with a letter or digit, with no '--' or '..'.
+_HUB_ID = re.compile(r"(?!.*(--|\.\.))\w(?:[\w.-]*\w)?(?:/\w(?:[\w.-]*\w)?)?")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -70,6 +76,10 @@ def load_model(spec: str, *, device: torch.device, seed: int = 0, dtype: Optiona
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
+    if not os.path.exists(spec) and (spec.endswith(".json") or not _HUB_ID.fullmatch(spec)):
+        # Not a hub name either ('name' or 'org/name'): from_pretrained would only say the repo id is malformed.
+        raise ValueError(f"model: {spec!r} does not exist (no such file or directory; a hub name in the local "
+                         "cache has the form 'name' or 'org/name')")
     try:
         model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, dtype=dtype,
                                                      attn_implementation=attn)
