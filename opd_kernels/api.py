@@ -20,7 +20,7 @@ from ._common import empty_result as _empty_result
 from ._common import flatten_rows as _rows
 from ._common import reduce_per_token, token_weights
 from ._options import Options
-from .backends._divergence_math import topk_divergence_from_logprobs
+from .backends._divergence_math import nonfinite_rows_inert, topk_divergence_from_logprobs
 from .reference import masked_inputs
 
 Normalizer = Union[None, int, float, torch.Tensor]
@@ -118,7 +118,8 @@ def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor
                  student_hidden.shape[-1], 0),
         process_group, _device_of(student_hidden))
     leading = student_hidden.shape[:-1]
-    tw = _check_token_weights(token_weights, leading, _device_of(student_hidden), _acc_dtype(student_hidden))
+    tw = _check_token_weights(token_weights, leading, _device_of(student_hidden), _acc_dtype(student_hidden),
+                              opts.mask)
     if tw is not None and opts.reduction != "none":
         opts = opts.replace(per_token_weights=tw)
     if student_hidden.numel() == 0:
@@ -284,13 +285,14 @@ def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.T
         process_group, _device_of(student_hidden))
     leading = student_hidden.shape[:-1]
     if opts.process_group is not None:
-        check.check_id_range("teacher_topk_ids", teacher_topk_ids, opts.vocab_size)     # against the global V
+        check.check_id_range("teacher_topk_ids", teacher_topk_ids, opts.vocab_size, distinct=True,
+                             support=support_mask)     # against the global V
     if student_hidden.numel() == 0:
         return _empty_result(leading, reduction, student_hidden, student_weight, student_bias)
     k = teacher_topk_ids.shape[-1]
     # rows whose top-k set is invalid (repeated id, log-prob > 0, mass > 1) become NaN on the device
     teacher_topk_logprobs = check.topk_rows_checked(teacher_topk_ids, teacher_topk_logprobs.detach(), support_mask)
-    tw = _check_token_weights(token_weights, leading, student_hidden.device, _acc_dtype(student_hidden))
+    tw = _check_token_weights(token_weights, leading, student_hidden.device, _acc_dtype(student_hidden), opts.mask)
     ids = teacher_topk_ids.reshape(-1, k).to(torch.int64)
     fused = (opts.reduction != "none" and support_mask is None and opts.tail != "renormalize"
              and opts.divergence != "jsd")
@@ -314,15 +316,17 @@ def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.T
                                                   teacher_topk_logprobs.reshape(-1, k), student_bias, opts,
                                                   weights, spec)
         return (per_token if tw is None else _weighted_values(per_token, tw)).reshape(leading)
-    lse, gathered, _ = _lse_gather(_rows(student_hidden), student_weight.contiguous(), ids, student_bias, opts)
+    weights = opts.token_weights(leading.numel(), student_hidden.device, _acc_dtype(student_hidden))
+    live = (weights != 0 if tw is None else (weights != 0) & (tw != 0)).unsqueeze(-1)
+    # masked rows: no NaN into the loss or its gradient, from their hidden states (the vocab-parallel
+    # logsumexp over the ranks would pass it on to the other rows' gradients) or their log-probs
+    (hidden,) = masked_inputs(live, _rows(student_hidden))
+    lse, gathered, _ = _lse_gather(hidden, student_weight.contiguous(), ids, student_bias, opts)
     q = gathered - lse.unsqueeze(-1)
-    l = teacher_topk_logprobs.reshape(-1, k).to(q.dtype)
-    weights = opts.token_weights(q.shape[0], q.device, q.dtype)
-    live = weights != 0 if tw is None else (weights != 0) & (tw != 0)
-    q, l = masked_inputs(live.unsqueeze(-1), q, l)  # masked rows: no NaN into the loss or its gradient
-    per_token = topk_divergence_from_logprobs(
-        q, l, divergence=opts.divergence, tail=opts.tail, beta=opts.beta,
-        support_mask=None if support_mask is None else support_mask.reshape(-1, k))
+    q, l = masked_inputs(live, q, teacher_topk_logprobs.reshape(-1, k).to(q.dtype))
+    support = None if support_mask is None else support_mask.reshape(-1, k)
+    per_token = nonfinite_rows_inert(lambda q_: topk_divergence_from_logprobs(
+        q_, l, divergence=opts.divergence, tail=opts.tail, beta=opts.beta, support_mask=support), q)
     if tw is not None:
         per_token = _weighted_values(per_token, tw)
     out = reduce_per_token(per_token, weights, opts.reduction)
@@ -433,16 +437,20 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _check_token_weights(token_weights, leading, device, dtype: torch.dtype) -> Optional[torch.Tensor]:
+def _check_token_weights(token_weights, leading, device, dtype: torch.dtype,
+                         mask: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """``token_weights``: None or a floating tensor of the leading shape on the inputs' device -> flat, in
-    ``dtype`` (the accumulation dtype: fp32, or fp64 for fp64 inputs)."""
+    ``dtype`` (the accumulation dtype: fp32, or fp64 for fp64 inputs), and exactly 0 where the flat ``mask``
+    is False: a masked row stays inert whatever its weight (a NaN or inf weight there would otherwise meet
+    the mask's 0 as 0 * NaN)."""
     if token_weights is None:
         return None
     check.check_tensor("token_weights", token_weights, min_dim=0)
     check.check_leading("token_weights", token_weights, leading, "student_hidden")
     if token_weights.device != device:
         raise ValueError(f"token_weights: expected device {device}, got {token_weights.device}")
-    return token_weights.detach().reshape(-1).to(dtype)
+    tw = token_weights.detach().reshape(-1).to(dtype)
+    return tw if mask is None else torch.where(mask, tw, torch.zeros((), dtype=dtype, device=device))
 
 
 def _fused_row_loss(hidden, weight, ids, teacher, bias, opts: Options, *, sampler, weights, loss_spec: dict):
@@ -456,9 +464,10 @@ def _fused_row_loss(hidden, weight, ids, teacher, bias, opts: Options, *, sample
                      vocab_size=opts.vocab_size, deterministic=opts.deterministic, **loss_spec)[0]
     from .backends._lse_gather_loss import row_loss
     ec = loss_spec["entropy_coef"]
+    live = weights != 0  # masked rows: no NaN into the loss or its gradient, from their inputs or outputs
+    (hidden,) = masked_inputs(live.unsqueeze(-1), hidden)
     lse, gathered, entropy = _lse_gather(hidden, weight, ids, bias, opts.replace(return_entropy=ec != 0.0))
     q = gathered - lse.unsqueeze(-1)
-    live = weights != 0  # masked rows: no NaN into the loss or its gradient (issue 16)
     q, teacher, sampler = masked_inputs(live.unsqueeze(-1), q, teacher, None if sampler is None else
                                         sampler.reshape(q.shape[0], -1))
     sampler = None if sampler is None else sampler.reshape(-1)
@@ -532,7 +541,7 @@ def linear_sampled_token_opd_loss(student_hidden: torch.Tensor, student_weight: 
     entropy_coef = check.check_real("entropy_coef", entropy_coef)
     flat_mask = check.check_mask(mask, leading, "student_hidden", device)
     normalizer = check.check_normalizer(normalizer, device)
-    tw = _check_token_weights(token_weights, leading, device, _acc_dtype(student_hidden))
+    tw = _check_token_weights(token_weights, leading, device, _acc_dtype(student_hidden), flat_mask)
     if opts.process_group is not None:
         check.check_id_range("sampled_ids", sampled_ids, opts.vocab_size)     # against the global V
     if student_hidden.numel() == 0:

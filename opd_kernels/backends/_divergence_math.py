@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 def _xmul(p: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
     """``p * term`` with 0 * anything = 0 (p = 0 where a logit is -inf, and term may be +-inf or NaN there).
-    The test is ``p == 0``, not ``p > 0``: a NaN p (a NaN input) stays NaN instead of scoring 0 (issue 16)."""
+    The test is ``p == 0``, not ``p > 0``: a NaN p (a NaN input) stays NaN instead of scoring 0."""
     return torch.where(p == 0, torch.zeros((), dtype=term.dtype, device=term.device), p * term)
 
 
@@ -135,7 +135,7 @@ def ids_in_range(ids: torch.Tensor, v: int) -> torch.Tensor:
 
 
 def gather_checked(z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """``z.gather(-1, ids)``, NaN where an id is outside [0, V): never an out-of-bounds read (issue 16)."""
+    """``z.gather(-1, ids)``, NaN where an id is outside [0, V): never an out-of-bounds read."""
     valid = ids_in_range(ids, z.shape[-1])
     out = z.gather(-1, torch.where(valid, ids, torch.zeros_like(ids)))
     return torch.where(valid, out, torch.full((), float("nan"), dtype=z.dtype, device=z.device))
@@ -212,3 +212,21 @@ def topk_divergence_from_logprobs(q: torch.Tensor, l: torch.Tensor, *, divergenc
         raise ValueError(f"divergence: expected one of 'reverse_kl', 'forward_kl', 'jsd', got {divergence!r}")
     a, c = jsd_shifted_ratios(q, l, beta)
     return (beta * _xmul(pt, c - math.log(beta)) + (1.0 - beta) * _xmul(ps, a - math.log1p(-beta))).sum(-1)
+
+
+def nonfinite_rows_inert(row_values, q: torch.Tensor) -> torch.Tensor:
+    """``row_values(q)`` (N,) for per-row values of ``q`` (N, k), where a row whose value is not finite
+    keeps that value (NaN: an invalid top-k row or a NaN input; inf: reverse KL against a -inf teacher
+    log-prob) but passes no gradient to its row of ``q``.
+
+    Why: through autograd such a row's d value / d q is itself NaN or inf, and an upstream gradient of 0
+    (the row zeroed downstream, e.g. ``torch.where(keep, values, 0)``) times it is NaN, which the lse/gather
+    backward then spreads over every entry of the weight gradient. A zero gradient row is the rule of the
+    fused passes too (their rows of non-finite value get none); a counted row is still reported, by its
+    non-finite value in the loss. The rows are found on a first, gradient-free evaluation ((N, k) work,
+    nothing of the vocabulary size)."""
+    if not (torch.is_grad_enabled() and q.requires_grad):
+        return row_values(q)
+    with torch.no_grad():
+        bad = ~torch.isfinite(row_values(q))
+    return row_values(torch.where(bad.unsqueeze(-1), q.detach(), q))

@@ -8,8 +8,8 @@ row of ``hidden`` only::
 
 so whatever the upstream g (N,) is, the backward is ``dh_n = g_n D_n``: no vocabulary-sized work. D is the
 hidden gradient of the fused row-loss pass (``lse_gather_loss`` with ``hidden_grad_only``,
-backends/_lse_gather_loss.py) whose row loss is s_n itself: kind "sampled_token", estimator "k1",
-kl_coef 1, teacher log-probs 0, no sampler (k1's loss is kl_coef * (s - t)), token weight 1. So the
+backends/_lse_gather_loss.py) whose row loss is -s_n: kind "topk", forward KL without a tail, one teacher
+entry of log-prob 0 (p_t (l - s) = -s), token weight 1, negated afterwards. So the
 forward runs two GEMMs (the logits, then D = G W) where lse_gather's recomputing backward runs three
 (the logits, the logits again, G W): fwd + bwd takes about 2/3 of the time.
 
@@ -87,9 +87,14 @@ def frozen_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.
                          bias: Optional[torch.Tensor], opts, live: Optional[torch.Tensor]) -> torch.Tensor:
     """The log-probs (N,) of ``ids`` (N, 1) under the flat ``hidden`` (N, H), differentiable w.r.t. ``hidden``
     only (module doc); ``live`` (N,) bool or None: rows whose log-prob counts (False: 0, no gradient).
-    The row loss is k1's kl_coef * (s - t) at kl_coef 1, t = 0 (no sampler: ratio 1): s itself."""
+
+    The row loss is the top-k forward KL without a tail against a one-entry teacher of log-prob 0:
+    p_t (l - s) = 1 * (0 - s) = -s exactly, with d/ds = -1; negated here, it is s. Not k1's s - t: without
+    a sampler its ratio is exp(s - s), NaN for a target whose logit is -inf, where s is -inf (as on the
+    trainable path)."""
     n = hidden.shape[0]
     weights = torch.ones(n, device=hidden.device) if live is None else live
-    spec = dict(kind="sampled_token", estimator="k1", divergence="reverse_kl", tail_bucket=False, kl_coef=1.0)
-    return frozen_head_rows(hidden, weight, ids, hidden.new_zeros((n, 1), dtype=_real(hidden)), bias, opts,
-                            weights, spec)
+    spec = dict(kind="topk", estimator="is", divergence="forward_kl", tail_bucket=False, kl_coef=1.0)
+    neg = frozen_head_rows(hidden, weight, ids, hidden.new_zeros((n, 1), dtype=_real(hidden)), bias, opts,
+                           weights, spec)
+    return 0.0 - neg  # 0 - x, not -x: rows of value 0 stay +0.0

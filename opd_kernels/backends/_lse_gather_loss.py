@@ -152,7 +152,7 @@ class _TorchLseGatherLoss(torch.autograd.Function):
     def forward(ctx, h, w, b, ids, teacher, sampler, weights, opts):
         values, gh, gw, gb = _torch_pass(h, w, b, ids, teacher, sampler, weights, opts, ctx.needs_input_grad[:3])
         ctx.save_for_backward(gh, gw, gb)
-        ctx.dtypes = (h.dtype, w.dtype)
+        ctx.dtypes, ctx.kind = (h.dtype, w.dtype), opts["kind"]
         ctx.mark_non_differentiable(values)
         loss = (weights.to(values.dtype) * values).sum()
         real = torch.promote_types(loss.dtype, torch.float32)
@@ -161,9 +161,11 @@ class _TorchLseGatherLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, _g_values):
         _no_double_backward()
+        from .cpp import _backward_once, _loss_op_name, _scale
+        _backward_once(ctx, f"{_loss_op_name(ctx.kind)} (backend 'torch')")
         gh, gw, gb = ctx.saved_tensors
-        from .cpp import _scale  # in place in eager mode: ``gw * s`` would be a second (V, H) tensor
-        gh, gw, gb = (None if g is None else _scale(g, g_loss) for g in (gh, gw, gb))
+        # in place in eager mode: ``gw * s`` would be a second (V, H) tensor
+        gh, gw, gb = (None if g is None else _scale(g, g_loss, ctx) for g in (gh, gw, gb))
         return (gh, None if gw is None else gw.to(ctx.dtypes[1]), None if gb is None else gb.to(ctx.dtypes[1]),
                 None, None, None, None, None)
 
@@ -217,7 +219,8 @@ def register_cpp(ops) -> None:
 
     def _backward(ctx, g_loss, _g_values, _gh, _gw, _gb):
         _no_double_backward()
-        from .cpp import _or_zero, _scale
+        from .cpp import _backward_once, _loss_op_name, _or_zero, _scale
+        _backward_once(ctx, f"{_loss_op_name(ctx.scalars[0])} (backend 'cpp')")
         h, w, b, ids, teacher, sampler, weights, gh, gw, gb = ctx.saved_tensors
         g_loss = _or_zero(g_loss, weights)
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and b is not None)
@@ -225,7 +228,7 @@ def register_cpp(ops) -> None:
             _, _, gh, gw, gb = ops.lse_gather_loss(h, w, b, ids, teacher, sampler, weights * g_loss, *ctx.scalars,
                                                    list(need), ctx.chunk_rows)
         else:
-            gh, gw, gb = (_scale(g, g_loss) if n else None for g, n in zip((gh, gw, gb), need))
+            gh, gw, gb = (_scale(g, g_loss, ctx) if n else None for g, n in zip((gh, gw, gb), need))
         return (gh if need[0] else None, gw if need[1] else None, gb if need[2] else None) + (None,) * 16
 
     torch.library.register_autograd("opd::lse_gather_loss", _backward, setup_context=_setup)

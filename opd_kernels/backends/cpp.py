@@ -107,13 +107,34 @@ def _optional(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.detach()
 
 
-def _scale(grad: torch.Tensor, g_out: torch.Tensor) -> torch.Tensor:
+def _scale(grad: torch.Tensor, g_out: torch.Tensor, ctx=None) -> torch.Tensor:
     """``grad * g_out`` for a gradient the forward precomputed: in place in eager mode (a copy of dW would
     double the peak memory), out of place while tracing (AOTAutograd rejects mutating saved tensors and
-    functionalizes the graph anyway)."""
+    functionalizes the graph anyway). In place, it marks ``ctx`` (the op's autograd context) as consumed:
+    see :func:`_backward_once`."""
     if torch.compiler.is_compiling() or type(grad) is not torch.Tensor:  # Fake/Functional tensors: tracing
         return grad * g_out.to(grad.dtype)
+    if ctx is not None:
+        ctx.opd_scaled_in_place = True
     return grad.mul_(g_out.to(grad.dtype))
+
+
+def _backward_once(ctx, op: str) -> None:
+    """Called first in the backward of an op whose forward formed the gradient: a second backward through
+    the same graph (``retain_graph=True``) is a RuntimeError naming ``op``, not autograd's message about a
+    version counter. The first backward scaled the saved gradient in place (a copy the size of the weight
+    would double the peak memory), so the unscaled gradient no longer exists."""
+    if getattr(ctx, "opd_scaled_in_place", False):
+        raise RuntimeError(
+            f"opd_kernels.{op}: a second backward through the same graph (retain_graph=True) is not supported: "
+            "the gradient is formed in the forward pass and the first backward scaled it in place. Run the "
+            "forward again for another backward (or use backend='torch' for linear_divergence and "
+            "linear_logprobs, whose backward can be repeated)")
+
+
+def _loss_op_name(kind: str) -> str:
+    """The public op behind a fused row-loss pass of ``kind`` (backends/_lse_gather_loss.py)."""
+    return "linear_sampled_token_opd_loss" if kind == "sampled_token" else "linear_topk_divergence"
 
 
 def _no_zero_grads(ctx) -> None:
@@ -180,9 +201,9 @@ if AVAILABLE:
     # ------------------------------------------------------------------------------------------------
     # Scalar loss = sum_n w_n value_n. The op already returned d loss / d (h_s, W_s, b_s) for the grad_mask
     # it was given, so backward is a scale by grad_output - in place: the saved gradients are ours and a
-    # copy of dW (V x H) would double the peak. (Backward through the same graph twice therefore raises
-    # autograd's "modified by an inplace operation" error.) Inputs that needed a gradient the forward did
-    # not compute are recomputed with the weights scaled by grad_output.
+    # copy of dW (V x H) would double the peak. (A second backward through the same graph is therefore a
+    # RuntimeError naming the op: _backward_once.) Inputs that needed a gradient the forward did not
+    # compute are recomputed with the weights scaled by grad_output.
     def _linear_divergence_setup(ctx, inputs, output):
         hs, ws, bs, ht, wt, bt, weights, *scalars, grad_mask, chunk_rows = inputs
         _no_zero_grads(ctx)
@@ -192,6 +213,7 @@ if AVAILABLE:
 
     def _linear_divergence_backward(ctx, g_loss, _gh, _gw, _gb):
         _no_double_backward()
+        _backward_once(ctx, "linear_divergence (backend 'cpp')")
         hs, ws, bs, ht, wt, bt, weights, gh, gw, gb = ctx.saved_tensors
         g_loss = _or_zero(g_loss, weights)
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bs is not None)
@@ -199,7 +221,7 @@ if AVAILABLE:
             _, gh, gw, gb = _ops.linear_divergence(hs, ws, bs, ht, wt, bt, weights * g_loss, *ctx.scalars,
                                                    list(need), ctx.chunk_rows)
         else:
-            gh, gw, gb = (_scale(g, g_loss) if n else None for g, n in zip((gh, gw, gb), need))
+            gh, gw, gb = (_scale(g, g_loss, ctx) if n else None for g, n in zip((gh, gw, gb), need))
         return (gh if need[0] else None, gw if need[1] else None, gb if need[2] else None) + (None,) * 14
 
     torch.library.register_autograd("opd::linear_divergence", _linear_divergence_backward,
@@ -250,11 +272,12 @@ if AVAILABLE:
 
     def _logits_divergence_backward(ctx, g_loss, g_values, _g_grad):
         _no_double_backward()
+        _backward_once(ctx, "logits_divergence (backend 'cpp')")
         s, t, weights, grad = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None, None, None
         if ctx.compute_grad:
-            grad = _scale(grad, _or_zero(g_loss, weights))
+            grad = _scale(grad, _or_zero(g_loss, weights), ctx)
         else:
             upstream = torch.where(weights != 0, _or_zero(g_values, weights).to(weights.dtype),
                                    torch.zeros((), device=weights.device))
@@ -360,5 +383,7 @@ class _InplaceLogitsDivergence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss):
         _no_double_backward()
+        _backward_once(ctx, "logits_divergence (inplace_grad=True)")
         grad, ctx.grad = ctx.grad, None
+        ctx.opd_scaled_in_place = True
         return grad.mul_(g_loss.to(grad.dtype)), None, None, None

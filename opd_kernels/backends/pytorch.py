@@ -219,7 +219,10 @@ class _InplaceChunkedLogitsDivergence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         _no_double_backward()
+        from .cpp import _backward_once
+        _backward_once(ctx, "logits_divergence (inplace_grad=True)")
         grad, ctx.grad = ctx.grad, None
+        ctx.opd_scaled_in_place = True
         return grad.mul_(grad_out.to(grad.dtype)), None, None, None
 
 

@@ -90,6 +90,13 @@ def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_we
     False, which leaves each rank with its own shard's part.
     """
     weights = opts.token_weights(student_hidden.shape[0], student_hidden.device)
+    # Masked rows enter every local op as zeros: the shard decomposition combines the ranks' per-row
+    # pieces (logsumexps over the ranks), whose backward would turn a masked row's NaN input into NaN
+    # gradients for the whole shard (0 * NaN) although the row's weight is 0.
+    live = (weights != 0).unsqueeze(-1)
+    zero = torch.zeros((), dtype=student_hidden.dtype, device=student_hidden.device)
+    student_hidden = torch.where(live, student_hidden, zero)
+    teacher_hidden = torch.where(live, teacher_hidden, zero.to(teacher_hidden.dtype))
     if _use_rowstats(opts.divergence, opts.backend, opts.strategy):
         hs = copy_to_group(student_hidden, opts.process_group, reduce=opts.reduce_hidden_grad)
         return rowstats_divergence(hs, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
@@ -141,5 +148,9 @@ def lse_gather(hidden, weight, ids, opts: Options, *, bias=None):
     pieces = gather_ranks(torch.cat(columns, 1), group)                     # (world, N, 1 + k [+ 1])
     global_lse = torch.logsumexp(pieces[:, :, 0], 0)
     global_gathered = pieces[:, :, 1:1 + k].sum(0)
+    # An id outside [0, V) is owned by no rank, so the sum above would read 0 there: NaN instead, as the
+    # single-process kernels give it (the range check is off under OPD_CHECK_IDS=0 or torch.compile).
+    outside = (ids < 0) | (ids >= layout.vocab_size)
+    global_gathered = torch.where(outside, torch.full((), float("nan"), dtype=cdt, device=device), global_gathered)
     global_entropy = shard_entropy(global_lse, pieces[:, :, 0], pieces[:, :, -1]) if with_entropy else None
     return global_lse, global_gathered, global_entropy
