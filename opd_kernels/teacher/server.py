@@ -193,7 +193,8 @@ class TeacherServer:
         self.retry_after = int(retry_after)
         self.metrics = Metrics()
         self._pending: "collections.deque[_Pending]" = collections.deque()
-        self._head_bytes: Optional[bytes] = None
+        self._head_bytes: Optional[bytes] = None  # encoded once, on the first GET /v1/head
+        self._head_lock = threading.Lock()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
         self._runner = None
@@ -203,6 +204,10 @@ class TeacherServer:
     # ------------------------------------------------------------------ the model side (worker thread)
 
     def _head_payload(self) -> bytes:
+        with self._head_lock:
+            return self._head_payload_locked()
+
+    def _head_payload_locked(self) -> bytes:
         if self._head_bytes is None:
             h = self.head
             tensors = {"weight": h.weight}
@@ -430,7 +435,8 @@ class TeacherServer:
     async def _get_head(self, request):
         from aiohttp import web
 
-        body = await asyncio.get_running_loop().run_in_executor(self._executor, self._head_payload)
+        # not the model's worker: a client can fetch the head while a long batch runs
+        body = await asyncio.get_running_loop().run_in_executor(None, self._head_payload)
         return web.Response(body=body, content_type="application/octet-stream",
                             headers={"X-OPD-Teacher-Fingerprint": self.fingerprint})
 
