@@ -3,9 +3,13 @@
 #   make test    venv + torch + build/install the package with its C++ extension + the test suite
 #   make demo    venv + torch + the package with the `trainer` extra + `opd-distill` (the default experiment)
 #   make bench   venv + ... + `opd-bench --quick`
-#   make gpu-check  (on a CUDA machine, with a CUDA torch and nvcc) build with the CUDA epilogues, run the
-#                gpu-marked tests and the GPU bench cases, write gpu-check.md (benchmarks/gpu_check.py; build +
-#                150 s of tests + 180 s of bench, meant to fit 8 min on one H100/H200; never run yet)
+#   make gpu-check  on a CUDA machine as it is: its python3 (GPU_PYTHON) with its CUDA torch, Triton, pytest
+#                and nvcc; no venv, no download. pip install -e . with the CUDA epilogues for sm_90 only
+#                (GPU_ARCHS), the optional wheels from gpu-wheels/ when there, then the gpu-marked tests and the
+#                GPU bench cases into gpu-check.md (GPU_CHECK_OUT); each step time-limited, 450 s in all
+#                (benchmarks/gpu_check.py; only its CPU dry run has run so far, not the GPU steps)
+#   make gpu-wheels  (where there is network) pip download the pinned cut-cross-entropy and liger-kernel
+#                wheels, with setuptools and ninja for the build, into gpu-wheels/ to carry to the GPU machine
 # Switches: OPD_SKIP_EXT=1 (no compiled extension), VENV=path, PYTHON=python3.x, TORCH_SPEC=torch==2.13.0,
 #           TORCH_INDEX=url (pip --index-url for torch only)
 
@@ -68,12 +72,23 @@ demo: install-demo
 bench: install
 	$(BIN)/opd-bench --quick
 
-gpu-check: venv
-	@$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() and torch.version.cuda else 'gpu-check: needs a CUDA build of torch and a visible GPU')"
-	@# the build sees a CUDA torch and nvcc, so setup.py adds csrc/cuda/*.cu (sm_80, sm_90)
-	$(BIN)/python -m pip install --quiet --no-build-isolation -e ".[test,triton]"
-	-$(BIN)/python -m pip install --quiet --no-deps cut-cross-entropy liger-kernel
-	$(BIN)/python benchmarks/gpu_check.py --out gpu-check.md --tests-timeout 150 --bench-timeout 180
+GPU_PYTHON ?= python3
+GPU_CHECK_OUT ?= gpu-check.md
+GPU_WHEELS ?= gpu-wheels
+GPU_ARCHS ?= 9.0
+GPU_WHEEL_PLATFORM ?= --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64
+.PHONY: gpu-wheels
+
+# No dependency on venv: the GPU machine cannot download. The script builds, installs and reports itself.
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) --wheels $(GPU_WHEELS) --archs $(GPU_ARCHS)
+
+# For the GPU machine's interpreter (GPU_WHEEL_PLATFORM), whatever runs this download.
+gpu-wheels:
+	specs="$$($(PYTHON) benchmarks/gpu_check.py --wheel-specs)" && \
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: $(GPU_WHEEL_PLATFORM) --dest $(GPU_WHEELS) \
+		$$specs "setuptools>=77" ninja
+	@ls -l $(GPU_WHEELS)
 
 clean:
 	rm -rf build dist *.egg-info opd_kernels/_C*.so
