@@ -452,6 +452,26 @@ def check_logits_divergence(student_logits, teacher_logits, *, divergence="rever
                    deterministic=check_deterministic(deterministic), inplace_grad=bool(inplace_grad))
 
 
+def check_teacher_topk(hidden, weight, k, *, bias=None, softcap=None, scale=1.0, temperature=1.0, vocab_size=None,
+                       chunk=8192):
+    """Every check of ``teacher_topk``; returns (V, k, chunk, :class:`LogitTransform`)."""
+    check_tensor("hidden", hidden)
+    check_hidden_size("hidden", hidden)
+    check_weight("weight", weight, hidden, "hidden")
+    check_bias("bias", bias, weight, "weight")
+    check_same_device(hidden=hidden, weight=weight, bias=bias)
+    transform = LogitTransform(check_scale("scale", scale), check_softcap("softcap", softcap),
+                               check_temperature(temperature))
+    v = check_vocab_size(vocab_size, v_student=weight.shape[0], student_name="weight")
+    k = check_integer("k", k)
+    if not 1 <= k <= v:
+        raise ValueError(f"k: expected 1 <= k <= vocab size {v}, got {k}")
+    chunk = check_integer("chunk", chunk)
+    if chunk < 1:
+        raise ValueError(f"chunk: expected at least 1 vocabulary row per chunk, got {chunk}")
+    return v, k, chunk, transform
+
+
 # (positional tensors, optional tensors passed by keyword) of each backend primitive (docs/internals.md)
 _PRIMITIVE_TENSORS = {"linear_divergence": (4, ("student_bias", "teacher_bias")), "lse_gather": (3, ("bias",)),
                       "logits_divergence": (2, ())}

@@ -9,6 +9,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import _validation as check
 from ._common import transform_logits
 
 
@@ -24,9 +25,8 @@ def teacher_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, bias: Op
         logp = z.float().log_softmax(-1)
         logprobs, ids = logp.topk(k, dim=-1)
     """
-    v = weight.shape[0] if vocab_size is None else int(vocab_size)
-    if not 1 <= k <= v:
-        raise ValueError(f"k: expected 1 <= k <= vocab size {v}, got {k}")
+    v, k, chunk, tf = check.check_teacher_topk(hidden, weight, k, bias=bias, softcap=softcap, scale=scale,
+                                                temperature=temperature, vocab_size=vocab_size, chunk=chunk)
     lead = hidden.shape[:-1]
     h = hidden.reshape(-1, hidden.shape[-1])
     n = h.shape[0]
@@ -38,7 +38,7 @@ def teacher_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, bias: Op
         raw = h @ weight[start:stop].T
         if bias is not None:
             raw = raw + bias[start:stop]
-        z = transform_logits(raw.float(), scale=scale, softcap=softcap, temperature=temperature)
+        z = transform_logits(raw.float(), scale=tf.scale, softcap=tf.softcap, temperature=tf.temperature)
         lse = torch.logaddexp(lse, torch.logsumexp(z, dim=-1))
         # Merge this chunk's candidates with the running top-k; only k + chunk columns at a time.
         cand_val = torch.cat([best_val, z], dim=-1)

@@ -172,3 +172,19 @@ def test_second_backward_same_gradient_or_clear_error(backend, op):
         return
     torch.testing.assert_close(h.grad, first[0], rtol=0, atol=0)
     torch.testing.assert_close(w.grad, first[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kw,name", [
+    (dict(chunk=0), "chunk"), (dict(chunk=2.5), "chunk"), (dict(bias=torch.zeros(V + 1)), "bias"),
+    (dict(bias=torch.zeros(V, dtype=torch.float64)), "bias"), (dict(weight=torch.randn(V, H + 1)), "weight"),
+    (dict(weight=torch.randn(V)), "weight"), (dict(hidden=torch.randint(0, 3, (N, H))), "hidden"),
+    (dict(hidden=[[0.0] * H]), "hidden"), (dict(k=0), "k"), (dict(k=V + 1), "k"), (dict(k=2.0), "k"),
+    (dict(vocab_size=V + 1), "vocab_size"), (dict(temperature=0.0), "temperature"), (dict(softcap=-1.0), "softcap"),
+    (dict(scale=math.nan), "scale"),
+])
+def test_teacher_topk_checks_name_the_argument(kw, name):
+    x = _problem()
+    args = dict(hidden=x["h"], weight=x["w"], k=K)
+    args.update(kw)
+    with pytest.raises((ValueError, TypeError), match=f"^{name}: expected"):
+        ok.teacher_topk(args.pop("hidden"), args.pop("weight"), args.pop("k"), **args)
