@@ -257,7 +257,9 @@ def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.T
         support_mask: False entries are padding: no part of the support on either side, their ids (any
             in-range id, repeats allowed) and log-probs ignored. This is how a union support (teacher's top-k
             and student's top-k, de-duplicated, padded to a common width) is passed. Only the support
-            entries must be distinct, <= 0 and of total mass <= 1 (else that row's value is NaN).
+            entries must be distinct, <= 0 and of total mass <= 1 (else that row's value is NaN; such a row,
+            like any row whose value is not finite, passes no gradient, so zeroing it downstream leaves the
+            other rows' gradients as they are).
         token_weights: float per-token weights (...) (detached) multiplying each token's value.
         the rest: as :func:`linear_divergence` (one model: the student's transform).
 
