@@ -184,10 +184,11 @@ def test_sampled_mode_equals_the_formula_from_logits():
     assert rel_err(g, student.lm_head.weight.grad) < FP32_TOL
 
 
-def test_topk_mode_equals_the_formula_from_logits():
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+def test_topk_mode_equals_the_formula_from_logits(divergence):
     student, teacher = pair("llama", seed=fresh())
     batch = fixed_batch(seed=fresh())
-    cfg = TrainConfig(loss="topk", topk=4)
+    cfg = TrainConfig(loss="topk", topk=4, topk_divergence=divergence)
     loss = opd_loss(student, teacher, batch, cfg)
     loss.backward()
     g = student.model.norm.weight.grad.clone()
@@ -198,7 +199,10 @@ def test_topk_mode_equals_the_formula_from_logits():
     q = model_logits(student, batch).log_softmax(-1).gather(-1, ids)
     p_tail = (1 - l.exp().sum(-1)).clamp_min(1e-12)
     q_tail = (1 - q.exp().sum(-1)).clamp_min(1e-12)
-    per_tok = (l.exp() * (l - q)).sum(-1) + p_tail * (p_tail.log() - q_tail.log())  # forward KL + tail
+    if divergence == "forward_kl":  # KL(p_t || p_s) over the k ids + the tail bucket
+        per_tok = (l.exp() * (l - q)).sum(-1) + p_tail * (p_tail.log() - q_tail.log())
+    else:  # KL(p_s || p_t)
+        per_tok = (q.exp() * (q - l)).sum(-1) + q_tail * (q_tail.log() - p_tail.log())
     mask = batch.loss_mask[:, 1:]
     want = per_tok[mask].sum() / mask.sum()
     want.backward()
@@ -281,6 +285,7 @@ def test_checkpoint_is_atomic_when_a_save_crashes(tmp_path, monkeypatch):
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("")  # a run's files but no checkpoint (empty: a fresh start)
     with pytest.raises(ValueError, match="resume: no checkpoint under"):
         run_trainer(tmp_path, 1, resume=True)
 

@@ -42,6 +42,12 @@ def test_resume_differences_covers_the_recipe_only():
         assert name in RESUME_MAY_CHANGE
         assert TrainConfig(**{name: value}).resume_differences(saved) == {}
     assert TrainConfig(seed=3).resume_differences(saved) == {"seed": (0, 3)}
+    # batch_size is per process: the global batch is what a resumed run keeps.
+    assert TrainConfig(batch_size=8).resume_differences(saved, 2, 1) == {}
+    assert TrainConfig(batch_size=2).resume_differences(saved, 1, 2) == {}
+    assert TrainConfig(batch_size=8).resume_differences(saved) == {"batch_size": (4, 8)}
+    assert TrainConfig(batch_size=4).resume_differences(saved, 2, 1) == {
+        "batch_size": ("4 x 2 processes", "4 x 1 processes")}
     assert TrainConfig(topk_divergence="forward_kl").resume_differences(saved) == {
         "topk_divergence": ("reverse_kl", "forward_kl")}
 

@@ -65,7 +65,8 @@ class TrainConfig:
     resume: bool = field(default=False, metadata={"help": "continue from output_dir's newest intact checkpoint "
                          "(an empty or absent output_dir: start a fresh run). Of the other options only "
                          f"{', '.join('--' + n.replace('_', '-') for n in RESUME_MAY_CHANGE[3:])} "
-                         "may differ from the checkpoint's run"})
+                         "may differ from the checkpoint's run, and --batch-size with the number of processes "
+                         "when --batch-size x processes stays the same"})
     overwrite: bool = field(default=False, metadata={"help": "start afresh in a non-empty output_dir: remove "
                             "the trainer's own files there first (a non-empty one is refused without "
                             "--resume or --overwrite)"})
@@ -124,12 +125,21 @@ class TrainConfig:
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def resume_differences(self, saved: Dict[str, Any]) -> Dict[str, tuple]:
+    def resume_differences(self, saved: Dict[str, Any], saved_world_size: int = 1, world_size: int = 1
+                           ) -> Dict[str, tuple]:
         """``{name: (saved value, this value)}`` for every option outside :data:`RESUME_MAY_CHANGE` that
-        differs from ``saved`` (a checkpoint's config; keys this version does not know are ignored)."""
+        differs from ``saved`` (a checkpoint's config, written by ``saved_world_size`` processes; keys this
+        version does not know are ignored). ``batch_size`` is per process: it may change with the number of
+        processes as long as the global batch (``batch_size`` x processes) stays the same."""
         mine = self.to_dict()
-        return {k: (saved[k], mine[k]) for k in mine
-                if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != mine[k]}
+        differ = {k: (saved[k], mine[k]) for k in mine
+                  if k not in RESUME_MAY_CHANGE + ("batch_size",) and k in saved and saved[k] != mine[k]}
+        if "batch_size" in saved and saved["batch_size"] * saved_world_size != self.batch_size * world_size:
+            same_world = saved_world_size == world_size
+            differ["batch_size"] = ((saved["batch_size"], self.batch_size) if same_world else
+                                    (f"{saved['batch_size']} x {saved_world_size} processes",
+                                     f"{self.batch_size} x {world_size} processes"))
+        return differ
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":

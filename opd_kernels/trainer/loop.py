@@ -196,7 +196,8 @@ class OPDTrainer:
 
     def _load_weights(self):
         path, state, optimizer, rngs, _ = resume_checkpoint(self.checkpoint_root, self.student, warn=self.dp.is_main)
-        differ = self.cfg.resume_differences(state.get("config") or {})
+        differ = self.cfg.resume_differences(state.get("config") or {}, int(state.get("world_size", 1)),
+                                             self.dp.world_size)
         if differ:
             listed = "; ".join(f"--{k.replace('_', '-')}: {was!r} there, {now!r} now"
                                for k, (was, now) in differ.items())
