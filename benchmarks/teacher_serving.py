@@ -1,0 +1,195 @@
+"""The served teacher measured: bytes per token on the wire, and `opd-teacher serve` throughput and latency.
+
+    .venv/bin/python benchmarks/teacher_serving.py                 # the tables of docs/serving.md
+    .venv/bin/python benchmarks/teacher_serving.py --requests 10   # fewer requests per client
+
+1. Bytes per token of the teacher's signal, per way of shipping it: hidden states (bf16, fp32), full logits
+   (bf16, fp32) and top-k = 20 (int32 ids + fp32 log-probs), at the tiny shape served below (measured from the
+   encoded answer, header included) and computed for a Qwen3-32B teacher (H = 5120, V = 151936) with a
+   Qwen3-1.7B student (H = 2048).
+2. Throughput (real tokens/s) and p50/p99 latency of POST /v1/hidden with 1, 4 and 16 concurrent clients,
+   batching on and off. The server runs `opd-teacher serve` in a subprocess on 127.0.0.1 with a tiny llama
+   teacher built from a config (no download); the clients are threads of this process, each with its own
+   connection, sending ``--requests`` requests of ``--rows`` x ``--seq`` tokens. Both servers run at once
+   and the runs alternate on/off for ``--rounds`` rounds; the tables give the medians.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+
+
+def bytes_per_token(hidden: int, vocab: int, k: int = 20) -> dict:
+    return {"hidden bf16": 2 * hidden, "hidden fp32": 4 * hidden, "logits bf16": 2 * vocab,
+            "logits fp32": 4 * vocab, f"top-{k} (int32 id + fp32 logprob)": 8 * k}
+
+
+def measured_hidden_bytes(hidden: int, tokens: int = 4096) -> dict:
+    """Bytes per token of an encoded /v1/hidden answer for ``tokens`` tokens (safetensors header included)."""
+    from opd_kernels.teacher.wire import encode
+
+    out = {}
+    for name, dtype in (("hidden bf16", torch.bfloat16), ("hidden fp32", torch.float32)):
+        body = encode({"hidden": torch.zeros(1, tokens, hidden, dtype=dtype)},
+                      {"protocol": "opd-teacher/1", "fingerprint": "sha256:" + "0" * 64, "dtype": "x" * 8})
+        out[name] = len(body) / tokens
+    return out
+
+
+def _start_server(folder: str, batching: bool, timeout: float = 120.0):
+    cmd = [sys.executable, "-m", "opd_kernels.teacher.cli", "serve", "--model", folder, "--port", "0",
+           "--max-batch-tokens", "8192"] + ([] if batching else ["--no-batching"])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue = queue.Queue()
+
+    def pump():
+        for line in iter(proc.stdout.readline, ""):
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline, seen = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        seen.append(line)
+        m = re.search(r"serving .* at (http://\S+)", line)
+        if m:
+            return proc, m.group(1)
+    proc.kill()
+    raise RuntimeError("the server did not start:\n" + "".join(seen))
+
+
+def _load(url: str, clients: int, requests: int, rows: int, seq: int, vocab: int) -> dict:
+    from opd_kernels.teacher import RemoteTeacher
+
+    teacher = RemoteTeacher(url, timeout=120)
+    latencies, errors = [], []
+    lock = threading.Lock()
+    start = threading.Barrier(clients + 1, timeout=60)
+
+    def client(k):
+        gen = torch.Generator().manual_seed(k)
+        ids = [torch.randint(0, vocab, (rows, seq), generator=gen) for _ in range(requests)]
+        try:
+            teacher.hidden_states(ids[0])  # warm this thread's connection
+            start.wait()
+            for x in ids:
+                t0 = time.perf_counter()
+                teacher.hidden_states(x)
+                dt = time.perf_counter() - t0
+                with lock:
+                    latencies.append(dt)
+        except Exception as e:  # noqa: BLE001 - counted and reported
+            errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
+    for th in threads:
+        th.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for th in threads:
+        th.join(600)
+    wall = time.perf_counter() - t0
+    lat = sorted(latencies)
+
+    def pct(p):
+        return lat[min(len(lat) - 1, int(round(p / 100 * (len(lat) - 1))))] if lat else float("nan")
+
+    return {"clients": clients, "requests": len(lat), "errors": len(errors), "tokens_per_s": len(lat) * rows * seq / wall,
+            "p50_ms": 1e3 * pct(50), "p99_ms": 1e3 * pct(99), "wall_s": wall, "first_error": errors[:1]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hidden", type=int, default=256, help="tiny teacher hidden size (default 256)")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--rows", type=int, default=2, help="rows per request (default 2)")
+    parser.add_argument("--seq", type=int, default=128, help="tokens per row (default 128)")
+    parser.add_argument("--requests", type=int, default=20, help="requests per client (default 20)")
+    parser.add_argument("--clients", default="1,4,16")
+    parser.add_argument("--rounds", type=int, default=3, help="alternated on/off runs per client count (medians)")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    from opd_kernels.hf.tiny import tiny_causal_lm
+
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
+    results = {"shape": vars(args)}
+    tiny = bytes_per_token(args.hidden, args.vocab)
+    tiny.update(measured_hidden_bytes(args.hidden))
+    big = bytes_per_token(5120, 151936)
+    results["bytes_per_token"] = {"tiny": tiny, "qwen3_32b": big}
+    print(f"\nBytes per token (tiny teacher H={args.hidden}, V={args.vocab}; Qwen3-32B H=5120, V=151936):\n")
+    print("| signal | tiny | Qwen3-32B teacher | vs hidden bf16 (32B) |\n|---|---:|---:|---:|")
+    for name in big:
+        print(f"| {name} | {tiny[name]:,.0f} | {big[name]:,} | {big[name] / big['hidden bf16']:.3g} x |")
+    v, ht, hs = 151936, 5120, 2048
+    print(f"\nQwen3-32B -> 1.7B student: the teacher head on the student side is {v * ht * 2 / 2**30:.2f} GiB in bf16 "
+          f"(fetched once); the teacher logits cost 2*H_t*V = {2 * ht * v / 1e9:.2f} GFLOP per token there, "
+          f"{ht / hs:.1f}x the student's own lm_head forward ({2 * hs * v / 1e9:.2f} GFLOP).")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, "teacher")
+        tiny_causal_lm("llama", seed=0, hidden_size=args.hidden, layers=args.layers, vocab_size=args.vocab,
+                       max_position_embeddings=max(128, args.seq)).save_pretrained(folder)
+        servers = {b: _start_server(folder, b) for b in (True, False)}
+        rows = []
+        try:
+            # Both servers up at once, the runs alternated on/off round by round (medians over the rounds):
+            # on a shared machine the load drifts, and alternating spreads the drift over both.
+            for c in [int(x) for x in args.clients.split(",")]:
+                runs = {True: [], False: []}
+                for rnd in range(args.rounds):
+                    for batching in ((True, False) if rnd % 2 == 0 else (False, True)):
+                        r = _load(servers[batching][1], c, args.requests, args.rows, args.seq, args.vocab)
+                        runs[batching].append(r)
+                        print(f"round {rnd} batching={'on' if batching else 'off'} clients={c}: "
+                              f"{r['tokens_per_s']:,.0f} tok/s p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms "
+                              f"errors {r['errors']}", flush=True)
+                for batching in (True, False):
+                    rs = runs[batching]
+
+                    def med(key):
+                        return sorted(x[key] for x in rs)[len(rs) // 2]
+
+                    rows.append({"batching": batching, "clients": c, "tokens_per_s": med("tokens_per_s"),
+                                 "p50_ms": med("p50_ms"), "p99_ms": med("p99_ms"),
+                                 "errors": sum(x["errors"] for x in rs), "rounds": rs})
+        finally:
+            for proc, _ in servers.values():
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        results["throughput"] = rows
+    print(f"\nPOST /v1/hidden, {args.rows} x {args.seq} tokens per request, {args.requests} requests per client, "
+          f"medians of {args.rounds} alternated rounds (tiny llama H={args.hidden}, {args.layers} layers, V={args.vocab}, fp32, CPU):\n")
+    print("| batching | clients | tokens/s | p50 ms | p99 ms | errors |\n|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {'on' if r['batching'] else 'off'} | {r['clients']} | {r['tokens_per_s']:,.0f} | "
+              f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 1 if any(r["errors"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
