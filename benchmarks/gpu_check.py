@@ -429,7 +429,7 @@ def main(argv=None) -> int:
     head += [f"- python: {env_info.get('python', py)} {env_info.get('python_version', '')}",
              f"- torch {env_info.get('torch') or 'not importable: ' + str(env_info.get('torch_error'))} "
              f"(CUDA build: {env_info.get('torch_cuda') or 'no'}); "
-             f"triton {imports.get('triton', '?').replace('ok ', '')}; setuptools {env_info.get('setuptools')}; "
+             f"triton {re.sub(r'^ok ?', '', imports.get('triton', '?'))}; setuptools {env_info.get('setuptools')}; "
              f"ninja {env_info.get('ninja') or 'not found'}; nvcc {env_info.get('nvcc') or 'not found'}",
              f"- GPU: {gpu}", f"- commit: {git_state()}",
              f"- build: CUDA archs {a.archs}, MAX_JOBS={a.max_jobs}; wheels folder `{a.wheels}`: "

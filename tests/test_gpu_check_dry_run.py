@@ -7,6 +7,7 @@ collects from one test file only, to stay fast; CI's line collects the whole sui
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -178,3 +179,117 @@ def test_clock_caps_each_limit_by_the_time_left():
     assert clock.limit(30) == 30
     assert 99 <= clock.limit(500) <= 100
     assert gc.Clock(-5).limit(30) == 0
+
+
+class _FakeSteps:
+    """Stands in for ``run_logged`` on a machine with a GPU: scripted seconds per step on a fake clock,
+    a step whose seconds reach its limit times out; records (step, limit, command, environment)."""
+
+    def __init__(self, seconds, rcs=None):
+        self.now, self.seconds, self.rcs, self.calls = 1000.0, seconds, rcs or {}, []
+
+    def perf_counter(self):
+        return self.now
+
+    def __call__(self, cmd, timeout, log, env=None):
+        key = log.stem
+        self.calls.append((key, timeout, list(cmd), dict(env or {})))
+        log.parent.mkdir(parents=True, exist_ok=True)
+        if key == "environment":
+            log.write_text("$ probe\n" + json.dumps({
+                "python": "/usr/bin/python3", "python_version": "3.12.3", "torch": "2.11.0", "torch_cuda": "13.0",
+                "cuda_available": True, "device": "NVIDIA H100 80GB HBM3", "device_count": 1,
+                "capability": "9.0", "setuptools": "80.9.0", "ninja": "/usr/bin/ninja", "nvcc": "13.0",
+                "imports": {m: "ok" for m, _ in gc.IMPORTS}}) + "\n")
+        elif key == "tests":
+            log.write_text("...F\n=== 84 passed, 1 failed in 99.00s ===\n")
+        elif key.startswith("bench-"):
+            Path(cmd[cmd.index("--csv") + 1]).write_text("op\n")
+            log.write_text("| provider | median |\n")
+        spent = self.seconds.get(key, 1.0)
+        if spent >= timeout:
+            self.now += timeout
+            return "timeout", timeout
+        self.now += spent
+        return self.rcs.get(key, 0), spent
+
+
+def _fake_gpu_run(monkeypatch, tmp_path, seconds, rcs=None, args=()):
+    fake = _FakeSteps(seconds, rcs)
+    monkeypatch.setattr(gc, "run_logged", fake)
+    monkeypatch.setattr(gc, "time", type("FakeTime", (), {"perf_counter": fake.perf_counter}))
+    out = tmp_path / "gpu-check.md"
+    rc = gc.main(["--out", str(out), "--wheels", str(tmp_path / "no-wheels"), *args])
+    return rc, fake, out.read_text()
+
+
+def test_gpu_run_runs_every_step_in_order_within_the_total_limit(monkeypatch, tmp_path):
+    seconds = {"environment": 6, "build": 70, "backends": 5, "tests": 100, "bench-rkl-n16k-v152k-bf16": 120,
+               "bench-signals-n16k-v152k-bf16": 500}
+    rc, fake, report = _fake_gpu_run(monkeypatch, tmp_path, seconds, rcs={"tests": 1})
+    keys = [c[0] for c in fake.calls]
+    assert keys == ["environment", "build", "backends", "tests", "bench-rkl-n16k-v152k-bf16",
+                    "bench-signals-n16k-v152k-bf16"]
+    limits = {c[0]: c[1] for c in fake.calls}
+    assert limits["build"] == 180 and limits["tests"] == 150
+    left = 450 - (6 + 70 + 5 + 100)
+    assert limits["bench-rkl-n16k-v152k-bf16"] == pytest.approx(left / 2)
+    assert limits["bench-signals-n16k-v152k-bf16"] == pytest.approx(left - 120)  # what the first left over
+    assert fake.now - 1000 <= 450
+    build_cmd, build_env = fake.calls[1][2], fake.calls[1][3]
+    assert build_cmd[1:] == ["-m", "pip", "install", "--no-index", "--no-build-isolation", "--no-deps", "-v",
+                             "-e", "."]
+    assert build_env["OPD_CUDA_ARCHS"] == "9.0" and build_env["OPD_REQUIRE_CUDA"] == "1"
+    assert build_env["MAX_JOBS"] and build_env["TORCH_CUDA_ARCH_LIST"] == "9.0"
+    assert "| pytest -m gpu | FAILED (exit 1) |" in report and "84 passed, 1 failed" in report
+    assert "| bench signals-n16k-v152k-bf16 | TIMED OUT |" in report
+    assert "CSV `gpu-check-rkl-n16k-v152k-bf16.csv`" in report
+    assert "NVIDIA H100 80GB HBM3 (sm 9.0, 1 visible)" in report and "DRY RUN" not in report
+    assert rc == 1
+
+
+def test_gpu_run_a_slow_build_leaves_the_rest_their_time_and_is_reported(monkeypatch, tmp_path):
+    seconds = {"build": 1000, "tests": 1000}
+    rc, fake, report = _fake_gpu_run(monkeypatch, tmp_path, seconds, args=["--total-timeout", "300"])
+    limits = {c[0]: c[1] for c in fake.calls}
+    assert limits["build"] == 180  # its own limit: under the total
+    assert "| build (pip -e ., CUDA 9.0) | TIMED OUT |" in report
+    assert limits["tests"] == pytest.approx(300 - 1 - 180 - 1)  # capped by the total
+    assert fake.now - 1000 <= 300
+    assert "| pytest -m gpu | TIMED OUT |" in report
+    assert report.count("| not run (total time limit used up) |") == 2  # no time was left for the cases
+    assert rc == 1
+
+
+def test_gpu_run_passes_when_every_step_does(monkeypatch, tmp_path):
+    rc, fake, report = _fake_gpu_run(monkeypatch, tmp_path, {})
+    assert rc == 0
+    table = report.split("| step |", 1)[1].split("\n\n", 1)[0]
+    assert "FAILED" not in table and "TIMED OUT" not in table and "not run" not in table
+    assert "| optional wheels (cut-cross-entropy, liger-kernel) | skipped |" in table  # no wheels folder
+
+
+def test_gpu_run_installs_missing_build_tools_and_the_optional_wheels_from_the_folder(monkeypatch, tmp_path):
+    wheels = tmp_path / "no-wheels"  # the folder _fake_gpu_run names
+    wheels.mkdir()
+    names = [f"{s.split('==')[0].replace('-', '_')}-{s.split('==')[1]}-py3-none-any.whl" for s in gc.wheel_specs()]
+    for name in names + ["ninja-1.13.2-py3-none-manylinux_2_17_x86_64.whl"]:
+        (wheels / name).write_bytes(b"")
+    real_call = _FakeSteps.__call__
+
+    def no_ninja(self, cmd, timeout, log, env=None):
+        rc = real_call(self, cmd, timeout, log, env)
+        if log.stem == "environment":
+            info = json.loads(log.read_text().splitlines()[-1])
+            info.update(ninja=None, setuptools="69.0.0")
+            log.write_text(json.dumps(info) + "\n")
+        return rc
+
+    monkeypatch.setattr(_FakeSteps, "__call__", no_ninja)
+    rc, fake, report = _fake_gpu_run(monkeypatch, tmp_path, {})
+    calls = {c[0]: c[2] for c in fake.calls}
+    assert calls["build-tools"][-2:] == ["--no-deps", "ninja"]  # no setuptools wheel in the folder
+    assert "not in" in report and "setuptools>=77" in report
+    assert calls["wheels"][3:] == ["install", "--no-index", "--find-links", str(wheels), "--no-deps",
+                                   *gc.wheel_specs()]
+    assert [c[0] for c in fake.calls].index("wheels") > [c[0] for c in fake.calls].index("build")
