@@ -31,7 +31,7 @@ when there is no CUDA device (the report says so and nothing else runs).
 ``--dry-run`` runs what needs no GPU - argument parsing, case and provider selection, the environment and
 import step, ``python -m opd_kernels`` and collecting the gpu-marked tests - and writes the report with the
 commands the other steps would run, marked as a dry run; nothing is installed or built. Only the dry run
-has been run so far (CPU, in CI): the GPU steps have never run on a GPU.
+has run so far (on CPU): the GPU steps have never run on a GPU.
 """
 from __future__ import annotations
 
