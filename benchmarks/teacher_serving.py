@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
-import re
 import subprocess
 import sys
 import tempfile
@@ -46,32 +44,10 @@ def measured_hidden_bytes(hidden: int, tokens: int = 4096) -> dict:
     return out
 
 
-def _start_server(folder: str, batching: bool, timeout: float = 120.0):
-    cmd = [sys.executable, "-m", "opd_kernels.teacher.cli", "serve", "--model", folder, "--port", "0",
-           "--max-batch-tokens", "8192"] + ([] if batching else ["--no-batching"])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: queue.Queue = queue.Queue()
+def _start_server(folder: str, batching: bool):
+    from opd_kernels.teacher.cli import spawn_server
 
-    def pump():
-        for line in iter(proc.stdout.readline, ""):
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    deadline, seen = time.monotonic() + timeout, []
-    while time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-        except queue.Empty:
-            break
-        if line is None:
-            break
-        seen.append(line)
-        m = re.search(r"serving .* at (http://\S+)", line)
-        if m:
-            return proc, m.group(1)
-    proc.kill()
-    raise RuntimeError("the server did not start:\n" + "".join(seen))
+    return spawn_server(folder, "--max-batch-tokens", "8192", *([] if batching else ["--no-batching"]))
 
 
 def _load(url: str, clients: int, requests: int, rows: int, seq: int, vocab: int) -> dict:

@@ -6,8 +6,6 @@ import json
 import os
 import queue
 import re
-import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -21,6 +19,7 @@ from opd_kernels import hf  # noqa: E402
 from opd_kernels.hf.tiny import tiny_causal_lm  # noqa: E402
 from opd_kernels.teacher import (LocalTeacher, RemoteTeacher, TeacherFingerprintError,  # noqa: E402
                                  TeacherRequestError, TeacherUnavailableError, fingerprint)
+from opd_kernels.teacher.cli import spawn_server  # noqa: E402
 from opd_kernels.teacher.server import TeacherServer, load_model  # noqa: E402
 from opd_kernels.teacher.wire import decode, encode  # noqa: E402
 
@@ -362,12 +361,6 @@ def test_load_model_refuses_what_it_must_not_load(tmp_path):
         load_model(str(tmp_path / "missing"))
 
 
-def _lines(stream, out: queue.Queue):
-    for line in iter(stream.readline, ""):
-        out.put(line)
-    out.put(None)
-
-
 @pytest.mark.slow
 def test_cli_serve_end_to_end(tmp_path):
     """`opd-teacher serve` with a token on loopback, as a user runs it: 401 without the token, 400 for garbage,
@@ -377,25 +370,9 @@ def test_cli_serve_end_to_end(tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     os.chmod(token_file, 0o600)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "opd_kernels.teacher.cli", "serve", "--model", str(tmp_path / "teacher"),
-         "--port", "0", "--token-file", str(token_file), "--dtype", "float32"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=_lines, args=(proc.stdout, lines), daemon=True).start()
+    proc, url = spawn_server(str(tmp_path / "teacher"), "--token-file", str(token_file), "--dtype", "float32")
     try:
-        url, seen, deadline = None, [], time.monotonic() + 120
-        while url is None and time.monotonic() < deadline:
-            try:
-                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            seen.append(line)
-            m = re.search(r"serving .* at (http://127\.0\.0\.1:\d+)", line)
-            url = m.group(1) if m else None
-        assert url, "".join(seen)
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url), url
         server = type("Served", (), {"url": url})
         assert _raw(server, "GET", "/v1/head", token=None)[0] == 401
         assert _raw(server, "POST", "/v1/hidden", b"garbage")[0] == 400

@@ -40,6 +40,43 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def spawn_server(model: str, *args: str, timeout: float = 120.0):
+    """Start ``opd-teacher serve --model MODEL --port 0 ARGS...`` in a subprocess on this machine's loopback and
+    wait (at most ``timeout`` s) for it to listen. Returns ``(process, url)``; the caller terminates the
+    process. Raises RuntimeError with the server's output when it exits or does not come up in time."""
+    import queue
+    import re
+    import subprocess
+    import threading
+    import time
+
+    cmd = [sys.executable, "-m", "opd_kernels.teacher.cli", "serve", "--model", str(model), "--port", "0", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: "queue.Queue" = queue.Queue()
+
+    def pump():  # keeps draining the pipe for the life of the process, so the server never blocks on it
+        for line in iter(proc.stdout.readline, ""):
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline, seen = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        seen.append(line)
+        found = re.search(r"serving .* at (http://\S+)", line)
+        if found:
+            return proc, found.group(1)
+    proc.kill()
+    proc.wait(30)
+    raise RuntimeError(f"opd-teacher serve did not start within {timeout:g} s:\n" + "".join(seen))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
