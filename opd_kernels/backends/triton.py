@@ -29,6 +29,7 @@ from .. import _validation as check
 from .._common import reduce_per_token
 from .._common import no_double_backward as _no_double_backward
 from .._options import Options
+from ..triton import STATS_ROWS  # the package only: triton itself is imported on first use
 from . import pytorch as _pytorch  # runs what the fused kernels do not (fp64, strategy 'chunked')
 
 # Triton itself is imported on first use, not here: ``import opd_kernels`` imports every backend, and
@@ -79,7 +80,7 @@ def _divergence_op(student_hidden: Tensor, student_weight: Tensor, student_bias:
                    divergence: str, beta: float, temperature: float, student_softcap: Optional[float],
                    teacher_softcap: Optional[float], student_scale: float, teacher_scale: float,
                    vocab_size: int, filter_eps: float, deterministic: bool) -> Tuple[Tensor, Tensor]:
-    """Per-token values (N,) fp32 and row statistics (3, N) fp32 ([L_s, L_t, c], see divergence_fwd.py).
+    """Per-token values (N,) fp32 and row statistics (STATS_ROWS, N) fp32 (triton/divergence_math.py).
     ``filter_eps`` and ``deterministic`` are only carried to the backward (the forward has no atomics
     and merges its vocabulary splits in a fixed order: it is deterministic either way)."""
     opts = _divergence_options(divergence, beta, temperature, student_softcap, teacher_softcap, student_scale,
@@ -92,7 +93,7 @@ def _divergence_op(student_hidden: Tensor, student_weight: Tensor, student_bias:
 def _(student_hidden, *args, **kwargs):
     n = student_hidden.shape[0]
     return (student_hidden.new_empty(n, dtype=torch.float32),
-            student_hidden.new_empty(3, n, dtype=torch.float32))
+            student_hidden.new_empty(STATS_ROWS, n, dtype=torch.float32))
 
 
 @torch.library.custom_op("opd::triton_linear_divergence_backward", mutates_args=())
@@ -149,8 +150,10 @@ def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_we
             student_bias=student_bias, teacher_bias=teacher_bias)
     _check_runnable(student_hidden=student_hidden, teacher_hidden=teacher_hidden)
     values, _ = _divergence_op(
-        student_hidden, student_weight, student_bias, teacher_hidden.detach(), teacher_weight.detach(),
-        None if teacher_bias is None else teacher_bias.detach(), *_divergence_scalars(opts))
+        *_dense(student_hidden, student_weight, student_bias),
+        *_dense(teacher_hidden.detach(), teacher_weight.detach(),
+                None if teacher_bias is None else teacher_bias.detach()),
+        *_divergence_scalars(opts))
     weights = opts.token_weights(student_hidden.shape[0], student_hidden.device)
     return reduce_per_token(values, weights, opts.reduction)
 
@@ -240,7 +243,7 @@ def lse_gather(hidden, weight, ids, opts: Options, *, bias=None):
     if hidden.dtype == torch.float64:
         return _pytorch.lse_gather(hidden, weight, ids, opts, bias=bias)
     _check_runnable(hidden=hidden)
-    lse, gathered, entropy = _lse_gather_op(hidden, weight, bias, ids, *_lse_gather_scalars(opts))
+    lse, gathered, entropy = _lse_gather_op(*_dense(hidden, weight, bias), ids, *_lse_gather_scalars(opts))
     return lse, gathered, (entropy if opts.return_entropy else None)
 
 
@@ -328,7 +331,7 @@ def lse_gather_loss(hidden, weight, ids, teacher, *, bias, sampler, weights, kin
     mask3 = [True, False, False] if hidden_grad_only else _grad_mask(hidden, weight, bias)
     with torch.no_grad() if hidden_grad_only else contextlib.nullcontext():
         loss, values, grad_h, _, _ = _lse_gather_loss_op(
-            hidden, weight, bias, ids.contiguous(), teacher.detach().float().contiguous(),
+            *_dense(hidden, weight, bias), ids.contiguous(), teacher.detach().float().contiguous(),
             None if sampler is None else sampler.detach().float().contiguous(), weights.detach().float(), kind,
             estimator, divergence, bool(tail_bucket), float(kl_coef), float(entropy_coef), float(temperature),
             None if softcap is None else float(softcap), float(scale), int(vocab_size), bool(deterministic), mask3)
@@ -364,7 +367,7 @@ def _logits_op(student_logits: Tensor, teacher_logits: Tensor, divergence: str, 
 def _(student_logits, *args):
     n = student_logits.shape[0]
     return (student_logits.new_empty(n, dtype=torch.float32),
-            student_logits.new_empty(3, n, dtype=torch.float32))
+            student_logits.new_empty(STATS_ROWS, n, dtype=torch.float32))
 
 
 @torch.library.custom_op("opd::triton_logits_divergence_backward", mutates_args=())
@@ -413,6 +416,14 @@ def logits_divergence(student_logits, teacher_logits, opts: Options):
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
+def _dense(*tensors: Optional[Tensor]) -> tuple:
+    """The (hidden, weight, bias) of a linear layer as the kernels index them: dense row-major, each row
+    ``r`` at ``r * H`` and bias entry ``v`` at ``v`` (opd_kernels/triton/tiles.py); ``None`` stays ``None``.
+    A copy only for a strided or expanded input (a bias ``b[::2]``, ``b.expand(V)``), made here, once, outside
+    the ops, so autograd carries the gradient back to the caller's view and the backward reuses the copy."""
+    return tuple(None if t is None else t.contiguous() for t in tensors)
+
+
 def _check_runnable(**tensors: Tensor) -> None:
     """Triton runs CUDA tensors compiled, CPU tensors only interpreted. Reads flags only: no import here,
     since torch.compile traces this function."""

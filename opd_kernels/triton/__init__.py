@@ -24,10 +24,14 @@ Tools around these kernels live outside the runtime package: ``benchmarks/triton
 ``tests/triton_testing.py`` (the test modules' interpreter switch and device parameters).
 
 Nothing here allocates an N x V (or C x V) buffer - except ``logits.py``'s backward, whose output is the
-N x V_s gradient of logits the caller already holds. Per-token outputs are (N,), row statistics (3, N),
+N x V_s gradient of logits the caller already holds. Per-token outputs are (N,), row statistics (STATS_ROWS, N),
 split states (k, S, N), gradient accumulators fp32 copies of the inputs' shapes (N x H and V x H).
 
 Importing ``launch`` imports triton and creates the kernels; Triton decides then whether they are
 interpreted (``TRITON_INTERPRET=1``) or compiled for a GPU, and ``launch.INTERPRET`` records which.
 opd_kernels.backends.triton imports it on the first kernel launch.
 """
+
+# Rows of the divergence ops' row statistics (divergence_math.store_rows), here so that
+# opd_kernels.backends.triton can shape them without importing triton.
+STATS_ROWS = 6

@@ -46,7 +46,7 @@ probabilities are exactly 0 (whose gradient is exactly 0): exact.
 import triton
 import triton.language as tl
 
-from .divergence_math import FORWARD_KL, grad_z
+from .divergence_math import FORWARD_KL, grad_z, load_rows, log_probs
 from .tiles import accumulate_grads, add_owned, logit_tile, owned_steps, owned_tile, transform_grad
 
 
@@ -61,18 +61,16 @@ def tile_grad(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, stats_ptr, grad_pt
     row_ok = rows < N
     g = tl.load(grad_ptr + rows, mask=row_ok, other=0.0)
     active = (g != 0)[:, None]
-    lse_s = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
-    lse_t = tl.load(stats_ptr + N + rows, mask=row_ok, other=0.0)
-    c = tl.load(stats_ptr + 2 * N + rows, mask=row_ok, other=0.0)
+    m_s, ld_s, m_t, ld_t, c, k = load_rows(stats_ptr, rows, N)
 
     raw_s, zs = logit_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, N, V, HS, s_scale, s_softcap, inv_temp,
                            S_BIAS, S_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
-    p_max = tl.max(tl.max(tl.where(active, tl.exp(zs - lse_s[:, None]), 0.0), 1), 0)
+    p_max = tl.max(tl.max(tl.where(active, tl.exp(log_probs(zs, m_s, ld_s)), 0.0), 1), 0)
     if DIVERGENCE == FORWARD_KL:
         # p_s - p_t can be large where p_s is tiny: the filter looks at the teacher too
         _, zt = logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, N, V, HT, t_scale, t_softcap, inv_temp,
                            T_BIAS, T_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
-        p_t_max = tl.max(tl.max(tl.where(active, tl.exp(zt - lse_t[:, None]), 0.0), 1), 0)
+        p_t_max = tl.max(tl.max(tl.where(active, tl.exp(log_probs(zt, m_t, ld_t)), 0.0), 1), 0)
         p_max = tl.maximum(p_max, p_t_max)
 
     keep = (p_max > 0) & (p_max >= filter_eps)
@@ -81,7 +79,7 @@ def tile_grad(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, stats_ptr, grad_pt
         if DIVERGENCE != FORWARD_KL:
             _, zt = logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, N, V, HT, t_scale, t_softcap,
                                inv_temp, T_BIAS, T_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
-        dz = grad_z(zs, zt, lse_s, lse_t, c, active, beta, log_1mb, log_b, DIVERGENCE)
+        dz = grad_z(zs, zt, m_s, ld_s, m_t, ld_t, c, k, active, beta, log_1mb, log_b, DIVERGENCE)
         # where, not a plain product: a masked row (dz = 0) may hold NaN logits, whose softcap factor is NaN
         dz = tl.where(dz != 0, dz * g[:, None] * transform_grad(raw_s, s_scale, s_softcap, inv_temp, S_SOFTCAP),
                       0.0)

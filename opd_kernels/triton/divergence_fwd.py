@@ -31,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .divergence_math import FORWARD_KL, REVERSE_KL, jsd_step, kl_step
-from .splits import merge_online
+from .divergence_math import FORWARD_KL, REVERSE_KL, first_tile_shift, jsd_step, kl_step, load_rows
+from .splits import merge_online, merge_weighted, shift_of
 from .tiles import logit_tile
 
 
@@ -59,21 +59,32 @@ def divergence_fwd_kernel(
         d_s = tl.zeros((BLOCK_N,), tl.float32)
         d_t = tl.zeros((BLOCK_N,), tl.float32)
         acc = tl.zeros((BLOCK_N,), tl.float32)  # the online weighted sum (reverse/forward KL)
+        first = tl.arange(0, BLOCK_V)  # the row's first vocabulary tile, the same in every split
+        if DIVERGENCE == FORWARD_KL:
+            raw0, z0 = logit_tile(hs_ptr, ws_ptr, bs_ptr, rows, first, N, V, HS, s_scale, s_softcap,
+                               inv_temp, S_BIAS, S_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
+            k = first_tile_shift(z0)
+        elif DIVERGENCE == REVERSE_KL:
+            raw0, z0 = logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, first, N, V, HT, t_scale, t_softcap,
+                               inv_temp, T_BIAS, T_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
+            k = first_tile_shift(z0)
+        else:
+            k = tl.zeros((BLOCK_N,), tl.float32)
         for v0 in range(v_begin, v_end, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             _, zs = logit_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, N, V, HS, s_scale, s_softcap,
                                inv_temp, S_BIAS, S_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
             _, zt = logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, N, V, HT, t_scale, t_softcap,
                                inv_temp, T_BIAS, T_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
-            acc, m_s, d_s, m_t, d_t = kl_step(acc, m_s, d_s, m_t, d_t, zs, zt, DIVERGENCE)
+            acc, m_s, d_s, m_t, d_t = kl_step(acc, m_s, d_s, m_t, d_t, zs, zt, k, DIVERGENCE)
         tl.store(out, m_s, mask=row_ok)
         tl.store(out + splits * N, d_s, mask=row_ok)
         tl.store(out + 2 * splits * N, m_t, mask=row_ok)
         tl.store(out + 3 * splits * N, d_t, mask=row_ok)
         tl.store(out + 4 * splits * N, acc, mask=row_ok)
+        tl.store(out + 5 * splits * N, k, mask=row_ok)
     else:
-        lse_s = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
-        lse_t = tl.load(stats_ptr + N + rows, mask=row_ok, other=0.0)
+        m_s, ld_s, m_t, ld_t, c_kl, k = load_rows(stats_ptr, rows, N)  # c_kl, k: the KLs' only
         c_sm = tl.zeros((BLOCK_N,), tl.float32)  # KL(p_s || M) + log(1 - beta), this split's share
         kl_tm = tl.zeros((BLOCK_N,), tl.float32)  # KL(p_t || M)
         for v0 in range(v_begin, v_end, BLOCK_V):
@@ -82,27 +93,31 @@ def divergence_fwd_kernel(
                                inv_temp, S_BIAS, S_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
             _, zt = logit_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, N, V, HT, t_scale, t_softcap,
                                inv_temp, T_BIAS, T_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
-            c_sm, kl_tm = jsd_step(c_sm, kl_tm, zs, zt, lse_s, lse_t, log_1mb, log_b)
+            c_sm, kl_tm = jsd_step(c_sm, kl_tm, zs, zt, m_s, ld_s, m_t, ld_t, log_1mb, log_b)
         tl.store(out, c_sm, mask=row_ok)
         tl.store(out + splits * N, kl_tm, mask=row_ok)
 
 
 def combine_splits(part: torch.Tensor, divergence: str):
-    """(value (N,), stats (3, N) = [L_s, L_t, c]) from PASS-1 partials (5, S, N); jsd's value and c are
-    filled in after PASS 2."""
-    m_s, d_s, m_t, d_t, acc = part
+    """(value (N,), stats (STATS_ROWS, N), divergence_math.store_rows) from PASS-1 partials (6, S, N) =
+    (m_s, d_s, m_t, d_t, acc, k); jsd's value and c are filled in after PASS 2. The PyTorch twin of
+    divergence_math.kl_finish: acc is moved from each split's max to the row's (merge_weighted)."""
+    m_s, d_s, m_t, d_t, acc, k = part
+    k = k[0]  # the same first-tile reference in every split
     if divergence == "forward_kl":  # acc is kept relative to the teacher's max
-        m_t_all, d_t_all, acc_all = merge_online(m_t, d_t, acc)
+        m_t_all, d_t_all, acc_all = merge_weighted(m_t, d_t, acc)
         m_s_all, d_s_all = merge_online(m_s, d_s)
     else:
-        m_s_all, d_s_all, acc_all = merge_online(m_s, d_s, acc)
+        m_s_all, d_s_all, acc_all = merge_weighted(m_s, d_s, acc)
         m_t_all, d_t_all = merge_online(m_t, d_t)
-    lse_s = m_s_all + torch.log(d_s_all)
-    lse_t = m_t_all + torch.log(d_t_all)
+    m_s_all, m_t_all = shift_of(m_s_all), shift_of(m_t_all)
     if divergence == "reverse_kl":
-        value = acc_all / d_s_all - lse_s + lse_t
+        c = acc_all / d_s_all
+        value = c + (m_t_all - k) + torch.log1p((d_t_all - d_s_all) / d_s_all)
     elif divergence == "forward_kl":
-        value = acc_all / d_t_all - lse_t + lse_s
+        value = acc_all / d_t_all + (m_s_all - k) + torch.log1p((d_s_all - d_t_all) / d_t_all)
+        c = value
     else:
-        value = torch.zeros_like(lse_s)
-    return value, torch.stack([lse_s, lse_t, value])
+        value = torch.zeros_like(m_s_all)
+        c = value
+    return value, torch.stack([m_s_all, torch.log(d_s_all), m_t_all, torch.log(d_t_all), c, k])

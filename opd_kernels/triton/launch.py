@@ -20,6 +20,7 @@ from .._options import LogitTransform, Options
 
 from .divergence_bwd import divergence_bwd_kernel, divergence_bwd_owned_kernel
 from .divergence_fwd import combine_splits, divergence_fwd_kernel
+from . import STATS_ROWS
 from .divergence_math import FORWARD_KL, JSD, REVERSE_KL
 from .gather import gather_bwd_kernel, gather_fwd_kernel
 from .logits import logits_bwd_kernel, logits_fwd_kernel
@@ -111,18 +112,18 @@ def _grad_accumulators(h, w, b: Optional[torch.Tensor]):
 
 def divergence_forward(hs, ws, bs: Optional[torch.Tensor], ht, wt, bt: Optional[torch.Tensor],
                        opts: Optional[Options] = None, **keywords):
-    """Per-token divergence values (N,) fp32 and row statistics (3, N) fp32 = [L_s, L_t, c].
-    ``keywords`` instead of ``opts``: those of :func:`divergence_options`."""
+    """Per-token divergence values (N,) fp32 and row statistics (STATS_ROWS, N) fp32
+    (divergence_math.store_rows). ``keywords`` instead of ``opts``: those of :func:`divergence_options`."""
     opts = divergence_options(**keywords) if opts is None else opts
     n = hs.shape[0]
     if n == 0:
         return (torch.empty(0, dtype=torch.float32, device=hs.device),
-                torch.empty(3, 0, dtype=torch.float32, device=hs.device))
+                torch.empty(STATS_ROWS, 0, dtype=torch.float32, device=hs.device))
     s, t = opts.student, opts.teacher
     blocks = blocks_for(hs.device, hs.dtype)
     n_blocks = triton.cdiv(n, blocks.n)
     splits, v_split = split_vocab(n_blocks, opts.vocab_size, blocks.v, hs.device, INTERPRET)
-    part = torch.empty(5, splits, n, dtype=torch.float32, device=hs.device)
+    part = torch.empty(6, splits, n, dtype=torch.float32, device=hs.device)
     log_1mb, log_b = opts.jsd_logs
     args = dict(N=n, V=opts.vocab_size, HS=hs.shape[1], HT=ht.shape[1], V_SPLIT=v_split,
                 s_scale=s.scale, s_softcap=s.kernel_softcap, t_scale=t.scale, t_softcap=t.kernel_softcap,
@@ -137,7 +138,7 @@ def divergence_forward(hs, ws, bs: Optional[torch.Tensor], ht, wt, bt: Optional[
             divergence_fwd_kernel[(n_blocks, splits)](hs, ws, bs, ht, wt, bt, part, stats, PASS=2, **args)
             c_sm, kl_tm = split_sum(part[0]), split_sum(part[1])  # c_sm = KL(p_s||M) + log(1 - beta)
             values = opts.beta * kl_tm + (1.0 - opts.beta) * (c_sm - log_1mb)
-            stats[2] = c_sm
+            stats[4] = c_sm
     return values, stats
 
 
@@ -251,12 +252,12 @@ def logits_blocks() -> Blocks:
 
 
 def logits_forward(s, t, opts: Optional[Options] = None, **keywords):
-    """Per-token values (N,) fp32 and row statistics (3, N) fp32 from (N, V_s) and (N, V_t) logits.
+    """Per-token values (N,) fp32 and row statistics (STATS_ROWS, N) fp32 from (N, V_s) and (N, V_t) logits.
     ``keywords`` instead of ``opts``: divergence, beta, temperature, vocab_size (:func:`divergence_options`)."""
     opts = divergence_options(**keywords) if opts is None else opts
     n = s.shape[0]
     values = torch.empty(n, dtype=torch.float32, device=s.device)
-    stats = torch.empty(3, n, dtype=torch.float32, device=s.device)
+    stats = torch.empty(STATS_ROWS, n, dtype=torch.float32, device=s.device)
     if n == 0:
         return values, stats
     b = logits_blocks()

@@ -11,7 +11,9 @@ that gradient is N x V_s by nature (autograd needs it), and it is the only N x V
 import triton
 import triton.language as tl
 
-from .divergence_math import JSD, grad_z, jsd_step, kl_finish, kl_step, store_rows
+from .divergence_math import (FORWARD_KL, JSD, first_tile_shift, grad_z, jsd_step, kl_finish, kl_step,
+                              load_rows, store_rows)
+from .tiles import row_shift
 
 
 @triton.jit
@@ -31,13 +33,19 @@ def logits_fwd_kernel(s_ptr, t_ptr, value_ptr, stats_ptr, N, V, VS, VT, inv_temp
     d_s = tl.zeros((BLOCK_N,), tl.float32)
     d_t = tl.zeros((BLOCK_N,), tl.float32)
     acc = tl.zeros((BLOCK_N,), tl.float32)
+    cols = tl.arange(0, BLOCK_V)
+    if DIVERGENCE == FORWARD_KL:
+        k = first_tile_shift(_load_z(s_ptr, rows, cols, N, V, VS, inv_temp))
+    else:
+        k = first_tile_shift(_load_z(t_ptr, rows, cols, N, V, VT, inv_temp))
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         zs = _load_z(s_ptr, rows, cols, N, V, VS, inv_temp)
         zt = _load_z(t_ptr, rows, cols, N, V, VT, inv_temp)
-        acc, m_s, d_s, m_t, d_t = kl_step(acc, m_s, d_s, m_t, d_t, zs, zt, DIVERGENCE)
-    lse_s, lse_t, value = kl_finish(acc, m_s, d_s, m_t, d_t, DIVERGENCE)
-    c = value
+        acc, m_s, d_s, m_t, d_t = kl_step(acc, m_s, d_s, m_t, d_t, zs, zt, k, DIVERGENCE)
+    value, c = kl_finish(acc, m_s, d_s, m_t, d_t, k, DIVERGENCE)
+    m_s, m_t = row_shift(m_s), row_shift(m_t)
+    ld_s, ld_t = tl.log(d_s), tl.log(d_t)
     if DIVERGENCE == JSD:
         c_sm = tl.zeros((BLOCK_N,), tl.float32)  # KL(p_s || M) + log(1 - beta), see jsd_step
         kl_tm = tl.zeros((BLOCK_N,), tl.float32)
@@ -45,10 +53,10 @@ def logits_fwd_kernel(s_ptr, t_ptr, value_ptr, stats_ptr, N, V, VS, VT, inv_temp
             cols = v0 + tl.arange(0, BLOCK_V)
             zs = _load_z(s_ptr, rows, cols, N, V, VS, inv_temp)
             zt = _load_z(t_ptr, rows, cols, N, V, VT, inv_temp)
-            c_sm, kl_tm = jsd_step(c_sm, kl_tm, zs, zt, lse_s, lse_t, log_1mb, log_b)
+            c_sm, kl_tm = jsd_step(c_sm, kl_tm, zs, zt, m_s, ld_s, m_t, ld_t, log_1mb, log_b)
         value = beta * kl_tm + (1.0 - beta) * (c_sm - log_1mb)
         c = c_sm
-    store_rows(value_ptr, stats_ptr, rows, N, value, lse_s, lse_t, c)
+    store_rows(value_ptr, stats_ptr, rows, N, value, m_s, ld_s, m_t, ld_t, c, k)
 
 
 @triton.jit
@@ -58,12 +66,10 @@ def logits_bwd_kernel(s_ptr, t_ptr, stats_ptr, grad_ptr, ds_ptr, N, V, VS, VT, i
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < N
     g = tl.load(grad_ptr + rows, mask=row_ok, other=0.0)
-    lse_s = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
-    lse_t = tl.load(stats_ptr + N + rows, mask=row_ok, other=0.0)
-    c = tl.load(stats_ptr + 2 * N + rows, mask=row_ok, other=0.0)
+    m_s, ld_s, m_t, ld_t, c, k = load_rows(stats_ptr, rows, N)
     zs = _load_z(s_ptr, rows, cols, N, V, VS, inv_temp)
     zt = _load_z(t_ptr, rows, cols, N, V, VT, inv_temp)
-    dz = grad_z(zs, zt, lse_s, lse_t, c, (g != 0)[:, None], beta, log_1mb, log_b, DIVERGENCE)
+    dz = grad_z(zs, zt, m_s, ld_s, m_t, ld_t, c, k, (g != 0)[:, None], beta, log_1mb, log_b, DIVERGENCE)
     # d z / d logits = 1 / T; columns in [V, V_s) get exact zeros (their p_s is 0)
     dz = dz * (g * inv_temp)[:, None]
     tl.store(ds_ptr + rows.to(tl.int64)[:, None] * VS + cols[None, :], dz.to(ds_ptr.dtype.element_ty),

@@ -32,9 +32,22 @@ def merge_online(m: torch.Tensor, *sums: torch.Tensor):
     split's term instead of multiplying it (its sum may be inf: 0 * inf would be NaN); a NaN weight (a NaN
     logit) keeps the NaN."""
     m_all = m.amax(0)
-    shift = torch.where(torch.isneginf(m_all), torch.zeros_like(m_all), m_all)
-    w = torch.exp(m - shift)
+    w = torch.exp(m - shift_of(m_all))
     return (m_all,) + tuple(split_sum(torch.where(w == 0, torch.zeros_like(x), x * w)) for x in sums)
+
+
+def shift_of(m: torch.Tensor) -> torch.Tensor:
+    """The shift of a row's exponentials, as tiles.row_shift: its max, 0 where that is -inf."""
+    return torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+
+
+def merge_weighted(m: torch.Tensor, d: torch.Tensor, acc: torch.Tensor):
+    """(m, d, acc) merged over splits, where acc = sum e^(z - m_s) (z - m_s - x) is relative to each split's
+    own max m_s (divergence_math.kl_step): moved to the row max M as acc + d (m_s - M) first
+    (divergence_math.move_weighted_sum; 0 for a split with d = 0). The split holding the max moves by
+    exactly 0."""
+    moved = torch.where(d == 0, torch.zeros_like(acc), acc + d * (shift_of(m) - shift_of(m.amax(0))))
+    return merge_online(m, d, moved)
 
 
 def split_sum(x: torch.Tensor) -> torch.Tensor:

@@ -96,29 +96,41 @@ def online_softmax(m, d, z):
     instead so that exp(-inf - -inf) never makes a NaN.
     """
     m_new = tl.maximum(m, tl.max(z, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    m_safe = row_shift(m_new)
     alpha = tl.exp(m - m_safe)
     e = tl.exp(z - m_safe[:, None])
     return m_new, d * alpha + tl.sum(e, 1), alpha, e
 
 
 @triton.jit
-def softplus(x):
-    """``log(1 + exp(x))`` elementwise: max(x, 0) + log1p(exp(-|x|)), 0 at -inf and inf at inf. log1p by
-    Goldberg's correction (log(u) * t / (u - 1), u = 1 + t), since a tiny exp(-|x|) is exactly the
-    O(beta) part the JSD log-ratios need (divergence_math.jsd_ratios)."""
-    t = tl.exp(-tl.abs(x))
+def row_shift(m):
+    """The shift of a row's exponentials: its max ``m``, or 0 for a row of -inf logits (m = -inf), so that
+    exp(z - shift) is exp(-inf) = 0 there instead of exp(-inf - -inf) = NaN."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def log1p(t):
+    """``log(1 + t)`` for t >= -1, exact to rounding also for tiny t: Goldberg's correction
+    log(u) * t / (u - 1), u = 1 + t (libdevice.log1p is unavailable under TRITON_INTERPRET=1)."""
     u = 1.0 + t
     d = u - 1.0
-    log1p_t = tl.where(d == 0.0, t, tl.log(u) * (t / tl.where(d == 0.0, 1.0, d)))
-    return tl.maximum(x, 0.0) + log1p_t
+    return tl.where(d == 0.0, t, tl.log(u) * (t / tl.where(d == 0.0, 1.0, d)))
+
+
+@triton.jit
+def softplus(x):
+    """``log(1 + exp(x))`` elementwise: max(x, 0) + log1p(exp(-|x|)), 0 at -inf and inf at inf. log1p
+    because a tiny exp(-|x|) is exactly the O(beta) part the JSD log-ratios need
+    (divergence_math.jsd_ratios)."""
+    return tl.maximum(x, 0.0) + log1p(tl.exp(-tl.abs(x)))
 
 
 @triton.jit
 def live_rows(g):
     """(BLOCK_N,) bool: rows of the gradient tile with a nonzero (or NaN) entry. The others (masked tokens,
     zero upstream gradient) contribute exactly 0 to dW = g^T h, so their h is read as 0: a NaN hidden state
-    there must not turn 0 * NaN into NaN across dW (issue 16)."""
+    there must not turn 0 * NaN into NaN across dW."""
     return tl.sum((g != 0).to(tl.int32), 1) > 0
 
 

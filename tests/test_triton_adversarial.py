@@ -1,0 +1,210 @@
+"""Adversarial inputs on the Triton backend (interpreter on CPU), with torch and cpp beside it, against the
+float64 oracle (opd_kernels.reference):
+
+- biases that are not dense: a strided view ``b[::2]`` and an expanded scalar ``b.expand(V)`` (stride 0),
+  for every op that takes a bias, with and without ``process_group``;
+- saturated rows (one-hot-like logits, tiny temperatures, huge logits or scales), where every backend's
+  gradient must be as exact as the float64 one: its reverse-KL bracket cancels to 0 there, and a rounding of
+  the size of the logits, scaled by 1 / T or the scale, is no small error.
+"""
+import pytest
+import torch
+import torch.distributed as dist
+
+import opd_kernels as ok
+from opd_kernels import reference as ref
+from triton_testing import enable_interpreter_without_cuda, need
+from oracle import FP32_TOL, rel_err, value_and_grads
+
+enable_interpreter_without_cuda()
+# the interpreter's numpy evaluates both sides of tl.where: inf - inf in the unused branch is expected
+pytestmark = [pytest.mark.interpret, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
+BACKENDS = ["torch", "cpp", "triton"]
+N, H, V, K = 4, 6, 37, 3
+
+
+def _bias(kind: str, dtype=torch.float32):
+    """(base tensor, the non-dense bias view of it the op gets)."""
+    if kind == "strided":
+        base = torch.randn(2 * V, dtype=dtype)
+        return base, lambda b: b[::2]
+    base = torch.randn(1, dtype=dtype)
+    return base, lambda b: b.expand(V)
+
+
+def _ops(view, targets, topk_ids, topk_lp, teacher_lp, ht, wt, bt, **kw):
+    """op name -> (impl(h, w, b, backend), oracle(h, w, b)): every op taking a bias, bias through ``view``."""
+    return {
+        "linear_logprobs": (
+            lambda h, w, b, be: ok.linear_logprobs(h, w, targets, bias=view(b), return_entropy=True,
+                                                   backend=be, **kw)[0].sum()
+            + ok.linear_logprobs(h, w, targets, bias=view(b), return_entropy=True, backend=be, **kw)[1].sum(),
+            lambda h, w, b: sum(x.sum() for x in ref.linear_logprobs(h, w, targets, bias=view(b),
+                                                                     return_entropy=True))),
+        "linear_divergence": (
+            lambda h, w, b, be: ok.linear_divergence(h, w, ht, wt, student_bias=view(b), teacher_bias=view(bt),
+                                                     backend=be, **kw),
+            lambda h, w, b: ref.linear_divergence(h, w, ht.double(), wt.double(), student_bias=view(b),
+                                                  teacher_bias=view(bt.double()))),
+        "linear_topk_divergence": (
+            lambda h, w, b, be: ok.linear_topk_divergence(h, w, topk_ids, topk_lp, student_bias=view(b),
+                                                          backend=be, **kw),
+            lambda h, w, b: ref.linear_topk_divergence(h, w, topk_ids, topk_lp.double(), student_bias=view(b))),
+        "linear_sampled_token_opd_loss": (
+            lambda h, w, b, be: ok.linear_sampled_token_opd_loss(h, w, targets, teacher_lp, bias=view(b),
+                                                                 backend=be, **kw),
+            lambda h, w, b: ref.linear_sampled_token_opd_loss(h, w, targets, teacher_lp.double(), bias=view(b))),
+    }
+
+
+def _errors(impl, oracle, inputs) -> dict:
+    """max|err| / max(max|ref|, 1) of the value and of every gradient. The floor of 1: a constant bias
+    (the expanded one) shifts every logit alike, so its gradient cancels to ~0 in float64 (softmax is
+    shift-invariant), and its fp32 error is relative to the O(1) terms that cancel."""
+    out, grads = value_and_grads(impl, inputs)
+    out64, grads64 = value_and_grads(oracle, [x.double() for x in inputs])
+    errs = {"value": rel_err(out, out64, floor=1.0)}
+    errs.update({f"grad{i}": rel_err(g, g64, floor=1.0) for i, (g, g64) in enumerate(zip(grads, grads64))})
+    return errs
+
+
+def _problem(kind):
+    hs, ws, ht, wt = torch.randn(N, H), torch.randn(V, H), torch.randn(N, H), torch.randn(V, H)
+    base, view = _bias(kind)
+    bt, _ = _bias(kind)
+    targets = torch.randint(0, V, (N,))
+    topk_ids = torch.stack([torch.randperm(V)[:K] for _ in range(N)])
+    topk_lp = torch.randn(N, V).log_softmax(-1).gather(-1, topk_ids)
+    teacher_lp = -torch.rand(N) * 3
+    return (hs, ws, base), (view, targets, topk_ids, topk_lp, teacher_lp, ht, wt, bt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["strided", "expanded"])
+def test_non_dense_bias(kind, backend):
+    """Every bias-taking op reads b[::2] and b.expand(V) as the values they show (the Triton kernels index a
+    bias densely: they read b[::2] as its base's first V entries, b.expand(V) past its one element), and
+    the bias gradient reaches the base through the view."""
+    if backend == "triton":
+        need("cpu")
+    inputs, problem = _problem(kind)
+    for name, (impl, oracle) in _ops(*problem).items():
+        errs = _errors(lambda h, w, b: impl(h, w, b, backend), oracle, inputs)
+        assert max(errs.values()) <= FP32_TOL[backend], (name, errs)
+
+
+@pytest.fixture
+def single_rank_group():
+    """A one-process gloo group: the ``process_group`` code path, every rank's shard the whole vocabulary."""
+    if dist.is_initialized():
+        pytest.skip("a default process group already exists in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_dense_bias_process_group(backend, single_rank_group):
+    """The same, through the vocab-parallel path (``process_group``), for the ops that take one."""
+    if backend == "triton":
+        need("cpu")
+    for kind in ["strided", "expanded"]:
+        inputs, problem = _problem(kind)
+        ops = _ops(*problem, process_group=single_rank_group)
+        for name in ["linear_logprobs", "linear_divergence"]:
+            impl, oracle = ops[name]
+            errs = _errors(lambda h, w, b: impl(h, w, b, backend), oracle, inputs)
+            assert max(errs.values()) <= FP32_TOL[backend], (kind, name, errs)
+
+
+def _spiked(a):
+    """(hidden (N, H), weight (V, H)) whose logits are one-hot-like: row n is in [4, 5) at id a[n] and
+    N(0, 0.01) elsewhere (hidden row n = e_n, so the logits are column n of the weight)."""
+    w = torch.randn(V, H) * 0.1
+    w[a, torch.arange(N)] = 4.0 + torch.rand(N)  # not a round number: its rounding must cancel too
+    return torch.eye(N, H), w
+
+
+def _linear_case(case: str):
+    """(hs, ws, ht, wt, keywords) whose rows are saturated: every p_s (and p_t) is 0 or 1 to within e^-300
+    (T <= 1e-2, |logits| ~ 3000) or exactly (student_scale = 1e30). Both models spike at the same id in
+    half the rows and at different ids in the others."""
+    a = torch.randperm(V)[:N]
+    b = torch.cat([a[: N // 2], torch.randperm(V)[: N - N // 2]])
+    (hs, ws), (ht, wt) = _spiked(a), _spiked(b)
+    if case == "T=1e-2":
+        return hs, ws, ht, wt, dict(temperature=1e-2)
+    if case == "T=1e-3":
+        return hs, ws, ht, wt, dict(temperature=1e-3)
+    if case == "logits~3000":
+        return hs * 750, ws, ht * 750, wt, {}
+    return hs, ws, ht, wt, dict(student_scale=1e30)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl", "jsd"])
+@pytest.mark.parametrize("case", ["T=1e-2", "T=1e-3", "logits~3000", "student_scale=1e30"])
+def test_saturated_rows_linear(case, divergence, backend):
+    """Saturated rows: the value within fp32 rounding of the float64 one, and d hidden too: ~0 in float64
+    for the reverse KL and jsd (the bracket of a probability-1 entry cancels), so ~0 here, whatever the
+    factor 1 / T or scale it is multiplied by."""
+    if backend == "triton":
+        need("cpu")
+    hs, ws, ht, wt, kw = _linear_case(case)
+    leaf = hs.clone().requires_grad_()
+    out = ok.linear_divergence(leaf, ws, ht, wt, divergence=divergence, reduction="none", backend=backend, **kw)
+    out.sum().backward()
+    leaf64 = hs.double().requires_grad_()
+    expected = ref.linear_divergence(leaf64, ws.double(), ht.double(), wt.double(), divergence=divergence,
+                                     reduction="none", **kw)
+    expected.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(leaf.grad).all()
+    assert rel_err(out, expected, floor=1.0) <= 1e-5
+    assert (leaf.grad.double() - leaf64.grad).abs().max() <= 1e-6 + FP32_TOL[backend] * leaf64.grad.abs().max()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl", "jsd"])
+def test_saturated_rows_logits(divergence, backend):
+    """logits_divergence at T = 1e-4 on logits one-hot-like rows: the student logits' gradient is ~0 in float64
+    (e^-1e4 and less), and must be so here (it carries a factor 1 / T = 1e4)."""
+    if backend == "triton":
+        need("cpu")
+    s, t = torch.randn(N, V), torch.randn(N, V)
+    s[:, 3] += 5.0  # every row saturated (at the same id for both models in half the rows)
+    t[: N // 2, 3] += 5.0
+    t[N // 2:, 7] += 5.0
+    leaf = s.clone().requires_grad_()
+    out = ok.logits_divergence(leaf, t, divergence=divergence, temperature=1e-4, reduction="sum", backend=backend)
+    out.backward()
+    leaf64 = s.double().requires_grad_()
+    expected = ref.logits_divergence(leaf64, t.double(), divergence=divergence, temperature=1e-4, reduction="sum")
+    expected.backward()
+    assert rel_err(out, expected, floor=1.0) <= 1e-5
+    assert (leaf.grad.double() - leaf64.grad).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl", "jsd"])
+@pytest.mark.parametrize("temperature", [1e-2, 1e-3])
+def test_nearly_saturated_rows_match_cpp(divergence, temperature):
+    """Dense random logits at a small temperature (rows saturated, some only nearly): Triton's d hidden
+    is as close to the float64 one as the cpp backend's (the same cancellation-free bracket), where a
+    bracket formed from rounded log-normalizers misses by ~ulp(|z|) / T."""
+    need("cpu")
+    hs, ws, ht, wt = torch.randn(N, 8), torch.randn(V, 8), torch.randn(N, 8), torch.randn(V, 8)
+    grads = {}
+    for backend in ["cpp", "triton", "reference"]:
+        leaf = (hs.double() if backend == "reference" else hs).clone().requires_grad_()
+        if backend == "reference":
+            out = ref.linear_divergence(leaf, ws.double(), ht.double(), wt.double(), divergence=divergence,
+                                        temperature=temperature, reduction="sum")
+        else:
+            out = ok.linear_divergence(leaf, ws, ht, wt, divergence=divergence, temperature=temperature,
+                                       reduction="sum", backend=backend)
+        out.backward()
+        grads[backend] = leaf.grad.double()
+    err_cpp = (grads["cpp"] - grads["reference"]).abs().max()
+    err = (grads["triton"] - grads["reference"]).abs().max()
+    assert err <= 4 * err_cpp + 1e-6 + FP32_TOL["triton"] * grads["reference"].abs().max(), (err, err_cpp)
