@@ -8,7 +8,6 @@ the same prompts on one process (batch 2x as large) and compares. nccl / GPU run
 """
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -16,6 +15,8 @@ import torch.multiprocessing as mp
 
 from opd_kernels.hf.tiny import tiny_causal_lm
 from opd_kernels.trainer import FunctionSampler, OPDTrainer, TrainConfig
+
+from gloo import free_port, leave_without_teardown  # noqa: E402  (tests/ is on sys.path under pytest)
 
 FP32_TOL = 5e-5
 PROMPTS = [[3 + i, 10 + 2 * i, 40 + i] for i in range(16)]
@@ -70,12 +71,7 @@ def _worker(rank, world, port, out_dir, result, seed, fsdp):
                     "mode": trainer.mode, "metrics": losses}, f"{result}.{rank}")
     finally:
         torch.distributed.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    leave_without_teardown()
 
 
 def rel_err(a, b):
