@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence
 
 from .config import TrainConfig, build_parser, config_from_args
 
-_MODEL_FLAGS = ("--student", "--teacher", "--config")
+_MODEL_FLAGS = ("--student", "--teacher", "--teacher-url", "--config")
 # Flags the default experiment has too: alone, they go to it.
 _SHARED_FLAGS = ("--output-dir", "--seed", "--no-progress", "--progress", "-h", "--help")
 _EPILOG = ("With none of --student/--teacher/--config, opd-distill runs the embedded default experiment "
@@ -70,8 +70,12 @@ def run(cfg: TrainConfig) -> Dict[str, object]:
     device = resolve_device(local_device_name(cfg.device))
     teacher_dtype = torch.bfloat16 if use_bf16_autocast(cfg.precision, device) else torch.float32
     student = load_model(cfg.student, device=device, seed=cfg.seed)
-    teacher = load_model(cfg.teacher, device=device, seed=cfg.seed + 1, dtype=teacher_dtype)
-    tokenizer, teacher_tokenizer = load_tokenizer(cfg.student), load_tokenizer(cfg.teacher)
+    if cfg.teacher_url:
+        teacher = remote_teacher(cfg)
+    else:
+        teacher = load_model(cfg.teacher, device=device, seed=cfg.seed + 1, dtype=teacher_dtype)
+    teacher_tokenizer = load_tokenizer(cfg.teacher) if cfg.teacher else None
+    tokenizer = load_tokenizer(cfg.student)
     vocab = cfg.vocab_size or student.get_output_embeddings().weight.shape[0]
     rows = [r for r in (embedding_rows(student), embedding_rows(teacher), vocab) if r is not None]
     positions = [p for p in (max_positions(student), max_positions(teacher)) if p is not None]
@@ -83,6 +87,20 @@ def run(cfg: TrainConfig) -> Dict[str, object]:
     torch.manual_seed(cfg.seed + DataParallel.current().rank)
     trainer = OPDTrainer(cfg, student, teacher, prompts, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer)
     return trainer.train()
+
+
+def remote_teacher(cfg: TrainConfig):
+    """The teacher served at ``cfg.teacher_url`` (its head fetched now), with the token of
+    ``cfg.teacher_token_file``."""
+    from ..teacher import RemoteTeacher
+
+    token = None
+    if cfg.teacher_token_file:
+        with open(cfg.teacher_token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+        if not token:
+            raise ValueError(f"teacher_token_file: {cfg.teacher_token_file} is empty")
+    return RemoteTeacher(cfg.teacher_url, token=token)
 
 
 def quiet_progress() -> None:
@@ -172,11 +190,13 @@ def _main(argv: Optional[List[str]]) -> int:
         cfg = config_from_args(argv, parser)
     except ValueError as e:
         parser.error(str(e))
-    missing = [name for name in ("student", "teacher", "prompts") if not getattr(cfg, name)]
+    missing = [name for name in ("student", "teacher", "prompts") if not getattr(cfg, name)
+               and not (name == "teacher" and cfg.teacher_url)]
     if missing:
         parser.error(f"missing {', '.join('--' + m for m in missing)} (flags or keys of --config)")
     try:
         from .loop import NonFiniteParameters
+        from ..teacher import TeacherError
     except ImportError as e:
         print(_missing_extra(e, "opd-distill"), file=sys.stderr)
         return 2
@@ -185,7 +205,8 @@ def _main(argv: Optional[List[str]]) -> int:
     except ImportError as e:
         print(_missing_extra(e, "opd-distill"), file=sys.stderr)
         return 2
-    except (ValueError, OSError, NonFiniteParameters) as e:  # bad arguments or inputs; unwritable or full disk
+    except (ValueError, OSError, NonFiniteParameters, TeacherError) as e:  # bad arguments or inputs; unwritable
+        # or full disk; a served teacher refusing, unreachable or replaced (the message names its URL)
         print(f"opd-distill: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -18,7 +18,8 @@ PRECISIONS = ("auto", "bf16", "fp32")
 # Every other field is the training recipe, which a resumed run must keep (refused naming the differences).
 # The first three say which run this is (the --resume help lists the rest).
 RESUME_MAY_CHANGE = ("output_dir", "resume", "overwrite", "steps", "progress", "save_every", "keep_checkpoints",
-                     "export_every", "device", "backend", "fsdp", "verify_lm_head", "param_guard")
+                     "export_every", "device", "backend", "fsdp", "verify_lm_head", "param_guard",
+                     "teacher_token_file")
 
 
 @dataclass
@@ -27,7 +28,12 @@ class TrainConfig:
 
     student: Optional[str] = field(default=None, metadata={"help": "student: local dir, hub name cached "
                                    "locally, a config .json (random init) or tiny:<family>"})
-    teacher: Optional[str] = field(default=None, metadata={"help": "teacher, same forms as --student"})
+    teacher: Optional[str] = field(default=None, metadata={"help": "teacher, same forms as --student (with "
+                                   "--teacher-url: only its tokenizer is loaded, to check the vocabulary)"})
+    teacher_url: Optional[str] = field(default=None, metadata={"help": "URL of an `opd-teacher serve` server: "
+                                       "the teacher runs there, the exact loss here (docs/serving.md)"})
+    teacher_token_file: Optional[str] = field(default=None, metadata={"help": "file holding the bearer token of "
+                                              "--teacher-url"})
     prompts: Optional[str] = field(default=None, metadata={"help": ".jsonl ({'prompt': str} or "
                                    "{'prompt_ids': [int]}), .txt (one per line), or random:COUNT:LEN"})
     output_dir: str = field(default="opd_run", metadata={"help": "metrics.jsonl, curves.png, checkpoints/"})

@@ -134,11 +134,14 @@ class OPDTrainer:
         self.device = next(student.parameters()).device
         self.tokenizer = tokenizer
         self._check_prompts()
+        served = not isinstance(teacher, torch.nn.Module)  # a RemoteTeacher: its server checked its head
         if cfg.verify_lm_head:
             hf.verify_lm_head(student)
-            hf.verify_lm_head(teacher)
-        teacher.eval()
-        teacher.requires_grad_(False)
+            if not served:
+                hf.verify_lm_head(teacher)
+        if not served:
+            teacher.eval()
+            teacher.requires_grad_(False)
         pad = eos = None
         if tokenizer is not None:
             eos = tokenizer.eos_token_id
