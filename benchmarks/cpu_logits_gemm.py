@@ -8,9 +8,9 @@ For each hidden size H it times the forward logits of all N rows, Z = h @ W.T, c
 (C rows at a time, into one reused (C, V) buffer), median of --repeats runs after one warm-up:
 - ``whole``        one call over all N rows on all threads (the GEMM floor's way);
 - ``per-thread``   1 thread, one call per chunk, time x (1 / threads): what a perfectly split product costs;
-- ``one call``     one multi-threaded call per chunk (the driver before vocabulary slabs);
+- ``one call``     one multi-threaded call per chunk (a driver without vocabulary slabs);
 - ``slabs``        one vocabulary slab per thread, one single-threaded call per slab and chunk;
-- ``slabs+blocks`` the same, in blocks of --block vocabulary columns (the driver now).
+- ``slabs+blocks`` the same, in blocks of --block vocabulary columns (what the driver runs).
 The last three run through a small inline C++ extension (at::parallel_for + at::mm_out, like the driver;
 built once into torch's extension cache, needs a C++ compiler and ninja).
 """

@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         if args.op == "topk":
             from opd_kernels.reference import topk_divergence_from_logprobs
             return topk_divergence_from_logprobs(lp.gather(-1, topk_ids), topk_lp, divergence="reverse_kl",
-                                                 tail_bucket=True)
+                                                 tail="bucket")
         return lp.gather(-1, targets[:, None])[:, 0]
 
     def ours(h, fused):

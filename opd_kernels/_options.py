@@ -76,7 +76,7 @@ class Options:
     student: LogitTransform = LogitTransform()
     teacher: Optional[LogitTransform] = None
     return_entropy: bool = False
-    tail: str = "bucket"                    # top-k: "bucket" | "renormalize" | "none" (tail_bucket=True/False)
+    tail: str = "bucket"                    # top-k: "bucket" | "renormalize" | "none"
     # which tokens count and how the per-token values are reduced
     mask: Optional[torch.Tensor] = None     # flat bool (N,) or None
     reduction: str = "mean"

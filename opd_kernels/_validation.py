@@ -363,18 +363,12 @@ def check_lse_gather(hidden, weight, ids, *, bias=None, temperature=1.0, softcap
 
 
 
-def check_topk_tail(tail, tail_bucket) -> str:
-    """``tail`` ("bucket" | "renormalize" | "none") with the legacy ``tail_bucket`` (True = "bucket",
-    False = "none"; None = not given). Neither given: "bucket"; both given and disagreeing: ValueError."""
-    if tail is not None:
-        check_choice("tail", tail, TOPK_TAILS)
-    if tail_bucket is None:
-        return "bucket" if tail is None else tail
-    legacy = "bucket" if check_flag("tail_bucket", tail_bucket) else "none"
-    if tail is not None and tail != legacy:
-        raise ValueError(f"tail={tail!r} and tail_bucket={tail_bucket!r} disagree (tail_bucket={tail_bucket} "
-                         f"means tail={legacy!r}); pass tail alone")
-    return legacy
+def check_topk_tail(tail) -> str:
+    """``tail``: "bucket" | "renormalize" | "none"; None (not given) is "bucket"."""
+    if tail is None:
+        return "bucket"
+    check_choice("tail", tail, TOPK_TAILS)
+    return tail
 
 
 def check_support_mask(support_mask, ids) -> None:
@@ -394,7 +388,7 @@ def check_support_mask(support_mask, ids) -> None:
 
 
 def check_linear_topk_divergence(student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, *,
-                                 divergence="forward_kl", tail_bucket=None, tail=None, beta=0.5, support_mask=None,
+                                 divergence="forward_kl", tail=None, beta=0.5, support_mask=None,
                                  temperature=1.0, student_bias=None, student_softcap=None, student_scale=1.0,
                                  vocab_size=None, mask=None, reduction="mean", normalizer=None, backend="auto",
                                  deterministic=False, process_group=None, reduce_hidden_grad=True) -> Options:
@@ -402,7 +396,7 @@ def check_linear_topk_divergence(student_hidden, student_weight, teacher_topk_id
     here, and the distinct-id check of ``teacher_topk_ids`` ignores its padding)."""
     check_choice("divergence", divergence, DIVERGENCES)
     beta = check_real("beta", beta, low=0.0, high=1.0)
-    tail = check_topk_tail(tail, tail_bucket)
+    tail = check_topk_tail(tail)
     check_choice("reduction", reduction, REDUCTIONS)
     check_tensor("teacher_topk_logprobs", teacher_topk_logprobs)
     check_support_mask(support_mask, teacher_topk_ids)

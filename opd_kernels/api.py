@@ -217,7 +217,7 @@ def _lse_gather(hidden, weight, ids, bias, opts: Options):
 
 def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor,
                            teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: torch.Tensor, *,
-                           divergence: str = "reverse_kl", tail_bucket: Optional[bool] = None, temperature: float = 1.0,
+                           divergence: str = "reverse_kl", temperature: float = 1.0,
                            student_bias: Optional[torch.Tensor] = None, student_softcap: Optional[float] = None,
                            student_scale: float = 1.0, vocab_size: Optional[int] = None,
                            mask: Optional[torch.Tensor] = None, reduction: str = "mean",
@@ -252,8 +252,6 @@ def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.T
             "forward_kl" | "jsd" (TRL's generalized JSD over these entries, ``linear_divergence``'s convention).
         beta: JSD mixture weight in [0, 1]; read by "jsd" only.
         tail: "bucket" (default) | "renormalize" | "none" (the k terms only, the tail dropped).
-        tail_bucket: the legacy spelling: True = tail "bucket", False = "none". Passing both ``tail`` and a
-            ``tail_bucket`` that means another tail is a ValueError.
         support_mask: False entries are padding: no part of the support on either side, their ids (any
             in-range id, repeats allowed) and log-probs ignored. This is how a union support (teacher's top-k
             and student's top-k, de-duplicated, padded to a common width) is passed. Only the support
@@ -277,7 +275,7 @@ def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.T
     """
     opts = _validated(lambda: check.check_linear_topk_divergence(
         student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, divergence=divergence,
-        tail_bucket=tail_bucket, tail=tail, beta=beta, support_mask=support_mask, temperature=temperature,
+        tail=tail, beta=beta, support_mask=support_mask, temperature=temperature,
         student_bias=student_bias, student_softcap=student_softcap,
         student_scale=student_scale, vocab_size=vocab_size, mask=mask, reduction=reduction, normalizer=normalizer,
         backend=backend, deterministic=deterministic, process_group=process_group,

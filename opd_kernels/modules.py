@@ -50,8 +50,8 @@ class LinearLogprobs(_OpModule):
 
 
 class LinearTopkDivergenceLoss(_OpModule):
-    """Module form of :func:`opd_kernels.linear_topk_divergence`: ``divergence``, ``beta``, ``tail`` (or the
-    legacy ``tail_bucket``), ``temperature``, ... at construction, e.g.
+    """Module form of :func:`opd_kernels.linear_topk_divergence`: ``divergence``, ``beta``, ``tail``,
+    ``temperature``, ... at construction, e.g.
     ``LinearTopkDivergenceLoss(divergence="jsd", beta=0.5, tail="renormalize")``; ``support_mask`` (the
     padding of a union support) per call with the ids."""
     _call_keywords = ("student_bias", "mask", "normalizer", "token_weights", "support_mask")

@@ -191,12 +191,12 @@ TAIL_CLAMP = 1e-12
 
 
 def topk_divergence_from_logprobs(student_topk_logprobs, teacher_topk_logprobs, *, divergence: str = "forward_kl",
-                                  tail_bucket: bool = True, tail: Optional[str] = None, beta: float = 0.5,
+                                  tail: str = "bucket", beta: float = 0.5,
                                   support_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-row top-k divergence of docs/design.md section 4 from q_j (student) and l_j (teacher), (..., k).
 
-    ``support_mask`` (..., k) bool: False entries are padding, no part of either distribution. ``tail``
-    (default from the legacy ``tail_bucket``: True "bucket", False "none") says what the distributions are:
+    ``support_mask`` (..., k) bool: False entries are padding, no part of either distribution. ``tail`` says
+    what the distributions are:
 
     - "bucket": the k entries plus one tail entry of mass ``1 - sum exp`` on each side;
     - "renormalize": q - logsumexp(q), l - logsumexp(l) over the support (TRL's ``add_tail=False``);
@@ -213,7 +213,6 @@ def topk_divergence_from_logprobs(student_topk_logprobs, teacher_topk_logprobs, 
     no support entry scores 0.
     """
     q, l = student_topk_logprobs, teacher_topk_logprobs.to(student_topk_logprobs.dtype)
-    tail = ("bucket" if tail_bucket else "none") if tail is None else tail
     if tail not in TOPK_TAILS:
         raise ValueError(f"tail: expected one of {TOPK_TAILS}, got {tail!r}")
     if divergence == "jsd" and beta in (0.0, 1.0):
@@ -259,14 +258,11 @@ def _support_logsumexp(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 
 def linear_topk_divergence(student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, *,
-                           divergence: str = "reverse_kl", tail_bucket: Optional[bool] = None,
-                           tail: Optional[str] = None, beta: float = 0.5, support_mask=None,
+                           divergence: str = "reverse_kl", tail: str = "bucket", beta: float = 0.5, support_mask=None,
                            temperature: float = 1.0, student_bias=None, student_softcap=None,
                            student_scale: float = 1.0, vocab_size=None, mask=None, reduction: str = "mean",
                            normalizer=None, token_weights=None) -> torch.Tensor:
     """Materializing ``opd_kernels.linear_topk_divergence``."""
-    if tail is None:
-        tail = "none" if tail_bucket is False else "bucket"
     lse, gathered, _ = lse_gather(student_hidden, student_weight, teacher_topk_ids, bias=student_bias,
                                   temperature=temperature, softcap=student_softcap, scale=student_scale,
                                   vocab_size=vocab_size)

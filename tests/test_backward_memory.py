@@ -1,9 +1,9 @@
 """The backward of the ops whose gradient is formed in the forward allocates nothing of the weight's size.
 
-Issue 17: autograd filled a zero tensor for each returned-but-unused gradient output of the custom ops
-(dW (V, H), logits_divergence's (N, V) gradient) during backward - a second dW-sized buffer at the peak. The
-check records, with a TorchDispatchMode, every tensor an ATen op creates during ``loss.backward()`` and
-fails on any with as many elements as the weight (or the logits)."""
+Autograd can fill a zero tensor for each returned-but-unused gradient output of a custom op (dW (V, H),
+logits_divergence's (N, V) gradient) during backward - a second dW-sized buffer at the peak. The check
+records, with a TorchDispatchMode, every tensor an ATen op creates during ``loss.backward()`` and fails on
+any with as many elements as the weight (or the logits)."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

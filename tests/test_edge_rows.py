@@ -100,7 +100,7 @@ def test_frozen_head_neg_inf_target_logit_is_neg_inf(backend):
 @pytest.mark.parametrize("frozen", [False, True])
 def test_topk_none_invalid_row_zeroed_downstream_is_inert(backend, defect, frozen, monkeypatch):
     """An invalid top-k row keeps its NaN value, and contributes no gradient: zeroing it downstream with
-    torch.where leaves the gradients those of the other rows (every dW entry used to be NaN)."""
+    torch.where leaves the gradients those of the other rows (a NaN row gradient would make every dW entry NaN)."""
     monkeypatch.setenv("OPD_CHECK_IDS", "0")
     x = _problem()
     ids, lp = x["ids"].clone(), x["topk_lp"].clone()

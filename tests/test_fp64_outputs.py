@@ -1,9 +1,9 @@
-"""fp64 inputs give fp64 outputs on the torch and cpp backends alike (issue 19), as accurate as fp64 allows.
+"""fp64 inputs give fp64 outputs on the torch and cpp backends alike, as accurate as fp64 allows.
 
 For each public op and each of the torch and cpp backends: float64 inputs -> a float64 loss / values (and
 float64 gradients), within 1e-12 relative (max |err| / max |ref|) of the float64 oracle in
-opd_kernels/reference.py; the gradients within 1e-10. The cpp backend used to accumulate in fp64 and then
-return fp32 losses and values (~1e-7 relative), which these tests reject.
+opd_kernels/reference.py; the gradients within 1e-10. Accumulating in fp64 and then returning fp32 losses and
+values (~1e-7 relative) fails them.
 
 One API-level exception, the same on both backends (opd_kernels/api.py, not the backends):
 - ``linear_logprobs`` returns fp32 by its contract (``.float()`` of the log-probs); its backend primitive
@@ -60,7 +60,7 @@ def _cases():
         return ok.linear_logprobs(hs, ws, ids, bias=bias, temperature=0.7, backend=b)
 
     def topk(b, red, hs, ws, topk, topk_lp, mask, **_):
-        kw = dict(divergence="reverse_kl", tail_bucket=True, reduction=red, mask=mask, student_softcap=8.0)
+        kw = dict(divergence="reverse_kl", tail="bucket", reduction=red, mask=mask, student_softcap=8.0)
         f = ref.linear_topk_divergence if b is None else ok.linear_topk_divergence
         return f(hs, ws, topk, topk_lp, **kw) if b is None else f(hs, ws, topk, topk_lp, backend=b, **kw)
 

@@ -5,7 +5,7 @@ Against the float64 oracle (value and hidden gradient, max|err|/max|ref|, docs/d
 arbitrary upstream with zero entries, on odd shapes, with and without bias, with temperature / softcap /
 scale / vocab_size, ``ignore_index``; bf16 by the 2x rule; torch, cpp and the Triton interpreter. Also: the
 path is taken exactly when it applies, ``OPD_FROZEN_HEAD=0`` gives the recomputing path's numbers, the torch
-backend runs 2 matmuls per chunk in forward and none in backward, non-finite rows, double backward, and
+backend runs two matmuls per chunk in forward and none in backward, non-finite rows, double backward, and
 torch.compile(fullgraph=True). The same path for ``linear_topk_divergence(reduction="none")``: the oracle with
 masks, token weights and transforms for both KLs and both tails, where it is (not) taken, its matmul count.
 """

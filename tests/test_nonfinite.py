@@ -1,4 +1,4 @@
-"""Issue 16's battery: non-finite inputs, out-of-range ids, layouts and edge inputs give the same answer on every
+"""Non-finite inputs, out-of-range ids, layouts and edge inputs give the same answer on every
 backend (torch, cpp, Triton in the interpreter), never a silent wrong number.
 
 The rule: NaN or inf in any input that reaches an unmasked token gives a non-finite loss for that token on

@@ -117,7 +117,7 @@ def test_lse_gather_matches_oracle(backend, n, h, v, k, temperature, softcap, sp
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Non-finite inputs, non-contiguous ids and masks (issue 16): the rule, on every backend (Triton interpreted)
+# Non-finite inputs, non-contiguous ids and masks: the rule, on every backend (Triton interpreted)
 # ---------------------------------------------------------------------------------------------------------------
 def _all_backends():
     from triton_testing import enable_interpreter_without_cuda

@@ -110,7 +110,7 @@ def test_topk_tail_bucket_formula():
     fkl = ref.topk_divergence_from_logprobs(q, l, divergence="forward_kl")
     expected = 0.6 * math.log(0.6 / 0.5) + 0.1 * math.log(0.1 / 0.2) + 0.3 * math.log(0.3 / 0.3)
     assert abs(fkl.item() - expected) < 1e-12
-    rkl = ref.topk_divergence_from_logprobs(q, l, divergence="reverse_kl", tail_bucket=False)
+    rkl = ref.topk_divergence_from_logprobs(q, l, divergence="reverse_kl", tail="none")
     assert abs(rkl.item() - (0.5 * math.log(0.5 / 0.6) + 0.2 * math.log(0.2 / 0.1))) < 1e-12
 
 

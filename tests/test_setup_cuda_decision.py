@@ -1,4 +1,4 @@
-"""setup.py's CUDA decision (issue 15): with an nvcc on PATH whose toolkit lacks the CUDA headers (or has another
+"""setup.py's CUDA decision: with an nvcc on PATH whose toolkit lacks the CUDA headers (or has another
 major version than torch's) the build is CPU-only with one line saying why, instead of dying in the compiler
 ~200 lines later. The functions are read from setup.py with ast (importing setup.py would run setup())."""
 import ast

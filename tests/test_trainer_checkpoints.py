@@ -1,4 +1,4 @@
-"""Checkpoints (issue 15): nothing loaded runs code, every file is checksummed, resume falls back to the newest
+"""Checkpoints: nothing loaded runs code, every file is checksummed, resume falls back to the newest
 intact checkpoint and names what it skipped, steps are range-checked, a step that leaves NaN weights is
 undone, and a disk error of any kind (OSError or torch's RuntimeError) is one message naming what was kept."""
 import json

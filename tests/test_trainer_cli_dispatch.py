@@ -1,4 +1,4 @@
-"""opd-distill's command line (issue 15): dispatch between the default experiment, training and export;
+"""opd-distill's command line: dispatch between the default experiment, training and export;
 --no-progress silences every bar; resume says so; the final line is rounded; a missing extra is named."""
 import re
 import sys

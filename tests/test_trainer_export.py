@@ -1,4 +1,4 @@
-"""Export (issue 15): the final student, every --export-every N, and `opd-distill export CHECKPOINT OUT` are
+"""Export: the final student, every --export-every N, and `opd-distill export CHECKPOINT OUT` are
 directories `AutoModelForCausalLM.from_pretrained` loads (config, tokenizer, safetensors) and that give the
 trainer's logits."""
 import os

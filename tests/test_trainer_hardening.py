@@ -1,4 +1,4 @@
-"""Trainer hardening (issue 10): non-finite steps skipped, interrupted runs resume exactly, full disks and
+"""Trainer hardening: non-finite steps skipped, interrupted runs resume exactly, full disks and
 unwritable output directories fail clearly without damaging the last checkpoint."""
 import errno
 import json

@@ -1,5 +1,5 @@
-"""The output directory (issue 15): a non-empty one is refused without --resume/--overwrite (a second run once
-truncated metrics.jsonl and pruned its own new checkpoint), --overwrite removes only the trainer's files,
+"""The output directory: a non-empty one is refused without --resume/--overwrite (a second run there would
+truncate metrics.jsonl and prune its own new checkpoint), --overwrite removes only the trainer's files,
 metrics.jsonl survives a torn last line, and a full disk while appending metrics is one message."""
 import errno
 import json

@@ -1,4 +1,4 @@
-"""Prompts (issue 15): validated before training, types checked, every error names file:line."""
+"""Prompts: validated before training, types checked, every error names file:line."""
 import json
 
 import pytest

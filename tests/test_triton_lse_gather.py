@@ -71,8 +71,8 @@ def test_linear_logprobs(device, return_entropy):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
-@pytest.mark.parametrize("k,tail_bucket", [(7, True), ("V", False)])
-def test_topk_divergence(device, divergence, k, tail_bucket):
+@pytest.mark.parametrize("k,tail", [(7, "bucket"), ("V", "none")])
+def test_topk_divergence(device, divergence, k, tail):
     """Teacher top-k (k = 7 with the tail bucket; k = V: every id, no tail)."""
     need(device)
     n, v, h = 19, 300, 23
@@ -80,7 +80,7 @@ def test_topk_divergence(device, divergence, k, tail_bucket):
     k = v if k == "V" else k
     top = (torch.randn(n, v, device=device) * 3).log_softmax(-1).topk(k, -1)
     mask = torch.rand(n, device=device) > 0.3
-    opts = dict(divergence=divergence, tail_bucket=tail_bucket, temperature=1.3, mask=mask)
+    opts = dict(divergence=divergence, tail=tail, temperature=1.3, mask=mask)
     ours = lambda h_, w_, b_: ok.linear_topk_divergence(h_, w_, top.indices, top.values, student_bias=b_,
                                                         backend="triton", **opts)
     oracle = lambda h_, w_, b_: reference.linear_topk_divergence(h_, w_, top.indices, top.values.double(),

@@ -1,4 +1,4 @@
-"""Issue 10's numerical edge cases and property-based fuzzing on the Triton backend (interpreter on CPU).
+"""Numerical edge cases and property-based fuzzing on the Triton backend (interpreter on CPU).
 
 The CPU/torch and cpp counterparts are tests/test_numerics.py and tests/test_property.py; shapes here are
 smaller because the interpreter is slow.

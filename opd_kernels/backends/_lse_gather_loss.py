@@ -22,7 +22,7 @@ Equivalent PyTorch (``reference.py`` formulas)::
     z = softcap(scale * (hidden @ weight[:V].T + bias[:V])) / temperature
     lp = z.float().log_softmax(-1); q = lp.gather(-1, ids); H = -(lp.exp() * lp).sum(-1)
     row = sampled_token_per_token(q[:, 0], teacher[:, 0], sampler_logprobs=sampler, ...)   # kind "sampled_token"
-        | topk_divergence_from_logprobs(q, teacher, divergence=..., tail_bucket=...)        # kind "topk"
+        | topk_divergence_from_logprobs(q, teacher, divergence=..., tail=...)               # kind "topk"
     values = torch.where(weights != 0, row - entropy_coef * H, 0); loss = (weights * values).sum()
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def row_loss(q: torch.Tensor, teacher: torch.Tensor, sampler: Optional[torch.Ten
                                                  kl_coef=kl_coef, estimator=estimator)
     # float64 on the (N, k) values: the tails 1 - sum exp cancel in fp32 (see row_loss_and_grad)
     return reference.topk_divergence_from_logprobs(q.double(), teacher.double(), divergence=divergence,
-                                                   tail_bucket=tail_bucket).to(q.dtype)
+                                                   tail="bucket" if tail_bucket else "none").to(q.dtype)
 
 
 def row_loss_and_grad(q: torch.Tensor, teacher: torch.Tensor, sampler: Optional[torch.Tensor], opts: dict):
