@@ -2,6 +2,8 @@
 the teacher in process, for every loss mode, and the CLI's --teacher-url / --teacher-token-file."""
 import json
 import math
+import re
+import threading
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch
 pytest.importorskip("aiohttp")
 
 from opd_kernels.hf.tiny import tiny_causal_lm  # noqa: E402
-from opd_kernels.teacher import RemoteTeacher  # noqa: E402
+from opd_kernels.teacher import RemoteTeacher, TeacherUnavailableError  # noqa: E402
 from opd_kernels.teacher.server import TeacherServer  # noqa: E402
 from opd_kernels.trainer import OPDTrainer, TrainConfig, cli  # noqa: E402
 
@@ -59,3 +61,69 @@ def test_cli_teacher_url_and_token_file(tmp_path, served, capsys):
     token.write_text("wrong\n")
     assert cli.main(args + ["--output-dir", str(tmp_path / "bad"), "--teacher-token-file", str(token)]) != 0
     assert "401" in capsys.readouterr().err
+
+
+def _run(out_dir, teacher, steps=4, seed=3, callbacks=(), resume=False):
+    torch.manual_seed(seed)
+    student = tiny_causal_lm("llama", seed=seed)
+    cfg = TrainConfig(output_dir=str(out_dir), steps=steps, batch_size=2, max_new_tokens=4, lr=1e-2, save_every=1,
+                      progress=False, backend="torch", resume=resume)
+    return OPDTrainer(cfg, student, teacher, PROMPTS, callbacks=callbacks).train()
+
+
+def _curve(out_dir):
+    with open(out_dir / "metrics.jsonl") as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, filter(str.strip, f)) if "loss" in r}
+
+
+def test_server_restarted_mid_run_the_run_carries_on_with_no_step_lost(tmp_path):
+    teacher = tiny_causal_lm("llama", seed=11, hidden_size=48).eval()
+    _run(tmp_path / "local", teacher)
+    server = TeacherServer(teacher, port=0).start()
+    port, restarted = server.port, []
+
+    def kill_then_restart(trainer, record):
+        if trainer.step == 2 and not restarted:
+            server.stop()
+            timer = threading.Timer(0.5, lambda: restarted.append(TeacherServer(teacher, port=port).start()))
+            timer.start()
+            restarted.append(timer)
+
+    try:
+        _run(tmp_path / "remote", RemoteTeacher(server.url, retries=8, dtype=torch.float32),
+             callbacks=[kill_then_restart])
+    finally:
+        server.stop()
+        for s in restarted:
+            if isinstance(s, threading.Timer):
+                s.join(30)
+        for s in restarted:
+            if isinstance(s, TeacherServer):
+                s.stop()
+    assert any(isinstance(s, TeacherServer) for s in restarted), "the server was never restarted"
+    want, got = _curve(tmp_path / "local"), _curve(tmp_path / "remote")
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    assert [got[k] for k in sorted(got)] == pytest.approx([want[k] for k in sorted(want)], rel=1e-5, abs=1e-6)
+
+
+def test_server_gone_the_run_stops_naming_it_and_resumes_from_its_checkpoint(tmp_path):
+    teacher = tiny_causal_lm("llama", seed=11, hidden_size=48).eval()
+    _run(tmp_path / "local", teacher)
+    server = TeacherServer(teacher, port=0).start()
+
+    def kill(trainer, record):
+        if trainer.step == 2:
+            server.stop()
+
+    try:
+        with pytest.raises(TeacherUnavailableError, match=re.escape(server.url)):
+            _run(tmp_path / "remote", RemoteTeacher(server.url, retries=1, backoff=0.01, dtype=torch.float32),
+                 callbacks=[kill])
+    finally:
+        server.stop()
+    assert (tmp_path / "remote" / "checkpoints" / "step_00000002").is_dir()
+    with TeacherServer(teacher, port=0) as again:
+        _run(tmp_path / "remote", RemoteTeacher(again.url, dtype=torch.float32), resume=True)
+    want, got = _curve(tmp_path / "local"), _curve(tmp_path / "remote")
+    assert sorted(got) == [1, 2, 3, 4]
+    assert [got[k] for k in sorted(got)] == pytest.approx([want[k] for k in sorted(want)], rel=1e-5, abs=1e-6)

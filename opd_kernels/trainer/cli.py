@@ -100,7 +100,7 @@ def remote_teacher(cfg: TrainConfig):
             token = f.read().strip()
         if not token:
             raise ValueError(f"teacher_token_file: {cfg.teacher_token_file} is empty")
-    return RemoteTeacher(cfg.teacher_url, token=token)
+    return RemoteTeacher(cfg.teacher_url, token=token, retries=cfg.teacher_retries)
 
 
 def quiet_progress() -> None:

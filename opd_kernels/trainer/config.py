@@ -19,7 +19,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 # The first three say which run this is (the --resume help lists the rest).
 RESUME_MAY_CHANGE = ("output_dir", "resume", "overwrite", "steps", "progress", "save_every", "keep_checkpoints",
                      "export_every", "device", "backend", "fsdp", "verify_lm_head", "param_guard",
-                     "teacher_token_file")
+                     "teacher_token_file", "teacher_retries")
 
 
 @dataclass
@@ -34,6 +34,9 @@ class TrainConfig:
                                        "the teacher runs there, the exact loss here (docs/serving.md)"})
     teacher_token_file: Optional[str] = field(default=None, metadata={"help": "file holding the bearer token of "
                                               "--teacher-url"})
+    teacher_retries: int = field(default=8, metadata={"help": "--teacher-url: retries of a request that finds the "
+                                 "server down or busy, waiting 0.25 s doubling to 8 s between them (8: about 30 s); "
+                                 "then the run stops with an error, its last checkpoint intact"})
     prompts: Optional[str] = field(default=None, metadata={"help": ".jsonl ({'prompt': str} or "
                                    "{'prompt_ids': [int]}), .txt (one per line), or random:COUNT:LEN"})
     output_dir: str = field(default="opd_run", metadata={"help": "metrics.jsonl, curves.png, checkpoints/"})
@@ -104,6 +107,8 @@ class TrainConfig:
             elif kind in ("str", "Optional[str]") and not (isinstance(value, str) or
                                                            (value is None and kind != "str")):
                 bad(f.name, "a string")
+        if self.teacher_retries < 0:
+            bad("teacher_retries", "an integer >= 0")
         if self.resume and self.overwrite:
             raise ValueError("resume, overwrite: give at most one of them")
         if self.loss not in LOSSES:
