@@ -25,7 +25,7 @@ _EPILOG = ("With none of --student/--teacher/--config, opd-distill runs the embe
            "(opd_kernels.demo); `opd-distill --quick --help` lists its options. "
            "`opd-distill export CHECKPOINT OUT` turns a checkpoint into a from_pretrained directory.")
 _EXTRA_HINT = {"transformers": "trainer", "safetensors": "trainer", "yaml": "trainer", "accelerate": "trainer",
-               "matplotlib": "trainer", "tqdm": "trainer"}
+               "matplotlib": "trainer", "tqdm": "trainer", "tensorboard": "tensorboard", "wandb": "wandb"}
 
 
 def _flags(argv: Sequence[str]) -> List[str]:
@@ -217,7 +217,7 @@ def _main(argv: Optional[List[str]]) -> int:
     loss_text = "none (no step ran)" if loss is None else f"{loss:.6g}"
     print(f"opd-distill: {summary['steps']} steps, {summary['total_tokens']} completion tokens, "
           f"final loss {loss_text}, checkpoint {summary['checkpoint']}, student {summary['student']}, "
-          f"metrics {summary['metrics']}")
+          f"metrics {summary['metrics'] or 'not written (--report-to has no jsonl)'}")
     return 0
 
 

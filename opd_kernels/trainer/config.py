@@ -19,7 +19,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 # The first three say which run this is (the --resume help lists the rest).
 RESUME_MAY_CHANGE = ("output_dir", "resume", "overwrite", "steps", "progress", "save_every", "keep_checkpoints",
                      "export_every", "device", "backend", "fsdp", "verify_lm_head", "param_guard",
-                     "teacher_token_file", "teacher_retries")
+                     "teacher_token_file", "teacher_retries", "report_to")
 
 
 @dataclass
@@ -40,6 +40,9 @@ class TrainConfig:
     prompts: Optional[str] = field(default=None, metadata={"help": ".jsonl ({'prompt': str} or "
                                    "{'prompt_ids': [int]}), .txt (one per line), or random:COUNT:LEN"})
     output_dir: str = field(default="opd_run", metadata={"help": "metrics.jsonl, curves.png, checkpoints/"})
+    report_to: str = field(default="jsonl", metadata={"help": "where the metrics go, comma-separated: jsonl "
+                           "(output_dir/metrics.jsonl and curves.png), tensorboard (output_dir/tensorboard), "
+                           "wandb (output_dir/wandb; offline unless WANDB_MODE or WANDB_API_KEY says otherwise)"})
     loss: str = field(default="reverse_kl", metadata={"help": f"one of {', '.join(LOSSES)}"})
     beta: float = field(default=0.5, metadata={"help": "JSD mixture weight (loss=jsd)"})
     temperature: float = field(default=1.0, metadata={"help": "temperature of the distributions compared"})
@@ -107,6 +110,8 @@ class TrainConfig:
             elif kind in ("str", "Optional[str]") and not (isinstance(value, str) or
                                                            (value is None and kind != "str")):
                 bad(f.name, "a string")
+        from .reporting import parse_report_to
+        parse_report_to(self.report_to)
         if self.teacher_retries < 0:
             bad("teacher_retries", "an integer >= 0")
         if self.resume and self.overwrite:

@@ -34,12 +34,13 @@ from .data import check_prompt_ids, prompts_for_step
 from .export import export_student, write_model_files
 from .metrics import MetricsLog, plot_curves
 from .models import embedding_rows, max_positions, use_bf16_autocast
+from .reporting import Reporters, parse_report_to
 from .sampling import HFSampler, Sampler
 
 Callback = Callable[["OPDTrainer", Dict[str, float]], None]
 
 # What the trainer writes into output_dir: what --overwrite removes, and nothing else.
-OUTPUTS = ("checkpoints", "metrics.jsonl", "config.json", "curves.png", "student", "exports")
+OUTPUTS = ("checkpoints", "metrics.jsonl", "config.json", "curves.png", "student", "exports", "tensorboard", "wandb")
 _TEMPORARY = (".write-test-", "metrics.jsonl.tmp-", "config.json.tmp-", "curves.png.tmp", ".tmp-student-")
 
 
@@ -182,6 +183,7 @@ class OPDTrainer:
                 print(f"opd-distill: resumed from step {self.step} ({self.resumed_from})")
         self.bf16 = use_bf16_autocast(cfg.precision, self.device)
         self.callbacks: List[Callback] = list(callbacks)
+        self.reporters: Optional[Reporters] = None  # during train(), on rank 0: the --report-to sinks
 
     # ------------------------------------------------------------------------------- checkpoints
     def _check_prompts(self) -> None:
@@ -411,8 +413,6 @@ class OPDTrainer:
 
     def train(self) -> Dict[str, object]:
         """Run to ``cfg.steps``; returns a summary dict. Rank 0 writes the metrics and the checkpoints."""
-        from tqdm.auto import tqdm
-
         cfg = self.cfg
         error = None
         if self.dp.is_main:
@@ -423,24 +423,45 @@ class OPDTrainer:
                 error = OSError(e.errno, f"output_dir: cannot write to {cfg.output_dir!r} ({e.strerror or e}); "
                                          "choose a writable --output-dir") if "output_dir:" not in str(e) else e
         self._raise_rank0_error(error)
-        log = None
+        log, reporters = None, None
+        report_to = parse_report_to(cfg.report_to)
         if self.dp.is_main:
             try:
-                log = MetricsLog(self.metrics_path, resume_step=self.step)
-            except (OSError, ValueError) as e:
+                if "jsonl" in report_to:
+                    log = MetricsLog(self.metrics_path, resume_step=self.step)
+                reporters = Reporters(report_to, cfg.output_dir, cfg.to_dict(), resume_step=self.step)
+            except (OSError, ValueError, ImportError) as e:
                 error = e
         self._raise_rank0_error(error)
+        self.reporters = reporters
+        try:
+            return self._train_loop(log)
+        finally:
+            if reporters is not None:
+                reporters.close()
+            self.reporters = None
+
+    def _log(self, log: Optional[MetricsLog], record: Dict[str, float]) -> Optional[OSError]:
+        """``record`` to metrics.jsonl and the --report-to sinks (rank 0); the jsonl write error, if any."""
+        if self.reporters is not None:
+            self.reporters.log(record)
+        if log is not None:
+            try:
+                log.log(record)
+            except OSError as e:
+                return e
+        return None
+
+    def _train_loop(self, log: Optional[MetricsLog]) -> Dict[str, object]:
+        cfg, error = self.cfg, None
+        from tqdm.auto import tqdm
         record: Dict[str, float] = {}
         saved_at = self.step if self.resumed_from is not None else -1
         with tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.dp.is_main),
                   desc=f"opd {cfg.loss}", unit="step", dynamic_ncols=True) as bar:
             while self.step < cfg.steps:
                 record = self.train_step()
-                if log is not None:
-                    try:
-                        log.log(record)
-                    except OSError as e:
-                        error = e
+                error = self._log(log, record) if self.dp.is_main else None
                 self._raise_rank0_error(self._with_kept(error))
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 bar.update(1)
@@ -453,14 +474,15 @@ class OPDTrainer:
         student_dir = self.export()
         png = os.path.join(cfg.output_dir, "curves.png")
         curves = None
-        if self.dp.is_main:
+        if self.dp.is_main and log is not None:
             try:
                 curves = png if plot_curves(self.metrics_path, png) else None
             except (OSError, ValueError, RuntimeError) as e:  # a figure is not worth failing a finished run
                 print(f"opd-distill: curves: writing {png!r} failed ({e}); metrics.jsonl has the data",
                       file=sys.stderr)
         return {"steps": self.step, "total_tokens": self.total_tokens, "final_loss": record.get("loss"),
-                "skipped_steps": self.skipped_steps, "metrics": self.metrics_path, "curves": curves,
+                "skipped_steps": self.skipped_steps, "metrics": self.metrics_path if log is not None else None,
+                "curves": curves,
                 "checkpoint": checkpoint, "student": student_dir, "resumed_from": self.resumed_from}
 
     def _with_kept(self, error: Optional[BaseException]) -> Optional[BaseException]:
