@@ -56,7 +56,11 @@ class TrainConfig:
     batch_size: int = field(default=4, metadata={"help": "prompts per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     lr: float = field(default=1e-5, metadata={"help": "AdamW learning rate"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear LR warm-up steps"})
+    lr_scheduler: str = field(default="constant", metadata={"help": "learning-rate schedule after the warm-up: "
+                              "constant, linear (to 0 at --steps) or cosine (half a cycle to 0 at --steps), as "
+                              "transformers names them"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear LR warm-up steps (step s < N runs at "
+                              "lr * (s + 1) / N)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 disables)"})
     max_new_tokens: int = field(default=64, metadata={"help": "completion length cap"})
@@ -120,6 +124,9 @@ class TrainConfig:
             bad("loss", f"one of {LOSSES}")
         if self.topk_divergence not in ("forward_kl", "reverse_kl"):
             bad("topk_divergence", "'forward_kl' or 'reverse_kl'")
+        from .schedule import LR_SCHEDULERS
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            bad("lr_scheduler", f"one of {LR_SCHEDULERS}")
         if self.precision not in PRECISIONS:
             bad("precision", f"one of {PRECISIONS}")
         if not 0.0 <= self.beta <= 1.0:
@@ -145,11 +152,14 @@ class TrainConfig:
                            ) -> Dict[str, tuple]:
         """``{name: (saved value, this value)}`` for every option outside :data:`RESUME_MAY_CHANGE` that
         differs from ``saved`` (a checkpoint's config, written by ``saved_world_size`` processes; keys this
-        version does not know are ignored). ``batch_size`` is per process: it may change with the number of
+        version does not know are ignored). ``steps`` may change only with the constant schedule (the
+        others decay to 0 at ``steps``). ``batch_size`` is per process: it may change with the number of
         processes as long as the global batch (``batch_size`` x processes) stays the same."""
         mine = self.to_dict()
         differ = {k: (saved[k], mine[k]) for k in mine
                   if k not in RESUME_MAY_CHANGE + ("batch_size",) and k in saved and saved[k] != mine[k]}
+        if mine["lr_scheduler"] != "constant" and "steps" in saved and saved["steps"] != mine["steps"]:
+            differ["steps"] = (saved["steps"], mine["steps"])  # the schedule decays to 0 at --steps
         if "batch_size" in saved and saved["batch_size"] * saved_world_size != self.batch_size * world_size:
             same_world = saved_world_size == world_size
             differ["batch_size"] = ((saved["batch_size"], self.batch_size) if same_world else

@@ -35,6 +35,7 @@ from .export import export_student, write_model_files
 from .metrics import MetricsLog, plot_curves
 from .models import embedding_rows, max_positions, use_bf16_autocast
 from .reporting import Reporters, parse_report_to
+from .schedule import lr_multiplier
 from .sampling import HFSampler, Sampler
 
 Callback = Callable[["OPDTrainer", Dict[str, float]], None]
@@ -287,10 +288,9 @@ class OPDTrainer:
 
     # -------------------------------------------------------------------------------------- step
     def lr_at(self, step: int) -> float:
-        """Linear warm-up over ``warmup_steps``, then constant (a function of the step: resumes exactly)."""
-        if self.cfg.warmup_steps and step < self.cfg.warmup_steps:
-            return self.cfg.lr * (step + 1) / self.cfg.warmup_steps
-        return self.cfg.lr
+        """Linear warm-up over ``warmup_steps``, then ``lr_scheduler`` (a function of the step: resumes exactly)."""
+        cfg = self.cfg
+        return cfg.lr * lr_multiplier(cfg.lr_scheduler, step, cfg.warmup_steps, cfg.steps)
 
     def _sample(self, micro: int):
         cfg = self.cfg
