@@ -19,7 +19,8 @@ PRECISIONS = ("auto", "bf16", "fp32")
 # The first three say which run this is (the --resume help lists the rest).
 RESUME_MAY_CHANGE = ("output_dir", "resume", "overwrite", "steps", "progress", "save_every", "keep_checkpoints",
                      "export_every", "device", "backend", "fsdp", "verify_lm_head", "param_guard",
-                     "teacher_token_file", "teacher_retries", "report_to")
+                     "teacher_token_file", "teacher_retries", "report_to",
+                     "gradient_checkpointing")
 
 
 @dataclass
@@ -74,6 +75,10 @@ class TrainConfig:
     precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast where supported), bf16, fp32"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
     backend: str = field(default="auto", metadata={"help": "opd_kernels backend: auto, triton, cpp, torch"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute the student decoder's "
+                                         "activations in the backward instead of keeping them (transformers' "
+                                         "gradient_checkpointing_enable, non-reentrant); the teacher runs under "
+                                         "no_grad and keeps none"})
     fsdp: bool = field(default=False, metadata={"help": "under torchrun: shard the student with FSDP2 "
                        "fully_shard instead of DDP (one group at the root; see docs/trainer.md)"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (0: only at the end)"})

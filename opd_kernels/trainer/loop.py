@@ -96,6 +96,19 @@ def prepare_output_dir(cfg: TrainConfig) -> List[str]:
     return notes
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """transformers' non-reentrant gradient (activation) checkpointing on ``model``'s decoder layers;
+    ValueError naming ``gradient_checkpointing`` for a model that has none."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # the name since transformers 5.x
+    if not getattr(model, "supports_gradient_checkpointing", False) or \
+            not (enable or hasattr(model, "gradient_checkpointing_enable")):
+        raise ValueError(f"gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing")
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _has_entries(path: str) -> bool:
     try:
         return bool(os.listdir(path))
@@ -174,6 +187,8 @@ class OPDTrainer:
         if fresh and self.dp.is_main:
             print(f"opd-distill: --resume: {cfg.output_dir!r} is empty or absent; starting a fresh run",
                   file=sys.stderr)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(student)
         resumed = self._load_weights() if cfg.resume and not fresh else None
         self.loss_module = dp_.wrap(dp_.StudentLoss(student), self.mode, self.device)
         self.optimizer = optimizer or torch.optim.AdamW(student.parameters(), lr=cfg.lr,
