@@ -113,3 +113,19 @@ def test_a_missing_package_names_its_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(ImportError, match=r"pip install 'opd_kernels\[wandb\]'"):
         make(tmp_path / "run", steps=1, seed=1, report_to="wandb").train()
+
+
+def test_config_file_and_flags_take_the_new_options(tmp_path):
+    from opd_kernels.trainer import config_from_args
+    path = tmp_path / "run.yaml"
+    path.write_text("student: tiny:llama\nteacher: tiny:llama\nreport-to: tensorboard,jsonl\nlr_scheduler: cosine\n"
+                    "warmup_steps: 3\ngradient_checkpointing: true\n")
+    cfg = config_from_args(["--config", str(path)])
+    assert (cfg.report_to, cfg.lr_scheduler, cfg.warmup_steps, cfg.gradient_checkpointing) == \
+        ("tensorboard,jsonl", "cosine", 3, True)
+    cfg = config_from_args(["--config", str(path), "--report-to", "wandb", "--lr-scheduler", "linear",
+                            "--no-gradient-checkpointing"])
+    assert (cfg.report_to, cfg.lr_scheduler, cfg.gradient_checkpointing) == ("wandb", "linear", False)
+    path.write_text("report_to: [tensorboard]\n")
+    with pytest.raises(ValueError, match="report_to: expected a string"):
+        config_from_args(["--config", str(path)])
