@@ -9,36 +9,22 @@ from __future__ import annotations
 
 import math
 import os
-import socket
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import opd_kernels as ok
 from opd_kernels.backends import device_support
+from gloo import spawn_gloo  # noqa: E402  (tests/ is on sys.path under pytest)
 
 SPLIT = (13, 24)          # uneven vocabulary shards of the two ranks
 V, H, N, K = sum(SPLIT), 8, 6, 3
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, backends) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))
-    try:
-        for backend in backends:
-            _cases(rank, backend)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, backends) -> None:
+    for backend in backends:
+        _cases(rank, backend)
 
 
 def _problem(seed: int = 0):
@@ -128,4 +114,4 @@ def _cases(rank: int, backend: str) -> None:
 
 def test_vocab_parallel_edge_rows():
     backends = ["torch"] + (["cpp"] if device_support("cpp", torch.device("cpu"))[0] else [])
-    mp.spawn(_worker, args=(2, _free_port(), backends), nprocs=2, join=True)
+    spawn_gloo(_worker, 2, backends)

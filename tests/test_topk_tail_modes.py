@@ -1,7 +1,7 @@
 """linear_topk_divergence's tail modes ("bucket" | "renormalize" | "none"), top-k JSD (beta) and support_mask
 (a padded union support), k = 1: every setting vs the float64 oracle (forward and the gradients of hidden,
 weight and bias) on torch, cpp and Triton (interpreter on CPU, a few tiny shapes), against TRL's own sparse
-JSD functions, and the argument checks (issue 19).
+JSD functions, and the argument checks.
 """
 import itertools
 import math
@@ -138,9 +138,8 @@ def test_jsd_ends_are_the_kls():
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_tail_modes_differ_and_legacy_spelling():
-    """The modes give different values; tail_bucket=True/False is tail "bucket"/"none"; the default is
-    "bucket" (unchanged)."""
+def test_tail_modes_differ_and_default_is_bucket():
+    """The three modes give different values, and leaving ``tail`` out is tail "bucket"."""
     hidden, weight, bias, ids, lp, _ = make_case(15, 90, 12, 4)
     lp = lp.float()
     run = lambda **kw: ok.linear_topk_divergence(hidden, weight, ids, lp, reduction="none", backend="cpp", **kw)
@@ -148,9 +147,6 @@ def test_tail_modes_differ_and_legacy_spelling():
     for a, b in itertools.combinations(TAILS, 2):
         assert rel_err(by_tail[a], by_tail[b]) > 1e-2, (a, b)
     torch.testing.assert_close(run(), by_tail["bucket"], rtol=0, atol=0)
-    torch.testing.assert_close(run(tail_bucket=True), by_tail["bucket"], rtol=0, atol=0)
-    torch.testing.assert_close(run(tail_bucket=False), by_tail["none"], rtol=0, atol=0)
-    torch.testing.assert_close(run(tail="none", tail_bucket=False), by_tail["none"], rtol=0, atol=0)
     mean = lambda **kw: ok.linear_topk_divergence(hidden, weight, ids, lp, backend="cpp", **kw)
     torch.testing.assert_close(mean(), mean(tail="bucket"), rtol=0, atol=0)
 
@@ -278,10 +274,7 @@ def _call(case=None, **kw):
 
 @pytest.mark.parametrize("kw,error,pattern", [
     (dict(tail="drop"), ValueError, "tail"),
-    (dict(tail="renormalize", tail_bucket=True), ValueError, "tail=.*tail_bucket="),
-    (dict(tail="bucket", tail_bucket=False), ValueError, "tail=.*tail_bucket="),
-    (dict(tail="renormalize", tail_bucket=False), ValueError, "tail=.*tail_bucket="),
-    (dict(tail_bucket="yes"), TypeError, "tail_bucket"),
+    (dict(tail=True), ValueError, "tail"),
     (dict(divergence="jsd", beta=1.5), ValueError, "beta"),
     (dict(divergence="jsd", beta=-0.1), ValueError, "beta"),
     (dict(beta=float("nan")), ValueError, "beta"),
@@ -296,56 +289,38 @@ def test_validation_errors(kw, error, pattern):
         _call(**kw)
 
 
-def test_agreeing_spellings_accepted():
-    case = make_case(4, 20, 3, 3, union=True)
-    a = _call(case, tail="bucket", tail_bucket=True, divergence="jsd", beta=0.2)
-    b = _call(case, tail="bucket", divergence="jsd", beta=0.2)
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
 # ------------------------------------------------------------------------------------------ vocab-parallel
-def _vocab_parallel_worker(rank: int, world: int, port: int, seed: int) -> None:
-    """One rank: its shard of the student weight; the new settings (JSD, renormalize, a padded union
-    support, k = 1) against the float64 oracle on the full weight (tests/test_distributed_ops.py's checks)."""
-    from datetime import timedelta
-
-    import torch.distributed as dist
+def _vocab_parallel_worker(rank: int, world: int, seed: int) -> None:
+    """One rank: its shard of the student weight; JSD, renormalize, a padded union support and k = 1
+    against the float64 oracle on the full weight (tests/test_distributed_ops.py's checks)."""
     from test_distributed_ops import H_S, _compare, _Ctx
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))
-    try:
-        ctx = _Ctx(rank, world, seed)
-        total = sum(ctx.sizes)
-        for divergence, beta, tail, k, union, reduction in (("jsd", 0.4, "bucket", 4, True, "mean"),
-                                                            ("jsd", 0.5, "renormalize", 3, True, "none"),
-                                                            ("forward_kl", 0.5, "renormalize", 1, False, "sum")):
-            h, w, b = ctx.randn(6, H_S), ctx.randn(total, H_S, scale=0.5), ctx.randn(total, scale=0.3)
-            teacher = torch.log_softmax(ctx.randn(6, total, scale=2.0), -1)
-            ids = torch.stack([torch.randperm(total, generator=ctx.gen)[:k] for _ in range(6)])
-            support = None
-            if union:   # the last column pads (a repeated id) in every other row
-                support = torch.ones(6, k, dtype=torch.bool)
-                support[::2, -1] = False
-                ids = torch.where(support, ids, ids[:, :1])
-            lp = teacher.gather(-1, ids)
-            mask = torch.tensor([True, True, False, True, True, True])
-            kw = dict(divergence=divergence, beta=beta, tail=tail, support_mask=support, mask=mask,
-                      reduction=reduction)
-            up = ctx.randn(6) if reduction == "none" else torch.tensor(1.0)
-            _compare(ctx, f"topk {kw}",
-                     lambda h_, w_, b_: ok.linear_topk_divergence(h_, w_, ids, lp.float(), student_bias=b_,
-                                                                  process_group=ctx.group, **kw),
-                     lambda h_, w_, b_: ref.linear_topk_divergence(h_, w_, ids, lp, student_bias=b_, **kw),
-                     h, w, b, up)
-    finally:
-        dist.destroy_process_group()
+    ctx = _Ctx(rank, world, seed)
+    total = sum(ctx.sizes)
+    for divergence, beta, tail, k, union, reduction in (("jsd", 0.4, "bucket", 4, True, "mean"),
+                                                        ("jsd", 0.5, "renormalize", 3, True, "none"),
+                                                        ("forward_kl", 0.5, "renormalize", 1, False, "sum")):
+        h, w, b = ctx.randn(6, H_S), ctx.randn(total, H_S, scale=0.5), ctx.randn(total, scale=0.3)
+        teacher = torch.log_softmax(ctx.randn(6, total, scale=2.0), -1)
+        ids = torch.stack([torch.randperm(total, generator=ctx.gen)[:k] for _ in range(6)])
+        support = None
+        if union:   # the last column pads (a repeated id) in every other row
+            support = torch.ones(6, k, dtype=torch.bool)
+            support[::2, -1] = False
+            ids = torch.where(support, ids, ids[:, :1])
+        lp = teacher.gather(-1, ids)
+        mask = torch.tensor([True, True, False, True, True, True])
+        kw = dict(divergence=divergence, beta=beta, tail=tail, support_mask=support, mask=mask,
+                  reduction=reduction)
+        up = ctx.randn(6) if reduction == "none" else torch.tensor(1.0)
+        _compare(ctx, f"topk {kw}",
+                 lambda h_, w_, b_: ok.linear_topk_divergence(h_, w_, ids, lp.float(), student_bias=b_,
+                                                              process_group=ctx.group, **kw),
+                 lambda h_, w_, b_: ref.linear_topk_divergence(h_, w_, ids, lp, student_bias=b_, **kw),
+                 h, w, b, up)
 
 
 def test_vocab_parallel():
-    import torch.multiprocessing as mp
-    from test_distributed_ops import _free_port
+    from gloo import spawn_gloo
 
-    mp.spawn(_vocab_parallel_worker, args=(2, _free_port(), int(torch.randint(0, 2**31 - 1, ()))), nprocs=2,
-             join=True)
+    spawn_gloo(_vocab_parallel_worker, 2, int(torch.randint(0, 2**31 - 1, ())))
