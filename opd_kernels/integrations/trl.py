@@ -55,6 +55,7 @@ except ImportError as e:  # pragma: no cover - exercised only without trl
     raise ImportError(f"opd_kernels.integrations.trl needs trl ({e}); pip install 'opd_kernels[trl]'") from e
 
 from .. import hf
+from .._common import transform_logits
 from ..hf.loss import _matching
 
 __all__ = ["FusedGKDTrainer", "FusedDistillationTrainer", "FusedIWOPDTrainer", "FusedGOLDTrainer", "fuse",
@@ -79,11 +80,7 @@ def _logits_at(hidden: torch.Tensor, head: hf.LMHead, ids: torch.Tensor, tempera
     raw = torch.einsum("nh,nkh->nk", hidden.float(), w[ids].float())
     if b is not None:
         raw = raw + b[ids].float()
-    if head.scale != 1.0:
-        raw = raw * head.scale
-    if head.softcap is not None:
-        raw = head.softcap * torch.tanh(raw / head.softcap)
-    return raw / temperature
+    return transform_logits(raw, scale=head.scale, softcap=head.softcap, temperature=temperature)
 
 
 def _logprobs_at(hidden: torch.Tensor, head: hf.LMHead, ids: torch.Tensor, temperature: float,
@@ -133,20 +130,27 @@ class _FusedLoss:
     opd_backend: str = "auto"
     #: whether the decoders run under the accelerator's autocast (as the trainer's own model(...) calls do).
     _opd_autocast: bool = True
+    #: a teacher object (opd_kernels.teacher.RemoteTeacher / LocalTeacher) used instead of teacher_model.
+    _opd_teacher = None
 
     def _opd_init(self) -> None:
         teacher = getattr(self, "teacher_model", None)
-        if teacher is None:
+        if teacher is None and self._opd_teacher is None:
             raise ValueError(f"{type(self).__name__}: no local teacher_model; the fused losses need the teacher's "
-                             "hidden states and lm_head (server teachers are not fused)")
+                             "hidden states and lm_head: pass fuse(trainer, teacher=RemoteTeacher(url)) for a "
+                             "teacher served by opd-teacher serve")
         if not hasattr(self, "_forward_redirection"):
             self._forward_redirection = _ForwardRedirection()
         self._opd_native_logged = set()
-        teacher.eval()
         student = self.accelerator.unwrap_model(self.model)
-        t = self.accelerator.unwrap_model(teacher)
-        # Each reading checked once against the model's own logits (then cached by hf.verified_lm_head).
-        s_head, t_head = hf.verify_lm_head(student), hf.verify_lm_head(t)
+        # Each reading checked once against the model's own logits (then cached by hf.verified_lm_head); a served
+        # teacher's head was checked by its server.
+        s_head = hf.verify_lm_head(student)
+        if self._opd_teacher is not None:
+            t_head = self._opd_teacher.head
+        else:
+            teacher.eval()
+            t_head = hf.verify_lm_head(self.accelerator.unwrap_model(teacher))
         v_s, v_t = s_head.weight.shape[0], t_head.weight.shape[0]
         self._opd_vocab = v_s
         if v_s != v_t and not self._opd_vocab_mismatch(v_s, v_t):
@@ -159,6 +163,8 @@ class _FusedLoss:
         return False
 
     def _opd_heads(self, student):
+        if self._opd_teacher is not None:
+            return hf.verified_lm_head(student), self._opd_teacher.head
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         return hf.verified_lm_head(student), hf.verified_lm_head(teacher)
 
@@ -180,6 +186,9 @@ class _FusedLoss:
             return self._forward_redirection(wrapper, module, run, module, input_ids, attention_mask)
 
     def _opd_teacher_states(self, input_ids, attention_mask) -> torch.Tensor:
+        if self._opd_teacher is not None:
+            with torch.no_grad():
+                return self._opd_teacher.hidden_states(input_ids, attention_mask, position_ids="trainer")
         self.teacher_model.eval()
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         return self._opd_states(self.teacher_model, teacher, input_ids, attention_mask, grad=False)
@@ -276,11 +285,18 @@ class _DistillationLoss(_FusedLoss):
         mm = {k: inputs[k] for k in mm_keys if k in inputs}
 
         hs = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, logits_to_keep, **mm)
-        self.teacher_model.eval()
-        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
-        with torch.no_grad():
-            ht = self._forward_redirection(self.teacher_model, unwrapped_teacher, self._get_last_hidden_state,
-                                           unwrapped_teacher, input_ids, attention_mask, logits_to_keep, **mm)
+        if self._opd_teacher is not None:
+            if mm:
+                raise ValueError(f"{type(self).__name__}: multimodal inputs {sorted(mm)} cannot go to a served "
+                                 "teacher (it takes token ids)")
+            # what _get_last_hidden_state keeps: positions 0..T-2, the last logits_to_keep of them
+            ht = self._opd_teacher_states(input_ids, attention_mask)[:, :-1][:, -logits_to_keep:]
+        else:
+            self.teacher_model.eval()
+            unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+            with torch.no_grad():
+                ht = self._forward_redirection(self.teacher_model, unwrapped_teacher, self._get_last_hidden_state,
+                                               unwrapped_teacher, input_ids, attention_mask, logits_to_keep, **mm)
         s_head, t_head = self._opd_heads(unwrapped_student)
         if s_head.weight.device != t_head.weight.device:
             raise ValueError(f"The student `lm_head` is on {s_head.weight.device} but the teacher `lm_head` is on "
@@ -499,14 +515,25 @@ _MIXINS = ((GOLDTrainer, _GOLDLoss), (GKDTrainer, _GKDLoss), (IWOPDTrainer, _IWO
            (DistillationTrainer, _DistillationLoss))
 
 
-def fuse(trainer):
+def fuse(trainer, *, teacher=None):
     """Put the fused loss under an already built TRL trainer (in place; returns it).
 
     ``trainer``'s class becomes a subclass of its own class with the fused loss, so a user subclass of a TRL
     trainer keeps its overrides other than the loss. Raises TypeError for a trainer that is none of GKD,
     DistillationTrainer, IW-OPD or GOLD, ValueError for one that cannot be fused (see the module docstring).
+
+    ``teacher``: a teacher object (``opd_kernels.teacher.RemoteTeacher(url)`` for a teacher served by
+    ``opd-teacher serve``, docs/serving.md) whose hidden states and head the fused losses use instead of the
+    trainer's ``teacher_model`` (which may then be None where the TRL trainer allows it). Same tokenizer only.
     """
+    if teacher is not None:
+        if isinstance(teacher, torch.nn.Module) or not callable(getattr(teacher, "hidden_states", None)):
+            raise TypeError(f"teacher: expected a teacher object such as opd_kernels.teacher.RemoteTeacher, got "
+                            f"{type(teacher).__name__} (a local model goes in the trainer's teacher_model)")
+        trainer._opd_teacher = teacher
     if isinstance(trainer, _FusedLoss):
+        if teacher is not None:
+            trainer._opd_init()
         return trainer
     for base, mixin in _MIXINS:
         if isinstance(trainer, base):

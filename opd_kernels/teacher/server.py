@@ -187,6 +187,8 @@ class TeacherServer:
         self._token = None if token is None else str(token).strip().encode()
         self.max_batch_tokens = int(max_batch_tokens)
         self.max_request_tokens = int(max_request_tokens)
+        # the largest body a request of max_request_tokens tokens can need (ids, mask, positions as int64)
+        self.max_body_bytes = self.max_request_tokens * REQUEST_BYTES_PER_TOKEN + HEADER_SLACK
         self.max_queue = int(max_queue)
         self.batching = bool(batching)
         self.read_timeout = float(read_timeout)
@@ -387,8 +389,7 @@ class TeacherServer:
             finally:
                 self.metrics.request(request.path, status, time.perf_counter() - t0)
 
-        app = web.Application(middlewares=[guard],
-                              client_max_size=self.max_request_tokens * REQUEST_BYTES_PER_TOKEN + HEADER_SLACK)
+        app = web.Application(middlewares=[guard], client_max_size=self.max_body_bytes)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/v1/head", self._get_head)
         app.router.add_post("/v1/hidden", self._post_hidden)
@@ -451,7 +452,7 @@ class TeacherServer:
         except asyncio.TimeoutError:
             return self._error(408, f"request body not received within {self.read_timeout:g} s")
         except web.HTTPRequestEntityTooLarge:
-            return self._error(413, f"request body over {request.app._client_max_size} bytes (this server's "
+            return self._error(413, f"request body over {self.max_body_bytes} bytes (this server's "
                                     f"--max-request-tokens {self.max_request_tokens}); split the batch")
         try:
             item = self._parse(body)
