@@ -28,7 +28,8 @@ model whose logit transform the reader does not know is refused by name.
 
 Refused (ValueError at construction): IW-OPD with ``use_teacher_server=True`` (the teacher is a server; use
 ``IWOPDTrainer``), IW-OPD with a teacher tokenizer that is not the student's, lm_heads of different row counts
-(but for GOLD's ULD loss), ServerDistillationTrainer-style trainers without a local teacher. ``compute_loss(...,
+(but for GOLD's ULD loss), ServerDistillationTrainer-style trainers without a local teacher (unless
+``fuse(trainer, teacher=RemoteTeacher(url))`` gives one served by ``opd-teacher serve``). ``compute_loss(...,
 return_outputs=True)`` returns an empty dict as outputs: there are no logits to return.
 
 The sparse / top-k IW-OPD paths are one :func:`opd_kernels.linear_topk_divergence` call on the student
