@@ -30,8 +30,21 @@ def _check_report(r):
             assert curve[0]["accuracy"] == r["student_warm"]["accuracy"]
             assert curve[0]["old_skill_accuracy"] == r["student_warm"]["old_skill_accuracy"]
     assert [c["id"] for c in r["claims"]] == [1, 2, 3, 4, 5]
+    four = ("reproduced", "not reproduced", "inconclusive", "undetermined")
     for c in r["claims"]:
-        assert c["verdict"] in ("reproduced", "partly", "not reproduced") and c["condition"] and c["figures"]
+        assert c["verdict"] in four and c["condition"] and c["parts"]
+        for p in c["parts"]:   # each part: a figure of the bootstrap, its interval and a threshold
+            assert p["verdict"] in four and p["key"] in r["uncertainty"]["figures"]
+            assert p["value"] is None or p["interval"] is None or p["interval"][0] <= p["interval"][1]
+    # per-prompt exact matches of every evaluation, which the bootstrap resamples
+    n, n_old = r["eval_examples"], r["config"]["old_eval_examples"]
+    assert len(r["teacher"]["hits"]) == n and r["teacher"]["hits"].count("1") / n == r["teacher"]["accuracy"]
+    for per_seed in r["runs"].values():
+        for run in per_seed.values():
+            for p in run["curve"]:
+                assert len(p["hits"]) == n and len(p["old_skill_hits"]) == n_old
+                assert p["hits"].count("1") / n == p["accuracy"]
+    assert 0.0 <= r["teacher"]["sample_accuracy_t1"] <= 1.0
     for s in map(str, r["seeds"]):
         cont = r["continual"][s]
         assert cont["fine_tune_steps"] >= 1
@@ -58,12 +71,16 @@ def test_tiny_end_to_end(tmp_path, capsys):
     assert report_main([str(out / "report.json")]) == 0
     table = capsys.readouterr().out
     assert "| dense OPD" in table and "| 5 |" in table and "torch" in table
+    # re-analysing a report with the same code writes the same file, byte for byte
+    assert report_main([str(out / "report.json"), "--reanalyse", str(tmp_path / "re.json")]) == 0
+    assert (tmp_path / "re.json").read_text() == (out / "report.json").read_text()
+    capsys.readouterr()
 
     # a second run reuses the cached teacher and warm student and reproduces every figure
     assert main(["--preset", "tiny", "--output-dir", str(out), "--no-progress"]) == 0
     r2 = json.loads((out / "report.json").read_text())
     assert r2["teacher"]["cached"] and r2["student_warm"]["cached"]
-    assert r2["teacher"]["accuracy"] == r["teacher"]["accuracy"]
+    assert r2["teacher"]["accuracy"] == r["teacher"]["accuracy"] and r2["uncertainty"] == r["uncertainty"]
     assert r2["student_warm"]["accuracy"] == r["student_warm"]["accuracy"]
     strip = lambda run: [{k: v for k, v in p.items() if k != "cpu_seconds"} for p in run["curve"]]  # noqa: E731
     assert {m: {s: strip(x) for s, x in v.items()} for m, v in r2["runs"].items()} == \
@@ -78,13 +95,22 @@ def test_cli_rejects_bad_arguments(capsys):
         main(["--preset", "huge"])
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/demo.md"])
-def test_docs_carry_the_table_of_the_recorded_report(doc, capsys):
-    """The study's figures in the docs are the ones `python -m opd_kernels.demo.report` prints from the
-    recorded report.json, line for line (a re-recorded run must update them)."""
+def test_docs_carry_the_table_of_the_recorded_report(capsys):
+    """docs/demo.md carries the tables that `python -m opd_kernels.demo.report` prints from the recorded
+    report.json, line for line (a re-recorded run must update them)."""
     root = Path(__file__).resolve().parents[1]
     assert report_main([str(root / "docs" / "results" / "demo_report.json")]) == 0
     table = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
-    text = (root / doc).read_text()
+    text = (root / "docs" / "demo.md").read_text()
     missing = [line for line in table if line not in text]
-    assert len(table) > 15 and not missing, f"{doc} lacks these lines of the recorded report's table: {missing}"
+    assert len(table) > 15 and not missing, f"docs/demo.md lacks these lines of the recorded report's table: {missing}"
+
+
+def test_readme_verdicts_are_the_recorded_report_s():
+    """The README's short verdict table gives each claim the verdict of the recorded report."""
+    root = Path(__file__).resolve().parents[1]
+    report = json.loads((root / "docs" / "results" / "demo_report.json").read_text())
+    rows = [line for line in (root / "README.md").read_text().splitlines() if line.startswith("| ")]
+    for c in report["claims"]:
+        row = [line for line in rows if line.startswith(f"| {c['id']} | ")]
+        assert len(row) == 1 and row[0].endswith(f"| **{c['verdict']}** |"), (c["id"], c["verdict"], row)

@@ -11,8 +11,8 @@ from opd_kernels.demo import losses
 from opd_kernels.demo.flops import forward_flops, generate_flops, score_flops, train_flops
 from opd_kernels.demo.methods import METHODS, step_flops, token_lr
 from opd_kernels.demo.models import ModelSize, build_model, completion_mask, generate, hidden_states, lm_head_weight
-from opd_kernels.demo.report import (analyse, choose_lr, common_score_ratio, cost_to_reach, max_drop, ratio_to,
-                                     value_at, verdict)
+from opd_kernels.demo.report import (VERDICTS, analyse, choose_lr, combine, common_score_ratio, cost_to_reach,
+                                     judge, max_drop, ratio_to, value_at)
 from opd_kernels.demo.tasks import Reversal, RunningSum, Shift
 from opd_kernels.demo.tokenizer import ByteTokenizer
 from opd_kernels.demo.training import answer_batch, exact_match, prompt_batch, train_supervised
@@ -259,40 +259,168 @@ def test_learning_rate_rule():
     assert choose_lr(None, (1e-3,)) == 1e-3
 
 
-def _report(dense_f, other_f, forget, recover):
-    """A synthetic report: dense OPD reaches 0.9 (the teacher) at ``dense_f`` FLOPs; every other method
-    at ``other_f``; the old skill drops by ``forget[m]`` by the end; continual recovery ``recover``."""
+N_MAIN, N_OLD = 200, 100
+
+
+def _hits(acc, n, offset=0):
+    """``n`` per-prompt results with accuracy ``acc``: the first ``round(acc * n)`` prompts (rotated by
+    ``offset``) correct."""
+    k = round(acc * n)
+    h = "1" * k + "0" * (n - k)
+    return h[offset % n:] + h[:offset % n]
+
+
+def _hcurve(points, offset=0):
+    return [{"tokens": 100 * i, "flops": f, "cpu_seconds": f / 1000, "accuracy": _hits(acc, N_MAIN, offset).count("1")
+             / N_MAIN, "hits": _hits(acc, N_MAIN, offset), "old_skill_accuracy": old,
+             "old_skill_hits": _hits(old, N_OLD, offset)} for i, (f, acc, old) in enumerate(points)]
+
+
+def _report(dense_f, other_f, forget, recover, dense_top=0.95, teacher=0.9, jitter=(0.0, 0.0, 0.0)):
+    """A synthetic report with per-prompt results: dense OPD reaches ``dense_top`` at ``dense_f`` FLOPs,
+    every other method 0.95 at ``other_f`` (``other_f`` None: it stops at 0.6 after 4000 FLOPs); the old
+    skill drops by ``forget[m]`` by then; continual recovery ``recover[m]`` of the lost running sum;
+    ``jitter[k]``: added to dense OPD's final accuracy at seed k."""
     seeds = ["0", "1", "2"]
     runs = {}
     for m in METHODS:
-        f = dense_f if m == "dense_opd" else other_f
-        runs[m] = {s: {"curve": _curve([(0, 0.3, 1.0), (f, 0.9, 1.0 - forget[m]), (4 * f, 0.9, 1.0 - forget[m])])}
-                   for s in seeds}
-    cont = {s: {"before": {"accuracy": 0.9, "new_task_accuracy": 0.1},
-                "after_fine_tune": {"accuracy": 0.3, "new_task_accuracy": 1.0}, "fine_tune_steps": 20,
-                **{f"recovered_{m}": {"curve": [{"accuracy": 0.3 + 0.6 * recover[m], "new_task_accuracy": 0.9,
-                                                 "flops": 10}]} for m in ("dense_opd", "sft")}}
-            for s in seeds}
-    return {"runs": runs, "seeds": [0, 1, 2], "teacher": {"accuracy": 0.9},
-            "student_warm": {"accuracy": 0.3, "old_skill_accuracy": 1.0}, "continual": cont,
-            "learning_rates": {"chosen": {m: 1e-3 for m in METHODS}}, "config": {"token_budget": 1000}}
+        runs[m] = {}
+        for k, s in enumerate(seeds):
+            f, top = (dense_f, dense_top) if m == "dense_opd" else (other_f, 0.95)
+            if f is None:
+                pts = [(0, 0.3, 1.0), (2000, 0.45, 1.0 - forget[m] / 2), (4000, 0.6, 1.0 - forget[m])]
+            else:
+                pts = [(0, 0.3, 1.0), (f, top, 1.0 - forget[m]), (4 * f, top + (jitter[k] if m == "dense_opd" else 0), 1.0 - forget[m])]
+            runs[m][s] = {"curve": _hcurve(pts, offset=7 * k)}
+    cont = {}
+    for s in seeds:
+        pt = lambda acc, new: {"accuracy": acc, "hits": _hits(acc, N_MAIN), "new_task_accuracy": new,  # noqa: E731
+                               "new_task_hits": _hits(new, N_OLD)}
+        cont[s] = {"before": pt(0.9, 0.1), "after_fine_tune": pt(0.3, 1.0), "fine_tune_steps": 20,
+                   **{f"recovered_{m}": {"curve": [{**pt(0.3 + 0.6 * recover[m], 0.9), "flops": 10}]}
+                      for m in ("dense_opd", "sft")}}
+    return {"runs": runs, "seeds": [0, 1, 2], "teacher": {"accuracy": teacher, "hits": _hits(teacher, N_MAIN)},
+            "student_warm": {"accuracy": 0.3, "old_skill_accuracy": 1.0, "old_skill_hits": _hits(1.0, N_OLD)},
+            "continual": cont, "learning_rates": {"chosen": {m: 1e-3 for m in METHODS}},
+            "config": {"token_budget": 1000}}
 
 
-def test_verdict_logic():
-    assert [verdict(2, 2), verdict(1, 2), verdict(0, 2)] == ["reproduced", "partly", "not reproduced"]
-    good = analyse(_report(100, 1000, {"dense_opd": 0.05, "sampled_opd": 0.05, "offline_kd": 0.4, "sft": 0.5,
-                                       "rl": 0.0}, {"dense_opd": 1.0, "sft": 0.5}))
-    v = {c["id"]: c["verdict"] for c in good["claims"]}
+def _verdicts(report, samples=200):
+    out = analyse(report, samples=samples)
+    return out, {c["id"]: c["verdict"] for c in out["claims"]}
+
+
+def test_judge_gives_one_of_four_verdicts_from_the_interval():
+    fig = lambda v, lo, hi, lb=False, cens=0.0, miss=0.0: {"value": v, "interval": [lo, hi], "lower_bound": lb,  # noqa: E731
+                                                          "censored": cens, "missing": miss}
+    assert judge(fig(6, 5.5, 7), 5) == "reproduced"
+    assert judge(fig(3, 2, 4), 5) == "not reproduced"
+    assert judge(fig(4.9, 4, 6), 5) == "inconclusive"                      # the interval contains the threshold
+    assert judge(fig(3, 2, 4, lb=True), 5) == "undetermined"               # only a bound, below the threshold
+    assert judge(fig(3, 2, 4, cens=0.1), 5) == "undetermined"              # bounds in the replicates
+    assert judge(fig(7, 6, 8, lb=True), 5) == "reproduced"                 # a bound that clears it decides
+    assert judge(fig(6, 5.5, 7, miss=0.1), 5) == "undetermined"            # replicates without a value
+    assert judge({"value": None, "interval": None, "lower_bound": False, "censored": 0, "missing": 1}, 5) == \
+        "undetermined"
+    assert judge(fig(-0.1, -0.2, -0.01), 0, "<=") == "reproduced"
+    assert judge(fig(0.1, 0.02, 0.2), 0, "<=") == "not reproduced"
+    assert judge(fig(0.0, -0.1, 0.1), 0, "<=") == "inconclusive"
+    with pytest.raises(ValueError):
+        judge(fig(1, 0, 2), 0, ">")
+    assert combine(["reproduced", "reproduced"]) == "reproduced"
+    assert combine(["reproduced", "not reproduced"]) == "not reproduced"
+    assert combine(["inconclusive", "not reproduced"]) == "not reproduced"
+    assert combine(["reproduced", "undetermined", "inconclusive"]) == "undetermined"
+    assert combine(["reproduced", "inconclusive"]) == "inconclusive"
+
+
+def test_verdicts_on_synthetic_reports():
+    good, v = _verdicts(_report(100, 1000, {"dense_opd": 0.05, "sampled_opd": 0.05, "offline_kd": 0.4, "sft": 0.5,
+                                             "rl": 0.0, }, {"dense_opd": 1.0, "sft": 0.5}))
     assert v == {1: "reproduced", 2: "reproduced", 3: "reproduced", 4: "reproduced", 5: "reproduced"}
-    c2 = good["claims"][1]["figures"]
-    assert c2["target"] == "95pct_teacher" and c2["rl_flops_over_dense_opd"]["median"] == pytest.approx(10)
-    assert good["forgetting"]["matched_accuracy"] == 0.9
-    assert good["forgetting"]["drop_at_matched_accuracy"]["sft"]["median"] == pytest.approx(0.5)
-    assert good["forgetting"]["dense_opd_less_forgetting_than_sft"] == pytest.approx(0.9)
+    assert all(c["verdict"] in VERDICTS and all(p["verdict"] in VERDICTS for p in c["parts"]) for c in good["claims"])
+    c2 = good["claims"][1]["parts"]
+    assert c2[0]["key"] == "flops_ratio_95.rl" and c2[0]["value"] == pytest.approx(10)
+    assert c2[0]["interval"][0] <= c2[0]["value"] <= c2[0]["interval"][1]
+    fg = good["forgetting"]
+    assert len(fg["matched_levels"]) == 4 and fg["matched_levels"][-1] == pytest.approx(0.3 + 0.65 * 0.8)
+    assert fg["mean_drop_over_levels"]["sft"]["value"] == pytest.approx(0.5 * sum(
+        (x - 0.3) / 0.65 for x in fg["matched_levels"]) / 4, abs=0.01)           # interpolated along the curve
+    assert fg["dense_opd_less_forgetting_than_sft"]["value"] == pytest.approx(0.9, abs=0.01)
 
-    bad = analyse(_report(100, 120, {m: 0.3 for m in METHODS}, {"dense_opd": 0.5, "sft": 0.5}))
-    v = {c["id"]: c["verdict"] for c in bad["claims"]}
+    bad, v = _verdicts(_report(100, 120, {m: 0.3 for m in METHODS}, {"dense_opd": 0.5, "sft": 0.5}))
     assert v[2] == "not reproduced" and v[3] == "not reproduced" and v[5] == "not reproduced"
-    assert bad["claims"][1]["figures"]["sft_flops_over_dense_opd"]["median"] == pytest.approx(1.2)
-    partly = analyse(_report(100, 1000, {m: 0.3 for m in METHODS}, {"dense_opd": 0.9, "sft": 0.2}))
-    assert partly["claims"][2]["verdict"] == "partly"   # no less forgetting, but the recovery works
+    assert bad["claims"][1]["parts"][1]["value"] == pytest.approx(1.2)
+    assert bad["claims"][1]["parts"][1]["interval"][1] < 5
+    partly, v = _verdicts(_report(100, 1000, {m: 0.3 for m in METHODS}, {"dense_opd": 0.9, "sft": 0.2}))
+    assert [p["verdict"] for p in partly["claims"][2]["parts"]] == ["not reproduced", "reproduced", "reproduced"]
+    assert v[3] == "not reproduced"
+
+
+def test_stability_is_judged_against_the_other_methods():
+    r = _report(100, 1000, {m: 0.1 for m in METHODS}, {"dense_opd": 0.9, "sft": 0.9})
+    for k, s in enumerate(("0", "1", "2")):        # dense OPD dips by 0.3 once, and its seeds end apart
+        r["runs"]["dense_opd"][s]["curve"] = _hcurve([(0, 0.3, 1.0), (50, 0.8, 1.0), (100, 0.5, 1.0),
+                                                      (400, 0.85 + 0.05 * k, 0.9)], offset=7 * k)
+    out, v = _verdicts(r)
+    smooth, spread = out["claims"][3]["parts"]
+    assert smooth["value"] == pytest.approx(0.3) and smooth["verdict"] == "not reproduced"
+    assert spread["value"] == pytest.approx(0.1) and spread["verdict"] == "not reproduced" and v[4] == "not reproduced"
+
+
+def test_a_method_that_never_reaches_the_target_gives_only_a_bound():
+    """No other target stands in for the one the claim names: a method that stops short of it gives a
+    lower bound, which decides only when it already clears the threshold."""
+    forget = {m: 0.1 for m in METHODS}
+    out, v = _verdicts(_report(1000, None, forget, {"dense_opd": 0.9, "sft": 0.9}))   # others: 4000 FLOPs, 0.6
+    rl = out["claims"][1]["parts"][0]
+    assert rl["lower_bound"] and rl["value"] == pytest.approx(4000 / (1000 * 0.555 / 0.65)) and rl["verdict"] == "undetermined"
+    assert v[2] == "undetermined"
+    c5 = out["claims"][4]["parts"]
+    assert [p["verdict"] for p in c5] == ["reproduced", "reproduced"]       # >= 4.7x clears the 1.5x threshold
+    # dense OPD itself short of 95% of the teacher: nothing to compare against
+    out, v = _verdicts(_report(100, 1000, forget, {"dense_opd": 0.9, "sft": 0.9}, dense_top=0.8))
+    assert out["claims"][1]["parts"][0]["value"] is None and v[2] == "undetermined"
+
+
+def test_intervals_come_from_the_prompts_and_seeds():
+    """Near the threshold the verdict is inconclusive; the interval is wide with seeds that disagree and
+    narrows when they agree."""
+    forget = {m: 0.1 for m in METHODS}
+    rec = {"dense_opd": 0.9, "sft": 0.9}
+    near, _ = _verdicts(_report(100, 1000, forget, rec, dense_top=0.855, teacher=0.9))    # 0.95 of the teacher
+    c1 = near["claims"][0]["parts"][0]
+    assert c1["value"] == pytest.approx(0.95, abs=0.01) and c1["verdict"] == "inconclusive"
+    lo, hi = c1["interval"]
+    assert 0.005 < hi - lo < 0.2
+    spread, _ = _verdicts(_report(100, 1000, forget, rec, dense_top=0.8, jitter=(0.0, 0.05, 0.1)))
+    same, _ = _verdicts(_report(100, 1000, forget, rec, dense_top=0.8))
+    width = lambda r: (lambda iv: iv[1] - iv[0])(r["uncertainty"]["figures"]["final_accuracy.dense_opd"]["interval"])  # noqa: E731
+    assert width(spread) > width(same) + 0.02
+    far, v = _verdicts(_report(100, 1000, forget, rec, dense_top=0.6, teacher=0.9))
+    assert v[1] == "not reproduced"
+    # the same draws every time: the report's intervals are reproducible
+    assert analyse(_report(100, 1000, forget, rec), samples=50)["uncertainty"] == \
+        analyse(_report(100, 1000, forget, rec), samples=50)["uncertainty"]
+
+
+def test_full_adds_the_cost_from_sft_s_end_point():
+    """``--full``'s branch from SFT's end point: FLOPs ratios to the teacher's level, all FLOPs and the
+    student's own only (its share of each step's FLOPs), as two more parts of claim 2."""
+    r = _report(100, 1000, {m: 0.1 for m in METHODS}, {"dense_opd": 0.9, "sft": 0.9})
+    comp = {"sft": {"teacher_sampling": 3, "student_training": 1},
+            "dense_opd": {"student_sampling": 1, "teacher_scoring": 2, "student_training": 1},
+            "rl": {"student_sampling": 1, "student_training": 1}}
+    top = {"sft": (1000, 0.99), "dense_opd": (100, 0.99), "rl": (1000, 0.88)}
+    r["plateau_branch"] = {m: {s: {"curve": _hcurve([(0, 0.8, 1.0), (top[m][0], top[m][1], 1.0)], offset=7 * k),
+                                   "flops_by_component": comp[m]} for k, s in enumerate(("0", "1", "2"))}
+                           for m in comp}
+    out, _ = _verdicts(r)
+    unc = out["uncertainty"]["figures"]
+    assert unc["branch_flops_ratio_100.sft"]["value"] == pytest.approx(10)
+    assert unc["branch_student_flops_ratio_100.sft"]["value"] == pytest.approx(10 * (1 / 4) / (2 / 4))
+    assert unc["branch_flops_ratio_100.rl"]["lower_bound"]                  # RL stops at 0.88 < 0.9
+    parts = out["claims"][1]["parts"]
+    assert [p["key"] for p in parts[2:]] == ["branch_flops_ratio_100.sft", "branch_flops_ratio_100.rl"]
+    assert parts[3]["verdict"] == "reproduced"         # RL's bound (1000 / 53 FLOPs) clears 5x
+    assert "plateau_branch" not in _report(100, 1000, {m: 0.1 for m in METHODS}, {"dense_opd": 0.9, "sft": 0.9})

@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes for the runs (default: min(2, CPUs)); each uses 1 torch thread, and "
                         "the results do not depend on it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or log lines")
+    p.add_argument("--full", action="store_true",
+                   help="also run the cost comparison as published: continued SFT, dense OPD and RL branched from "
+                        "each seed's SFT end point (9 more runs of the whole budget; not in the default)")
     return p
 
 
@@ -55,7 +58,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.quick and output_dir == "opd_runs/default":
         output_dir = "opd_runs/quick"
     command = "opd-distill " + " ".join(sys.argv[1:] if argv is None else argv)
-    run_experiment(cfg, output_dir, args.cache_dir, quiet=args.no_progress, command=command.strip())
+    run_experiment(cfg, output_dir, args.cache_dir, quiet=args.no_progress, command=command.strip(), full=args.full)
     return 0
 
 

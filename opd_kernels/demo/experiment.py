@@ -36,7 +36,7 @@ from .methods import METHODS, REFERENCE, run_method
 from .models import build_model
 from .tasks import Reversal, RunningSum, Shift
 from .tokenizer import ByteTokenizer
-from .training import evaluate, train_supervised
+from .training import evaluate, evaluate_hits, hits_accuracy, sample_accuracy, train_supervised
 
 # Bump when the teacher or warm-up recipe changes in code, so stale cached checkpoints are not reused.
 RECIPE_VERSION = 3
@@ -66,9 +66,25 @@ class Setup:
         self.old_exclude = {p for p, _ in self.old_eval + self.old_val}
         self.new_exclude = {p for p, _ in self.new_eval + self.new_val}
 
-    def scores(self, model) -> Dict[str, float]:
-        return {"accuracy": evaluate(model, self.tok, self.main, self.eval),
-                "old_skill_accuracy": evaluate(model, self.tok, self.old, self.old_eval)}
+    def scores(self, model) -> Dict:
+        """Accuracy on the evaluation split and on the old skill's, with the per-prompt exact matches
+        (``hits``, ``old_skill_hits``: the bootstrap intervals of the report resample them)."""
+        return _with_hits({"accuracy": evaluate_hits(model, self.tok, self.main, self.eval),
+                           "old_skill_accuracy": evaluate_hits(model, self.tok, self.old, self.old_eval)})
+
+    def continual_scores(self, model) -> Dict:
+        """Running sum and new task (shift) on their evaluation splits, with per-prompt exact matches."""
+        return _with_hits({"accuracy": evaluate_hits(model, self.tok, self.main, self.eval),
+                           "new_task_accuracy": evaluate_hits(model, self.tok, self.new, self.new_eval)})
+
+
+def _with_hits(hits: Dict[str, str]) -> Dict:
+    """``{"accuracy": "0110"}`` -> ``{"accuracy": 0.5, "hits": "0110"}`` (``x_accuracy`` -> ``x_hits``)."""
+    out = {}
+    for k, h in hits.items():
+        out[k] = hits_accuracy(h)
+        out[k.replace("accuracy", "hits")] = h
+    return out
 
 
 def _cached_model(root: str, build, train, log) -> Tuple[object, dict, bool]:
@@ -140,9 +156,15 @@ def _job(item: Tuple) -> Tuple[Tuple, Dict]:
         _, seed, name = key
         student = copy.deepcopy(student0)
         res = _train(s, name, student, teacher, payload, seed, cfg.token_budget, s.scores, cfg.curve_points)
-        if name == "dense_opd":              # the continual-learning experiment starts from it
+        if name in ("dense_opd", "sft"):     # continual learning / the plateau branch (--full) start there
             res["_state"] = {k: v.clone() for k, v in student.state_dict().items()}
         return key, res
+    if key[0] == "branch":                   # ("branch", seed, name), payload: (lr, SFT's final state)
+        _, seed, name = key
+        student = copy.deepcopy(student0)
+        student.load_state_dict(payload[1])
+        return key, _train(s, name, student, teacher, payload[0], seed + 200, cfg.token_budget, s.scores,
+                           cfg.curve_points)
     before = copy.deepcopy(student0)         # ("continual", seed), payload: (lrs, dense OPD's final state)
     before.load_state_dict(payload[1])
     return key, continual(s, before, key[1], payload[0])
@@ -161,8 +183,7 @@ def continual(s: Setup, before, seed: int, lrs: Dict[str, float]) -> Dict:
     cfg = s.cfg
     for p in before.parameters():
         p.requires_grad_(False)
-    new_scores = lambda m: {"accuracy": evaluate(m, s.tok, s.main, s.eval),  # noqa: E731
-                            "new_task_accuracy": evaluate(m, s.tok, s.new, s.new_eval)}
+    new_scores = s.continual_scores
     level = evaluate(before, s.tok, s.main, s.val)
     tuned = copy.deepcopy(before)
     for p in tuned.parameters():
@@ -212,8 +233,12 @@ class Jobs:
 
 
 def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[str] = None,
-                   quiet: bool = False, command: str = "") -> Dict:
-    """Run the whole study; write ``report.json`` and the plots in ``output_dir``."""
+                   quiet: bool = False, command: str = "", full: bool = False) -> Dict:
+    """Run the whole study; write ``report.json`` and the plots in ``output_dir``.
+
+    ``full`` adds the cost comparison as published (``plateau_branch``): per seed, from the student SFT'd
+    on teacher samples for the whole budget (phase 4's SFT run, near its plateau), continued SFT, dense OPD
+    and RL each train for another budget of student tokens."""
     t_start = time.perf_counter()
     cache_dir = cache_dir or os.path.join(output_dir, "cache")
     os.makedirs(output_dir, exist_ok=True)
@@ -249,6 +274,8 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
     teacher, tmeta, teacher_cached = _cached_model(
         troot, lambda: build_model(cfg.teacher, cfg.vocab_size, cfg.seed), train_teacher, log)
     timings["teacher"] = round(time.perf_counter() - t0, 1)
+    teacher_hits = evaluate_hits(teacher, s.tok, s.main, s.eval)   # per prompt, for the bootstrap
+    teacher_t1 = sample_accuracy(teacher, s.tok, s.main, s.eval, cfg.seed)
     log(f"teacher accuracy on {len(s.eval)} held-out running sums: {tmeta['accuracy']:.3f}")
 
     # ---- phase 2: the warm student, ground-truth SFT on running sums + the old skill --------------
@@ -303,6 +330,7 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
         got = pool.run([(("method", sd, m), lrs[m]) for sd in seeds for m in methods], "methods", quiet)
         runs = {m: {str(sd): got[("method", sd, m)] for sd in seeds} for m in methods}
         finals = {sd: runs["dense_opd"][str(sd)].pop("_state") for sd in seeds}
+        plateaus = {sd: runs["sft"][str(sd)].pop("_state") for sd in seeds}
         timings["methods"] = round(time.perf_counter() - t0, 1)
 
         # ---- phase 5: continual learning ------------------------------------------------------------
@@ -313,6 +341,17 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
         got = pool.run([(("continual", sd), (lrs, finals[sd])) for sd in seeds], "continual", quiet)
         cont = {str(sd): got[("continual", sd)] for sd in seeds}
         timings["continual"] = round(time.perf_counter() - t0, 1)
+
+        # ---- with --full: the cost comparison branched from SFT's plateau -----------------------------
+        branch = None
+        if full:
+            t0 = time.perf_counter()
+            log(f"--full: from each seed's SFT end point, continued SFT, dense OPD and RL for another "
+                f"{cfg.token_budget:,} student tokens each")
+            got = pool.run([(("branch", sd, m), (lrs[m], plateaus[sd])) for sd in seeds for m in rep.BRANCH_METHODS],
+                           "plateau branch", quiet)
+            branch = {m: {str(sd): got[("branch", sd, m)] for sd in seeds} for m in rep.BRANCH_METHODS}
+            timings["plateau_branch"] = round(time.perf_counter() - t0, 1)
     finally:
         pool.close()
 
@@ -329,6 +368,7 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
         "vocab_size": s.tok.vocab_size,
         "eval_examples": len(s.eval),
         "teacher": {**tmeta, "parameters": sum(p.numel() for p in teacher.parameters()), "cached": teacher_cached,
+                    "hits": teacher_hits, "sample_accuracy_t1": teacher_t1,
                     "size": cfg.teacher.as_dict()},
         "student_warm": {**smeta, **warm, "parameters": sum(p.numel() for p in student0.parameters()),
                          "cached": student_cached, "size": cfg.student.as_dict()},
@@ -337,6 +377,7 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
         "seeds": seeds,
         "runs": runs,
         "continual": cont,
+        **({"plateau_branch": branch} if branch is not None else {}),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "opd_kernels": _version()},
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),

@@ -1,6 +1,7 @@
 """One training run of a method from the warm student, at a fixed budget of student training tokens.
 
-All five methods share the optimizer (AdamW, learning rate warmed up over 10 steps, then constant),
+All five methods share the optimizer (AdamW, learning rate warmed up over 10 steps, then a cosine over
+the token budget down to 10% of its peak, :func:`token_lr`; the study's presets all use the decay),
 the prompts (the same stream, same seed), the sampling seed and the budget: the number of completion
 tokens the student is trained on, counted after masking (``mask.sum()``; tokens after the first <eos>
 are not counted).

@@ -22,6 +22,8 @@ METHOD_LABELS = {
 }
 FIVE = ("dense_opd", "sampled_opd", "offline_kd", "sft", "rl")
 TARGETS = (0.9, 0.95)  # fractions of the teacher's accuracy
+BRANCH_METHODS = ("sft", "dense_opd", "rl")      # the cost comparison from SFT's end point (--full)
+BRANCH_LEVELS = (0.8, 0.85, 0.9, 0.95, 1.0)      # ... read at these fractions of the teacher's accuracy
 
 
 # ---- read-outs ----------------------------------------------------------------------------------
@@ -90,13 +92,243 @@ def choose_lr(validation: Optional[Dict[str, float]], grid: Sequence[float]) -> 
     return float(max(sorted(grid), key=lambda lr: (validation[str(lr)], -lr)))
 
 
-def _ge(x: Optional[float], threshold: float) -> bool:
-    return x is not None and x >= threshold
+# ---- uncertainty: a paired bootstrap over prompts x seeds -------------------------------------------
+
+BOOTSTRAP_SAMPLES = 1000   # replicates of every figure
+BOOTSTRAP_SEED = 0         # the replicates are drawn from a fixed stream: the intervals are reproducible
+INTERVAL = 0.95            # central percentile interval
+VERDICTS = ("reproduced", "not reproduced", "inconclusive", "undetermined")
 
 
-def verdict(score: int, of: int) -> str:
-    """``of`` conditions: all hold -> reproduced, some -> partly, none -> not reproduced."""
-    return "reproduced" if score == of else ("partly" if score > 0 else "not reproduced")
+def _bits(hits: str):
+    import numpy as np
+    return np.frombuffer(hits.encode("ascii"), dtype=np.uint8) == ord("1")
+
+
+class Hits:
+    """The per-prompt exact matches of a report as arrays (one row per evaluation point), so that a
+    bootstrap replicate can recompute every curve from resampled prompts and seeds."""
+
+    def __init__(self, report: Dict):
+        import numpy as np
+        self.seeds = [str(s) for s in report["seeds"]]
+        self.teacher = _bits(report["teacher"]["hits"])
+        self.warm_old = _bits(report["student_warm"]["old_skill_hits"])
+        self.runs = {m: {s: self._curve(r[s]["curve"], ("hits", "old_skill_hits")) for s in self.seeds}
+                     for m, r in report["runs"].items()}
+        self.cont = {}
+        for s in self.seeds:
+            c = report["continual"][s]
+            pts = {"before": c["before"], "after_fine_tune": c["after_fine_tune"],
+                   **{m: c[f"recovered_{m}"]["curve"][-1] for m in ("dense_opd", "sft")}}
+            self.cont[s] = {k: (_bits(p["hits"]), _bits(p["new_task_hits"])) for k, p in pts.items()}
+        self.branch = {m: {s: self._curve(r[s]["curve"], ("hits", "old_skill_hits"), r[s]["flops_by_component"])
+                           for s in self.seeds} for m, r in report.get("plateau_branch", {}).items()}
+        self.sizes = (len(self.teacher), len(self.warm_old),
+                      len(next(iter(self.cont.values()))["before"][1]) if self.cont else 0)
+        self._np = np
+
+    @staticmethod
+    def _curve(curve: Sequence[Dict], keys: Tuple[str, str], components: Optional[Dict] = None) -> Dict:
+        """``components`` (a run's ``flops_by_component``): also ``student_flops``, the student's own
+        sampling and training, the same share of every step's FLOPs."""
+        import numpy as np
+        share = None
+        if components:
+            share = sum(v for k, v in components.items() if k.startswith("student")) / sum(components.values())
+        return {"x": [{**{k: p[k] for k in ("tokens", "flops", "cpu_seconds")},
+                       **({"student_flops": p["flops"] * share} if share is not None else {})} for p in curve],
+                "acc": np.stack([_bits(p[keys[0]]) for p in curve]),
+                "old": np.stack([_bits(p[keys[1]]) for p in curve])}
+
+    def view(self, seeds: Sequence[str], idx: Optional[Tuple] = None) -> Dict:
+        """Curves, teacher and continual figures recomputed on the prompts ``idx`` (main, old skill, new
+        task: index arrays, or None for all) and the seeds ``seeds`` (a resample may repeat one); the
+        seeds of the view are renamed 0..n-1."""
+        main, old, new = idx or (slice(None),) * 3
+
+        def acc(a, i):
+            return a[..., i].mean(-1)
+
+        def curves(src):
+            out = {}
+            for m, per in src.items():
+                out[m] = {}
+                for k, s in enumerate(seeds):
+                    r = per[s]
+                    a, o = acc(r["acc"], main), acc(r["old"], old)
+                    out[m][str(k)] = [{**x, "accuracy": float(a[i]), "old_skill_accuracy": float(o[i])}
+                                      for i, x in enumerate(r["x"])]
+            return out
+
+        runs = curves(self.runs)
+        cont = {str(k): {n: (float(acc(v[0], main)), float(acc(v[1], new))) for n, v in self.cont[s].items()}
+                for k, s in enumerate(seeds)}
+        return {"teacher": float(acc(self.teacher, main)), "warm_old": float(acc(self.warm_old, old)),
+                "runs": runs, "continual": cont, "seeds": [str(k) for k in range(len(seeds))],
+                "branch": curves(self.branch) if self.branch else None}
+
+
+def _median_or_none(values: Sequence[Optional[float]]) -> Optional[float]:
+    """The median over seeds; None when any seed has no value (a figure some seed cannot give)."""
+    return None if not values or any(v is None for v in values) else statistics.median(values)
+
+
+def forgetting_levels(report: Dict) -> List[float]:
+    """The matched running-sum accuracies at which the old skill's drop is read: 4 levels evenly spaced
+    over the first 80% of the way from the warm student to the lower of dense OPD's and SFT's peaks (the
+    median over seeds of each run's highest point); none when either gains < 0.05."""
+    seeds = [str(s) for s in report["seeds"]]
+    warm = report["student_warm"]["accuracy"]
+    top = min(statistics.median(max(p["accuracy"] for p in report["runs"][m][s]["curve"]) for s in seeds)
+              for m in ("dense_opd", "sft"))
+    if top - warm < 0.05:
+        return []
+    return [round(warm + (top - warm) * k / 5, 3) for k in range(1, 5)]
+
+
+def figures(v: Dict, levels: Sequence[float]) -> Dict[str, Tuple[Optional[float], bool]]:
+    """Every figure a verdict (or the table) uses, from one view (:meth:`Hits.view`):
+    ``{name: (value, lower_bound)}``; ``lower_bound`` when some seed's figure is only a bound (a method
+    that never reached the target: its whole cost is used); value None when some seed has none."""
+    runs, seeds, teacher = v["runs"], v["seeds"], v["teacher"]
+    out: Dict[str, Tuple[Optional[float], bool]] = {}
+    falls = {}
+    for m in runs:
+        finals = [runs[m][s][-1]["accuracy"] for s in seeds]
+        out[f"final_accuracy.{m}"] = (statistics.median(finals), False)
+        out[f"fraction_of_teacher.{m}"] = (statistics.median(finals) / teacher if teacher > 0 else None, False)
+        falls[m] = statistics.median([max_drop(runs[m][s]) for s in seeds])
+        out[f"largest_fall.{m}"] = (falls[m], False)
+        if m == "dense_opd":
+            continue
+        for frac in TARGETS:
+            per = [ratio_to(runs[m][s], runs["dense_opd"][s], frac * teacher) for s in seeds]
+            out[f"flops_ratio_{round(frac * 100)}.{m}"] = (_median_or_none([p["ratio"] for p in per]),
+                                                          any(p["lower_bound"] for p in per))
+    others = [falls[m] for m in FIVE if m != "dense_opd"]
+    out["largest_fall_dense_opd_minus_others"] = (falls["dense_opd"] - statistics.median(others), False)
+
+    # forgetting (a): the old skill's drop where each method first reaches each matched level
+    mean_drop = {}
+    for m in runs:
+        drops = []
+        for i, level in enumerate(levels):
+            at = [value_at(runs[m][s], level, "old_skill_accuracy") for s in seeds]
+            d = _median_or_none([None if x is None else v["warm_old"] - x for x in at])
+            out[f"old_skill_drop.{m}.{i}"] = (d, False)
+            drops.append(d)
+        mean_drop[m] = None if not drops or None in drops else sum(drops) / len(drops)
+        out[f"old_skill_drop_mean.{m}"] = (mean_drop[m], False)
+    d_opd, d_sft = mean_drop.get("dense_opd"), mean_drop.get("sft")
+    out["forgetting_reduction_vs_sft"] = (
+        1 - max(d_opd, 0.0) / d_sft if d_opd is not None and d_sft is not None and d_sft > 0.02 else None, False)
+
+    # forgetting (b): continual learning, dense OPD's and SFT's recovery from the earlier checkpoint
+    cont = v["continual"]
+    for m in ("dense_opd", "sft"):
+        rec, ret = [], []
+        for s in seeds:
+            c = cont[s]
+            lost = c["before"][0] - c["after_fine_tune"][0]
+            rec.append((c[m][0] - c["after_fine_tune"][0]) / lost if lost > 0.02 else None)
+            ret.append(c[m][1] / c["after_fine_tune"][1] if c["after_fine_tune"][1] > 0 else None)
+        out[f"recovered_fraction.{m}"] = (_median_or_none(rec), False)
+        out[f"new_task_retention.{m}"] = (_median_or_none(ret), False)
+
+    # with --full: cost from SFT's end point, all FLOPs and the student's own only
+    if v.get("branch"):
+        b = v["branch"]
+        for frac in BRANCH_LEVELS:
+            for m in ("sft", "rl"):
+                for x in ("flops", "student_flops"):
+                    per = [ratio_to(b[m][s], b["dense_opd"][s], frac * teacher, x) for s in seeds]
+                    out[f"branch_{x}_ratio_{round(frac * 100)}.{m}"] = (
+                        _median_or_none([p["ratio"] for p in per]), any(p["lower_bound"] for p in per))
+    return out
+
+
+def spread_figures(v: Dict) -> Dict[str, Tuple[Optional[float], bool]]:
+    """The range of the final accuracy over the seeds, per method, and dense OPD's minus the median of
+    the other four's. Resampling 3 seeds would mostly shrink a range, so these are bootstrapped over the
+    prompts only, on the seeds as they are."""
+    runs, seeds = v["runs"], v["seeds"]
+    spread = {m: max(runs[m][s][-1]["accuracy"] for s in seeds) - min(runs[m][s][-1]["accuracy"] for s in seeds)
+              for m in runs}
+    out = {f"seed_spread.{m}": (x, False) for m, x in spread.items()}
+    out["seed_spread_dense_opd_minus_others"] = (
+        spread["dense_opd"] - statistics.median(spread[m] for m in FIVE if m != "dense_opd"), False)
+    return out
+
+
+def bootstrap(report: Dict, levels: Sequence[float], samples: int = BOOTSTRAP_SAMPLES,
+              seed: int = BOOTSTRAP_SEED) -> Dict[str, Dict]:
+    """Every figure of :func:`figures` and :func:`spread_figures` with its paired bootstrap interval.
+
+    Each replicate draws the evaluation prompts (each split: as many as it has, with replacement) and
+    the seeds (with replacement), the same draw for every method, every evaluation point and the
+    teacher (paired), and recomputes the figure from the per-prompt exact matches. Returns
+    ``{name: {"value", "lower_bound", "interval": [lo, hi] or None, "missing", "censored"}}``:
+    ``missing`` is the share of replicates with no value, ``censored`` the share whose value is only a
+    lower bound."""
+    import numpy as np
+    h = Hits(report)
+    point = {**figures(h.view(h.seeds), levels), **spread_figures(h.view(h.seeds))}
+    rng = np.random.default_rng(seed)
+    reps: Dict[str, List[Tuple[Optional[float], bool]]] = {k: [] for k in point}
+    n_main, n_old, n_new = h.sizes
+    for _ in range(samples):
+        idx = (rng.integers(0, n_main, n_main), rng.integers(0, n_old, n_old), rng.integers(0, max(n_new, 1), n_new))
+        sel = [h.seeds[i] for i in rng.integers(0, len(h.seeds), len(h.seeds))]
+        got = {**figures(h.view(sel, idx), levels), **spread_figures(h.view(h.seeds, idx))}
+        for k in point:
+            reps[k].append(got[k])
+    tail = 100 * (1 - INTERVAL) / 2
+    out = {}
+    for k, (value, bound) in point.items():
+        vals = [x for x, _ in reps[k] if x is not None]
+        out[k] = {"value": value, "lower_bound": bound,
+                  "interval": [float(np.percentile(vals, tail)), float(np.percentile(vals, 100 - tail))]
+                  if vals else None,
+                  "missing": 1 - len(vals) / samples, "censored": sum(b for x, b in reps[k] if x is not None) / samples}
+    return out
+
+
+def judge(fig: Dict, threshold: float, direction: str = ">=") -> str:
+    """One of :data:`VERDICTS` for "figure ``direction`` threshold", from the figure's interval.
+
+    - undetermined: no value, or more than the interval's tail share of replicates (2.5%) without one,
+      or (``>=``) the figure is partly a lower bound and does not clear the threshold: only a bound is
+      known;
+    - reproduced: the whole interval is on the claim's side of the threshold (``>=``: lo >= threshold;
+      ``<=``: hi <= threshold);
+    - not reproduced: the whole interval is on the other side;
+    - inconclusive: the interval contains the threshold."""
+    tail = (1 - INTERVAL) / 2
+    if fig["value"] is None or fig["interval"] is None or fig["missing"] > tail:
+        return "undetermined"
+    lo, hi = fig["interval"]
+    if direction == ">=":
+        if lo >= threshold:
+            return "reproduced"
+        if fig["lower_bound"] or fig["censored"] > tail:
+            return "undetermined"
+        return "not reproduced" if hi < threshold else "inconclusive"
+    if direction != "<=":
+        raise ValueError(f"direction: expected '>=' or '<=', got {direction!r}")
+    if hi <= threshold:
+        return "reproduced"
+    return "not reproduced" if lo > threshold else "inconclusive"
+
+
+def combine(verdicts: Sequence[str]) -> str:
+    """The verdict of a claim whose parts must all hold: not reproduced when one part is; reproduced
+    when every part is; else undetermined when a part is, else inconclusive."""
+    if "not reproduced" in verdicts:
+        return "not reproduced"
+    if all(v == "reproduced" for v in verdicts):
+        return "reproduced"
+    return "undetermined" if "undetermined" in verdicts else "inconclusive"
 
 
 # ---- the analysis -------------------------------------------------------------------------------
@@ -116,8 +348,9 @@ def _common_summary(runs: Dict, seeds: List[str], method: str, target: float, x:
     return mr
 
 
-def analyse(report: Dict) -> Dict:
-    """Figures and the ``claims`` list from ``report['runs']`` and ``report['continual']``."""
+def analyse(report: Dict, samples: int = BOOTSTRAP_SAMPLES) -> Dict:
+    """Figures, their bootstrap intervals (``uncertainty``) and the ``claims`` list from
+    ``report['runs']`` and ``report['continual']`` (with their per-prompt exact matches)."""
     runs, seeds = report["runs"], [str(s) for s in report["seeds"]]
     teacher = report["teacher"]["accuracy"]
     warm = report["student_warm"]
@@ -146,27 +379,18 @@ def analyse(report: Dict) -> Dict:
             if m != "dense_opd":
                 per_method[m][f"flops_ratio_to_dense_opd_{key}"] = _ratio_summary(runs, seeds, m, target, "flops")
                 per_method[m][f"cpu_ratio_to_dense_opd_{key}"] = _ratio_summary(runs, seeds, m, target, "cpu_seconds")
-        if m != "dense_opd":   # at the highest score both reach, at most 90% of the teacher
+        if m != "dense_opd":   # descriptive: at the highest score both reach, at most 90% of the teacher
             for x, name in (("flops", "flops"), ("cpu_seconds", "cpu"), ("tokens", "tokens")):
                 per_method[m][f"{name}_ratio_to_dense_opd_common_score"] = _common_summary(
                     runs, seeds, m, TARGETS[0] * teacher, x)
 
-    # forgetting (a): the old skill at matched accuracy on the new (distilled) task
-    improved = [m for m in FIVE if per_method[m]["final_accuracy"]["median"] is not None and statistics.median(
-        [max(p["accuracy"] for p in runs[m][s]["curve"]) for s in seeds]) >= warm["accuracy"] + 0.05]
-    level = min((statistics.median([max(p["accuracy"] for p in runs[m][s]["curve"]) for s in seeds])
-                 for m in improved), default=None)
-    forgetting = {"matched_accuracy": level, "methods_that_reach_it": improved,
-                  "old_skill_before": warm["old_skill_accuracy"], "drop_at_matched_accuracy": {}}
-    for m in FIVE:
-        drops = [None if level is None or value_at(runs[m][s]["curve"], level, "old_skill_accuracy") is None
-                 else warm["old_skill_accuracy"] - value_at(runs[m][s]["curve"], level, "old_skill_accuracy")
-                 for s in seeds]
-        forgetting["drop_at_matched_accuracy"][m] = median_range(drops)
-    d_opd = forgetting["drop_at_matched_accuracy"]["dense_opd"]["median"]
-    d_sft = forgetting["drop_at_matched_accuracy"]["sft"]["median"]
-    forgetting["dense_opd_less_forgetting_than_sft"] = (
-        1 - max(d_opd, 0.0) / d_sft if d_opd is not None and d_sft is not None and d_sft > 0.02 else None)
+    levels = forgetting_levels(report)
+    unc = bootstrap(report, levels, samples)
+    forgetting = {"matched_levels": levels, "old_skill_before": warm["old_skill_accuracy"],
+                  "drop_at_matched_levels": {m: [unc[f"old_skill_drop.{m}.{i}"] for i in range(len(levels))]
+                                             for m in methods},
+                  "mean_drop_over_levels": {m: unc[f"old_skill_drop_mean.{m}"] for m in methods},
+                  "dense_opd_less_forgetting_than_sft": unc["forgetting_reduction_vs_sft"]}
 
     # forgetting (b): continual learning
     cont = report["continual"]
@@ -176,20 +400,93 @@ def analyse(report: Dict) -> Dict:
           "fine_tune_steps": median_range([cont[s]["fine_tune_steps"] for s in seeds])}
     for m in ("dense_opd", "sft"):
         fin = [cont[s][f"recovered_{m}"]["curve"][-1] for s in seeds]
-        lost = [cont[s]["before"]["accuracy"] - cont[s]["after_fine_tune"]["accuracy"] for s in seeds]
         cl[f"{m}_old_skill_after_recovery"] = median_range([f["accuracy"] for f in fin])
         cl[f"{m}_new_task_after_recovery"] = median_range([f["new_task_accuracy"] for f in fin])
-        cl[f"{m}_recovered_fraction_of_lost"] = median_range(
-            [(f["accuracy"] - cont[s]["after_fine_tune"]["accuracy"]) / lo if lo > 0.02 else None
-             for f, lo, s in zip(fin, lost, seeds)])
-        cl[f"{m}_new_task_retention"] = median_range(
-            [f["new_task_accuracy"] / cont[s]["after_fine_tune"]["new_task_accuracy"]
-             if cont[s]["after_fine_tune"]["new_task_accuracy"] > 0 else None for f, s in zip(fin, seeds)])
+        cl[f"{m}_recovered_fraction_of_lost"] = unc[f"recovered_fraction.{m}"]
+        cl[f"{m}_new_task_retention"] = unc[f"new_task_retention.{m}"]
         cl[f"{m}_recovery_flops"] = median_range([f["flops"] for f in fin])
     forgetting["continual_learning"] = cl
     return {"summary": per_method, "forgetting": forgetting,
-            "claims": claims(per_method, forgetting, teacher, report["config"])}
+            "uncertainty": {"method": f"paired bootstrap over prompts x seeds, {samples} replicates (seed "
+                                      f"{BOOTSTRAP_SEED}), {INTERVAL:.0%} percentile intervals; the seed spreads "
+                                      "over prompts only", "verdict_rule": VERDICT_RULE, "figures": unc},
+            "claims": claims(unc, levels, report["config"], "plateau_branch" in report)}
 
+
+def _part(name: str, what: str, fig: Dict, threshold: float, direction: str = ">=") -> Dict:
+    return {"part": name, "figure": what, **fig, "threshold": threshold, "direction": direction,
+            "verdict": judge(fig, threshold, direction)}
+
+
+def claims(unc: Dict, levels: Sequence[float], cfg: Dict, branch: bool = False) -> List[Dict]:
+    """One entry per published claim: its parts, each a figure with its bootstrap interval, a
+    threshold and a verdict (:func:`judge`); the claim's verdict combines them (:func:`combine`). No
+    figure stands in for another: a method that never reaches a target gives only a bound."""
+    spec = [
+        (1, "OPD brings the student to the teacher's level", [
+            ("", "dense OPD's final accuracy / the teacher's", "fraction_of_teacher.dense_opd", 0.95, ">=")],
+         f"dense OPD's final accuracy (median over seeds) is >= 95% of the teacher's, within "
+         f"{cfg['token_budget']:,} student tokens"),
+        (2, "OPD needs about 1/10 of the compute of RL or SFT on teacher data for the same score (Qwen3: "
+            "1,800 vs 17,920 GPU-hours vs RL; Thinking Machines: 9-30x vs SFT)", [
+            ("vs RL", "RL's FLOPs / dense OPD's, to 95% of the teacher", "flops_ratio_95.rl", 5.0, ">="),
+            ("vs SFT", "SFT's FLOPs / dense OPD's, to 95% of the teacher", "flops_ratio_95.sft", 5.0, ">=")],
+         "RL and SFT on teacher samples each need >= 5x dense OPD's FLOPs (median over seeds of the per-seed "
+         "ratio) to reach 95% of the teacher's accuracy; a method that never reaches it gives a lower bound"),
+        (3, "OPD forgets far less (> 70% less than SFT), and OPD from the model's own earlier checkpoint restores "
+            "a lost skill while keeping the new one", [
+            ("a: less forgetting", "1 - dense OPD's / SFT's old-skill drop, averaged over the matched levels",
+             "forgetting_reduction_vs_sft", 0.7, ">="),
+            ("b: skill restored", "share of the lost running-sum accuracy dense OPD regains",
+             "recovered_fraction.dense_opd", 0.8, ">="),
+            ("b: new task kept", "share of the new task's accuracy dense OPD keeps", "new_task_retention.dense_opd",
+             0.8, ">=")],
+         "(a) averaged over the matched running-sum accuracies "
+         f"{', '.join(f'{x:.3f}' for x in levels) or '(none)'}, dense OPD's drop of the old skill (reversal) is "
+         ">= 70% smaller than SFT's (undetermined when SFT's mean drop is <= 0.02); (b) after the fine-tune on "
+         "the new task, dense OPD from the earlier checkpoint regains >= 80% of the lost running-sum accuracy "
+         "and keeps >= 80% of the new task's"),
+        (4, "OPD trains stably: smooth curves, small spread across seeds", [
+            ("smooth", "dense OPD's largest fall between evaluations minus the other four methods' (median)",
+             "largest_fall_dense_opd_minus_others", 0.0, "<="),
+            ("small spread", "dense OPD's range of final accuracy over seeds minus the other four's (median)",
+             "seed_spread_dense_opd_minus_others", 0.0, "<=")],
+         "compared with the other four methods: dense OPD's largest fall between consecutive evaluations "
+         "(median over seeds) and the range of its final accuracy over seeds are each no larger than the "
+         "median of the other four methods' (the difference's interval <= 0; the ranges are bootstrapped over "
+         "prompts only)"),
+        (5, "Dense per-token supervision carries more than sparse signals (sampled-token, sequence reward)", [
+            ("vs sampled-token", "sampled-token OPD's FLOPs / dense OPD's, to 90% of the teacher",
+             "flops_ratio_90.sampled_opd", 1.5, ">="),
+            ("vs RL", "RL's FLOPs / dense OPD's, to 90% of the teacher", "flops_ratio_90.rl", 1.5, ">=")],
+         "sampled-token OPD and RL each need >= 1.5x dense OPD's FLOPs to reach 90% of the teacher; a method "
+         "that never reaches it gives a lower bound"),
+    ]
+    if branch:
+        spec[1][2].extend([
+            ("from SFT's end point, vs SFT", "continued SFT's FLOPs / dense OPD's, from SFT's end point to the "
+             "teacher's accuracy", "branch_flops_ratio_100.sft", 5.0, ">="),
+            ("from SFT's end point, vs RL", "RL's FLOPs / dense OPD's, from SFT's end point to the teacher's "
+             "accuracy", "branch_flops_ratio_100.rl", 5.0, ">=")])
+    out = []
+    for cid, text, parts, condition in spec:
+        ps = [_part(name, what, unc[key], thr, d) for name, what, key, thr, d in parts]
+        for p, (_, _, key, _, _) in zip(ps, parts):
+            p["key"] = key
+        out.append({"id": cid, "claim": text, "parts": ps, "verdict": combine([p["verdict"] for p in ps]),
+                    "condition": condition})
+    return out
+
+
+VERDICT_RULE = (f"per part, from its {INTERVAL:.0%} paired bootstrap interval over prompts x seeds: reproduced when "
+                "the whole interval is on the claim's side of the threshold, not reproduced when it is wholly on the "
+                "other side, inconclusive when it contains the threshold, undetermined when only a bound is known "
+                "(a method never reached the target at some seed and the bound does not clear the threshold, or the "
+                "figure is missing); a claim is not reproduced when one part is not, reproduced when every part is, "
+                "else undetermined when a part is, else inconclusive")
+
+
+# ---- text -----------------------------------------------------------------------------------------
 
 def _fmt(mr: Dict, digits: int = 3, suffix: str = "") -> str:
     if mr is None or mr.get("median") is None:
@@ -200,153 +497,109 @@ def _fmt(mr: Dict, digits: int = 3, suffix: str = "") -> str:
     return f"{lb}{mr['median']:.{digits}f}{suffix} [{mr['min']:.{digits}f}-{mr['max']:.{digits}f}]"
 
 
-def _judged(pm: Dict, methods: Sequence[str], key: str) -> List[Dict]:
-    """Each method's FLOPs ratio to dense OPD at the target ``key``; where that is only a lower bound
-    (never reached) or missing, the ratio at the highest common score instead: a bound decides nothing."""
-    out = []
-    for m in methods:
-        r = pm[m][f"flops_ratio_to_dense_opd_{key}"]
-        out.append(r if r["median"] is not None and not r["lower_bound"]
-                   else pm[m]["flops_ratio_to_dense_opd_common_score"])
-    return out
-
-
-def claims(pm: Dict, fg: Dict, teacher: float, cfg: Dict) -> List[Dict]:
-    """One entry per published claim: the figures, a verdict and the condition it was judged by."""
-    out = []
-    d = pm["dense_opd"]
-    frac = d["fraction_of_teacher"] or median_range([])
-    ok = [_ge(frac["median"], 0.95), _ge(frac["min"], 0.9)]
-    out.append({
-        "id": 1, "claim": "OPD brings the student to the teacher's level",
-        "figures": {"teacher_accuracy": teacher, "dense_opd_final_accuracy": d["final_accuracy"],
-                    "dense_opd_fraction_of_teacher": frac},
-        "verdict": verdict(sum(ok), 2),
-        "condition": "reproduced: dense OPD's median final accuracy >= 95% of the teacher's and every seed >= "
-                     f"90%; within {cfg['token_budget']:,} student tokens"})
-
-    # the 95% target when dense OPD reaches it at most seeds, else 90%
-    key = "95pct_teacher" if 2 * d["reached_95pct_teacher"] > d["final_accuracy"]["n"] else "90pct_teacher"
-    rl, sft = pm["rl"][f"flops_ratio_to_dense_opd_{key}"], pm["sft"][f"flops_ratio_to_dense_opd_{key}"]
-    judged = _judged(pm, ("rl", "sft"), key)
-    ok = [_ge(r["median"], 5) for r in judged]
-    out.append({
-        "id": 2, "claim": "OPD needs about 1/10 of the compute of RL or SFT on teacher data for the same score "
-                          "(Qwen3: 1,800 vs 17,920 GPU-hours vs RL; Thinking Machines: 9-30x vs SFT)",
-        "figures": {"target": key, "rl_flops_over_dense_opd": rl, "sft_flops_over_dense_opd": sft,
-                    "judged_on": {"rl": judged[0], "sft": judged[1]},
-                    "rl_cpu_seconds_over_dense_opd": pm["rl"][f"cpu_ratio_to_dense_opd_{key}"],
-                    "sft_cpu_seconds_over_dense_opd": pm["sft"][f"cpu_ratio_to_dense_opd_{key}"],
-                    "offline_kd_flops_over_dense_opd": pm["offline_kd"][f"flops_ratio_to_dense_opd_{key}"]},
-        "verdict": verdict(sum(ok), 2),
-        "condition": f"reproduced: RL and SFT each need >= 5x dense OPD's FLOPs (median over seeds) to reach "
-                     f"{key.replace('pct_teacher', '% of the teacher')}; partly: one of them. When a method never "
-                     "reaches that target (its ratio is only a lower bound), it is judged at the highest score it and "
-                     "dense OPD both reach (capped at 90% of the teacher; `judged_on` gives that score)"})
-
-    a = fg["dense_opd_less_forgetting_than_sft"]
-    cl = fg["continual_learning"]
-    rec, ret = cl["dense_opd_recovered_fraction_of_lost"]["median"], cl["dense_opd_new_task_retention"]["median"]
-    ok = [_ge(a, 0.7), _ge(rec, 0.8) and _ge(ret, 0.8)]
-    out.append({
-        "id": 3, "claim": "OPD forgets far less (> 70% less than SFT), and OPD from the model's own earlier "
-                          "checkpoint restores a lost skill while keeping the new one",
-        "figures": {"matched_accuracy": fg["matched_accuracy"],
-                    "old_skill_drop_at_matched_accuracy": fg["drop_at_matched_accuracy"],
-                    "dense_opd_less_forgetting_than_sft": a, "continual_learning": cl},
-        "verdict": verdict(sum(ok), 2),
-        "condition": "(a) dense OPD's drop of the old skill (reversal) at matched running-sum accuracy is >= 70% "
-                     "smaller than SFT's (not testable when SFT drops <= 0.02); (b) after the fine-tune on the new "
-                     "task, dense OPD from the earlier checkpoint regains >= 80% of the lost running-sum accuracy "
-                     "and keeps >= 80% of the new task's; reproduced: both, partly: one"})
-
-    drop, spread = d["max_drop_between_evaluations"]["median"], d["seed_spread_of_final_accuracy"]
-    others = [pm[m]["max_drop_between_evaluations"]["median"] for m in FIVE if m != "dense_opd"]
-    ok = [drop is not None and drop <= 0.05, spread <= 0.05]
-    out.append({
-        "id": 4, "claim": "OPD trains stably: smooth curves, small spread across seeds",
-        "figures": {"dense_opd_max_drop_between_evaluations": d["max_drop_between_evaluations"],
-                    "dense_opd_seed_spread_of_final_accuracy": spread,
-                    "max_drop_other_methods": dict(zip([m for m in FIVE if m != "dense_opd"], others)),
-                    "seed_spread_other_methods": {m: pm[m]["seed_spread_of_final_accuracy"]
-                                                  for m in FIVE if m != "dense_opd"}},
-        "verdict": verdict(sum(ok), 2),
-        "condition": "reproduced: dense OPD's largest fall between consecutive evaluations (median over seeds) "
-                     "<= 0.05 and the range of its final accuracy over seeds <= 0.05"})
-
-    sp = pm["sampled_opd"]["flops_ratio_to_dense_opd_90pct_teacher"]
-    rl = pm["rl"]["flops_ratio_to_dense_opd_90pct_teacher"]
-    judged = _judged(pm, ("sampled_opd", "rl"), "90pct_teacher")
-    ok = [_ge(r["median"], 1.5) for r in judged]
-    out.append({
-        "id": 5, "claim": "Dense per-token supervision carries more than sparse signals (sampled-token, "
-                          "sequence reward)",
-        "figures": {"sampled_opd_flops_over_dense_opd_90pct": sp, "rl_flops_over_dense_opd_90pct": rl,
-                    "judged_on": {"sampled_opd": judged[0], "rl": judged[1]},
-                    "final_accuracy": {m: pm[m]["final_accuracy"] for m in ("dense_opd", "sampled_opd", "rl")}},
-        "verdict": verdict(sum(ok), 2),
-        "condition": "reproduced: sampled-token OPD and RL each need >= 1.5x dense OPD's FLOPs to reach 90% of "
-                     "the teacher, or, when they never reach it, at the highest score they and dense OPD both reach; "
-                     "partly: one of them"})
-    return out
-
-
-# ---- text -----------------------------------------------------------------------------------------
-
 def _ratio_cell(mr: Dict) -> str:
     if mr is None or mr.get("median") is None:
         return "n/a"
     return f"{'>= ' if mr['lower_bound'] else ''}{mr['median']:.2f}x"
 
 
+def _ci(fig: Optional[Dict], digits: int = 3, suffix: str = "") -> str:
+    """A figure with its interval: ``0.927 [0.912, 0.941]``; ``>=`` when it is partly a lower bound."""
+    if fig is None or fig.get("value") is None:
+        return "n/a"
+    lb = ">= " if fig.get("lower_bound") else ""
+    iv = fig.get("interval")
+    rng = f" [{iv[0]:.{digits}f}, {iv[1]:.{digits}f}]" if iv else ""
+    return f"{lb}{fig['value']:.{digits}f}{suffix}{rng}"
+
+
 def table(report: Dict) -> str:
     """The markdown table of the methods, then the claims: what the README shows."""
     pm, fg, t = report["summary"], report["forgetting"], report["teacher"]["accuracy"]
+    unc = report["uncertainty"]["figures"]
     n = len(report["seeds"])
+    t1 = report["teacher"].get("sample_accuracy_t1")
     lines = [
-        f"Task: {report['task']}. Teacher {t:.3f} ({report['teacher']['parameters']:,} params); warm student "
-        f"{report['student_warm']['accuracy']:.3f} ({report['student_warm']['parameters']:,} params), old skill "
-        f"{report['student_warm']['old_skill_accuracy']:.3f}. {n} seeds: median [min-max]; "
-        f"{report['config']['token_budget']:,} student tokens per run.",
+        f"Task: {report['task']}. Teacher {t:.3f} ({report['teacher']['parameters']:,} params"
+        + (f"; its T = 1 samples, what SFT trains on, are correct {t1:.3f} of the time" if t1 is not None else "")
+        + f"); warm student {report['student_warm']['accuracy']:.3f} ({report['student_warm']['parameters']:,} "
+        f"params), old skill {report['student_warm']['old_skill_accuracy']:.3f}. {n} seeds, "
+        f"{report['config']['token_budget']:,} student tokens per run. Each figure is the median over seeds with "
+        f"its {INTERVAL:.0%} paired bootstrap interval over prompts x seeds in brackets [low, high] (the seed "
+        "ranges: over prompts only).",
         "",
-        "| method | lr | final accuracy | fraction of teacher | FLOPs to 90% of teacher, x dense OPD | x dense OPD at the "
-        "highest common score <= 90%: FLOPs / CPU s / tokens (score) | old-skill drop at matched accuracy | "
-        "largest fall |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | lr | final accuracy | fraction of teacher | FLOPs to 90% of teacher, x dense OPD | FLOPs to 95% "
+        "of teacher, x dense OPD | x dense OPD at the highest common score <= 90%: FLOPs / CPU s / tokens (score) | "
+        "old-skill drop, mean over matched levels | largest fall | seed range |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m, s in pm.items():
         if m == "dense_opd":
-            fl = f"{_sci(s['flops_to_90pct_teacher'])} FLOPs, {_fmt(s['cpu_seconds_to_90pct_teacher'], 1)} CPU s (1x)"
+            fl = f"{_sci(s['flops_to_90pct_teacher'])} FLOPs, {_num(s['cpu_seconds_to_90pct_teacher']['median'], 1)} CPU s (1x)"
+            fl95 = f"{_sci(s['flops_to_95pct_teacher'])} FLOPs (1x)"
             common = "1x"
         else:
-            fl = _ratio_cell(s["flops_ratio_to_dense_opd_90pct_teacher"])
+            fl = _ci(unc[f"flops_ratio_90.{m}"], 2, "x")
+            fl95 = _ci(unc[f"flops_ratio_95.{m}"], 2, "x")
             common = (f"{_ratio_cell(s['flops_ratio_to_dense_opd_common_score'])} / "
                       f"{_ratio_cell(s['cpu_ratio_to_dense_opd_common_score'])} / "
                       f"{_ratio_cell(s['tokens_ratio_to_dense_opd_common_score'])} "
                       f"({_num(s['flops_ratio_to_dense_opd_common_score']['score']['median'])})")
-        drop = fg["drop_at_matched_accuracy"].get(m)
-        lines.append(f"| {METHOD_LABELS[m]} | {s['learning_rate']:g} | {_fmt(s['final_accuracy'])} | "
-                     f"{_fmt(s['fraction_of_teacher'], 2)} | {fl} | {common} | "
-                     f"{_fmt(drop) if drop else 'n/a'} | {_fmt(s['max_drop_between_evaluations'])} |")
+        lines.append(f"| {METHOD_LABELS[m]} | {s['learning_rate']:g} | {_ci(unc[f'final_accuracy.{m}'])} | "
+                     f"{_ci(unc[f'fraction_of_teacher.{m}'], 2)} | {fl} | {fl95} | {common} | "
+                     f"{_ci(fg['mean_drop_over_levels'].get(m))} | {_ci(unc[f'largest_fall.{m}'])} | "
+                     f"{_ci(unc[f'seed_spread.{m}'])} |")
     cl = fg["continual_learning"]
+    levels = fg["matched_levels"]
     lines += [
         "",
-        f"Old-skill drop read where each method first reaches running-sum accuracy {_num(fg['matched_accuracy'])} "
-        f"(the lowest peak among the methods that improved); old skill before: {fg['old_skill_before']:.3f}. "
-        "A ratio `>= r` is a lower bound: that method never reached the target, its whole cost is used.",
+        "A ratio `>= r` is partly a lower bound: at some seed that method never reached the target, and its whole "
+        "cost is used. The highest-common-score column is descriptive; no verdict uses it.",
+        "",
+        f"Old-skill (reversal, {fg['old_skill_before']:.3f} before) drop where each method first reaches running-sum "
+        f"accuracy {', '.join(f'{x:.3f}' for x in levels) or '(no level)'}:",
+        "",
+        "| method | " + " | ".join(f"{x:.3f}" for x in levels) + " |",
+        "|---|" + "---|" * len(levels),
+    ]
+    for m, drops in fg["drop_at_matched_levels"].items():
+        lines.append(f"| {METHOD_LABELS[m]} | " + " | ".join(_ci(d) for d in drops) + " |")
+    lines += [
         "",
         f"Continual learning: running sum {_fmt(cl['before'])} -> {_fmt(cl['after_fine_tune'])} after "
         f"{_fmt(cl['fine_tune_steps'], 0)} fine-tune steps on letter shift (shift accuracy "
         f"{_fmt(cl['new_task_after_fine_tune'])}); recovered from the earlier checkpoint with dense OPD: running "
         f"sum {_fmt(cl['dense_opd_old_skill_after_recovery'])}, shift {_fmt(cl['dense_opd_new_task_after_recovery'])};"
         f" with SFT on its samples: running sum {_fmt(cl['sft_old_skill_after_recovery'])}, shift "
-        f"{_fmt(cl['sft_new_task_after_recovery'])}.",
+        f"{_fmt(cl['sft_new_task_after_recovery'])} (median [min-max] over seeds).",
         "",
-        "| # | claim | verdict |",
-        "|---|---|---|",
+    ]
+    if "plateau_branch" in report:
+        lines += [
+            "Cost from SFT's end point (`--full`): each seed's SFT run continued, against dense OPD and RL from the "
+            "same point, another "
+            f"{report['config']['token_budget']:,} student tokens each; FLOPs to reach each fraction of the teacher, "
+            "x dense OPD's (all FLOPs / the student's own only):",
+            "",
+            "| method | " + " | ".join(f"{x:.0%} of teacher" for x in BRANCH_LEVELS) + " |",
+            "|---|" + "---|" * len(BRANCH_LEVELS),
+        ]
+        for m in ("sft", "rl"):
+            lines.append(f"| {METHOD_LABELS[m]} | " + " | ".join(
+                f"{_ci(unc[f'branch_flops_ratio_{round(x * 100)}.{m}'], 2, 'x')} / "
+                f"{_ci(unc[f'branch_student_flops_ratio_{round(x * 100)}.{m}'], 2, 'x')}" for x in BRANCH_LEVELS)
+                + " |")
+        lines.append("")
+    lines += [
+        "| # | claim | part: figure | value (interval) | needs | verdict |",
+        "|---|---|---|---|---|---|",
     ]
     for c in report["claims"]:
-        lines.append(f"| {c['id']} | {c['claim']} | **{c['verdict']}** |")
+        for i, p in enumerate(c["parts"]):
+            head = f"| {c['id']} | {c['claim']} (**{c['verdict']}**)" if i == 0 else "| | "
+            name = f"{p['part']}: " if p["part"] else ""
+            lines.append(f"{head} | {name}{p['figure']} | {_ci(p, 3)} | {p['direction']} {p['threshold']:g} | "
+                         f"{p['verdict']} |")
     v, mach = report["versions"], report["machine"]
     lines += ["", f"From `{report.get('command', 'opd-distill')}`: {report['preset']} preset, python {v['python']}, "
                   f"torch {v['torch']}, transformers {v['transformers']}, opd_kernels {v['opd_kernels']}; "
@@ -417,17 +670,23 @@ def plot_all(report: Dict, output_dir: str) -> List[str]:
 
     fg = report["forgetting"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    names = [m for m in FIVE if fg["drop_at_matched_accuracy"][m]["median"] is not None]
-    med = [fg["drop_at_matched_accuracy"][m]["median"] for m in names]
-    err = [[v - fg["drop_at_matched_accuracy"][m]["min"] for m, v in zip(names, med)],
-           [fg["drop_at_matched_accuracy"][m]["max"] - v for m, v in zip(names, med)]]
-    a.bar(range(len(names)), med, yerr=err, capsize=3, color="tab:red", alpha=0.7)
-    a.set_xticks(range(len(names)), [METHOD_LABELS[m].split(" (")[0] for m in names], rotation=20, fontsize=7)
-    a.set_ylabel("old-skill (reversal) accuracy drop")
-    a.set_ylim(min([-0.05] + [v - e for v, e in zip(med, err[0])]), max([0.25] + [v + e for v, e in zip(med, err[1])]))
+    levels = fg["matched_levels"]
+    for m, drops in fg["drop_at_matched_levels"].items():
+        pts = [(x, d) for x, d in zip(levels, drops) if d["value"] is not None]
+        if not pts:
+            continue
+        ls = ":" if m == "sft_ground_truth" else "-"
+        line, = a.plot([x for x, _ in pts], [d["value"] for _, d in pts], ls, marker="o", ms=3,
+                       label=METHOD_LABELS[m].split(" (")[0])
+        a.fill_between([x for x, _ in pts], [d["interval"][0] for _, d in pts], [d["interval"][1] for _, d in pts],
+                       color=line.get_color(), alpha=0.15, lw=0)
     a.axhline(0, color="k", lw=0.8)
-    a.set_title(f"(a) forgetting at matched running-sum accuracy {_num(fg['matched_accuracy'])}", fontsize=9)
-    a.grid(alpha=0.3, axis="y")
+    a.set_xlabel("running-sum accuracy where the drop is read (first reached)")
+    a.set_ylabel("old-skill (reversal) accuracy drop")
+    a.set_title(f"(a) forgetting at matched accuracy: median, band = {INTERVAL:.0%} bootstrap interval", fontsize=9)
+    a.grid(alpha=0.3)
+    if a.get_legend_handles_labels()[0]:
+        a.legend(fontsize=7)
     cl = fg["continual_learning"]
     stages = ["before", "after_fine_tune", "dense_opd_old_skill_after_recovery", "sft_old_skill_after_recovery"]
     new = [None, "new_task_after_fine_tune", "dense_opd_new_task_after_recovery", "sft_new_task_after_recovery"]
@@ -443,6 +702,34 @@ def plot_all(report: Dict, output_dir: str) -> List[str]:
     fig.tight_layout()
     out.append(_save(fig, os.path.join(output_dir, "forgetting.png")))
     plt.close(fig)
+
+    if "plateau_branch" in report:       # --full: cost ratio from SFT's end point against the target level
+        unc = report["uncertainty"]["figures"]
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for m in ("sft", "rl"):
+            for x, ls in (("flops", "-"), ("student_flops", "--")):
+                figs = [(lv, unc[f"branch_{x}_ratio_{round(lv * 100)}.{m}"]) for lv in BRANCH_LEVELS]
+                pts = [(lv, f) for lv, f in figs if f["value"] is not None]
+                if not pts:
+                    continue
+                line, = ax.plot([lv for lv, _ in pts], [f["value"] for _, f in pts], ls, marker="o", ms=3,
+                                label=f"{METHOD_LABELS[m].split(' (')[0]}, {'all' if x == 'flops' else 'student'} FLOPs")
+                band = [(lv, f) for lv, f in pts if f["interval"]]
+                ax.fill_between([lv for lv, _ in band], [f["interval"][0] for _, f in band],
+                                [f["interval"][1] for _, f in band], color=line.get_color(), alpha=0.12, lw=0)
+                bounds = [(lv, f["value"]) for lv, f in pts if f["lower_bound"]]
+                if bounds:
+                    ax.plot(*zip(*bounds), "^", color=line.get_color(), ms=7, mfc="none")
+        ax.axhline(1, color="k", lw=0.8)
+        ax.set_xlabel("target: fraction of the teacher's accuracy")
+        ax.set_ylabel("FLOPs to reach it, x dense OPD's")
+        ax.set_title("from SFT's end point (open triangle: a lower bound; band: 95% bootstrap interval)", fontsize=9)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        out.append(_save(fig, os.path.join(output_dir, "plateau_branch.png")))
+        plt.close(fig)
     return out
 
 
@@ -450,11 +737,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m opd_kernels.demo.report",
                                 description="Print the README table (markdown) from a recorded report.json.")
     p.add_argument("report", help="path of a report.json written by opd-distill")
-    p.add_argument("--claims", action="store_true", help="also print each claim's figures and condition")
+    p.add_argument("--claims", action="store_true", help="also print each claim's parts and condition")
     p.add_argument("--plots", metavar="DIR", help="also redraw the report's plots into DIR")
+    p.add_argument("--reanalyse", metavar="OUT",
+                   help="recompute the figures, intervals and verdicts from the report's curves and per-prompt "
+                        "exact matches with this code, write the result to OUT and print that")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     with open(args.report) as f:
         report = json.load(f)
+    if args.reanalyse:
+        from opd_kernels.trainer.checkpoint import _write_text_atomic
+        new = analyse(report)       # in the order run_experiment writes: ..., the analysis, wall_seconds
+        report = {**{k: v for k, v in report.items() if k not in new and k != "wall_seconds"}, **new,
+                  "wall_seconds": report["wall_seconds"]}
+        _write_text_atomic(args.reanalyse, json.dumps(report, indent=1) + "\n")
     print(table(report))
     if args.plots:
         os.makedirs(args.plots, exist_ok=True)
@@ -462,6 +758,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.claims:
         for c in report["claims"]:
             print(f"\n{c['id']}. {c['claim']}: {c['verdict']}\n   condition: {c['condition']}")
+            for q in c["parts"]:
+                print(f"   {q['part'] or 'figure'}: {q['figure']} = {_ci(q)}, needs {q['direction']} "
+                      f"{q['threshold']:g}: {q['verdict']}")
     return 0
 
 

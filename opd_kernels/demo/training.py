@@ -33,15 +33,34 @@ def exact_match(tok: ByteTokenizer, completions: torch.Tensor, examples: List[Ex
 
 
 @torch.no_grad()
-def evaluate(model, tok: ByteTokenizer, task: Task, examples: List[Example], batch_size: int = 500) -> float:
-    """Greedy exact-match accuracy on held-out ``examples``."""
-    hits = 0.0
+def evaluate_hits(model, tok: ByteTokenizer, task: Task, examples: List[Example], batch_size: int = 500) -> str:
+    """Greedy exact match per held-out prompt, in the order of ``examples``: a string of ``0``/``1``."""
+    out = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         prompts = prompt_batch(tok, chunk)
         seq, _ = generate(model, prompts, task.answer_len + 1, temperature=0.0)
-        hits += float(exact_match(tok, seq[:, prompts.shape[1]:], chunk).sum())
-    return hits / len(examples)
+        out += ["1" if h else "0" for h in exact_match(tok, seq[:, prompts.shape[1]:], chunk).tolist()]
+    return "".join(out)
+
+
+def evaluate(model, tok: ByteTokenizer, task: Task, examples: List[Example], batch_size: int = 500) -> float:
+    """Greedy exact-match accuracy on held-out ``examples``."""
+    return hits_accuracy(evaluate_hits(model, tok, task, examples, batch_size))
+
+
+@torch.no_grad()
+def sample_accuracy(model, tok: ByteTokenizer, task: Task, examples: List[Example], seed: int) -> float:
+    """Exact match of one sample at T = 1 per prompt (the accuracy of the samples SFT trains on)."""
+    prompts = prompt_batch(tok, examples)
+    seq, _ = generate(model, prompts, task.answer_len + 1, temperature=1.0,
+                      generator=torch.Generator().manual_seed(seed))
+    return float(exact_match(tok, seq[:, prompts.shape[1]:], examples).mean())
+
+
+def hits_accuracy(hits: str) -> float:
+    """The accuracy of a per-prompt ``0``/``1`` string (:func:`evaluate_hits`)."""
+    return hits.count("1") / len(hits)
 
 
 def cosine_to_tenth(progress: float) -> float:
