@@ -73,14 +73,14 @@ def test_opcheck():
     ids = torch.randint(0, v - 3, (n, 3))
     lse_args = (hs, ws, None, ids, 0.9, None, 1.1, v - 3, False)
     torch.library.opcheck(tb._lse_gather_op, lse_args)
-    lse, _, ent = tb._lse_gather_op(*lse_args)
+    _, _, ent, lstats_lse = tb._lse_gather_op(*lse_args)
     logit_args = (torch.randn(n, v, requires_grad=True), torch.randn(n, v + 4), "jsd", 0.4, 1.3, v - 1)
     torch.library.opcheck(tb._logits_op, logit_args)
     _, lstats = tb._logits_op(*logit_args)
     torch.library.opcheck(tb._logits_backward_op, (torch.randn(n), lstats.detach(), logit_args[0].detach())
                           + logit_args[1:])
     torch.library.opcheck(tb._lse_gather_backward_op,
-                          (torch.randn(n), torch.randn(n, 3), torch.randn(n), lse.detach(), ent.detach(),
+                          (torch.randn(n), torch.randn(n, 3), torch.randn(n), lstats_lse.detach(), ent.detach(),
                            hs.detach(), ws.detach(), None, ids, 0.9, None, 1.1, v - 3, False))
 
 

@@ -203,8 +203,8 @@ def test_opcheck_deterministic_backward():
     _, stats = tb._divergence_op(*div_args)
     torch.library.opcheck(tb._divergence_backward_op, (torch.randn(n), stats) + div_args)
     ids = torch.randint(0, v - 3, (n, 3))
-    lse, _, ent = tb._lse_gather_op(hs, ws, bs, ids, 0.9, 4.0, 1.1, v - 3, True)
-    torch.library.opcheck(tb._lse_gather_backward_op, (torch.randn(n), torch.randn(n, 3), torch.randn(n), lse,
+    _, _, ent, lse_stats = tb._lse_gather_op(hs, ws, bs, ids, 0.9, 4.0, 1.1, v - 3, True)
+    torch.library.opcheck(tb._lse_gather_backward_op, (torch.randn(n), torch.randn(n, 3), torch.randn(n), lse_stats,
                                                        ent, hs, ws, bs, ids, 0.9, 4.0, 1.1, v - 3, True))
 
 

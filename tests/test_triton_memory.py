@@ -82,8 +82,8 @@ def test_lse_gather(tensors):
     launch = tb._kernels()
     opts = dict(temperature=1.0, softcap=None, scale=1.0, vocab_size=V)
     with Allocations() as mode:
-        lse, gathered, ent = launch.lse_gather_forward(hs, ws, bs, ids, **opts)
-        launch.lse_gather_backward(torch.ones(N), torch.ones(N, 4), torch.ones(N), lse, ent, hs, ws, bs, ids,
+        lse, gathered, ent, stats = launch.lse_gather_forward(hs, ws, bs, ids, **opts)
+        launch.lse_gather_backward(torch.ones(N), torch.ones(N, 4), torch.ones(N), stats, ent, hs, ws, bs, ids,
                                    **opts)
         leaves = [x.clone().requires_grad_() for x in (hs, ws)]
         lp, entropy = ok.linear_logprobs(leaves[0], leaves[1], ids[:, 0], return_entropy=True, backend="triton")

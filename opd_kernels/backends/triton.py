@@ -15,7 +15,7 @@ Devices: CUDA tensors run compiled kernels; CPU tensors run only under the Trito
 (TRITON_INTERPRET=1 set before triton is imported; ``INTERPRET``; that is how the tests run them), else a
 ValueError says so. Triton is imported on the first kernel launch, not with this module.
 fp64 inputs have no tensor-core path: they are handed to the pure-PyTorch backend (as is
-``strategy="chunked"``; ``"materialize"`` goes to the reference).
+``strategy="chunked"`` and ``"materialize"``).
 """
 import contextlib
 import importlib.util
@@ -177,9 +177,11 @@ def _lse_gather_options(temperature, softcap, scale, vocab_size, deterministic) 
 @torch.library.custom_op("opd::triton_lse_gather", mutates_args=())
 def _lse_gather_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ids: Tensor,
                    temperature: float, softcap: Optional[float], scale: float,
-                   vocab_size: int, deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """(lse (N,), gathered (N, k), entropy (N,)), fp32. The entropy costs one extra FMA per logit.
-    ``deterministic`` is only carried to the backward (the forward is deterministic either way)."""
+                   vocab_size: int, deterministic: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(lse (N,), gathered (N, k), entropy (N,), row statistics (2, N) = [shift, log d]), fp32. The
+    entropy costs one extra FMA per logit; the statistics are for the backward (triton/lse.py row_stats:
+    its log-probs never subtract the rounded lse). ``deterministic`` is only carried to the backward (the
+    forward is deterministic either way)."""
     opts = _lse_gather_options(temperature, softcap, scale, vocab_size, deterministic)
     return _kernels().lse_gather_forward(hidden, weight, bias, ids, opts)
 
@@ -188,44 +190,45 @@ def _lse_gather_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ids: 
 def _(hidden, weight, bias, ids, *args, **kwargs):
     n = hidden.shape[0]
     f32 = dict(dtype=torch.float32)
-    return hidden.new_empty(n, **f32), hidden.new_empty(ids.shape, **f32), hidden.new_empty(n, **f32)
+    return (hidden.new_empty(n, **f32), hidden.new_empty(ids.shape, **f32), hidden.new_empty(n, **f32),
+            hidden.new_empty(2, n, **f32))
 
 
 @torch.library.custom_op("opd::triton_lse_gather_backward", mutates_args=())
-def _lse_gather_backward_op(grad_lse: Tensor, grad_gathered: Tensor, grad_entropy: Tensor, lse: Tensor,
+def _lse_gather_backward_op(grad_lse: Tensor, grad_gathered: Tensor, grad_entropy: Tensor, stats: Tensor,
                             entropy: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                             ids: Tensor, temperature: float, softcap: Optional[float], scale: float,
                             vocab_size: int, deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dh, dw, db) in the inputs' dtypes; db is empty (0,) without a bias. ``deterministic``: no
-    atomics, fixed summation order (launch.lse_gather_backward)."""
+    """(dh, dw, db) in the inputs' dtypes; db is empty (0,) without a bias. ``stats``: the forward's row
+    statistics (2, N). ``deterministic``: no atomics, fixed summation order (launch.lse_gather_backward)."""
     opts = _lse_gather_options(temperature, softcap, scale, vocab_size, deterministic)
-    dh, dw, db = _kernels().lse_gather_backward(grad_lse, grad_gathered, grad_entropy, lse, entropy, hidden,
+    dh, dw, db = _kernels().lse_gather_backward(grad_lse, grad_gathered, grad_entropy, stats, entropy, hidden,
                                                 weight, bias, ids, opts)
     return (dh.to(hidden.dtype), dw.to(weight.dtype),
             db.to(bias.dtype) if db is not None else weight.new_empty(0))
 
 
 @_lse_gather_backward_op.register_fake
-def _(grad_lse, grad_gathered, grad_entropy, lse, entropy, hidden, weight, bias, *args, **kwargs):
+def _(grad_lse, grad_gathered, grad_entropy, stats, entropy, hidden, weight, bias, *args, **kwargs):
     db = torch.empty_like(bias) if bias is not None else weight.new_empty(0)
     return torch.empty_like(hidden), torch.empty_like(weight), db
 
 
 def _lse_gather_setup(ctx, inputs, output):
     h, w, b, ids, *scalars = inputs               # scalars: _lse_gather_scalars
-    ctx.save_for_backward(h, w, b, ids, output[0], output[2])
+    ctx.save_for_backward(h, w, b, ids, output[3], output[2])
     ctx.scalars = tuple(scalars)
 
 
-def _lse_gather_backward(ctx, grad_lse, grad_gathered, grad_entropy):
+def _lse_gather_backward(ctx, grad_lse, grad_gathered, grad_entropy, grad_stats):
     _no_double_backward()
-    h, w, b, ids, lse, entropy = ctx.saved_tensors
+    h, w, b, ids, stats, entropy = ctx.saved_tensors
     # Autograd hands zeros (not None) for outputs that did not reach the loss; zeros are exact here.
-    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
-    grad_gathered = torch.zeros(ids.shape, dtype=torch.float32, device=lse.device) \
+    grad_lse = torch.zeros_like(entropy) if grad_lse is None else grad_lse
+    grad_gathered = torch.zeros(ids.shape, dtype=torch.float32, device=entropy.device) \
         if grad_gathered is None else grad_gathered
     grad_entropy = torch.zeros_like(entropy) if grad_entropy is None else grad_entropy
-    dh, dw, db = _lse_gather_backward_op(grad_lse, grad_gathered, grad_entropy, lse, entropy, h, w, b,
+    dh, dw, db = _lse_gather_backward_op(grad_lse, grad_gathered, grad_entropy, stats, entropy, h, w, b,
                                          ids, *ctx.scalars)
     return (dh, dw, db if b is not None else None) + (None,) * (1 + len(ctx.scalars))
 
@@ -243,7 +246,7 @@ def lse_gather(hidden, weight, ids, opts: Options, *, bias=None):
     if hidden.dtype == torch.float64:
         return _pytorch.lse_gather(hidden, weight, ids, opts, bias=bias)
     _check_runnable(hidden=hidden)
-    lse, gathered, entropy = _lse_gather_op(*_dense(hidden, weight, bias), ids, *_lse_gather_scalars(opts))
+    lse, gathered, entropy, _ = _lse_gather_op(*_dense(hidden, weight, bias), ids, *_lse_gather_scalars(opts))
     return lse, gathered, (entropy if opts.return_entropy else None)
 
 

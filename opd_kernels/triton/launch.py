@@ -174,13 +174,14 @@ def divergence_backward(grad, stats, hs, ws, bs, ht, wt, bt, opts: Optional[Opti
 
 
 def lse_gather_forward(h, w, b, ids, opts: Optional[Options] = None, **keywords):
-    """(lse (N,), gathered (N, k), entropy (N,)), all fp32. ``keywords`` instead of ``opts``: those of
-    :func:`lse_options`."""
+    """(lse (N,), gathered (N, k), entropy (N,), row statistics (2, N) = [shift, log d] for the backward
+    (lse.row_stats)), all fp32. ``keywords`` instead of ``opts``: those of :func:`lse_options`."""
     opts = lse_options(**keywords) if opts is None else opts
     n, k = ids.shape
     gathered = torch.empty(n, k, dtype=torch.float32, device=h.device)
     if n == 0:
-        return torch.empty(0, device=h.device), gathered, torch.empty(0, device=h.device)
+        return (torch.empty(0, device=h.device), gathered, torch.empty(0, device=h.device),
+                torch.empty(2, 0, device=h.device))
     m = opts.student
     blocks = blocks_for(h.device, h.dtype)
     n_blocks = triton.cdiv(n, blocks.n)
@@ -191,18 +192,18 @@ def lse_gather_forward(h, w, b, ids, opts: Optional[Options] = None, **keywords)
         lse_fwd_kernel[(n_blocks, splits)](
             h, w, b, part, n, opts.vocab_size, h.shape[1], v_split, m.scale, m.kernel_softcap,
             m.inv_temperature, DOT_PRECISION=dot_precision(h.dtype), **common, **_options(blocks))
-        lse, ent = lse_entropy(part)  # from max-shifted sums (lse.py)
+        lse, stats, ent = lse_entropy(part)  # from max-shifted sums (lse.py)
         if k > 0:
             block_j = gather_block_j(k)
             gather_fwd_kernel[(n, triton.cdiv(k, block_j))](
                 h, w, b, ids.contiguous(), gathered, k, opts.vocab_size, h.shape[1], m.scale, m.kernel_softcap, m.inv_temperature,
                 BLOCK_J=block_j, BLOCK_K=blocks.k, num_warps=1 if INTERPRET else 4, **common)
-    return lse, gathered, ent
+    return lse, gathered, ent, stats
 
 
-def lse_gather_backward(g_lse, g_gathered, g_ent, lse, ent, h, w, b, ids, opts: Optional[Options] = None,
+def lse_gather_backward(g_lse, g_gathered, g_ent, stats, ent, h, w, b, ids, opts: Optional[Options] = None,
                         **keywords):
-    """fp32 accumulators (dh (N, H), dw (V_m, H), db (V_m,) or None).
+    """fp32 accumulators (dh (N, H), dw (V_m, H), db (V_m,) or None); ``stats`` the forward's row statistics.
 
     Default: the dense part on a (token block, vocab block) grid and the gathered logits' part in
     gather.py, both adding with atomics. ``opts.deterministic``: both parts in the owned kernel's two
@@ -227,14 +228,14 @@ def lse_gather_backward(g_lse, g_gathered, g_ent, lse, ent, h, w, b, ids, opts: 
     transform = (m.scale, m.kernel_softcap, m.inv_temperature)
     with _on(h.device):
         if opts.deterministic:
-            args = (h, w, b, lse, ent, g_lse, g_ent, ids if gather else None, g_gathered, dh, dw, db,
+            args = (h, w, b, stats, ent, g_lse, g_ent, ids if gather else None, g_gathered, dh, dw, db,
                     n, vocab, hdim, k if gather else 0) + transform
             consts = dict(GATHER=gather, DOT_PRECISION=dot_precision(h.dtype), **common, **_options(blocks))
             lse_bwd_owned_kernel[(n_blocks,)](*args, OWN_ROWS=True, **consts)
             lse_bwd_owned_kernel[(v_blocks,)](*args, OWN_ROWS=False, **consts)
             return dh, dw, db
         lse_bwd_kernel[(n_blocks, v_blocks)](
-            h, w, b, lse, ent, g_lse, g_ent, dh, dw, db, n, vocab, hdim, *transform,
+            h, w, b, stats, ent, g_lse, g_ent, dh, dw, db, n, vocab, hdim, *transform,
             DOT_PRECISION=dot_precision(h.dtype), **common, **_options(blocks))
         if gather:
             block_j = gather_block_j(k)

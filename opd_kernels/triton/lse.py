@@ -34,7 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .splits import merge_online
+from .divergence_math import log_probs
+from .splits import merge_online, shift_of
 from .tiles import (accumulate_grads, add_owned, logit_tile, online_softmax, owned_steps, owned_tile,
                     transform_grad)
 
@@ -77,16 +78,16 @@ def lse_fwd_kernel(h_ptr, w_ptr, b_ptr, part_ptr, N, V, H, V_SPLIT, scale, softc
 
 
 @triton.jit
-def tile_grad(h_ptr, w_ptr, b_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr, rows, cols,
+def tile_grad(h_ptr, w_ptr, b_ptr, stats_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr, rows, cols,
               N, V, H, K, scale, softcap, inv_temp, GATHER: tl.constexpr, HAS_BIAS: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
               BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """(G, keep): G = dLoss/draw on the tile (rows, cols), fp32 (BLOCK_N, BLOCK_V), from the lse and
-    entropy gradients, plus (GATHER) the gathered logits' gradients g_ids (N, K) at ids (N, K); keep is
+    entropy gradients and the row statistics stats (2, N) (row_stats), plus (GATHER) the gathered logits' gradients g_ids (N, K) at ids (N, K); keep is
     false when G is exactly 0 (no gradient matmuls needed)."""
     raw, z = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, scale, softcap, inv_temp,
                         HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
-    return grad_of_tile(raw, z, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr, rows, cols, N, V, K,
+    return grad_of_tile(raw, z, stats_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr, rows, cols, N, V, K,
                         scale, softcap, inv_temp, GATHER, HAS_SOFTCAP, BLOCK_V)
 
 
@@ -103,16 +104,20 @@ def ids_in_tile(ids_ptr, rows, cols, N, V, K, j, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def grad_of_tile(raw, z, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr, rows, cols, N, V, K,
+def grad_of_tile(raw, z, stats_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr, rows, cols, N, V, K,
                  scale, softcap, inv_temp, GATHER: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
-    """tile_grad given the tile's (raw, z), computed (tile_grad) or read from a workspace (row_loss.py)."""
+    """tile_grad given the tile's (raw, z), computed (tile_grad) or read from a workspace (row_loss.py).
+    log p = (z - shift) - log d from the row statistics (divergence_math.log_probs), never z - lse: an lse
+    rounded to the size of the logits (ulp(3000) = 2.4e-4 in fp32) makes 1 - p of a nearly saturated row's
+    top entry wrong by that much, and the gradient carries it times 1 / T."""
     row_ok = rows < N
     g_lse = tl.load(g_lse_ptr + rows, mask=row_ok, other=0.0)
     g_ent = tl.load(g_ent_ptr + rows, mask=row_ok, other=0.0)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    shift = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
+    log_d = tl.load(stats_ptr + N + rows, mask=row_ok, other=0.0)
     ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
     active = ((g_lse != 0) | (g_ent != 0))[:, None]
-    lp = z - lse[:, None]
+    lp = log_probs(z, shift, log_d)
     p = tl.where(active, tl.exp(lp), 0.0)
     keep = tl.max(tl.max((p != 0).to(tl.int32), 1), 0) > 0  # != 0: a NaN p (NaN input) is kept
     dz = tl.where(p != 0, p * (g_lse[:, None] - g_ent[:, None] * (lp + ent[:, None])), 0.0)
@@ -129,7 +134,7 @@ def grad_of_tile(raw, z, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_
 
 
 @triton.jit
-def lse_bwd_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr,
+def lse_bwd_kernel(h_ptr, w_ptr, b_ptr, stats_ptr, ent_ptr, g_lse_ptr, g_ent_ptr,
                    dh_ptr, dw_ptr, db_ptr, N, V, H, scale, softcap, inv_temp,
                    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -137,7 +142,7 @@ def lse_bwd_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr,
     is gather.py's)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    dz, keep = tile_grad(h_ptr, w_ptr, b_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, None, None, rows, cols,
+    dz, keep = tile_grad(h_ptr, w_ptr, b_ptr, stats_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, None, None, rows, cols,
                          N, V, H, 0, scale, softcap, inv_temp, False, HAS_BIAS, HAS_SOFTCAP, BLOCK_N,
                          BLOCK_V, BLOCK_K, DOT_PRECISION)
     if keep:
@@ -146,7 +151,7 @@ def lse_bwd_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr,
 
 
 @triton.jit
-def lse_bwd_owned_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr,
+def lse_bwd_owned_kernel(h_ptr, w_ptr, b_ptr, stats_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr,
                          dh_ptr, dw_ptr, db_ptr, N, V, H, K, scale, softcap, inv_temp,
                          OWN_ROWS: tl.constexpr, GATHER: tl.constexpr, HAS_BIAS: tl.constexpr,
                          HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -155,7 +160,7 @@ def lse_bwd_owned_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent
     OWN_ROWS, grid (token blocks,), into dH; else grid (vocab blocks,), into dW, db."""
     for step in range(0, owned_steps(N, V, OWN_ROWS, BLOCK_N, BLOCK_V)):
         rows, cols = owned_tile(step, OWN_ROWS, BLOCK_N, BLOCK_V)
-        dz, keep = tile_grad(h_ptr, w_ptr, b_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr,
+        dz, keep = tile_grad(h_ptr, w_ptr, b_ptr, stats_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr,
                              rows, cols, N, V, H, K, scale, softcap, inv_temp, GATHER, HAS_BIAS,
                              HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
         if keep:
@@ -164,13 +169,22 @@ def lse_bwd_owned_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent
         tl.debug_barrier()  # this step's stores visible to every thread before the next step's loads
 
 
-def lse_entropy(part: torch.Tensor):
-    """(lse (N,), entropy (N,)) from the forward's split partials part (3, S, N) = (m, d, a), a = sum_v
-    e^(z - m_s)(z - m_s) relative to each split's own max m_s: moved to the row max M by
-    a + d (m_s - M) (both terms <= 0: no cancellation), merged, then H = log d - a / d."""
+def row_stats(part: torch.Tensor):
+    """(stats (2, N) = [shift, log d], entropy (N,)) from the forward's split partials part (3, S, N) =
+    (m, d, a), a = sum_v e^(z - m_s)(z - m_s) relative to each split's own max m_s: moved to the row max M
+    by a + d (m_s - M) (both terms <= 0: no cancellation), merged, then H = log d - a / d. The shift is M
+    (0 for a row of -inf logits, splits.shift_of), d = sum_v e^(z - shift). Kept apart, not summed into
+    the lse: log p = (z - shift) - log d is then exact to rounding where p is near 1 (grad_of_tile), and so
+    is a log-prob at an id, (gathered - shift) - log d (row_loss.py)."""
     m, d, a = part
     m_all = m.amax(0)
     shifted = torch.where(d == 0, torch.zeros_like(a), a + d * (m - m_all))
     m_all, d_all, a_all = merge_online(m, d, shifted)
     log_d = torch.log(d_all)
-    return m_all + log_d, log_d - a_all / d_all
+    return torch.stack([shift_of(m_all), log_d]), log_d - a_all / d_all
+
+
+def lse_entropy(part: torch.Tensor):
+    """(lse (N,), stats (2, N), entropy (N,)) from part (row_stats); lse = shift + log d."""
+    stats, ent = row_stats(part)
+    return stats[0] + stats[1], stats, ent

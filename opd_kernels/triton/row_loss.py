@@ -6,9 +6,10 @@ Per chunk of C rows, with a C x V fp32 workspace (``OPD_WORKSPACE_MB``, default 
 the row block, at least one block):
 
 - pass 1, ``row_loss_fwd_kernel``, grid (row blocks, vocabulary splits): the raw logit tiles through
-  tl.dot, stored in the workspace; the online row state (m, d, a) of lse.py (lse and entropy, merged by
-  lse.lse_entropy); the logits at ids (C, k), taken from the same tiles.
-- in PyTorch, on (C, k) tensors: q = gathered - lse, (row loss, d row / d q) in closed form
+  tl.dot, stored in the workspace; the online row state (m, d, a) of lse.py (merged by lse.row_stats into
+  the row statistics - the shift and log d, kept apart - and the entropy); the logits at ids (C, k), taken
+  from the same tiles.
+- in PyTorch, on (C, k) tensors: q = (gathered - shift) - log d, (row loss, d row / d q) in closed form
   (backends/_lse_gather_loss.row_loss_and_grad), the weighted upstreams g_q, g_lse, g_H (zero on masked
   and non-finite rows).
 - pass 2, ``row_loss_bwd_kernel``, grid (row blocks, vocab blocks): each tile read back from the
@@ -32,7 +33,7 @@ from .._options import Options
 from ..backends._lse_gather_loss import row_loss_and_grad
 from .gather import gather_bwd_kernel
 from .launch import INTERPRET, _grad_accumulators, _on, _options, blocks_for, dot_precision, gather_block_j
-from .lse import entropy_step, grad_of_tile, ids_in_tile, lse_entropy
+from .lse import entropy_step, grad_of_tile, ids_in_tile, row_stats
 from .splits import split_vocab
 from .tiles import accumulate_grads, add_owned, logit_tile, owned_steps, owned_tile, transform
 
@@ -72,7 +73,7 @@ def row_loss_fwd_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, raw_ptr, part_ptr, gathere
 
 
 @triton.jit
-def _workspace_grad(raw_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr, rows, cols, N, V, K,
+def _workspace_grad(raw_ptr, stats_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr, rows, cols, N, V, K,
                     scale, softcap, inv_temp, GATHER: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                     BLOCK_V: tl.constexpr):
     """(G, keep) of one tile, its raw logits read from the workspace (N, V) (-inf z beyond V, as logit_tile);
@@ -87,12 +88,12 @@ def _workspace_grad(raw_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_
     raw = tl.load(raw_ptr + rows.to(tl.int64)[:, None] * V + cols[None, :],
                   mask=(rows[:, None] < N) & (cols[None, :] < V), other=0.0)
     z = tl.where(cols[None, :] < V, transform(raw, scale, softcap, inv_temp, HAS_SOFTCAP), float("-inf"))
-    return grad_of_tile(raw, z, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr, rows, cols, N, V, K,
+    return grad_of_tile(raw, z, stats_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr, rows, cols, N, V, K,
                         scale, softcap, inv_temp, GATHER, HAS_SOFTCAP, BLOCK_V)
 
 
 @triton.jit
-def row_loss_bwd_kernel(raw_ptr, h_ptr, w_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr,
+def row_loss_bwd_kernel(raw_ptr, h_ptr, w_ptr, stats_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr,
                         dh_ptr, dw_ptr, db_ptr, N, V, H, K, scale, softcap, inv_temp,
                         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -101,7 +102,7 @@ def row_loss_bwd_kernel(raw_ptr, h_ptr, w_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_en
     ptxas spilled 316 B per thread on sm_90 against none without, benchmarks/triton_compile_check.py)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    dz, keep = _workspace_grad(raw_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr, rows, cols,
+    dz, keep = _workspace_grad(raw_ptr, stats_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr, rows, cols,
                                N, V, K, scale, softcap, inv_temp, False, HAS_SOFTCAP, BLOCK_V)
     if keep:
         accumulate_grads(dz, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, rows, cols, N, V, H,
@@ -109,7 +110,7 @@ def row_loss_bwd_kernel(raw_ptr, h_ptr, w_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_en
 
 
 @triton.jit
-def row_loss_bwd_owned_kernel(raw_ptr, h_ptr, w_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr,
+def row_loss_bwd_owned_kernel(raw_ptr, h_ptr, w_ptr, stats_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr,
                               dh_ptr, dw_ptr, db_ptr, N, V, H, K, scale, softcap, inv_temp,
                               OWN_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -118,7 +119,7 @@ def row_loss_bwd_owned_kernel(raw_ptr, h_ptr, w_ptr, lse_ptr, ent_ptr, g_lse_ptr
     (vocab blocks,), into dw, db. The tiles are read from the workspace twice, never recomputed."""
     for step in range(0, owned_steps(N, V, OWN_ROWS, BLOCK_N, BLOCK_V)):
         rows, cols = owned_tile(step, OWN_ROWS, BLOCK_N, BLOCK_V)
-        dz, keep = _workspace_grad(raw_ptr, lse_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr, rows,
+        dz, keep = _workspace_grad(raw_ptr, stats_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr, rows,
                                    cols, N, V, K, scale, softcap, inv_temp, True, HAS_SOFTCAP, BLOCK_V)
         if keep:
             add_owned(dz, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, rows, cols, N, V, H, OWN_ROWS, HAS_BIAS,
@@ -172,9 +173,10 @@ def row_loss_forward(h, w, b: Optional[torch.Tensor], ids, teacher, sampler: Opt
         with _on(h.device):
             row_loss_fwd_kernel[(n_blocks, splits)](hc, w, b, ids_c, workspace, part, gathered, c, vocab, hdim, k,
                                                     v_split, *transform_args, **consts)
-        lse, ent = lse_entropy(part)
-        row, dq = row_loss_and_grad(gathered - lse.unsqueeze(-1), teacher[sl], None if sampler is None
-                                    else sampler[sl], spec)
+        stats, ent = row_stats(part)
+        # (z - shift) - log d, never z - lse: see lse.row_stats
+        q = (gathered - stats[0].unsqueeze(-1)) - stats[1].unsqueeze(-1)
+        row, dq = row_loss_and_grad(q, teacher[sl], None if sampler is None else sampler[sl], spec)
         if ec != 0.0:
             row = row - ec * ent
         wc = weights[sl]
@@ -184,7 +186,7 @@ def row_loss_forward(h, w, b: Optional[torch.Tensor], ids, teacher, sampler: Opt
         live = (wc != 0) & torch.isfinite(row)  # masked and non-finite rows: exact zero gradients
         wl = torch.where(live, wc, zero)
         g_q = torch.where(live.unsqueeze(-1), wl.unsqueeze(-1) * dq, zero).contiguous()
-        args = (workspace, hc, w, lse, ent, -g_q.sum(-1), -ec * wl, ids_c, g_q, dh[sl], dw, db, c, vocab, hdim, k,
+        args = (workspace, hc, w, stats, ent, -g_q.sum(-1), -ec * wl, ids_c, g_q, dh[sl], dw, db, c, vocab, hdim, k,
                 *transform_args)
         with _on(h.device):
             if opts.deterministic:
