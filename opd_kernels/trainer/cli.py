@@ -25,7 +25,8 @@ _EPILOG = ("With none of --student/--teacher/--config, opd-distill runs the embe
            "(opd_kernels.demo); `opd-distill --quick --help` lists its options. "
            "`opd-distill export CHECKPOINT OUT` turns a checkpoint into a from_pretrained directory.")
 _EXTRA_HINT = {"transformers": "trainer", "safetensors": "trainer", "yaml": "trainer", "accelerate": "trainer",
-               "matplotlib": "trainer", "tqdm": "trainer", "tensorboard": "tensorboard", "wandb": "wandb"}
+               "matplotlib": "trainer", "tqdm": "trainer", "tensorboard": "tensorboard", "wandb": "wandb",
+               "peft": "lora"}
 
 
 def _flags(argv: Sequence[str]) -> List[str]:

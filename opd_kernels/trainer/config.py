@@ -20,7 +20,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 RESUME_MAY_CHANGE = ("output_dir", "resume", "overwrite", "steps", "progress", "save_every", "keep_checkpoints",
                      "export_every", "device", "backend", "fsdp", "verify_lm_head", "param_guard",
                      "teacher_token_file", "teacher_retries", "report_to",
-                     "gradient_checkpointing")
+                     "gradient_checkpointing", "export_adapter")
 
 
 @dataclass
@@ -79,6 +79,19 @@ class TrainConfig:
                                          "activations in the backward instead of keeping them (transformers' "
                                          "gradient_checkpointing_enable, non-reentrant); the teacher runs under "
                                          "no_grad and keeps none"})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank through peft (0: full fine-tuning): adapters in "
+                        "--lora-target-modules, everything else frozen, the lm_head included (the losses' "
+                        "frozen-head path); the exports hold the merged weights"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator: the update is "
+                              "(lora_alpha / lora_r) * B A (needs --lora-r)"})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "modules given adapters: all-linear "
+                                     "(every linear layer but the lm_head) or comma-separated names such as "
+                                     "q_proj,v_proj (needs --lora-r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input in training, in [0, 1) "
+                                "(needs --lora-r)"})
+    export_adapter: bool = field(default=False, metadata={"help": "also write the LoRA adapter (peft "
+                                 "adapter_config.json + adapter_model.safetensors) to output_dir/adapter next to "
+                                 "the merged student (needs --lora-r)"})
     fsdp: bool = field(default=False, metadata={"help": "under torchrun: shard the student with FSDP2 "
                        "fully_shard instead of DDP (one group at the root; see docs/trainer.md)"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (0: only at the end)"})
@@ -123,6 +136,24 @@ class TrainConfig:
         parse_report_to(self.report_to)
         if self.teacher_retries < 0:
             bad("teacher_retries", "an integer >= 0")
+        if self.lora_r < 0:
+            bad("lora_r", "an integer >= 0 (0: full fine-tuning)")
+        if not self.lora_alpha > 0:
+            bad("lora_alpha", "a positive number")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            bad("lora_dropout", "a number in [0, 1)")
+        if self.lora_r == 0:
+            given = [n for n, default in (("lora_alpha", 16.0), ("lora_target_modules", "all-linear"),
+                                          ("lora_dropout", 0.0), ("export_adapter", False))
+                     if getattr(self, n) != default]
+            if given:
+                raise ValueError(f"{', '.join(given)}: LoRA options without lora_r; give --lora-r R (>= 1)")
+        else:
+            from .lora import target_modules
+            target_modules(self.lora_target_modules)
+            if self.fsdp:
+                raise ValueError("lora_r, fsdp: LoRA students run with DDP (or one process); --fsdp with LoRA is "
+                                 "not supported")
         if self.resume and self.overwrite:
             raise ValueError("resume, overwrite: give at most one of them")
         if self.loss not in LOSSES:

@@ -124,17 +124,32 @@ def export_checkpoint(checkpoint: str, out: str, student: Optional[str] = None, 
         raise ValueError(f"export: {path} has no config.json (written before checkpoints carried one); "
                          "give --student SPEC, the run's --student, for the model config and tokenizer")
     model = None
-    if student is not None:
+    lora = any(".lora_A." in k for k in weights)
+    if student is not None or lora:
         from .models import load_model, load_tokenizer
-        model = load_model(student, device=torch.device("cpu"))
+        model = load_model(student if student is not None else os.path.join(path, "config.json"),
+                           device=torch.device("cpu"))
+        if lora:  # a LoRA run's checkpoint: the adapters as the run configured them, then merged
+            from .checkpoint import _read_json
+            from .lora import apply_lora, merged_weights
+            run = (_read_json(os.path.join(path, "state.json")) or {}).get("config") or {}
+            if not run.get("lora_r"):
+                raise ValueError(f"export: {path} holds LoRA adapters but its state.json names no lora_r")
+            apply_lora(model, run["lora_r"], run["lora_alpha"], run["lora_target_modules"], 0.0)
         try:
             apply_weights(model, weights, path)
         except CheckpointError as e:
-            raise ValueError(f"export: --student {student!r}: {e}") from None
+            raise ValueError(f"export: {f'--student {student!r}' if student is not None else path}: {e}") from None
+        if lora:
+            weights = merged_weights(model, weights)
 
     def fill(tmp):
-        shutil.copyfile(os.path.join(path, WEIGHTS), os.path.join(tmp, WEIGHTS))
-        if model is not None:
+        if lora:
+            from safetensors.torch import save_file
+            save_file(weights, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
+        else:
+            shutil.copyfile(os.path.join(path, WEIGHTS), os.path.join(tmp, WEIGHTS))
+        if student is not None:  # else the config and tokenizer files are copied from the checkpoint
             write_model_files(tmp, model, load_tokenizer(student))
             return
         for entry in os.listdir(path):

@@ -31,7 +31,8 @@ from .checkpoint import (_write_text_atomic, check_writable, clean_stale, newest
                          rng_state, save_checkpoint, set_rng_state, step_name)
 from .config import TrainConfig
 from .data import check_prompt_ids, prompts_for_step
-from .export import export_student, write_model_files
+from .export import _write_dir, export_student, write_model_files
+from .lora import apply_lora, merged_weights, save_adapter
 from .metrics import MetricsLog, plot_curves
 from .models import embedding_rows, max_positions, use_bf16_autocast
 from .reporting import Reporters, parse_report_to
@@ -41,8 +42,10 @@ from .sampling import HFSampler, Sampler
 Callback = Callable[["OPDTrainer", Dict[str, float]], None]
 
 # What the trainer writes into output_dir: what --overwrite removes, and nothing else.
-OUTPUTS = ("checkpoints", "metrics.jsonl", "config.json", "curves.png", "student", "exports", "tensorboard", "wandb")
-_TEMPORARY = (".write-test-", "metrics.jsonl.tmp-", "config.json.tmp-", "curves.png.tmp", ".tmp-student-")
+OUTPUTS = ("checkpoints", "metrics.jsonl", "config.json", "curves.png", "student", "exports", "tensorboard", "wandb",
+           "adapter")
+_TEMPORARY = (".write-test-", "metrics.jsonl.tmp-", "config.json.tmp-", "curves.png.tmp", ".tmp-student-",
+              ".tmp-adapter-")
 
 
 class NonFiniteParameters(RuntimeError):
@@ -187,11 +190,14 @@ class OPDTrainer:
         if fresh and self.dp.is_main:
             print(f"opd-distill: --resume: {cfg.output_dir!r} is empty or absent; starting a fresh run",
                   file=sys.stderr)
+        # LoRA: adapters injected into the student in place, every other parameter (the lm_head too) frozen.
+        self.peft_model = (apply_lora(student, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules,
+                                      cfg.lora_dropout) if cfg.lora_r else None)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(student)
         resumed = self._load_weights() if cfg.resume and not fresh else None
         self.loss_module = dp_.wrap(dp_.StudentLoss(student), self.mode, self.device)
-        self.optimizer = optimizer or torch.optim.AdamW(student.parameters(), lr=cfg.lr,
+        self.optimizer = optimizer or torch.optim.AdamW(self._trainable(), lr=cfg.lr,
                                                         weight_decay=cfg.weight_decay)
         if resumed is not None:
             self._restore(*resumed)
@@ -200,6 +206,10 @@ class OPDTrainer:
         self.bf16 = use_bf16_autocast(cfg.precision, self.device)
         self.callbacks: List[Callback] = list(callbacks)
         self.reporters: Optional[Reporters] = None  # during train(), on rank 0: the --report-to sinks
+
+    def _trainable(self) -> List[torch.nn.Parameter]:
+        """The student's parameters that train (all of them, or the LoRA adapters)."""
+        return [p for p in self.student.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------------------- checkpoints
     def _check_prompts(self) -> None:
@@ -216,7 +226,31 @@ class OPDTrainer:
                              max_new_tokens=self.cfg.max_new_tokens)
 
     def _load_weights(self):
-        path, state, optimizer, rngs, _ = resume_checkpoint(self.checkpoint_root, self.student, warn=self.dp.is_main)
+        try:
+            path, state, optimizer, rngs, _ = resume_checkpoint(self.checkpoint_root, self.student,
+                                                                warn=self.dp.is_main)
+        except ValueError:
+            # No checkpoint fits the model: when the newest one's run had other options (another --lora-r
+            # changes the tensors), say so rather than listing tensor shapes.
+            newest, saved = newest_complete(self.checkpoint_root), None
+            try:
+                with open(os.path.join(newest or "", "state.json"), encoding="utf-8") as f:
+                    saved = json.load(f)
+            except (OSError, ValueError):
+                pass  # unreadable: the error above names it
+            if isinstance(saved, dict) and isinstance(saved.get("config"), dict):
+                self._check_same_run(newest, saved)
+            raise
+        self._check_same_run(path, state)
+        step = int(state["step"])
+        if step > self.cfg.steps:
+            raise ValueError(f"steps: the run in {self.cfg.output_dir!r} is already at step {step} ({path!r}), past "
+                             f"--steps {self.cfg.steps}; pass --steps {step + 1} or more to continue it")
+        self.resumed_from = path
+        return state, optimizer, rngs
+
+    def _check_same_run(self, path: str, state: dict) -> None:
+        """ValueError listing the recipe options that differ from those of checkpoint ``path``'s run."""
         differ = self.cfg.resume_differences(state.get("config") or {}, int(state.get("world_size", 1)),
                                              self.dp.world_size)
         if differ:
@@ -224,12 +258,6 @@ class OPDTrainer:
                                for k, (was, now) in differ.items())
             raise ValueError(f"resume: {path!r} was trained with other options ({listed}); resume with the run's "
                              "own options (its config.json), or start a new run in another --output-dir")
-        step = int(state["step"])
-        if step > self.cfg.steps:
-            raise ValueError(f"steps: the run in {self.cfg.output_dir!r} is already at step {step} ({path!r}), past "
-                             f"--steps {self.cfg.steps}; pass --steps {step + 1} or more to continue it")
-        self.resumed_from = path
-        return state, optimizer, rngs
 
     def _restore(self, state, optimizer_state, rngs) -> None:
         dp_.load_optimizer_state_by_name(self.student, self.optimizer, optimizer_state, self.mode,
@@ -289,13 +317,20 @@ class OPDTrainer:
 
     def export(self, out: Optional[str] = None) -> str:
         """Write the student as a ``from_pretrained`` directory (default ``output_dir/student``): config,
-        tokenizer (when known), ``model.safetensors``. Collective, like :meth:`save`."""
+        tokenizer (when known), ``model.safetensors`` (a LoRA student merged). With ``export_adapter`` the
+        adapter goes to ``output_dir/adapter`` too. Collective, like :meth:`save`."""
+        default = out is None
         out = out or os.path.join(self.cfg.output_dir, "student")
         weights = dp_.full_weights(self.student)
+        if self.peft_model is not None:
+            weights = merged_weights(self.student, weights)
         error = None
         if self.dp.is_main:
             try:
                 export_student(out, weights, self.student, self.tokenizer)
+                if default and self.cfg.export_adapter:
+                    _write_dir(os.path.join(self.cfg.output_dir, "adapter"),
+                               lambda tmp: save_adapter(self.peft_model, tmp), "the student export is written")
             except OSError as e:
                 error = e
         self._raise_rank0_error(error)
@@ -386,7 +421,7 @@ class OPDTrainer:
 
     def _take_snapshot(self) -> None:
         """Copy the parameters and the optimizer state (into buffers reused from step to step)."""
-        params = list(self.student.parameters())
+        params = self._trainable()  # frozen parameters cannot change in a step
         with torch.no_grad():
             if self._snapshot_params is None or len(self._snapshot_params) != len(params):
                 self._snapshot_params = [p.detach().clone() for p in params]
@@ -411,7 +446,7 @@ class OPDTrainer:
 
     def _restore_snapshot(self) -> None:
         with torch.no_grad():
-            for buf, p in zip(self._snapshot_params, self.student.parameters()):
+            for buf, p in zip(self._snapshot_params, self._trainable()):
                 p.copy_(buf)
         state = defaultdict(dict)
         for p, st in self._snapshot_optimizer.items():
