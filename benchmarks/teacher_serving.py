@@ -50,6 +50,18 @@ def _start_server(folder: str, batching: bool):
     return spawn_server(folder, "--max-batch-tokens", "8192", *([] if batching else ["--no-batching"]))
 
 
+def _rss_mib(pid: int) -> float:
+    """Resident memory of process ``pid`` in MiB (Linux /proc; nan elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def _load(url: str, clients: int, requests: int, rows: int, seq: int, vocab: int) -> dict:
     from opd_kernels.teacher import RemoteTeacher
 
@@ -90,6 +102,47 @@ def _load(url: str, clients: int, requests: int, rows: int, seq: int, vocab: int
             "p50_ms": 1e3 * pct(50), "p99_ms": 1e3 * pct(99), "wall_s": wall, "first_error": errors[:1]}
 
 
+def trainer_comparison(folder: str, steps: int, out_root: str) -> dict:
+    """opd-distill's loop (OPDTrainer) for ``steps`` steps with the teacher in process and served (fp32 transport):
+    the two loss curves and the median step times."""
+    from opd_kernels.hf.tiny import tiny_causal_lm
+    from opd_kernels.teacher import RemoteTeacher
+    from opd_kernels.teacher.cli import spawn_server
+    from opd_kernels.teacher.server import load_model
+    from opd_kernels.trainer import OPDTrainer, TrainConfig
+
+    prompts = [[3 + i, 4 + i, 5 + i, 6 + i] for i in range(16)]
+
+    def run(name, teacher):
+        torch.manual_seed(0)
+        student = tiny_causal_lm("llama", seed=0, hidden_size=128, layers=2,
+                                 vocab_size=teacher.head.weight.shape[0] if not isinstance(teacher, torch.nn.Module)
+                                 else teacher.get_output_embeddings().weight.shape[0])
+        cfg = TrainConfig(output_dir=os.path.join(out_root, name), steps=steps, batch_size=4, max_new_tokens=32,
+                          lr=1e-3, save_every=0, progress=False, backend="auto")
+        OPDTrainer(cfg, student, teacher, prompts).train()
+        with open(os.path.join(out_root, name, "metrics.jsonl")) as f:
+            recs = [json.loads(line) for line in f if line.strip()]
+        recs = [r for r in recs if "loss" in r]
+        return [r["loss"] for r in recs], sorted(r["seconds"] for r in recs)[len(recs) // 2]
+
+    local = load_model(folder, dtype="float32", device="cpu")
+    proc, url = spawn_server(folder, "--dtype", "float32")
+    try:
+        run("warm-up", local)  # the first run in a process pays one-time costs (kernels, allocator); not timed
+        # alternated, so that a drift of the shared machine's load falls on both
+        remote_loss, remote_s = run("remote", RemoteTeacher(url, dtype=torch.float32))
+        local_loss, local_s = run("local", local)
+        bf16_loss, bf16_s = run("remote_bf16", RemoteTeacher(url, dtype=torch.bfloat16))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return {"steps": steps, "local_loss": local_loss, "remote_loss": remote_loss, "remote_bf16_loss": bf16_loss,
+            "max_abs_diff_fp32": max(abs(a - b) for a, b in zip(local_loss, remote_loss)),
+            "max_abs_diff_bf16": max(abs(a - b) for a, b in zip(local_loss, bf16_loss)),
+            "local_step_s": local_s, "remote_step_s": remote_s, "remote_bf16_step_s": bf16_s}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=256, help="tiny teacher hidden size (default 256)")
@@ -100,6 +153,8 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=20, help="requests per client (default 20)")
     parser.add_argument("--clients", default="1,4,16")
     parser.add_argument("--rounds", type=int, default=3, help="alternated on/off runs per client count (medians)")
+    parser.add_argument("--trainer-steps", type=int, default=10,
+                        help="opd-distill steps, teacher in process vs served (0: skip; default 10)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -134,6 +189,7 @@ def main(argv=None) -> int:
                 for rnd in range(args.rounds):
                     for batching in ((True, False) if rnd % 2 == 0 else (False, True)):
                         r = _load(servers[batching][1], c, args.requests, args.rows, args.seq, args.vocab)
+                        r["server_rss_mib"] = _rss_mib(servers[batching][0].pid)
                         runs[batching].append(r)
                         print(f"round {rnd} batching={'on' if batching else 'off'} clients={c}: "
                               f"{r['tokens_per_s']:,.0f} tok/s p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms "
@@ -146,7 +202,8 @@ def main(argv=None) -> int:
 
                     rows.append({"batching": batching, "clients": c, "tokens_per_s": med("tokens_per_s"),
                                  "p50_ms": med("p50_ms"), "p99_ms": med("p99_ms"),
-                                 "errors": sum(x["errors"] for x in rs), "rounds": rs})
+                                 "errors": sum(x["errors"] for x in rs), "rounds": rs,
+                                 "rss_first_mib": rs[0]["server_rss_mib"], "rss_last_mib": rs[-1]["server_rss_mib"]})
         finally:
             for proc, _ in servers.values():
                 proc.terminate()
@@ -157,10 +214,29 @@ def main(argv=None) -> int:
         results["throughput"] = rows
     print(f"\nPOST /v1/hidden, {args.rows} x {args.seq} tokens per request, {args.requests} requests per client, "
           f"medians of {args.rounds} alternated rounds (tiny llama H={args.hidden}, {args.layers} layers, V={args.vocab}, fp32, CPU):\n")
-    print("| batching | clients | tokens/s | p50 ms | p99 ms | errors |\n|---|---:|---:|---:|---:|---:|")
+    print("| batching | clients | tokens/s | p50 ms | p99 ms | errors | server RSS MiB, first -> last round |\n"
+          "|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {'on' if r['batching'] else 'off'} | {r['clients']} | {r['tokens_per_s']:,.0f} | "
-              f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} |")
+              f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | "
+              f"{r['rss_first_mib']:.0f} -> {r['rss_last_mib']:.0f} |")
+    if args.trainer_steps:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = os.path.join(tmp, "teacher")
+            tiny_causal_lm("llama", seed=1, hidden_size=args.hidden, layers=args.layers,
+                           vocab_size=args.vocab).save_pretrained(folder)
+            t = trainer_comparison(folder, args.trainer_steps, tmp)
+        results["trainer"] = t
+        print(f"\nopd-distill loop, {t['steps']} steps (student llama H=128, teacher the tiny llama above, batch 4 "
+              f"x 32 new tokens):\n")
+        print("| teacher | max abs loss diff vs in process | median step s | ratio |\n|---|---:|---:|---:|")
+        print(f"| in process | 0 | {t['local_step_s']:.3f} | 1.00 |")
+        print(f"| served, fp32 transport | {t['max_abs_diff_fp32']:.2e} | {t['remote_step_s']:.3f} | "
+              f"{t['remote_step_s'] / t['local_step_s']:.2f} |")
+        print(f"| served, bf16 transport | {t['max_abs_diff_bf16']:.2e} | {t['remote_bf16_step_s']:.3f} | "
+              f"{t['remote_bf16_step_s'] / t['local_step_s']:.2f} |")
+        print("\nper step, (served bf16 - in process) / in process: " + " ".join(
+            f"{(b - a) / abs(a):+.1e}" for a, b in zip(t["local_loss"], t["remote_bf16_loss"])))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
