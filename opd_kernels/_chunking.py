@@ -15,6 +15,8 @@ from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 
+from ._common import compute_dtype
+
 # MiB of chunk workspace when OPD_WORKSPACE_MB is unset. torch: any device. cpp CPU: 64 MiB (C ~ 260 rows at
 # V = 32k) keeps the chunk GEMMs within a few percent of whole-batch speed at 7.7% of the materializing
 # path's peak memory (workspace sweep in docs/cpp.md). cpp CUDA: not measured (no GPU has run it yet).
@@ -67,14 +69,6 @@ def row_chunks(n: int, rows: int) -> Iterator[slice]:
     """``slice(start, end)`` of each chunk of ``rows`` token rows, in order."""
     for start in range(0, n, rows):
         yield slice(start, min(start + rows, n))
-
-
-def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """The arithmetic dtype after the matmuls: fp32, or fp64 when an input is fp64."""
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
 
 
 def linear_logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], vocab: int,

@@ -1,4 +1,5 @@
-"""Small helpers shared by the backends and the reference: logit transform and token weights.
+"""Small helpers shared by the backends and the reference: the logit transform, the compute dtype, token
+weights and masking.
 
 Nothing here allocates more than O(rows) beyond its inputs, and nothing syncs with the host.
 """
@@ -12,6 +13,27 @@ DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
 TOPK_TAILS = ("bucket", "renormalize", "none")  # linear_topk_divergence(tail=...)
 STRATEGIES = ("auto", "chunked", "fused", "materialize")
+TOPK_TAIL_CLAMP = 1e-12  # top-k tail "bucket": the floor of a tail mass inside its logarithm
+
+
+def compute_dtype(*inputs: Union[torch.Tensor, torch.dtype]) -> torch.dtype:
+    """The arithmetic dtype after the matmuls, of row statistics, values and losses: fp32, or fp64 when an
+    input (a tensor or a dtype) is fp64. The one statement of this rule."""
+    dtype = torch.float32
+    for x in inputs:
+        dtype = torch.promote_types(dtype, x.dtype if isinstance(x, torch.Tensor) else x)
+    return dtype
+
+
+def masked_inputs(mask: Optional[torch.Tensor], *tensors: Optional[torch.Tensor]):
+    """Each tensor with its masked positions (``mask`` False / 0, broadcast) replaced by 0, so that a masked
+    token's -inf or NaN input reaches neither the loss nor, through 0 * NaN in a backward, any gradient.
+    Differentiable: masked positions get exactly zero gradient. None stays None."""
+    if mask is None:
+        return tensors
+    keep = mask.to(torch.bool)
+    return tuple(None if t is None else torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device))
+                 for t in tensors)
 
 
 def transform_logits(raw: torch.Tensor, *, scale: float = 1.0, softcap: Optional[float] = None,

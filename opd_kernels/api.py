@@ -16,12 +16,12 @@ import torch
 from . import _validation as check
 from . import backends
 from .backends import _frozen_head
+from ._common import compute_dtype as _acc_dtype
 from ._common import empty_result as _empty_result
 from ._common import flatten_rows as _rows
-from ._common import reduce_per_token, token_weights
+from ._common import masked_inputs, reduce_per_token, token_weights
 from ._options import Options
-from .backends._divergence_math import nonfinite_rows_inert, topk_divergence_from_logprobs
-from .reference import masked_inputs
+from .backends._divergence_math import nonfinite_rows_inert, sampled_token_values, topk_divergence_from_logprobs
 
 Normalizer = Union[None, int, float, torch.Tensor]
 
@@ -90,7 +90,7 @@ def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor
         reduction: "mean" (over unmasked tokens, or divided by ``normalizer``), "sum", "none".
         normalizer: global token count under gradient accumulation / data parallelism.
         backend: "auto" | "torch" | "cpp" | "triton" (see ``python -m opd_kernels``).
-        strategy: "auto" | "chunked" | "fused" (triton) | "materialize" (reference path).
+        strategy: "auto" | "chunked" | "fused" (triton) | "materialize" (one chunk of all N rows: N x V logits).
         filter_eps: fused backward skips tiles whose student probabilities are all below it.
         process_group: vocab-parallel execution: each rank passes its contiguous vocabulary shard of
             both weights (and biases); see docs/distributed.md.
@@ -330,7 +330,7 @@ def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.T
     if tw is not None:
         per_token = _weighted_values(per_token, tw)
     out = reduce_per_token(per_token, weights, opts.reduction)
-    out = out.to(torch.promote_types(out.dtype, torch.float32))
+    out = out.to(_acc_dtype(out))
     return out.reshape(leading) if opts.reduction == "none" else out
 
 
@@ -402,14 +402,7 @@ def sampled_token_opd_loss(student_logprobs: torch.Tensor, teacher_logprobs: tor
     lt = teacher_logprobs.detach().reshape(-1).float()
     lq = ls.detach() if sampler_logprobs is None else sampler_logprobs.detach().reshape(-1).float()
     ls, lt, lq = masked_inputs(flat_mask, ls, lt, lq)  # a masked -inf/NaN reaches no loss, no gradient
-    ratio = torch.exp(ls - lq)
-    if estimator == "is":
-        per_token = ratio * (kl_coef * (lq - lt))          # = -ratio * A
-    elif estimator == "k1":
-        per_token = kl_coef * ratio.detach() * (ls - lt)
-    else:
-        log_r = lt - ls
-        per_token = kl_coef * ratio.detach() * (torch.exp(log_r) - 1.0 - log_r)
+    per_token = sampled_token_values(ls, lt, lq, estimator=estimator, kl_coef=kl_coef)
     weights = token_weights(flat_mask, ls.shape[0], "mean", normalizer, device)
     return reduce_per_token(per_token, weights, "mean")
 
@@ -430,11 +423,6 @@ def _check_teacher_sampler(teacher_logprobs, sampler_logprobs, estimator, ref_na
         check.check_leading("sampler_logprobs", sampler_logprobs, shape, ref_name)
     check.check_same_device(**{ref_name: ref}, teacher_logprobs=teacher_logprobs, sampler_logprobs=sampler_logprobs)
     check.check_choice("estimator", estimator, SAMPLED_TOKEN_ESTIMATORS)
-
-
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    """fp32, or fp64 for fp64 inputs: the dtype of the row statistics and losses."""
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 def _check_token_weights(token_weights, leading, device, dtype: torch.dtype,
@@ -476,7 +464,7 @@ def _fused_row_loss(hidden, weight, ids, teacher, bias, opts: Options, *, sample
     if ec != 0.0:
         values = values - ec * entropy
     out = reduce_per_token(values, weights.to(values.dtype), "sum")
-    return out.to(torch.promote_types(out.dtype, torch.float32))
+    return out.to(_acc_dtype(out))
 
 
 def linear_sampled_token_opd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,

@@ -18,7 +18,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from ._common import TOPK_TAILS, transform_logits
+from ._common import TOPK_TAIL_CLAMP, TOPK_TAILS, compute_dtype, masked_inputs, transform_logits
 
 Number = Union[int, float]
 
@@ -26,10 +26,6 @@ Number = Union[int, float]
 # --------------------------------------------------------------------------------------------------
 # pieces
 # --------------------------------------------------------------------------------------------------
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
 def model_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                  vocab_size: Optional[int] = None, scale: float = 1.0, softcap: Optional[float] = None,
                  temperature: float = 1.0) -> torch.Tensor:
@@ -41,7 +37,7 @@ def model_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     raw = hidden @ weight[:v].T
     if bias is not None:
         raw = raw + bias[:v]
-    raw = raw.to(_compute_dtype(raw.dtype))
+    raw = raw.to(compute_dtype(raw.dtype))
     return transform_logits(raw, scale=scale, softcap=softcap, temperature=temperature)
 
 
@@ -151,7 +147,7 @@ def logits_divergence(student_logits, teacher_logits, *, divergence: str = "reve
                       normalizer=None) -> torch.Tensor:
     """Materializing ``opd_kernels.logits_divergence`` on caller-held raw logits (..., V_s), (..., V_t)."""
     v = student_logits.shape[-1] if vocab_size is None else vocab_size
-    dtype = _compute_dtype(student_logits.dtype)
+    dtype = compute_dtype(student_logits.dtype)
     zs = student_logits[..., :v].to(dtype) / temperature
     zt = teacher_logits[..., :v].detach().to(dtype) / temperature
     per_token = divergence_from_logits(zs, zt, divergence=divergence, beta=beta)
@@ -185,9 +181,6 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature: float = 
                                         vocab_size=vocab_size, return_entropy=return_entropy)
     logprobs = gathered.squeeze(-1) - lse
     return (logprobs, entropy) if return_entropy else logprobs
-
-
-TAIL_CLAMP = 1e-12
 
 
 def topk_divergence_from_logprobs(student_topk_logprobs, teacher_topk_logprobs, *, divergence: str = "forward_kl",
@@ -237,8 +230,8 @@ def topk_divergence_from_logprobs(student_topk_logprobs, teacher_topk_logprobs, 
     if tail == "bucket":
         p_tail = 1.0 - pt.sum(-1)
         q_tail = 1.0 - ps.sum(-1)
-        log_p = p_tail.clamp_min(TAIL_CLAMP).log()
-        log_q = q_tail.clamp_min(TAIL_CLAMP).log()
+        log_p = p_tail.clamp_min(TOPK_TAIL_CLAMP).log()
+        log_q = q_tail.clamp_min(TOPK_TAIL_CLAMP).log()
         if divergence == "forward_kl":
             value = value + p_tail * (log_p - log_q)
         elif divergence == "reverse_kl":
@@ -273,17 +266,6 @@ def linear_topk_divergence(student_hidden, student_weight, teacher_topk_ids, tea
     return reduce(_weighted(per_token, token_weights), mask, reduction, normalizer)
 
 
-def masked_inputs(mask: Optional[torch.Tensor], *tensors: Optional[torch.Tensor]):
-    """Each tensor with its masked positions (``mask`` False / 0, broadcast) replaced by 0, so that a masked
-    token's -inf or NaN input reaches neither the loss nor, through 0 * NaN in a backward, any gradient.
-    Differentiable: masked positions get exactly zero gradient. None stays None."""
-    if mask is None:
-        return tensors
-    keep = mask.to(torch.bool)
-    return tuple(None if t is None else torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device))
-                 for t in tensors)
-
-
 def sampled_token_opd_loss(student_logprobs, teacher_logprobs, *, sampler_logprobs=None, mask=None,
                            kl_coef: float = 1.0, normalizer=None, estimator: str = "is") -> torch.Tensor:
     """Sampled-token OPD loss (see ``opd_kernels.sampled_token_opd_loss`` for the estimators)."""
@@ -297,7 +279,7 @@ def sampled_token_opd_loss(student_logprobs, teacher_logprobs, *, sampler_logpro
 def sampled_token_per_token(student_logprobs, teacher_logprobs, *, sampler_logprobs=None, kl_coef: float = 1.0,
                             estimator: str = "is") -> torch.Tensor:
     """Per-token sampled-token OPD loss (before the masked reduction), differentiable in student_logprobs."""
-    dtype = _compute_dtype(student_logprobs.dtype)
+    dtype = compute_dtype(student_logprobs.dtype)
     ls = student_logprobs.to(dtype)
     lt = teacher_logprobs.detach().to(dtype)
     lq = ls.detach() if sampler_logprobs is None else sampler_logprobs.detach().to(dtype)

@@ -1,5 +1,5 @@
 """The layer picture of docs/design.md section 2, checked on the source: no module imports a layer above
-its own.
+its own, and no module but the tests' own imports the oracle (``opd_kernels/reference.py``).
 
 Each top-level module or subpackage of ``opd_kernels`` has a rank; a module may import modules of its own
 rank or below. Imports are read with ``ast`` (nothing is executed), including imports inside functions,
@@ -14,14 +14,15 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "opd_kernels"
 
 # lower rank = lower layer
 RANKS = {
-    # the oracle and the small shared pieces every layer may use; _validation is the contract itself
-    # (checks and the Options they build; it imports nothing above _common/_options), so a backend
-    # primitive called directly with keywords (tests, benchmarks) runs the same checks as the API
+    # the small shared pieces every layer may use; _validation is the contract itself (checks and the
+    # Options they build; it imports nothing above _common/_options), so a backend primitive called
+    # directly with keywords (tests, benchmarks) runs the same checks as the API. The oracle sits here too
+    # (it imports only _common), but no module of the package imports it: ORACLE below.
     "reference": 0, "_common": 0, "_options": 0, "_chunking": 0, "_C": 0, "_validation": 0,
     # kernels and backends (vocab-parallel is an option of the same path, at the same level)
     "triton": 1, "backends": 1, "distributed": 1,
     # the public API
-    "api": 2, "topk": 2, "modules": 2, "__init__": 2, "__main__": 2, "selfcheck": 2,
+    "api": 2, "topk": 2, "modules": 2, "__init__": 2, "__main__": 2,
     # clients of the public API inside the package
     "hf": 3, "bench": 3, "integrations": 3, "teacher": 3,
     # the trainer and the study built on it
@@ -91,3 +92,40 @@ def test_the_check_catches_an_upward_import(tmp_path, bad):
     found = list(_imported_units(probe, root))
     assert _unit(probe, root) == "backends"
     assert found and all(RANKS[t] > RANKS["backends"] for _, t in found), found
+
+
+# The materializing oracle the tests compare every backend against. A production module that imported it
+# would make those tests partly check the oracle against itself: the shared formulas live in
+# backends/_divergence_math.py and _common.py instead.
+ORACLE = "reference"
+
+
+def _oracle_imports(root: pathlib.Path = PACKAGE):
+    """``path:line`` of every import of the oracle by a module of the package other than the oracle."""
+    for path in sorted(root.rglob("*.py")):
+        if _unit(path, root) == ORACLE:
+            continue
+        for line, target in _imported_units(path, root):
+            if target == ORACLE:
+                yield f"{path.relative_to(root.parent)}:{line}"
+
+
+def test_no_production_module_imports_the_oracle():
+    found = list(_oracle_imports())
+    assert not found, "production modules that import opd_kernels.reference:\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize("where, bad", [
+    ("api.py", "from .reference import masked_inputs\n"),
+    ("backends/pytorch.py", "from .. import reference\n"),
+    ("demo/losses.py", "def f():\n    from opd_kernels import reference as ref\n"),
+    ("hf/heads.py", "import opd_kernels.reference\n"),
+])
+def test_the_check_catches_an_oracle_import(tmp_path, where, bad):
+    """The checker itself: an import of the oracle (also one inside a function) from any layer is found."""
+    root = tmp_path / "opd_kernels"
+    probe = root / where
+    probe.parent.mkdir(parents=True)
+    probe.write_text(bad)
+    (root / "reference.py").write_text("from ._common import compute_dtype\n")
+    assert [line.split(":")[0] for line in _oracle_imports(root)] == [f"opd_kernels/{where}"]

@@ -1,7 +1,10 @@
-"""Per-row divergence values and their gradients w.r.t. the student logits, for one chunk of rows.
+"""The production formulas of docs/design.md section 4 that the API and the backends share.
 
-This is docs/design.md section 4 as PyTorch on a (C, V) chunk of transformed logits; the torch backend uses it
-directly and it is the readable statement of what the C++ and Triton epilogues compute.
+Per-row divergence values and their gradients w.r.t. the student logits for one (C, V) chunk of transformed
+logits (the torch backend uses them directly; they are the readable statement of what the C++ and Triton
+epilogues compute), the lse/gather gradient, the top-k divergence on (N, k) log-probs and the
+sampled-token estimators. ``opd_kernels/reference.py`` (the oracle the tests compare against) writes the same
+formulas independently; no production module imports it (tests/test_layers.py).
 """
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from .._common import TOPK_TAIL_CLAMP
 
 
 def _xmul(p: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
@@ -152,7 +157,6 @@ def entropy_from_logits(z: torch.Tensor) -> torch.Tensor:
     return d.log() - _xmul(e, y).sum(-1) / d
 
 
-TOPK_TAIL_CLAMP = 1e-12   # the floor of a tail mass inside its logarithm (reference.TAIL_CLAMP)
 
 
 def _support_lse(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -230,3 +234,36 @@ def nonfinite_rows_inert(row_values, q: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         bad = ~torch.isfinite(row_values(q))
     return row_values(torch.where(bad.unsqueeze(-1), q.detach(), q))
+
+
+def sampled_token_values(s: torch.Tensor, t: torch.Tensor, r: torch.Tensor, *, estimator: str,
+                         kl_coef: float) -> torch.Tensor:
+    """Per-token sampled-token OPD values (docs/design.md section 4) from the student's log-prob ``s`` of the
+    sampled token, the teacher's ``t`` and the sampler's ``r`` (the detached ``s`` when the sampler is the
+    student), differentiable in ``s`` by autograd; ``ratio = exp(s - r)``::
+
+        "is": ratio * kl_coef * (r - t)       (= -ratio * A, the advantage A = -kl_coef (r - t))
+        "k1": kl_coef * ratio.detach() * (s - t)
+        "k3": kl_coef * ratio.detach() * (exp(t - s) - 1 - (t - s))
+    """
+    ratio = torch.exp(s - r)
+    if estimator == "is":
+        return ratio * (kl_coef * (r - t))
+    if estimator == "k1":
+        return kl_coef * ratio.detach() * (s - t)
+    if estimator == "k3":
+        log_r = t - s
+        return kl_coef * ratio.detach() * (torch.exp(log_r) - 1.0 - log_r)
+    raise ValueError(f"estimator: expected one of 'is', 'k1', 'k3', got {estimator!r}")
+
+
+def sampled_token_grad(s: torch.Tensor, t: torch.Tensor, r: torch.Tensor, values: torch.Tensor, *,
+                       estimator: str, kl_coef: float) -> torch.Tensor:
+    """``d values / d s`` of :func:`sampled_token_values` in closed form (``values`` its output; ``r``
+    detached): "is" ``values``; "k1" ``kl_coef * ratio``; "k3" ``kl_coef * ratio * (1 - exp(t - s))``."""
+    if estimator == "is":
+        return values
+    ratio = torch.exp(s - r)
+    if estimator == "k1":
+        return kl_coef * ratio
+    return kl_coef * ratio * (1.0 - torch.exp(t - s))

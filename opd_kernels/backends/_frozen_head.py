@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from .._common import no_double_backward
+from .._common import compute_dtype, no_double_backward
 
 
 def enabled() -> bool:
@@ -68,10 +68,6 @@ class _FrozenHeadRows(torch.autograd.Function):
         return (grad.to(d_hidden.dtype),) + (None,) * 8
 
 
-def _real(hidden: torch.Tensor) -> torch.dtype:
-    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
-
-
 def frozen_head_rows(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, teacher: torch.Tensor,
                      bias: Optional[torch.Tensor], opts, weights: torch.Tensor, spec: dict) -> torch.Tensor:
     """Per-row losses (N,) of the fused pass (``spec``: kind, estimator, divergence, tail_bucket, kl_coef)
@@ -80,7 +76,7 @@ def frozen_head_rows(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tens
     params = dict(temperature=opts.student.temperature, softcap=opts.student.softcap, scale=opts.student.scale,
                   vocab_size=opts.vocab_size, deterministic=opts.deterministic)
     return _FrozenHeadRows.apply(hidden, weight.detach(), None if bias is None else bias.detach(), ids,
-                                 teacher.to(_real(hidden)), weights.to(_real(hidden)), opts.backend, params, spec)
+                                 teacher.to(compute_dtype(hidden)), weights.to(compute_dtype(hidden)), opts.backend, params, spec)
 
 
 def frozen_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
@@ -95,6 +91,6 @@ def frozen_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.
     n = hidden.shape[0]
     weights = torch.ones(n, device=hidden.device) if live is None else live
     spec = dict(kind="topk", estimator="is", divergence="forward_kl", tail_bucket=False, kl_coef=1.0)
-    neg = frozen_head_rows(hidden, weight, ids, hidden.new_zeros((n, 1), dtype=_real(hidden)), bias, opts,
+    neg = frozen_head_rows(hidden, weight, ids, hidden.new_zeros((n, 1), dtype=compute_dtype(hidden)), bias, opts,
                            weights, spec)
     return 0.0 - neg  # 0 - x, not -x: rows of value 0 stay +0.0

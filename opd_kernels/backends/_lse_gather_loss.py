@@ -17,11 +17,11 @@ Backend primitive (docs/internals.md; inputs validated and flattened by the API)
 ``loss = sum_n w_n values_n``, ``values_n = row_loss(q_n) - entropy_coef * H_n`` (0 where w_n = 0).
 The loss is differentiable w.r.t. hidden, weight and bias; ``values`` carries no gradient.
 
-Equivalent PyTorch (``reference.py`` formulas)::
+Equivalent PyTorch (the formulas of backends/_divergence_math.py)::
 
     z = softcap(scale * (hidden @ weight[:V].T + bias[:V])) / temperature
     lp = z.float().log_softmax(-1); q = lp.gather(-1, ids); H = -(lp.exp() * lp).sum(-1)
-    row = sampled_token_per_token(q[:, 0], teacher[:, 0], sampler_logprobs=sampler, ...)   # kind "sampled_token"
+    row = sampled_token_values(q[:, 0], teacher[:, 0], sampler or q[:, 0].detach(), ...)   # kind "sampled_token"
         | topk_divergence_from_logprobs(q, teacher, divergence=..., tail=...)               # kind "topk"
     values = torch.where(weights != 0, row - entropy_coef * H, 0); loss = (weights * values).sum()
 """
@@ -33,24 +33,27 @@ from typing import Optional
 
 import torch
 
-from .. import reference
 from .._chunking import accumulate_linear_grads, linear_logits, workspace_mb
+from .._common import TOPK_TAIL_CLAMP, compute_dtype
 from .._common import no_double_backward as _no_double_backward
 from .._common import transform_grad, transform_logits
-from ._divergence_math import entropy_from_logits, gather_checked, lse_gather_grad
+from ._divergence_math import (entropy_from_logits, gather_checked, lse_gather_grad, sampled_token_grad,
+                               sampled_token_values, topk_divergence_from_logprobs)
 
 KINDS = ("sampled_token", "topk")
 
 
 def row_loss(q: torch.Tensor, teacher: torch.Tensor, sampler: Optional[torch.Tensor], *, kind: str,
              estimator: str, divergence: str, tail_bucket: bool, kl_coef: float) -> torch.Tensor:
-    """Per-row loss (N,) of the student log-probs ``q`` (N, k), differentiable in ``q`` (reference formulas)."""
+    """Per-row loss (N,) of the student log-probs ``q`` (N, k), differentiable in ``q`` by autograd
+    (backends/_divergence_math.py formulas)."""
     if kind == "sampled_token":
-        return reference.sampled_token_per_token(q[:, 0], teacher[:, 0], sampler_logprobs=sampler,
-                                                 kl_coef=kl_coef, estimator=estimator)
+        s = q[:, 0]
+        return sampled_token_values(s, teacher[:, 0], s.detach() if sampler is None else sampler,
+                                    estimator=estimator, kl_coef=kl_coef)
     # float64 on the (N, k) values: the tails 1 - sum exp cancel in fp32 (see row_loss_and_grad)
-    return reference.topk_divergence_from_logprobs(q.double(), teacher.double(), divergence=divergence,
-                                                   tail="bucket" if tail_bucket else "none").to(q.dtype)
+    return topk_divergence_from_logprobs(q.double(), teacher.double(), divergence=divergence,
+                                         tail="bucket" if tail_bucket else "none").to(q.dtype)
 
 
 def row_loss_and_grad(q: torch.Tensor, teacher: torch.Tensor, sampler: Optional[torch.Tensor], opts: dict):
@@ -61,26 +64,16 @@ def row_loss_and_grad(q: torch.Tensor, teacher: torch.Tensor, sampler: Optional[
     if opts["kind"] == "sampled_token":
         s, t = q[:, 0], teacher[:, 0]
         r = s if sampler is None else sampler
-        ratio = torch.exp(s - r)
-        if opts["estimator"] == "is":
-            loss = ratio * c * (r - t)
-            ds = loss
-        elif opts["estimator"] == "k1":
-            loss = c * ratio * (s - t)
-            ds = c * ratio
-        else:
-            lr = t - s
-            e = torch.exp(lr)
-            loss = c * ratio * (e - 1.0 - lr)
-            ds = c * ratio * (1.0 - e)
+        loss = sampled_token_values(s, t, r, estimator=opts["estimator"], kl_coef=c)
+        ds = sampled_token_grad(s, t, r, loss, estimator=opts["estimator"], kl_coef=c)
         return loss, ds.unsqueeze(-1)
     e, pl = q.exp(), teacher.exp()
     # tails in float64: 1 - sum cancels when the top-k holds nearly all the mass (see topk_loss in
     # csrc/include/lse_gather_loss.h); (N, k) values, nothing next to the V-wide pass
     q64, p64 = (1.0 - x.double().exp().sum(-1, keepdim=True) for x in (q, teacher))
-    log_ratio = (q64.clamp_min(reference.TAIL_CLAMP).log() - p64.clamp_min(reference.TAIL_CLAMP).log()).to(q.dtype)
-    big_q, big_p, q_c = q64.to(q.dtype), p64.to(q.dtype), q64.clamp_min(reference.TAIL_CLAMP).to(q.dtype)
-    active = (q64 >= reference.TAIL_CLAMP).to(q.dtype)
+    log_ratio = (q64.clamp_min(TOPK_TAIL_CLAMP).log() - p64.clamp_min(TOPK_TAIL_CLAMP).log()).to(q.dtype)
+    big_q, big_p, q_c = q64.to(q.dtype), p64.to(q.dtype), q64.clamp_min(TOPK_TAIL_CLAMP).to(q.dtype)
+    active = (q64 >= TOPK_TAIL_CLAMP).to(q.dtype)
     if opts["divergence"] == "reverse_kl":
         loss = (e * (q - teacher)).sum(-1)
         dq = e * (q - teacher + 1.0)
@@ -110,7 +103,7 @@ def _torch_pass(h, w, b, ids, teacher, sampler, weights, opts, need):
         d/dz_v = p_v (g_lse - g_H (log p_v + H)) + sum_j g_j [v = ids_j]      (reference-exact, see module doc)
     """
     n, v = h.shape[0], opts["vocab_size"]
-    cdt = torch.promote_types(h.dtype, torch.float32)
+    cdt = compute_dtype(h)
     values = torch.empty(n, dtype=cdt, device=h.device)
     grad_h = torch.empty_like(h) if need[0] else None
     grad_w = torch.zeros(w.shape, dtype=cdt, device=w.device) if need[1] else None
@@ -155,7 +148,7 @@ class _TorchLseGatherLoss(torch.autograd.Function):
         ctx.dtypes, ctx.kind = (h.dtype, w.dtype), opts["kind"]
         ctx.mark_non_differentiable(values)
         loss = (weights.to(values.dtype) * values).sum()
-        real = torch.promote_types(loss.dtype, torch.float32)
+        real = compute_dtype(loss)
         return loss.to(real), values.to(real)
 
     @staticmethod
@@ -198,8 +191,7 @@ def register_cpp(ops) -> None:
     @torch.library.register_fake("opd::lse_gather_loss")
     def _fake(h, w, b, ids, teacher, sampler, weights, kind, estimator, divergence, tail_bucket, kl_coef,
               entropy_coef, temperature, softcap, scale, vocab_size, grad_mask, chunk_rows):
-        from .cpp import _real
-        return (h.new_empty((), dtype=_real(h)), h.new_empty((h.shape[0],), dtype=_real(h)),
+        return (h.new_empty((), dtype=compute_dtype(h)), h.new_empty((h.shape[0],), dtype=compute_dtype(h)),
                 torch.empty_like(h) if grad_mask[0] else h.new_empty((0,)),
                 torch.empty_like(w) if grad_mask[1] else w.new_empty((0,)),
                 torch.empty_like(b) if (grad_mask[2] and b is not None) else w.new_empty((0,)))
@@ -245,7 +237,7 @@ def cpp_lse_gather_loss(hidden, weight, ids, teacher, *, bias, sampler, weights,
     cpp._require()
     rows = cpp.chunk_rows(hidden.shape[0], vocab_size, hidden.element_size(), hidden.device)
     mask3 = [True, False, False] if hidden_grad_only else cpp._grad_mask(hidden, weight, bias)
-    real = cpp._real(hidden)  # fp64 inputs: fp64 row scalars and loss, as the torch backend
+    real = compute_dtype(hidden)  # fp64 inputs: fp64 row scalars and loss, as the torch backend
     with torch.no_grad() if hidden_grad_only else contextlib.nullcontext():
         loss, values, grad_h, _, _ = cpp._ops.lse_gather_loss(
             hidden, weight, bias, ids, teacher.detach().to(real),

@@ -35,9 +35,10 @@ import torch
 from .. import _validation as check
 from .._chunking import DEFAULT_WORKSPACE_MB
 from .._chunking import chunk_rows as _chunk_rows
+from .._common import compute_dtype  # the ops' per-row scalars: fp64 when an input is fp64 (the epilogues)
 from .._common import no_double_backward as _no_double_backward
 from .._options import Options
-from . import pytorch as _pytorch  # strategy "materialize" (the reference path) runs there
+from . import pytorch as _pytorch  # strategy "materialize" (one chunk of N rows) runs there
 
 try:
     # import_module, not `from .. import _C`: while the package initializes, a missing _C would read as a
@@ -97,12 +98,6 @@ def _logits_scalars(opts: Options) -> tuple:
     return (opts.divergence, opts.beta, opts.temperature, opts.vocab_size)
 
 
-def _real(*tensors: torch.Tensor) -> torch.dtype:
-    """dtype of the ops' per-row scalars (weights, values, losses, lse, gathered logits, entropies): float64
-    when an input is float64 (the epilogues accumulate in it), float32 otherwise - as the torch backend."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def _optional(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.detach()
 
@@ -160,7 +155,7 @@ if AVAILABLE:
     @torch.library.register_fake("opd::linear_divergence")
     def _linear_divergence_fake(hs, ws, bs, ht, wt, bt, weights, divergence, beta, temperature, s_cap, t_cap,
                                 s_scale, t_scale, vocab_size, grad_mask, chunk_rows):
-        loss = hs.new_empty((), dtype=_real(hs, ht))
+        loss = hs.new_empty((), dtype=compute_dtype(hs, ht))
         gh = torch.empty_like(hs) if grad_mask[0] else _empty0(hs)
         gw = torch.empty_like(ws) if grad_mask[1] else _empty0(ws)
         gb = torch.empty_like(bs) if (grad_mask[2] and bs is not None) else _empty0(ws)
@@ -169,11 +164,11 @@ if AVAILABLE:
     @torch.library.register_fake("opd::linear_divergence_values")
     def _linear_divergence_values_fake(hs, ws, bs, ht, wt, bt, weights, divergence, beta, temperature, s_cap,
                                        t_cap, s_scale, t_scale, vocab_size, chunk_rows):
-        return hs.new_empty((hs.shape[0],), dtype=_real(hs, ht))
+        return hs.new_empty((hs.shape[0],), dtype=compute_dtype(hs, ht))
 
     @torch.library.register_fake("opd::lse_gather")
     def _lse_gather_fake(h, w, b, ids, temperature, softcap, scale, vocab_size, return_entropy, chunk_rows):
-        n, real = h.shape[0], _real(h)
+        n, real = h.shape[0], compute_dtype(h)
         return (h.new_empty((n,), dtype=real), h.new_empty(ids.shape, dtype=real),
                 h.new_empty((n if return_entropy else 0,), dtype=real))
 
@@ -187,13 +182,13 @@ if AVAILABLE:
 
     @torch.library.register_fake("opd::logits_divergence")
     def _logits_divergence_fake(s, t, weights, divergence, beta, temperature, vocab_size, compute_grad):
-        real = _real(s, t)
+        real = compute_dtype(s, t)
         return (s.new_empty((), dtype=real), s.new_empty((s.shape[0],), dtype=real),
                 torch.empty_like(s) if compute_grad else _empty0(s))
 
     @torch.library.register_fake("opd::logits_divergence_inplace_")
     def _logits_divergence_inplace_fake(s, t, weights, divergence, beta, temperature, vocab_size):
-        real = _real(s, t)
+        real = compute_dtype(s, t)
         return s.new_empty((), dtype=real), s.new_empty((s.shape[0],), dtype=real)
 
     # ------------------------------------------------------------------------------------------------
@@ -312,11 +307,11 @@ def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_we
     if opts.strategy == "fused":
         raise ValueError("strategy: 'fused' needs the triton backend; the cpp backend runs 'chunked' "
                          "(default) or 'materialize'")
-    if opts.strategy == "materialize":  # the float64-capable reference path (baseline and oracle only)
+    if opts.strategy == "materialize":  # the torch pass over one chunk of all N rows (a memory baseline)
         return _pytorch.linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, opts,
                                           student_bias=student_bias, teacher_bias=teacher_bias)
     n = student_hidden.shape[0]
-    weights = opts.token_weights(n, student_hidden.device, _real(student_hidden, teacher_hidden))
+    weights = opts.token_weights(n, student_hidden.device, compute_dtype(student_hidden, teacher_hidden))
     rows = chunk_rows(n, opts.vocab_size, student_hidden.element_size() + teacher_hidden.element_size(),
                       student_hidden.device)
     teacher = (teacher_hidden.detach(), teacher_weight.detach(), _optional(teacher_bias))
@@ -356,7 +351,7 @@ def logits_divergence(student_logits, teacher_logits, opts: Options):
     instead of ``opts``: a direct call (``_validation.accepts_keywords``).
     """
     _require()
-    weights = opts.token_weights(student_logits.shape[0], student_logits.device, _real(student_logits, teacher_logits))
+    weights = opts.token_weights(student_logits.shape[0], student_logits.device, compute_dtype(student_logits, teacher_logits))
     t = teacher_logits.detach()
     if opts.inplace_grad:
         if opts.reduction == "none":

@@ -14,9 +14,8 @@ from __future__ import annotations
 import torch
 
 from .. import _validation as check
-from .. import reference
-from .._chunking import (accumulate_linear_grads, compute_dtype, linear_divergence_pass, linear_logits, row_chunks,
-                         torch_chunk_rows)
+from .._chunking import accumulate_linear_grads, linear_divergence_pass, linear_logits, row_chunks, torch_chunk_rows
+from .._common import compute_dtype
 from .._common import no_double_backward as _no_double_backward
 from .._common import reduce_per_token
 from .._options import Options
@@ -29,7 +28,7 @@ INPLACE_GRAD = True
 def _reduced(values: torch.Tensor, weights: torch.Tensor, reduction: str) -> torch.Tensor:
     """The op's output from per-token values: ``reduce_per_token``, in fp32 (fp64 for fp64 inputs)."""
     out = reduce_per_token(values, weights, reduction)
-    return out.to(torch.promote_types(out.dtype, torch.float32))
+    return out.to(compute_dtype(out))
 
 
 def _upstream(weights: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
@@ -41,11 +40,14 @@ def _upstream(weights: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
 # linear_divergence
 # --------------------------------------------------------------------------------------------------
 def _divergence_pass(hs, ws, bs, ht, wt, bt, weights, opts: Options, need_grad):
-    """One sweep over token chunks (``_chunking.linear_divergence_pass``) with this process's divergence."""
+    """One sweep over token chunks (``_chunking.linear_divergence_pass``) with this process's divergence;
+    strategy "materialize": one chunk of all N rows (the N x V logits, the baseline's memory)."""
     def value_and_grad(zs, zt, need):
         return divergence_and_grad(zs, zt, opts.divergence, opts.beta, need)
-    return linear_divergence_pass(hs, ws, bs, ht, wt, bt, weights, opts, opts.vocab_size,
-                                  torch_chunk_rows(hs.shape[0], opts.vocab_size), value_and_grad, need_grad)
+    n = hs.shape[0]
+    rows = max(n, 1) if opts.strategy == "materialize" else torch_chunk_rows(n, opts.vocab_size)
+    return linear_divergence_pass(hs, ws, bs, ht, wt, bt, weights, opts, opts.vocab_size, rows, value_and_grad,
+                                  need_grad)
 
 
 class _ChunkedLinearDivergence(torch.autograd.Function):
@@ -85,18 +87,12 @@ class _ChunkedLinearDivergence(torch.autograd.Function):
 def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, opts: Options, *,
                       student_bias=None, teacher_bias=None):
     """docs/internals.md ``linear_divergence``: strategy "chunked" (also for "auto"), or "materialize" (the
-    reference). Deterministic always: no atomics, every reduction in a fixed order. ``keywords`` instead
-    of ``opts``: a direct call with the public API's keywords (``_validation.accepts_keywords``)."""
+    same pass over one chunk of all N rows: N x V logits). Deterministic always: no atomics, every reduction
+    in a fixed order. ``keywords`` instead of ``opts``: a direct call with the public API's keywords
+    (``_validation.accepts_keywords``)."""
     if opts.strategy == "fused":
         raise ValueError("strategy: 'fused' needs the triton backend; the torch backend runs 'chunked' "
                          "(default) or 'materialize'")
-    if opts.strategy == "materialize":
-        return reference.linear_divergence(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, divergence=opts.divergence,
-            beta=opts.beta, temperature=opts.temperature, student_bias=student_bias, teacher_bias=teacher_bias,
-            student_softcap=opts.student.softcap, teacher_softcap=opts.teacher.softcap,
-            student_scale=opts.student.scale, teacher_scale=opts.teacher.scale, vocab_size=opts.vocab_size,
-            mask=opts.mask, reduction=opts.reduction, normalizer=opts.normalizer)
     weights = opts.token_weights(student_hidden.shape[0], student_hidden.device,
                                  compute_dtype(student_hidden, teacher_hidden))
     return _ChunkedLinearDivergence.apply(student_hidden, student_weight, student_bias, teacher_hidden.detach(),

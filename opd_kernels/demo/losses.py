@@ -8,7 +8,6 @@ a completion of n tokens; ``mask`` (B, n) marks the completion tokens up to and 
 """
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import torch
@@ -17,17 +16,9 @@ from .models import hidden_states, lm_head_weight
 
 
 def public_ops() -> SimpleNamespace:
-    """``linear_divergence``, ``linear_logprobs`` and ``sampled_token_opd_loss`` from ``opd_kernels``.
-
-    ``OPD_DEMO_REFERENCE_OPS=1`` swaps in the materializing float oracle (``opd_kernels.reference``)
-    for debugging; the report records which was used (``report.json: ops``).
-    """
-    if os.environ.get("OPD_DEMO_REFERENCE_OPS") == "1":
-        from opd_kernels import reference as ref
-        return SimpleNamespace(source="opd_kernels.reference (materializing)",
-                               linear_divergence=ref.linear_divergence,
-                               linear_logprobs=ref.linear_logprobs,
-                               sampled_token_opd_loss=ref.sampled_token_opd_loss)
+    """``linear_divergence``, ``linear_logprobs`` and ``sampled_token_opd_loss`` from ``opd_kernels``; the
+    report records them (``report.json: ops``). The tests pass the materializing oracle
+    (``opd_kernels.reference``) in their place; the study itself never imports it."""
     import opd_kernels as ok
     return SimpleNamespace(source="opd_kernels (fused public ops)",
                            linear_divergence=ok.linear_divergence,

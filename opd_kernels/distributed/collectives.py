@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .._common import compute_dtype
+
 
 def all_gather_plain(x: torch.Tensor, group) -> torch.Tensor:
     """Non-differentiable all-gather: (...) on each rank -> (world, ...) on every rank, slot r = rank r's."""
@@ -59,7 +61,7 @@ class _CopyToGroup(torch.autograd.Function):
         # d loss / d x = sum over this rank's uses of x, then over the ranks (each rank's gradient only
         # covers its own vocabulary shard). Summed in fp32 (at least) and rounded to x's dtype once: bf16
         # partial gradients summed in bf16 would add a rounding per term.
-        acc = torch.promote_types(ctx.dtype, torch.float32)
+        acc = compute_dtype(ctx.dtype)
         live = [g for g in grads if g is not None]
         total = live[0].to(acc, copy=True)
         for g in live[1:]:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from .. import backends
-from .._chunking import compute_dtype
+from .._common import compute_dtype
 from .._common import reduce_per_token
 from .._common import zero_anchor as _zero_anchor
 from .._options import Options

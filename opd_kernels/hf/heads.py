@@ -36,6 +36,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
+from .._common import transform_logits
+
 # Config keys of logit transforms this module does not model. A model carrying one is refused rather
 # than silently given the wrong distribution.
 _UNSUPPORTED_KEYS = ("unpadded_vocab_size", "output_multiplier", "dim_model_base", "mup_width_multiplier")
@@ -187,10 +189,7 @@ def _check_head_structure(model: nn.Module, proj: nn.Module, decoder: nn.Module,
 def head_logits(hidden: torch.Tensor, head: LMHead) -> torch.Tensor:
     """Materialized logits from hidden states (small inputs only: used by :func:`verify_lm_head`)."""
     raw = nn.functional.linear(hidden, head.weight, head.bias)
-    raw = raw * head.scale if head.scale != 1.0 else raw
-    if head.softcap is not None:
-        raw = head.softcap * torch.tanh(raw / head.softcap)
-    return raw
+    return transform_logits(raw, scale=head.scale, softcap=head.softcap)
 
 
 @torch.no_grad()
