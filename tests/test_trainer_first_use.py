@@ -80,12 +80,13 @@ def test_an_unknown_prompts_file_type_is_refused_listing_the_accepted_ones(tmp_p
     from opd_kernels.trainer import load_prompts
     from opd_kernels.trainer.data import READERS
 
-    csv = tmp_path / "prompts.csv"
-    csv.write_text("prompt\nt5 t6\n")
-    with pytest.raises(ValueError, match=r"unknown file type '\.csv'; expected one of \.jsonl, \.txt or random:"):
-        load_prompts(str(csv), vocab_size=131)
+    sheet = tmp_path / "prompts.xlsx"
+    sheet.write_text("prompt\nt5 t6\n")
+    with pytest.raises(ValueError, match=r"unknown file type '\.xlsx'; expected one of \.jsonl, \.txt, \.parquet, "
+                       r"\.csv, \.json, a dataset directory or random:"):
+        load_prompts(str(sheet), vocab_size=131)
     bare = tmp_path / "prompts"
     bare.write_text("t5 t6\n")
     with pytest.raises(ValueError, match=r"unknown file type '\(no extension\)'"):
         load_prompts(str(bare), vocab_size=131)
-    assert set(READERS) == {".jsonl", ".txt"}
+    assert set(READERS) == {".jsonl", ".txt", ".parquet", ".csv", ".json", "(directory)"}

@@ -26,7 +26,7 @@ _EPILOG = ("With none of --student/--teacher/--config, opd-distill runs the embe
            "`opd-distill export CHECKPOINT OUT` turns a checkpoint into a from_pretrained directory.")
 _EXTRA_HINT = {"transformers": "trainer", "safetensors": "trainer", "yaml": "trainer", "accelerate": "trainer",
                "matplotlib": "trainer", "tqdm": "trainer", "tensorboard": "tensorboard", "wandb": "wandb",
-               "peft": "lora"}
+               "peft": "lora", "datasets": "datasets"}
 
 
 def _flags(argv: Sequence[str]) -> List[str]:
@@ -83,7 +83,8 @@ def run(cfg: TrainConfig) -> Dict[str, object]:
     prompts = load_prompts(cfg.prompts, tokenizer, max_prompt_len=cfg.max_prompt_len,
                            chat_template=cfg.chat_template, seed=cfg.seed, vocab_size=min(rows),
                            max_positions=min(positions) if positions else None,
-                           max_new_tokens=cfg.max_new_tokens)
+                           max_new_tokens=cfg.max_new_tokens, prompt_column=cfg.prompt_column,
+                           messages_column=cfg.messages_column, split=cfg.split)
     # Same initial weights on every rank (load_model is seeded), a different sampling stream per rank.
     torch.manual_seed(cfg.seed + DataParallel.current().rank)
     trainer = OPDTrainer(cfg, student, teacher, prompts, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer)

@@ -39,7 +39,16 @@ class TrainConfig:
                                  "server down or busy, waiting 0.25 s doubling to 8 s between them (8: about 30 s); "
                                  "then the run stops with an error, its last checkpoint intact"})
     prompts: Optional[str] = field(default=None, metadata={"help": ".jsonl ({'prompt': str} or "
-                                   "{'prompt_ids': [int]}), .txt (one per line), or random:COUNT:LEN"})
+                                   "{'prompt_ids': [int]}), .txt (one per line), .parquet, .csv, .json, a "
+                                   "save_to_disk dataset directory, or random:COUNT:LEN"})
+    prompt_column: Optional[str] = field(default=None, metadata={"help": "column (key) of a prompts row holding "
+                                         "the prompt, a string or a list of ids (default: 'prompt', else "
+                                         "'prompt_ids')"})
+    messages_column: Optional[str] = field(default=None, metadata={"help": "column of a prompts row holding chat "
+                                           "messages [{'role', 'content'}], rendered with the tokenizer's chat "
+                                           "template and the generation prompt"})
+    split: Optional[str] = field(default=None, metadata={"help": "split of a --prompts dataset directory "
+                                 "(save_to_disk) holding several (default: train)"})
     output_dir: str = field(default="opd_run", metadata={"help": "metrics.jsonl, curves.png, checkpoints/"})
     report_to: str = field(default="jsonl", metadata={"help": "where the metrics go, comma-separated: jsonl "
                            "(output_dir/metrics.jsonl and curves.png), tensorboard (output_dir/tensorboard), "
@@ -136,6 +145,8 @@ class TrainConfig:
         parse_report_to(self.report_to)
         if self.teacher_retries < 0:
             bad("teacher_retries", "an integer >= 0")
+        if self.prompt_column is not None and self.messages_column is not None:
+            raise ValueError("prompt_column, messages_column: give at most one of them")
         if self.lora_r < 0:
             bad("lora_r", "an integer >= 0 (0: full fine-tuning)")
         if not self.lora_alpha > 0:
