@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import sys
+import sysconfig
 from importlib import metadata
 from pathlib import Path
 
@@ -25,9 +26,16 @@ CONSTRAINTS_HEADER = """\
 """
 
 
+def installed() -> list:
+    """The distributions installed in this environment's site-packages (not copies vendored inside other
+    packages, such as setuptools' own wheel and packaging, which can also be on ``sys.path``)."""
+    paths = sysconfig.get_paths()
+    return list(metadata.distributions(path=sorted({paths["purelib"], paths["platlib"]})))
+
+
 def pinned_lines() -> list[str]:
     pins = {}
-    for dist in metadata.distributions():
+    for dist in installed():
         name = dist.metadata["Name"]
         if not name or re.sub(r"[-_.]+", "_", name.lower()) == PROJECT:
             continue

@@ -7,7 +7,6 @@ the Makefile applies them, and (in the environment `make test` built) that the i
 import os
 import re
 import sys
-from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -67,9 +66,14 @@ def test_make_test_installs_with_the_pins():
 @pytest.mark.skipif(os.environ.get("OPD_PINNED_ENV") != "1",
                     reason="runs in the environment `make test` built from the pins (OPD_PINNED_ENV=1)")
 def test_installed_versions_are_the_pins():
+    sys.path.insert(0, str(ROOT / "requirements"))
+    try:
+        from pin import installed
+    finally:
+        sys.path.pop(0)
     pins = _pins(CONSTRAINTS.read_text())
     wrong = {}
-    for dist in metadata.distributions():
+    for dist in installed():
         name = _norm(dist.metadata["Name"])
         if name in pins and dist.version.split("+")[0] != pins[name]:
             wrong[name] = (dist.version, pins[name])
