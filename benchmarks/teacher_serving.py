@@ -47,7 +47,8 @@ def measured_hidden_bytes(hidden: int, tokens: int = 4096) -> dict:
 def _start_server(folder: str, batching: bool):
     from opd_kernels.teacher.cli import spawn_server
 
-    return spawn_server(folder, "--max-batch-tokens", "8192", *([] if batching else ["--no-batching"]))
+    return spawn_server(folder, "--dtype", "float32", "--max-batch-tokens", "8192",
+                        *([] if batching else ["--no-batching"]))
 
 
 def _rss_mib(pid: int) -> float:
@@ -98,8 +99,8 @@ def _load(url: str, clients: int, requests: int, rows: int, seq: int, vocab: int
     def pct(p):
         return lat[min(len(lat) - 1, int(round(p / 100 * (len(lat) - 1))))] if lat else float("nan")
 
-    return {"clients": clients, "requests": len(lat), "errors": len(errors), "tokens_per_s": len(lat) * rows * seq / wall,
-            "p50_ms": 1e3 * pct(50), "p99_ms": 1e3 * pct(99), "wall_s": wall, "first_error": errors[:1]}
+    return {"clients": clients, "requests": len(lat), "errors": len(errors),
+            "tokens_per_s": len(lat) * rows * seq / wall, "p50_ms": 1e3 * pct(50), "p99_ms": 1e3 * pct(99), "wall_s": wall, "first_error": errors[:1]}
 
 
 def trainer_comparison(folder: str, steps: int, out_root: str) -> dict:
@@ -213,7 +214,8 @@ def main(argv=None) -> int:
                     proc.kill()
         results["throughput"] = rows
     print(f"\nPOST /v1/hidden, {args.rows} x {args.seq} tokens per request, {args.requests} requests per client, "
-          f"medians of {args.rounds} alternated rounds (tiny llama H={args.hidden}, {args.layers} layers, V={args.vocab}, fp32, CPU):\n")
+          f"medians of {args.rounds} alternated rounds (tiny llama H={args.hidden}, {args.layers} layers, "
+          f"V={args.vocab}, fp32 compute and transport, CPU):\n")
     print("| batching | clients | tokens/s | p50 ms | p99 ms | errors | server RSS MiB, first -> last round |\n"
           "|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -325,6 +325,22 @@ def test_killed_server_fails_fast_naming_the_url():
         RemoteTeacher(server.url, retries=0)
 
 
+def test_transport_dtype_default_and_per_request():
+    teacher = _teacher("llama")
+    ids = torch.randint(0, V, (2, 6))
+    with torch.no_grad():
+        want = hf.hidden_states(teacher, ids)
+    with TeacherServer(teacher, port=0, transport_dtype=torch.bfloat16) as server:
+        status, _, body = _post(server, {"input_ids": ids}, token=None)
+        tensors, meta = decode(body)
+        assert status == 200 and tensors["hidden"].dtype == torch.bfloat16 and meta["dtype"] == "bfloat16"
+        assert RemoteTeacher(server.url).dtype == torch.bfloat16
+        exact = RemoteTeacher(server.url, dtype="float32")
+        torch.testing.assert_close(exact.hidden_states(ids), want, rtol=1e-6, atol=1e-6)
+        rounded = RemoteTeacher(server.url).hidden_states(ids)
+        assert rounded.dtype == torch.float32 and torch.equal(rounded, want.to(torch.bfloat16).float())
+
+
 def test_fingerprint_tracks_weights_config_and_dtype():
     a, b = _teacher("llama", seed=1), _teacher("llama", seed=1)
     assert fingerprint(a) == fingerprint(b)
@@ -370,7 +386,8 @@ def test_cli_serve_end_to_end(tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     os.chmod(token_file, 0o600)
-    proc, url = spawn_server(str(tmp_path / "teacher"), "--token-file", str(token_file), "--dtype", "float32")
+    # the default transport is bfloat16; the model computes in its checkpoint's float32
+    proc, url = spawn_server(str(tmp_path / "teacher"), "--token-file", str(token_file))
     try:
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url), url
         server = type("Served", (), {"url": url})
@@ -386,6 +403,12 @@ def test_cli_serve_end_to_end(tmp_path):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         for n in want_g:
             torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-5, atol=1e-5)
+        default = RemoteTeacher(url, token=TOKEN)
+        assert default.dtype == torch.bfloat16 and default.compute_dtype == torch.float32
+        got, got_g = _loss_and_grads(student, default, ids, mask, loss_mask)
+        assert 0 < abs(float(got) - float(want)) <= 2e-2 * max(1.0, abs(float(want)))  # rounded, not equal
+        for n in want_g:
+            torch.testing.assert_close(got_g[n], want_g[n], rtol=2e-2, atol=2e-2)
         client = RemoteTeacher(url, token=TOKEN, retries=2, backoff=0.05)
         proc.kill()
         proc.wait(30)

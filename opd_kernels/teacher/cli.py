@@ -21,9 +21,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="local folder of a transformers CausalLM (safetensors weights)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    s.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                   help="compute dtype of the model (default auto: the checkpoint's); clients may ask for "
-                        "another transport dtype per request")
+    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="transport dtype of the hidden states (default bfloat16: 2 bytes per hidden unit); a "
+                        "client may ask for another per request (RemoteTeacher(dtype=...))")
+    s.add_argument("--compute-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="dtype the model runs in (default auto: the checkpoint's); the head is sent in it")
     s.add_argument("--device", default=None, help="torch device (default cuda when available, else cpu)")
     s.add_argument("--token-file", default=None,
                    help="file holding a bearer token; every endpoint but /healthz then needs "
@@ -85,12 +87,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ImportError:
         print("opd-teacher: the server needs aiohttp: pip install 'opd_kernels[serve]'", file=sys.stderr)
         return 2
-    from .server import TeacherServer, describe, load_model, read_token_file, LOOPBACK
+    from .server import LOOPBACK, TeacherServer, describe, load_model, read_token_file
+    from .wire import DTYPES
 
     try:
         token = read_token_file(args.token_file) if args.token_file else None
-        model = load_model(args.model, dtype=args.dtype, device=args.device)
+        model = load_model(args.model, dtype=args.compute_dtype, device=args.device)
         server = TeacherServer(model, host=args.host, port=args.port, token=token,
+                               transport_dtype=DTYPES[args.dtype],
                                max_batch_tokens=args.max_batch_tokens, max_request_tokens=args.max_request_tokens,
                                max_queue=args.max_queue, batching=not args.no_batching, verify=not args.no_verify)
     except (ValueError, OSError) as e:

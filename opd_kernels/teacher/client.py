@@ -91,8 +91,9 @@ class RemoteTeacher:
 
     - ``token``: the server's bearer token (``--token-file``), sent as ``Authorization: Bearer``.
     - ``dtype``: the transport dtype of the hidden states (torch.bfloat16, torch.float16, torch.float32 or
-      their names); default the server's compute dtype. The states are returned in the compute dtype (the
-      head's), so a narrower transport only rounds them once.
+      their names); default the server's (its ``--dtype``). The states are returned in the server's compute
+      dtype (the head's), so a narrower transport only rounds them once, and a float32 transport from a
+      float32 teacher gives the in-process teacher's states.
     - ``timeout``: seconds for the connection and for each read from it.
     - ``retries``, ``backoff``: connection errors, timeouts and 502/503/504 answers are retried ``retries``
       times, waiting ``backoff * 2**i`` seconds (at most ``max_backoff``; at least a 503's Retry-After); then
@@ -134,7 +135,7 @@ class RemoteTeacher:
         self._device = None if device is None else torch.device(device)
         self._lock = threading.Lock()
         self._fetch_head()
-        self.dtype = self.compute_dtype if dtype is None else parse_dtype(dtype)
+        self.dtype = self.transport_dtype if dtype is None else parse_dtype(dtype)
 
     # ------------------------------------------------------------------ HTTP
 
@@ -228,6 +229,7 @@ class RemoteTeacher:
             scale = float(meta["scale"])
             self.fingerprint = meta["fingerprint"]
             self.compute_dtype = parse_dtype(meta["compute_dtype"])
+            self.transport_dtype = parse_dtype(meta.get("transport_dtype") or meta["compute_dtype"])
             self.input_vocab_size = int(meta["input_vocab_size"])
             self.max_request_tokens = int(meta.get("max_request_tokens", 0)) or None
         except (KeyError, ValueError) as e:

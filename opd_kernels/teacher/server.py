@@ -153,6 +153,8 @@ class TeacherServer:
     """Serve ``model`` (a transformers CausalLM) over HTTP.
 
     ``token``: when set, every endpoint but ``/healthz`` needs ``Authorization: Bearer <token>``.
+    ``transport_dtype``: the dtype of the hidden states sent to a client that asks for none (default: the
+    model's compute dtype, its weights' dtype).
     ``max_batch_tokens``: padded tokens per model forward; ``max_request_tokens``: tokens (B x T) per request
     (larger: 413); ``max_queue``: requests waiting (more: 503 with Retry-After); ``batching=False`` runs one
     request per forward. ``verify``: check the lm_head reading against the model's own logits at start-up.
@@ -163,7 +165,7 @@ class TeacherServer:
     def __init__(self, model: torch.nn.Module, *, host: str = "127.0.0.1", port: int = 8000,
                  token: Optional[str] = None, max_batch_tokens: int = 16384, max_request_tokens: int = 32768,
                  max_queue: int = 64, batching: bool = True, read_timeout: float = 30.0, verify: bool = True,
-                 retry_after: int = 1):
+                 retry_after: int = 1, transport_dtype: Optional[torch.dtype] = None):
         for name, value in (("max_batch_tokens", max_batch_tokens), ("max_request_tokens", max_request_tokens),
                             ("max_queue", max_queue)):
             if int(value) < 1:
@@ -180,6 +182,8 @@ class TeacherServer:
         if self.compute_dtype not in DTYPES.values():
             raise ValueError(f"model: weights in {self.compute_dtype}; the server computes in one of "
                              f"{sorted(DTYPES)}")
+        self.transport_dtype = self.compute_dtype if transport_dtype is None else transport_dtype
+        dtype_name(self.transport_dtype)  # raises for a dtype the wire does not carry
         self.device = self.head.weight.device
         self.input_vocab = int(model.get_input_embeddings().num_embeddings)
         self.fingerprint = fingerprint(model, self.head)
@@ -219,8 +223,9 @@ class TeacherServer:
             meta = {"protocol": PROTOCOL, "fingerprint": self.fingerprint,
                     "softcap": "" if h.softcap is None else repr(float(h.softcap)), "scale": repr(float(h.scale)),
                     "vocab_size": str(h.weight.shape[0]), "hidden_size": str(h.weight.shape[1]),
-                    "input_vocab_size": str(self.input_vocab),
-                    "max_request_tokens": str(self.max_request_tokens), "compute_dtype": dtype_name(self.compute_dtype),
+                    "input_vocab_size": str(self.input_vocab), "max_request_tokens": str(self.max_request_tokens),
+                    "compute_dtype": dtype_name(self.compute_dtype),
+                    "transport_dtype": dtype_name(self.transport_dtype),
                     "model_type": str(getattr(cfg, "model_type", ""))}
             self._head_bytes = encode(tensors, meta)
         return self._head_bytes
@@ -346,7 +351,7 @@ class TeacherServer:
             positions = position_ids_from_mask(mask)
         else:
             positions = None
-        name = meta.get("dtype", dtype_name(self.compute_dtype))
+        name = meta.get("dtype", dtype_name(self.transport_dtype))
         if name not in DTYPES:
             raise _Failure(400, f"dtype: expected one of {sorted(DTYPES)}, got {name!r}")
         return _Pending(ids, mask, positions, DTYPES[name])
@@ -670,6 +675,8 @@ def read_token_file(path: str) -> str:
 
 def describe(server: TeacherServer) -> str:
     cfg = getattr(server.model, "config", None)
-    return json.dumps({"model_type": getattr(cfg, "model_type", None), "dtype": dtype_name(server.compute_dtype),
+    return json.dumps({"model_type": getattr(cfg, "model_type", None),
+                       "compute_dtype": dtype_name(server.compute_dtype),
+                       "transport_dtype": dtype_name(server.transport_dtype),
                        "device": str(server.device), "vocab_size": int(server.head.weight.shape[0]),
                        "hidden_size": int(server.head.weight.shape[1]), "fingerprint": server.fingerprint})
