@@ -12,6 +12,7 @@ import torch
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
 TOPK_TAILS = ("bucket", "renormalize", "none")  # linear_topk_divergence(tail=...)
+SAMPLED_TOKEN_ESTIMATORS = ("is", "k1", "k3")   # the sampled-token ops' estimator=
 STRATEGIES = ("auto", "chunked", "fused", "materialize")
 TOPK_TAIL_CLAMP = 1e-12  # top-k tail "bucket": the floor of a tail mass inside its logarithm
 

@@ -55,6 +55,35 @@ class LogitTransform:
         return transform_grad(raw, grad_z, scale=self.scale, softcap=self.softcap, temperature=self.temperature)
 
 
+@dataclass(frozen=True)
+class RowLossSpec:
+    """The per-row loss of the fused row-loss primitive ``lse_gather_loss`` (docs/internals.md): a function of
+    the student's log-probs q (N, k) at the ids, the teacher's (N, k) and the sampler's (N,) log-probs, minus
+    ``entropy_coef`` times the student's entropy. Built by ``_validation`` for the sampled-token ops and
+    top-k, read by the backends.
+
+    - kind "sampled_token" (k = 1): the ``estimator`` ("is" | "k1" | "k3") scaled by ``kl_coef``;
+    - kind "topk": ``divergence`` ("forward_kl" | "reverse_kl") over the k entries, plus the tail entry for
+      ``tail`` "bucket" ("none": the k entries only).
+    """
+    kind: str                               # "sampled_token" | "topk"
+    estimator: str = "is"                   # sampled_token
+    divergence: str = "reverse_kl"          # topk
+    tail: str = "none"                      # topk: "bucket" | "none"
+    kl_coef: float = 1.0
+    entropy_coef: float = 0.0
+
+    @property
+    def tail_bucket(self) -> bool:
+        """``tail`` as the kernels' flag."""
+        return self.tail == "bucket"
+
+    def kernel_args(self) -> dict:
+        """The spec as the keywords of a backend's ``lse_gather_loss`` (and the scalars of its ops)."""
+        return dict(kind=self.kind, estimator=self.estimator, divergence=self.divergence,
+                    tail_bucket=self.tail_bucket, kl_coef=self.kl_coef, entropy_coef=self.entropy_coef)
+
+
 @dataclass(frozen=True, eq=False)
 class Options:
     """Everything about one call except its tensors. Built by ``_validation.check_*``; frozen.
@@ -66,8 +95,12 @@ class Options:
       only), reductions, ``backend``, ``deterministic``, ``inplace_grad``;
     - ``linear_logprobs`` / the lse-gather primitive: ``student`` (the one model's transform),
       ``vocab_size``, ``return_entropy``, ``backend``, ``deterministic``, the vocab-parallel fields;
-    - ``linear_topk_divergence``: those of ``linear_logprobs`` plus ``divergence``, ``beta``, ``tail`` and
-      the reductions (its ``support_mask`` is a tensor argument, checked but not stored here).
+    - ``linear_topk_divergence``: those of ``linear_logprobs`` plus ``divergence``, ``beta``, ``tail``,
+      ``row_loss`` (for the fused pass), the reductions and ``per_token_weights`` (its ``support_mask`` is a
+      tensor argument, checked but not stored here);
+    - ``sampled_token_opd_loss``: ``mask``, ``normalizer``, ``reduction`` ("mean"), ``row_loss``;
+    - ``linear_sampled_token_opd_loss``: those of ``linear_logprobs`` plus ``row_loss``, the reductions and
+      ``per_token_weights``.
     """
     # what is computed
     divergence: str = "reverse_kl"          # resolved: JSD at beta = 0 / 1 is stored as forward_kl / reverse_kl
@@ -81,7 +114,10 @@ class Options:
     mask: Optional[torch.Tensor] = None     # flat bool (N,) or None
     reduction: str = "mean"
     normalizer: Normalizer = None           # a float > 0, a 0-dim tensor, or None
-    per_token_weights: Optional[torch.Tensor] = None  # flat fp32 (N,) token_weights= of a scalar reduction
+    # the caller's token_weights=: flat (N,) in the compute dtype, 0 where masked. A scalar reduction folds
+    # them into token_weights(); reduction "none" multiplies the values (weighted_values).
+    per_token_weights: Optional[torch.Tensor] = None
+    row_loss: Optional[RowLossSpec] = None  # the fused row loss of the sampled-token and top-k ops
     # how it runs
     backend: str = "auto"
     strategy: str = "auto"
@@ -117,6 +153,18 @@ class Options:
 
     def token_weights(self, n: int, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``_common.token_weights`` of this call's mask, reduction and normalizer: w (n,) with
-        loss = sum_n w_n value_n; times ``per_token_weights`` (the caller's token_weights=) when set."""
+        loss = sum_n w_n value_n; for a scalar reduction times ``per_token_weights`` (the caller's
+        token_weights=) when set."""
         w = token_weights(self.mask, n, self.reduction, self.normalizer, device, dtype)
-        return w if self.per_token_weights is None else w * self.per_token_weights.to(device=device, dtype=dtype)
+        if self.per_token_weights is None or self.reduction == "none":
+            return w
+        return w * self.per_token_weights.to(device=device, dtype=dtype)
+
+    def weighted_values(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-token values (reduction "none") times ``per_token_weights``, 0 (not NaN) where a weight is 0
+        and a value inf; the values as they are without weights."""
+        tw = self.per_token_weights
+        if tw is None:
+            return values
+        return torch.where(tw != 0, values * tw.to(values.dtype), torch.zeros((), dtype=values.dtype,
+                                                                               device=values.device))

@@ -18,8 +18,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._common import DIVERGENCES, REDUCTIONS, STRATEGIES, TOPK_TAILS
-from ._options import LogitTransform, Options
+from ._common import DIVERGENCES, REDUCTIONS, SAMPLED_TOKEN_ESTIMATORS, STRATEGIES, TOPK_TAILS, compute_dtype
+from ._options import LogitTransform, Options, RowLossSpec
 
 BACKENDS = ("auto", "torch", "cpp", "triton")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -295,7 +295,8 @@ def check_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
                             beta=0.5, temperature=1.0, student_bias=None, teacher_bias=None, student_softcap=None,
                             teacher_softcap=None, student_scale=1.0, teacher_scale=1.0, vocab_size=None, mask=None,
                             reduction="mean", normalizer=None, backend="auto", strategy="auto", filter_eps=None,
-                            deterministic=False, process_group=None, reduce_hidden_grad=True) -> Options:
+                            deterministic=False, process_group=None, reduce_hidden_grad=True,
+                            token_weights=None) -> Options:
     """Every check of ``linear_divergence``; returns its :class:`Options`. With a ``process_group`` the
     weights are this rank's shards and ``vocab_size`` stays the request (distributed/shards.py fixes V)."""
     check_tensor("student_hidden", student_hidden)
@@ -326,12 +327,14 @@ def check_linear_divergence(student_hidden, student_weight, teacher_hidden, teac
         v = check_vocab_size(vocab_size, v_student=student_weight.shape[0], v_teacher=teacher_weight.shape[0])
     else:
         v = check_vocab_request(vocab_size)
+    flat_mask = check_mask(mask, leading, "student_hidden", device)
     return Options(
         divergence=resolve_divergence(divergence, beta), beta=beta, vocab_size=v, student=student, teacher=teacher,
-        mask=check_mask(mask, leading, "student_hidden", device), reduction=reduction,
+        mask=flat_mask, reduction=reduction,
         normalizer=check_normalizer(normalizer, device), backend=backend, strategy=strategy, filter_eps=filter_eps,
         deterministic=check_deterministic(deterministic), process_group=process_group,
-        reduce_hidden_grad=bool(reduce_hidden_grad))
+        reduce_hidden_grad=bool(reduce_hidden_grad),
+        per_token_weights=check_token_weights(token_weights, leading, student_hidden, flat_mask))
 
 
 def check_lse_gather(hidden, weight, ids, *, bias=None, temperature=1.0, softcap=None, scale=1.0, vocab_size=None,
@@ -391,7 +394,8 @@ def check_linear_topk_divergence(student_hidden, student_weight, teacher_topk_id
                                  divergence="forward_kl", tail=None, beta=0.5, support_mask=None,
                                  temperature=1.0, student_bias=None, student_softcap=None, student_scale=1.0,
                                  vocab_size=None, mask=None, reduction="mean", normalizer=None, backend="auto",
-                                 deterministic=False, process_group=None, reduce_hidden_grad=True) -> Options:
+                                 deterministic=False, process_group=None, reduce_hidden_grad=True,
+                                 token_weights=None) -> Options:
     """Every check of ``linear_topk_divergence``; returns its :class:`Options` (``support_mask`` is checked
     here, and the distinct-id check of ``teacher_topk_ids`` ignores its padding)."""
     check_choice("divergence", divergence, DIVERGENCES)
@@ -416,9 +420,87 @@ def check_linear_topk_divergence(student_hidden, student_weight, teacher_topk_id
                          f"teacher_topk_ids), got {tuple(teacher_topk_logprobs.shape)}")
     check_same_device(student_hidden=student_hidden, teacher_topk_logprobs=teacher_topk_logprobs)
     device = student_hidden.device
-    return opts.replace(divergence=resolve_divergence(divergence, beta), beta=beta, tail=tail, reduction=reduction,
-                        mask=check_mask(mask, student_hidden.shape[:-1], "student_hidden", device),
-                        normalizer=check_normalizer(normalizer, device))
+    leading = student_hidden.shape[:-1]
+    flat_mask = check_mask(mask, leading, "student_hidden", device)
+    divergence = resolve_divergence(divergence, beta)
+    return opts.replace(divergence=divergence, beta=beta, tail=tail, reduction=reduction, mask=flat_mask,
+                        normalizer=check_normalizer(normalizer, device),
+                        per_token_weights=check_token_weights(token_weights, leading, student_hidden, flat_mask),
+                        row_loss=RowLossSpec("topk", divergence=divergence,
+                                             tail="bucket" if tail == "bucket" else "none"))
+
+
+def check_token_weights(token_weights, leading, ref: torch.Tensor, mask: Optional[torch.Tensor],
+                        ref_name: str = "student_hidden") -> Optional[torch.Tensor]:
+    """``token_weights``: None or a floating tensor of the leading shape on ``ref``'s device -> flat, in the
+    compute dtype of ``ref`` (fp32, or fp64 for fp64 inputs), and exactly 0 where the flat ``mask`` is
+    False: a masked row stays inert whatever its weight (a NaN or inf weight there would otherwise meet the
+    mask's 0 as 0 * NaN). Detached: the weights are data."""
+    if token_weights is None:
+        return None
+    check_tensor("token_weights", token_weights, min_dim=0)
+    check_leading("token_weights", token_weights, leading, ref_name)
+    if token_weights.device != ref.device:
+        raise ValueError(f"token_weights: expected device {ref.device}, got {token_weights.device}")
+    dtype = compute_dtype(ref)
+    tw = token_weights.detach().reshape(-1).to(dtype)
+    return tw if mask is None else torch.where(mask, tw, torch.zeros((), dtype=dtype, device=ref.device))
+
+
+def check_teacher_sampler(teacher_logprobs, sampler_logprobs, estimator, ref_name: str, ref: torch.Tensor,
+                          shape=None) -> None:
+    """The per-token log-prob inputs of the sampled-token losses: shape ``shape`` (default ``ref``'s), the
+    device of ``ref`` (named ``ref_name``), and a known estimator."""
+    shape = ref.shape if shape is None else shape
+    check_tensor("teacher_logprobs", teacher_logprobs, min_dim=0)
+    check_leading("teacher_logprobs", teacher_logprobs, shape, ref_name)
+    if sampler_logprobs is not None:
+        check_tensor("sampler_logprobs", sampler_logprobs, min_dim=0)
+        check_leading("sampler_logprobs", sampler_logprobs, shape, ref_name)
+    check_same_device(**{ref_name: ref}, teacher_logprobs=teacher_logprobs, sampler_logprobs=sampler_logprobs)
+    check_choice("estimator", estimator, SAMPLED_TOKEN_ESTIMATORS)
+
+
+def check_sampled_token_opd_loss(student_logprobs, teacher_logprobs, *, sampler_logprobs=None, mask=None,
+                                 kl_coef=1.0, normalizer=None, estimator="is") -> Options:
+    """Every check of ``sampled_token_opd_loss``; returns its :class:`Options` (reduction "mean", the mask and
+    normalizer the caller passed, the estimator and ``kl_coef`` in ``row_loss``)."""
+    check_tensor("student_logprobs", student_logprobs, min_dim=0)
+    shape = student_logprobs.shape
+    check_teacher_sampler(teacher_logprobs, sampler_logprobs, estimator, "student_logprobs", student_logprobs)
+    kl_coef = check_real("kl_coef", kl_coef)
+    device = student_logprobs.device
+    # student= explicitly: torch.compile traces this, and cannot wrap the dataclass default instance
+    return Options(student=LogitTransform(), mask=check_mask(mask, shape, "student_logprobs", device), reduction="mean",
+                   normalizer=check_normalizer(normalizer, device),
+                   row_loss=RowLossSpec("sampled_token", estimator=estimator, kl_coef=kl_coef))
+
+
+def check_linear_sampled_token_opd_loss(student_hidden, student_weight, sampled_ids, teacher_logprobs, *,
+                                        sampler_logprobs=None, estimator="is", kl_coef=1.0, entropy_coef=0.0,
+                                        mask=None, token_weights=None, reduction="mean", normalizer=None,
+                                        temperature=1.0, bias=None, softcap=None, scale=1.0, vocab_size=None,
+                                        backend="auto", deterministic=False, process_group=None,
+                                        reduce_hidden_grad=True) -> Options:
+    """Every check of ``linear_sampled_token_opd_loss``; returns its :class:`Options` (the student's
+    transform as ``linear_logprobs``, the reductions, token weights and the row loss)."""
+    opts = check_lse_gather(
+        student_hidden, student_weight, sampled_ids, bias=bias, temperature=temperature, softcap=softcap,
+        scale=scale, vocab_size=vocab_size, backend=backend, deterministic=deterministic,
+        process_group=process_group, reduce_hidden_grad=reduce_hidden_grad, ids_name="sampled_ids",
+        names=("student_hidden", "student_weight", "bias", "softcap", "scale"))
+    leading = student_hidden.shape[:-1]
+    device = student_hidden.device
+    check_teacher_sampler(teacher_logprobs, sampler_logprobs, estimator, "student_hidden", student_hidden, leading)
+    check_choice("reduction", reduction, ("mean", "sum"))
+    kl_coef = check_real("kl_coef", kl_coef)
+    entropy_coef = check_real("entropy_coef", entropy_coef)
+    flat_mask = check_mask(mask, leading, "student_hidden", device)
+    normalizer = check_normalizer(normalizer, device)
+    return opts.replace(mask=flat_mask, reduction=reduction, normalizer=normalizer,
+                        per_token_weights=check_token_weights(token_weights, leading, student_hidden, flat_mask),
+                        row_loss=RowLossSpec("sampled_token", estimator=estimator, kl_coef=kl_coef,
+                                             entropy_coef=entropy_coef))
 
 
 def check_logits_divergence(student_logits, teacher_logits, *, divergence="reverse_kl", beta=0.5, temperature=1.0,

@@ -19,7 +19,7 @@ from .backends import _frozen_head
 from ._common import compute_dtype as _acc_dtype
 from ._common import empty_result as _empty_result
 from ._common import flatten_rows as _rows
-from ._common import masked_inputs, reduce_per_token, token_weights
+from ._common import masked_inputs, reduce_per_token
 from ._options import Options
 from .backends._divergence_math import nonfinite_rows_inert, sampled_token_values, topk_divergence_from_logprobs
 
@@ -113,15 +113,11 @@ def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor
         student_softcap=student_softcap, teacher_softcap=teacher_softcap, student_scale=student_scale,
         teacher_scale=teacher_scale, vocab_size=vocab_size, mask=mask, reduction=reduction, normalizer=normalizer,
         backend=backend, strategy=strategy, filter_eps=filter_eps, deterministic=deterministic,
-        process_group=process_group, reduce_hidden_grad=reduce_hidden_grad),
+        process_group=process_group, reduce_hidden_grad=reduce_hidden_grad, token_weights=token_weights),
         lambda: (student_weight.shape[0], teacher_weight.shape[0], student_hidden.shape[:-1].numel(),
                  student_hidden.shape[-1], 0),
         process_group, _device_of(student_hidden))
     leading = student_hidden.shape[:-1]
-    tw = _check_token_weights(token_weights, leading, _device_of(student_hidden), _acc_dtype(student_hidden),
-                              opts.mask)
-    if tw is not None and opts.reduction != "none":
-        opts = opts.replace(per_token_weights=tw)
     if student_hidden.numel() == 0:
         return _empty_result(leading, reduction, student_hidden, student_weight, student_bias)
     tensors = (_rows(student_hidden), student_weight.contiguous(), _rows(teacher_hidden), teacher_weight.contiguous())
@@ -130,15 +126,7 @@ def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor
     else:
         impl = backends.resolve(opts.backend, student_hidden.device, "linear_divergence")
     out = impl.linear_divergence(*tensors, opts, student_bias=student_bias, teacher_bias=teacher_bias)
-    if opts.reduction == "none" and tw is not None:
-        out = _weighted_values(out, tw)
-    return out.reshape(leading) if opts.reduction == "none" else out
-
-
-def _weighted_values(values: torch.Tensor, tw: torch.Tensor) -> torch.Tensor:
-    """Per-token values times token weights, 0 (not NaN) where a weight is 0 and a value inf."""
-    return torch.where(tw != 0, values * tw.to(values.dtype), torch.zeros((), dtype=values.dtype,
-                                                                           device=values.device))
+    return opts.weighted_values(out).reshape(leading) if opts.reduction == "none" else out
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
@@ -279,7 +267,7 @@ def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.T
         student_bias=student_bias, student_softcap=student_softcap,
         student_scale=student_scale, vocab_size=vocab_size, mask=mask, reduction=reduction, normalizer=normalizer,
         backend=backend, deterministic=deterministic, process_group=process_group,
-        reduce_hidden_grad=reduce_hidden_grad),
+        reduce_hidden_grad=reduce_hidden_grad, token_weights=token_weights),
         lambda: (student_weight.shape[0], None, student_hidden.shape[:-1].numel(), student_hidden.shape[-1],
                  teacher_topk_ids.shape[-1] if teacher_topk_ids.dim() else 0),
         process_group, _device_of(student_hidden))
@@ -292,31 +280,25 @@ def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.T
     k = teacher_topk_ids.shape[-1]
     # rows whose top-k set is invalid (repeated id, log-prob > 0, mass > 1) become NaN on the device
     teacher_topk_logprobs = check.topk_rows_checked(teacher_topk_ids, teacher_topk_logprobs.detach(), support_mask)
-    tw = _check_token_weights(token_weights, leading, student_hidden.device, _acc_dtype(student_hidden), opts.mask)
     ids = teacher_topk_ids.reshape(-1, k).to(torch.int64)
+    weights = opts.token_weights(leading.numel(), student_hidden.device, _acc_dtype(student_hidden))
     fused = (opts.reduction != "none" and support_mask is None and opts.tail != "renormalize"
              and opts.divergence != "jsd")
     if fused:
-        weights = opts.token_weights(leading.numel(), student_hidden.device, _acc_dtype(student_hidden))
-        spec = dict(kind="topk", estimator="is", divergence=opts.divergence, tail_bucket=opts.tail_bucket,
-                    kl_coef=1.0, entropy_coef=0.0)
         return _fused_row_loss(_rows(student_hidden), student_weight.contiguous(), ids,
-                               teacher_topk_logprobs.reshape(-1, k).to(_acc_dtype(student_hidden)), student_bias, opts, sampler=None,
-                               weights=weights if tw is None else weights * tw, loss_spec=spec)
+                               teacher_topk_logprobs.reshape(-1, k).to(_acc_dtype(student_hidden)), student_bias, opts,
+                               sampler=None, weights=weights)
     impl = None if opts.process_group is not None else backends.resolve(opts.backend, student_hidden.device,
                                                                          "lse_gather")
     fused_rows = (support_mask is None and opts.tail != "renormalize" and opts.divergence != "jsd"
                   and _frozen_head.applies(student_hidden, student_weight, student_bias, False, opts.process_group,
                                            impl))
     if fused_rows:  # reduction "none" under a frozen lm_head: d value_n / d hidden_n formed in the forward
-        weights = opts.token_weights(leading.numel(), student_hidden.device, _acc_dtype(student_hidden))
-        spec = dict(kind="topk", estimator="is", divergence=opts.divergence, tail_bucket=opts.tail_bucket,
-                    kl_coef=1.0)
         per_token = _frozen_head.frozen_head_rows(_rows(student_hidden), student_weight.contiguous(), ids,
                                                   teacher_topk_logprobs.reshape(-1, k), student_bias, opts,
-                                                  weights, spec)
-        return (per_token if tw is None else _weighted_values(per_token, tw)).reshape(leading)
-    weights = opts.token_weights(leading.numel(), student_hidden.device, _acc_dtype(student_hidden))
+                                                  weights)
+        return opts.weighted_values(per_token).reshape(leading)
+    tw = opts.per_token_weights
     live = (weights != 0 if tw is None else (weights != 0) & (tw != 0)).unsqueeze(-1)
     # masked rows: no NaN into the loss or its gradient, from their hidden states (the vocab-parallel
     # logsumexp over the ranks would pass it on to the other rows' gradients) or their log-probs
@@ -327,8 +309,8 @@ def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.T
     support = None if support_mask is None else support_mask.reshape(-1, k)
     per_token = nonfinite_rows_inert(lambda q_: topk_divergence_from_logprobs(
         q_, l, divergence=opts.divergence, tail=opts.tail, beta=opts.beta, support_mask=support), q)
-    if tw is not None:
-        per_token = _weighted_values(per_token, tw)
+    if opts.reduction == "none":
+        per_token = opts.weighted_values(per_token)
     out = reduce_per_token(per_token, weights, opts.reduction)
     out = out.to(_acc_dtype(out))
     return out.reshape(leading) if opts.reduction == "none" else out
@@ -391,67 +373,31 @@ def sampled_token_opd_loss(student_logprobs: torch.Tensor, teacher_logprobs: tor
         A = (-kl_coef * (lq - teacher_logprobs)).detach()
         loss = -(mask * torch.exp(student_logprobs - lq) * A).sum() / (normalizer or mask.sum())
     """
-    check.check_tensor("student_logprobs", student_logprobs, min_dim=0)
-    shape = student_logprobs.shape
-    _check_teacher_sampler(teacher_logprobs, sampler_logprobs, estimator, "student_logprobs", student_logprobs)
-    kl_coef = check.check_real("kl_coef", kl_coef)
-    device = student_logprobs.device
-    flat_mask = check.check_mask(mask, shape, "student_logprobs", device)
-    normalizer = check.check_normalizer(normalizer, device)
+    opts = check.check_sampled_token_opd_loss(student_logprobs, teacher_logprobs, sampler_logprobs=sampler_logprobs,
+                                              mask=mask, kl_coef=kl_coef, normalizer=normalizer, estimator=estimator)
+    spec = opts.row_loss
     ls = student_logprobs.reshape(-1).float()
     lt = teacher_logprobs.detach().reshape(-1).float()
     lq = ls.detach() if sampler_logprobs is None else sampler_logprobs.detach().reshape(-1).float()
-    ls, lt, lq = masked_inputs(flat_mask, ls, lt, lq)  # a masked -inf/NaN reaches no loss, no gradient
-    per_token = sampled_token_values(ls, lt, lq, estimator=estimator, kl_coef=kl_coef)
-    weights = token_weights(flat_mask, ls.shape[0], "mean", normalizer, device)
-    return reduce_per_token(per_token, weights, "mean")
+    ls, lt, lq = masked_inputs(opts.mask, ls, lt, lq)  # a masked -inf/NaN reaches no loss, no gradient
+    per_token = sampled_token_values(ls, lt, lq, estimator=spec.estimator, kl_coef=spec.kl_coef)
+    weights = opts.token_weights(ls.shape[0], student_logprobs.device)
+    return reduce_per_token(per_token, weights, opts.reduction)
 
 
-SAMPLED_TOKEN_ESTIMATORS = ("is", "k1", "k3")
-_token_weights = token_weights   # the helper, under a name the ``token_weights=`` keyword does not shadow
-
-
-def _check_teacher_sampler(teacher_logprobs, sampler_logprobs, estimator, ref_name: str, ref: torch.Tensor,
-                           shape=None) -> None:
-    """The per-token log-prob inputs of the sampled-token losses: shape ``shape`` (default ``ref``'s), the
-    device of ``ref`` (named ``ref_name``), and a known estimator."""
-    shape = ref.shape if shape is None else shape
-    check.check_tensor("teacher_logprobs", teacher_logprobs, min_dim=0)
-    check.check_leading("teacher_logprobs", teacher_logprobs, shape, ref_name)
-    if sampler_logprobs is not None:
-        check.check_tensor("sampler_logprobs", sampler_logprobs, min_dim=0)
-        check.check_leading("sampler_logprobs", sampler_logprobs, shape, ref_name)
-    check.check_same_device(**{ref_name: ref}, teacher_logprobs=teacher_logprobs, sampler_logprobs=sampler_logprobs)
-    check.check_choice("estimator", estimator, SAMPLED_TOKEN_ESTIMATORS)
-
-
-def _check_token_weights(token_weights, leading, device, dtype: torch.dtype,
-                         mask: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-    """``token_weights``: None or a floating tensor of the leading shape on the inputs' device -> flat, in
-    ``dtype`` (the accumulation dtype: fp32, or fp64 for fp64 inputs), and exactly 0 where the flat ``mask``
-    is False: a masked row stays inert whatever its weight (a NaN or inf weight there would otherwise meet
-    the mask's 0 as 0 * NaN)."""
-    if token_weights is None:
-        return None
-    check.check_tensor("token_weights", token_weights, min_dim=0)
-    check.check_leading("token_weights", token_weights, leading, "student_hidden")
-    if token_weights.device != device:
-        raise ValueError(f"token_weights: expected device {device}, got {token_weights.device}")
-    tw = token_weights.detach().reshape(-1).to(dtype)
-    return tw if mask is None else torch.where(mask, tw, torch.zeros((), dtype=dtype, device=device))
-
-
-def _fused_row_loss(hidden, weight, ids, teacher, bias, opts: Options, *, sampler, weights, loss_spec: dict):
-    """``sum_n weights_n row_loss_n`` on flat tensors: the backend's fused ``lse_gather_loss`` (gradient formed
-    in the forward, 3 GEMMs) where it has one, else lse_gather + the row formula (vocab-parallel, triton)."""
+def _fused_row_loss(hidden, weight, ids, teacher, bias, opts: Options, *, sampler, weights):
+    """``sum_n weights_n row_loss_n`` (``opts.row_loss``) on flat tensors: the backend's fused
+    ``lse_gather_loss`` (gradient formed in the forward, 3 GEMMs) where it has one, else lse_gather + the row
+    formula (vocab-parallel)."""
     impl = None if opts.process_group is not None else backends.resolve(opts.backend, hidden.device, "lse_gather")
     fused = getattr(impl, "lse_gather_loss", None)
     if fused is not None:
         return fused(hidden, weight, ids, teacher, bias=bias, sampler=sampler, weights=weights,
                      temperature=opts.student.temperature, softcap=opts.student.softcap, scale=opts.student.scale,
-                     vocab_size=opts.vocab_size, deterministic=opts.deterministic, **loss_spec)[0]
+                     vocab_size=opts.vocab_size, deterministic=opts.deterministic, **opts.row_loss.kernel_args())[0]
     from .backends._lse_gather_loss import row_loss
-    ec = loss_spec["entropy_coef"]
+    spec = opts.row_loss
+    ec = spec.entropy_coef
     live = weights != 0  # masked rows: no NaN into the loss or its gradient, from their inputs or outputs
     (hidden,) = masked_inputs(live.unsqueeze(-1), hidden)
     lse, gathered, entropy = _lse_gather(hidden, weight, ids, bias, opts.replace(return_entropy=ec != 0.0))
@@ -459,8 +405,9 @@ def _fused_row_loss(hidden, weight, ids, teacher, bias, opts: Options, *, sample
     q, teacher, sampler = masked_inputs(live.unsqueeze(-1), q, teacher, None if sampler is None else
                                         sampler.reshape(q.shape[0], -1))
     sampler = None if sampler is None else sampler.reshape(-1)
-    values = row_loss(q, teacher.to(q.dtype), None if sampler is None else sampler.to(q.dtype),
-                      **{k: loss_spec[k] for k in ("kind", "estimator", "divergence", "tail_bucket", "kl_coef")})
+    values = row_loss(q, teacher.to(q.dtype), None if sampler is None else sampler.to(q.dtype), kind=spec.kind,
+                      estimator=spec.estimator, divergence=spec.divergence, tail_bucket=spec.tail_bucket,
+                      kl_coef=spec.kl_coef)
     if ec != 0.0:
         values = values - ec * entropy
     out = reduce_per_token(values, weights.to(values.dtype), "sum")
@@ -513,34 +460,22 @@ def linear_sampled_token_opd_loss(student_hidden: torch.Tensor, student_weight: 
             log-probs and entropy come from the lse/gather op and the same formula is applied (its backward
             recomputes the logits).
     """
-    opts = _validated(lambda: check.check_lse_gather(
-        student_hidden, student_weight, sampled_ids, bias=bias, temperature=temperature, softcap=softcap,
+    opts = _validated(lambda: check.check_linear_sampled_token_opd_loss(
+        student_hidden, student_weight, sampled_ids, teacher_logprobs, sampler_logprobs=sampler_logprobs,
+        estimator=estimator, kl_coef=kl_coef, entropy_coef=entropy_coef, mask=mask, token_weights=token_weights,
+        reduction=reduction, normalizer=normalizer, temperature=temperature, bias=bias, softcap=softcap,
         scale=scale, vocab_size=vocab_size, backend=backend, deterministic=deterministic,
-        process_group=process_group, reduce_hidden_grad=reduce_hidden_grad, ids_name="sampled_ids",
-        names=("student_hidden", "student_weight", "bias", "softcap", "scale")),
+        process_group=process_group, reduce_hidden_grad=reduce_hidden_grad),
         lambda: (student_weight.shape[0], None, student_hidden.shape[:-1].numel(), student_hidden.shape[-1], 1),
         process_group, _device_of(student_hidden))
     leading = student_hidden.shape[:-1]
-    device = student_hidden.device
-    _check_teacher_sampler(teacher_logprobs, sampler_logprobs, estimator, "student_hidden", student_hidden,
-                           leading)
-    check.check_choice("reduction", reduction, ("mean", "sum"))
-    kl_coef = check.check_real("kl_coef", kl_coef)
-    entropy_coef = check.check_real("entropy_coef", entropy_coef)
-    flat_mask = check.check_mask(mask, leading, "student_hidden", device)
-    normalizer = check.check_normalizer(normalizer, device)
-    tw = _check_token_weights(token_weights, leading, device, _acc_dtype(student_hidden), flat_mask)
     if opts.process_group is not None:
         check.check_id_range("sampled_ids", sampled_ids, opts.vocab_size)     # against the global V
     if student_hidden.numel() == 0:
         return _empty_result(leading, reduction, student_hidden, student_weight, bias)
-    n = leading.numel()
-    weights = _token_weights(flat_mask, n, reduction, normalizer, device, _acc_dtype(student_hidden))
-    if tw is not None:
-        weights = weights * tw
-    spec = dict(kind="sampled_token", estimator=estimator, divergence="reverse_kl", tail_bucket=False,
-                kl_coef=kl_coef, entropy_coef=entropy_coef)
-    return _fused_row_loss(_rows(student_hidden), student_weight.contiguous(), sampled_ids.reshape(-1, 1).to(torch.int64),
-                           teacher_logprobs.detach().reshape(-1, 1).to(_acc_dtype(student_hidden)), bias, opts,
-                           sampler=None if sampler_logprobs is None else sampler_logprobs.detach().reshape(-1).to(_acc_dtype(student_hidden)),
-                           weights=weights, loss_spec=spec)
+    acc = _acc_dtype(student_hidden)
+    weights = opts.token_weights(leading.numel(), student_hidden.device, acc)
+    return _fused_row_loss(_rows(student_hidden), student_weight.contiguous(),
+                           sampled_ids.reshape(-1, 1).to(torch.int64), teacher_logprobs.detach().reshape(-1, 1).to(acc),
+                           bias, opts, sampler=None if sampler_logprobs is None else
+                           sampler_logprobs.detach().reshape(-1).to(acc), weights=weights)

@@ -123,3 +123,56 @@ def test_kernels_reject_jsd_at_the_ends():
     for backend in ("torch",) + (("cpp",) if cpp.AVAILABLE else ()):
         torch.testing.assert_close(ok.logits_divergence(s, t, divergence="jsd", beta=1.0, backend=backend),
                                    ok.logits_divergence(s, t, divergence="reverse_kl", backend=backend))
+
+
+def test_the_sampled_token_options_say_what_the_caller_passed():
+    """The sampled-token ops' Options carry the caller's mask, normalizer, reduction, token weights and row
+    loss (estimator, kl_coef, entropy_coef), not defaults."""
+    ls, lt, lq = torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3)
+    mask = torch.tensor([[1, 0, 1], [1, 1, 0]])
+    opts = check.check_sampled_token_opd_loss(ls, lt, sampler_logprobs=lq, mask=mask, kl_coef=0.5, normalizer=7,
+                                              estimator="k3")
+    assert opts.mask.tolist() == [True, False, True, True, True, False] and opts.normalizer == 7.0
+    assert opts.reduction == "mean"
+    assert (opts.row_loss.kind, opts.row_loss.estimator, opts.row_loss.kl_coef) == ("sampled_token", "k3", 0.5)
+    h, w, ids = torch.randn(2, 3, 4), torch.randn(11, 4), torch.randint(0, 11, (2, 3))
+    tw = torch.full((2, 3), 2.0)
+    opts = check.check_linear_sampled_token_opd_loss(h, w, ids, lt, mask=mask, token_weights=tw, reduction="sum",
+                                                     estimator="k1", kl_coef=3, entropy_coef=0.25, temperature=2)
+    assert opts.reduction == "sum" and opts.mask.tolist() == [True, False, True, True, True, False]
+    assert opts.per_token_weights.tolist() == [2.0, 0.0, 2.0, 2.0, 2.0, 0.0]   # 0 where masked
+    assert opts.row_loss.kernel_args() == dict(kind="sampled_token", estimator="k1", divergence="reverse_kl",
+                                               tail_bucket=False, kl_coef=3.0, entropy_coef=0.25)
+    assert opts.student.temperature == 2.0 and opts.vocab_size == 11
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_token_weights_are_in_the_options_of_every_op_that_takes_them(reduction):
+    """linear_divergence and linear_topk_divergence: token_weights= is validated into Options; a scalar
+    reduction folds it into the token weights, "none" multiplies the values."""
+    hs, ws, ht, wt = _tensors()
+    tw = torch.arange(5, dtype=torch.float32)
+    opts = check.check_linear_divergence(hs, ws, ht, wt, token_weights=tw, reduction=reduction)
+    assert opts.per_token_weights.tolist() == tw.tolist()
+    w = opts.token_weights(5, hs.device)
+    assert w.tolist() == ((tw / 5).tolist() if reduction == "mean" else tw.tolist() if reduction == "sum"
+                          else [1.0] * 5)
+    assert opts.weighted_values(torch.ones(5)).tolist() == tw.tolist()
+    ids = torch.stack([torch.randperm(11)[:3] for _ in range(5)])
+    opts = check.check_linear_topk_divergence(hs, ws, ids, torch.full((5, 3), -2.0), token_weights=tw,
+                                              reduction=reduction, tail="none", divergence="forward_kl")
+    assert opts.per_token_weights.tolist() == tw.tolist()
+    assert opts.row_loss.kernel_args()["tail_bucket"] is False and opts.row_loss.divergence == "forward_kl"
+
+
+def test_every_public_op_has_its_check():
+    """Each public op validates through one ``_validation.check_<op>`` (linear_logprobs: the lse/gather
+    checks), so every op's Options are built in one place."""
+    ops = {"linear_divergence": "check_linear_divergence", "linear_logprobs": "check_lse_gather",
+           "linear_topk_divergence": "check_linear_topk_divergence", "logits_divergence": "check_logits_divergence",
+           "sampled_token_opd_loss": "check_sampled_token_opd_loss",
+           "linear_sampled_token_opd_loss": "check_linear_sampled_token_opd_loss", "teacher_topk": "check_teacher_topk"}
+    import inspect
+    for op, name in ops.items():
+        assert hasattr(ok, op) and callable(getattr(check, name, None)), (op, name)
+        assert f"check.{name}(" in inspect.getsource(getattr(ok, op)), f"{op} does not call {name}"

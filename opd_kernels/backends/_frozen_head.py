@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from .._common import compute_dtype, no_double_backward
+from .._options import RowLossSpec
 
 
 def enabled() -> bool:
@@ -54,8 +55,8 @@ class _FrozenHeadRows(torch.autograd.Function):
         from . import resolve
         impl = resolve(backend, hidden.device, "lse_gather")
         values, d_hidden = impl.lse_gather_loss(hidden, weight, ids, teacher, bias=bias, sampler=None,
-                                                weights=weights, entropy_coef=0.0, hidden_grad_only=True,
-                                                **params, **spec)
+                                                weights=weights, hidden_grad_only=True, **params,
+                                                **spec.kernel_args())
         ctx.save_for_backward(d_hidden)
         return values
 
@@ -69,14 +70,15 @@ class _FrozenHeadRows(torch.autograd.Function):
 
 
 def frozen_head_rows(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, teacher: torch.Tensor,
-                     bias: Optional[torch.Tensor], opts, weights: torch.Tensor, spec: dict) -> torch.Tensor:
-    """Per-row losses (N,) of the fused pass (``spec``: kind, estimator, divergence, tail_bucket, kl_coef)
-    for flat ``hidden`` (N, H), ``ids`` and ``teacher`` (N, k), with ``weights`` (N,) 1 for rows that count
-    and 0 for the others (value 0, no gradient); differentiable w.r.t. ``hidden`` only (module doc)."""
+                     bias: Optional[torch.Tensor], opts, weights: torch.Tensor) -> torch.Tensor:
+    """Per-row losses (N,) of the fused pass (``opts.row_loss``, without an entropy term) for flat ``hidden``
+    (N, H), ``ids`` and ``teacher`` (N, k), with ``weights`` (N,) 1 for rows that count and 0 for the others
+    (value 0, no gradient); differentiable w.r.t. ``hidden`` only (module doc)."""
     params = dict(temperature=opts.student.temperature, softcap=opts.student.softcap, scale=opts.student.scale,
                   vocab_size=opts.vocab_size, deterministic=opts.deterministic)
     return _FrozenHeadRows.apply(hidden, weight.detach(), None if bias is None else bias.detach(), ids,
-                                 teacher.to(compute_dtype(hidden)), weights.to(compute_dtype(hidden)), opts.backend, params, spec)
+                                 teacher.to(compute_dtype(hidden)), weights.to(compute_dtype(hidden)), opts.backend, params,
+                                 opts.row_loss)
 
 
 def frozen_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
@@ -90,7 +92,7 @@ def frozen_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.
     trainable path)."""
     n = hidden.shape[0]
     weights = torch.ones(n, device=hidden.device) if live is None else live
-    spec = dict(kind="topk", estimator="is", divergence="forward_kl", tail_bucket=False, kl_coef=1.0)
-    neg = frozen_head_rows(hidden, weight, ids, hidden.new_zeros((n, 1), dtype=compute_dtype(hidden)), bias, opts,
-                           weights, spec)
+    spec = RowLossSpec("topk", divergence="forward_kl", tail="none")
+    neg = frozen_head_rows(hidden, weight, ids, hidden.new_zeros((n, 1), dtype=compute_dtype(hidden)), bias,
+                           opts.replace(row_loss=spec), weights)
     return 0.0 - neg  # 0 - x, not -x: rows of value 0 stay +0.0
