@@ -37,6 +37,7 @@ from .._chunking import accumulate_linear_grads, linear_logits, workspace_mb
 from .._common import TOPK_TAIL_CLAMP, compute_dtype
 from .._common import no_double_backward as _no_double_backward
 from .._common import transform_grad, transform_logits
+from . import _autograd
 from ._divergence_math import (entropy_from_logits, gather_checked, lse_gather_grad, sampled_token_grad,
                                sampled_token_values, topk_divergence_from_logprobs)
 
@@ -154,11 +155,10 @@ class _TorchLseGatherLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, _g_values):
         _no_double_backward()
-        from .cpp import _backward_once, _loss_op_name, _scale
-        _backward_once(ctx, f"{_loss_op_name(ctx.kind)} (backend 'torch')")
+        _autograd.backward_once(ctx, f"{_autograd.loss_op_name(ctx.kind)} (backend 'torch')")
         gh, gw, gb = ctx.saved_tensors
         # in place in eager mode: ``gw * s`` would be a second (V, H) tensor
-        gh, gw, gb = (None if g is None else _scale(g, g_loss, ctx) for g in (gh, gw, gb))
+        gh, gw, gb = (None if g is None else _autograd.scale(g, g_loss, ctx) for g in (gh, gw, gb))
         return (gh, None if gw is None else gw.to(ctx.dtypes[1]), None if gb is None else gb.to(ctx.dtypes[1]),
                 None, None, None, None, None)
 
@@ -197,12 +197,11 @@ def register_cpp(ops) -> None:
                 torch.empty_like(b) if (grad_mask[2] and b is not None) else w.new_empty((0,)))
 
     # loss = sum_n w_n values_n: the op returned d loss / d (h, W, b) for its grad_mask, so backward is a
-    # scale by grad_output (in place in eager mode, see cpp._scale). An input that needs a gradient the
+    # scale by grad_output (in place in eager mode, see _autograd.scale). An input that needs a gradient the
     # forward did not compute is recomputed with the weights scaled by grad_output. ``values`` carries no
     # gradient.
     def _setup(ctx, inputs, output):
-        from .cpp import _no_zero_grads
-        _no_zero_grads(ctx)  # the returned gradients reach backward as None, not as (V, H) zeros
+        _autograd.no_zero_grads(ctx)  # the returned gradients reach backward as None, not as (V, H) zeros
         h, w, b, ids, teacher, sampler, weights = inputs[:7]
         ctx.scalars = inputs[7:17]
         ctx.grad_mask = tuple(inputs[17])
@@ -211,16 +210,15 @@ def register_cpp(ops) -> None:
 
     def _backward(ctx, g_loss, _g_values, _gh, _gw, _gb):
         _no_double_backward()
-        from .cpp import _backward_once, _loss_op_name, _or_zero, _scale
-        _backward_once(ctx, f"{_loss_op_name(ctx.scalars[0])} (backend 'cpp')")
+        _autograd.backward_once(ctx, f"{_autograd.loss_op_name(ctx.scalars[0])} (backend 'cpp')")
         h, w, b, ids, teacher, sampler, weights, gh, gw, gb = ctx.saved_tensors
-        g_loss = _or_zero(g_loss, weights)
+        g_loss = _autograd.or_zero(g_loss, weights)
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and b is not None)
         if any(n and not m for n, m in zip(need, ctx.grad_mask)):
             _, _, gh, gw, gb = ops.lse_gather_loss(h, w, b, ids, teacher, sampler, weights * g_loss, *ctx.scalars,
                                                    list(need), ctx.chunk_rows)
         else:
-            gh, gw, gb = (_scale(g, g_loss, ctx) if n else None for g, n in zip((gh, gw, gb), need))
+            gh, gw, gb = (_autograd.scale(g, g_loss, ctx) if n else None for g, n in zip((gh, gw, gb), need))
         return (gh if need[0] else None, gw if need[1] else None, gb if need[2] else None) + (None,) * 16
 
     torch.library.register_autograd("opd::lse_gather_loss", _backward, setup_context=_setup)
@@ -236,7 +234,7 @@ def cpp_lse_gather_loss(hidden, weight, ids, teacher, *, bias, sampler, weights,
     from . import cpp
     cpp._require()
     rows = cpp.chunk_rows(hidden.shape[0], vocab_size, hidden.element_size(), hidden.device)
-    mask3 = [True, False, False] if hidden_grad_only else cpp._grad_mask(hidden, weight, bias)
+    mask3 = [True, False, False] if hidden_grad_only else _autograd.grad_mask(hidden, weight, bias)
     real = compute_dtype(hidden)  # fp64 inputs: fp64 row scalars and loss, as the torch backend
     with torch.no_grad() if hidden_grad_only else contextlib.nullcontext():
         loss, values, grad_h, _, _ = cpp._ops.lse_gather_loss(

@@ -38,6 +38,7 @@ from .._chunking import chunk_rows as _chunk_rows
 from .._common import compute_dtype  # the ops' per-row scalars: fp64 when an input is fp64 (the epilogues)
 from .._common import no_double_backward as _no_double_backward
 from .._options import Options
+from . import _autograd
 from . import pytorch as _pytorch  # strategy "materialize" (one chunk of N rows) runs there
 
 try:
@@ -102,49 +103,6 @@ def _optional(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.detach()
 
 
-def _scale(grad: torch.Tensor, g_out: torch.Tensor, ctx=None) -> torch.Tensor:
-    """``grad * g_out`` for a gradient the forward precomputed: in place in eager mode (a copy of dW would
-    double the peak memory), out of place while tracing (AOTAutograd rejects mutating saved tensors and
-    functionalizes the graph anyway). In place, it marks ``ctx`` (the op's autograd context) as consumed:
-    see :func:`_backward_once`."""
-    if torch.compiler.is_compiling() or type(grad) is not torch.Tensor:  # Fake/Functional tensors: tracing
-        return grad * g_out.to(grad.dtype)
-    if ctx is not None:
-        ctx.opd_scaled_in_place = True
-    return grad.mul_(g_out.to(grad.dtype))
-
-
-def _backward_once(ctx, op: str) -> None:
-    """Called first in the backward of an op whose forward formed the gradient: a second backward through
-    the same graph (``retain_graph=True``) is a RuntimeError naming ``op``, not autograd's message about a
-    version counter. The first backward scaled the saved gradient in place (a copy the size of the weight
-    would double the peak memory), so the unscaled gradient no longer exists."""
-    if getattr(ctx, "opd_scaled_in_place", False):
-        raise RuntimeError(
-            f"opd_kernels.{op}: a second backward through the same graph (retain_graph=True) is not supported: "
-            "the gradient is formed in the forward pass and the first backward scaled it in place. Run the "
-            "forward again for another backward (or use backend='torch' for linear_divergence and "
-            "linear_logprobs, whose backward can be repeated)")
-
-
-def _loss_op_name(kind: str) -> str:
-    """The public op behind a fused row-loss pass of ``kind`` (backends/_lse_gather_loss.py)."""
-    return "linear_sampled_token_opd_loss" if kind == "sampled_token" else "linear_topk_divergence"
-
-
-def _no_zero_grads(ctx) -> None:
-    """Outputs nobody differentiated reach backward as None, not as zeros of their shape. Autograd's default
-    (``set_materialize_grads(True)``) would allocate and fill, in backward, a zero tensor per returned
-    gradient - one of (V, H) for dW, (N, V) for logits_divergence - a dW-sized transient in peak
-    memory and a full pass over it in time."""
-    ctx.set_materialize_grads(False)
-
-
-def _or_zero(g: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """An upstream gradient that may be None (see ``_no_zero_grads``) as a tensor: a 0-dim zero if None."""
-    return torch.zeros((), dtype=torch.float32, device=like.device) if g is None else g
-
-
 if AVAILABLE:
     # ------------------------------------------------------------------------------------------------
     # fake (meta) implementations: shapes and dtypes only, for torch.compile / FakeTensor tracing
@@ -197,26 +155,26 @@ if AVAILABLE:
     # Scalar loss = sum_n w_n value_n. The op already returned d loss / d (h_s, W_s, b_s) for the grad_mask
     # it was given, so backward is a scale by grad_output - in place: the saved gradients are ours and a
     # copy of dW (V x H) would double the peak. (A second backward through the same graph is therefore a
-    # RuntimeError naming the op: _backward_once.) Inputs that needed a gradient the forward did not
+    # RuntimeError naming the op: _autograd.backward_once.) Inputs that needed a gradient the forward did not
     # compute are recomputed with the weights scaled by grad_output.
     def _linear_divergence_setup(ctx, inputs, output):
         hs, ws, bs, ht, wt, bt, weights, *scalars, grad_mask, chunk_rows = inputs
-        _no_zero_grads(ctx)
+        _autograd.no_zero_grads(ctx)
         ctx.scalars, ctx.grad_mask, ctx.chunk_rows = tuple(scalars), tuple(grad_mask), chunk_rows
         _, gh, gw, gb = output
         ctx.save_for_backward(hs, ws, bs, ht, wt, bt, weights, gh, gw, gb)
 
     def _linear_divergence_backward(ctx, g_loss, _gh, _gw, _gb):
         _no_double_backward()
-        _backward_once(ctx, "linear_divergence (backend 'cpp')")
+        _autograd.backward_once(ctx, "linear_divergence (backend 'cpp')")
         hs, ws, bs, ht, wt, bt, weights, gh, gw, gb = ctx.saved_tensors
-        g_loss = _or_zero(g_loss, weights)
+        g_loss = _autograd.or_zero(g_loss, weights)
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bs is not None)
         if any(n and not m for n, m in zip(need, ctx.grad_mask)):
             _, gh, gw, gb = _ops.linear_divergence(hs, ws, bs, ht, wt, bt, weights * g_loss, *ctx.scalars,
                                                    list(need), ctx.chunk_rows)
         else:
-            gh, gw, gb = (_scale(g, g_loss, ctx) if n else None for g, n in zip((gh, gw, gb), need))
+            gh, gw, gb = (_autograd.scale(g, g_loss, ctx) if n else None for g, n in zip((gh, gw, gb), need))
         return (gh if need[0] else None, gw if need[1] else None, gb if need[2] else None) + (None,) * 14
 
     torch.library.register_autograd("opd::linear_divergence", _linear_divergence_backward,
@@ -261,20 +219,20 @@ if AVAILABLE:
     # without it (reduction "none"), backward recomputes with the upstream per-token gradient as weights.
     def _logits_divergence_setup(ctx, inputs, output):
         s, t, weights, *scalars, compute_grad = inputs
-        _no_zero_grads(ctx)
+        _autograd.no_zero_grads(ctx)
         ctx.scalars, ctx.compute_grad = tuple(scalars), compute_grad   # scalars: _logits_scalars
         ctx.save_for_backward(s, t, weights, output[2])
 
     def _logits_divergence_backward(ctx, g_loss, g_values, _g_grad):
         _no_double_backward()
-        _backward_once(ctx, "logits_divergence (backend 'cpp')")
+        _autograd.backward_once(ctx, "logits_divergence (backend 'cpp')")
         s, t, weights, grad = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None, None, None
         if ctx.compute_grad:
-            grad = _scale(grad, _or_zero(g_loss, weights), ctx)
+            grad = _autograd.scale(grad, _autograd.or_zero(g_loss, weights), ctx)
         else:
-            upstream = torch.where(weights != 0, _or_zero(g_values, weights).to(weights.dtype),
+            upstream = torch.where(weights != 0, _autograd.or_zero(g_values, weights).to(weights.dtype),
                                    torch.zeros((), device=weights.device))
             grad = _ops.logits_divergence(s, t, upstream, *ctx.scalars, True)[2]
         return grad, None, None, None, None, None, None, None
@@ -286,11 +244,6 @@ if AVAILABLE:
 def _require():
     if not AVAILABLE:
         raise ValueError(f"backend: 'cpp' is unavailable: {UNAVAILABLE_REASON}")
-
-
-def _grad_mask(*tensors: Optional[torch.Tensor]):
-    on = torch.is_grad_enabled()
-    return [bool(on and t is not None and t.requires_grad) for t in tensors]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -318,7 +271,7 @@ def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_we
     if opts.reduction == "none":
         return _ops.linear_divergence_values(student_hidden, student_weight, student_bias, *teacher, weights,
                                              *_divergence_scalars(opts), rows)
-    grad_mask = _grad_mask(student_hidden, student_weight, student_bias)
+    grad_mask = _autograd.grad_mask(student_hidden, student_weight, student_bias)
     return _ops.linear_divergence(student_hidden, student_weight, student_bias, *teacher, weights,
                                   *_divergence_scalars(opts), grad_mask, rows)[0]
 
@@ -357,9 +310,9 @@ def logits_divergence(student_logits, teacher_logits, opts: Options):
         if opts.reduction == "none":
             raise ValueError("inplace_grad: needs reduction 'mean' or 'sum' (got 'none', whose gradient is "
                              "only known in backward)")
-        if _grad_mask(student_logits)[0]:
+        if _autograd.grad_mask(student_logits)[0]:
             return _InplaceLogitsDivergence.apply(student_logits, t, weights, _logits_scalars(opts))
-    compute_grad = opts.reduction != "none" and _grad_mask(student_logits)[0]
+    compute_grad = opts.reduction != "none" and _autograd.grad_mask(student_logits)[0]
     loss, values, _ = _ops.logits_divergence(student_logits, t, weights, *_logits_scalars(opts), compute_grad)
     return values if opts.reduction == "none" else loss
 
@@ -378,7 +331,7 @@ class _InplaceLogitsDivergence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss):
         _no_double_backward()
-        _backward_once(ctx, "logits_divergence (inplace_grad=True)")
+        _autograd.backward_once(ctx, "logits_divergence (inplace_grad=True)")
         grad, ctx.grad = ctx.grad, None
         ctx.opd_scaled_in_place = True
         return grad.mul_(g_loss.to(grad.dtype)), None, None, None

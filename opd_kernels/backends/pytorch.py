@@ -19,6 +19,7 @@ from .._common import compute_dtype
 from .._common import no_double_backward as _no_double_backward
 from .._common import reduce_per_token
 from .._options import Options
+from . import _autograd
 from ._divergence_math import divergence_and_grad, entropy_from_logits, gather_checked, lse_gather_grad
 
 # logits_divergence(..., inplace_grad=True) is supported (the API asks before passing it)
@@ -215,8 +216,7 @@ class _InplaceChunkedLogitsDivergence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         _no_double_backward()
-        from .cpp import _backward_once
-        _backward_once(ctx, "logits_divergence (inplace_grad=True)")
+        _autograd.backward_once(ctx, "logits_divergence (inplace_grad=True)")
         grad, ctx.grad = ctx.grad, None
         ctx.opd_scaled_in_place = True
         return grad.mul_(grad_out.to(grad.dtype)), None, None, None

@@ -30,6 +30,7 @@ from .._common import reduce_per_token
 from .._common import no_double_backward as _no_double_backward
 from .._options import Options
 from ..triton import STATS_ROWS  # the package only: triton itself is imported on first use
+from . import _autograd
 from . import pytorch as _pytorch  # runs what the fused kernels do not (fp64, strategy 'chunked')
 
 # Triton itself is imported on first use, not here: ``import opd_kernels`` imports every backend, and
@@ -287,8 +288,7 @@ def _(hidden, weight, bias, ids, teacher, sampler, weights, *args):
 # them by grad_output. An input needing a gradient the forward did not form is recomputed with the
 # weights scaled by grad_output (as the cpp op). ``values`` carries no gradient.
 def _lse_gather_loss_setup(ctx, inputs, output):
-    from .cpp import _no_zero_grads
-    _no_zero_grads(ctx)  # the unused outputs' gradients reach backward as None, not as (V, H) zeros
+    _autograd.no_zero_grads(ctx)  # the unused outputs' gradients reach backward as None, not as (V, H) zeros
     ctx.scalars = tuple(inputs[7:18])
     ctx.grad_mask = tuple(inputs[18])
     ctx.save_for_backward(*inputs[:7], *output[2:])
@@ -296,8 +296,7 @@ def _lse_gather_loss_setup(ctx, inputs, output):
 
 def _lse_gather_loss_backward(ctx, g_loss, *_):
     _no_double_backward()
-    from .cpp import _backward_once, _loss_op_name, _scale
-    _backward_once(ctx, f"{_loss_op_name(ctx.scalars[0])} (backend 'triton')")
+    _autograd.backward_once(ctx, f"{_autograd.loss_op_name(ctx.scalars[0])} (backend 'triton')")
     h, w, b, ids, teacher, sampler, weights, gh, gw, gb = ctx.saved_tensors
     need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and b is not None)
     if g_loss is None or not any(need):
@@ -306,7 +305,7 @@ def _lse_gather_loss_backward(ctx, g_loss, *_):
         _, _, gh, gw, gb = _lse_gather_loss_op(h, w, b, ids, teacher, sampler, weights * g_loss, *ctx.scalars,
                                                list(need))
     else:
-        gh, gw, gb = (_scale(g, g_loss, ctx) if n else None for g, n in zip((gh, gw, gb), need))
+        gh, gw, gb = (_autograd.scale(g, g_loss, ctx) if n else None for g, n in zip((gh, gw, gb), need))
     return (gh if need[0] else None, gw if need[1] else None, gb if need[2] else None) + (None,) * 16
 
 
@@ -330,8 +329,7 @@ def lse_gather_loss(hidden, weight, ids, teacher, *, bias, sampler, weights, kin
     if kind == "topk" and divergence not in ("forward_kl", "reverse_kl"):
         raise ValueError(f"divergence: the fused top-k loss is forward_kl or reverse_kl, got {divergence!r}")
     _check_runnable(hidden=hidden)
-    from .cpp import _grad_mask
-    mask3 = [True, False, False] if hidden_grad_only else _grad_mask(hidden, weight, bias)
+    mask3 = [True, False, False] if hidden_grad_only else _autograd.grad_mask(hidden, weight, bias)
     with torch.no_grad() if hidden_grad_only else contextlib.nullcontext():
         loss, values, grad_h, _, _ = _lse_gather_loss_op(
             *_dense(hidden, weight, bias), ids.contiguous(), teacher.detach().float().contiguous(),
