@@ -129,3 +129,29 @@ def test_the_check_catches_an_oracle_import(tmp_path, where, bad):
     probe.write_text(bad)
     (root / "reference.py").write_text("from ._common import compute_dtype\n")
     assert [line.split(":")[0] for line in _oracle_imports(root)] == [f"opd_kernels/{where}"]
+
+
+BACKEND_MODULES = ("cpp", "pytorch", "triton")
+
+
+def _private_backend_imports(root: pathlib.Path = PACKAGE):
+    """``path:line name`` of every private name (``_x``) a module of backends/ imports from a backend module."""
+    for path in sorted((root / "backends").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module in BACKEND_MODULES:
+                for alias in node.names:
+                    if alias.name.startswith("_"):
+                        yield f"{path.relative_to(root.parent)}:{node.lineno} {alias.name}"
+
+
+def test_no_backend_imports_another_backends_private_names():
+    """Shared helpers live in backends/_autograd.py, _divergence_math.py, _common.py: not in one backend."""
+    found = list(_private_backend_imports())
+    assert not found, "private names imported from a backend module:\n" + "\n".join(found)
+
+
+def test_the_check_catches_a_private_backend_import(tmp_path):
+    root = tmp_path / "opd_kernels"
+    (root / "backends").mkdir(parents=True)
+    (root / "backends" / "triton.py").write_text("def f():\n    from .cpp import _scale, chunk_rows\n")
+    assert list(_private_backend_imports(root)) == ["opd_kernels/backends/triton.py:2 _scale"]
