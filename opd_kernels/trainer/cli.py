@@ -55,7 +55,8 @@ def run(cfg: TrainConfig) -> Dict[str, object]:
     """Load the models and prompts named by ``cfg`` and train; returns the trainer's summary."""
     import torch
 
-    from .data import load_prompts
+    from .data import load_prompt_rows
+    from .teachers import route_prompts
     from .distributed import DataParallel, init_from_env, local_device_name
     from .loop import OPDTrainer
     from .models import load_model, load_tokenizer, resolve_device, use_bf16_autocast
@@ -72,28 +73,46 @@ def run(cfg: TrainConfig) -> Dict[str, object]:
     teacher_dtype = torch.bfloat16 if use_bf16_autocast(cfg.precision, device) else torch.float32
     student = load_model(cfg.student, device=device, seed=cfg.seed)
     if cfg.teacher_url:
-        teacher = remote_teacher(cfg)
+        teacher = remote_teachers(cfg)  # {name: RemoteTeacher} for NAME=URL teachers, else one RemoteTeacher
     else:
         teacher = load_model(cfg.teacher, device=device, seed=cfg.seed + 1, dtype=teacher_dtype)
+    teacher_models = list(teacher.values()) if isinstance(teacher, dict) else [teacher]
     teacher_tokenizer = load_tokenizer(cfg.teacher) if cfg.teacher else None
     tokenizer = load_tokenizer(cfg.student)
     vocab = cfg.vocab_size or student.get_output_embeddings().weight.shape[0]
-    rows = [r for r in (embedding_rows(student), embedding_rows(teacher), vocab) if r is not None]
-    positions = [p for p in (max_positions(student), max_positions(teacher)) if p is not None]
-    prompts = load_prompts(cfg.prompts, tokenizer, max_prompt_len=cfg.max_prompt_len,
-                           chat_template=cfg.chat_template, seed=cfg.seed, vocab_size=min(rows),
-                           max_positions=min(positions) if positions else None,
-                           max_new_tokens=cfg.max_new_tokens, prompt_column=cfg.prompt_column,
-                           messages_column=cfg.messages_column, split=cfg.split)
+    rows = [r for r in [embedding_rows(student), vocab] + [embedding_rows(t) for t in teacher_models]
+            if r is not None]
+    positions = [p for p in map(max_positions, [student] + teacher_models) if p is not None]
+    loaded = load_prompt_rows(cfg.prompts, tokenizer, max_prompt_len=cfg.max_prompt_len,
+                              chat_template=cfg.chat_template, seed=cfg.seed, vocab_size=min(rows),
+                              max_positions=min(positions) if positions else None,
+                              max_new_tokens=cfg.max_new_tokens, prompt_column=cfg.prompt_column,
+                              messages_column=cfg.messages_column, split=cfg.split)
+    prompts = [ids for ids, _ in loaded]
+    # Each prompt's teacher: its row's "teacher" field, else --default-teacher (trainer/teachers.py).
+    names = list(teacher) if isinstance(teacher, dict) else [None]
+    prompt_teachers = route_prompts([row for _, row in loaded], names, cfg.default_teacher)
     # Same initial weights on every rank (load_model is seeded), a different sampling stream per rank.
     torch.manual_seed(cfg.seed + DataParallel.current().rank)
-    trainer = OPDTrainer(cfg, student, teacher, prompts, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer)
+    trainer = OPDTrainer(cfg, student, teacher, prompts, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer,
+                         prompt_teachers=prompt_teachers)
     return trainer.train()
 
 
-def remote_teacher(cfg: TrainConfig):
-    """The teacher served at ``cfg.teacher_url`` (its head fetched now), with the token of
-    ``cfg.teacher_token_file``."""
+def remote_teachers(cfg: TrainConfig):
+    """The teacher served at ``cfg.teacher_url``, or ``{name: teacher}`` for ``NAME=URL`` teachers (heads
+    fetched now; the teachers' vocabularies are checked to agree by the trainer)."""
+    from .teachers import parse_teacher_urls
+
+    urls = parse_teacher_urls(cfg.teacher_url)
+    if len(urls) == 1 and urls[0][0] is None:
+        return remote_teacher(cfg, urls[0][1])
+    return {name: remote_teacher(cfg, url) for name, url in urls}
+
+
+def remote_teacher(cfg: TrainConfig, url: Optional[str] = None):
+    """The teacher served at ``url`` (default ``cfg.teacher_url``; its head fetched now), with the token of
+    ``cfg.teacher_token_file`` (one token for every teacher)."""
     from ..teacher import RemoteTeacher
 
     token = None
@@ -102,7 +121,7 @@ def remote_teacher(cfg: TrainConfig):
             token = f.read().strip()
         if not token:
             raise ValueError(f"teacher_token_file: {cfg.teacher_token_file} is empty")
-    return RemoteTeacher(cfg.teacher_url, token=token, retries=cfg.teacher_retries)
+    return RemoteTeacher(url or cfg.teacher_url, token=token, retries=cfg.teacher_retries)
 
 
 def quiet_progress() -> None:

@@ -9,7 +9,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 DENSE_LOSSES = ("reverse_kl", "forward_kl", "jsd")
 LOSSES = DENSE_LOSSES + ("sampled", "topk")
@@ -31,8 +31,13 @@ class TrainConfig:
                                    "locally, a config .json (random init) or tiny:<family>"})
     teacher: Optional[str] = field(default=None, metadata={"help": "teacher, same forms as --student (with "
                                    "--teacher-url: only its tokenizer is loaded, to check the vocabulary)"})
-    teacher_url: Optional[str] = field(default=None, metadata={"help": "URL of an `opd-teacher serve` server: "
-                                       "the teacher runs there, the exact loss here (docs/serving.md)"})
+    teacher_url: Union[None, str, List[str]] = field(default=None, metadata={"help": "URL of an `opd-teacher "
+                                                     "serve` server: the teacher runs there, the exact loss here "
+                                                     "(docs/serving.md); NAME=URL, given more than once: several "
+                                                     "teachers, each prompt routed by its row's 'teacher' field"})
+    default_teacher: Optional[str] = field(default=None, metadata={"help": "with several --teacher-url NAME=URL: "
+                                           "the teacher of prompts whose row has no 'teacher' field (none: such "
+                                           "rows are refused)"})
     teacher_token_file: Optional[str] = field(default=None, metadata={"help": "file holding the bearer token of "
                                               "--teacher-url"})
     teacher_retries: int = field(default=8, metadata={"help": "--teacher-url: retries of a request that finds the "
@@ -145,6 +150,11 @@ class TrainConfig:
         parse_report_to(self.report_to)
         if self.teacher_retries < 0:
             bad("teacher_retries", "an integer >= 0")
+        from .teachers import parse_teacher_urls
+        named = [name for name, _ in parse_teacher_urls(self.teacher_url)]
+        if self.default_teacher is not None and self.default_teacher not in named:
+            raise ValueError(f"default_teacher: {self.default_teacher!r} is not a --teacher-url NAME=URL teacher "
+                             f"(named: {', '.join(n for n in named if n) or 'none'})")
         if self.prompt_column is not None and self.messages_column is not None:
             raise ValueError("prompt_column, messages_column: give at most one of them")
         if self.lora_r < 0:
@@ -256,6 +266,9 @@ def build_parser(prog: str = "opd-distill", epilog: Optional[str] = None) -> arg
                                 help=help_text)
             continue
         kind = {"int": int, "float": float}.get(str(f.type), str)
+        if f.name == "teacher_url":  # NAME=URL may be given more than once
+            parser.add_argument(flag, action="append", default=argparse.SUPPRESS, help=help_text, dest=f.name)
+            continue
         parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text, dest=f.name)
     return parser
 
@@ -266,6 +279,8 @@ def config_from_args(argv: Optional[Sequence[str]], parser: Optional[argparse.Ar
     parser = parser or build_parser()
     ns = vars(parser.parse_args(argv))
     path = ns.pop("config", None)
+    if isinstance(ns.get("teacher_url"), list) and len(ns["teacher_url"]) == 1:
+        ns["teacher_url"] = ns["teacher_url"][0]  # one --teacher-url: the string it always was
     values = load_config_file(path) if path else {}
     values.update(ns)
     return TrainConfig.from_dict(values)

@@ -37,6 +37,7 @@ from .metrics import MetricsLog, plot_curves
 from .models import embedding_rows, max_positions, use_bf16_autocast
 from .reporting import Reporters, parse_report_to
 from .schedule import lr_multiplier
+from .teachers import TeacherSet, check_teachers
 from .sampling import HFSampler, Sampler
 
 Callback = Callable[["OPDTrainer", Dict[str, float]], None]
@@ -136,13 +137,24 @@ class OPDTrainer:
     def __init__(self, cfg: TrainConfig, student: torch.nn.Module, teacher: torch.nn.Module,
                  prompts: Sequence[Sequence[int]], *, sampler: Optional[Sampler] = None, tokenizer=None,
                  teacher_tokenizer=None, optimizer: Optional[torch.optim.Optimizer] = None,
-                 callbacks: Sequence[Callback] = ()):
+                 callbacks: Sequence[Callback] = (),
+                 prompt_teachers: Optional[Sequence[Optional[str]]] = None):
         cfg.validate()
         if not prompts:
             raise ValueError("prompts: expected at least one prompt")
         hf.check_same_tokenizer(tokenizer, teacher_tokenizer)
+        # Several teachers: a mapping {name: teacher} and each prompt's teacher name (trainer/teachers.py).
+        # self.teacher is the single teacher, or the one named cfg.default_teacher (None without one).
+        self.teachers = TeacherSet(teacher, len(prompts), prompt_teachers)
+        if len(self.teachers) == 1:
+            teacher = self.teachers.values()[0]
+        else:
+            teacher = self.teachers.teachers.get(cfg.default_teacher)
         self.cfg, self.student, self.teacher, self.prompts = cfg, student, teacher, prompts
         self.dp = dp_.DataParallel.current()
+        if len(self.teachers) > 1 and self.dp.world_size > 1:
+            raise ValueError("teacher_url: several teachers run in one process (not under torchrun yet): the "
+                             "ranks' micro-batches split into different numbers of per-teacher passes")
         self.mode = ("fsdp" if cfg.fsdp else "ddp") if self.dp.distributed else "none"
         if cfg.fsdp and not self.dp.distributed:
             print("opd-distill: --fsdp ignored: one process (launch with torchrun for data parallelism)",
@@ -152,14 +164,15 @@ class OPDTrainer:
         self.device = next(student.parameters()).device
         self.tokenizer = tokenizer
         self._check_prompts()
-        served = not isinstance(teacher, torch.nn.Module)  # a RemoteTeacher: its server checked its head
+        check_teachers(self.teachers.teachers, cfg.vocab_size or None)
         if cfg.verify_lm_head:
             hf.verify_lm_head(student)
-            if not served:
-                hf.verify_lm_head(teacher)
-        if not served:
-            teacher.eval()
-            teacher.requires_grad_(False)
+        for each in self.teachers.values():
+            if isinstance(each, torch.nn.Module):  # not a RemoteTeacher, whose server checked its head
+                if cfg.verify_lm_head:
+                    hf.verify_lm_head(each)
+                each.eval()
+                each.requires_grad_(False)
         pad = eos = None
         if tokenizer is not None:
             eos = tokenizer.eos_token_id
@@ -214,8 +227,9 @@ class OPDTrainer:
     # ------------------------------------------------------------------------------- checkpoints
     def _check_prompts(self) -> None:
         """Every prompt: integer ids both models accept, with room for max_new_tokens in their positions."""
-        rows = [r for r in (embedding_rows(self.student), embedding_rows(self.teacher)) if r is not None]
-        positions = [p for p in (max_positions(self.student), max_positions(self.teacher)) if p is not None]
+        models = [self.student] + self.teachers.values()
+        rows = [r for r in map(embedding_rows, models) if r is not None]
+        positions = [p for p in map(max_positions, models) if p is not None]
         for i, ids in enumerate(self.prompts):
             if not isinstance(ids, (list, tuple)):
                 raise ValueError(f"prompts: prompts[{i}] must be a list of token ids, got {type(ids).__name__}")
@@ -343,12 +357,14 @@ class OPDTrainer:
         return cfg.lr * lr_multiplier(cfg.lr_scheduler, step, cfg.warmup_steps, cfg.steps)
 
     def _sample(self, micro: int):
+        """The micro-batch's sampled batch and each row's teacher name."""
         cfg = self.cfg
-        prompts = prompts_for_step(self.prompts, self.step, micro, batch_size=cfg.batch_size,
-                                   grad_accum=cfg.grad_accum, seed=cfg.seed, rank=self.dp.rank,
-                                   world_size=self.dp.world_size)
+        index = prompts_for_step(range(len(self.prompts)), self.step, micro, batch_size=cfg.batch_size,
+                                 grad_accum=cfg.grad_accum, seed=cfg.seed, rank=self.dp.rank,
+                                 world_size=self.dp.world_size)
         with dp_.full_parameters(self.loss_module, self.mode):
-            return self.sampler.sample(prompts).to(self.device)
+            batch = self.sampler.sample([self.prompts[i] for i in index]).to(self.device)
+        return batch, [self.teachers.prompt_teachers[i] for i in index]
 
     def train_step(self) -> Dict[str, float]:
         cfg, world = self.cfg, self.dp.world_size
@@ -356,19 +372,22 @@ class OPDTrainer:
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batches = [self._sample(micro) for micro in range(cfg.grad_accum)]
-        n_tokens = self.dp.all_reduce_sum(torch.stack([b.num_tokens() for b in batches]).sum())
+        sampled = [self._sample(micro) for micro in range(cfg.grad_accum)]
+        # One pass per (micro-batch, teacher): a micro-batch of several teachers' prompts is cut into one
+        # sub-batch per teacher, each scored against its own teacher with the step's normalizer.
+        batches = [(name, part) for batch, names in sampled for name, part in self.teachers.split(batch, names)]
+        n_tokens = self.dp.all_reduce_sum(torch.stack([b.num_tokens() for _, b in batches]).sum())
         normalizer = n_tokens.clamp_min(1)
         self.student.train()
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
-        for i, batch in enumerate(batches):
+        for i, (name, batch) in enumerate(batches):
             # The step's loss is L = sum_r L_r, L_r = (1/N) sum of rank r's token losses, so
             # dL/dθ = sum_r dL_r/dθ. DDP and FSDP *average* gradients over ranks, (1/R) sum_r g_r:
             # back-propagating R * L_r makes that average the sum. (R = 1: unchanged, exactly.)
             with dp_.no_grad_sync(self.loss_module, self.mode, sync=i == len(batches) - 1), \
                     torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                loss = self.loss_module(self.teacher, batch, cfg, normalizer)
+                loss = self.loss_module(self.teachers.teachers[name], batch, cfg, normalizer)
             (loss * world if world > 1 else loss).backward()
             total += loss.detach()
         total = self.dp.all_reduce_sum(total)
@@ -415,6 +434,7 @@ class OPDTrainer:
                   "tokens_per_s": tokens / seconds, "seconds": seconds, "lr": lr,
                   "mean_completion_len": tokens / (cfg.batch_size * cfg.grad_accum * world),
                   "grad_norm": norm_value, "skipped": int(not finite), "skipped_steps": self.skipped_steps}
+        record.update(self.teachers.counts([names for _, names in sampled]))  # named teachers: the mix
         for callback in self.callbacks:
             callback(self, record)
         return record
