@@ -45,7 +45,9 @@ def next_token_mask(input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
                     loss_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Bool (B, T-1): position t-1 is scored when token t is a completion token and not padding.
 
-    ``loss_mask`` (B, T) marks the completion tokens (None: every non-padding token after the first).
+    ``loss_mask`` (B, T) marks the completion tokens (None: every non-padding token after the first real one).
+    A position t-1 that is padding is never scored, whatever ``loss_mask`` says: its hidden state is not a
+    prediction of token t (in a left-padded row, the first real token has only padding before it).
     """
     mask = None
     for name, m in (("loss_mask", loss_mask), ("attention_mask", attention_mask)):
@@ -53,8 +55,9 @@ def next_token_mask(input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
             continue
         if m.shape != input_ids.shape:
             raise ValueError(f"{name}: expected shape {tuple(input_ids.shape)} like input_ids, got {tuple(m.shape)}")
-        m = m[:, 1:].to(torch.bool)
-        mask = m if mask is None else mask & m
+        m = m.to(torch.bool)
+        scored = m[:, 1:] & m[:, :-1] if name == "attention_mask" else m[:, 1:]  # token t real and t-1 real
+        mask = scored if mask is None else mask & scored
     return mask
 
 
