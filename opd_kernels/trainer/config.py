@@ -20,7 +20,8 @@ PRECISIONS = ("auto", "bf16", "fp32")
 RESUME_MAY_CHANGE = ("output_dir", "resume", "overwrite", "steps", "progress", "save_every", "keep_checkpoints",
                      "export_every", "device", "backend", "fsdp", "verify_lm_head", "param_guard",
                      "teacher_token_file", "teacher_retries", "report_to",
-                     "gradient_checkpointing", "export_adapter")
+                     "gradient_checkpointing", "export_adapter", "eval_prompts", "eval_split", "eval_every",
+                     "eval_max_new_tokens", "eval_sampling", "keep_best")
 
 
 @dataclass
@@ -54,6 +55,21 @@ class TrainConfig:
                                            "template and the generation prompt"})
     split: Optional[str] = field(default=None, metadata={"help": "split of a --prompts dataset directory "
                                  "(save_to_disk) holding several (default: train)"})
+    eval_prompts: Optional[str] = field(default=None, metadata={"help": "held-out prompts, read like --prompts "
+                                        "(--prompt-column and --messages-column apply; an optional 'answer' "
+                                        "column adds exact-match accuracy): the student's completions are scored "
+                                        "against the teacher every --eval-every steps and after the last step"})
+    eval_split: Optional[str] = field(default=None, metadata={"help": "split of an --eval-prompts dataset "
+                                      "directory (save_to_disk) holding several (default: train)"})
+    eval_every: int = field(default=0, metadata={"help": "evaluate on --eval-prompts every N steps (0: only after "
+                            "the last step; needs --eval-prompts)"})
+    eval_max_new_tokens: int = field(default=0, metadata={"help": "completion length cap of the evaluation "
+                                     "(0: --max-new-tokens)"})
+    eval_sampling: str = field(default="greedy", metadata={"help": "evaluation completions: greedy, or sample "
+                               "(at --sample-temperature and --top-p, seeded by --seed and the step)"})
+    keep_best: Optional[str] = field(default=None, metadata={"help": "keep output_dir/best, the student export "
+                                     "(with best.json: metric, value, step) of the evaluation best by this "
+                                     "metric: kl (lowest), teacher_logprob, agreement or exact_match (highest)"})
     output_dir: str = field(default="opd_run", metadata={"help": "metrics.jsonl, curves.png, checkpoints/"})
     report_to: str = field(default="jsonl", metadata={"help": "where the metrics go, comma-separated: jsonl "
                            "(output_dir/metrics.jsonl and curves.png), tensorboard (output_dir/tensorboard), "
@@ -175,6 +191,7 @@ class TrainConfig:
             if self.fsdp:
                 raise ValueError("lora_r, fsdp: LoRA students run with DDP (or one process); --fsdp with LoRA is "
                                  "not supported")
+        self._validate_eval()
         if self.resume and self.overwrite:
             raise ValueError("resume, overwrite: give at most one of them")
         if self.loss not in LOSSES:
@@ -201,6 +218,25 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 bad(name, "a non-negative number")
         return self
+
+    def _validate_eval(self) -> None:
+        from .evaluation import EVAL_SAMPLING, KEEP_BEST
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every: expected an integer >= 0, got {self.eval_every!r}")
+        if self.eval_max_new_tokens < 0:
+            raise ValueError(f"eval_max_new_tokens: expected an integer >= 0 (0: --max-new-tokens), got "
+                             f"{self.eval_max_new_tokens!r}")
+        if self.eval_sampling not in EVAL_SAMPLING:
+            raise ValueError(f"eval_sampling: expected one of {EVAL_SAMPLING}, got {self.eval_sampling!r}")
+        if self.keep_best is not None and self.keep_best not in KEEP_BEST:
+            raise ValueError(f"keep_best: expected one of {tuple(KEEP_BEST)}, got {self.keep_best!r}")
+        if self.eval_prompts is None:
+            given = [n for n, default in (("eval_split", None), ("eval_every", 0), ("eval_max_new_tokens", 0),
+                                          ("eval_sampling", "greedy"), ("keep_best", None))
+                     if getattr(self, n) != default]
+            if given:
+                raise ValueError(f"{', '.join(given)}: evaluation options without eval_prompts; give "
+                                 "--eval-prompts FILE")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

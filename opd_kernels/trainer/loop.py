@@ -30,7 +30,9 @@ from . import distributed as dp_
 from .checkpoint import (_write_text_atomic, check_writable, clean_stale, newest_complete, resume_checkpoint,
                          rng_state, save_checkpoint, set_rng_state, step_name)
 from .config import TrainConfig
-from .data import check_prompt_ids, prompts_for_step
+from .data import check_prompt_ids, load_prompt_rows, prompts_for_step
+from .evaluation import KEEP_BEST, answers_of, better, completion_texts, eval_seed, exact_match, score_completions, \
+    summarize
 from .export import _write_dir, export_student, write_model_files
 from .lora import apply_lora, merged_weights, save_adapter
 from .metrics import MetricsLog, plot_curves
@@ -44,9 +46,10 @@ Callback = Callable[["OPDTrainer", Dict[str, float]], None]
 
 # What the trainer writes into output_dir: what --overwrite removes, and nothing else.
 OUTPUTS = ("checkpoints", "metrics.jsonl", "config.json", "curves.png", "student", "exports", "tensorboard", "wandb",
-           "adapter")
+           "adapter", "best")
 _TEMPORARY = (".write-test-", "metrics.jsonl.tmp-", "config.json.tmp-", "curves.png.tmp", ".tmp-student-",
-              ".tmp-adapter-")
+              ".tmp-adapter-", ".tmp-best-")
+BEST = "best"  # output_dir/best: the student export of the best evaluation (--keep-best), with best.json
 
 
 class NonFiniteParameters(RuntimeError):
@@ -129,6 +132,10 @@ class OPDTrainer:
     student). ``callbacks`` run after every step on every rank with ``(trainer, record)`` (evaluation
     hooks; they may add keys to the record before rank 0 logs it).
 
+    ``eval_prompts``/``eval_answers``: the held-out prompts (token-id lists) and their answers (strings, or
+    None) of the evaluation (:mod:`~opd_kernels.trainer.evaluation`); by default read from
+    ``cfg.eval_prompts`` with the training prompts' options when that is set.
+
     When a ``torch.distributed`` process group exists, the student is wrapped with DDP, or with FSDP2
     when ``cfg.fsdp`` (then ``optimizer`` must be None: it is built over the sharded parameters).
     With ``cfg.resume`` the latest checkpoint is loaded here, before wrapping.
@@ -137,7 +144,8 @@ class OPDTrainer:
     def __init__(self, cfg: TrainConfig, student: torch.nn.Module, teacher: torch.nn.Module,
                  prompts: Sequence[Sequence[int]], *, sampler: Optional[Sampler] = None, tokenizer=None,
                  teacher_tokenizer=None, optimizer: Optional[torch.optim.Optimizer] = None,
-                 callbacks: Sequence[Callback] = (),
+                 callbacks: Sequence[Callback] = (), eval_prompts: Optional[Sequence[Sequence[int]]] = None,
+                 eval_answers: Optional[Sequence[str]] = None,
                  prompt_teachers: Optional[Sequence[Optional[str]]] = None):
         cfg.validate()
         if not prompts:
@@ -150,6 +158,9 @@ class OPDTrainer:
             teacher = self.teachers.values()[0]
         else:
             teacher = self.teachers.teachers.get(cfg.default_teacher)
+            if teacher is None and (cfg.eval_prompts or eval_prompts is not None):
+                raise ValueError("default_teacher: the evaluation scores against one teacher; with several "
+                                 "teachers name it with --default-teacher")
         self.cfg, self.student, self.teacher, self.prompts = cfg, student, teacher, prompts
         self.dp = dp_.DataParallel.current()
         if len(self.teachers) > 1 and self.dp.world_size > 1:
@@ -181,6 +192,7 @@ class OPDTrainer:
                                             temperature=cfg.sample_temperature, top_p=cfg.top_p,
                                             pad_token_id=pad, eos_token_id=eos,
                                             vocab_size=cfg.vocab_size or None)
+        self._setup_eval(eval_prompts, eval_answers, pad, eos)
         self.step = 0
         self.total_tokens = 0
         self.skipped_steps = 0
@@ -220,6 +232,58 @@ class OPDTrainer:
         self.callbacks: List[Callback] = list(callbacks)
         self.reporters: Optional[Reporters] = None  # during train(), on rank 0: the --report-to sinks
 
+    def _setup_eval(self, prompts, answers, pad, eos) -> None:
+        """The held-out set (read from ``cfg.eval_prompts`` unless given), checked, and its sampler."""
+        cfg = self.cfg
+        self.best: Optional[Dict[str, object]] = None  # {"metric", "value", "step"} of output_dir/best
+        self.eval_max_new_tokens = cfg.eval_max_new_tokens or cfg.max_new_tokens
+        if prompts is None and cfg.eval_prompts:
+            prompts, answers = self._load_eval_prompts()
+        if prompts is None:
+            if answers is not None:
+                raise ValueError("eval_answers: given without eval_prompts")
+            if cfg.keep_best:
+                raise ValueError("keep_best: needs the evaluation (eval_prompts)")
+            self.eval_prompts, self.eval_answers, self.eval_sampler = None, None, None
+            return
+        if not prompts:
+            raise ValueError("eval_prompts: expected at least one prompt")
+        if answers is not None and len(answers) != len(prompts):
+            raise ValueError(f"eval_answers: {len(answers)} answers for {len(prompts)} eval prompts")
+        if answers is not None and self.tokenizer is None:
+            raise ValueError("eval_prompts: exact match on the 'answer' field decodes the completions, which needs "
+                             "the student's tokenizer")
+        if cfg.keep_best == "exact_match" and answers is None:
+            raise ValueError("keep_best: exact_match needs eval prompts with an 'answer' field")
+        self._check_prompt_list(prompts, "eval_prompts", self.eval_max_new_tokens)
+        self.eval_prompts, self.eval_answers = [list(p) for p in prompts], answers
+        self.eval_sampler = HFSampler(self.student, max_new_tokens=self.eval_max_new_tokens,
+                                      temperature=cfg.sample_temperature, top_p=cfg.top_p, pad_token_id=pad,
+                                      eos_token_id=eos, vocab_size=cfg.vocab_size or None,
+                                      greedy=cfg.eval_sampling == "greedy")
+
+    def _load_eval_prompts(self):
+        """``cfg.eval_prompts`` read like the training prompts (random ones drawn with seed + 1)."""
+        cfg = self.cfg
+        rows = [r for r in (embedding_rows(self.student), embedding_rows(self.teacher), cfg.vocab_size or None)
+                if r is not None]
+        positions = [p for p in (max_positions(self.student), max_positions(self.teacher)) if p is not None]
+        try:
+            loaded = load_prompt_rows(cfg.eval_prompts, self.tokenizer, max_prompt_len=cfg.max_prompt_len,
+                                      chat_template=cfg.chat_template, seed=cfg.seed + 1,
+                                      vocab_size=min(rows) if rows else None,
+                                      max_positions=min(positions) if positions else None,
+                                      max_new_tokens=self.eval_max_new_tokens, prompt_column=cfg.prompt_column,
+                                      messages_column=cfg.messages_column, split=cfg.eval_split)
+        except ValueError as e:
+            text = str(e)
+            for old, new in (("prompts: ", "eval_prompts: "), ("split: ", "eval_split: ")):
+                if text.startswith(old):
+                    text = new + text[len(old):].replace("--split", "--eval-split")
+                    break
+            raise ValueError(text) from None
+        return [ids for ids, _ in loaded], answers_of([row for _, row in loaded], cfg.eval_prompts)
+
     def _trainable(self) -> List[torch.nn.Parameter]:
         """The student's parameters that train (all of them, or the LoRA adapters)."""
         return [p for p in self.student.parameters() if p.requires_grad]
@@ -227,17 +291,24 @@ class OPDTrainer:
     # ------------------------------------------------------------------------------- checkpoints
     def _check_prompts(self) -> None:
         """Every prompt: integer ids both models accept, with room for max_new_tokens in their positions."""
+        self._check_prompt_list(self.prompts, "prompts", self.cfg.max_new_tokens)
+
+    def _check_prompt_list(self, prompts, name: str, max_new_tokens: int) -> None:
         models = [self.student] + self.teachers.values()
         rows = [r for r in map(embedding_rows, models) if r is not None]
         positions = [p for p in map(max_positions, models) if p is not None]
-        for i, ids in enumerate(self.prompts):
+        for i, ids in enumerate(prompts):
             if not isinstance(ids, (list, tuple)):
-                raise ValueError(f"prompts: prompts[{i}] must be a list of token ids, got {type(ids).__name__}")
+                raise ValueError(f"{name}: {name}[{i}] must be a list of token ids, got {type(ids).__name__}")
             if not ids:
-                raise ValueError(f"prompts: prompts[{i}] is empty")
-            check_prompt_ids(ids, f"prompts[{i}]", vocab_size=min(rows) if rows else None,
-                             max_positions=min(positions) if positions else None,
-                             max_new_tokens=self.cfg.max_new_tokens)
+                raise ValueError(f"{name}: {name}[{i}] is empty")
+            try:
+                check_prompt_ids(ids, f"{name}[{i}]", vocab_size=min(rows) if rows else None,
+                                 max_positions=min(positions) if positions else None,
+                                 max_new_tokens=max_new_tokens)
+            except ValueError as e:
+                text = str(e)
+                raise ValueError(name + text[len("prompts"):] if text.startswith("prompts:") else text) from None
 
     def _load_weights(self):
         try:
@@ -278,6 +349,9 @@ class OPDTrainer:
                                          self.loss_module)
         self.step, self.total_tokens = int(state["step"]), int(state["total_tokens"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        best = state.get("best")
+        if self.cfg.keep_best and isinstance(best, dict) and best.get("metric") == self.cfg.keep_best:
+            self.best = best  # the best as of the checkpoint: later evaluations are compared with it
         if len(rngs) == self.dp.world_size:
             set_rng_state(rngs[self.dp.rank])  # same world size: continue every rank's stream exactly
         else:
@@ -316,7 +390,7 @@ class OPDTrainer:
         rngs = self.dp.all_gather_object(rng_state())
         optimizer_state = dp_.optimizer_state_by_name(self.student, self.optimizer, self.mode, self.loss_module)
         state = {"total_tokens": self.total_tokens, "skipped_steps": self.skipped_steps,
-                 "world_size": self.dp.world_size, "config": self.cfg.to_dict()}
+                 "world_size": self.dp.world_size, "config": self.cfg.to_dict(), "best": self.best}
         weights = dp_.full_weights(self.student)
         path, error = None, None
         if self.dp.is_main:
@@ -349,6 +423,72 @@ class OPDTrainer:
                 error = e
         self._raise_rank0_error(error)
         return out
+
+    # -------------------------------------------------------------------------------- evaluation
+    def evaluate(self) -> Dict[str, float]:
+        """The held-out evaluation of the current student (collective: call on every rank; each scores its
+        share of the eval prompts). Returns the ``eval_*`` metrics (:mod:`.evaluation`). The training's
+        random streams are left exactly as they were, and the student's train/eval mode too."""
+        cfg = self.cfg
+        if self.eval_prompts is None:
+            raise ValueError("eval_prompts: the trainer has no evaluation prompts")
+        shard = list(range(self.dp.rank, len(self.eval_prompts), self.dp.world_size))
+        sums = torch.zeros(6, dtype=torch.float64, device=self.device)  # kl, logprob, agree, tokens, prompts, exact
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        was_training = self.student.training
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), \
+                dp_.full_parameters(self.loss_module, self.mode):
+            if cfg.eval_sampling == "sample":
+                torch.manual_seed(eval_seed(cfg.seed, self.step) + self.dp.rank)
+            self.student.eval()
+            try:
+                for start in range(0, len(shard), cfg.batch_size):
+                    index = shard[start:start + cfg.batch_size]
+                    batch = self.eval_sampler.sample([self.eval_prompts[i] for i in index]).to(self.device)
+                    scored = score_completions(self.student, self.teacher, batch, vocab_size=cfg.vocab_size or None,
+                                               backend=cfg.backend, verify=cfg.verify_lm_head,
+                                               autocast_bf16=self.bf16)
+                    exact = 0
+                    if self.eval_answers is not None:
+                        texts = completion_texts(batch, self.tokenizer)
+                        exact = sum(exact_match(t, self.eval_answers[i]) for t, i in zip(texts, index))
+                    sums += torch.stack([*(x.to(sums) for x in scored),
+                                         torch.tensor(float(len(index)), dtype=torch.float64, device=self.device),
+                                         torch.tensor(float(exact), dtype=torch.float64, device=self.device)])
+            finally:
+                self.student.train(was_training)
+        kl, logprob, agree, tokens, prompts, exact = self.dp.all_reduce_sum(sums).tolist()
+        return summarize({"kl": kl, "teacher_logprob": logprob, "agreement": agree, "tokens": tokens,
+                          "prompts": prompts, "exact": exact}, self.eval_answers is not None)
+
+    def _keep_best(self, record: Dict[str, float]) -> None:
+        """With ``keep_best``: refresh output_dir/best when this evaluation beats the best so far."""
+        metric = self.cfg.keep_best
+        if not metric:
+            return
+        value = record[f"eval_{metric}"]
+        if not better(metric, value, None if self.best is None else float(self.best["value"])):
+            return
+        self.best = {"metric": metric, "value": value, "step": self.step,
+                     "higher_is_better": KEEP_BEST[metric]}
+        weights = dp_.full_weights(self.student)
+        if self.peft_model is not None:
+            weights = merged_weights(self.student, weights)
+        best, error = dict(self.best), None
+        if self.dp.is_main:
+            from safetensors.torch import save_file
+            from .export import WEIGHTS
+
+            def fill(tmp):
+                save_file(weights, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
+                write_model_files(tmp, self.student, self.tokenizer)
+                with open(os.path.join(tmp, "best.json"), "w", encoding="utf-8") as f:
+                    json.dump(best, f, indent=1)
+            try:
+                _write_dir(os.path.join(self.cfg.output_dir, BEST), fill, "the previous best is kept")
+            except OSError as e:
+                error = e
+        self._raise_rank0_error(error)
 
     # -------------------------------------------------------------------------------------- step
     def lr_at(self, step: int) -> float:
@@ -435,6 +575,10 @@ class OPDTrainer:
                   "mean_completion_len": tokens / (cfg.batch_size * cfg.grad_accum * world),
                   "grad_norm": norm_value, "skipped": int(not finite), "skipped_steps": self.skipped_steps}
         record.update(self.teachers.counts([names for _, names in sampled]))  # named teachers: the mix
+        if self.eval_prompts is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0)
+                                              or self.step == cfg.steps):
+            record.update(self.evaluate())
+            self._keep_best(record)
         for callback in self.callbacks:
             callback(self, record)
         return record
@@ -552,7 +696,7 @@ class OPDTrainer:
                       file=sys.stderr)
         return {"steps": self.step, "total_tokens": self.total_tokens, "final_loss": record.get("loss"),
                 "skipped_steps": self.skipped_steps, "metrics": self.metrics_path if log is not None else None,
-                "curves": curves,
+                "curves": curves, "best": os.path.join(cfg.output_dir, BEST) if self.best is not None else None,
                 "checkpoint": checkpoint, "student": student_dir, "resumed_from": self.resumed_from}
 
     def _with_kept(self, error: Optional[BaseException]) -> Optional[BaseException]:

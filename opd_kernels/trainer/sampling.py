@@ -132,12 +132,17 @@ class HFSampler:
     temperature and top-p), so every drawn id is one the teacher accepts when its vocabulary is the
     smaller one; the recorded log-probs are those of that restricted distribution, which is the student
     distribution the losses compare over ``vocab_size`` ids. None: the model's whole vocabulary.
+
+    ``greedy``: take each step's most likely id (below ``vocab_size``) instead of drawing one; temperature
+    and top-p are then not applied, and the recorded log-probs are those of the untempered distribution.
     """
 
     def __init__(self, model: torch.nn.Module, *, max_new_tokens: int = 64, temperature: float = 1.0,
                  top_p: float = 1.0, pad_token_id: Optional[int] = None,
-                 eos_token_id: Union[None, int, Sequence[int]] = None, vocab_size: Optional[int] = None):
+                 eos_token_id: Union[None, int, Sequence[int]] = None, vocab_size: Optional[int] = None,
+                 greedy: bool = False):
         self.model = model
+        self.greedy = bool(greedy)
         self.max_new_tokens = int(max_new_tokens)
         self.temperature = float(temperature)
         self.top_p = float(top_p)
@@ -157,9 +162,9 @@ class HFSampler:
         procs = LogitsProcessorList()
         if self.vocab_size is not None:
             procs.append(_VocabLimit(self.vocab_size))
-        if self.temperature != 1.0:
+        if self.temperature != 1.0 and not self.greedy:
             procs.append(TemperatureLogitsWarper(self.temperature))
-        if self.top_p < 1.0:
+        if self.top_p < 1.0 and not self.greedy:
             procs.append(TopPLogitsWarper(top_p=self.top_p))
         procs.append(recorder)
         return procs
@@ -173,7 +178,8 @@ class HFSampler:
         self.model.eval()
         try:
             sequences = self.model.generate(
-                input_ids=ids, attention_mask=attn, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                input_ids=ids, attention_mask=attn, do_sample=not self.greedy, temperature=1.0, top_p=1.0,
+                top_k=None if self.greedy else 0,
                 min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0,
                 logits_processor=self._processors(recorder), max_new_tokens=self.max_new_tokens,
                 min_new_tokens=0, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id)
