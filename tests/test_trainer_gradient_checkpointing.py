@@ -12,7 +12,7 @@ def loss_and_grads(tmp_path, checkpointing, loss):
     trainer = make(tmp_path / f"run_{checkpointing}_{loss}", steps=1, seed=11, loss=loss,
                    gradient_checkpointing=checkpointing)
     torch.manual_seed(3)
-    batch = trainer._sample(0)
+    batch, _ = trainer._sample(0)  # the batch and each row's teacher name
     saved = []  # elements autograd keeps for the backward (a checkpointed layer keeps only its inputs)
 
     def pack(t):

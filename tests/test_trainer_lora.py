@@ -34,7 +34,7 @@ class StudentHeadGemms(torch.utils._python_dispatch.TorchDispatchMode):
 def head_gemms(tmp_path, loss, lora_r):
     trainer = make(tmp_path / f"{loss}_{lora_r}", steps=1, seed=5, loss=loss, lora_r=lora_r, backend="torch")
     torch.manual_seed(2)
-    batch = trainer._sample(0)
+    batch, _ = trainer._sample(0)  # the batch and each row's teacher name
     trainer.student.train()
     with StudentHeadGemms() as count:
         value = trainer.loss_module(trainer.teacher, batch, trainer.cfg, None)
