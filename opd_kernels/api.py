@@ -1,11 +1,12 @@
-"""The public functional API (docs/design.md section 5): argument checks, flattening, backend dispatch.
+"""The public functional API (docs/design.md section 5): argument checks, flattening, the call.
 
 Each function validates everything into one frozen ``Options`` (opd_kernels/_validation.py) before any kernel
-runs, flattens the leading dims to N rows, asks the backend registry which implementation runs, hands it the
-tensors and the Options, and reshapes per-token outputs back to the leading shape. ``process_group`` is one
-more option of the same path: the ranks agree on their vocabulary shards during validation
-(distributed/shards.py) and the vocab-parallel implementation (distributed/vocab_parallel.py) runs the same
-backend primitives on each shard.
+runs, flattens the leading dims to N rows, hands the tensors and the Options to the implementation that
+opd_kernels/_dispatch.py picks (a backend primitive; for the row-loss ops the fused, frozen-head or
+recomputing pass), and reshapes per-token outputs back to the leading shape. ``process_group`` is one more
+option of the same path: the ranks agree on their vocabulary shards during validation (distributed/shards.py)
+and the vocab-parallel implementation (distributed/vocab_parallel.py) runs the same backend primitives on
+each shard.
 """
 from __future__ import annotations
 
@@ -13,23 +14,16 @@ from typing import Callable, Optional, Tuple, Union
 
 import torch
 
+from . import _dispatch
 from . import _validation as check
-from . import backends
-from .backends import _frozen_head
 from ._common import compute_dtype as _acc_dtype
 from ._common import empty_result as _empty_result
 from ._common import flatten_rows as _rows
 from ._common import masked_inputs, reduce_per_token
 from ._options import Options
-from .backends._divergence_math import nonfinite_rows_inert, sampled_token_values, topk_divergence_from_logprobs
+from .backends._divergence_math import sampled_token_values
 
 Normalizer = Union[None, int, float, torch.Tensor]
-
-
-def _vocab_parallel():
-    """The vocab-parallel implementations (imported on use: torch.distributed is not needed otherwise)."""
-    from .distributed import vocab_parallel
-    return vocab_parallel
 
 
 def _validated(checks: Callable[[], Options], sizes: Callable[[], Tuple[int, Optional[int], int, int, int]],
@@ -121,10 +115,7 @@ def linear_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor
     if student_hidden.numel() == 0:
         return _empty_result(leading, reduction, student_hidden, student_weight, student_bias)
     tensors = (_rows(student_hidden), student_weight.contiguous(), _rows(teacher_hidden), teacher_weight.contiguous())
-    if opts.process_group is not None:
-        impl = _vocab_parallel()
-    else:
-        impl = backends.resolve(opts.backend, student_hidden.device, "linear_divergence")
+    impl = _dispatch.implementation(opts, student_hidden.device, "linear_divergence")
     out = impl.linear_divergence(*tensors, opts, student_bias=student_bias, teacher_bias=teacher_bias)
     return opts.weighted_values(out).reshape(leading) if opts.reduction == "none" else out
 
@@ -179,28 +170,11 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if hidden.numel() == 0:
         empty = _empty_result(leading, "none", hidden, weight, bias)
         return (empty, empty.clone()) if opts.return_entropy else empty
-    flat_ids = targets.reshape(-1, 1).to(torch.int64)
-    impl = None if opts.process_group is not None else backends.resolve(opts.backend, hidden.device, "lse_gather")
-    if _frozen_head.applies(hidden, weight, bias, opts.return_entropy, opts.process_group, impl):
-        # a frozen lm_head (LoRA): d logprob_n / d hidden_n formed in the forward, 2 GEMMs instead of 3
-        live = None if ignored is None else ~ignored.reshape(-1)
-        # ignored rows have token weight 0: the fused pass returns 0 for them, with a zero gradient row
-        logprobs = _frozen_head.frozen_head_logprobs(_rows(hidden), weight.contiguous(), flat_ids, bias, opts, live)
-        return logprobs.float().reshape(leading)
-    lse, gathered, entropy = _lse_gather(_rows(hidden), weight.contiguous(), flat_ids, bias, opts)
-    logprobs = (gathered[:, 0] - lse).float().reshape(leading)
-    if ignored is not None:
-        logprobs = logprobs.masked_fill(ignored, 0.0)
+    logprobs, entropy = _dispatch.logprobs(_rows(hidden), weight.contiguous(), targets.reshape(-1, 1).to(torch.int64),
+                                           bias, opts, None if ignored is None else ~ignored.reshape(-1))
     if opts.return_entropy:
-        return logprobs, entropy.float().reshape(leading)
-    return logprobs
-
-
-def _lse_gather(hidden, weight, ids, bias, opts: Options):
-    """The lse/gather primitive on flat tensors, on one device or over the vocab-parallel group."""
-    impl = (_vocab_parallel() if opts.process_group is not None
-            else backends.resolve(opts.backend, hidden.device, "lse_gather"))
-    return impl.lse_gather(hidden, weight, ids, opts, bias=bias)
+        return logprobs.reshape(leading), entropy.float().reshape(leading)
+    return logprobs.reshape(leading)
 
 
 def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor,
@@ -282,37 +256,9 @@ def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.T
     teacher_topk_logprobs = check.topk_rows_checked(teacher_topk_ids, teacher_topk_logprobs.detach(), support_mask)
     ids = teacher_topk_ids.reshape(-1, k).to(torch.int64)
     weights = opts.token_weights(leading.numel(), student_hidden.device, _acc_dtype(student_hidden))
-    fused = (opts.reduction != "none" and support_mask is None and opts.tail != "renormalize"
-             and opts.divergence != "jsd")
-    if fused:
-        return _fused_row_loss(_rows(student_hidden), student_weight.contiguous(), ids,
-                               teacher_topk_logprobs.reshape(-1, k).to(_acc_dtype(student_hidden)), student_bias, opts,
-                               sampler=None, weights=weights)
-    impl = None if opts.process_group is not None else backends.resolve(opts.backend, student_hidden.device,
-                                                                         "lse_gather")
-    fused_rows = (support_mask is None and opts.tail != "renormalize" and opts.divergence != "jsd"
-                  and _frozen_head.applies(student_hidden, student_weight, student_bias, False, opts.process_group,
-                                           impl))
-    if fused_rows:  # reduction "none" under a frozen lm_head: d value_n / d hidden_n formed in the forward
-        per_token = _frozen_head.frozen_head_rows(_rows(student_hidden), student_weight.contiguous(), ids,
-                                                  teacher_topk_logprobs.reshape(-1, k), student_bias, opts,
-                                                  weights)
-        return opts.weighted_values(per_token).reshape(leading)
-    tw = opts.per_token_weights
-    live = (weights != 0 if tw is None else (weights != 0) & (tw != 0)).unsqueeze(-1)
-    # masked rows: no NaN into the loss or its gradient, from their hidden states (the vocab-parallel
-    # logsumexp over the ranks would pass it on to the other rows' gradients) or their log-probs
-    (hidden,) = masked_inputs(live, _rows(student_hidden))
-    lse, gathered, _ = _lse_gather(hidden, student_weight.contiguous(), ids, student_bias, opts)
-    q = gathered - lse.unsqueeze(-1)
-    q, l = masked_inputs(live, q, teacher_topk_logprobs.reshape(-1, k).to(q.dtype))
-    support = None if support_mask is None else support_mask.reshape(-1, k)
-    per_token = nonfinite_rows_inert(lambda q_: topk_divergence_from_logprobs(
-        q_, l, divergence=opts.divergence, tail=opts.tail, beta=opts.beta, support_mask=support), q)
-    if opts.reduction == "none":
-        per_token = opts.weighted_values(per_token)
-    out = reduce_per_token(per_token, weights, opts.reduction)
-    out = out.to(_acc_dtype(out))
+    out = _dispatch.topk_divergence(_rows(student_hidden), student_weight.contiguous(), ids,
+                                    teacher_topk_logprobs.reshape(-1, k), student_bias, opts,
+                                    None if support_mask is None else support_mask.reshape(-1, k), weights)
     return out.reshape(leading) if opts.reduction == "none" else out
 
 
@@ -339,7 +285,7 @@ def logits_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     leading = student_logits.shape[:-1]
     if student_logits.numel() == 0:
         return _empty_result(leading, reduction, student_logits)
-    impl = backends.resolve(opts.backend, student_logits.device, "logits_divergence")
+    impl = _dispatch.implementation(opts, student_logits.device, "logits_divergence")
     if opts.inplace_grad and not getattr(impl, "INPLACE_GRAD", False):
         raise ValueError(f"inplace_grad: not supported by the {impl.__name__.rsplit('.', 1)[-1]} backend; "
                          "use backend='cpp' or 'torch'")
@@ -383,35 +329,6 @@ def sampled_token_opd_loss(student_logprobs: torch.Tensor, teacher_logprobs: tor
     per_token = sampled_token_values(ls, lt, lq, estimator=spec.estimator, kl_coef=spec.kl_coef)
     weights = opts.token_weights(ls.shape[0], student_logprobs.device)
     return reduce_per_token(per_token, weights, opts.reduction)
-
-
-def _fused_row_loss(hidden, weight, ids, teacher, bias, opts: Options, *, sampler, weights):
-    """``sum_n weights_n row_loss_n`` (``opts.row_loss``) on flat tensors: the backend's fused
-    ``lse_gather_loss`` (gradient formed in the forward, 3 GEMMs) where it has one, else lse_gather + the row
-    formula (vocab-parallel)."""
-    impl = None if opts.process_group is not None else backends.resolve(opts.backend, hidden.device, "lse_gather")
-    fused = getattr(impl, "lse_gather_loss", None)
-    if fused is not None:
-        return fused(hidden, weight, ids, teacher, bias=bias, sampler=sampler, weights=weights,
-                     temperature=opts.student.temperature, softcap=opts.student.softcap, scale=opts.student.scale,
-                     vocab_size=opts.vocab_size, deterministic=opts.deterministic, **opts.row_loss.kernel_args())[0]
-    from .backends._lse_gather_loss import row_loss
-    spec = opts.row_loss
-    ec = spec.entropy_coef
-    live = weights != 0  # masked rows: no NaN into the loss or its gradient, from their inputs or outputs
-    (hidden,) = masked_inputs(live.unsqueeze(-1), hidden)
-    lse, gathered, entropy = _lse_gather(hidden, weight, ids, bias, opts.replace(return_entropy=ec != 0.0))
-    q = gathered - lse.unsqueeze(-1)
-    q, teacher, sampler = masked_inputs(live.unsqueeze(-1), q, teacher, None if sampler is None else
-                                        sampler.reshape(q.shape[0], -1))
-    sampler = None if sampler is None else sampler.reshape(-1)
-    values = row_loss(q, teacher.to(q.dtype), None if sampler is None else sampler.to(q.dtype), kind=spec.kind,
-                      estimator=spec.estimator, divergence=spec.divergence, tail_bucket=spec.tail_bucket,
-                      kl_coef=spec.kl_coef)
-    if ec != 0.0:
-        values = values - ec * entropy
-    out = reduce_per_token(values, weights.to(values.dtype), "sum")
-    return out.to(_acc_dtype(out))
 
 
 def linear_sampled_token_opd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
@@ -475,7 +392,7 @@ def linear_sampled_token_opd_loss(student_hidden: torch.Tensor, student_weight: 
         return _empty_result(leading, reduction, student_hidden, student_weight, bias)
     acc = _acc_dtype(student_hidden)
     weights = opts.token_weights(leading.numel(), student_hidden.device, acc)
-    return _fused_row_loss(_rows(student_hidden), student_weight.contiguous(),
-                           sampled_ids.reshape(-1, 1).to(torch.int64), teacher_logprobs.detach().reshape(-1, 1).to(acc),
-                           bias, opts, sampler=None if sampler_logprobs is None else
-                           sampler_logprobs.detach().reshape(-1).to(acc), weights=weights)
+    return _dispatch.row_loss(_rows(student_hidden), student_weight.contiguous(),
+                              sampled_ids.reshape(-1, 1).to(torch.int64), teacher_logprobs.detach().reshape(-1, 1).to(acc),
+                              bias, opts, sampler=None if sampler_logprobs is None else
+                              sampler_logprobs.detach().reshape(-1).to(acc), weights=weights)

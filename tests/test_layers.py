@@ -21,12 +21,14 @@ RANKS = {
     "reference": 0, "_common": 0, "_options": 0, "_chunking": 0, "_C": 0, "_validation": 0,
     # kernels and backends (vocab-parallel is an option of the same path, at the same level)
     "triton": 1, "backends": 1, "distributed": 1,
+    # path choice: which backend or vocab-parallel implementation, and which row-loss pass, runs a call
+    "_dispatch": 2,
     # the public API
-    "api": 2, "topk": 2, "modules": 2, "__init__": 2, "__main__": 2,
+    "api": 3, "topk": 3, "modules": 3, "__init__": 3, "__main__": 3,
     # clients of the public API inside the package
-    "hf": 3, "bench": 3, "integrations": 3, "teacher": 3,
+    "hf": 4, "bench": 4, "integrations": 4, "teacher": 4,
     # the trainer and the study built on it
-    "trainer": 4, "demo": 4,
+    "trainer": 5, "demo": 5,
 }
 
 
