@@ -10,7 +10,8 @@ The server needs the ``serve`` extra (aiohttp); the client only the standard lib
 """
 from .client import (LocalTeacher, RemoteTeacher, TeacherError, TeacherFingerprintError, TeacherRequestError,
                      TeacherUnavailableError, is_teacher)
+from .engines import SGLangTeacher, VLLMTeacher
 from .wire import fingerprint
 
 __all__ = ["RemoteTeacher", "LocalTeacher", "TeacherError", "TeacherUnavailableError", "TeacherRequestError",
-           "TeacherFingerprintError", "is_teacher", "fingerprint"]
+           "TeacherFingerprintError", "is_teacher", "fingerprint", "SGLangTeacher", "VLLMTeacher"]
