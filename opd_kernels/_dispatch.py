@@ -27,6 +27,7 @@ from ._common import compute_dtype, masked_inputs, reduce_per_token
 from ._options import Options
 from .backends import _frozen_head
 from .backends._divergence_math import nonfinite_rows_inert, topk_divergence_from_logprobs
+from .backends._lse_gather_loss import row_loss as row_formula
 
 FUSED, FROZEN_HEAD, RECOMPUTE = "fused", "frozen_head", "recompute"
 
@@ -49,7 +50,8 @@ def _row_loss_path(opts: Options, hidden: torch.Tensor, weight: torch.Tensor, bi
         return RECOMPUTE
     if not per_token:
         return FUSED
-    impl = None if opts.process_group is not None else backends.resolve(opts.backend, hidden.device, "lse_gather")
+    impl = None if opts.process_group is not None else backends.resolve(opts.backend, hidden.device,
+                                                                         "lse_gather_loss")
     if _frozen_head.applies(hidden, weight, bias, opts.return_entropy, opts.process_group, impl):
         return FROZEN_HEAD
     return RECOMPUTE
@@ -102,16 +104,13 @@ def topk_divergence(hidden, weight, ids, teacher, bias, opts: Options, support: 
 
 
 def row_loss(hidden, weight, ids, teacher, bias, opts: Options, *, sampler, weights) -> torch.Tensor:
-    """``sum_n weights_n row_loss_n`` (``opts.row_loss``) on flat tensors: the backend's fused
-    ``lse_gather_loss`` (gradient formed in the forward, 3 GEMMs) where it has one, else lse_gather + the row
-    formula (vocab-parallel)."""
-    impl = None if opts.process_group is not None else backends.resolve(opts.backend, hidden.device, "lse_gather")
-    fused = getattr(impl, "lse_gather_loss", None)
-    if fused is not None:
-        return fused(hidden, weight, ids, teacher, bias=bias, sampler=sampler, weights=weights,
-                     temperature=opts.student.temperature, softcap=opts.student.softcap, scale=opts.student.scale,
-                     vocab_size=opts.vocab_size, deterministic=opts.deterministic, **opts.row_loss.kernel_args())[0]
-    from .backends._lse_gather_loss import row_loss as row_formula
+    """``sum_n weights_n row_loss_n`` (``opts.row_loss``) on flat tensors: the backend's ``lse_gather_loss``
+    (gradient formed in the forward, 3 GEMMs) on one device; with a ``process_group``, lse_gather and the row
+    formula."""
+    if opts.process_group is None:
+        impl = backends.resolve(opts.backend, hidden.device, "lse_gather_loss")
+        return impl.lse_gather_loss(hidden, weight, ids, teacher, opts, bias=bias, sampler=sampler,
+                                    weights=weights)[0]
     spec = opts.row_loss
     ec = spec.entropy_coef
     live = weights != 0  # masked rows: no NaN into the loss or its gradient, from their inputs or outputs
@@ -121,9 +120,7 @@ def row_loss(hidden, weight, ids, teacher, bias, opts: Options, *, sampler, weig
     q, teacher, sampler = masked_inputs(live.unsqueeze(-1), q, teacher, None if sampler is None else
                                         sampler.reshape(q.shape[0], -1))
     sampler = None if sampler is None else sampler.reshape(-1)
-    values = row_formula(q, teacher.to(q.dtype), None if sampler is None else sampler.to(q.dtype), kind=spec.kind,
-                         estimator=spec.estimator, divergence=spec.divergence, tail_bucket=spec.tail_bucket,
-                         kl_coef=spec.kl_coef)
+    values = row_formula(q, teacher.to(q.dtype), None if sampler is None else sampler.to(q.dtype), spec)
     if ec != 0.0:
         values = values - ec * entropy
     out = reduce_per_token(values, weights.to(values.dtype), "sum")

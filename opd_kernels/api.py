@@ -225,7 +225,7 @@ def linear_topk_divergence(student_hidden: torch.Tensor, student_weight: torch.T
 
     Which settings run what: forward/reverse KL (and jsd at beta 0 / 1) with tail "bucket" or "none",
     no ``support_mask`` and reduction "mean"/"sum" run, on the torch, cpp and triton backends, one fused
-    pass that forms the gradient in the forward (the GEMM floor's 3 matmuls, backends/_lse_gather_loss.py;
+    pass that forms the gradient in the forward (the GEMM floor's 3 matmuls, the backends' ``lse_gather_loss``;
     Triton: opd_kernels/triton/row_loss.py). Every other setting - tail "renormalize", "jsd" with
     0 < beta < 1, a ``support_mask``, reduction "none", a ``process_group`` - computes the student's logsumexp and the k gathered logits with
     the lse/gather op and applies the formula above on the (N, k) tensors

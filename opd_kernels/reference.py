@@ -16,7 +16,6 @@ import math
 from typing import Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 
 from ._common import TOPK_TAIL_CLAMP, TOPK_TAILS, compute_dtype, masked_inputs, transform_logits
 

@@ -1,11 +1,15 @@
 """One registration convention for every op of the ``opd`` namespace (docs/internals.md, "Ops"): each op has a
-fake (meta) implementation registered beside it, and some test runs ``torch.library.opcheck`` on it."""
+fake (meta) implementation registered beside it, and some test runs ``torch.library.opcheck`` on it. And one
+set of primitives: every backend module defines each of ``backends.PRIMITIVES`` itself."""
+import importlib
 import pathlib
 import re
+import types
 
 import torch
 
 import opd_kernels  # noqa: F401  (loads the C++ library and registers the Triton custom ops)
+from opd_kernels.backends import MODULE_NAMES, PRIMITIVES
 from opd_kernels.backends import triton as tb
 from torch._library.custom_ops import CustomOpDef
 from torch._library.simple_registry import singleton
@@ -54,3 +58,39 @@ def test_every_op_is_opchecked():
 
 def test_the_check_can_fail():
     assert not (_references("opd::no_such_op") & _opchecked())
+
+
+def _missing_primitives(modules):
+    """``backend: primitive`` for every primitive of ``backends.PRIMITIVES`` a backend module does not define
+    itself (a function of its own module, not one attached or imported from elsewhere)."""
+    for name, mod in modules.items():
+        for primitive in PRIMITIVES:
+            fn = getattr(mod, primitive, None)
+            if not callable(fn) or getattr(fn, "__module__", None) != mod.__name__:
+                yield f"{name}: {primitive}"
+
+
+def _backend_modules():
+    return {name: importlib.import_module(f"opd_kernels.backends.{module}") for name, module in MODULE_NAMES.items()}
+
+
+def test_every_backend_defines_every_primitive():
+    assert len(PRIMITIVES) == 4, PRIMITIVES
+    missing = list(_missing_primitives(_backend_modules()))
+    assert not missing, f"primitives a backend module does not define: {missing}"
+
+
+def test_the_primitive_check_can_fail():
+    """The checker itself: a missing primitive and one attached from another module are both found."""
+    def lse_gather_loss():
+        pass
+    lacking = types.ModuleType("opd_kernels.backends.probe")
+    attached = types.ModuleType("opd_kernels.backends.probe2")
+    attached.lse_gather_loss = lse_gather_loss  # defined in this test module, not in the backend's
+    for primitive in PRIMITIVES[:-1]:
+        for mod in (lacking, attached):
+            fn = (lambda: None)
+            fn.__module__ = mod.__name__
+            setattr(mod, primitive, fn)
+    assert list(_missing_primitives({"probe": lacking, "probe2": attached})) == [
+        "probe: lse_gather_loss", "probe2: lse_gather_loss"]

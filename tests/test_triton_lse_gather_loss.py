@@ -11,6 +11,7 @@ import torch
 
 import opd_kernels as ok
 from opd_kernels import reference as ref
+from opd_kernels._options import LogitTransform, Options, RowLossSpec
 from opd_kernels.backends import triton as tb
 from oracle import FP32_TOL, compare_to_oracle, low_precision_bound, rel_err, value_and_grads
 from triton_testing import DEVICES, assert_within, enable_interpreter_without_cuda, need
@@ -20,6 +21,13 @@ enable_interpreter_without_cuda()
 TOL = FP32_TOL["triton"]
 V = 301  # vocab_size: two 256-wide interpreter tiles (the second partial), below the weight's 307 rows
 TRANSFORM = dict(temperature=0.7, softcap=5.0, scale=1.4, vocab_size=V)
+
+
+def row_loss_options(spec, *, temperature, softcap, scale, vocab_size):
+    """The Options a direct call of the ``lse_gather_loss`` primitive reads: the row loss, the transform, V."""
+    return Options(student=LogitTransform(scale, softcap, temperature), vocab_size=vocab_size, row_loss=spec)
+
+
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 
@@ -162,9 +170,9 @@ def test_masked_and_nan_rows(device):
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(x.grad).all() for x in leaves)
     assert float(leaves[0].grad[~mask].abs().max()) == 0.0 and float(leaves[0].grad[mask].abs().max()) > 0
-    values = tb.lse_gather_loss(hidden, weight, ids[:, None], teacher[:, None], bias=bias, sampler=None,
-                                weights=mask.float(), kind="sampled_token", estimator="is", divergence="reverse_kl",
-                                tail_bucket=False, kl_coef=1.0, entropy_coef=0.0, **TRANSFORM)[1]
+    values = tb.lse_gather_loss(hidden, weight, ids[:, None], teacher[:, None],
+                                row_loss_options(RowLossSpec("sampled_token"), **TRANSFORM),
+                                bias=bias, weights=mask.float())[1]
     assert float(values[~mask].abs().max()) == 0.0 and torch.isfinite(values).all()
 
     hidden[mask.nonzero()[0]] = float("nan")  # a counted row
@@ -222,14 +230,15 @@ def test_bf16_within_twice_naive(device):
 
 def test_fp64_runs_the_torch_backend_and_bad_divergence_raises():
     hidden, weight, bias, ids, teacher, sampler, mask, _ = make("cpu", n=5)
-    common = dict(bias=bias.double(), sampler=None, weights=mask.float(), estimator="is", tail_bucket=True,
-                  kl_coef=1.0, entropy_coef=0.0, **TRANSFORM)
     top, lp = topk_inputs("cpu", 5, 3)
-    loss, _ = tb.lse_gather_loss(hidden.double(), weight.double(), top, lp.double(), kind="topk",
-                                 divergence="forward_kl", **common)
+
+    def opts(divergence):
+        return row_loss_options(RowLossSpec("topk", divergence=divergence, tail="bucket"), **TRANSFORM)
+    loss, _ = tb.lse_gather_loss(hidden.double(), weight.double(), top, lp.double(), opts("forward_kl"),
+                                 bias=bias.double(), weights=mask.float())
     assert loss.dtype == torch.float64
     with pytest.raises(ValueError, match="divergence"):
-        tb.lse_gather_loss(hidden, weight, top, lp, kind="topk", divergence="jsd", **{**common, "bias": bias})
+        tb.lse_gather_loss(hidden, weight, top, lp, opts("jsd"), bias=bias, weights=mask.float())
 
 
 @pytest.mark.interpret

@@ -1,7 +1,8 @@
 """Backend registry: which implementation runs an op, and why the others cannot.
 
-A backend is a module of this package (``pytorch`` for backend "torch", ``cpp``, ``triton``) that implements some of the three
-primitives of docs/internals.md (``linear_divergence``, ``lse_gather``, ``logits_divergence``).
+A backend is a module of this package (``pytorch`` for backend "torch", ``cpp``, ``triton``) that defines the four
+primitives of docs/internals.md, ``PRIMITIVES`` (tests/test_registration.py checks that each module defines
+each one).
 ``backend="auto"`` picks, per call: triton for CUDA tensors when triton imports; else cpp when the compiled
 extension has kernels for the device; else the pure-PyTorch torch backend.
 """
@@ -13,7 +14,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-PRIMITIVES = ("linear_divergence", "lse_gather", "logits_divergence")
+PRIMITIVES = ("linear_divergence", "lse_gather", "logits_divergence", "lse_gather_loss")
 # backend name -> module of this package (the torch backend's module is not called "torch", which would
 # shadow the torch package inside this package's namespace).
 MODULE_NAMES = {"torch": "pytorch", "cpp": "cpp", "triton": "triton"}
@@ -99,9 +100,3 @@ def available() -> Dict[str, Tuple[bool, str]]:
 # traced function is a graph break. A backend that fails to import is recorded with its reason.
 for _name in MODULE_NAMES:
     _module(_name)
-
-# The fused row-loss primitive ``lse_gather_loss`` of the torch and cpp backends (sampled-token OPD, top-k
-# with a scalar reduction; backends/_lse_gather_loss.py) joins those modules here.
-from . import _lse_gather_loss  # noqa: E402
-
-_lse_gather_loss.attach(_modules)

@@ -7,7 +7,7 @@ row of ``hidden`` only::
     d s_n / d h_n = D_n = sum_v t'(raw_nv) ([v = y_n] - p_nv) W_v      (t: scale, softcap, 1 / temperature)
 
 so whatever the upstream g (N,) is, the backward is ``dh_n = g_n D_n``: no vocabulary-sized work. D is the
-hidden gradient of the fused row-loss pass (``lse_gather_loss`` with ``hidden_grad_only``,
+hidden gradient of the fused row-loss primitive (``lse_gather_loss`` with ``hidden_grad_only``,
 backends/_lse_gather_loss.py) whose row loss is -s_n: kind "topk", forward KL without a tail, one teacher
 entry of log-prob 0 (p_t (l - s) = -s), token weight 1, negated afterwards. So the
 forward runs two GEMMs (the logits, then D = G W) where lse_gather's recomputing backward runs three
@@ -40,10 +40,10 @@ def enabled() -> bool:
 def applies(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], return_entropy: bool,
             process_group, impl) -> bool:
     """Whether a per-token call (linear_logprobs, top-k with reduction "none") takes this path: a gradient to
-    ``hidden`` only, on one device, from a backend with the fused row-loss pass."""
+    ``hidden`` only, on one device (``impl``: the backend module, None for vocab-parallel)."""
     return (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
             and (bias is None or not bias.requires_grad) and not return_entropy and process_group is None
-            and getattr(impl, "lse_gather_loss", None) is not None and enabled())
+            and impl is not None and enabled())
 
 
 class _FrozenHeadRows(torch.autograd.Function):
@@ -51,12 +51,11 @@ class _FrozenHeadRows(torch.autograd.Function):
     rows where g is 0."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, teacher, weights, backend, params, spec):
+    def forward(ctx, hidden, weight, bias, ids, teacher, weights, opts):
         from . import resolve
-        impl = resolve(backend, hidden.device, "lse_gather")
-        values, d_hidden = impl.lse_gather_loss(hidden, weight, ids, teacher, bias=bias, sampler=None,
-                                                weights=weights, hidden_grad_only=True, **params,
-                                                **spec.kernel_args())
+        impl = resolve(opts.backend, hidden.device, "lse_gather_loss")
+        values, d_hidden = impl.lse_gather_loss(hidden, weight, ids, teacher, opts, bias=bias, weights=weights,
+                                                hidden_grad_only=True)
         ctx.save_for_backward(d_hidden)
         return values
 
@@ -66,7 +65,7 @@ class _FrozenHeadRows(torch.autograd.Function):
         (d_hidden,) = ctx.saved_tensors
         g = g.unsqueeze(-1)
         grad = torch.where(g != 0, g * d_hidden, torch.zeros((), dtype=d_hidden.dtype, device=d_hidden.device))
-        return (grad.to(d_hidden.dtype),) + (None,) * 8
+        return (grad.to(d_hidden.dtype),) + (None,) * 6
 
 
 def frozen_head_rows(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, teacher: torch.Tensor,
@@ -74,11 +73,8 @@ def frozen_head_rows(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tens
     """Per-row losses (N,) of the fused pass (``opts.row_loss``, without an entropy term) for flat ``hidden``
     (N, H), ``ids`` and ``teacher`` (N, k), with ``weights`` (N,) 1 for rows that count and 0 for the others
     (value 0, no gradient); differentiable w.r.t. ``hidden`` only (module doc)."""
-    params = dict(temperature=opts.student.temperature, softcap=opts.student.softcap, scale=opts.student.scale,
-                  vocab_size=opts.vocab_size, deterministic=opts.deterministic)
     return _FrozenHeadRows.apply(hidden, weight.detach(), None if bias is None else bias.detach(), ids,
-                                 teacher.to(compute_dtype(hidden)), weights.to(compute_dtype(hidden)), opts.backend, params,
-                                 opts.row_loss)
+                                 teacher.to(compute_dtype(hidden)), weights.to(compute_dtype(hidden)), opts)
 
 
 def frozen_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,

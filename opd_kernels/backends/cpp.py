@@ -18,7 +18,7 @@ Equivalent PyTorch for one chunk (reverse KL; ``w`` the token weights of ``_comm
 
 Registration (docs/internals.md, "Ops"): each op's schema is declared once, in csrc/ops.cpp; this module
 registers, per op and side by side, its fake (meta) implementation and its autograd formula through
-``torch.library``, so ``torch.compile`` traces the ops, and implements the three backend primitives of
+``torch.library``, so ``torch.compile`` traces the ops, and implements the four backend primitives of
 docs/internals.md on top of them. The call's Options cross into an op as the schema's scalars, packed by one
 ``_<op>_scalars`` function per op family; a setup_context unpacks them by name.
 
@@ -27,6 +27,7 @@ together (opd_kernels/_chunking.py; default 64 MiB on CPU, 1024 MiB on CUDA).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 from typing import Optional, Tuple
 
@@ -97,6 +98,15 @@ def _lse_gather_scalars(opts: Options) -> tuple:
 def _logits_scalars(opts: Options) -> tuple:
     """(divergence, beta, temperature, vocab_size) of opd::logits_divergence and its in-place form."""
     return (opts.divergence, opts.beta, opts.temperature, opts.vocab_size)
+
+
+def _lse_gather_loss_scalars(opts: Options) -> tuple:
+    """(kind, estimator, divergence, tail_bucket, kl_coef, entropy_coef, temperature, softcap, scale, vocab_size)
+    of opd::lse_gather_loss: ``opts.row_loss`` and the student's transform."""
+    spec, m = opts.row_loss, opts.student
+    return (spec.kind, spec.estimator, spec.divergence, spec.tail_bucket, float(spec.kl_coef),
+            float(spec.entropy_coef), float(m.temperature), None if m.softcap is None else float(m.softcap),
+            float(m.scale), int(opts.vocab_size))
 
 
 def _optional(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -240,6 +250,43 @@ if AVAILABLE:
     torch.library.register_autograd("opd::logits_divergence", _logits_divergence_backward,
                                     setup_context=_logits_divergence_setup)
 
+    @torch.library.register_fake("opd::lse_gather_loss")
+    def _lse_gather_loss_fake(h, w, b, ids, teacher, sampler, weights, kind, estimator, divergence, tail_bucket,
+                              kl_coef, entropy_coef, temperature, softcap, scale, vocab_size, grad_mask, chunk_rows):
+        real = compute_dtype(h)
+        return (h.new_empty((), dtype=real), h.new_empty((h.shape[0],), dtype=real),
+                torch.empty_like(h) if grad_mask[0] else _empty0(h),
+                torch.empty_like(w) if grad_mask[1] else _empty0(w),
+                torch.empty_like(b) if (grad_mask[2] and b is not None) else _empty0(w))
+
+    # lse_gather_loss: loss = sum_n w_n values_n, and the op returned d loss / d (h, W, b) for its grad_mask,
+    # so backward is a scale by grad_output (in place in eager mode, see _autograd.scale). An input that needs
+    # a gradient the forward did not compute is recomputed with the weights scaled by grad_output. ``values``
+    # carries no gradient.
+    def _lse_gather_loss_setup(ctx, inputs, output):
+        _autograd.no_zero_grads(ctx)  # the returned gradients reach backward as None, not as (V, H) zeros
+        h, w, b, ids, teacher, sampler, weights = inputs[:7]
+        ctx.scalars = inputs[7:17]   # _lse_gather_loss_scalars
+        ctx.grad_mask = tuple(inputs[17])
+        ctx.chunk_rows = inputs[18]
+        ctx.save_for_backward(h, w, b, ids, teacher, sampler, weights, *output[2:])
+
+    def _lse_gather_loss_backward(ctx, g_loss, _g_values, _gh, _gw, _gb):
+        _no_double_backward()
+        _autograd.backward_once(ctx, f"{_autograd.loss_op_name(ctx.scalars[0])} (backend 'cpp')")
+        h, w, b, ids, teacher, sampler, weights, gh, gw, gb = ctx.saved_tensors
+        g_loss = _autograd.or_zero(g_loss, weights)
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and b is not None)
+        if any(n and not m for n, m in zip(need, ctx.grad_mask)):
+            _, _, gh, gw, gb = _ops.lse_gather_loss(h, w, b, ids, teacher, sampler, weights * g_loss,
+                                                    *ctx.scalars, list(need), ctx.chunk_rows)
+        else:
+            gh, gw, gb = (_autograd.scale(g, g_loss, ctx) if n else None for g, n in zip((gh, gw, gb), need))
+        return (gh if need[0] else None, gw if need[1] else None, gb if need[2] else None) + (None,) * 16
+
+    torch.library.register_autograd("opd::lse_gather_loss", _lse_gather_loss_backward,
+                                    setup_context=_lse_gather_loss_setup)
+
 
 def _require():
     if not AVAILABLE:
@@ -247,7 +294,7 @@ def _require():
 
 
 # --------------------------------------------------------------------------------------------------
-# the three backend primitives (docs/internals.md)
+# the backend primitives (docs/internals.md; lse_gather_loss at the end of the module)
 # --------------------------------------------------------------------------------------------------
 @check.accepts_keywords("linear_divergence")
 def linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, opts: Options, *,
@@ -335,3 +382,22 @@ class _InplaceLogitsDivergence(torch.autograd.Function):
         grad, ctx.grad = ctx.grad, None
         ctx.opd_scaled_in_place = True
         return grad.mul_(g_loss.to(grad.dtype)), None, None, None
+
+
+def lse_gather_loss(hidden, weight, ids, teacher, opts: Options, *, bias=None, sampler=None, weights,
+                    hidden_grad_only=False):
+    """docs/internals.md ``lse_gather_loss`` (backends/_lse_gather_loss.py module doc): one chunked pass of
+    the compiled driver, (loss 0-dim, values (N,)), the gradient formed in the forward.
+    ``hidden_grad_only``: ``(values, d loss / d hidden)`` without autograd, as the torch backend's.
+
+    Always deterministic: OpenMP splits rows, each row's reductions run in a fixed order, no atomics."""
+    _require()
+    rows = chunk_rows(hidden.shape[0], opts.vocab_size, hidden.element_size(), hidden.device)
+    mask3 = [True, False, False] if hidden_grad_only else _autograd.grad_mask(hidden, weight, bias)
+    real = compute_dtype(hidden)  # fp64 inputs: fp64 row scalars and loss, as the torch backend
+    with torch.no_grad() if hidden_grad_only else contextlib.nullcontext():
+        loss, values, grad_h, _, _ = _ops.lse_gather_loss(
+            hidden, weight, bias, ids, teacher.detach().to(real),
+            None if sampler is None else sampler.detach().to(real), weights.to(real),
+            *_lse_gather_loss_scalars(opts), mask3, rows)
+    return (values, grad_h) if hidden_grad_only else (loss, values)

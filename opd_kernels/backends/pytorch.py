@@ -14,13 +14,15 @@ from __future__ import annotations
 import torch
 
 from .. import _validation as check
-from .._chunking import accumulate_linear_grads, linear_divergence_pass, linear_logits, row_chunks, torch_chunk_rows
+from .._chunking import (accumulate_linear_grads, linear_divergence_pass, linear_logits, row_chunks, torch_chunk_rows,
+                         workspace_mb)
 from .._common import compute_dtype
 from .._common import no_double_backward as _no_double_backward
 from .._common import reduce_per_token
 from .._options import Options
 from . import _autograd
 from ._divergence_math import divergence_and_grad, entropy_from_logits, gather_checked, lse_gather_grad
+from ._lse_gather_loss import row_loss_and_grad
 
 # logits_divergence(..., inplace_grad=True) is supported (the API asks before passing it)
 INPLACE_GRAD = True
@@ -235,3 +237,95 @@ def logits_divergence(student_logits, teacher_logits, opts: Options):
                              "only known in backward)")
         return _InplaceChunkedLogitsDivergence.apply(student_logits, teacher_logits.detach(), weights, opts)
     return _ChunkedLogitsDivergence.apply(student_logits, teacher_logits.detach(), weights, opts)
+
+
+# --------------------------------------------------------------------------------------------------
+# lse_gather_loss: the fused row loss (backends/_lse_gather_loss.py), gradient formed in the forward
+# --------------------------------------------------------------------------------------------------
+def _row_loss_chunk_rows(n: int, v: int) -> int:
+    budget = int(workspace_mb(256.0) * 2**20)  # OPD_WORKSPACE_MB, parsed in one place
+    return max(1, min(max(n, 1), budget // (8 * v * 4)))
+
+
+def _row_loss_pass(h, w, b, ids, teacher, sampler, weights, opts: Options, need):
+    """One sweep over row chunks: values (N,) and the weighted gradients (dh, dW, db) that ``need`` (three
+    flags) asks for, None for the others (a frozen weight costs no dW product).
+
+    Per chunk, with g_j = w dq_j (upstream of q_j), g_lse = -sum_j g_j, g_H = -w entropy_coef:
+        d/dz_v = p_v (g_lse - g_H (log p_v + H)) + sum_j g_j [v = ids_j]      (reference-exact)
+    """
+    n, v = h.shape[0], opts.vocab_size
+    spec = opts.row_loss
+    cdt = compute_dtype(h)
+    values = torch.empty(n, dtype=cdt, device=h.device)
+    grad_h = torch.empty_like(h) if need[0] else None
+    grad_w = torch.zeros(w.shape, dtype=cdt, device=w.device) if need[1] else None
+    grad_b = torch.zeros(b.shape, dtype=cdt, device=w.device) if need[2] and b is not None else None
+    need_grad = any(g is not None for g in (grad_h, grad_w, grad_b))
+    ec = spec.entropy_coef
+    zero = torch.zeros((), dtype=cdt, device=h.device)
+    rows = _row_loss_chunk_rows(n, v)
+    for start in range(0, n, rows):
+        sl = slice(start, min(start + rows, n))
+        raw = linear_logits(h[sl], w, b, v, cdt)  # autocast off: fp32 stays fp32
+        z = opts.student.apply(raw)
+        lse = torch.logsumexp(z, -1)
+        q = gather_checked(z, ids[sl]) - lse.unsqueeze(-1)  # NaN for an id outside [0, V), never out of bounds
+        entropy = None
+        if ec != 0.0:
+            entropy = entropy_from_logits(z)
+        row, dq = row_loss_and_grad(q, teacher[sl].to(cdt), None if sampler is None else sampler[sl].to(cdt),
+                                    spec.kernel_args())
+        if entropy is not None:
+            row = row - ec * entropy
+        wc = weights[sl].to(cdt)
+        live = (wc != 0) & torch.isfinite(row)
+        values[sl] = torch.where(wc != 0, row, zero)
+        if need_grad:
+            wl = torch.where(live, wc, zero)
+            g_q = torch.where(live.unsqueeze(-1), wl.unsqueeze(-1) * dq, zero)  # inf rows: zero gradient
+            g = lse_gather_grad(z, lse, ids[sl], entropy, -g_q.sum(-1), g_q,
+                                None if entropy is None else -ec * wl)
+            g = opts.student.chain(raw, g)
+            # masked / non-finite rows: exact zeros (their NaN logits or hidden states must not reach dW)
+            accumulate_linear_grads(g, h[sl], w, v, None if grad_h is None else grad_h[sl], grad_w, grad_b,
+                                    live=live)
+    return values, grad_h, grad_w, grad_b
+
+
+class _ChunkedLseGatherLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, b, ids, teacher, sampler, weights, opts):
+        values, gh, gw, gb = _row_loss_pass(h, w, b, ids, teacher, sampler, weights, opts, ctx.needs_input_grad[:3])
+        ctx.save_for_backward(gh, gw, gb)
+        ctx.dtypes, ctx.kind = (h.dtype, w.dtype), opts.row_loss.kind
+        ctx.mark_non_differentiable(values)
+        loss = (weights.to(values.dtype) * values).sum()
+        real = compute_dtype(loss)
+        return loss.to(real), values.to(real)
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_values):
+        _no_double_backward()
+        _autograd.backward_once(ctx, f"{_autograd.loss_op_name(ctx.kind)} (backend 'torch')")
+        gh, gw, gb = ctx.saved_tensors
+        # in place in eager mode: ``gw * s`` would be a second (V, H) tensor
+        gh, gw, gb = (None if g is None else _autograd.scale(g, g_loss, ctx) for g in (gh, gw, gb))
+        return (gh, None if gw is None else gw.to(ctx.dtypes[1]), None if gb is None else gb.to(ctx.dtypes[1]),
+                None, None, None, None, None)
+
+
+def lse_gather_loss(hidden, weight, ids, teacher, opts: Options, *, bias=None, sampler=None, weights,
+                    hidden_grad_only=False):
+    """docs/internals.md ``lse_gather_loss`` (backends/_lse_gather_loss.py module doc): (loss 0-dim, values
+    (N,)), the gradient formed in the forward. Always deterministic.
+
+    ``hidden_grad_only``: return ``(values, d loss / d hidden)`` instead, without autograd (the gradient's
+    rows are per token; backends/_frozen_head.py)."""
+    if hidden_grad_only:
+        with torch.no_grad():
+            values, gh, _, _ = _row_loss_pass(hidden, weight, bias, ids, teacher, sampler, weights, opts,
+                                              (True, False, False))
+        return values, gh
+    return _ChunkedLseGatherLoss.apply(hidden, weight, bias, ids, teacher.detach(),
+                                       None if sampler is None else sampler.detach(), weights, opts)

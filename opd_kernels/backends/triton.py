@@ -312,30 +312,27 @@ def _lse_gather_loss_backward(ctx, g_loss, *_):
 _lse_gather_loss_op.register_autograd(_lse_gather_loss_backward, setup_context=_lse_gather_loss_setup)
 
 
-def lse_gather_loss(hidden, weight, ids, teacher, *, bias, sampler, weights, kind, estimator, divergence,
-                    tail_bucket, kl_coef, entropy_coef, temperature, softcap, scale, vocab_size,
-                    deterministic=False, hidden_grad_only=False):
-    """The triton backend's ``lse_gather_loss`` (backends/_lse_gather_loss.py module doc, docs/internals.md):
-    -> (loss 0-dim fp32, values (N,) fp32), the gradient formed in the forward (3 GEMMs in all).
-    ``deterministic``: the atomic-free second pass. fp64 inputs run the torch backend's.
+def lse_gather_loss(hidden, weight, ids, teacher, opts: Options, *, bias=None, sampler=None, weights,
+                    hidden_grad_only=False):
+    """docs/internals.md ``lse_gather_loss`` (backends/_lse_gather_loss.py module doc): (loss 0-dim fp32,
+    values (N,) fp32), the gradient formed in the forward (3 GEMMs in all). ``opts.deterministic``: the
+    atomic-free second pass. fp64 inputs run the torch backend's.
     ``hidden_grad_only``: ``(values, d loss / d hidden)`` without autograd (backends/_frozen_head.py)."""
     if hidden.dtype == torch.float64:
-        from ._lse_gather_loss import torch_lse_gather_loss
-        return torch_lse_gather_loss(
-            hidden, weight, ids, teacher, bias=bias, sampler=sampler, weights=weights, kind=kind,
-            estimator=estimator, divergence=divergence, tail_bucket=tail_bucket, kl_coef=kl_coef,
-            entropy_coef=entropy_coef, temperature=temperature, softcap=softcap, scale=scale,
-            vocab_size=vocab_size, deterministic=deterministic, hidden_grad_only=hidden_grad_only)
-    if kind == "topk" and divergence not in ("forward_kl", "reverse_kl"):
-        raise ValueError(f"divergence: the fused top-k loss is forward_kl or reverse_kl, got {divergence!r}")
+        return _pytorch.lse_gather_loss(hidden, weight, ids, teacher, opts, bias=bias, sampler=sampler,
+                                        weights=weights, hidden_grad_only=hidden_grad_only)
+    spec, m = opts.row_loss, opts.student
+    if spec.kind == "topk" and spec.divergence not in ("forward_kl", "reverse_kl"):
+        raise ValueError(f"divergence: the fused top-k loss is forward_kl or reverse_kl, got {spec.divergence!r}")
     _check_runnable(hidden=hidden)
     mask3 = [True, False, False] if hidden_grad_only else _autograd.grad_mask(hidden, weight, bias)
     with torch.no_grad() if hidden_grad_only else contextlib.nullcontext():
         loss, values, grad_h, _, _ = _lse_gather_loss_op(
             *_dense(hidden, weight, bias), ids.contiguous(), teacher.detach().float().contiguous(),
-            None if sampler is None else sampler.detach().float().contiguous(), weights.detach().float(), kind,
-            estimator, divergence, bool(tail_bucket), float(kl_coef), float(entropy_coef), float(temperature),
-            None if softcap is None else float(softcap), float(scale), int(vocab_size), bool(deterministic), mask3)
+            None if sampler is None else sampler.detach().float().contiguous(), weights.detach().float(),
+            spec.kind, spec.estimator, spec.divergence, spec.tail_bucket, float(spec.kl_coef),
+            float(spec.entropy_coef), float(m.temperature), None if m.softcap is None else float(m.softcap),
+            float(m.scale), int(opts.vocab_size), bool(opts.deterministic), mask3)
     if hidden_grad_only:
         return values, grad_h
     return loss, values
