@@ -240,19 +240,33 @@ def test_jsd_extreme_logits_value():
     assert rel_err(out, expected) <= 1e-6
 
 
-def _nearly_saturated(g: torch.Generator, n: int, h: int, temperature: float):
+def _nearly_saturated(g: torch.Generator, n: int, h: int, temperature: float, gaps=(0.5, 3.0)):
     """(hidden (n, h), weight (V, h)), fp32, dense N(0, 1) but for one move of each hidden row along
-    w_a - w_b (a, b its top two ids) that sets z_a - z_b to between 0.5 and 3 (at temperature T): every row
-    nearly saturated, p_a ~ 0.6-0.95, the gradient ~1e3 at T = 1e-3, and log p_a - 0 only as exact as a
-    log-normalizer of the size of the logits (|z| ~ 3000) is formed."""
+    w_a - w_b (a, b its top two ids) that sets z_a - z_b to between gaps[0] and gaps[1] (at temperature T).
+    The default: every row nearly saturated, p_a ~ 0.6-0.95, the gradient ~1e3 at T = 1e-3, and log p_a - 0
+    only as exact as a log-normalizer of the size of the logits (|z| ~ 3000) is formed."""
     hs = torch.randn(n, h, generator=g, dtype=torch.float64)
     ws = torch.randn(V, h, generator=g, dtype=torch.float64)
-    gaps = temperature * (0.5 + 2.5 * torch.rand(n, generator=g, dtype=torch.float64))
+    gaps = temperature * (gaps[0] + (gaps[1] - gaps[0]) * torch.rand(n, generator=g, dtype=torch.float64))
     for i in range(n):
         a, b = (hs[i] @ ws.T).topk(2).indices
         d = ws[a] - ws[b]
         hs[i] -= (hs[i] @ d - gaps[i]) / (d @ d) * d
     return hs.float(), ws.float()
+
+
+def _lse_gather_loss(op: str, ids, sampled_lp, topk_lp, temperature: float):
+    """loss(lib, h, w, **kw): the summed ``op`` (an lse/gather op of ``lib``, opd_kernels or the reference),
+    target ids[:, 0] (top-k: ids, the top-k reverse KL)."""
+    def loss(lib, h, w, **kw):
+        if op == "linear_logprobs":
+            return lib.linear_logprobs(h, w, ids[:, 0], temperature=temperature, **kw).sum()
+        if op == "linear_sampled_token_opd_loss":
+            return lib.linear_sampled_token_opd_loss(h, w, ids[:, 0], sampled_lp.to(h.dtype),
+                                                     temperature=temperature, reduction="sum", **kw)
+        return lib.linear_topk_divergence(h, w, ids, topk_lp.to(h.dtype), divergence="reverse_kl",
+                                          temperature=temperature, reduction="sum", **kw)
+    return loss
 
 
 @pytest.mark.parametrize("op", ["linear_logprobs", "linear_sampled_token_opd_loss",
@@ -272,14 +286,7 @@ def test_nearly_saturated_lse_gather_match_cpp(op):
     sampled_lp = -3 * torch.rand(n, generator=g)
     topk_lp = torch.tensor([[-0.05, -3.5, -4.0]] * n)
 
-    def loss(lib, h, w, **kw):
-        if op == "linear_logprobs":
-            return lib.linear_logprobs(h, w, ids[:, 0], temperature=temperature, **kw).sum()
-        if op == "linear_sampled_token_opd_loss":
-            return lib.linear_sampled_token_opd_loss(h, w, ids[:, 0], sampled_lp.to(h.dtype),
-                                                     temperature=temperature, reduction="sum", **kw)
-        return lib.linear_topk_divergence(h, w, ids, topk_lp.to(h.dtype), divergence="reverse_kl",
-                                          temperature=temperature, reduction="sum", **kw)
+    loss = _lse_gather_loss(op, ids, sampled_lp, topk_lp, temperature)
 
     _, grads64 = value_and_grads(lambda h, w: loss(ref, h, w), [hs.double(), ws.double()])
     err = {}
@@ -289,3 +296,38 @@ def test_nearly_saturated_lse_gather_match_cpp(op):
     scale = max(float(x64.abs().max()) for x64 in grads64)
     assert scale > 100  # nearly saturated, not saturated: the gradient is large
     assert err["triton"] <= 1.25 * err["cpp"] + 1e-6 * scale, (err, scale)
+
+
+@pytest.mark.parametrize("op", ["linear_logprobs", "linear_sampled_token_opd_loss",
+                                "linear_topk_divergence"])
+def test_fully_saturated_lse_gather(op):
+    """Dense N(0, 1) logits at T = 1e-3, rows whose top two are at least 100 T apart (every row saturated:
+    p of the argmax is 1 to within e^-100), target
+    = argmax (top-k: the top 3): the gradient is ~1e-40 in float64 and within 1e-9 of it here, the value
+    as close as cpp's. The gathered logit and its gradient come from the same tile as the row max and the
+    softmax term: computed by another dot product, the argmax's logit would miss the shift by ulp(3000)
+    (the value off by up to 4e-3), and its gradient g w_a / T, added apart from the tile's -p g w_a / T,
+    would cancel only to the rounding of the sums both land in (d weight off by 6e-5 to 4e-3)."""
+    need("cpu")
+    n, temperature = 16, 1e-3
+    g = torch.Generator().manual_seed(fresh_seed())
+    ws = torch.randn(V, 8, generator=g)
+    hs = torch.randn(4 * n, 8, generator=g)
+    top2 = (hs.double() @ ws.double().T).topk(2, -1).values
+    hs = hs[top2[:, 0] - top2[:, 1] >= 100 * temperature][:n]  # ~85% of rows are; 16 of 64 in all but ~1e-20
+    ids = (hs.double() @ ws.double().T).topk(K, -1).indices
+    sampled_lp = -3 * torch.rand(n, generator=g)
+    topk_lp = torch.tensor([[-0.05, -3.5, -4.0]] * n)
+
+    loss = _lse_gather_loss(op, ids, sampled_lp, topk_lp, temperature)
+
+    out64, grads64 = value_and_grads(lambda h, w: loss(ref, h, w), [hs.double(), ws.double()])
+    out_cpp, _ = value_and_grads(lambda h, w: loss(ok, h, w, backend="cpp"), [hs, ws])
+    for deterministic in [False, True]:
+        out, grads = value_and_grads(lambda h, w: loss(ok, h, w, backend="triton", deterministic=deterministic),
+                                     [hs, ws])
+        err, err_cpp = abs(float(out) - float(out64)), abs(float(out_cpp) - float(out64))
+        assert err <= 2 * err_cpp + 1e-7 * max(abs(float(out64)), 1.0), (deterministic, err, err_cpp)
+        for x, x64 in zip(grads, grads64):
+            assert float(x64.abs().max()) < 1e-6  # saturated: the gradient is ~0
+            assert float((x.double() - x64).abs().max()) <= 1e-9, deterministic

@@ -10,8 +10,9 @@ One file per kernel family, each short enough to read top to bottom:
 - ``divergence_fwd.py``  forward of reverse_kl / forward_kl / jsd: online softmax over vocabulary tiles.
 - ``divergence_bwd.py``  backward: recompute tiles, filter, form dLoss/dz, atomically accumulate dH, dW
                          (``deterministic=True``: owner programs, fixed order, no atomics).
-- ``lse.py``             logsumexp + entropy of one model (forward and dense backward).
-- ``gather.py``          logits at given ids (N, k) (forward and sparse backward).
+- ``lse.py``             logsumexp + entropy of one model and its logits at given ids (forward, backward).
+- ``gather.py``          logits at given ids (N, k) by per-id dot products (forward and sparse backward;
+                         compiled by the compile check, not launched: lse.py takes them from its tiles).
 - ``row_loss.py``        the fused row loss ``lse_gather_loss`` (sampled-token, top-k KL): gradient
                          formed in the forward from a C x V logits workspace (interpreter-tested only).
 - ``logits.py``          the divergences from given logits (``logits_divergence``).

@@ -22,7 +22,6 @@ from .divergence_bwd import divergence_bwd_kernel, divergence_bwd_owned_kernel
 from .divergence_fwd import combine_splits, divergence_fwd_kernel
 from . import STATS_ROWS
 from .divergence_math import FORWARD_KL, JSD, REVERSE_KL
-from .gather import gather_bwd_kernel, gather_fwd_kernel
 from .logits import logits_bwd_kernel, logits_fwd_kernel
 from .lse import lse_bwd_kernel, lse_bwd_owned_kernel, lse_entropy, lse_fwd_kernel
 from .splits import split_sum, split_vocab
@@ -178,7 +177,7 @@ def lse_gather_forward(h, w, b, ids, opts: Optional[Options] = None, **keywords)
     (lse.row_stats)), all fp32. ``keywords`` instead of ``opts``: those of :func:`lse_options`."""
     opts = lse_options(**keywords) if opts is None else opts
     n, k = ids.shape
-    gathered = torch.empty(n, k, dtype=torch.float32, device=h.device)
+    gathered = torch.full((n, k), float("nan"), dtype=torch.float32, device=h.device)  # ids outside [0, V)
     if n == 0:
         return (torch.empty(0, device=h.device), gathered, torch.empty(0, device=h.device),
                 torch.empty(2, 0, device=h.device))
@@ -189,15 +188,12 @@ def lse_gather_forward(h, w, b, ids, opts: Optional[Options] = None, **keywords)
     part = torch.empty(3, splits, n, dtype=torch.float32, device=h.device)
     common = dict(HAS_BIAS=b is not None, HAS_SOFTCAP=m.softcap is not None)
     with _on(h.device):
+        # the gathered logits from the lse's own tiles (lse_fwd_kernel)
         lse_fwd_kernel[(n_blocks, splits)](
-            h, w, b, part, n, opts.vocab_size, h.shape[1], v_split, m.scale, m.kernel_softcap,
-            m.inv_temperature, DOT_PRECISION=dot_precision(h.dtype), **common, **_options(blocks))
+            h, w, b, ids.contiguous(), part, gathered, n, opts.vocab_size, h.shape[1], k, v_split, m.scale,
+            m.kernel_softcap, m.inv_temperature, DOT_PRECISION=dot_precision(h.dtype), **common,
+            **_options(blocks))
         lse, stats, ent = lse_entropy(part)  # from max-shifted sums (lse.py)
-        if k > 0:
-            block_j = gather_block_j(k)
-            gather_fwd_kernel[(n, triton.cdiv(k, block_j))](
-                h, w, b, ids.contiguous(), gathered, k, opts.vocab_size, h.shape[1], m.scale, m.kernel_softcap, m.inv_temperature,
-                BLOCK_J=block_j, BLOCK_K=blocks.k, num_warps=1 if INTERPRET else 4, **common)
     return lse, gathered, ent, stats
 
 
@@ -205,8 +201,8 @@ def lse_gather_backward(g_lse, g_gathered, g_ent, stats, ent, h, w, b, ids, opts
                         **keywords):
     """fp32 accumulators (dh (N, H), dw (V_m, H), db (V_m,) or None); ``stats`` the forward's row statistics.
 
-    Default: the dense part on a (token block, vocab block) grid and the gathered logits' part in
-    gather.py, both adding with atomics. ``opts.deterministic``: both parts in the owned kernel's two
+    Default: one (token block, vocab block) grid adding with atomics, the gathered logits' part folded
+    into the dense tiles (lse_bwd_kernel). ``opts.deterministic``: the same tiles in the owned kernel's two
     launches (dh by token-block programs, then dw and db by vocab-block programs), in a fixed order.
     ``keywords`` instead of ``opts``: those of :func:`lse_options`."""
     opts = lse_options(**keywords) if opts is None else opts
@@ -235,13 +231,9 @@ def lse_gather_backward(g_lse, g_gathered, g_ent, stats, ent, h, w, b, ids, opts
             lse_bwd_owned_kernel[(v_blocks,)](*args, OWN_ROWS=False, **consts)
             return dh, dw, db
         lse_bwd_kernel[(n_blocks, v_blocks)](
-            h, w, b, stats, ent, g_lse, g_ent, dh, dw, db, n, vocab, hdim, *transform,
-            DOT_PRECISION=dot_precision(h.dtype), **common, **_options(blocks))
-        if gather:
-            block_j = gather_block_j(k)
-            gather_bwd_kernel[(n, triton.cdiv(k, block_j))](
-                h, w, b, ids, g_gathered, dh, dw, db, k, vocab, hdim, *transform, BLOCK_J=block_j,
-                BLOCK_K=blocks.k, num_warps=1 if INTERPRET else 4, **common)
+            h, w, b, stats, ent, g_lse, g_ent, ids if gather else None, g_gathered, dh, dw, db, n, vocab, hdim,
+            k if gather else 0, *transform, GATHER=gather, DOT_PRECISION=dot_precision(h.dtype), **common,
+            **_options(blocks))
     return dh, dw, db
 
 

@@ -1,5 +1,5 @@
 """Log-sum-exp and entropy of one model's logits, straight from (hidden, weight): the dense half of the
-lse/gather primitive (docs/design.md section 4). The gathered logits are in gather.py.
+lse/gather primitive (docs/design.md section 4), with the logits at the ids taken from its tiles.
 
 Equivalent PyTorch (z the transformed logits, (N, V)):
 
@@ -22,8 +22,9 @@ upstream gradient) are skipped: exact.
 
 Deterministic backward (``lse_bwd_owned_kernel``): launched twice, a program per token block walking the
 vocab blocks in order into its own dH rows, then a program per vocab block walking the token blocks in
-order into its own dW, db rows (tiles.add_dh / add_dw), as in divergence_bwd.py. The gathered logits'
-gradient is folded into the same tiles instead of gather.py's atomic scatter (ids repeat):
+order into its own dW, db rows (tiles.add_dh / add_dw), as in divergence_bwd.py. In both backwards the
+gathered logits' gradient is folded into the same tiles (a separate scatter would add its O(1 / T) terms
+apart from the tile's, where on a saturated row they must cancel; lse_bwd_kernel):
 
     G[n, v] += sum_j g_gathered[n, j] [ids[n, j] = v]          (before the dz/draw factor)
 
@@ -54,10 +55,13 @@ def entropy_step(m, d, a, z):
 
 
 @triton.jit
-def lse_fwd_kernel(h_ptr, w_ptr, b_ptr, part_ptr, N, V, H, V_SPLIT, scale, softcap, inv_temp,
-                   HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+def lse_fwd_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, part_ptr, gathered_ptr, N, V, H, K, V_SPLIT, scale, softcap,
+                   inv_temp, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Partial (m, d, a) of vocabulary split ``program_id(1)`` into part (3, S, N) (splits.py merges)."""
+    """Partial (m, d, a) of vocabulary split ``program_id(1)`` into part (3, S, N) (splits.py merges), and
+    gathered[n, j] = z[n, ids[n, j]] (N, K) taken from the same tiles (the caller fills NaN: an id outside
+    [0, V) is never hit). The same tile, not a separate dot product: the gathered logit at the row max is
+    then the shift itself, bit for bit, and a saturated row's log-prob there is exactly 0."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -70,11 +74,23 @@ def lse_fwd_kernel(h_ptr, w_ptr, b_ptr, part_ptr, N, V, H, V_SPLIT, scale, softc
         _, z = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, scale, softcap, inv_temp,
                           HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PRECISION)
         m, d, a = entropy_step(m, d, a, z)
+        gather_tile(z, ids_ptr, gathered_ptr, rows, cols, N, V, K, BLOCK_V)
     row_ok = rows < N
     out = part_ptr + split * N + rows
     tl.store(out, m, mask=row_ok)
     tl.store(out + splits * N, d, mask=row_ok)
     tl.store(out + 2 * splits * N, a, mask=row_ok)
+
+
+@triton.jit
+def gather_tile(z, ids_ptr, gathered_ptr, rows, cols, N, V, K, BLOCK_V: tl.constexpr):
+    """gathered[n, j] = z[n, ids[n, j]] for the ids that fall in this tile (each (n, j) lies in one tile
+    of one program: plain stores; also used by row_loss.py)."""
+    for j in range(0, K):
+        ids, hit_rows, hit = ids_in_tile(ids_ptr, rows, cols, N, V, K, j, BLOCK_V)
+        if hit:
+            z_j = tl.sum(tl.where(ids[:, None] == cols[None, :], z, 0.0), 1)
+            tl.store(gathered_ptr + rows.to(tl.int64) * K + j, z_j, mask=hit_rows)
 
 
 @triton.jit
@@ -134,16 +150,18 @@ def grad_of_tile(raw, z, stats_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_id
 
 
 @triton.jit
-def lse_bwd_kernel(h_ptr, w_ptr, b_ptr, stats_ptr, ent_ptr, g_lse_ptr, g_ent_ptr,
-                   dh_ptr, dw_ptr, db_ptr, N, V, H, scale, softcap, inv_temp,
+def lse_bwd_kernel(h_ptr, w_ptr, b_ptr, stats_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr,
+                   dh_ptr, dw_ptr, db_ptr, N, V, H, K, scale, softcap, inv_temp, GATHER: tl.constexpr,
                    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid (token blocks, vocab blocks), gradients added with atomics (the gathered logits' gradient
-    is gather.py's)."""
+    """Grid (token blocks, vocab blocks), gradients added with atomics; the gathered logits' gradient
+    (GATHER) in the same tiles, so that g_gathered - p g_lse is formed before any product: added apart
+    (g_gathered w_id in one sum, -p g_lse w_id in another, each O(1 / T)) they cancel only to the
+    rounding of the sums they land in, where a saturated row's gradient is ~0."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    dz, keep = tile_grad(h_ptr, w_ptr, b_ptr, stats_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, None, None, rows, cols,
-                         N, V, H, 0, scale, softcap, inv_temp, False, HAS_BIAS, HAS_SOFTCAP, BLOCK_N,
+    dz, keep = tile_grad(h_ptr, w_ptr, b_ptr, stats_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr, rows,
+                         cols, N, V, H, K, scale, softcap, inv_temp, GATHER, HAS_BIAS, HAS_SOFTCAP, BLOCK_N,
                          BLOCK_V, BLOCK_K, DOT_PRECISION)
     if keep:
         accumulate_grads(dz, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, rows, cols, N, V, H,

@@ -15,8 +15,8 @@ the row block, at least one block):
 - pass 2, ``row_loss_bwd_kernel``, grid (row blocks, vocab blocks): each tile read back from the
   workspace (not recomputed), G = d loss / d raw formed in registers (lse.grad_of_tile), then
   dH += G W, dW += G^T H, db += G.sum(0) with atomics (tiles.accumulate_grads), the divergence
-  backward's tiling; G's scatter term at the ids is added by gather.gather_bwd_kernel (O(N k H) dot
-  products, no GEMM). ``deterministic=True``: ``row_loss_bwd_owned_kernel`` launched twice (dH by
+  backward's tiling, G's scatter term at the ids in the same tile (lse.lse_bwd_kernel says why).
+  ``deterministic=True``: ``row_loss_bwd_owned_kernel`` launched twice (dH by
   row-block programs, dW and db by vocab-block programs, fixed order, no atomics, the scatter term in
   the tiles), as lse.py.
 
@@ -31,9 +31,8 @@ import triton.language as tl
 from .._chunking import workspace_mb
 from .._options import Options
 from ..backends._lse_gather_loss import row_loss_and_grad
-from .gather import gather_bwd_kernel
-from .launch import INTERPRET, _grad_accumulators, _on, _options, blocks_for, dot_precision, gather_block_j
-from .lse import entropy_step, grad_of_tile, ids_in_tile, row_stats
+from .launch import INTERPRET, _grad_accumulators, _on, _options, blocks_for, dot_precision
+from .lse import entropy_step, gather_tile, grad_of_tile, row_stats
 from .splits import split_vocab
 from .tiles import accumulate_grads, add_owned, logit_tile, owned_steps, owned_tile, transform
 
@@ -61,11 +60,7 @@ def row_loss_fwd_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, raw_ptr, part_ptr, gathere
         tl.store(raw_ptr + rows.to(tl.int64)[:, None] * V + cols[None, :], raw,
                  mask=row_ok[:, None] & (cols[None, :] < V))
         m, d, a = entropy_step(m, d, a, z)
-        for j in range(0, K):
-            ids, hit_rows, hit = ids_in_tile(ids_ptr, rows, cols, N, V, K, j, BLOCK_V)
-            if hit:
-                z_j = tl.sum(tl.where(ids[:, None] == cols[None, :], z, 0.0), 1)
-                tl.store(gathered_ptr + rows.to(tl.int64) * K + j, z_j, mask=hit_rows)
+        gather_tile(z, ids_ptr, gathered_ptr, rows, cols, N, V, K, BLOCK_V)
     out = part_ptr + split * N + rows
     tl.store(out, m, mask=row_ok)
     tl.store(out + splits * N, d, mask=row_ok)
@@ -98,12 +93,12 @@ def row_loss_bwd_kernel(raw_ptr, h_ptr, w_ptr, stats_ptr, ent_ptr, g_lse_ptr, g_
                         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Pass 2 of one chunk, grid (row blocks, vocab blocks): G (_workspace_grad) into dh, dw, db (atomics),
-    without the scatter term at the ids, which gather.gather_bwd_kernel adds after it (with it in the tile
-    ptxas spilled 316 B per thread on sm_90 against none without, benchmarks/triton_compile_check.py)."""
+    the scatter term at the ids in the same tile (lse.lse_bwd_kernel: added apart, its O(1 / T) terms
+    cancel against the tile's only to the rounding of the sums they land in)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     dz, keep = _workspace_grad(raw_ptr, stats_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr, rows, cols,
-                               N, V, K, scale, softcap, inv_temp, False, HAS_SOFTCAP, BLOCK_V)
+                               N, V, K, scale, softcap, inv_temp, True, HAS_SOFTCAP, BLOCK_V)
     if keep:
         accumulate_grads(dz, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, rows, cols, N, V, H,
                          HAS_BIAS, BLOCK_K, DOT_PRECISION)
@@ -194,9 +189,4 @@ def row_loss_forward(h, w, b: Optional[torch.Tensor], ids, teacher, sampler: Opt
                 row_loss_bwd_owned_kernel[(triton.cdiv(vocab, blocks.v),)](*args, OWN_ROWS=False, **consts)
             else:
                 row_loss_bwd_kernel[(n_blocks, triton.cdiv(vocab, blocks.v))](*args, **consts)
-                block_j = gather_block_j(k)
-                gather_bwd_kernel[(c, triton.cdiv(k, block_j))](
-                    hc, w, b, ids_c, g_q, dh[sl], dw, db, k, vocab, hdim, *transform_args, BLOCK_J=block_j,
-                    BLOCK_K=blocks.k, num_warps=1 if INTERPRET else 4, HAS_BIAS=b is not None,
-                    HAS_SOFTCAP=m.softcap is not None)
     return values, dh, dw, db
