@@ -54,6 +54,16 @@ TORCH_LIBRARY(opd, m) {
   m.def(
       "logits_divergence_inplace_(Tensor(a!) student_logits, Tensor teacher_logits, Tensor weights, "
       "str divergence, float beta, float temperature, int vocab_size) -> (Tensor loss, Tensor values)");
+  // The fused row loss: loss = sum_n weights_n values_n, values (N,) the per-row losses; for grad_mask =
+  // (hidden, weight, bias) d loss / d input formed in the same pass (empty tensors for the ones not
+  // requested). kind "sampled_token" (ids and teacher (N, 1); estimator "is" | "k1" | "k3"; sampler (N,) or
+  // None) or "topk" (ids and teacher (N, k); divergence "reverse_kl" | "forward_kl"; tail_bucket).
+  m.def(
+      "lse_gather_loss(Tensor hidden, Tensor weight, Tensor? bias, Tensor ids, Tensor teacher, "
+      "Tensor? sampler, Tensor weights, str kind, str estimator, str divergence, bool tail_bucket, "
+      "float kl_coef, float entropy_coef, float temperature, float? softcap, float scale, int vocab_size, "
+      "bool[3] grad_mask, int chunk_rows) "
+      "-> (Tensor loss, Tensor values, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 }
 
 TORCH_LIBRARY_IMPL(opd, CPU, m) {
@@ -63,4 +73,5 @@ TORCH_LIBRARY_IMPL(opd, CPU, m) {
   m.impl("lse_gather_backward", &opd::lse_gather_backward);
   m.impl("logits_divergence", &opd::logits_divergence);
   m.impl("logits_divergence_inplace_", &opd::logits_divergence_inplace_);
+  m.impl("lse_gather_loss", &opd::lse_gather_loss);
 }
