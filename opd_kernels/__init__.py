@@ -12,7 +12,7 @@ from .api import (linear_divergence, linear_logprobs, linear_sampled_token_opd_l
 from .modules import (LinearDivergenceLoss, LinearLogprobs, LinearSampledTokenOPDLoss, LinearTopkDivergenceLoss,
                       LogitsDivergenceLoss, SampledTokenOPDLoss)
 from .backends import available as available_backends
-from .topk import teacher_topk
+from .topk import linear_topk_logprobs
 
 __version__ = "0.1.0"
 
@@ -20,5 +20,5 @@ __all__ = [
     "linear_divergence", "linear_logprobs", "linear_topk_divergence", "logits_divergence",
     "sampled_token_opd_loss", "linear_sampled_token_opd_loss", "LinearDivergenceLoss", "LinearLogprobs", "LinearTopkDivergenceLoss",
     "LogitsDivergenceLoss", "SampledTokenOPDLoss", "LinearSampledTokenOPDLoss", "available_backends",
-    "teacher_topk", "__version__",
+    "linear_topk_logprobs", "__version__",
 ]

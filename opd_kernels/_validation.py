@@ -528,9 +528,9 @@ def check_logits_divergence(student_logits, teacher_logits, *, divergence="rever
                    deterministic=check_deterministic(deterministic), inplace_grad=bool(inplace_grad))
 
 
-def check_teacher_topk(hidden, weight, k, *, bias=None, softcap=None, scale=1.0, temperature=1.0, vocab_size=None,
-                       chunk=8192):
-    """Every check of ``teacher_topk``; returns (V, k, chunk, :class:`LogitTransform`)."""
+def check_linear_topk_logprobs(hidden, weight, k, *, bias=None, softcap=None, scale=1.0, temperature=1.0,
+                               vocab_size=None, chunk=8192):
+    """Every check of ``linear_topk_logprobs``; returns (V, k, chunk, :class:`LogitTransform`)."""
     check_tensor("hidden", hidden)
     check_hidden_size("hidden", hidden)
     check_weight("weight", weight, hidden, "hidden")

@@ -1,7 +1,8 @@
-"""The teacher's top-k next-token ids and log-probs from its hidden states, chunked over the vocabulary.
+"""The top-k next-token ids and log-probs of one head (hidden states and lm_head), chunked over the vocabulary.
 
 What an inference server returns as "top-k logprobs", computed locally without the N x V logits: a
-running top-k and a running logsumexp over vocabulary chunks, O(N * (chunk + k)) extra memory.
+running top-k and a running logsumexp over vocabulary chunks, O(N * (chunk + k)) extra memory. The
+trainer uses it for the teacher's top-k (the ``topk`` loss) and, with k = 1, for both heads' argmax.
 """
 from __future__ import annotations
 
@@ -14,10 +15,13 @@ from ._common import transform_logits
 
 
 @torch.no_grad()
-def teacher_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, bias: Optional[torch.Tensor] = None,
-                 softcap: Optional[float] = None, scale: float = 1.0, temperature: float = 1.0,
-                 vocab_size: Optional[int] = None, chunk: int = 8192) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` ids (..., k) int64 and their full-vocabulary log-probs (..., k) fp32.
+def linear_topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, k: int, *,
+                         bias: Optional[torch.Tensor] = None, softcap: Optional[float] = None, scale: float = 1.0,
+                         temperature: float = 1.0, vocab_size: Optional[int] = None,
+                         chunk: int = 8192) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` most likely next-token ids (..., k) int64 under the head ``(weight, bias)`` applied to
+    ``hidden`` (..., H), and their full-vocabulary log-probs (..., k) fp32, in decreasing order; no gradient.
+    Any head: the teacher's (the top-k a server would return) or the student's.
 
     Equivalent PyTorch::
 
@@ -25,8 +29,9 @@ def teacher_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, bias: Op
         logp = z.float().log_softmax(-1)
         logprobs, ids = logp.topk(k, dim=-1)
     """
-    v, k, chunk, tf = check.check_teacher_topk(hidden, weight, k, bias=bias, softcap=softcap, scale=scale,
-                                                temperature=temperature, vocab_size=vocab_size, chunk=chunk)
+    v, k, chunk, tf = check.check_linear_topk_logprobs(hidden, weight, k, bias=bias, softcap=softcap,
+                                                        scale=scale, temperature=temperature,
+                                                        vocab_size=vocab_size, chunk=chunk)
     lead = hidden.shape[:-1]
     h = hidden.reshape(-1, hidden.shape[-1])
     n = h.shape[0]

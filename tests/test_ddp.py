@@ -1,7 +1,7 @@
 """Data-parallel trainer on 2 CPU processes (gloo, 127.0.0.1): identical ranks, global normalizer, resume on 1.
 
 Each test spawns 2 workers that join the group the way torchrun's environment tells them to
-(``distributed.init_from_env``), train tiny config-built Llamas for 2 steps with a deterministic sampler
+(``data_parallel.init_from_env``), train tiny config-built Llamas for 2 steps with a deterministic sampler
 (completion length depends on the prompt, so the ranks hold different token counts and a per-rank
 normalizer would give a different gradient), and save their gradients and weights. The parent then runs
 the same prompts on one process (batch 2x as large) and compares. nccl / GPU runs are not tested here.
@@ -56,7 +56,7 @@ def make_trainer(out_dir, *, steps, batch_size, seed, fsdp=False, resume=False, 
 
 
 def _worker(rank, world, port, out_dir, result, seed, fsdp):
-    from opd_kernels.trainer import distributed as dp
+    from opd_kernels.trainer import data_parallel as dp
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),

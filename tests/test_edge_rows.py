@@ -1,7 +1,7 @@
 """Rows that must stay inert or keep their non-finite value, on every backend (torch, cpp, Triton in the
 interpreter): a masked row whatever its token weight, a target whose logit is -inf under a frozen lm_head,
 an invalid top-k row zeroed downstream, a second backward through the same graph; and the argument
-checks of ``teacher_topk``. Tiny shapes: the whole file runs in seconds.
+checks of ``linear_topk_logprobs``. Tiny shapes: the whole file runs in seconds.
 """
 import math
 
@@ -182,9 +182,9 @@ def test_second_backward_same_gradient_or_clear_error(backend, op):
     (dict(vocab_size=V + 1), "vocab_size"), (dict(temperature=0.0), "temperature"), (dict(softcap=-1.0), "softcap"),
     (dict(scale=math.nan), "scale"),
 ])
-def test_teacher_topk_checks_name_the_argument(kw, name):
+def test_linear_topk_logprobs_checks_name_the_argument(kw, name):
     x = _problem()
     args = dict(hidden=x["h"], weight=x["w"], k=K)
     args.update(kw)
     with pytest.raises((ValueError, TypeError), match=f"^{name}: expected"):
-        ok.teacher_topk(args.pop("hidden"), args.pop("weight"), args.pop("k"), **args)
+        ok.linear_topk_logprobs(args.pop("hidden"), args.pop("weight"), args.pop("k"), **args)

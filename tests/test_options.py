@@ -171,7 +171,8 @@ def test_every_public_op_has_its_check():
     ops = {"linear_divergence": "check_linear_divergence", "linear_logprobs": "check_lse_gather",
            "linear_topk_divergence": "check_linear_topk_divergence", "logits_divergence": "check_logits_divergence",
            "sampled_token_opd_loss": "check_sampled_token_opd_loss",
-           "linear_sampled_token_opd_loss": "check_linear_sampled_token_opd_loss", "teacher_topk": "check_teacher_topk"}
+           "linear_sampled_token_opd_loss": "check_linear_sampled_token_opd_loss",
+           "linear_topk_logprobs": "check_linear_topk_logprobs"}
     import inspect
     for op, name in ops.items():
         assert hasattr(ok, op) and callable(getattr(check, name, None)), (op, name)

@@ -10,7 +10,7 @@ import opd_kernels.reference as ref
 from opd_kernels import hf
 from opd_kernels.hf.tiny import tiny_causal_lm
 from opd_kernels.trainer import (HFSampler, OPDTrainer, SampleBatch, TrainConfig, config_from_args,
-                                 latest_checkpoint, opd_loss, prompts_for_step, teacher_topk)
+                                 latest_checkpoint, opd_loss, prompts_for_step, linear_topk_logprobs)
 from opd_kernels.trainer.sampling import completion_mask
 
 from oracle import fresh_seed as fresh, rel_err
@@ -140,16 +140,16 @@ def test_function_sampler_plugs_an_external_engine_into_the_trainer(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ loss modes
-def test_teacher_topk_matches_full_vocabulary_topk():
+def test_linear_topk_logprobs_matches_full_vocabulary_topk():
     h, w, b = torch.randn(2, 5, 16), torch.randn(40, 16), torch.randn(40)
-    ids, lp = teacher_topk(h, w, 6, bias=b, softcap=4.0, scale=0.7, temperature=0.8, vocab_size=37, chunk=7)
+    ids, lp = linear_topk_logprobs(h, w, 6, bias=b, softcap=4.0, scale=0.7, temperature=0.8, vocab_size=37, chunk=7)
     z = ref.model_logits(h.double(), w.double(), b.double(), vocab_size=37, scale=0.7, softcap=4.0,
                          temperature=0.8)
     want_lp, want_ids = z.log_softmax(-1).topk(6, dim=-1)
     assert ids.shape == (2, 5, 6) and torch.equal(ids, want_ids)
     assert rel_err(lp, want_lp) < FP32_TOL
     with pytest.raises(ValueError, match="k: expected"):
-        teacher_topk(h, w, 38, vocab_size=37)
+        linear_topk_logprobs(h, w, 38, vocab_size=37)
 
 
 def test_dense_mode_is_hf_distillation_loss():

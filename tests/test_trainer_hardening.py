@@ -115,7 +115,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypa
         monkeypatch.setattr(torch, "save", lambda obj, path, *a, **k: enospc() if str(path).endswith(
             "optimizer.pt") else real_save(obj, path, *a, **k))
     else:
-        monkeypatch.setattr(ckpt, "_write_text_atomic", enospc)
+        monkeypatch.setattr(ckpt, "write_text_atomic", enospc)
     trainer.step = 4
     with pytest.raises(OSError) as info:
         trainer.save()

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from opd_kernels.trainer.checkpoint import _write_text_atomic, latest_checkpoint, load_checkpoint, save_checkpoint
+from opd_kernels.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
 
 from . import report as rep
 from .config import ExperimentConfig
@@ -385,7 +385,7 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
     }
     report.update(rep.analyse(report))
     report["wall_seconds"] = {**timings, "total": round(time.perf_counter() - t_start, 1)}
-    _write_text_atomic(os.path.join(output_dir, "report.json"), json.dumps(report, indent=1) + "\n")
+    write_text_atomic(os.path.join(output_dir, "report.json"), json.dumps(report, indent=1) + "\n")
     plots = rep.plot_all(report, output_dir)
     print(rep.table(report), flush=True)
     print(f"\nreport: {os.path.join(output_dir, 'report.json')}\nplots: " + ", ".join(plots), flush=True)

@@ -746,11 +746,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     with open(args.report) as f:
         report = json.load(f)
     if args.reanalyse:
-        from opd_kernels.trainer.checkpoint import _write_text_atomic
+        from opd_kernels.trainer.checkpoint import write_text_atomic
         new = analyse(report)       # in the order run_experiment writes: ..., the analysis, wall_seconds
         report = {**{k: v for k, v in report.items() if k not in new and k != "wall_seconds"}, **new,
                   "wall_seconds": report["wall_seconds"]}
-        _write_text_atomic(args.reanalyse, json.dumps(report, indent=1) + "\n")
+        write_text_atomic(args.reanalyse, json.dumps(report, indent=1) + "\n")
     print(table(report))
     if args.plots:
         os.makedirs(args.plots, exist_ok=True)

@@ -444,11 +444,11 @@ class _IWOPDLoss(_FusedLoss):
                 student_scale=s_head.scale, vocab_size=self._opd_vocab, reduction="none", backend=self.opd_backend)
 
     def _opd_top1(self, hidden, head) -> torch.Tensor:
-        from ..topk import teacher_topk
+        from ..topk import linear_topk_logprobs
 
         w, b = _weights(head, hidden)
-        ids, _ = teacher_topk(hidden.detach(), w, 1, bias=b, softcap=head.softcap, scale=head.scale,
-                              temperature=self.temperature, vocab_size=self._opd_vocab)
+        ids, _ = linear_topk_logprobs(hidden.detach(), w, 1, bias=b, softcap=head.softcap, scale=head.scale,
+                                      temperature=self.temperature, vocab_size=self._opd_vocab)
         return ids
 
     def _opd_sparse_top1(self, h_s, s_head, h_t, t_head, sampled):
@@ -471,14 +471,14 @@ class _IWOPDLoss(_FusedLoss):
     def _opd_topk(self, h_s, s_head, h_t, t_head):
         """IWOPDTrainer.generalized_jsd_loss with top_k > 1: teacher's top-k (beta 0), student's (beta 1),
         their de-duplicated union (0 < beta < 1)."""
-        from ..topk import teacher_topk
+        from ..topk import linear_topk_logprobs
 
         k = self.loss_top_k
 
         def topk(hidden, head):
             w, b = _weights(head, hidden)
-            return teacher_topk(hidden.detach(), w, k, bias=b, softcap=head.softcap, scale=head.scale,
-                                temperature=self.temperature, vocab_size=self._opd_vocab)
+            return linear_topk_logprobs(hidden.detach(), w, k, bias=b, softcap=head.softcap, scale=head.scale,
+                                        temperature=self.temperature, vocab_size=self._opd_vocab)
 
         if self.beta == 0:
             support, t_lp = topk(h_t, t_head)

@@ -13,11 +13,10 @@ from .data import load_prompts, prompts_for_step
 from .loop import OPDTrainer
 from .losses import opd_loss
 from .sampling import FunctionSampler, HFSampler, SampleBatch, Sampler
-from ..topk import teacher_topk
+from ..topk import linear_topk_logprobs
 
 __all__ = [
     "OPDTrainer", "TrainConfig", "config_from_args", "LOSSES", "DENSE_LOSSES", "Sampler", "HFSampler",
-    "FunctionSampler",
-    "SampleBatch", "opd_loss", "teacher_topk", "load_prompts", "prompts_for_step", "save_checkpoint",
-    "load_checkpoint", "latest_checkpoint",
+    "FunctionSampler", "SampleBatch", "opd_loss", "linear_topk_logprobs", "load_prompts", "prompts_for_step",
+    "save_checkpoint", "load_checkpoint", "latest_checkpoint",
 ]

@@ -143,7 +143,9 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def _write_text_atomic(path: str, text: str) -> None:
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, ``fsync`` and ``os.replace``: a reader sees the
+    old file or the whole new one, never a partial write."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "w") as f:
@@ -227,8 +229,8 @@ def save_checkpoint(root: str, step: int, weights: Dict[str, torch.Tensor], opti
                     write_extra: Optional[Callable[[str], None]] = None) -> str:
     """Write checkpoint ``step`` under ``root`` atomically, point ``latest`` at it, prune old ones.
 
-    ``weights``: :func:`distributed.full_weights` (tied tensors once, as ``safetensors.save_model``).
-    ``optimizer_state``: :func:`distributed.optimizer_state_by_name`. ``rng``: one :func:`rng_state` per
+    ``weights``: :func:`data_parallel.full_weights` (tied tensors once, as ``safetensors.save_model``).
+    ``optimizer_state``: :func:`data_parallel.optimizer_state_by_name`. ``rng``: one :func:`rng_state` per
     rank. ``write_extra(directory)`` may add files (the model config, the tokenizer); they are checksummed
     with the rest.
     """
@@ -266,7 +268,7 @@ def save_checkpoint(root: str, step: int, weights: Dict[str, torch.Tensor], opti
         os.replace(tmp, final)
         published = True
         _fsync_path(root)
-        _write_text_atomic(os.path.join(root, LATEST), name)
+        write_text_atomic(os.path.join(root, LATEST), name)
     except _write_errors() as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if published:  # `latest` could not be moved: take the new one back, so the directory says what the error says

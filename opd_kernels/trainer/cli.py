@@ -57,7 +57,7 @@ def run(cfg: TrainConfig) -> Dict[str, object]:
 
     from .data import load_prompt_rows
     from .teachers import route_prompts
-    from .distributed import DataParallel, init_from_env, local_device_name
+    from .data_parallel import DataParallel, init_from_env, local_device_name
     from .loop import OPDTrainer
     from .models import load_model, load_tokenizer, resolve_device, use_bf16_autocast
 

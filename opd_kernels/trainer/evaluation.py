@@ -8,7 +8,7 @@ to draw them like the training samples), with the fused ops on the final hidden 
 * ``eval_teacher_logprob``: the teacher's mean log-prob of the completion tokens (``ok.linear_logprobs``);
   higher means completions the teacher finds likelier;
 * ``eval_agreement``: the fraction of completion positions where the student's and the teacher's argmax
-  agree (``teacher_topk(k=1)`` on both heads);
+  agree (``linear_topk_logprobs(k=1)`` on both heads);
 * ``eval_exact_match`` (rows with an ``"answer"``): the fraction of prompts whose completion matches the
   answer (:func:`exact_match`);
 * ``eval_completion_len``: mean completion tokens per prompt.
@@ -69,7 +69,7 @@ def score_completions(student, teacher, batch, *, vocab_size: Optional[int], bac
     fp64 0-dim tensors."""
     import opd_kernels as ok
     from .. import hf
-    from ..topk import teacher_topk
+    from ..topk import linear_topk_logprobs
 
     device = batch.input_ids.device
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
@@ -85,10 +85,10 @@ def score_completions(student, teacher, batch, *, vocab_size: Optional[int], bac
             mask=mask, reduction="none", backend=backend)
         lt = ok.linear_logprobs(p.teacher_hidden, p.teacher_weight, p.targets, bias=p.teacher_bias,
                                 softcap=t.softcap, scale=t.scale, vocab_size=p.vocab_size, backend=backend)
-        s_ids, _ = teacher_topk(p.student_hidden, p.student_weight, 1, bias=p.student_bias, softcap=s.softcap,
-                                scale=s.scale, vocab_size=p.vocab_size)
-        t_ids, _ = teacher_topk(p.teacher_hidden, p.teacher_weight, 1, bias=p.teacher_bias, softcap=t.softcap,
-                                scale=t.scale, vocab_size=p.vocab_size)
+        s_ids, _ = linear_topk_logprobs(p.student_hidden, p.student_weight, 1, bias=p.student_bias,
+                                        softcap=s.softcap, scale=s.scale, vocab_size=p.vocab_size)
+        t_ids, _ = linear_topk_logprobs(p.teacher_hidden, p.teacher_weight, 1, bias=p.teacher_bias,
+                                        softcap=t.softcap, scale=t.scale, vocab_size=p.vocab_size)
     m = mask.to(torch.float64)
     agree = (s_ids[..., 0] == t_ids[..., 0]).to(torch.float64)
     return ((kl.double() * m).sum(), (lt.double() * m).sum(), (agree * m).sum(), m.sum())

@@ -64,7 +64,7 @@ def _write_dir(out: str, fill: Callable[[str], None], kept: str) -> str:
 
 
 def export_student(out: str, weights: Dict[str, torch.Tensor], model: torch.nn.Module, tokenizer=None) -> str:
-    """Write ``weights`` (full, tied tensors once: :func:`distributed.full_weights`) with ``model``'s config
+    """Write ``weights`` (full, tied tensors once: :func:`data_parallel.full_weights`) with ``model``'s config
     and ``tokenizer`` to ``out``, replacing what was there. Any write error: OSError naming ``out``."""
     from safetensors.torch import save_file
 

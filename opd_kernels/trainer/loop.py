@@ -26,9 +26,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from .. import hf
-from . import distributed as dp_
-from .checkpoint import (_write_text_atomic, check_writable, clean_stale, newest_complete, resume_checkpoint,
-                         rng_state, save_checkpoint, set_rng_state, step_name)
+from . import data_parallel as dp_
+from .checkpoint import (check_writable, clean_stale, newest_complete, resume_checkpoint,
+                         rng_state, save_checkpoint, set_rng_state, step_name, write_text_atomic)
 from .config import TrainConfig
 from .data import check_prompt_ids, load_prompt_rows, prompts_for_step
 from .evaluation import KEEP_BEST, answers_of, better, completion_texts, eval_seed, exact_match, score_completions, \
@@ -632,7 +632,7 @@ class OPDTrainer:
         if self.dp.is_main:
             try:
                 check_writable(cfg.output_dir)
-                _write_text_atomic(os.path.join(cfg.output_dir, "config.json"), json.dumps(cfg.to_dict(), indent=1))
+                write_text_atomic(os.path.join(cfg.output_dir, "config.json"), json.dumps(cfg.to_dict(), indent=1))
             except OSError as e:
                 error = OSError(e.errno, f"output_dir: cannot write to {cfg.output_dir!r} ({e.strerror or e}); "
                                          "choose a writable --output-dir") if "output_dir:" not in str(e) else e

@@ -77,7 +77,7 @@ def is_lora(model: torch.nn.Module) -> bool:
 
 @torch.no_grad()
 def merged_weights(model: torch.nn.Module, weights: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """``weights`` (the full state of ``model`` with LoRA layers: :func:`distributed.full_weights`) with each
+    """``weights`` (the full state of ``model`` with LoRA layers: :func:`data_parallel.full_weights`) with each
     adapted layer merged, ``base + scaling * B A`` (peft's own ``get_delta_weight``), under the names of
     the model without adapters. Tied tensors stay stored once."""
     out = dict(weights)

@@ -6,7 +6,7 @@
 | forward_kl   | full vocabulary                        | ok.linear_divergence                 |
 | jsd          | full vocabulary, mixture weight beta   | ok.linear_divergence                 |
 | sampled      | log p_t of the sampled token           | ok.linear_logprobs (teacher) + ok.linear_sampled_token_opd_loss |
-| topk         | teacher top-k ids and log-probs        | teacher_topk + ok.linear_topk_divergence |
+| topk         | teacher top-k ids and log-probs        | ok.linear_topk_logprobs (teacher) + ok.linear_topk_divergence |
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from .. import hf
 from .config import DENSE_LOSSES, TrainConfig
 from .sampling import SampleBatch
-from ..topk import teacher_topk
+from ..topk import linear_topk_logprobs
 
 
 def opd_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch: SampleBatch, cfg: TrainConfig,
@@ -50,9 +50,9 @@ def opd_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch: SampleBa
                 kl_coef=cfg.kl_coef, normalizer=normalizer, bias=p.student_bias, temperature=cfg.temperature,
                 softcap=s.softcap, scale=s.scale, vocab_size=p.vocab_size, backend=cfg.backend)
         if cfg.loss == "topk":
-            ids, logprobs = teacher_topk(p.teacher_hidden, p.teacher_weight, cfg.topk, bias=p.teacher_bias,
-                                         softcap=t.softcap, scale=t.scale, temperature=cfg.temperature,
-                                         vocab_size=p.vocab_size)
+            ids, logprobs = linear_topk_logprobs(p.teacher_hidden, p.teacher_weight, cfg.topk, bias=p.teacher_bias,
+                                                 softcap=t.softcap, scale=t.scale, temperature=cfg.temperature,
+                                                 vocab_size=p.vocab_size)
             return ok.linear_topk_divergence(
                 p.student_hidden, p.student_weight, ids, logprobs, divergence=cfg.topk_divergence,
                 temperature=cfg.temperature, student_bias=p.student_bias, student_softcap=s.softcap,
