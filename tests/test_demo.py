@@ -114,3 +114,28 @@ def test_readme_verdicts_are_the_recorded_report_s():
     for c in report["claims"]:
         row = [line for line in rows if line.startswith(f"| {c['id']} | ")]
         assert len(row) == 1 and row[0].endswith(f"| **{c['verdict']}** |"), (c["id"], c["verdict"], row)
+
+
+def test_tiny_full_adds_rejection_sft_exposure_and_the_published_continual_protocol(tmp_path, capsys):
+    out = tmp_path / "full"
+    assert main(["--preset", "tiny", "--full", "--output-dir", str(out), "--no-progress"]) == 0
+    r = json.loads((out / "report.json").read_text())
+    seeds = {str(s) for s in r["seeds"]}
+    assert set(r["runs"]) == set(METHODS) | {REFERENCE, "sft_rejection"}
+    for run in r["runs"]["sft_rejection"].values():   # every teacher draw charged, kept ones trained on
+        assert run["teacher_samples_accepted"] <= run["teacher_samples_drawn"]
+        assert set(run["flops_by_component"]) == {"teacher_sampling", "student_training"}
+    assert r["learning_rates"]["chosen"]["sft_rejection"] == r["learning_rates"]["chosen"]["sft"]
+    n, n_pos = r["eval_examples"], 2 * r["config"]["operands"] + 1
+    for prof in [r["exposure"]["warm"]] + [p for per in r["exposure"]["runs"].values() for p in per.values()]:
+        assert set(prof) == {"own", "teacher", "ground_truth"}
+        assert all(len(rows) == n and all(len(x) == n_pos and set(x) <= set("01-") for x in rows)
+                   for rows in prof.values())
+    assert set(r["continual_mix"]) == seeds and r["full_protocol"]["continual_mix"]["new_fraction"] == 0.7
+    assert [c["id"] for c in r["claims"]] == [1, 2, 3, "3b", 4, 5]
+    for key in ("mix.opd_minus_sft", "exposure_gap.warm", "exposure_gap.sft_rejection", "final_accuracy.sft_rejection"):
+        assert key in r["uncertainty"]["figures"]
+    for png in ("plateau_branch.png", "exposure_bias.png", "continual_mix.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    stdout = capsys.readouterr().out
+    assert "Exposure bias" in stdout and "rejection-sampled SFT" in stdout and "| 3b |" in stdout

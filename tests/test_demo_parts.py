@@ -424,3 +424,122 @@ def test_full_adds_the_cost_from_sft_s_end_point():
     assert [p["key"] for p in parts[2:]] == ["branch_flops_ratio_100.sft", "branch_flops_ratio_100.rl"]
     assert parts[3]["verdict"] == "reproduced"         # RL's bound (1000 / 53 FLOPs) clears 5x
     assert "plateau_branch" not in _report(100, 1000, {m: 0.1 for m in METHODS}, {"dense_opd": 0.9, "sft": 0.9})
+
+
+# ---- --full additions: rejection-sampled SFT, exposure bias, continual learning as published ---------
+
+def test_rejection_sampled_sft_keeps_correct_samples_and_charges_every_draw(monkeypatch):
+    """Only the teacher's correct samples reach the training batch; every drawn batch is charged."""
+    from opd_kernels.demo import methods
+    task = RunningSum(operands=3)
+    plen, n_new = task.prompt_len + 1, task.answer_len + 1
+    calls = []
+
+    def fake_generate(model, prompts, n, temperature=1.0, generator=None):
+        """Correct answers for every other prompt, a wrong last digit for the rest."""
+        rows = []
+        for i, p in enumerate(prompts.tolist()):
+            prompt = TOK.decode(p[1:])
+            digits = [int(c) for c in prompt[:3]]
+            t, ans = 0, ""
+            for d in digits:
+                t += d
+                ans += f"{t:02d}"[::-1]
+            if (len(calls) * len(prompts) + i) % 2:
+                ans = ans[:-1] + str((int(ans[-1]) + 1) % 10)
+            rows.append(p + TOK.encode(ans) + [TOK.eos_id])
+        calls.append(1)
+        return torch.tensor(rows), torch.zeros(len(rows), n)
+
+    monkeypatch.setattr(methods, "generate", fake_generate)
+    seq, mask, kept, draws = methods._rejection_batch(None, TOK, task, random.Random(0), None, 8, set(), plen, n_new)
+    assert draws == 2 and len(kept) == 8 and seq.shape == (8, plen + n_new) and bool(mask.all())
+    assert float(exact_match(TOK, seq[:, plen:], kept).min()) == 1.0          # only correct samples kept
+    monkeypatch.setattr(methods, "generate", _all_wrong)
+    seq, mask, kept, draws = methods._rejection_batch(None, TOK, task, random.Random(0), None, 8, set(), plen, n_new)
+    assert kept == [] and seq is None and draws == methods.REJECTION_MAX_DRAWS
+
+
+def _all_wrong(model, prompts, n, temperature=1.0, generator=None):
+    rows = [p + TOK.encode("9" * (n - 1)) + [TOK.eos_id] for p in prompts.tolist()]
+    return torch.tensor(rows), torch.zeros(len(rows), n)
+
+
+def test_rejection_sampled_sft_run_counts_rejected_samples():
+    """A real (untrained) teacher is almost never right: the run draws many batches, trains on few tokens,
+    and its FLOPs are the teacher's sampling of every draw plus the training of what was kept."""
+    from opd_kernels.demo.methods import REJECTION, run_method
+    task = RunningSum(operands=2)
+    size = ModelSize(hidden=16, layers=1, heads=2, intermediate=32)
+    student, teacher = build_model(size, TOK.vocab_size, 0), build_model(size, TOK.vocab_size, 1)
+    res = run_method(REJECTION, student, teacher, losses.public_ops(), TOK, task, budget=20, batch=4, lr=1e-3,
+                     curve_points=2, seed=0, exclude=set(), evaluate_fn=lambda m: {"accuracy": 0.0},
+                     student_size=size, teacher_size=size)
+    plen, n_new = task.prompt_len + 1, task.answer_len + 1
+    drawn, kept = res["teacher_samples_drawn"], res["teacher_samples_accepted"]
+    assert drawn % 4 == 0 and kept < drawn
+    assert res["flops_by_component"] == {
+        "teacher_sampling": drawn // 4 * generate_flops(size, TOK.vocab_size, 4, plen, n_new),
+        "student_training": kept * train_flops(size, TOK.vocab_size, 1, plen, n_new)}
+    assert res["curve"][-1]["flops"] == sum(res["flops_by_component"].values())
+    assert res["reached_budget"] == (res["curve"][-1]["tokens"] >= 20)
+
+
+def test_local_next_judges_each_step_from_the_prefix_it_follows():
+    from opd_kernels.demo.exposure import local_next, position_errors
+    task = RunningSum(operands=3)
+    # "739=": totals 7, 10, 19 -> "70" "01" "91"
+    assert [local_next(task, "739=", "7001912"[:j]) for j in range(7)] == list("700191") + [""]
+    # after a wrong first total (8 written as "80"), the next step is 8 + 3 = 11 -> "11"
+    assert local_next(task, "739=", "80") == "1" and local_next(task, "739=", "801") == "1"
+    assert local_next(task, "739=", "8a") is None
+    # a model's greedy errors: compare with a hand count on its own logits
+    model = build_model(ModelSize(16, 1, 2, 32), TOK.vocab_size, 0)
+    ex = task.sample(random.Random(0), 5)
+    seq = TOK.encode_batch([p + a for p, a in ex], bos=True, eos=True)
+    rows = position_errors(model, TOK, task, ex, seq)
+    with torch.no_grad():
+        pred = model(input_ids=seq[:, :-1]).logits[:, task.prompt_len:].argmax(-1)
+    for b, (p, a) in enumerate(ex):
+        want = [TOK.encode(c)[0] for c in a] + [TOK.eos_id]
+        assert rows[b] == "".join("0" if int(pred[b, j]) == want[j] else "1" for j in range(len(want)))
+
+
+def _with_full(report, recover_mix, keep_mix=0.9, own_err=0.3, teacher_err=0.1):
+    """Adds ``continual_mix`` (running sum 0.9 -> 0.7 after the fine-tune; recovery ``recover_mix[m]`` of the
+    loss, shift kept ``keep_mix``) and ``exposure`` (per-prompt error strings) to a synthetic report."""
+    def pt(acc, new):
+        return {"accuracy": acc, "hits": _hits(acc, N_MAIN), "new_task_accuracy": new, "new_task_hits": _hits(new, N_OLD)}
+
+    def rows(err):
+        k = round(err * 10)
+        return ["1" * k + "0" * (10 - k) + "-"] * N_MAIN
+
+    report["continual_mix"] = {s: {"before": pt(0.9, 0.1), "after_fine_tune": pt(0.7, 1.0), "fine_tune_steps": 30,
+                                   **{f"recovered_{m}": {"curve": [{**pt(0.7 + 0.2 * recover_mix[m], keep_mix),
+                                                                    "flops": 10}]} for m in ("dense_opd", "sft")}}
+                               for s in ("0", "1", "2")}
+    prof = {"own": rows(own_err), "teacher": rows(teacher_err), "ground_truth": rows(teacher_err)}
+    report["exposure"] = {"warm": prof, "runs": {m: {s: prof for s in ("0", "1", "2")} for m in METHODS}}
+    return report
+
+
+def test_full_adds_continual_learning_as_published_and_exposure_bias():
+    base = lambda: _report(100, 1000, {m: 0.1 for m in METHODS}, {"dense_opd": 0.9, "sft": 0.9})  # noqa: E731
+    plain = analyse(base(), samples=50)
+    assert "3b" not in [c["id"] for c in plain["claims"]] and "exposure_summary" not in plain
+    out, v = _verdicts(_with_full(base(), {"dense_opd": 0.9, "sft": 0.3}))
+    unc = out["uncertainty"]["figures"]
+    assert unc["mix.running_sum_drop"]["value"] == pytest.approx(0.2)
+    assert unc["mix.opd_minus_sft"]["value"] == pytest.approx(0.12)
+    assert unc["mix.recovered_fraction.dense_opd"]["value"] == pytest.approx(0.9)
+    assert v["3b"] == "reproduced"
+    assert [c["id"] for c in out["claims"]] == [1, 2, 3, "3b", 4, 5]
+    _, v = _verdicts(_with_full(base(), {"dense_opd": 0.3, "sft": 0.9}))    # SFT restores more
+    assert v["3b"] == "not reproduced"
+    _, v = _verdicts(_with_full(base(), {"dense_opd": 0.9, "sft": 0.3}, keep_mix=0.5))   # the new skill lost
+    assert v["3b"] == "not reproduced"
+    assert unc["exposure_gap.warm"]["value"] == pytest.approx((3 - 1) / 10)     # 10 defined positions per prompt
+    assert unc["exposure_gap.dense_opd"]["value"] == pytest.approx((3 - 1) / 10)
+    es = out["exposure_summary"]["dense_opd"]
+    assert es["own"][:3] == [1.0, 1.0, 1.0] and es["own"][3] == 0.0 and es["own"][-1] is None

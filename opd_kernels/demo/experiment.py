@@ -32,7 +32,8 @@ from . import report as rep
 from .config import ExperimentConfig
 from .flops import forward_flops
 from .losses import public_ops
-from .methods import METHODS, REFERENCE, run_method
+from . import exposure
+from .methods import METHODS, REFERENCE, REJECTION, run_method
 from .models import build_model
 from .tasks import Reversal, RunningSum, Shift
 from .tokenizer import ByteTokenizer
@@ -108,7 +109,27 @@ def _cached_model(root: str, build, train, log) -> Tuple[object, dict, bool]:
 _WORKER: Dict = {}
 
 
-def _worker_init(cfg: ExperimentConfig, paths: Tuple[str, str]) -> None:
+# --full only: the continual-learning protocol as published (a new/old mix) and the exposure-bias probe
+MIX_NEW_FRACTION = 0.7           # of each fine-tune batch: the new task; the rest old-task ground truth
+MIX_RECOVERY_FACTOR = 2          # recovery budget: this x cfg.recovery_tokens student tokens
+EXPOSURE_TEACHER_SEED = 4321     # the teacher's prefixes (the same for every student)
+EXPOSURE_OWN_SEED = 300          # + seed: the student's own prefixes
+
+
+def full_protocol(cfg: ExperimentConfig) -> Dict:
+    """The settings ``--full`` adds (report.json: ``full_protocol``)."""
+    return {"rejection_sampled_sft": f"teacher samples at T = 1 filtered by exact match, drawn {cfg.method_batch} "
+                                     "prompts at a time until a training batch is full (every draw charged); "
+                                     "SFT's learning rate",
+            "continual_mix": {"new_fraction": MIX_NEW_FRACTION, "batch": cfg.continual_batch,
+                              "new_target": cfg.continual_new_target, "max_steps": cfg.continual_max_steps,
+                              "lr": cfg.continual_lr,
+                              "recovery_tokens": MIX_RECOVERY_FACTOR * cfg.recovery_tokens},
+            "exposure": {"conditions": list(exposure.CONDITIONS), "teacher_seed": EXPOSURE_TEACHER_SEED,
+                         "own_seed": f"{EXPOSURE_OWN_SEED} + seed"}}
+
+
+def _worker_init(cfg: ExperimentConfig, paths: Tuple[str, str], full: bool = False) -> None:
     torch.set_num_threads(1)
     s = Setup(cfg)
     teacher = build_model(cfg.teacher, cfg.vocab_size, cfg.seed)
@@ -117,7 +138,9 @@ def _worker_init(cfg: ExperimentConfig, paths: Tuple[str, str]) -> None:
     load_checkpoint(latest_checkpoint(paths[1]), student0)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    _WORKER.update(setup=s, teacher=teacher.eval(), student0=student0.eval())
+    _WORKER.update(setup=s, teacher=teacher.eval(), student0=student0.eval(), full=full)
+    if full:
+        _WORKER["teacher_prefixes"] = exposure.teacher_prefixes(teacher, s.tok, s.main, s.eval, EXPOSURE_TEACHER_SEED)
 
 
 def lr_schedule(cfg: ExperimentConfig) -> str:
@@ -156,6 +179,9 @@ def _job(item: Tuple) -> Tuple[Tuple, Dict]:
         _, seed, name = key
         student = copy.deepcopy(student0)
         res = _train(s, name, student, teacher, payload, seed, cfg.token_budget, s.scores, cfg.curve_points)
+        if _WORKER.get("full"):              # exposure bias after the method (computed after training)
+            res["exposure"] = exposure.profile(student, s.tok, s.main, s.eval, _WORKER["teacher_prefixes"],
+                                               EXPOSURE_OWN_SEED + seed)
         if name in ("dense_opd", "sft"):     # continual learning / the plateau branch (--full) start there
             res["_state"] = {k: v.clone() for k, v in student.state_dict().items()}
         return key, res
@@ -165,9 +191,42 @@ def _job(item: Tuple) -> Tuple[Tuple, Dict]:
         student.load_state_dict(payload[1])
         return key, _train(s, name, student, teacher, payload[0], seed + 200, cfg.token_budget, s.scores,
                            cfg.curve_points)
-    before = copy.deepcopy(student0)         # ("continual", seed), payload: (lrs, dense OPD's final state)
+    before = copy.deepcopy(student0)         # ("continual"|"continual_mix", seed), payload: (lrs, dense OPD's state)
     before.load_state_dict(payload[1])
+    if key[0] == "continual_mix":
+        return key, continual_mix(s, before, key[1])
     return key, continual(s, before, key[1], payload[0])
+
+
+def continual_mix(s: Setup, before, seed: int) -> Dict:
+    """Continual learning as published (``--full``): fine-tune ``before`` (the student after dense OPD) on a
+    mix of the new task (``MIX_NEW_FRACTION`` of each batch, ground truth) and the old task's ground truth
+    (the running sum, the rest) until the new task is learned (``continual_new_target`` on its validation
+    split, or ``continual_max_steps``); then from that point: no recovery, dense OPD with ``before`` as the
+    teacher, and SFT on ``before``'s samples, ``MIX_RECOVERY_FACTOR x recovery_tokens`` each."""
+    cfg = s.cfg
+    for p in before.parameters():
+        p.requires_grad_(False)
+    level = evaluate(before, s.tok, s.main, s.val)
+    tuned = copy.deepcopy(before)
+    for p in tuned.parameters():
+        p.requires_grad_(True)
+    n_new = round(cfg.continual_batch * MIX_NEW_FRACTION)
+    steps = train_supervised(
+        tuned, s.ops, s.tok, lambda rng: [s.new.sample(rng, n_new, s.new_exclude),
+                                          s.main.sample(rng, cfg.continual_batch - n_new, s.exclude)],
+        cfg.continual_max_steps, cfg.continual_lr, seed + 21, "fine-tune (mix)", quiet=True,
+        stop=lambda step: evaluate(tuned, s.tok, s.new, s.new_val) >= cfg.continual_new_target,
+        check_every=10, warmup=10, schedule=False)
+    out = {"before": s.continual_scores(before), "fine_tune_steps": steps, "after_fine_tune": s.continual_scores(tuned),
+           "running_sum_validation_before": level,
+           "running_sum_validation_after_fine_tune": evaluate(tuned, s.tok, s.main, s.val)}
+    for name in ("dense_opd", "sft"):
+        student = copy.deepcopy(tuned)
+        out[f"recovered_{name}"] = _train(s, name, student, before, cfg.continual_lr, seed + 120,
+                                          MIX_RECOVERY_FACTOR * cfg.recovery_tokens, s.continual_scores,
+                                          max(2, cfg.curve_points // 2))
+    return out
 
 
 def continual(s: Setup, before, seed: int, lrs: Dict[str, float]) -> Dict:
@@ -208,12 +267,12 @@ class Jobs:
     """Runs jobs ((key, payload) pairs) on ``cfg.jobs`` worker processes, started once for every phase;
     each job is deterministic, so the order they finish in is irrelevant."""
 
-    def __init__(self, cfg: ExperimentConfig, paths: Tuple[str, str]):
+    def __init__(self, cfg: ExperimentConfig, paths: Tuple[str, str], full: bool = False):
         self.cfg, self.paths, self.pool = cfg, paths, None
         if cfg.jobs > 1:
-            self.pool = mp.get_context("spawn").Pool(cfg.jobs, _worker_init, (cfg, paths))
+            self.pool = mp.get_context("spawn").Pool(cfg.jobs, _worker_init, (cfg, paths, full))
         else:
-            _worker_init(cfg, paths)
+            _worker_init(cfg, paths, full)
 
     def run(self, jobs: List[Tuple[Tuple, object]], desc: str, quiet: bool) -> Dict[Tuple, Dict]:
         """``{key: result}``, with a progress bar counting finished jobs."""
@@ -309,7 +368,11 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
     log(f"warm student: running sum {warm['accuracy']:.3f} (validation {smeta['validation_accuracy']:.3f}, "
         f"target {cfg.warmup_target}), reversal (old skill) {warm['old_skill_accuracy']:.3f}")
     methods = METHODS + (REFERENCE,)
-    pool = Jobs(cfg, (troot, sroot))   # the worker processes, started once for phases 3-5
+    warm_exposure = None
+    if full:   # exposure bias of the warm student (the same teacher prefixes as every method's)
+        warm_exposure = exposure.profile(student0, s.tok, s.main, s.eval, exposure.teacher_prefixes(
+            teacher, s.tok, s.main, s.eval, EXPOSURE_TEACHER_SEED), EXPOSURE_OWN_SEED + cfg.seed)
+    pool = Jobs(cfg, (troot, sroot), full)   # the worker processes, started once for phases 3-5
     try:
         # ---- phase 3: learning rates, chosen on the validation split ----------------------------------
         t0 = time.perf_counter()
@@ -320,6 +383,9 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
             probe = {m: {str(lr): got[("probe", m, lr)]["validation_accuracy"] for lr in cfg.lr_grid}
                      for m in methods}
         lrs = {m: rep.choose_lr(probe.get(m), cfg.lr_grid) for m in methods}
+        if full:                             # rejection-sampled SFT (--full): SFT's learning rate, no probe
+            methods = methods + (REJECTION,)
+            lrs[REJECTION] = lrs["sft"]
         timings["lr_probe"] = round(time.perf_counter() - t0, 1)
 
         # ---- phase 4: the five methods (and the ground-truth reference) x seeds ---------------------
@@ -341,6 +407,16 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
         got = pool.run([(("continual", sd), (lrs, finals[sd])) for sd in seeds], "continual", quiet)
         cont = {str(sd): got[("continual", sd)] for sd in seeds}
         timings["continual"] = round(time.perf_counter() - t0, 1)
+
+        # ---- with --full: continual learning as published (a 70/30 new/old mix) ---------------------
+        cont_mix = None
+        if full:
+            t0 = time.perf_counter()
+            log(f"--full: continual learning on a {MIX_NEW_FRACTION:.0%}/{1 - MIX_NEW_FRACTION:.0%} new/old mix, "
+                "then no recovery / dense OPD / SFT from the earlier checkpoint")
+            got = pool.run([(("continual_mix", sd), (lrs, finals[sd])) for sd in seeds], "continual (mix)", quiet)
+            cont_mix = {str(sd): got[("continual_mix", sd)] for sd in seeds}
+            timings["continual_mix"] = round(time.perf_counter() - t0, 1)
 
         # ---- with --full: the cost comparison branched from SFT's plateau -----------------------------
         branch = None
@@ -378,6 +454,10 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
         "runs": runs,
         "continual": cont,
         **({"plateau_branch": branch} if branch is not None else {}),
+        **({"continual_mix": cont_mix, "full_protocol": full_protocol(cfg),
+            "exposure": {"warm": warm_exposure,
+                         "runs": {m: {str(sd): runs[m][str(sd)].pop("exposure") for sd in seeds} for m in runs}}}
+           if full else {}),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "opd_kernels": _version()},
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),

@@ -33,6 +33,8 @@ from .training import answer_batch, cosine_to_tenth, exact_match, prompt_batch
 
 METHODS = ("dense_opd", "sampled_opd", "offline_kd", "sft", "rl")
 REFERENCE = "sft_ground_truth"
+REJECTION = "sft_rejection"      # --full only: SFT on the teacher's samples that are correct
+REJECTION_MAX_DRAWS = 8          # teacher batches drawn per step at most to fill the training batch
 TEACHER_SAMPLED = ("offline_kd", "sft")
 TEACHER_SCORED = ("dense_opd", "sampled_opd", "offline_kd")
 
@@ -69,15 +71,22 @@ def run_method(name: str, student, teacher, ops, tok, task, *, budget: int, batc
     Returns ``{"curve": [{"tokens", "flops", "cpu_seconds", **evaluate_fn(student)}, ...], "steps",
     "flops_by_component", "wall_seconds"}``; the curve starts at the warm student and ends at the budget.
     """
-    if name not in METHODS + (REFERENCE,):
-        raise ValueError(f"method: expected one of {METHODS + (REFERENCE,)}, got {name!r}")
+    if name not in METHODS + (REFERENCE, REJECTION):
+        raise ValueError(f"method: expected one of {METHODS + (REFERENCE, REJECTION)}, got {name!r}")
     rng = random.Random(f"prompts-{seed}")          # the same prompt stream for every method
     gen = torch.Generator().manual_seed(seed + 1)   # sampling noise, same seed for every method
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     n_new = task.answer_len + 1
     plen = task.prompt_len + 1
-    per_step = step_flops(name, student_size, teacher_size, tok.vocab_size, batch, plen, n_new)
-    flops_by = {k: 0 for k in per_step}
+    if name == REJECTION:   # variable: every teacher batch drawn, the training batch's share of a full one
+        per_step = {}
+        flops_by = {"teacher_sampling": 0, "student_training": 0}
+        one_draw = generate_flops(teacher_size, tok.vocab_size, batch, plen, n_new)
+        one_train = train_flops(student_size, tok.vocab_size, 1, plen, n_new)
+        drawn = accepted = 0
+    else:
+        per_step = step_flops(name, student_size, teacher_size, tok.vocab_size, batch, plen, n_new)
+        flops_by = {k: 0 for k in per_step}
     curve: List[Dict] = [{"tokens": 0, "flops": 0, "cpu_seconds": 0.0, **evaluate_fn(student)}]
     eval_every = budget / curve_points
     tokens, steps, cpu, start = 0, 0, 0.0, time.perf_counter()
@@ -86,11 +95,23 @@ def run_method(name: str, student, teacher, ops, tok, task, *, budget: int, batc
         c0 = time.process_time()
         for group in opt.param_groups:
             group["lr"] = token_lr(lr, steps, warmup_steps, tokens / budget if decay else 0.0)
-        examples = task.sample(rng, batch, exclude)
+        if name == REJECTION:
+            seq, mask, examples, draws = _rejection_batch(teacher, tok, task, rng, gen, batch, exclude, plen, n_new)
+            flops_by["teacher_sampling"] += draws * one_draw
+            flops_by["student_training"] += len(examples) * one_train
+            drawn, accepted = drawn + draws * batch, accepted + len(examples)
+            if not examples:    # no correct sample in REJECTION_MAX_DRAWS batches: nothing to train on
+                cpu += time.process_time() - c0
+                steps += 1
+                if drawn >= 50 * budget:   # give up (a teacher that is never right); recorded below
+                    break
+                continue
+        else:
+            examples = task.sample(rng, batch, exclude)
         if name == REFERENCE:
             seq, mask = answer_batch(tok, examples)
             sampler_lp = None
-        else:
+        elif name != REJECTION:
             sampler = teacher if name in TEACHER_SAMPLED else student
             seq, sampler_lp = generate(sampler, prompt_batch(tok, examples), n_new, temperature=1.0, generator=gen)
             mask = completion_mask(seq[:, plen:], tok.eos_id)
@@ -113,7 +134,7 @@ def run_method(name: str, student, teacher, ops, tok, task, *, budget: int, batc
         student.eval()
         cpu += time.process_time() - c0
         steps += 1
-        for k, v in per_step.items():
+        for k, v in per_step.items():    # (empty for sft_rejection, counted above)
             flops_by[k] += v
         new = int(mask.sum())  # bookkeeping only, after the step: not in the loss path
         tokens += new
@@ -123,5 +144,32 @@ def run_method(name: str, student, teacher, ops, tok, task, *, budget: int, batc
                           **evaluate_fn(student)})
             bar.set_postfix(acc=f"{curve[-1]['accuracy']:.3f}")
     bar.close()
-    return {"curve": curve, "steps": steps, "flops_by_component": flops_by,
-            "wall_seconds": round(time.perf_counter() - start, 1)}
+    if curve[-1]["tokens"] != tokens or len(curve) == 1:
+        curve.append({"tokens": tokens, "flops": sum(flops_by.values()), "cpu_seconds": round(cpu, 2),
+                      **evaluate_fn(student)})
+    out = {"curve": curve, "steps": steps, "flops_by_component": flops_by,
+           "wall_seconds": round(time.perf_counter() - start, 1)}
+    if name == REJECTION:
+        out["teacher_samples_drawn"] = drawn
+        out["teacher_samples_accepted"] = accepted
+        out["reached_budget"] = tokens >= budget
+    return out
+
+
+def _rejection_batch(teacher, tok, task, rng, gen, batch: int, exclude, plen: int, n_new: int):
+    """Up to ``batch`` teacher samples (T = 1) whose answer is correct (exact match), drawn ``batch`` prompts
+    at a time, at most :data:`REJECTION_MAX_DRAWS` times. Returns (seq, mask, examples, draws); every draw
+    is charged, the rejected samples included."""
+    seqs, kept, draws = [], [], 0
+    while len(kept) < batch and draws < REJECTION_MAX_DRAWS:
+        examples = task.sample(rng, batch, exclude)
+        seq, _ = generate(teacher, prompt_batch(tok, examples), n_new, temperature=1.0, generator=gen)
+        draws += 1
+        ok = exact_match(tok, seq[:, plen:], examples).bool()
+        for i in ok.nonzero().flatten().tolist()[:batch - len(kept)]:
+            seqs.append(seq[i])
+            kept.append(examples[i])
+    if not kept:
+        return None, None, [], draws
+    seq = torch.stack(seqs)
+    return seq, completion_mask(seq[:, plen:], tok.eos_id), kept, draws

@@ -19,7 +19,9 @@ METHOD_LABELS = {
     "sft": "SFT on teacher samples",
     "rl": "RL (REINFORCE, 0/1 reward)",
     "sft_ground_truth": "reference: SFT on ground truth",
+    "sft_rejection": "rejection-sampled SFT (correct teacher samples)",
 }
+EXPOSURE_CONDITIONS = ("own", "teacher", "ground_truth")   # the prefixes of the exposure probe (--full)
 FIVE = ("dense_opd", "sampled_opd", "offline_kd", "sft", "rl")
 TARGETS = (0.9, 0.95)  # fractions of the teacher's accuracy
 BRANCH_METHODS = ("sft", "dense_opd", "rl")      # the cost comparison from SFT's end point (--full)
@@ -124,6 +126,18 @@ class Hits:
             self.cont[s] = {k: (_bits(p["hits"]), _bits(p["new_task_hits"])) for k, p in pts.items()}
         self.branch = {m: {s: self._curve(r[s]["curve"], ("hits", "old_skill_hits"), r[s]["flops_by_component"])
                            for s in self.seeds} for m, r in report.get("plateau_branch", {}).items()}
+        self.mix = {}
+        for s in self.seeds if "continual_mix" in report else ():
+            c = report["continual_mix"][s]
+            pts = {"before": c["before"], "after_fine_tune": c["after_fine_tune"],
+                   **{m: c[f"recovered_{m}"]["curve"][-1] for m in ("dense_opd", "sft")}}
+            self.mix[s] = {k: (_bits(p["hits"]), _bits(p["new_task_hits"])) for k, p in pts.items()}
+        self.exposure = None
+        if report.get("exposure"):
+            ex = report["exposure"]
+            self.exposure = {"warm": self._positions(ex["warm"]),
+                             "runs": {m: {s: self._positions(per[s]) for s in self.seeds}
+                                      for m, per in ex["runs"].items()}}
         self.sizes = (len(self.teacher), len(self.warm_old),
                       len(next(iter(self.cont.values()))["before"][1]) if self.cont else 0)
         self._np = np
@@ -140,6 +154,13 @@ class Hits:
                        **({"student_flops": p["flops"] * share} if share is not None else {})} for p in curve],
                 "acc": np.stack([_bits(p[keys[0]]) for p in curve]),
                 "old": np.stack([_bits(p[keys[1]]) for p in curve])}
+
+    @staticmethod
+    def _positions(profile: Dict[str, List[str]]) -> Dict:
+        """Per condition: (errors, defined positions) per prompt, from the exposure probe's strings."""
+        import numpy as np
+        return {c: (np.array([r.count("1") for r in rows], dtype=float),
+                    np.array([len(r) - r.count("-") for r in rows], dtype=float)) for c, rows in profile.items()}
 
     def view(self, seeds: Sequence[str], idx: Optional[Tuple] = None) -> Dict:
         """Curves, teacher and continual figures recomputed on the prompts ``idx`` (main, old skill, new
@@ -164,9 +185,20 @@ class Hits:
         runs = curves(self.runs)
         cont = {str(k): {n: (float(acc(v[0], main)), float(acc(v[1], new))) for n, v in self.cont[s].items()}
                 for k, s in enumerate(seeds)}
+        mix = {str(k): {n: (float(acc(v[0], main)), float(acc(v[1], new))) for n, v in self.mix[s].items()}
+               for k, s in enumerate(seeds)} if self.mix else None
+
+        def rate(pos):
+            return {c: (float(e[main].sum() / d[main].sum()) if d[main].sum() > 0 else None) for c, (e, d) in pos.items()}
+
+        exp = None
+        if self.exposure:
+            exp = {"warm": rate(self.exposure["warm"]),
+                   "runs": {m: {str(k): rate(per[s]) for k, s in enumerate(seeds)}
+                            for m, per in self.exposure["runs"].items()}}
         return {"teacher": float(acc(self.teacher, main)), "warm_old": float(acc(self.warm_old, old)),
                 "runs": runs, "continual": cont, "seeds": [str(k) for k in range(len(seeds))],
-                "branch": curves(self.branch) if self.branch else None}
+                "branch": curves(self.branch) if self.branch else None, "mix": mix, "exposure": exp}
 
 
 def _median_or_none(values: Sequence[Optional[float]]) -> Optional[float]:
@@ -225,16 +257,7 @@ def figures(v: Dict, levels: Sequence[float]) -> Dict[str, Tuple[Optional[float]
         1 - max(d_opd, 0.0) / d_sft if d_opd is not None and d_sft is not None and d_sft > 0.02 else None, False)
 
     # forgetting (b): continual learning, dense OPD's and SFT's recovery from the earlier checkpoint
-    cont = v["continual"]
-    for m in ("dense_opd", "sft"):
-        rec, ret = [], []
-        for s in seeds:
-            c = cont[s]
-            lost = c["before"][0] - c["after_fine_tune"][0]
-            rec.append((c[m][0] - c["after_fine_tune"][0]) / lost if lost > 0.02 else None)
-            ret.append(c[m][1] / c["after_fine_tune"][1] if c["after_fine_tune"][1] > 0 else None)
-        out[f"recovered_fraction.{m}"] = (_median_or_none(rec), False)
-        out[f"new_task_retention.{m}"] = (_median_or_none(ret), False)
+    _recovery(v["continual"], seeds, out, "")
 
     # with --full: cost from SFT's end point, all FLOPs and the student's own only
     if v.get("branch"):
@@ -245,7 +268,48 @@ def figures(v: Dict, levels: Sequence[float]) -> Dict[str, Tuple[Optional[float]
                     per = [ratio_to(b[m][s], b["dense_opd"][s], frac * teacher, x) for s in seeds]
                     out[f"branch_{x}_ratio_{round(frac * 100)}.{m}"] = (
                         _median_or_none([p["ratio"] for p in per]), any(p["lower_bound"] for p in per))
+
+    # with --full: continual learning as published (70/30 mix): OPD and SFT recovery against none
+    if v.get("mix"):
+        mix = v["mix"]
+        out["mix.running_sum_drop"] = (statistics.median(mix[s]["before"][0] - mix[s]["after_fine_tune"][0]
+                                                         for s in seeds), False)
+        out["mix.new_task_after_fine_tune"] = (statistics.median(mix[s]["after_fine_tune"][1] for s in seeds), False)
+        _recovery(mix, seeds, out, "mix.")
+        for m in ("dense_opd", "sft"):
+            out[f"mix.running_sum_after_recovery.{m}"] = (statistics.median(mix[s][m][0] for s in seeds), False)
+        out["mix.opd_minus_sft"] = (statistics.median(mix[s]["dense_opd"][0] - mix[s]["sft"][0] for s in seeds), False)
+        out["mix.opd_minus_none"] = (statistics.median(mix[s]["dense_opd"][0] - mix[s]["after_fine_tune"][0]
+                                                       for s in seeds), False)
+
+    # with --full: exposure bias, the student's error rate after its own prefix minus after the teacher's
+    if v.get("exposure"):
+        ex = v["exposure"]
+        for c in EXPOSURE_CONDITIONS:
+            out[f"exposure.warm.{c}"] = (ex["warm"][c], False)
+        w = ex["warm"]
+        out["exposure_gap.warm"] = (None if None in (w["own"], w["teacher"]) else w["own"] - w["teacher"], False)
+        for m, per in ex["runs"].items():
+            for c in EXPOSURE_CONDITIONS:
+                out[f"exposure.{m}.{c}"] = (_median_or_none([per[s][c] for s in seeds]), False)
+            out[f"exposure_gap.{m}"] = (_median_or_none(
+                [None if None in (per[s]["own"], per[s]["teacher"]) else per[s]["own"] - per[s]["teacher"]
+                 for s in seeds]), False)
     return out
+
+
+def _recovery(cont: Dict, seeds: Sequence[str], out: Dict, prefix: str) -> None:
+    """Continual learning: per recovery (dense OPD, SFT), the share of the lost running-sum accuracy regained
+    (None at a seed that lost <= 0.02) and the share of the new task's accuracy kept, median over seeds."""
+    for m in ("dense_opd", "sft"):
+        rec, ret = [], []
+        for s in seeds:
+            c = cont[s]
+            lost = c["before"][0] - c["after_fine_tune"][0]
+            rec.append((c[m][0] - c["after_fine_tune"][0]) / lost if lost > 0.02 else None)
+            ret.append(c[m][1] / c["after_fine_tune"][1] if c["after_fine_tune"][1] > 0 else None)
+        out[f"{prefix}recovered_fraction.{m}"] = (_median_or_none(rec), False)
+        out[f"{prefix}new_task_retention.{m}"] = (_median_or_none(ret), False)
 
 
 def spread_figures(v: Dict) -> Dict[str, Tuple[Optional[float], bool]]:
@@ -406,11 +470,38 @@ def analyse(report: Dict, samples: int = BOOTSTRAP_SAMPLES) -> Dict:
         cl[f"{m}_new_task_retention"] = unc[f"new_task_retention.{m}"]
         cl[f"{m}_recovery_flops"] = median_range([f["flops"] for f in fin])
     forgetting["continual_learning"] = cl
-    return {"summary": per_method, "forgetting": forgetting,
+    extra = {}
+    if "continual_mix" in report:           # --full: continual learning as published
+        mix = report["continual_mix"]
+        cm = {"fine_tune_steps": median_range([mix[s]["fine_tune_steps"] for s in seeds]),
+              "before": median_range([mix[s]["before"]["accuracy"] for s in seeds]),
+              "after_fine_tune": median_range([mix[s]["after_fine_tune"]["accuracy"] for s in seeds]),
+              "new_task_before": median_range([mix[s]["before"]["new_task_accuracy"] for s in seeds]),
+              "new_task_after_fine_tune": median_range([mix[s]["after_fine_tune"]["new_task_accuracy"] for s in seeds])}
+        for m in ("dense_opd", "sft"):
+            fin = [mix[s][f"recovered_{m}"]["curve"][-1] for s in seeds]
+            cm[f"{m}_after_recovery"] = median_range([f["accuracy"] for f in fin])
+            cm[f"{m}_new_task_after_recovery"] = median_range([f["new_task_accuracy"] for f in fin])
+            cm[f"{m}_recovery_flops"] = median_range([f["flops"] for f in fin])
+        extra["continual_mix_summary"] = cm
+    if report.get("exposure"):              # --full: per-position error rates, median over seeds
+        from .exposure import rates
+        ex = report["exposure"]
+        extra["exposure_summary"] = {
+            "warm": {c: rates(ex["warm"][c]) for c in EXPOSURE_CONDITIONS},
+            **{m: {c: [_median_or_none(col) for col in zip(*[rates(per[s][c]) for s in seeds])]
+                   for c in EXPOSURE_CONDITIONS} for m, per in ex["runs"].items()}}
+    for m in runs:                          # rejection-sampled SFT: the share of teacher samples kept
+        first = runs[m][seeds[0]]
+        if "teacher_samples_drawn" in first:
+            per_method[m]["teacher_samples_accepted_fraction"] = median_range(
+                [runs[m][s]["teacher_samples_accepted"] / max(1, runs[m][s]["teacher_samples_drawn"]) for s in seeds])
+    return {"summary": per_method, "forgetting": forgetting, **extra,
             "uncertainty": {"method": f"paired bootstrap over prompts x seeds, {samples} replicates (seed "
                                       f"{BOOTSTRAP_SEED}), {INTERVAL:.0%} percentile intervals; the seed spreads "
                                       "over prompts only", "verdict_rule": VERDICT_RULE, "figures": unc},
-            "claims": claims(unc, levels, report["config"], "plateau_branch" in report)}
+            "claims": claims(unc, levels, report["config"], "plateau_branch" in report,
+                             "continual_mix" in report)}
 
 
 def _part(name: str, what: str, fig: Dict, threshold: float, direction: str = ">=") -> Dict:
@@ -418,7 +509,7 @@ def _part(name: str, what: str, fig: Dict, threshold: float, direction: str = ">
             "verdict": judge(fig, threshold, direction)}
 
 
-def claims(unc: Dict, levels: Sequence[float], cfg: Dict, branch: bool = False) -> List[Dict]:
+def claims(unc: Dict, levels: Sequence[float], cfg: Dict, branch: bool = False, mix: bool = False) -> List[Dict]:
     """One entry per published claim: its parts, each a figure with its bootstrap interval, a
     threshold and a verdict (:func:`judge`); the claim's verdict combines them (:func:`combine`). No
     figure stands in for another: a method that never reaches a target gives only a bound."""
@@ -468,6 +559,19 @@ def claims(unc: Dict, levels: Sequence[float], cfg: Dict, branch: bool = False) 
              "teacher's accuracy", "branch_flops_ratio_100.sft", 5.0, ">="),
             ("from SFT's end point, vs RL", "RL's FLOPs / dense OPD's, from SFT's end point to the teacher's "
              "accuracy", "branch_flops_ratio_100.rl", 5.0, ">=")])
+    if mix:
+        spec.insert(3, ("3b", "As published: after fine-tuning on a 70/30 new/old mix, OPD from the earlier checkpoint "
+                              "restores the old skill better than SFT on its samples, while keeping the new one", [
+            ("vs SFT", "dense OPD's running-sum accuracy after recovery minus SFT's (median over seeds)",
+             "mix.opd_minus_sft", 0.01, ">="),
+            ("vs no recovery", "dense OPD's running-sum accuracy after recovery minus after the fine-tune",
+             "mix.opd_minus_none", 0.01, ">="),
+            ("new task kept", "share of the new task's accuracy dense OPD keeps", "mix.new_task_retention.dense_opd",
+             0.8, ">=")],
+            "the new task (letter shift) is fine-tuned on batches of 70% shift and 30% running-sum ground truth "
+            "until it is learned; from there, dense OPD with the earlier checkpoint as the teacher ends with a "
+            "running sum higher than SFT's on that checkpoint's samples and than no recovery's (each "
+            "difference's interval >= 0.01, one point), keeping >= 80% of the new task's accuracy"))
     out = []
     for cid, text, parts, condition in spec:
         ps = [_part(name, what, unc[key], thr, d) for name, what, key, thr, d in parts]
@@ -590,6 +694,38 @@ def table(report: Dict) -> str:
                 f"{_ci(unc[f'branch_student_flops_ratio_{round(x * 100)}.{m}'], 2, 'x')}" for x in BRANCH_LEVELS)
                 + " |")
         lines.append("")
+    if "continual_mix_summary" in report:
+        cm = report["continual_mix_summary"]
+        lines += [
+            f"Continual learning as published (`--full`): fine-tuned on a 70/30 mix of letter shift and running-sum "
+            f"ground truth for {_fmt(cm['fine_tune_steps'], 0)} steps: running sum {_fmt(cm['before'])} -> "
+            f"{_fmt(cm['after_fine_tune'])} (drop {_ci(unc['mix.running_sum_drop'])}), shift "
+            f"{_fmt(cm['new_task_before'])} -> {_fmt(cm['new_task_after_fine_tune'])}. Recovery from the earlier "
+            "checkpoint (median [min-max] over seeds; figures with intervals):",
+            "",
+            "| recovery | running sum after | share of the loss regained | shift after | share of shift kept |",
+            "|---|---|---|---|---|",
+            f"| none | {_fmt(cm['after_fine_tune'])} | 0 | {_fmt(cm['new_task_after_fine_tune'])} | 1 |",
+        ]
+        for m in ("dense_opd", "sft"):
+            lines.append(f"| {METHOD_LABELS[m]} | {_ci(unc[f'mix.running_sum_after_recovery.{m}'])} | "
+                         f"{_ci(unc[f'mix.recovered_fraction.{m}'])} | {_fmt(cm[f'{m}_new_task_after_recovery'])} | "
+                         f"{_ci(unc[f'mix.new_task_retention.{m}'])} |")
+        lines.append("")
+    if "exposure_summary" in report:
+        lines += [
+            "Exposure bias (`--full`): the student's greedy next-token error rate over the answer positions (judged "
+            "against the locally correct step), after its own T = 1 prefix, the teacher's T = 1 prefix and the "
+            "true answer; own minus teacher's is the exposure gap (median over seeds, with intervals):",
+            "",
+            "| student | after own prefix | after teacher's prefix | after true answer | gap: own - teacher's |",
+            "|---|---|---|---|---|",
+        ]
+        for m in ["warm"] + [m for m in report["exposure"]["runs"]]:
+            label = "warm student (before every method)" if m == "warm" else f"after {METHOD_LABELS[m]}"
+            lines.append(f"| {label} | " + " | ".join(_ci(unc[f"exposure.{m}.{c}"]) for c in EXPOSURE_CONDITIONS)
+                         + f" | {_ci(unc[f'exposure_gap.{m}'])} |")
+        lines.append("")
     lines += [
         "| # | claim | part: figure | value (interval) | needs | verdict |",
         "|---|---|---|---|---|---|",
@@ -632,6 +768,18 @@ def _save(fig, path: str) -> str:
     fig.savefig(tmp, dpi=110)
     os.replace(tmp, path)
     return path
+
+
+def _continual_bars(ax, old: List[float], new: List[float], labels: List[str], title: str) -> None:
+    """Paired bars per stage of a continual-learning experiment: running sum (old skill) and shift (new task)."""
+    xs = range(len(labels))
+    ax.bar([i - 0.2 for i in xs], old, 0.4, label="running sum (old skill)")
+    ax.bar([i + 0.2 for i in xs], new, 0.4, label="letter shift (new task)")
+    ax.set_xticks(list(xs), labels, fontsize=8)
+    ax.set_ylabel("exact match (median over seeds)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
 
 
 def plot_all(report: Dict, output_dir: str) -> List[str]:
@@ -690,15 +838,9 @@ def plot_all(report: Dict, output_dir: str) -> List[str]:
     cl = fg["continual_learning"]
     stages = ["before", "after_fine_tune", "dense_opd_old_skill_after_recovery", "sft_old_skill_after_recovery"]
     new = [None, "new_task_after_fine_tune", "dense_opd_new_task_after_recovery", "sft_new_task_after_recovery"]
-    xs = range(len(stages))
-    b.bar([i - 0.2 for i in xs], [cl[k]["median"] or 0 for k in stages], 0.4, label="running sum (old skill)")
-    b.bar([i + 0.2 for i in xs], [(cl[k]["median"] or 0) if k else 0 for k in new], 0.4,
-          label="letter shift (new task)")
-    b.set_xticks(list(xs), ["before", "after fine-tune", "recovered:\ndense OPD", "recovered:\nSFT"], fontsize=8)
-    b.set_ylabel("exact match (median over seeds)")
-    b.set_title("(b) continual learning: recover from the earlier checkpoint", fontsize=9)
-    b.legend(fontsize=7)
-    b.grid(alpha=0.3, axis="y")
+    _continual_bars(b, [cl[k]["median"] or 0 for k in stages], [(cl[k]["median"] or 0) if k else 0 for k in new],
+                    ["before", "after fine-tune", "recovered:\ndense OPD", "recovered:\nSFT"],
+                    "(b) continual learning: recover from the earlier checkpoint")
     fig.tight_layout()
     out.append(_save(fig, os.path.join(output_dir, "forgetting.png")))
     plt.close(fig)
@@ -729,6 +871,45 @@ def plot_all(report: Dict, output_dir: str) -> List[str]:
             ax.legend(fontsize=7)
         fig.tight_layout()
         out.append(_save(fig, os.path.join(output_dir, "plateau_branch.png")))
+        plt.close(fig)
+
+    if "exposure_summary" in report:     # --full: per-position error after own vs the teacher's prefix
+        es = report["exposure_summary"]
+        names = list(es)
+        cols = 4
+        rows = (len(names) + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), sharey=True, squeeze=False)
+        for ax, m in zip(axes.flat, names):
+            for c, ls in zip(EXPOSURE_CONDITIONS, ("-", "--", ":")):
+                ys = es[m][c]
+                pts = [(j, y) for j, y in enumerate(ys) if y is not None]
+                ax.plot([j for j, _ in pts], [y for _, y in pts], ls, marker="o", ms=2,
+                        label={"own": "own prefix", "teacher": "teacher's prefix", "ground_truth": "true prefix"}[c])
+            ax.set_title("warm student" if m == "warm" else METHOD_LABELS[m].split(" (")[0], fontsize=8)
+            ax.grid(alpha=0.3)
+            ax.set_xlabel("answer position", fontsize=7)
+        for ax in list(axes.flat)[len(names):]:
+            ax.axis("off")
+        axes[0][0].set_ylabel("next-token error rate", fontsize=7)
+        axes[0][0].legend(fontsize=6)
+        fig.suptitle("exposure bias: the student's error at each position after its own prefix vs the teacher's "
+                     "(median over seeds)", fontsize=9)
+        fig.tight_layout()
+        out.append(_save(fig, os.path.join(output_dir, "exposure_bias.png")))
+        plt.close(fig)
+
+    if "continual_mix_summary" in report:   # --full: continual learning as published
+        cm = report["continual_mix_summary"]
+        stages = [("before", "before", "new_task_before"), ("after fine-tune\n(no recovery)", "after_fine_tune",
+                   "new_task_after_fine_tune"), ("recovered:\ndense OPD", "dense_opd_after_recovery",
+                   "dense_opd_new_task_after_recovery"),
+                  ("recovered:\nSFT", "sft_after_recovery", "sft_new_task_after_recovery")]
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        _continual_bars(ax, [cm[a]["median"] or 0 for _, a, _ in stages], [cm[b]["median"] or 0 for _, _, b in stages],
+                        [n for n, _, _ in stages],
+                        "continual learning on a 70/30 new/old mix, then recovery from the earlier checkpoint")
+        fig.tight_layout()
+        out.append(_save(fig, os.path.join(output_dir, "continual_mix.png")))
         plt.close(fig)
     return out
 
