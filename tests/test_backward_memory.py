@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import opd_kernels as ok
 from opd_kernels.backends import cpp
 
+from backends_testing import CPU_KERNEL_BACKENDS
 from oracle import fresh_seed
 
 N, H, V = 48, 16, 517
@@ -59,10 +60,7 @@ def _losses(backend):
     return {"sampled_token": sampled, "topk": topk, "linear_divergence": dense}
 
 
-BACKENDS = ["torch"] + (["cpp"] if cpp.AVAILABLE else [])
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("op", ["sampled_token", "topk", "linear_divergence"])
 def test_backward_allocates_nothing_weight_sized(backend, op):
     if op == "linear_divergence" and backend == "torch":

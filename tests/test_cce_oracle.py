@@ -10,15 +10,13 @@ import pytest
 import torch
 
 import opd_kernels as ok
-from opd_kernels.backends import cpp
+from backends_testing import BACKENDS
 from oracle import rel_err, value_and_grads
 from triton_testing import enable_interpreter_without_cuda, need
 
 enable_interpreter_without_cuda()  # before cut_cross_entropy imports triton
 cce = pytest.importorskip("cut_cross_entropy", reason="cut-cross-entropy is in the [test] extra")
 
-BACKENDS = ["torch", pytest.param("cpp", marks=pytest.mark.skipif(not cpp.AVAILABLE, reason="cpp unavailable")),
-            pytest.param("triton", marks=pytest.mark.interpret)]
 N, H, V = 37, 19, 211   # one shape for all cases: CCE's torch_compile path compiles once per shape
 TOL = 5e-5
 

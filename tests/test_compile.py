@@ -7,11 +7,7 @@ import pytest
 import torch
 
 import opd_kernels as ok
-from opd_kernels.backends import device_support
-
-BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not device_support(b, torch.device("cpu"))[0],
-                                                     reason=device_support(b, torch.device("cpu"))[1]))
-            for b in ("torch", "cpp")]
+from backends_testing import CPU_KERNEL_BACKENDS
 
 
 class AllOps(torch.nn.Module):
@@ -31,7 +27,7 @@ class AllOps(torch.nn.Module):
         return dense + sampled + topk + logits + 0.01 * ent.mean()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 def test_compile_fullgraph_matches_eager(backend):
     torch._dynamo.reset()
     n, h, v = 11, 9, 67

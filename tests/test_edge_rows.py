@@ -10,22 +10,13 @@ import torch
 
 import opd_kernels as ok
 from opd_kernels import reference as ref
-from opd_kernels.backends import device_support
+from backends_testing import BACKENDS
 from triton_testing import enable_interpreter_without_cuda
 
 enable_interpreter_without_cuda()
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
-CPU = torch.device("cpu")
 N, H, V, K = 5, 8, 37, 3
-
-
-def _param(b):
-    supported, why = device_support(b, CPU)
-    return pytest.param(b, marks=pytest.mark.skipif(not supported, reason=why))
-
-
-BACKENDS = [_param(b) for b in ("torch", "cpp", "triton")]
 
 
 def _problem(seed=0):

@@ -18,11 +18,11 @@ import torch
 import opd_kernels as ok
 from opd_kernels import reference as ref
 from opd_kernels.backends import cpp
+from backends_testing import CPU_KERNEL_BACKENDS
 
 from oracle import fresh_seed, rel_err
 
 VALUE_TOL, GRAD_TOL = 1e-12, 1e-10
-BACKENDS = ["torch", pytest.param("cpp", marks=pytest.mark.skipif(not cpp.AVAILABLE, reason=cpp.UNAVAILABLE_REASON))]
 N, H, H_T, V, K = 37, 24, 20, 301, 5   # odd sizes: no chunk or vector width divides them
 
 
@@ -117,7 +117,7 @@ def _against_oracle(op, reduction, backend, value_tol, grad_tol):
     _check(out, grads, want, want_grads, keys, value_tol, grad_tol, f"{op} ({backend}, {reduction})")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("op,reduction", EXACT)
 def test_fp64_inputs_give_fp64_outputs(op, reduction, backend):
     _against_oracle(op, reduction, backend, VALUE_TOL, GRAD_TOL)

@@ -5,12 +5,10 @@ import torch
 import torch.nn.functional as F
 
 import opd_kernels as ok
-from opd_kernels.backends import device_support
-
-BACKENDS = [b for b in ("torch", "cpp") if device_support(b, torch.device("cpu"))[0]]
+from backends_testing import CPU_KERNEL_BACKENDS
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 def test_ignored_targets_match_cross_entropy(backend):
     n, h, v = 37, 17, 131
     hidden = torch.randn(n, h, dtype=torch.float64, requires_grad=True)

@@ -10,15 +10,13 @@ import pytest
 import torch
 
 import opd_kernels as ok
-from opd_kernels.backends import cpp
+from backends_testing import BACKENDS
 from oracle import rel_err, value_and_grads
 from triton_testing import enable_interpreter_without_cuda, need
 
 enable_interpreter_without_cuda()  # before liger_kernel imports triton
 liger = pytest.importorskip("liger_kernel.chunked_loss", reason="liger-kernel is in the [test] extra")
 
-BACKENDS = ["torch", pytest.param("cpp", marks=pytest.mark.skipif(not cpp.AVAILABLE, reason="cpp unavailable")),
-            pytest.param("triton", marks=pytest.mark.interpret)]
 N, HS, HT, V = 29, 13, 21, 173
 TOL = 5e-5
 

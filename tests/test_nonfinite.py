@@ -14,7 +14,7 @@ import torch
 
 import opd_kernels as ok
 from opd_kernels import reference as ref
-from opd_kernels.backends import device_support
+from backends_testing import BACKENDS
 from triton_testing import enable_interpreter_without_cuda
 
 enable_interpreter_without_cuda()
@@ -23,12 +23,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 CPU = torch.device("cpu")
 
 
-def _param(b):
-    supported, why = device_support(b, CPU)
-    return pytest.param(b, marks=pytest.mark.skipif(not supported, reason=why))
-
-
-BACKENDS = [_param(b) for b in ("torch", "cpp", "triton")]
 DIVERGENCES = ["reverse_kl", "forward_kl", "jsd"]
 NAN, INF = float("nan"), float("inf")
 

@@ -8,16 +8,13 @@ import torch
 
 import opd_kernels as ok
 from opd_kernels import reference as ref
-from opd_kernels.backends import device_support
+from backends_testing import CPU_KERNEL_BACKENDS
 from oracle import rel_err
 
-BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not device_support(b, torch.device("cpu"))[0],
-                                                     reason=device_support(b, torch.device("cpu"))[1]))
-            for b in ("torch", "cpp")]
 DIVERGENCES = ["reverse_kl", "forward_kl", "jsd"]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("magnitude", [1e2, 1e4])
 def test_extreme_logits_fp32(backend, divergence, magnitude):
@@ -33,7 +30,7 @@ def test_extreme_logits_fp32(backend, divergence, magnitude):
     assert rel_err(out, expected) < 1e-4
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_extreme_logits_bf16_range(backend, divergence):
     """bf16 logits of 1e38 (bf16 max: 3.4e38) stay finite: the upcast to fp32 happens per chunk."""
@@ -47,7 +44,7 @@ def test_extreme_logits_bf16_range(backend, divergence):
     assert rel_err(out, expected) < 1e-3
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("temperature", [1e-3, 1e3])
 def test_tiny_and_huge_temperatures(backend, divergence, temperature):
@@ -64,7 +61,7 @@ def test_tiny_and_huge_temperatures(backend, divergence, temperature):
     assert abs(out.item() - expected.item()) <= 1e-4 * max(1.0, abs(expected.item()))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_single_entry_vocabulary(backend, divergence):
     hs = torch.randn(4, 6, requires_grad=True)

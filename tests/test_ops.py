@@ -10,21 +10,10 @@ import torch
 
 import opd_kernels as ok
 from opd_kernels import reference as ref
-from opd_kernels.backends import device_support
+from backends_testing import CPU_KERNEL_BACKENDS
 from oracle import FP32_TOL, cancellation_floor, compare_to_oracle, low_precision_bound
 
-CPU = torch.device("cpu")
 
-
-def _backends():
-    out = []
-    for name in ("torch", "cpp"):
-        supported, reason = device_support(name, CPU)
-        out.append(pytest.param(name, marks=pytest.mark.skipif(not supported, reason=reason), id=name))
-    return out
-
-
-BACKENDS = _backends()
 
 # (N, H_s, H_t, V, V_s, V_t): V not a multiple of any block, N = 1, H = 17, padded student/teacher rows.
 SHAPES = [(37, 17, 23, 301, 301, 310), (1, 17, 9, 129, 140, 129), (64, 32, 48, 1000, 1000, 1003)]
@@ -89,7 +78,7 @@ def _assert_within(errs, bounds):
     assert not bad, f"error above tolerance (err, bound): {bad}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl", "jsd"])
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -98,21 +87,21 @@ def test_linear_divergence_fp32(backend, divergence, option, reduction):
     _assert_within(*_linear_case(backend, shape, option, divergence, reduction))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("peaked", [False, True], ids=["flat", "peaked"])
 def test_linear_divergence_shapes(backend, shape, peaked):
     _assert_within(*_linear_case(backend, shape, "bias", "reverse_kl", "mean", peaked=peaked))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl", "jsd"])
 def test_linear_divergence_low_precision(backend, dtype, divergence):
     _assert_within(*_linear_case(backend, SHAPES[0], "softcap_scale", divergence, "mean", dtype=dtype, peaked=True))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_fully_masked_batch_is_zero(backend, reduction):
     x, _ = _inputs(SHAPES[0])
@@ -124,7 +113,7 @@ def test_fully_masked_batch_is_zero(backend, reduction):
     assert torch.count_nonzero(hs.grad) == 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 def test_normalizer_and_leading_shape(backend):
     x, _ = _inputs((12, 17, 9, 101, 101, 101))
     hs = x["student_hidden"].reshape(3, 4, 17)
@@ -138,7 +127,7 @@ def test_normalizer_and_leading_shape(backend):
     torch.testing.assert_close(norm, per_token.sum() / 40)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl", "jsd"])
 def test_neg_inf_teacher_logits(backend, divergence):
     x, _ = _inputs(SHAPES[0], bias=(False, True))
@@ -161,7 +150,7 @@ def test_neg_inf_teacher_logits(backend, divergence):
 
 
 # ---------------------------------------------------------------------------------------------- lse/gather
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("option", ["plain", "temperature", "softcap_scale", "bias"])
 def test_linear_logprobs_and_entropy(backend, option):
     n, h, v = 29, 17, 311
@@ -183,7 +172,7 @@ def test_linear_logprobs_and_entropy(backend, option):
     _assert_within(errs, {k: FP32_TOL[backend] for k in errs})
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 def test_teacher_gather_builds_no_graph(backend):
     hidden, weight = torch.randn(5, 8, requires_grad=True), torch.randn(97, 8, requires_grad=True)
     targets = torch.randint(0, 97, (5,))
@@ -195,7 +184,7 @@ def test_teacher_gather_builds_no_graph(backend):
     torch.testing.assert_close(lp, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
 @pytest.mark.parametrize("tail", ["bucket", "none"])
 @pytest.mark.parametrize("k", [1, 8, "V"])
@@ -217,7 +206,7 @@ def test_linear_topk_divergence(backend, divergence, tail, k):
 
 
 # ---------------------------------------------------------------------------------------------- logits input
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl", "jsd"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_logits_divergence_fp32(backend, divergence, reduction):
@@ -234,7 +223,7 @@ def test_logits_divergence_fp32(backend, divergence, reduction):
     _assert_within(errs, {k: FP32_TOL[backend] for k in errs})
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_logits_divergence_low_precision(backend, dtype):
     n, v = 17, 1031
@@ -277,7 +266,7 @@ def test_module_wrappers_match_functional():
         loss_fn(x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"], divergence="x")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl", "jsd"])
 def test_shared_vocabulary_mask(backend, divergence):
     """-inf at the same entries of both models (a banned-token bias): finite values and gradients that
@@ -296,7 +285,7 @@ def test_shared_vocabulary_mask(backend, divergence):
     _assert_within(errs, {k: FP32_TOL[backend] for k in errs})
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_logits_divergence_inplace_grad(backend, reduction):
     """inplace_grad=True: same loss and gradient, the gradient written over the logits buffer itself."""
@@ -316,7 +305,7 @@ def test_logits_divergence_inplace_grad(backend, reduction):
     torch.testing.assert_close(x.grad, leaf.grad, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 def test_deterministic_repeats_bitwise(backend):
     x, _ = _inputs(SHAPES[2], bias=(True, False))
     results = []

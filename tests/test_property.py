@@ -19,12 +19,9 @@ from hypothesis import strategies as st
 
 import opd_kernels as ok
 from opd_kernels import reference as ref
-from opd_kernels.backends import device_support
+from backends_testing import BACKENDS, CPU_KERNEL_BACKENDS
 from oracle import FP32_TOL, compare_to_oracle
 
-BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not device_support(b, torch.device("cpu"))[0],
-                                                     reason=device_support(b, torch.device("cpu"))[1]))
-            for b in ("torch", "cpp")]
 
 # A divergence is a difference of sums of O(log V) terms, so fp32 gives it an absolute error of a few ulps
 # of log V (~1e-7 * log V nats), however small the result. Relative errors of values are therefore taken
@@ -45,7 +42,7 @@ cases = st.fixed_dictionaries(dict(
 ))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=cases)
 @example(case=dict(n=1, hs=1, ht=1, v=1, extra_s=0, extra_t=0, divergence="jsd", beta=0.5, reduction="mean",
@@ -89,7 +86,7 @@ def test_linear_divergence_matches_oracle(backend, case):
     assert max(errs.values()) <= FP32_TOL[backend], errs
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_KERNEL_BACKENDS)
 @settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(n=st.integers(1, 30), h=st.integers(1, 20), v=st.integers(1, 260), k=st.integers(1, 8),
        temperature=st.floats(0.3, 3.0), softcap=st.one_of(st.none(), st.floats(1.0, 20.0)),
@@ -119,19 +116,10 @@ def test_lse_gather_matches_oracle(backend, n, h, v, k, temperature, softcap, sp
 # ---------------------------------------------------------------------------------------------------------------
 # Non-finite inputs, non-contiguous ids and masks: the rule, on every backend (Triton interpreted)
 # ---------------------------------------------------------------------------------------------------------------
-def _all_backends():
-    from triton_testing import enable_interpreter_without_cuda
-    enable_interpreter_without_cuda()
-    return [pytest.param(b, marks=pytest.mark.skipif(not device_support(b, torch.device("cpu"))[0],
-                                                     reason=device_support(b, torch.device("cpu"))[1]))
-            for b in ("torch", "cpp", "triton")]
-
-
-ALL_BACKENDS = _all_backends()
 POISON = st.sampled_from([float("nan"), float("inf"), float("-inf")])
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(n=st.integers(2, 12), h=st.integers(1, 12), v=st.integers(2, 300),
        divergence=st.sampled_from(["reverse_kl", "forward_kl", "jsd"]), poison=POISON,
@@ -181,7 +169,7 @@ def test_nonfinite_rows_property(backend, n, h, v, divergence, poison, where, so
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(n=st.integers(1, 12), h=st.integers(1, 12), v=st.integers(2, 300), k=st.integers(1, 5),
        stride=st.integers(2, 3), seed=st.integers(0, 2**31 - 1))

@@ -14,14 +14,13 @@ import torch
 import opd_kernels as ok
 from opd_kernels import reference as ref
 from opd_kernels.backends import cpp
+from backends_testing import BACKENDS
 from matmul_count import CountMatmuls
 from oracle import FP32_TOL, cancellation_floor, compare_to_oracle, low_precision_bound, rel_err
 from triton_testing import assert_within, enable_interpreter_without_cuda, need
 
 enable_interpreter_without_cuda()
 
-BACKENDS = ["torch", pytest.param("cpp", marks=pytest.mark.skipif(not cpp.AVAILABLE, reason="cpp unavailable")),
-            pytest.param("triton", marks=pytest.mark.interpret)]
 V = 157
 TRANSFORM = dict(temperature=0.7, softcap=5.0, scale=1.4, vocab_size=V)
 
