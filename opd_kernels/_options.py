@@ -79,8 +79,7 @@ class RowLossSpec:
         return self.tail == "bucket"
 
     def kernel_args(self) -> dict:
-        """The spec as the dict the closed-form row formulas read (backends/_lse_gather_loss.row_loss_and_grad;
-        the Triton op rebuilds the same keys from its scalars)."""
+        """The spec as the dict the closed-form row formulas read (backends/_lse_gather_loss.row_loss_and_grad)."""
         return dict(kind=self.kind, estimator=self.estimator, divergence=self.divergence,
                     tail_bucket=self.tail_bucket, kl_coef=self.kl_coef, entropy_coef=self.entropy_coef)
 

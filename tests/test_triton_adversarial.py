@@ -15,13 +15,13 @@ import torch.distributed as dist
 
 import opd_kernels as ok
 from opd_kernels import reference as ref
+from backends_testing import BACKENDS
 from triton_testing import enable_interpreter_without_cuda, need
 from oracle import FP32_TOL, fresh_seed, rel_err, value_and_grads
 
 enable_interpreter_without_cuda()
 # the interpreter's numpy evaluates both sides of tl.where: inf - inf in the unused branch is expected
 pytestmark = [pytest.mark.interpret, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
-BACKENDS = ["torch", "cpp", "triton"]
 N, H, V, K = 4, 6, 37, 3
 
 

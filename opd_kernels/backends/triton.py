@@ -28,7 +28,7 @@ from torch import Tensor
 from .. import _validation as check
 from .._common import reduce_per_token
 from .._common import no_double_backward as _no_double_backward
-from .._options import Options
+from .._options import Options, RowLossSpec
 from ..triton import STATS_ROWS  # the package only: triton itself is imported on first use
 from . import _autograd
 from . import pytorch as _pytorch  # runs what the fused kernels do not (fp64, strategy 'chunked')
@@ -254,6 +254,25 @@ def lse_gather(hidden, weight, ids, opts: Options, *, bias=None):
 # --------------------------------------------------------------------------------------------------
 # lse_gather_loss: the fused row loss (backends/_lse_gather_loss.py), gradient formed in the forward
 # --------------------------------------------------------------------------------------------------
+def _lse_gather_loss_scalars(opts: Options) -> tuple:
+    """The Options as the scalar arguments of _lse_gather_loss_op (after the tensors, before grad_mask):
+    (kind, estimator, divergence, tail_bucket, kl_coef, entropy_coef) of ``opts.row_loss``, then
+    (temperature, softcap, scale, vocab_size, deterministic) of the one model (``opts.student``)."""
+    spec, m = opts.row_loss, opts.student
+    return (spec.kind, spec.estimator, spec.divergence, spec.tail_bucket, float(spec.kl_coef),
+            float(spec.entropy_coef), float(m.temperature), None if m.softcap is None else float(m.softcap),
+            float(m.scale), int(opts.vocab_size), bool(opts.deterministic))
+
+
+def _lse_gather_loss_options(kind, estimator, divergence, tail_bucket, kl_coef, entropy_coef, temperature, softcap,
+                             scale, vocab_size, deterministic) -> Options:
+    """Inverse of :func:`_lse_gather_loss_scalars`, inside the op: the lse/gather Options with their
+    ``row_loss``, the RowLossSpec the launcher (triton/row_loss.py) reads."""
+    spec = RowLossSpec(kind, estimator=estimator, divergence=divergence, tail="bucket" if tail_bucket else "none",
+                       kl_coef=kl_coef, entropy_coef=entropy_coef)
+    return _lse_gather_options(temperature, softcap, scale, vocab_size, deterministic).replace(row_loss=spec)
+
+
 @torch.library.custom_op("opd::triton_lse_gather_loss", mutates_args=())
 def _lse_gather_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ids: Tensor, teacher: Tensor,
                         sampler: Optional[Tensor], weights: Tensor, kind: str, estimator: str, divergence: str,
@@ -264,10 +283,9 @@ def _lse_gather_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
     the inputs' dtypes, each gradient empty (0,) where ``grad_mask`` does not ask for it (or without a
     bias). One chunked pass of opd_kernels/triton/row_loss.py: the gradient is formed in the forward."""
     from ..triton import row_loss
-    spec = dict(kind=kind, estimator=estimator, divergence=divergence, tail_bucket=tail_bucket, kl_coef=kl_coef,
-                entropy_coef=entropy_coef)
-    opts = _lse_gather_options(temperature, softcap, scale, vocab_size, deterministic)
-    values, dh, dw, db = row_loss.row_loss_forward(hidden, weight, bias, ids, teacher, sampler, weights, opts, spec,
+    opts = _lse_gather_loss_options(kind, estimator, divergence, tail_bucket, kl_coef, entropy_coef, temperature,
+                                    softcap, scale, vocab_size, deterministic)
+    values, dh, dw, db = row_loss.row_loss_forward(hidden, weight, bias, ids, teacher, sampler, weights, opts,
                                                    any(grad_mask))
     keep = (grad_mask[0], grad_mask[1], grad_mask[2] and bias is not None)
     grads = tuple(g.to(x.dtype) if want else x.new_empty(0)
@@ -321,7 +339,7 @@ def lse_gather_loss(hidden, weight, ids, teacher, opts: Options, *, bias=None, s
     if hidden.dtype == torch.float64:
         return _pytorch.lse_gather_loss(hidden, weight, ids, teacher, opts, bias=bias, sampler=sampler,
                                         weights=weights, hidden_grad_only=hidden_grad_only)
-    spec, m = opts.row_loss, opts.student
+    spec = opts.row_loss
     if spec.kind == "topk" and spec.divergence not in ("forward_kl", "reverse_kl"):
         raise ValueError(f"divergence: the fused top-k loss is forward_kl or reverse_kl, got {spec.divergence!r}")
     _check_runnable(hidden=hidden)
@@ -330,9 +348,7 @@ def lse_gather_loss(hidden, weight, ids, teacher, opts: Options, *, bias=None, s
         loss, values, grad_h, _, _ = _lse_gather_loss_op(
             *_dense(hidden, weight, bias), ids.contiguous(), teacher.detach().float().contiguous(),
             None if sampler is None else sampler.detach().float().contiguous(), weights.detach().float(),
-            spec.kind, spec.estimator, spec.divergence, spec.tail_bucket, float(spec.kl_coef),
-            float(spec.entropy_coef), float(m.temperature), None if m.softcap is None else float(m.softcap),
-            float(m.scale), int(opts.vocab_size), bool(opts.deterministic), mask3)
+            *_lse_gather_loss_scalars(opts), mask3)
     if hidden_grad_only:
         return values, grad_h
     return loss, values

@@ -22,6 +22,7 @@ the row block, at least one block):
 
 Interpreter-tested only (TRITON_INTERPRET=1 on CPU); never run on a GPU (docs/internals.md).
 """
+import dataclasses
 from typing import Optional
 
 import torch
@@ -30,7 +31,7 @@ import triton.language as tl
 
 from .._chunking import workspace_mb
 from .._common import TOPK_TAIL_CLAMP
-from .._options import Options
+from .._options import Options, RowLossSpec
 from ..backends._lse_gather_loss import row_loss_and_grad
 from .launch import INTERPRET, _grad_accumulators, _on, _options, blocks_for, dot_precision
 from .divergence_math import log_probs
@@ -172,22 +173,22 @@ def row_loss_bwd_owned_kernel(raw_ptr, h_ptr, w_ptr, stats_ptr, ent_ptr, g_lse_p
 # --------------------------------------------------------------------------------------------------
 # launcher
 # --------------------------------------------------------------------------------------------------
-def topk_tail_loss_and_grad(q: torch.Tensor, teacher: torch.Tensor, q_tail: torch.Tensor, spec: dict):
-    """(row (C,), d row / d q (C, k), d row / d Q (C,), Q (C,)) of the top-k loss with the tail bucket, given the
-    student's tail mass Q = q_tail from the vocabulary tiles (row_loss_fwd_kernel's t / d): the k terms of
-    row_loss_and_grad (tail_bucket off) plus the tail terms of csrc/include/lse_gather_loss.h's topk_loss,
+def topk_tail_loss_and_grad(q: torch.Tensor, teacher: torch.Tensor, q_tail: torch.Tensor, spec: RowLossSpec):
+    """(row (C,), d row / d q (C, k), d row / d Q (C,), Q (C,)) of the top-k loss ``spec`` with the tail bucket,
+    given the student's tail mass Q = q_tail from the vocabulary tiles (row_loss_fwd_kernel's t / d): the k terms
+    of row_loss_and_grad (``spec`` with tail "none") plus the tail terms of csrc/include/lse_gather_loss.h's topk_loss,
     with Q~ = max(Q, 1e-12), P = 1 - sum_j e^(l_j) in float64 (the teacher's tail has only its k log-probs):
         reverse_kl  + Q (log Q~ - log P~),    d / d Q = log Q~ - log P~ + [Q >= 1e-12]
         forward_kl  - P (log P~ - log Q~),    d / d Q = -P / Q~ [Q >= 1e-12]
     d / d Q stays apart from d / d q (its gradient is formed in the tiles, _workspace_grad). Q here is exact to
     rounding however small; 1 - sum_j e^(q_j) from the fp32 q misses it by ~1e-8, which the forward KL's
     P / Q turns into a gradient of 1e4 / T on a row whose true tail is e^-100."""
-    row, dq = row_loss_and_grad(q, teacher, None, {**spec, "tail_bucket": False})
+    row, dq = row_loss_and_grad(q, teacher, None, dataclasses.replace(spec, tail="none").kernel_args())
     q64 = q_tail.double()
     p64 = 1.0 - teacher.double().exp().sum(-1)
     log_ratio = q64.clamp_min(TOPK_TAIL_CLAMP).log() - p64.clamp_min(TOPK_TAIL_CLAMP).log()
     active = (q64 >= TOPK_TAIL_CLAMP).double()
-    if spec["divergence"] == "reverse_kl":
+    if spec.divergence == "reverse_kl":
         row64, g_tail = q64 * log_ratio, log_ratio + active
     else:
         row64, g_tail = -p64 * log_ratio, -active * p64 / q64.clamp_min(TOPK_TAIL_CLAMP)
@@ -207,10 +208,11 @@ def chunk_rows(n: int, vocab: int, block_n: int) -> int:
 
 
 def row_loss_forward(h, w, b: Optional[torch.Tensor], ids, teacher, sampler: Optional[torch.Tensor], weights,
-                     opts: Options, spec: dict, need_grad: bool):
+                     opts: Options, need_grad: bool):
     """(values (N,) fp32, dh (N, H), dw (V_m, H), db (V_m,) or None as fp32 accumulators; the three are
-    None without ``need_grad``). ``spec``: the row loss (kind, estimator, divergence, tail_bucket,
-    kl_coef, entropy_coef); teacher (N, k), sampler (N,), weights (N,) fp32; values_n = 0 where w_n = 0."""
+    None without ``need_grad``). The row loss is ``opts.row_loss`` (a RowLossSpec); teacher (N, k),
+    sampler (N,), weights (N,) fp32; values_n = 0 where w_n = 0."""
+    spec = opts.row_loss
     n, hdim = h.shape
     k, vocab, m = ids.shape[1], opts.vocab_size, opts.student
     f32 = dict(dtype=torch.float32, device=h.device)
@@ -221,8 +223,8 @@ def row_loss_forward(h, w, b: Optional[torch.Tensor], ids, teacher, sampler: Opt
     blocks = blocks_for(h.device, h.dtype)
     rows = chunk_rows(n, vocab, blocks.n)
     workspace = torch.empty(min(rows, n), vocab, **f32)
-    ec = float(spec["entropy_coef"])
-    tail = spec["kind"] == "topk" and bool(spec["tail_bucket"])
+    ec = spec.entropy_coef
+    tail = spec.kind == "topk" and spec.tail_bucket
     consts = dict(HAS_BIAS=b is not None, HAS_SOFTCAP=m.softcap is not None, DOT_PRECISION=dot_precision(h.dtype),
                   **_options(blocks))
     transform_args = (m.scale, m.kernel_softcap, m.inv_temperature)
@@ -245,7 +247,8 @@ def row_loss_forward(h, w, b: Optional[torch.Tensor], ids, teacher, sampler: Opt
             _, d_all, t_all = merge_online(part[0], part[1], part[3])
             row, dq, g_tail, q_tail = topk_tail_loss_and_grad(q, teacher[sl], t_all / d_all, spec)
         else:
-            row, dq = row_loss_and_grad(q, teacher[sl], None if sampler is None else sampler[sl], spec)
+            row, dq = row_loss_and_grad(q, teacher[sl], None if sampler is None else sampler[sl],
+                                        spec.kernel_args())
         if ec != 0.0:
             row = row - ec * ent
         wc = weights[sl]
