@@ -134,6 +134,24 @@ def lse_gather_grad(z: torch.Tensor, lse: torch.Tensor, ids: torch.Tensor, entro
     return torch.where(live.unsqueeze(-1), grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
 
 
+def not_ids(z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(C, V) bool: column v is none of row n's ids (in-range ids only; the top-k tail's entries)."""
+    v = z.shape[-1]
+    out = torch.ones(z.shape[0], v + 1, dtype=torch.bool, device=z.device)  # column V: the invalid ids'
+    out.scatter_(-1, torch.where(ids_in_range(ids, v), ids, torch.full_like(ids, v)), False)
+    return out[:, :v]
+
+
+def topk_tail_mass(z: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
+    """The student's top-k tail mass Q (C,) = sum_{v not in ids} p_v, summed over those columns (``outside``,
+    :func:`not_ids`) from max-shifted exponentials: exact to rounding however small. 1 - sum_j p_{ids_j}
+    cancels in fp32 when the ids hold nearly all the mass (an error of ~1e-8 or more where Q may be e^-300)."""
+    m = z.amax(-1, keepdim=True)
+    e = (z - torch.where(torch.isneginf(m), torch.zeros_like(m), m)).exp()
+    zero = torch.zeros((), dtype=e.dtype, device=e.device)
+    return torch.where(outside, e, zero).sum(-1) / e.sum(-1)
+
+
 def ids_in_range(ids: torch.Tensor, v: int) -> torch.Tensor:
     """``0 <= ids < v``: the in-kernel id check (the host check is skipped with ``OPD_CHECK_IDS=0``)."""
     return (ids >= 0) & (ids < v)

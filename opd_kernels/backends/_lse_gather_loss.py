@@ -54,6 +54,29 @@ def row_loss(q: torch.Tensor, teacher: torch.Tensor, sampler: Optional[torch.Ten
                                          tail="bucket" if spec.tail_bucket else "none").to(q.dtype)
 
 
+def topk_tail_terms(q_tail: torch.Tensor, teacher: torch.Tensor, divergence: str):
+    """(the tail's term of the row (N,), its derivative d row / d Q (N,)) of the top-k loss with the tail bucket,
+    given the student's tail mass ``q_tail`` = Q (N,) summed over the vocabulary columns that are none of the
+    row's ids (``_divergence_math.topk_tail_mass``: exact to rounding however small), in float64, with
+    Q~ = max(Q, 1e-12), P = 1 - sum_j e^(l_j) (the teacher's tail has only its k log-probs), P~ likewise:
+        reverse_kl  + Q (log Q~ - log P~),    d / d Q = log Q~ - log P~ + [Q >= 1e-12]
+        forward_kl  - P (log P~ - log Q~),    d / d Q = -P / Q~ [Q >= 1e-12]
+    The terms of csrc/include/lse_gather_loss.h's topk_loss; the caller adds the k terms (row_loss_and_grad
+    with tail_bucket off) and the gradient d Q / d z_v = p_v ([v not in ids] - Q) times d row / d Q.
+    Never Q = 1 - sum_j e^(q_j) of the fp32 log-probs: that cancels when the top k hold nearly all the mass
+    (an error of 1e-8 to 1e-4, where the true Q may be e^-300), and the forward KL's P / Q, the reverse KL's
+    Q log Q~ turn it into 1-5% of the gradient."""
+    q64 = q_tail.double()
+    p64 = 1.0 - teacher.double().exp().sum(-1)
+    log_ratio = q64.clamp_min(TOPK_TAIL_CLAMP).log() - p64.clamp_min(TOPK_TAIL_CLAMP).log()
+    active = (q64 >= TOPK_TAIL_CLAMP).double()
+    if divergence == "reverse_kl":
+        row, g_tail = q64 * log_ratio, log_ratio + active
+    else:
+        row, g_tail = -p64 * log_ratio, -active * p64 / q64.clamp_min(TOPK_TAIL_CLAMP)
+    return row.to(q_tail.dtype), g_tail.to(q_tail.dtype)
+
+
 def row_loss_and_grad(q: torch.Tensor, teacher: torch.Tensor, sampler: Optional[torch.Tensor], opts: dict):
     """``opts``: ``RowLossSpec.kernel_args()`` (the Triton op rebuilds the same keys from its scalars).
     (values (N,), d values / d q (N, k)) in closed form - the formulas of csrc/include/lse_gather_loss.h

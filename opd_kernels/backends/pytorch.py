@@ -21,8 +21,9 @@ from .._common import no_double_backward as _no_double_backward
 from .._common import reduce_per_token
 from .._options import Options
 from . import _autograd
-from ._divergence_math import divergence_and_grad, entropy_from_logits, gather_checked, lse_gather_grad
-from ._lse_gather_loss import row_loss_and_grad
+from ._divergence_math import (divergence_and_grad, entropy_from_logits, gather_checked, lse_gather_grad, not_ids,
+                               topk_tail_mass)
+from ._lse_gather_loss import row_loss_and_grad, topk_tail_terms
 
 # logits_divergence(..., inplace_grad=True) is supported (the API asks before passing it)
 INPLACE_GRAD = True
@@ -253,6 +254,11 @@ def _row_loss_pass(h, w, b, ids, teacher, sampler, weights, opts: Options, need)
 
     Per chunk, with g_j = w dq_j (upstream of q_j), g_lse = -sum_j g_j, g_H = -w entropy_coef:
         d/dz_v = p_v (g_lse - g_H (log p_v + H)) + sum_j g_j [v = ids_j]      (reference-exact)
+    With the top-k tail bucket, the student's tail mass Q = sum_{v not in ids} p_v is summed over those
+    columns (topk_tail_mass: exact to rounding however small, never 1 - sum_j e^(q_j)), the row's tail
+    term and g_Q = w d row / d Q come from topk_tail_terms, and the gradient adds
+        g_Q p_v ([v not in ids] - Q)
+    entry by entry (not as -g_Q e_j through q_j, whose terms cancel at the ids only to rounding times g_Q).
     """
     n, v = h.shape[0], opts.vocab_size
     spec = opts.row_loss
@@ -265,6 +271,8 @@ def _row_loss_pass(h, w, b, ids, teacher, sampler, weights, opts: Options, need)
     ec = spec.entropy_coef
     zero = torch.zeros((), dtype=cdt, device=h.device)
     rows = _row_loss_chunk_rows(n, v)
+    tail = spec.kind == "topk" and spec.tail_bucket
+    kernel_args = {**spec.kernel_args(), "tail_bucket": False} if tail else spec.kernel_args()
     for start in range(0, n, rows):
         sl = slice(start, min(start + rows, n))
         raw = linear_logits(h[sl], w, b, v, cdt)  # autocast off: fp32 stays fp32
@@ -275,7 +283,12 @@ def _row_loss_pass(h, w, b, ids, teacher, sampler, weights, opts: Options, need)
         if ec != 0.0:
             entropy = entropy_from_logits(z)
         row, dq = row_loss_and_grad(q, teacher[sl].to(cdt), None if sampler is None else sampler[sl].to(cdt),
-                                    spec.kernel_args())
+                                    kernel_args)
+        if tail:
+            outside = not_ids(z, ids[sl])
+            q_tail = topk_tail_mass(z, outside)
+            row_tail, g_tail = topk_tail_terms(q_tail, teacher[sl], spec.divergence)
+            row = row + row_tail
         if entropy is not None:
             row = row - ec * entropy
         wc = weights[sl].to(cdt)
@@ -286,6 +299,11 @@ def _row_loss_pass(h, w, b, ids, teacher, sampler, weights, opts: Options, need)
             g_q = torch.where(live.unsqueeze(-1), wl.unsqueeze(-1) * dq, zero)  # inf rows: zero gradient
             g = lse_gather_grad(z, lse, ids[sl], entropy, -g_q.sum(-1), g_q,
                                 None if entropy is None else -ec * wl)
+            if tail:
+                g_q_tail = torch.where(live, wl * g_tail, zero).unsqueeze(-1)
+                p = (z - lse.unsqueeze(-1)).exp()
+                d_tail = g_q_tail * p * (outside.to(cdt) - q_tail.unsqueeze(-1))
+                g = g + torch.where(live.unsqueeze(-1) & (p != 0), d_tail, zero)
             g = opts.student.chain(raw, g)
             # masked / non-finite rows: exact zeros (their NaN logits or hidden states must not reach dW)
             accumulate_linear_grads(g, h[sl], w, v, None if grad_h is None else grad_h[sl], grad_w, grad_b,
