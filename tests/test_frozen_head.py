@@ -265,12 +265,20 @@ def test_topk_per_token_path_only_where_the_fused_pass_applies(setting, monkeypa
     plain = {k: v for k, v in kw.items() if k not in ("support_mask",)}
     recomputed = value_and_hidden_grad(lambda h: ok.linear_topk_divergence(h, w, ids, lp, **kw), hidden, upstream)
     assert not took_frozen_head_path(recomputed[2])
-    if setting in ("weight_trains", "off"):  # the same numbers as the frozen-head path
+    if setting in ("weight_trains", "off"):  # the frozen-head path's numbers, each within fp32 of float64
         monkeypatch.setenv("OPD_FROZEN_HEAD", "1")
         fused = value_and_hidden_grad(lambda h: ok.linear_topk_divergence(h, weight, ids, lp, **plain), hidden,
                                       upstream)
         assert took_frozen_head_path(fused[2])
-        assert rel_err(fused[0], recomputed[0]) <= 5e-6 and rel_err(fused[1], recomputed[1]) <= 5e-6
+        # The two paths form the student's tail mass differently (the fused pass sums it over the vocabulary,
+        # the recomputed one takes 1 - sum over the ids), so they agree to fp32 rounding, not bitwise.
+        oracle = value_and_hidden_grad(
+            lambda h: ref.linear_topk_divergence(h, weight.double(), ids, lp.double(),
+                                                 **{k: v for k, v in plain.items() if k != "backend"}),
+            hidden.double(), upstream.double())
+        tol = FP32_TOL["torch"]
+        for path in (fused, recomputed):
+            assert rel_err(path[0], oracle[0]) <= tol and rel_err(path[1], oracle[1]) <= tol
 
 
 def test_topk_per_token_torch_backend_runs_two_matmuls():
