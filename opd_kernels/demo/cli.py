@@ -29,8 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the results do not depend on it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or log lines")
     p.add_argument("--full", action="store_true",
-                   help="also run the cost comparison as published: continued SFT, dense OPD and RL branched from "
-                        "each seed's SFT end point (9 more runs of the whole budget; not in the default)")
+                   help="also run the cost comparison as published (continued SFT, dense OPD and RL branched from "
+                        "each seed's SFT end point), rejection-sampled SFT, the exposure-bias probe and continual "
+                        "learning on a 70/30 new/old mix (not in the default; see docs/demo.md)")
     return p
 
 
