@@ -90,3 +90,38 @@ def test_an_unknown_prompts_file_type_is_refused_listing_the_accepted_ones(tmp_p
     with pytest.raises(ValueError, match=r"unknown file type '\(no extension\)'"):
         load_prompts(str(bare), vocab_size=131)
     assert set(READERS) == {".jsonl", ".txt", ".parquet", ".csv", ".json", "(directory)"}
+
+
+def test_a_hub_name_in_the_local_cache_loads_without_touching_the_network(tmp_path, monkeypatch):
+    """A cached hub name resolves to its snapshot folder; no socket is opened (from_pretrained given a hub
+    name still asks the Hub for optional files despite ``local_files_only``) and an uncached one fails fast."""
+    import socket
+    import time
+
+    import pytest
+    import torch
+
+    from opd_kernels.hf.tiny import tiny_causal_lm
+    from opd_kernels.trainer.models import load_model
+
+    snapshot = tmp_path / "hub" / "models--some-org--tiny" / "snapshots" / ("0" * 40)
+    tiny_causal_lm("llama", seed=3).save_pretrained(snapshot)
+    (tmp_path / "hub" / "models--some-org--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--some-org--tiny" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as hub_constants
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"a socket was opened: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    model = load_model("some-org/tiny", device=torch.device("cpu"))
+    reference = tiny_causal_lm("llama", seed=3)
+    ids = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="not in the local cache"):
+        load_model("some-org/not-cached", device=torch.device("cpu"))
+    assert time.perf_counter() - start < 10

@@ -81,12 +81,28 @@ def load_model(spec: str, *, device: torch.device, seed: int = 0, dtype: Optiona
         raise ValueError(f"model: {spec!r} does not exist (no such file or directory; a hub name in the local "
                          "cache has the form 'name' or 'org/name')")
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, dtype=dtype,
+        model = AutoModelForCausalLM.from_pretrained(_local_dir(spec), local_files_only=True, dtype=dtype,
                                                      attn_implementation=attn)
     except (OSError, ValueError) as e:
         raise ValueError(f"model: {spec!r} is neither a local model directory nor a model in the local "
                          f"Hugging Face cache (nothing is downloaded): {e}") from e
     return model.to(device)
+
+
+def _local_dir(spec: str) -> str:
+    """``spec`` itself when it is a path, else the folder of the hub name's snapshot in the local cache.
+
+    ``from_pretrained`` is only ever given a folder: given a hub name it still asks the Hub for optional files
+    (an adapter config) despite ``local_files_only=True``, retrying for about 25 s where there is no network.
+    """
+    if os.path.exists(spec):
+        return spec
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(spec, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - not in the cache, in whichever way huggingface_hub says it
+        raise OSError(f"{spec!r} is not in the local cache ({type(e).__name__})") from e
 
 
 def max_positions(model: torch.nn.Module) -> Optional[int]:
@@ -113,6 +129,6 @@ def load_tokenizer(spec: str):
         return None
     try:
         from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(spec, local_files_only=True)
+        return AutoTokenizer.from_pretrained(_local_dir(spec), local_files_only=True)
     except (OSError, ValueError):
         return None
