@@ -1,6 +1,7 @@
 """Shared test configuration: seeds, markers, tolerances (docs/design.md section 6)."""
 import os
 import random
+import socket
 import zlib
 
 import pytest
@@ -31,6 +32,25 @@ def _seed(request):
     torch.manual_seed(seed)
     random.seed(seed)
     yield
+
+
+def _loopback(address) -> bool:
+    host = address[0] if isinstance(address, tuple) else address
+    return not isinstance(host, str) or host in ("localhost", "::1") or host.startswith("127.")
+
+
+_connect = socket.socket.connect
+
+
+def _loopback_only(sock, address):
+    """Tests reach nothing but this machine: servers under test bind 127.0.0.1, models come from configs."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and not _loopback(address):
+        raise ConnectionRefusedError(f"tests connect to loopback only, not {address!r}")
+    return _connect(sock, address)
+
+
+def pytest_configure(config):
+    socket.socket.connect = _loopback_only
 
 
 @pytest.fixture

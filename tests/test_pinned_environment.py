@@ -102,3 +102,16 @@ def test_new_since_names_an_unlisted_family(tmp_path):
     f = tmp_path / "families.txt"
     f.write_text("# header\n" + "\n".join(t for t in types if t != "llama") + "\n")
     assert new_since(str(f)) == ["llama"]
+
+
+def test_tests_connect_to_loopback_only():
+    """conftest.py refuses any connection a test opens beyond this machine (no network but the registries)."""
+    import socket
+
+    import conftest
+
+    assert socket.socket.connect is conftest._loopback_only
+    assert conftest._loopback(("127.0.0.1", 8000)) and conftest._loopback(("::1", 8000, 0, 0))
+    assert not conftest._loopback(("192.0.2.1", 443)) and not conftest._loopback(("huggingface.co", 443))
+    with socket.socket() as s, pytest.raises(ConnectionRefusedError, match="loopback only"):
+        s.connect(("192.0.2.1", 9))  # TEST-NET-1: refused before any packet leaves
