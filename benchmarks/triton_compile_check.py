@@ -76,7 +76,8 @@ def variants(dtype: str):
         yield f"lse_bwd_owned[gather,{own}]", lse_bwd_owned_kernel, dict(OWN_ROWS=own == "rows", GATHER=True,
                                                                          **one), opts
     yield "row_loss_fwd", row_loss_fwd_kernel, one, opts  # lse_gather_loss (row_loss.py)
-    yield "row_loss_bwd", row_loss_bwd_kernel, one, opts
+    for gather in (True, False):
+        yield f"row_loss_bwd[gather={gather}]", row_loss_bwd_kernel, dict(GATHER=gather, **one), opts
     for own in ("rows", "cols"):
         yield f"row_loss_bwd_owned[{own}]", row_loss_bwd_owned_kernel, dict(OWN_ROWS=own == "rows", **one), opts
     gather = dict(HAS_BIAS=True, HAS_SOFTCAP=True, BLOCK_J=16, BLOCK_K=b.k)

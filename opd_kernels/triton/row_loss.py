@@ -33,7 +33,8 @@ from .._chunking import workspace_mb
 from .._common import TOPK_TAIL_CLAMP
 from .._options import Options, RowLossSpec
 from ..backends._lse_gather_loss import row_loss_and_grad
-from .launch import INTERPRET, _grad_accumulators, _on, _options, blocks_for, dot_precision
+from .gather import gather_bwd_kernel
+from .launch import INTERPRET, _grad_accumulators, _on, _options, blocks_for, dot_precision, gather_block_j
 from .divergence_math import log_probs
 from .lse import entropy_step, gather_tile, grad_of_tile, ids_in_tile, row_stats
 from .splits import merge_online, split_vocab
@@ -136,15 +137,19 @@ def _workspace_grad(raw_ptr, stats_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, 
 @triton.jit
 def row_loss_bwd_kernel(raw_ptr, h_ptr, w_ptr, stats_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr,
                         tails_ptr, dh_ptr, dw_ptr, db_ptr, N, V, H, K, scale, softcap, inv_temp, TAIL: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Pass 2 of one chunk, grid (row blocks, vocab blocks): G (_workspace_grad) into dh, dw, db (atomics),
-    the scatter term at the ids in the same tile (lse.lse_bwd_kernel: added apart, its O(1 / T) terms
-    cancel against the tile's only to the rounding of the sums they land in)."""
+                        GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
+    """Pass 2 of one chunk, grid (row blocks, vocab blocks): G (_workspace_grad) into dh, dw, db (atomics).
+    GATHER (fp32 inputs): the scatter term at the ids in the same tile (lse.lse_bwd_kernel: added apart, its
+    O(1 / T) terms cancel against the tile's only to the rounding of the sums they land in). Without it
+    (bf16 / fp16 inputs) gather.gather_bwd_kernel adds that term after, in fp32 products: in the tile it would
+    be rounded to the input dtype with the rest of G before the dot, which at the ids (where
+    |G| ~ |g|) costs more than the cancellation it saves."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     dz, keep = _workspace_grad(raw_ptr, stats_ptr, ent_ptr, g_lse_ptr, g_ent_ptr, ids_ptr, g_ids_ptr, tails_ptr,
-                               rows, cols, N, V, K, scale, softcap, inv_temp, True, TAIL, HAS_SOFTCAP, BLOCK_N,
+                               rows, cols, N, V, K, scale, softcap, inv_temp, GATHER, TAIL, HAS_SOFTCAP, BLOCK_N,
                                BLOCK_V)
     if keep:
         accumulate_grads(dz, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, rows, cols, N, V, H,
@@ -268,5 +273,13 @@ def row_loss_forward(h, w, b: Optional[torch.Tensor], ids, teacher, sampler: Opt
                 row_loss_bwd_owned_kernel[(triton.cdiv(vocab, blocks.v),)](*args, TAIL=tail, OWN_ROWS=False,
                                                                           **consts)
             else:
-                row_loss_bwd_kernel[(n_blocks, triton.cdiv(vocab, blocks.v))](*args, TAIL=tail, **consts)
+                fold = h.dtype == torch.float32
+                row_loss_bwd_kernel[(n_blocks, triton.cdiv(vocab, blocks.v))](*args, TAIL=tail, GATHER=fold,
+                                                                             **consts)
+                if not fold:
+                    block_j = gather_block_j(k)
+                    gather_bwd_kernel[(c, triton.cdiv(k, block_j))](
+                        hc, w, b, ids_c, g_q, dh[sl], dw, db, k, vocab, hdim, *transform_args, BLOCK_J=block_j,
+                        BLOCK_K=blocks.k, num_warps=1 if INTERPRET else 4, HAS_BIAS=b is not None,
+                        HAS_SOFTCAP=m.softcap is not None)
     return values, dh, dw, db
