@@ -71,7 +71,8 @@ def variants(dtype: str):
                                                                             **bare), opts
     yield "divergence_bwd[reverse_kl,no bias]", divergence_bwd_kernel, dict(DIVERGENCE=0, **bare), opts
     yield "lse_fwd", lse_fwd_kernel, one, opts
-    yield "lse_bwd", lse_bwd_kernel, dict(GATHER=True, **one), opts
+    for gather in (True, False):
+        yield f"lse_bwd[gather={gather}]", lse_bwd_kernel, dict(GATHER=gather, **one), opts
     for own in ("rows", "cols"):
         yield f"lse_bwd_owned[gather,{own}]", lse_bwd_owned_kernel, dict(OWN_ROWS=own == "rows", GATHER=True,
                                                                          **one), opts

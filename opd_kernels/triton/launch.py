@@ -23,6 +23,7 @@ from .divergence_fwd import combine_splits, divergence_fwd_kernel
 from . import STATS_ROWS
 from .divergence_math import FORWARD_KL, JSD, REVERSE_KL
 from .logits import logits_bwd_kernel, logits_fwd_kernel
+from .gather import gather_bwd_kernel
 from .lse import lse_bwd_kernel, lse_bwd_owned_kernel, lse_entropy, lse_fwd_kernel
 from .splits import split_sum, split_vocab
 
@@ -230,10 +231,18 @@ def lse_gather_backward(g_lse, g_gathered, g_ent, stats, ent, h, w, b, ids, opts
             lse_bwd_owned_kernel[(n_blocks,)](*args, OWN_ROWS=True, **consts)
             lse_bwd_owned_kernel[(v_blocks,)](*args, OWN_ROWS=False, **consts)
             return dh, dw, db
+        # fp32: the ids' gradient folded into the tile; bf16 / fp16: added apart in fp32 products, since the
+        # tile is rounded to the input dtype before its dot (row_loss.row_loss_bwd_kernel says why)
+        fold = gather and h.dtype == torch.float32
         lse_bwd_kernel[(n_blocks, v_blocks)](
-            h, w, b, stats, ent, g_lse, g_ent, ids if gather else None, g_gathered, dh, dw, db, n, vocab, hdim,
-            k if gather else 0, *transform, GATHER=gather, DOT_PRECISION=dot_precision(h.dtype), **common,
-            **_options(blocks))
+            h, w, b, stats, ent, g_lse, g_ent, ids if fold else None, g_gathered if fold else None, dh, dw, db, n,
+            vocab, hdim, k if fold else 0, *transform, GATHER=fold, DOT_PRECISION=dot_precision(h.dtype),
+            **common, **_options(blocks))
+        if gather and not fold:
+            block_j = gather_block_j(k)
+            gather_bwd_kernel[(n, triton.cdiv(k, block_j))](
+                h, w, b, ids, g_gathered, dh, dw, db, k, vocab, hdim, *transform, BLOCK_J=block_j,
+                BLOCK_K=blocks.k, num_warps=1 if INTERPRET else 4, **common)
     return dh, dw, db
 
 
