@@ -13,7 +13,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="The embedded study: a teacher and a smaller student on running sums of 6 digits (12-token "
                     "answers); dense OPD, sampled-token OPD, offline dense KD, SFT on teacher samples and RL on "
                     "the 0/1 reward from the same warm student, against FLOPs and CPU seconds, over several "
-                    "seeds, with two forgetting measurements and a verdict per published OPD claim. "
+                    "seeds, with the cost comparison from SFT's end point, forgetting and continual learning, and a "
+                    "verdict per published OPD claim. "
                     "See docs/demo.md.")
     p.add_argument("--quick", action="store_true", help="the CI-sized run (under 3 minutes)")
     p.add_argument("--preset", choices=("tiny", "quick", "default"), default=None,
@@ -29,9 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "the results do not depend on it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or log lines")
     p.add_argument("--full", action="store_true",
-                   help="also run the cost comparison as published (continued SFT, dense OPD and RL branched from "
-                        "each seed's SFT end point), rejection-sampled SFT, the exposure-bias probe and continual "
-                        "learning on a 70/30 new/old mix (not in the default; see docs/demo.md)")
+                   help="also probe each method's learning rate on a grid (the default uses the recorded choices), "
+                        "and run rejection-sampled SFT, the exposure-bias probe and continual learning on the new "
+                        "task alone (not in the default; see docs/demo.md)")
+    p.add_argument("--teacher-seeds", type=int, default=1,
+                   help="run the whole study at --seed S, S + 1, ... (each trains its own teacher and warm student) "
+                        "into OUTPUT_DIR/teacher-seed-K, and compare the verdicts across teachers in "
+                        "OUTPUT_DIR/teacher_seeds.json (default: %(default)s; each one costs a whole run)")
     return p
 
 
@@ -40,9 +45,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.quick and args.preset not in (None, "quick"):
         print(f"opd-distill: --quick conflicts with --preset {args.preset}", file=sys.stderr)
         return 2
-    for flag in ("seeds", "jobs"):
+    for flag in ("seeds", "jobs", "teacher_seeds"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            print(f"opd-distill: --{flag} must be >= 1, got {getattr(args, flag)}", file=sys.stderr)
+            print(f"opd-distill: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}", file=sys.stderr)
             return 2
     import torch
 
@@ -54,12 +59,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     overrides = {"jobs": args.jobs or (1 if name == "tiny" else min(2, os.cpu_count() or 1))}
     if args.seeds is not None:
         overrides["seeds"] = args.seeds
-    cfg = preset(name, args.seed, **overrides)
     output_dir = args.output_dir
     if args.quick and output_dir == "opd_runs/default":
         output_dir = "opd_runs/quick"
-    command = "opd-distill " + " ".join(sys.argv[1:] if argv is None else argv)
-    run_experiment(cfg, output_dir, args.cache_dir, quiet=args.no_progress, command=command.strip(), full=args.full)
+    command = ("opd-distill " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    if args.teacher_seeds == 1:
+        run_experiment(preset(name, args.seed, **overrides), output_dir, args.cache_dir, quiet=args.no_progress,
+                       command=command, full=args.full)
+        return 0
+    import json
+
+    from opd_kernels.trainer.checkpoint import write_text_atomic
+
+    from .teachers import compare, table
+
+    reports, paths = [], []
+    for k in range(args.teacher_seeds):
+        sub = os.path.join(output_dir, f"teacher-seed-{args.seed + k}")
+        reports.append(run_experiment(preset(name, args.seed + k, **overrides), sub, args.cache_dir, quiet=args.no_progress,
+                                      command=command, full=args.full))
+        paths.append(os.path.join(sub, "report.json"))
+    cmp = compare(reports, paths)
+    write_text_atomic(os.path.join(output_dir, "teacher_seeds.json"), json.dumps(cmp, indent=1) + "\n")
+    print("\n" + table(cmp) + f"\n\nacross teachers: {os.path.join(output_dir, 'teacher_seeds.json')}", flush=True)
     return 0
 
 

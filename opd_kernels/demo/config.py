@@ -1,8 +1,8 @@
 """Presets of the study: ``tiny`` (tests, seconds), ``quick`` (CI, < 3 min) and ``default`` (< 10 min)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
-from typing import Tuple
+from dataclasses import asdict, dataclass, replace
+from typing import Dict, Optional, Tuple
 
 from .models import ModelSize
 
@@ -34,11 +34,15 @@ class ExperimentConfig:
     method_batch: int = 32
     token_budget: int = 200_000
     curve_points: int = 8
-    # learning rate rule: per method, the value of lr_grid with the best validation accuracy at the end of
-    # a probe run of lr_probe_fraction of the budget, its schedule compressed to that length, at the first
-    # seed (a single value: no probe)
-    lr_grid: Tuple[float, ...] = (1e-3, 3e-4)
+    # learning rate rule: per method, the value of lr_grid with the best validation accuracy, averaged over
+    # lr_probe_seeds probe runs of lr_probe_fraction of the budget, each with its schedule compressed to that
+    # length (a single value: no probe)
+    lr_grid: Tuple[float, ...] = (3e-3, 1e-3, 3e-4, 1e-4)
     lr_probe_fraction: float = 0.25
+    lr_probe_seeds: int = 2
+    # the rates a run without --full uses instead of probing: the probe's choices as recorded by a --full run
+    # of this preset (docs/results/demo_report_full.json for the default); None: the probe always runs
+    learning_rates: Optional[Tuple[Tuple[str, float], ...]] = None
     seeds: int = 3
     method_warmup_steps: int = 10    # linear learning-rate warm-up of every method, then ...
     method_lr_decay: bool = True     # ... a cosine over the token budget down to 10% (False: constant)
@@ -59,7 +63,12 @@ class ExperimentConfig:
     jobs: int = 2
 
     def to_json(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["learning_rates"] = self.preset_learning_rates()
+        return out
+
+    def preset_learning_rates(self) -> Optional[Dict[str, float]]:
+        return None if self.learning_rates is None else dict(self.learning_rates)
 
 
 PRESETS = {
@@ -79,7 +88,10 @@ PRESETS = {
                               token_budget=6_000, curve_points=3, lr_grid=(1e-3,), seeds=2, eval_examples=100,
                               old_eval_examples=100, validation_examples=100, continual_max_steps=60,
                               recovery_tokens=3_000),
-    "default": ExperimentConfig(name="default"),
+    # the learning rates: the grid probe's choices in the recorded --full run (a test checks they agree)
+    "default": ExperimentConfig(name="default", learning_rates=(
+        ("dense_opd", 1e-3), ("sampled_opd", 3e-4), ("offline_kd", 1e-3), ("sft", 1e-3), ("rl", 3e-4),
+        ("sft_ground_truth", 1e-3), ("sft_rejection", 1e-3))),
 }
 
 

@@ -1,15 +1,17 @@
 """The study: teacher (cached) -> warm student (cached) -> learning rates -> five methods x seeds ->
-continual learning -> report.json, plots, table.
+cost from SFT's end point -> continual learning -> report.json, plots, table.
 
 Equivalent outline::
 
     teacher  = train(running_sum)                                # cached under cache_dir
     student0 = train(running_sum + reversal) until the target    # the warm start, cached too
-    lr[m]    = best of cfg.lr_grid on the validation split       # one rule for every method m
+    lr[m]    = best of cfg.lr_grid on the validation split       # --full; else the recorded choices
     for seed, m in seeds x methods:                              # parallel jobs, each deterministic
         curve[seed][m] = run_method(m, copy(student0), ...)      # accuracy, old skill, FLOPs, CPU s
-    for seed: continual(seed)                                    # forget, then recover from own checkpoint
-    report = claims(curves, continual)                           # report.py
+    for seed, m in seeds x (sft, dense_opd, rl):                 # the published cost comparison
+        branch[seed][m] = run_method(m, copy(sft_end[seed]), ...)
+    for seed: continual_mix(seed)                                # forget on a 70/30 mix, then recover
+    report = claims(curves, branch, continual)                   # report.py
 """
 from __future__ import annotations
 
@@ -109,22 +111,27 @@ def _cached_model(root: str, build, train, log) -> Tuple[object, dict, bool]:
 _WORKER: Dict = {}
 
 
-# --full only: the continual-learning protocol as published (a new/old mix) and the exposure-bias probe
-MIX_NEW_FRACTION = 0.7           # of each fine-tune batch: the new task; the rest old-task ground truth
+MIX_NEW_FRACTION = 0.7           # continual learning: of each fine-tune batch, the new task; the rest old-task ground truth
 MIX_RECOVERY_FACTOR = 2          # recovery budget: this x cfg.recovery_tokens student tokens
-EXPOSURE_TEACHER_SEED = 4321     # the teacher's prefixes (the same for every student)
+EXPOSURE_TEACHER_SEED = 4321     # --full, exposure bias: the teacher's prefixes (the same for every student)
 EXPOSURE_OWN_SEED = 300          # + seed: the student's own prefixes
+
+
+def continual_protocol(cfg: ExperimentConfig) -> Dict:
+    """The continual-learning settings (report.json: ``continual_protocol``)."""
+    return {"new_fraction": MIX_NEW_FRACTION, "batch": cfg.continual_batch, "new_target": cfg.continual_new_target,
+            "max_steps": cfg.continual_max_steps, "lr": cfg.continual_lr,
+            "recovery_tokens": MIX_RECOVERY_FACTOR * cfg.recovery_tokens}
 
 
 def full_protocol(cfg: ExperimentConfig) -> Dict:
     """The settings ``--full`` adds (report.json: ``full_protocol``)."""
     return {"rejection_sampled_sft": f"teacher samples at T = 1 filtered by exact match, drawn {cfg.method_batch} "
                                      "prompts at a time until a training batch is full (every draw charged); "
-                                     "SFT's learning rate",
-            "continual_mix": {"new_fraction": MIX_NEW_FRACTION, "batch": cfg.continual_batch,
-                              "new_target": cfg.continual_new_target, "max_steps": cfg.continual_max_steps,
-                              "lr": cfg.continual_lr,
-                              "recovery_tokens": MIX_RECOVERY_FACTOR * cfg.recovery_tokens},
+                                     "its learning rate probed like every method's",
+            "continual_new_task_only": {"batch": cfg.continual_batch, "new_target": cfg.continual_new_target,
+                                        "drop_to": cfg.continual_drop_to, "max_steps": cfg.continual_max_steps,
+                                        "lr": cfg.continual_lr, "recovery_tokens": cfg.recovery_tokens},
             "exposure": {"conditions": list(exposure.CONDITIONS), "teacher_seed": EXPOSURE_TEACHER_SEED,
                          "own_seed": f"{EXPOSURE_OWN_SEED} + seed"}}
 
@@ -152,8 +159,48 @@ def lr_schedule(cfg: ExperimentConfig) -> str:
 def lr_rule(cfg: ExperimentConfig) -> str:
     """The learning-rate rule in words (the phase-3 log line and report.json)."""
     compressed = " with the schedule compressed to it" if cfg.method_lr_decay else ""
+    seeds = ", ".join(str(sd) for sd in probe_seeds(cfg))
     return (f"per method, the best of {list(cfg.lr_grid)} by validation accuracy at the end of a run of "
-            f"{cfg.lr_probe_fraction:.0%} of the budget{compressed} at seed {cfg.seed}")
+            f"{cfg.lr_probe_fraction:.0%} of the budget{compressed}, averaged over seeds {seeds} (ties: the "
+            "smaller rate); a choice at either end of the grid is flagged")
+
+
+def probe_seeds(cfg: ExperimentConfig) -> List[int]:
+    return [cfg.seed + k for k in range(cfg.lr_probe_seeds)]
+
+
+def learning_rates(s: Setup, methods: Tuple[str, ...], full: bool, pool: "Jobs", log, quiet: bool) -> Dict:
+    """Phase 3: ``report.json: learning_rates``. The probe runs with ``--full`` and for a preset without
+    recorded rates; otherwise the preset's rates (the probe's choices in its recorded ``--full`` run)."""
+    cfg = s.cfg
+    preset = cfg.preset_learning_rates()
+    if len(cfg.lr_grid) == 1:
+        return {"source": "single", "rule": f"the single value {cfg.lr_grid[0]} for every method",
+                "chosen": {m: float(cfg.lr_grid[0]) for m in methods}, "at_edge": []}
+    if preset is not None and not full:
+        missing = [m for m in methods if m not in preset]
+        if missing:
+            raise ValueError(f"preset {cfg.name!r}: no recorded learning rate for {missing}")
+        chosen = {m: preset[m] for m in methods}
+        return {"source": "preset", "rule": f"the rates the probe chose in this preset's recorded --full run "
+                                            f"({lr_rule(cfg)}); schedule: {lr_schedule(cfg)}",
+                "chosen": chosen, "at_edge": [m for m in methods if chosen[m] in (min(cfg.lr_grid), max(cfg.lr_grid))]}
+    log(f"phase 3: learning rate of each method: {lr_rule(cfg)} ({len(s.val)} validation prompts)")
+    seeds = probe_seeds(cfg)
+    got = pool.run([(("probe", m, lr, sd), None) for m in methods for lr in cfg.lr_grid for sd in seeds],
+                   "lr probe", quiet)
+    per_seed = {m: {str(lr): [got[("probe", m, lr, sd)]["validation_accuracy"] for sd in seeds]
+                    for lr in cfg.lr_grid} for m in methods}
+    mean = {m: {lr: sum(v) / len(v) for lr, v in per.items()} for m, per in per_seed.items()}
+    chosen = {m: rep.choose_lr(mean[m], cfg.lr_grid) for m in methods}
+    edges = (min(cfg.lr_grid), max(cfg.lr_grid))
+    out = {"source": "probe", "rule": f"{lr_rule(cfg)}; schedule: {lr_schedule(cfg)}", "probe_seeds": seeds,
+           "validation_accuracy": mean, "validation_accuracy_per_seed": per_seed, "chosen": chosen,
+           "at_edge": [m for m in methods if chosen[m] in edges]}
+    if preset is not None:
+        out["preset"] = preset
+        out["differs_from_preset"] = [m for m in methods if m in preset and preset[m] != chosen[m]]
+    return out
 
 
 def _train(s: Setup, name: str, student, teacher, lr: float, seed: int, budget: int, evaluate_fn,
@@ -170,9 +217,9 @@ def _job(item: Tuple) -> Tuple[Tuple, Dict]:
     s, teacher, student0 = _WORKER["setup"], _WORKER["teacher"], _WORKER["student0"]
     cfg = s.cfg
     key, payload = item
-    if key[0] == "probe":                    # ("probe", method, lr): validation accuracy only
-        _, name, lr = key
-        res = _train(s, name, copy.deepcopy(student0), teacher, lr, cfg.seed, int(cfg.token_budget *
+    if key[0] == "probe":                    # ("probe", method, lr, seed): validation accuracy only
+        _, name, lr, seed = key
+        res = _train(s, name, copy.deepcopy(student0), teacher, lr, seed, int(cfg.token_budget *
                      cfg.lr_probe_fraction), lambda m: {"accuracy": evaluate(m, s.tok, s.main, s.val)}, 1)
         return key, {"validation_accuracy": res["curve"][-1]["accuracy"]}
     if key[0] == "method":                   # ("method", seed, name), payload: lr
@@ -295,9 +342,9 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
                    quiet: bool = False, command: str = "", full: bool = False) -> Dict:
     """Run the whole study; write ``report.json`` and the plots in ``output_dir``.
 
-    ``full`` adds the cost comparison as published (``plateau_branch``): per seed, from the student SFT'd
-    on teacher samples for the whole budget (phase 4's SFT run, near its plateau), continued SFT, dense OPD
-    and RL each train for another budget of student tokens."""
+    ``full`` adds the learning-rate probe over ``cfg.lr_grid`` (the default preset otherwise uses the
+    rates it chose in the recorded ``--full`` run), rejection-sampled SFT, the exposure-bias probe and
+    continual learning on the new task alone (``continual``)."""
     t_start = time.perf_counter()
     cache_dir = cache_dir or os.path.join(output_dir, "cache")
     os.makedirs(output_dir, exist_ok=True)
@@ -317,7 +364,7 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
     troot = os.path.join(cache_dir, f"teacher-{tkey}")
 
     def train_teacher(model):
-        log(f"phase 1/5: training the teacher ({sum(p.numel() for p in model.parameters()):,} parameters, "
+        log(f"phase 1: training the teacher ({sum(p.numel() for p in model.parameters()):,} parameters, "
             f"until {cfg.teacher_target:.0%} validation accuracy, at most {cfg.teacher_steps} steps) - "
             "cached afterwards")
         steps = train_supervised(
@@ -348,7 +395,7 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
     sroot = os.path.join(cache_dir, f"student-warm-{skey}")
 
     def warm_student(model):
-        log(f"phase 2/5: SFT warm-up of the student ({sum(p.numel() for p in model.parameters()):,} parameters) "
+        log(f"phase 2: SFT warm-up of the student ({sum(p.numel() for p in model.parameters()):,} parameters) "
             f"until {cfg.warmup_target:.0%} validation accuracy on running sums and {cfg.old_skill_target:.0%} "
             f"on reversal (at most {cfg.warmup_max_steps} steps) - cached afterwards")
         n_main = round(cfg.warmup_batch * cfg.warmup_main_fraction)
@@ -374,24 +421,18 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
             teacher, s.tok, s.main, s.eval, EXPOSURE_TEACHER_SEED), EXPOSURE_OWN_SEED + cfg.seed)
     pool = Jobs(cfg, (troot, sroot), full)   # the worker processes, started once for phases 3-5
     try:
-        # ---- phase 3: learning rates, chosen on the validation split ----------------------------------
+        # ---- phase 3: learning rates (probed with --full; the default uses the recorded choices) -------
         t0 = time.perf_counter()
-        probe = {}
-        if len(cfg.lr_grid) > 1:
-            log(f"phase 3/5: learning rate of each method: {lr_rule(cfg)} ({len(s.val)} validation prompts)")
-            got = pool.run([(("probe", m, lr), None) for m in methods for lr in cfg.lr_grid], "lr probe", quiet)
-            probe = {m: {str(lr): got[("probe", m, lr)]["validation_accuracy"] for lr in cfg.lr_grid}
-                     for m in methods}
-        lrs = {m: rep.choose_lr(probe.get(m), cfg.lr_grid) for m in methods}
-        if full:                             # rejection-sampled SFT (--full): SFT's learning rate, no probe
+        if full:                             # rejection-sampled SFT (--full) is probed like every method
             methods = methods + (REJECTION,)
-            lrs[REJECTION] = lrs["sft"]
+        lr_report = learning_rates(s, methods, full, pool, log, quiet)
+        lrs = lr_report["chosen"]
         timings["lr_probe"] = round(time.perf_counter() - t0, 1)
 
         # ---- phase 4: the five methods (and the ground-truth reference) x seeds ---------------------
         t0 = time.perf_counter()
         seeds = [cfg.seed + k for k in range(cfg.seeds)]
-        log(f"phase 4/5: {len(methods)} methods x {len(seeds)} seeds, {cfg.token_budget:,} student tokens each, "
+        log(f"phase 4: {len(methods)} methods x {len(seeds)} seeds, {cfg.token_budget:,} student tokens each, "
             f"on {cfg.jobs} process(es); learning rates {lrs}")
         got = pool.run([(("method", sd, m), lrs[m]) for sd in seeds for m in methods], "methods", quiet)
         runs = {m: {str(sd): got[("method", sd, m)] for sd in seeds} for m in methods}
@@ -399,35 +440,32 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
         plateaus = {sd: runs["sft"][str(sd)].pop("_state") for sd in seeds}
         timings["methods"] = round(time.perf_counter() - t0, 1)
 
-        # ---- phase 5: continual learning ------------------------------------------------------------
+        # ---- phase 5: the cost comparison as published, branched from SFT's end point --------------
         t0 = time.perf_counter()
-        log(f"phase 5/5: continual learning per seed: fine-tune on letter shift until it is learned and the "
-            f"running sum falls below {cfg.continual_drop_to:.0%} of its level, then recover the running sum "
-            "from the earlier checkpoint")
-        got = pool.run([(("continual", sd), (lrs, finals[sd])) for sd in seeds], "continual", quiet)
-        cont = {str(sd): got[("continual", sd)] for sd in seeds}
-        timings["continual"] = round(time.perf_counter() - t0, 1)
+        log(f"phase 5: from each seed's SFT end point, continued SFT, dense OPD and RL for another "
+            f"{cfg.token_budget:,} student tokens each")
+        got = pool.run([(("branch", sd, m), (lrs[m], plateaus[sd])) for sd in seeds for m in rep.BRANCH_METHODS],
+                       "plateau branch", quiet)
+        branch = {m: {str(sd): got[("branch", sd, m)] for sd in seeds} for m in rep.BRANCH_METHODS}
+        timings["plateau_branch"] = round(time.perf_counter() - t0, 1)
 
-        # ---- with --full: continual learning as published (a 70/30 new/old mix) ---------------------
-        cont_mix = None
+        # ---- phase 6: continual learning as published (a 70/30 new/old mix) ----------------------------
+        t0 = time.perf_counter()
+        log(f"phase 6: continual learning on a {MIX_NEW_FRACTION:.0%}/{1 - MIX_NEW_FRACTION:.0%} new/old mix, "
+            "then no recovery / dense OPD / SFT from the earlier checkpoint")
+        got = pool.run([(("continual_mix", sd), (lrs, finals[sd])) for sd in seeds], "continual (mix)", quiet)
+        cont_mix = {str(sd): got[("continual_mix", sd)] for sd in seeds}
+        timings["continual_mix"] = round(time.perf_counter() - t0, 1)
+
+        # ---- with --full: continual learning on the new task alone (the old skill wiped) ------------
+        cont = None
         if full:
             t0 = time.perf_counter()
-            log(f"--full: continual learning on a {MIX_NEW_FRACTION:.0%}/{1 - MIX_NEW_FRACTION:.0%} new/old mix, "
-                "then no recovery / dense OPD / SFT from the earlier checkpoint")
-            got = pool.run([(("continual_mix", sd), (lrs, finals[sd])) for sd in seeds], "continual (mix)", quiet)
-            cont_mix = {str(sd): got[("continual_mix", sd)] for sd in seeds}
-            timings["continual_mix"] = round(time.perf_counter() - t0, 1)
-
-        # ---- with --full: the cost comparison branched from SFT's plateau -----------------------------
-        branch = None
-        if full:
-            t0 = time.perf_counter()
-            log(f"--full: from each seed's SFT end point, continued SFT, dense OPD and RL for another "
-                f"{cfg.token_budget:,} student tokens each")
-            got = pool.run([(("branch", sd, m), (lrs[m], plateaus[sd])) for sd in seeds for m in rep.BRANCH_METHODS],
-                           "plateau branch", quiet)
-            branch = {m: {str(sd): got[("branch", sd, m)] for sd in seeds} for m in rep.BRANCH_METHODS}
-            timings["plateau_branch"] = round(time.perf_counter() - t0, 1)
+            log(f"--full: continual learning on the new task alone until the running sum falls below "
+                f"{cfg.continual_drop_to:.0%} of its level, then recovery from the earlier checkpoint")
+            got = pool.run([(("continual", sd), (lrs, finals[sd])) for sd in seeds], "continual", quiet)
+            cont = {str(sd): got[("continual", sd)] for sd in seeds}
+            timings["continual"] = round(time.perf_counter() - t0, 1)
     finally:
         pool.close()
 
@@ -448,13 +486,13 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
                     "size": cfg.teacher.as_dict()},
         "student_warm": {**smeta, **warm, "parameters": sum(p.numel() for p in student0.parameters()),
                          "cached": student_cached, "size": cfg.student.as_dict()},
-        "learning_rates": {"rule": f"{lr_rule(cfg)}; schedule: {lr_schedule(cfg)}" if probe else f"the single value {cfg.lr_grid[0]} for every method",
-                           "validation_accuracy": probe, "chosen": lrs},
+        "learning_rates": lr_report,
         "seeds": seeds,
         "runs": runs,
-        "continual": cont,
-        **({"plateau_branch": branch} if branch is not None else {}),
-        **({"continual_mix": cont_mix, "full_protocol": full_protocol(cfg),
+        "plateau_branch": branch,
+        "continual_mix": cont_mix,
+        "continual_protocol": continual_protocol(cfg),
+        **({"continual": cont, "full_protocol": full_protocol(cfg),
             "exposure": {"warm": warm_exposure,
                          "runs": {m: {str(sd): runs[m][str(sd)].pop("exposure") for sd in seeds} for m in runs}}}
            if full else {}),
