@@ -8,14 +8,15 @@ import torch
 
 import opd_kernels.reference as ref
 from opd_kernels.demo import losses
+from opd_kernels.demo.analysis import analyse
 from opd_kernels.demo.flops import forward_flops, generate_flops, score_flops, train_flops
 from opd_kernels.demo.methods import METHODS, step_flops, token_lr
 from opd_kernels.demo.models import ModelSize, build_model, completion_mask, generate, hidden_states, lm_head_weight
-from opd_kernels.demo.report import (VERDICTS, analyse, choose_lr, combine, common_score_ratio, cost_to_reach,
-                                     judge, max_drop, ratio_to, value_at)
+from opd_kernels.demo.readouts import choose_lr, common_score_ratio, cost_to_reach, max_drop, ratio_to, value_at
 from opd_kernels.demo.tasks import Reversal, RunningSum, Shift
 from opd_kernels.demo.tokenizer import ByteTokenizer
 from opd_kernels.demo.training import answer_batch, exact_match, prompt_batch, train_supervised
+from opd_kernels.demo.uncertainty import VERDICTS, combine, judge
 
 TOK = ByteTokenizer()
 

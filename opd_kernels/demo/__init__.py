@@ -9,5 +9,5 @@ reverse-KL OPD (``opd_kernels.linear_divergence``), sampled-token OPD
 teacher samples and REINFORCE on the 0/1 reward, over several seeds, against FLOPs
 (``flops.py``) and CPU seconds. It measures forgetting of a second skill at matched accuracy and
 runs a continual-learning experiment, then writes ``report.json`` with a verdict per claim
-(``report.py``). See docs/demo.md. Entry point: :func:`opd_kernels.demo.cli.main`.
+(``analysis.py``). See docs/demo.md. Entry point: :func:`opd_kernels.demo.cli.main`.
 """

@@ -30,13 +30,16 @@ from tqdm.auto import tqdm
 
 from opd_kernels.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
 
-from . import report as rep
+from .analysis import analyse
 from .config import ExperimentConfig
 from .flops import forward_flops
 from .losses import public_ops
 from . import exposure
 from .methods import METHODS, REFERENCE, REJECTION, run_method
 from .models import build_model
+from .plots import plot_all
+from .readouts import BRANCH_METHODS, choose_lr
+from .report import table
 from .tasks import Reversal, RunningSum, Shift
 from .tokenizer import ByteTokenizer
 from .training import evaluate, evaluate_hits, hits_accuracy, sample_accuracy, train_supervised
@@ -192,7 +195,7 @@ def learning_rates(s: Setup, methods: Tuple[str, ...], full: bool, pool: "Jobs",
     per_seed = {m: {str(lr): [got[("probe", m, lr, sd)]["validation_accuracy"] for sd in seeds]
                     for lr in cfg.lr_grid} for m in methods}
     mean = {m: {lr: sum(v) / len(v) for lr, v in per.items()} for m, per in per_seed.items()}
-    chosen = {m: rep.choose_lr(mean[m], cfg.lr_grid) for m in methods}
+    chosen = {m: choose_lr(mean[m], cfg.lr_grid) for m in methods}
     edges = (min(cfg.lr_grid), max(cfg.lr_grid))
     out = {"source": "probe", "rule": f"{lr_rule(cfg)}; schedule: {lr_schedule(cfg)}", "probe_seeds": seeds,
            "validation_accuracy": mean, "validation_accuracy_per_seed": per_seed, "chosen": chosen,
@@ -444,9 +447,9 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
         t0 = time.perf_counter()
         log(f"phase 5: from each seed's SFT end point, continued SFT, dense OPD and RL for another "
             f"{cfg.token_budget:,} student tokens each")
-        got = pool.run([(("branch", sd, m), (lrs[m], plateaus[sd])) for sd in seeds for m in rep.BRANCH_METHODS],
+        got = pool.run([(("branch", sd, m), (lrs[m], plateaus[sd])) for sd in seeds for m in BRANCH_METHODS],
                        "plateau branch", quiet)
-        branch = {m: {str(sd): got[("branch", sd, m)] for sd in seeds} for m in rep.BRANCH_METHODS}
+        branch = {m: {str(sd): got[("branch", sd, m)] for sd in seeds} for m in BRANCH_METHODS}
         timings["plateau_branch"] = round(time.perf_counter() - t0, 1)
 
         # ---- phase 6: continual learning as published (a 70/30 new/old mix) ----------------------------
@@ -501,11 +504,11 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "jobs": cfg.jobs, "torch_threads_per_job": 1},
     }
-    report.update(rep.analyse(report))
+    report.update(analyse(report))
     report["wall_seconds"] = {**timings, "total": round(time.perf_counter() - t_start, 1)}
     write_text_atomic(os.path.join(output_dir, "report.json"), json.dumps(report, indent=1) + "\n")
-    plots = rep.plot_all(report, output_dir)
-    print(rep.table(report), flush=True)
+    plots = plot_all(report, output_dir)
+    print(table(report), flush=True)
     print(f"\nreport: {os.path.join(output_dir, 'report.json')}\nplots: " + ", ".join(plots), flush=True)
     return report
 
