@@ -40,9 +40,11 @@ class ExperimentConfig:
     lr_grid: Tuple[float, ...] = (3e-3, 1e-3, 3e-4, 1e-4)
     lr_probe_fraction: float = 0.25
     lr_probe_seeds: int = 2
-    # the rates a run without --full uses instead of probing: the probe's choices as recorded by a --full run
-    # of this preset (docs/results/demo_report_full.json for the default); None: the probe always runs
+    # the rates a run without --full uses instead of probing, from the warm student and from SFT's end point:
+    # the probe's choices as recorded by a --full run of this preset (docs/results/demo_report_full.json for
+    # the default); None: the probe always runs
     learning_rates: Optional[Tuple[Tuple[str, float], ...]] = None
+    branch_learning_rates: Optional[Tuple[Tuple[str, float], ...]] = None
     seeds: int = 3
     method_warmup_steps: int = 10    # linear learning-rate warm-up of every method, then ...
     method_lr_decay: bool = True     # ... a cosine over the token budget down to 10% (False: constant)
@@ -65,10 +67,14 @@ class ExperimentConfig:
     def to_json(self) -> dict:
         out = asdict(self)
         out["learning_rates"] = self.preset_learning_rates()
+        out["branch_learning_rates"] = self.preset_branch_learning_rates()
         return out
 
     def preset_learning_rates(self) -> Optional[Dict[str, float]]:
         return None if self.learning_rates is None else dict(self.learning_rates)
+
+    def preset_branch_learning_rates(self) -> Optional[Dict[str, float]]:
+        return None if self.branch_learning_rates is None else dict(self.branch_learning_rates)
 
 
 PRESETS = {
@@ -91,7 +97,8 @@ PRESETS = {
     # the learning rates: the grid probe's choices in the recorded --full run (a test checks they agree)
     "default": ExperimentConfig(name="default", learning_rates=(
         ("dense_opd", 1e-3), ("sampled_opd", 3e-4), ("offline_kd", 1e-3), ("sft", 1e-3), ("rl", 3e-4),
-        ("sft_ground_truth", 1e-3), ("sft_rejection", 1e-3))),
+        ("sft_ground_truth", 1e-3), ("sft_rejection", 1e-3)),
+        branch_learning_rates=(("sft", 1e-4), ("dense_opd", 1e-4), ("rl", 1e-4))),
 }
 
 

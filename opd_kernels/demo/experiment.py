@@ -11,7 +11,7 @@ Equivalent outline::
     for seed, m in seeds x (sft, dense_opd, rl):                 # the published cost comparison
         branch[seed][m] = run_method(m, copy(sft_end[seed]), ...)
     for seed: continual_mix(seed)                                # forget on a 70/30 mix, then recover
-    report = claims(curves, branch, continual)                   # report.py
+    report = claims(curves, branch, continual)                   # analysis.py
 """
 from __future__ import annotations
 
@@ -116,6 +116,7 @@ _WORKER: Dict = {}
 
 MIX_NEW_FRACTION = 0.7           # continual learning: of each fine-tune batch, the new task; the rest old-task ground truth
 MIX_RECOVERY_FACTOR = 2          # recovery budget: this x cfg.recovery_tokens student tokens
+BRANCH_SEED = 200                # + seed: the prompt stream and sampling of the runs from SFT's end point
 EXPOSURE_TEACHER_SEED = 4321     # --full, exposure bias: the teacher's prefixes (the same for every student)
 EXPOSURE_OWN_SEED = 300          # + seed: the student's own prefixes
 
@@ -159,45 +160,48 @@ def lr_schedule(cfg: ExperimentConfig) -> str:
     return f"linear warm-up over {cfg.method_warmup_steps} steps, {tail}"
 
 
-def lr_rule(cfg: ExperimentConfig) -> str:
-    """The learning-rate rule in words (the phase-3 log line and report.json)."""
+def lr_rule(cfg: ExperimentConfig, start: str = "the warm student") -> str:
+    """The learning-rate rule in words (the log line and report.json)."""
     compressed = " with the schedule compressed to it" if cfg.method_lr_decay else ""
     seeds = ", ".join(str(sd) for sd in probe_seeds(cfg))
-    return (f"per method, the best of {list(cfg.lr_grid)} by validation accuracy at the end of a run of "
-            f"{cfg.lr_probe_fraction:.0%} of the budget{compressed}, averaged over seeds {seeds} (ties: the "
-            "smaller rate); a choice at either end of the grid is flagged")
+    return (f"per method, the best of {list(cfg.lr_grid)} by validation accuracy at the end of a run from "
+            f"{start} of {cfg.lr_probe_fraction:.0%} of the budget{compressed}, averaged over seeds {seeds} "
+            "(ties: the smaller rate); a choice at either end of the grid is flagged")
 
 
 def probe_seeds(cfg: ExperimentConfig) -> List[int]:
-    return [cfg.seed + k for k in range(cfg.lr_probe_seeds)]
+    return [cfg.seed + k for k in range(min(cfg.lr_probe_seeds, cfg.seeds))]
 
 
-def learning_rates(s: Setup, methods: Tuple[str, ...], full: bool, pool: "Jobs", log, quiet: bool) -> Dict:
-    """Phase 3: ``report.json: learning_rates``. The probe runs with ``--full`` and for a preset without
-    recorded rates; otherwise the preset's rates (the probe's choices in its recorded ``--full`` run)."""
+def learning_rates(s: Setup, kind: str, methods: Tuple[str, ...], preset: Optional[Dict[str, float]], full: bool,
+                   pool: "Jobs", log, quiet: bool, start: Optional[Dict[int, Dict]] = None) -> Dict:
+    """``report.json: learning_rates`` (``kind="probe"``: from the warm student) or ``branch_learning_rates``
+    (``kind="branch_probe"``: from SFT's end point ``start[seed]``). The probe runs with ``--full`` and
+    for a preset without recorded rates; otherwise the preset's rates (the probe's choices in the
+    preset's recorded ``--full`` run)."""
     cfg = s.cfg
-    preset = cfg.preset_learning_rates()
+    where = "the warm student" if kind == "probe" else "SFT's end point"
+    edges = (min(cfg.lr_grid), max(cfg.lr_grid))
     if len(cfg.lr_grid) == 1:
         return {"source": "single", "rule": f"the single value {cfg.lr_grid[0]} for every method",
                 "chosen": {m: float(cfg.lr_grid[0]) for m in methods}, "at_edge": []}
     if preset is not None and not full:
         missing = [m for m in methods if m not in preset]
         if missing:
-            raise ValueError(f"preset {cfg.name!r}: no recorded learning rate for {missing}")
+            raise ValueError(f"preset {cfg.name!r}: no recorded learning rate from {where} for {missing}")
         chosen = {m: preset[m] for m in methods}
         return {"source": "preset", "rule": f"the rates the probe chose in this preset's recorded --full run "
-                                            f"({lr_rule(cfg)}); schedule: {lr_schedule(cfg)}",
-                "chosen": chosen, "at_edge": [m for m in methods if chosen[m] in (min(cfg.lr_grid), max(cfg.lr_grid))]}
-    log(f"phase 3: learning rate of each method: {lr_rule(cfg)} ({len(s.val)} validation prompts)")
+                                            f"({lr_rule(cfg, where)}); schedule: {lr_schedule(cfg)}",
+                "chosen": chosen, "at_edge": [m for m in methods if chosen[m] in edges]}
+    log(f"learning rate of each method from {where}: {lr_rule(cfg, where)} ({len(s.val)} validation prompts)")
     seeds = probe_seeds(cfg)
-    got = pool.run([(("probe", m, lr, sd), None) for m in methods for lr in cfg.lr_grid for sd in seeds],
-                   "lr probe", quiet)
-    per_seed = {m: {str(lr): [got[("probe", m, lr, sd)]["validation_accuracy"] for sd in seeds]
+    got = pool.run([((kind, m, lr, sd), start[sd] if start else None)
+                    for m in methods for lr in cfg.lr_grid for sd in seeds], f"lr probe ({where})", quiet)
+    per_seed = {m: {str(lr): [got[(kind, m, lr, sd)]["validation_accuracy"] for sd in seeds]
                     for lr in cfg.lr_grid} for m in methods}
     mean = {m: {lr: sum(v) / len(v) for lr, v in per.items()} for m, per in per_seed.items()}
     chosen = {m: choose_lr(mean[m], cfg.lr_grid) for m in methods}
-    edges = (min(cfg.lr_grid), max(cfg.lr_grid))
-    out = {"source": "probe", "rule": f"{lr_rule(cfg)}; schedule: {lr_schedule(cfg)}", "probe_seeds": seeds,
+    out = {"source": "probe", "rule": f"{lr_rule(cfg, where)}; schedule: {lr_schedule(cfg)}", "probe_seeds": seeds,
            "validation_accuracy": mean, "validation_accuracy_per_seed": per_seed, "chosen": chosen,
            "at_edge": [m for m in methods if chosen[m] in edges]}
     if preset is not None:
@@ -220,10 +224,14 @@ def _job(item: Tuple) -> Tuple[Tuple, Dict]:
     s, teacher, student0 = _WORKER["setup"], _WORKER["teacher"], _WORKER["student0"]
     cfg = s.cfg
     key, payload = item
-    if key[0] == "probe":                    # ("probe", method, lr, seed): validation accuracy only
+    if key[0] in ("probe", "branch_probe"):  # (kind, method, lr, seed), payload: None or SFT's end state
         _, name, lr, seed = key
-        res = _train(s, name, copy.deepcopy(student0), teacher, lr, seed, int(cfg.token_budget *
-                     cfg.lr_probe_fraction), lambda m: {"accuracy": evaluate(m, s.tok, s.main, s.val)}, 1)
+        student = copy.deepcopy(student0)
+        if payload is not None:
+            student.load_state_dict(payload)
+        res = _train(s, name, student, teacher, lr, seed + (BRANCH_SEED if payload is not None else 0),
+                     int(cfg.token_budget * cfg.lr_probe_fraction),
+                     lambda m: {"accuracy": evaluate(m, s.tok, s.main, s.val)}, 1)
         return key, {"validation_accuracy": res["curve"][-1]["accuracy"]}
     if key[0] == "method":                   # ("method", seed, name), payload: lr
         _, seed, name = key
@@ -232,14 +240,14 @@ def _job(item: Tuple) -> Tuple[Tuple, Dict]:
         if _WORKER.get("full"):              # exposure bias after the method (computed after training)
             res["exposure"] = exposure.profile(student, s.tok, s.main, s.eval, _WORKER["teacher_prefixes"],
                                                EXPOSURE_OWN_SEED + seed)
-        if name in ("dense_opd", "sft"):     # continual learning / the plateau branch (--full) start there
+        if name in ("dense_opd", "sft"):     # continual learning / the runs from SFT's end point start there
             res["_state"] = {k: v.clone() for k, v in student.state_dict().items()}
         return key, res
     if key[0] == "branch":                   # ("branch", seed, name), payload: (lr, SFT's final state)
         _, seed, name = key
         student = copy.deepcopy(student0)
         student.load_state_dict(payload[1])
-        return key, _train(s, name, student, teacher, payload[0], seed + 200, cfg.token_budget, s.scores,
+        return key, _train(s, name, student, teacher, payload[0], seed + BRANCH_SEED, cfg.token_budget, s.scores,
                            cfg.curve_points)
     before = copy.deepcopy(student0)         # ("continual"|"continual_mix", seed), payload: (lrs, dense OPD's state)
     before.load_state_dict(payload[1])
@@ -428,7 +436,7 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
         t0 = time.perf_counter()
         if full:                             # rejection-sampled SFT (--full) is probed like every method
             methods = methods + (REJECTION,)
-        lr_report = learning_rates(s, methods, full, pool, log, quiet)
+        lr_report = learning_rates(s, "probe", methods, cfg.preset_learning_rates(), full, pool, log, quiet)
         lrs = lr_report["chosen"]
         timings["lr_probe"] = round(time.perf_counter() - t0, 1)
 
@@ -445,10 +453,12 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
 
         # ---- phase 5: the cost comparison as published, branched from SFT's end point --------------
         t0 = time.perf_counter()
+        branch_lr = learning_rates(s, "branch_probe", BRANCH_METHODS, cfg.preset_branch_learning_rates(), full,
+                                   pool, log, quiet, plateaus)
         log(f"phase 5: from each seed's SFT end point, continued SFT, dense OPD and RL for another "
-            f"{cfg.token_budget:,} student tokens each")
-        got = pool.run([(("branch", sd, m), (lrs[m], plateaus[sd])) for sd in seeds for m in BRANCH_METHODS],
-                       "plateau branch", quiet)
+            f"{cfg.token_budget:,} student tokens each; learning rates {branch_lr['chosen']}")
+        got = pool.run([(("branch", sd, m), (branch_lr["chosen"][m], plateaus[sd])) for sd in seeds
+                        for m in BRANCH_METHODS], "plateau branch", quiet)
         branch = {m: {str(sd): got[("branch", sd, m)] for sd in seeds} for m in BRANCH_METHODS}
         timings["plateau_branch"] = round(time.perf_counter() - t0, 1)
 
@@ -492,6 +502,7 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
         "learning_rates": lr_report,
         "seeds": seeds,
         "runs": runs,
+        "branch_learning_rates": branch_lr,
         "plateau_branch": branch,
         "continual_mix": cont_mix,
         "continual_protocol": continual_protocol(cfg),
