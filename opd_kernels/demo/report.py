@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 
 from .analysis import analyse
 from .plots import plot_all
-from .readouts import BRANCH_LEVELS, EXPOSURE_CONDITIONS, METHOD_LABELS
+from .readouts import BRANCH_LEVELS, EXPOSURE_CONDITIONS, METHOD_LABELS, median_range
 from .uncertainty import INTERVAL
 
 
@@ -103,19 +103,28 @@ def table(report: Dict) -> str:
         lines.append(f"| {METHOD_LABELS[m]} | " + " | ".join(_ci(d) for d in drops) + " |")
     lines.append("")
     if report.get("plateau_branch"):
+        br, blr = report["plateau_branch"], report.get("branch_learning_rates", {})
+        seeds = [str(x) for x in report["seeds"]]
+        start = median_range([report["runs"]["sft"][x]["curve"][-1]["accuracy"] for x in seeds])
         lines += [
-            "Cost from SFT's end point: each seed's SFT run continued, against dense OPD and RL from the same point, "
-            f"another {report['config']['token_budget']:,} student tokens each; FLOPs to reach each fraction of the "
-            "teacher, x dense OPD's (every model call / the student's own sampling and training only):",
+            f"Cost from SFT's end point (running sum {_fmt(start)}): each seed's SFT run continued, against dense OPD "
+            f"and RL from the same point, another {report['config']['token_budget']:,} student tokens each; FLOPs to "
+            "reach each fraction of the teacher, x dense OPD's (every model call / the student's own sampling and "
+            "training only; n/a: a level at or below the starting point):",
             "",
-            "| method | " + " | ".join(f"{x:.0%} of teacher" for x in BRANCH_LEVELS) + " |",
-            "|---|" + "---|" * len(BRANCH_LEVELS),
+            "| method | lr | final accuracy | " + " | ".join(f"{x:.0%} of teacher" for x in BRANCH_LEVELS) + " |",
+            "|---|---|---|" + "---|" * len(BRANCH_LEVELS),
         ]
-        for m in ("sft", "rl"):
-            lines.append(f"| {METHOD_LABELS[m]} | " + " | ".join(
+        for m in ("sft", "dense_opd", "rl"):
+            lr = blr.get("chosen", {}).get(m)
+            edge = " (grid edge)" if m in blr.get("at_edge", ()) else ""
+            final = _fmt(median_range([br[m][x]["curve"][-1]["accuracy"] for x in seeds]))
+            cells = ["1x"] * len(BRANCH_LEVELS) if m == "dense_opd" else [
                 f"{_ci(unc[f'branch_flops_ratio_{round(x * 100)}.{m}'], 2, 'x')} / "
-                f"{_ci(unc[f'branch_student_flops_ratio_{round(x * 100)}.{m}'], 2, 'x')}" for x in BRANCH_LEVELS)
-                + " |")
+                f"{_ci(unc[f'branch_student_flops_ratio_{round(x * 100)}.{m}'], 2, 'x')}" for x in BRANCH_LEVELS]
+            label = "continued SFT on teacher samples" if m == "sft" else METHOD_LABELS[m]
+            lines.append(f"| {label} | {'n/a' if lr is None else f'{lr:g}'}{edge} | {final} | " + " | ".join(cells)
+                         + " |")
         lines.append("")
     if "continual_mix_summary" in report:
         cm = report["continual_mix_summary"]
