@@ -96,9 +96,9 @@ PRESETS = {
                               recovery_tokens=3_000),
     # the learning rates: the grid probe's choices in the recorded --full run (a test checks they agree)
     "default": ExperimentConfig(name="default", learning_rates=(
-        ("dense_opd", 1e-3), ("sampled_opd", 3e-4), ("offline_kd", 1e-3), ("sft", 1e-3), ("rl", 3e-4),
-        ("sft_ground_truth", 1e-3), ("sft_rejection", 1e-3)),
-        branch_learning_rates=(("sft", 1e-4), ("dense_opd", 1e-4), ("rl", 1e-4))),
+        ("dense_opd", 1e-3), ("sampled_opd", 3e-4), ("offline_kd", 1e-3), ("sft", 3e-4), ("rl", 1e-4),
+        ("sft_ground_truth", 3e-3), ("sft_rejection", 3e-3)),
+        branch_learning_rates=(("sft", 1e-4), ("dense_opd", 1e-3), ("rl", 1e-4))),
 }
 
 
