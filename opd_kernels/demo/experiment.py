@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -38,7 +39,7 @@ from . import exposure
 from .methods import METHODS, REFERENCE, REJECTION, run_method
 from .models import build_model
 from .plots import plot_all
-from .readouts import BRANCH_METHODS, choose_lr
+from .readouts import BRANCH_METHODS, choose_lr, cost_to_reach
 from .report import table
 from .tasks import Reversal, RunningSum, Shift
 from .tokenizer import ByteTokenizer
@@ -117,6 +118,9 @@ _WORKER: Dict = {}
 MIX_NEW_FRACTION = 0.7           # continual learning: of each fine-tune batch, the new task; the rest old-task ground truth
 MIX_RECOVERY_FACTOR = 2          # recovery budget: this x cfg.recovery_tokens student tokens
 BRANCH_SEED = 200                # + seed: the prompt stream and sampling of the runs from SFT's end point
+BRANCH_FLOPS_CAP = 6             # from SFT's end point, continued SFT and RL run until they have spent this x
+                                 # dense OPD's FLOPs to the teacher's accuracy (at least the token budget), so
+                                 # that one never reaching the teacher still bounds its ratio above claim 2's 5x
 EXPOSURE_TEACHER_SEED = 4321     # --full, exposure bias: the teacher's prefixes (the same for every student)
 EXPOSURE_OWN_SEED = 300          # + seed: the student's own prefixes
 
@@ -210,6 +214,18 @@ def learning_rates(s: Setup, kind: str, methods: Tuple[str, ...], preset: Option
     return out
 
 
+def branch_budget(cfg: ExperimentConfig, dense_curve: List[Dict], teacher_accuracy: float, main_end: Dict) -> int:
+    """Student tokens for continued SFT or RL from SFT's end point: enough to spend ``BRANCH_FLOPS_CAP`` x
+    the FLOPs dense OPD took from the same point to the teacher's accuracy, at the FLOPs per token of the
+    method's own main run (``main_end``: its last curve point); at least the token budget, which is also
+    the whole budget when dense OPD never reached the teacher."""
+    reach = cost_to_reach(dense_curve, teacher_accuracy)
+    if reach is None:
+        return cfg.token_budget
+    per_token = main_end["flops"] / main_end["tokens"]
+    return max(cfg.token_budget, math.ceil(BRANCH_FLOPS_CAP * reach / per_token))
+
+
 def _train(s: Setup, name: str, student, teacher, lr: float, seed: int, budget: int, evaluate_fn,
            curve_points: int) -> Dict:
     cfg = s.cfg
@@ -243,12 +259,13 @@ def _job(item: Tuple) -> Tuple[Tuple, Dict]:
         if name in ("dense_opd", "sft"):     # continual learning / the runs from SFT's end point start there
             res["_state"] = {k: v.clone() for k, v in student.state_dict().items()}
         return key, res
-    if key[0] == "branch":                   # ("branch", seed, name), payload: (lr, SFT's final state)
+    if key[0] == "branch":                   # ("branch", seed, name), payload: (lr, SFT's final state, tokens)
         _, seed, name = key
+        lr, state, budget = payload
         student = copy.deepcopy(student0)
-        student.load_state_dict(payload[1])
-        return key, _train(s, name, student, teacher, payload[0], seed + BRANCH_SEED, cfg.token_budget, s.scores,
-                           cfg.curve_points)
+        student.load_state_dict(state)
+        points = cfg.curve_points * -(-budget // cfg.token_budget)   # 8 evaluations per token budget
+        return key, _train(s, name, student, teacher, lr, seed + BRANCH_SEED, budget, s.scores, points)
     before = copy.deepcopy(student0)         # ("continual"|"continual_mix", seed), payload: (lrs, dense OPD's state)
     before.load_state_dict(payload[1])
     if key[0] == "continual_mix":
@@ -455,10 +472,17 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
         t0 = time.perf_counter()
         branch_lr = learning_rates(s, "branch_probe", BRANCH_METHODS, cfg.preset_branch_learning_rates(), full,
                                    pool, log, quiet, plateaus)
-        log(f"phase 5: from each seed's SFT end point, continued SFT, dense OPD and RL for another "
-            f"{cfg.token_budget:,} student tokens each; learning rates {branch_lr['chosen']}")
-        got = pool.run([(("branch", sd, m), (branch_lr["chosen"][m], plateaus[sd])) for sd in seeds
-                        for m in BRANCH_METHODS], "plateau branch", quiet)
+        lr_b = branch_lr["chosen"]
+        log(f"phase 5: from each seed's SFT end point, dense OPD for another {cfg.token_budget:,} student tokens, "
+            f"then continued SFT and RL until {BRANCH_FLOPS_CAP}x dense OPD's FLOPs to the teacher's accuracy; "
+            f"learning rates {lr_b}")
+        got = pool.run([(("branch", sd, "dense_opd"), (lr_b["dense_opd"], plateaus[sd], cfg.token_budget))
+                        for sd in seeds], "from SFT's end point: dense OPD", quiet)
+        budgets = {m: {sd: branch_budget(cfg, got[("branch", sd, "dense_opd")]["curve"], tmeta["accuracy"],
+                                         runs[m][str(sd)]["curve"][-1]) for sd in seeds}
+                   for m in BRANCH_METHODS if m != "dense_opd"}
+        got.update(pool.run([(("branch", sd, m), (lr_b[m], plateaus[sd], budgets[m][sd])) for m in budgets
+                             for sd in seeds], "from SFT's end point: SFT, RL", quiet))
         branch = {m: {str(sd): got[("branch", sd, m)] for sd in seeds} for m in BRANCH_METHODS}
         timings["plateau_branch"] = round(time.perf_counter() - t0, 1)
 
@@ -503,6 +527,10 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
         "seeds": seeds,
         "runs": runs,
         "branch_learning_rates": branch_lr,
+        "branch_budgets": {"rule": f"dense OPD: {cfg.token_budget:,} student tokens; continued SFT and RL: enough "
+                                   f"tokens for {BRANCH_FLOPS_CAP}x dense OPD's FLOPs to the teacher's accuracy at "
+                                   "that seed (at least the token budget)",
+                           "tokens": {m: {str(sd): t for sd, t in v.items()} for m, v in budgets.items()}},
         "plateau_branch": branch,
         "continual_mix": cont_mix,
         "continual_protocol": continual_protocol(cfg),

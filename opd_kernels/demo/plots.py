@@ -34,7 +34,8 @@ def _continual_bars(ax, old: List[float], new: List[float], labels: List[str], t
     ax.set_xticks(list(xs), labels, fontsize=8)
     ax.set_ylabel("exact match (median over seeds)")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_ylim(0, 1.18)                 # room above the bars for the legend
+    ax.legend(fontsize=7, loc="upper center", ncol=2)
     ax.grid(alpha=0.3, axis="y")
 
 
@@ -89,7 +90,8 @@ def plot_all(report: Dict, output_dir: str) -> List[str]:
     a.axhline(0, color="k", lw=0.8)
     a.set_xlabel("running-sum accuracy where the drop is read (first reached)")
     a.set_ylabel("old-skill (reversal) accuracy drop")
-    a.set_title(f"(a) forgetting at matched accuracy: median, band = {INTERVAL:.0%} bootstrap interval", fontsize=9)
+    a.set_title(f"(a) forgetting at matched accuracy\nmedian over seeds, band = {INTERVAL:.0%} bootstrap interval",
+                fontsize=9)
     a.grid(alpha=0.3)
     if a.get_legend_handles_labels()[0]:
         a.legend(fontsize=7)
@@ -100,7 +102,7 @@ def plot_all(report: Dict, output_dir: str) -> List[str]:
                   ("recovered:\ndense OPD", "dense_opd_after_recovery", "dense_opd_new_task_after_recovery"),
                   ("recovered:\nSFT", "sft_after_recovery", "sft_new_task_after_recovery")]
         _continual_bars(b, [cm[k]["median"] or 0 for _, k, _ in stages], [cm[k]["median"] or 0 for _, _, k in stages],
-                        [n for n, _, _ in stages], "(b) continual learning: a 70/30 new/old fine-tune, then recovery "
+                        [n for n, _, _ in stages], "(b) continual learning: a 70/30 new/old fine-tune,\nthen recovery "
                         "from the earlier checkpoint")
     else:
         b.axis("off")
@@ -128,7 +130,8 @@ def plot_all(report: Dict, output_dir: str) -> List[str]:
         ax.axhline(1, color="k", lw=0.8)
         ax.set_xlabel("target: fraction of the teacher's accuracy")
         ax.set_ylabel("FLOPs to reach it, x dense OPD's")
-        ax.set_title("from SFT's end point (open triangle: a lower bound; band: 95% bootstrap interval)", fontsize=9)
+        ax.set_title(f"cost from SFT's end point (open triangle: a lower bound; band: {INTERVAL:.0%} bootstrap "
+                     "interval)", fontsize=9)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)

@@ -108,9 +108,9 @@ def table(report: Dict) -> str:
         start = median_range([report["runs"]["sft"][x]["curve"][-1]["accuracy"] for x in seeds])
         lines += [
             f"Cost from SFT's end point (running sum {_fmt(start)}): each seed's SFT run continued, against dense OPD "
-            f"and RL from the same point, another {report['config']['token_budget']:,} student tokens each; FLOPs to "
-            "reach each fraction of the teacher, x dense OPD's (every model call / the student's own sampling and "
-            "training only; n/a: a level at or below the starting point):",
+            f"and RL from the same point ({report['branch_budgets']['rule']}); FLOPs to reach each fraction of the "
+            "teacher, x dense OPD's (every model call / the student's own sampling and training only; n/a: a level "
+            "at or below the starting point):",
             "",
             "| method | lr | final accuracy | " + " | ".join(f"{x:.0%} of teacher" for x in BRANCH_LEVELS) + " |",
             "|---|---|---|" + "---|" * len(BRANCH_LEVELS),
