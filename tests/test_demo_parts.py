@@ -563,3 +563,19 @@ def test_full_adds_exposure_bias():
     assert unc["exposure_gap.dense_opd"]["value"] == pytest.approx((3 - 1) / 10)
     es = out["exposure_summary"]["dense_opd"]
     assert es["own"][:3] == [1.0, 1.0, 1.0] and es["own"][3] == 0.0 and es["own"][-1] is None
+
+
+def test_branch_budget_lets_a_method_that_never_reaches_the_teacher_bound_claim_2_above_5x():
+    """From SFT's end point, continued SFT and RL get enough tokens to spend BRANCH_FLOPS_CAP x dense OPD's
+    FLOPs to the teacher (at their own main run's FLOPs per token), never less than the token budget."""
+    from opd_kernels.demo.config import preset
+    from opd_kernels.demo.experiment import BRANCH_FLOPS_CAP, branch_budget
+    cfg = preset("default", 0)
+    dense = [{"tokens": 0, "flops": 0, "accuracy": 0.8}, {"tokens": 100_000, "flops": 1e10, "accuracy": 0.85},
+             {"tokens": 200_000, "flops": 2e10, "accuracy": 0.95}]                # 0.9 reached at 1.5e10 FLOPs
+    main_end = {"tokens": 200_000, "flops": 4e9}                                  # 2e4 FLOPs per token
+    tokens = branch_budget(cfg, dense, 0.9, main_end)
+    assert BRANCH_FLOPS_CAP > 5 and tokens == pytest.approx(BRANCH_FLOPS_CAP * 1.5e10 / 2e4, abs=1)
+    assert tokens * main_end["flops"] / main_end["tokens"] >= 5 * 1.5e10
+    assert branch_budget(cfg, dense, 0.99, main_end) == cfg.token_budget           # dense OPD never reached it
+    assert branch_budget(cfg, dense, 0.5, main_end) == cfg.token_budget            # reached at once: the floor
