@@ -130,6 +130,21 @@ def test_docs_carry_the_table_of_the_recorded_report(capsys):
     assert len(table) > 15 and not missing, f"docs/demo.md lacks these lines of the recorded report's table: {missing}"
 
 
+def test_docs_carry_the_full_run_s_probe_and_exposure_tables(capsys):
+    """docs/demo.md carries the learning-rate probe tables, the rejection-sampled SFT row and the exposure
+    table that `python -m opd_kernels.demo.report` prints from the recorded --full report, line for line."""
+    root = Path(__file__).resolve().parents[1]
+    assert report_main([str(root / "docs" / "results" / "demo_report_full.json")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(out) if line.startswith("Learning-rate probe from"))
+    end = next(i for i, line in enumerate(out) if line.startswith("| # | claim |"))
+    wanted = [line for line in out[start:end] if line.startswith("| ")]
+    wanted += [line for line in out if line.startswith("| rejection-sampled SFT")]
+    text = (root / "docs" / "demo.md").read_text()
+    missing = [line for line in wanted if line not in text]
+    assert len(wanted) > 20 and not missing, f"docs/demo.md lacks these lines of the --full report's tables: {missing}"
+
+
 def test_readme_verdicts_are_the_recorded_report_s():
     """The README's short verdict table gives each claim the verdict of the recorded report."""
     root = Path(__file__).resolve().parents[1]

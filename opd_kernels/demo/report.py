@@ -156,6 +156,26 @@ def table(report: Dict) -> str:
             "[min-max] over seeds; no verdict uses it).",
             "",
         ]
+    for key, where in (("learning_rates", "the warm student"), ("branch_learning_rates", "SFT's end point")):
+        lr = report.get(key) or {}
+        if lr.get("source") != "probe":
+            continue
+        grid = [str(x) for x in report["config"]["lr_grid"]]
+        seeds = ", ".join(str(x) for x in lr["probe_seeds"])
+        lines += [
+            f"Learning-rate probe from {where}: validation accuracy at the end of each probe run, the mean over seeds "
+            f"{seeds} (each seed in parentheses):",
+            "",
+            "| method | " + " | ".join(f"{float(g):g}" for g in grid) + " | chosen |",
+            "|---|" + "---|" * len(grid) + "---|",
+        ]
+        for m, mean in lr["validation_accuracy"].items():
+            per = lr["validation_accuracy_per_seed"][m]
+            cells = [f"{mean[g]:.3f} ({', '.join(f'{x:.3f}' for x in per[g])})" for g in grid]
+            edge = " (grid edge)" if m in lr["at_edge"] else ""
+            label = "continued SFT on teacher samples" if key == "branch_learning_rates" and m == "sft" else METHOD_LABELS[m]
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {lr['chosen'][m]:g}{edge} |")
+        lines.append("")
     if "exposure_summary" in report:
         lines += [
             "Exposure bias (`--full`): the student's greedy next-token error rate over the answer positions (judged "
