@@ -145,6 +145,23 @@ def test_docs_carry_the_full_run_s_probe_and_exposure_tables(capsys):
     assert len(wanted) > 20 and not missing, f"docs/demo.md lacks these lines of the --full report's tables: {missing}"
 
 
+def test_docs_carry_the_comparison_across_teachers(capsys):
+    """docs/demo.md carries the table `python -m opd_kernels.demo.teachers` prints from the two recorded
+    default reports, and docs/results/demo_teacher_seeds.json is that comparison."""
+    from opd_kernels.demo.teachers import main as teachers_main
+    root = Path(__file__).resolve().parents[1]
+    results = root / "docs" / "results"
+    assert teachers_main([str(results / "demo_report.json"), str(results / "demo_report_seed1.json")]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    text = (root / "docs" / "demo.md").read_text()
+    assert len(table) > 15 and not [line for line in table if line not in text]
+    recorded = json.loads((results / "demo_teacher_seeds.json").read_text())
+    reports = [json.loads((results / name).read_text()) for name in ("demo_report.json", "demo_report_seed1.json")]
+    assert recorded["teacher_seeds"] == [0, 1]
+    assert [c["per_teacher"] for c in recorded["claims"]] == [[r["claims"][k]["verdict"] for r in reports]
+                                                             for k in range(len(recorded["claims"]))]
+
+
 def test_readme_verdicts_are_the_recorded_report_s():
     """The README's short verdict table gives each claim the verdict of the recorded report."""
     root = Path(__file__).resolve().parents[1]
