@@ -108,9 +108,9 @@ def table(report: Dict) -> str:
         start = median_range([report["runs"]["sft"][x]["curve"][-1]["accuracy"] for x in seeds])
         lines += [
             f"Cost from SFT's end point (running sum {_fmt(start)}): each seed's SFT run continued, against dense OPD "
-            f"and RL from the same point ({report['branch_budgets']['rule']}); FLOPs to reach each fraction of the "
-            "teacher, x dense OPD's (every model call / the student's own sampling and training only; n/a: a level "
-            "at or below the starting point):",
+            f"and RL from the same point ({report['branch_budgets']['rule']}); the cost to reach each fraction of the "
+            "teacher, x dense OPD's: FLOPs of every model call / FLOPs of the student's own sampling and training "
+            "only / CPU seconds (n/a: a level at or below the starting point):",
             "",
             "| method | lr | final accuracy | " + " | ".join(f"{x:.0%} of teacher" for x in BRANCH_LEVELS) + " |",
             "|---|---|---|" + "---|" * len(BRANCH_LEVELS),
@@ -120,8 +120,8 @@ def table(report: Dict) -> str:
             edge = " (grid edge)" if m in blr.get("at_edge", ()) else ""
             final = _fmt(median_range([br[m][x]["curve"][-1]["accuracy"] for x in seeds]))
             cells = ["1x"] * len(BRANCH_LEVELS) if m == "dense_opd" else [
-                f"{_ci(unc[f'branch_flops_ratio_{round(x * 100)}.{m}'], 2, 'x')} / "
-                f"{_ci(unc[f'branch_student_flops_ratio_{round(x * 100)}.{m}'], 2, 'x')}" for x in BRANCH_LEVELS]
+                " / ".join(_ci(unc.get(f"branch_{c}_ratio_{round(x * 100)}.{m}"), 2, "x")
+                           for c in ("flops", "student_flops", "cpu_seconds")) for x in BRANCH_LEVELS]
             label = "continued SFT on teacher samples" if m == "sft" else METHOD_LABELS[m]
             lines.append(f"| {label} | {'n/a' if lr is None else f'{lr:g}'}{edge} | {final} | " + " | ".join(cells)
                          + " |")

@@ -172,12 +172,12 @@ def figures(v: Dict, levels: Sequence[float]) -> Dict[str, Tuple[Optional[float]
     if v.get("continual"):
         _recovery(v["continual"], seeds, out, "")
 
-    # cost from SFT's end point, all FLOPs and the student's own only
+    # cost from SFT's end point: all FLOPs, the student's own only, and CPU seconds
     if v.get("branch"):
         b = v["branch"]
         for frac in BRANCH_LEVELS:
             for m in ("sft", "rl"):
-                for x in ("flops", "student_flops"):
+                for x in ("flops", "student_flops", "cpu_seconds"):
                     per = [ratio_to(b[m][s], b["dense_opd"][s], frac * teacher, x) for s in seeds]
                     out[f"branch_{x}_ratio_{round(frac * 100)}.{m}"] = (
                         _median_or_none([p["ratio"] for p in per]), any(p["lower_bound"] for p in per))
