@@ -287,26 +287,37 @@ def _job(item: Tuple) -> Tuple[Tuple, Dict]:
         student.load_state_dict(state)
         points = cfg.curve_points * -(-budget // cfg.token_budget)   # 8 evaluations per token budget
         return key, _train(s, name, student, teacher, lr, seed + BRANCH_SEED, budget, s.scores, points)
-    before = copy.deepcopy(student0)         # ("continual"|"continual_mix", seed), payload: (lrs, dense OPD's state)
-    before.load_state_dict(payload[1])
-    if key[0] == "continual_mix":
-        return key, continual_mix(s, before, key[1])
-    return key, continual(s, before, key[1], payload[0])
+    before = copy.deepcopy(student0)         # ("continual"|"continual_mix", seed), payload: dense OPD's state
+    before.load_state_dict(payload)
+    return key, (continual_mix if key[0] == "continual_mix" else continual)(s, before, key[1])
 
 
-def continual_mix(s: Setup, before, seed: int) -> Dict:
-    """Continual learning as published (``--full``): fine-tune ``before`` (the student after dense OPD) on a
-    mix of the new task (``MIX_NEW_FRACTION`` of each batch, ground truth) and the old task's ground truth
-    (the running sum, the rest) until the new task is learned (``continual_new_target`` on its validation
-    split, or ``continual_max_steps``); then from that point: no recovery, dense OPD with ``before`` as the
-    teacher, and SFT on ``before``'s samples, ``MIX_RECOVERY_FACTOR x recovery_tokens`` each."""
-    cfg = s.cfg
+def _fine_tune_copy(before):
+    """``before`` frozen (it is the recoveries' teacher) and a trainable copy of it to fine-tune."""
     for p in before.parameters():
         p.requires_grad_(False)
-    level = evaluate(before, s.tok, s.main, s.val)
     tuned = copy.deepcopy(before)
     for p in tuned.parameters():
         p.requires_grad_(True)
+    return tuned
+
+
+def _recoveries(s: Setup, tuned, before, seed: int, tokens: int, points: int) -> Dict:
+    """From the fine-tuned student, dense OPD with ``before`` as the teacher and SFT on ``before``'s samples,
+    ``tokens`` student tokens each at ``continual_lr``, on running-sum prompts."""
+    return {f"recovered_{name}": _train(s, name, copy.deepcopy(tuned), before, s.cfg.continual_lr, seed, tokens,
+                                        s.continual_scores, points) for name in ("dense_opd", "sft")}
+
+
+def continual_mix(s: Setup, before, seed: int) -> Dict:
+    """Continual learning as published: fine-tune ``before`` (the student after dense OPD) on a mix of the
+    new task (``MIX_NEW_FRACTION`` of each batch, ground truth) and the old task's ground truth (the
+    running sum, the rest) until the new task is learned (``continual_new_target`` on its validation split,
+    or ``continual_max_steps``); then from that point: no recovery, dense OPD with ``before`` as the
+    teacher, and SFT on ``before``'s samples, ``MIX_RECOVERY_FACTOR x recovery_tokens`` each."""
+    cfg = s.cfg
+    tuned = _fine_tune_copy(before)
+    level = evaluate(before, s.tok, s.main, s.val)
     n_new = round(cfg.continual_batch * MIX_NEW_FRACTION)
     steps = train_supervised(
         tuned, s.ops, s.tok, lambda rng: [s.new.sample(rng, n_new, s.new_exclude),
@@ -314,19 +325,15 @@ def continual_mix(s: Setup, before, seed: int) -> Dict:
         cfg.continual_max_steps, cfg.continual_lr, seed + 21, "fine-tune (mix)", quiet=True,
         stop=lambda step: evaluate(tuned, s.tok, s.new, s.new_val) >= cfg.continual_new_target,
         check_every=10, warmup=10, schedule=False)
-    out = {"before": s.continual_scores(before), "fine_tune_steps": steps, "after_fine_tune": s.continual_scores(tuned),
-           "running_sum_validation_before": level,
-           "running_sum_validation_after_fine_tune": evaluate(tuned, s.tok, s.main, s.val)}
-    for name in ("dense_opd", "sft"):
-        student = copy.deepcopy(tuned)
-        out[f"recovered_{name}"] = _train(s, name, student, before, cfg.continual_lr, seed + 120,
-                                          MIX_RECOVERY_FACTOR * cfg.recovery_tokens, s.continual_scores,
-                                          max(2, cfg.curve_points // 2))
-    return out
+    return {"before": s.continual_scores(before), "fine_tune_steps": steps, "after_fine_tune": s.continual_scores(tuned),
+            "running_sum_validation_before": level,
+            "running_sum_validation_after_fine_tune": evaluate(tuned, s.tok, s.main, s.val),
+            **_recoveries(s, tuned, before, seed + 120, MIX_RECOVERY_FACTOR * cfg.recovery_tokens,
+                          max(2, cfg.curve_points // 2))}
 
 
-def continual(s: Setup, before, seed: int, lrs: Dict[str, float]) -> Dict:
-    """Forget, then recover from the model's own earlier checkpoint.
+def continual(s: Setup, before, seed: int) -> Dict:
+    """``--full``: forget on the new task alone, then recover from the model's own earlier checkpoint.
 
     1. ``before``: the student after dense OPD (phase 4, same seed) knows the running sum.
     2. Fine-tune it on the new task (shift, ground truth, lr ``continual_lr`` after a 10-step warm-up)
@@ -336,27 +343,17 @@ def continual(s: Setup, before, seed: int, lrs: Dict[str, float]) -> Dict:
        on ``before``'s samples, ``recovery_tokens`` each, both at ``continual_lr``.
     """
     cfg = s.cfg
-    for p in before.parameters():
-        p.requires_grad_(False)
-    new_scores = s.continual_scores
+    tuned = _fine_tune_copy(before)
     level = evaluate(before, s.tok, s.main, s.val)
-    tuned = copy.deepcopy(before)
-    for p in tuned.parameters():
-        p.requires_grad_(True)
     steps = train_supervised(
         tuned, s.ops, s.tok, lambda rng: [s.new.sample(rng, cfg.continual_batch, s.new_exclude)],
         cfg.continual_max_steps, cfg.continual_lr, seed + 11, "fine-tune", quiet=True,
         stop=lambda step: (evaluate(tuned, s.tok, s.new, s.new_val) >= cfg.continual_new_target
                            and evaluate(tuned, s.tok, s.main, s.val) < cfg.continual_drop_to * level),
         check_every=10, warmup=10, schedule=False)
-    out = {"before": new_scores(before), "fine_tune_steps": steps, "after_fine_tune": new_scores(tuned),
-           "running_sum_validation_before": level}
-    for name in ("dense_opd", "sft"):
-        student = copy.deepcopy(tuned)
-        res = _train(s, name, student, before, cfg.continual_lr, seed + 100, cfg.recovery_tokens, new_scores,
-                     max(2, cfg.curve_points // 3))
-        out[f"recovered_{name}"] = res
-    return out
+    return {"before": s.continual_scores(before), "fine_tune_steps": steps,
+            "after_fine_tune": s.continual_scores(tuned), "running_sum_validation_before": level,
+            **_recoveries(s, tuned, before, seed + 100, cfg.recovery_tokens, max(2, cfg.curve_points // 3))}
 
 
 class Jobs:
@@ -468,7 +465,7 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
     if full:   # exposure bias of the warm student (the same teacher prefixes as every method's)
         warm_exposure = exposure.profile(student0, s.tok, s.main, s.eval, exposure.teacher_prefixes(
             teacher, s.tok, s.main, s.eval, EXPOSURE_TEACHER_SEED), EXPOSURE_OWN_SEED + cfg.seed)
-    pool = Jobs(cfg, (troot, sroot), full)   # the worker processes, started once for phases 3-5
+    pool = Jobs(cfg, (troot, sroot), full)   # the worker processes, started once for phases 3-6
     try:
         # ---- phase 3: learning rates (probed with --full; the default uses the recorded choices) -------
         t0 = time.perf_counter()
@@ -502,7 +499,7 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
         log(f"phase 6: continual learning on a {MIX_NEW_FRACTION:.0%}/{1 - MIX_NEW_FRACTION:.0%} new/old mix, "
             "then no recovery / dense OPD / SFT from the earlier checkpoint")
         got = pool.run([(("branch", sd, "dense_opd"), (lr_b["dense_opd"], plateaus[sd], cfg.token_budget))
-                        for sd in seeds] + [(("continual_mix", sd), (lrs, finals[sd])) for sd in seeds],
+                        for sd in seeds] + [(("continual_mix", sd), finals[sd]) for sd in seeds],
                        "dense OPD from SFT's end point; continual learning", quiet)
         cont_mix = {str(sd): got[("continual_mix", sd)] for sd in seeds}
         budgets = {m: {sd: branch_budget(cfg, got[("branch", sd, "dense_opd")]["curve"], tmeta["accuracy"],
@@ -520,7 +517,7 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str, cache_dir: Optional[s
             t0 = time.perf_counter()
             log(f"--full: continual learning on the new task alone until the running sum falls below "
                 f"{cfg.continual_drop_to:.0%} of its level, then recovery from the earlier checkpoint")
-            got = pool.run([(("continual", sd), (lrs, finals[sd])) for sd in seeds], "continual", quiet)
+            got = pool.run([(("continual", sd), finals[sd]) for sd in seeds], "continual", quiet)
             cont = {str(sd): got[("continual", sd)] for sd in seeds}
             timings["continual"] = round(time.perf_counter() - t0, 1)
     finally:

@@ -17,6 +17,8 @@ from typing import Dict, List, Optional
 from .analysis import analyse
 from .plots import plot_all
 from .readouts import BRANCH_LEVELS, EXPOSURE_CONDITIONS, METHOD_LABELS, median_range
+
+BRANCH_LABELS = {"sft": "continued SFT on teacher samples"}   # a method's name in the runs from SFT's end point
 from .uncertainty import INTERVAL
 
 
@@ -122,7 +124,7 @@ def table(report: Dict) -> str:
             cells = ["1x"] * len(BRANCH_LEVELS) if m == "dense_opd" else [
                 " / ".join(_ci(unc.get(f"branch_{c}_ratio_{round(x * 100)}.{m}"), 2, "x")
                            for c in ("flops", "student_flops", "cpu_seconds")) for x in BRANCH_LEVELS]
-            label = "continued SFT on teacher samples" if m == "sft" else METHOD_LABELS[m]
+            label = BRANCH_LABELS.get(m, METHOD_LABELS[m])
             lines.append(f"| {label} | {'n/a' if lr is None else f'{lr:g}'}{edge} | {final} | " + " | ".join(cells)
                          + " |")
         lines.append("")
@@ -173,7 +175,7 @@ def table(report: Dict) -> str:
             per = lr["validation_accuracy_per_seed"][m]
             cells = [f"{mean[g]:.3f} ({', '.join(f'{x:.3f}' for x in per[g])})" for g in grid]
             edge = " (grid edge)" if m in lr["at_edge"] else ""
-            label = "continued SFT on teacher samples" if key == "branch_learning_rates" and m == "sft" else METHOD_LABELS[m]
+            label = (BRANCH_LABELS if key == "branch_learning_rates" else {}).get(m, METHOD_LABELS[m])
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {lr['chosen'][m]:g}{edge} |")
         lines.append("")
     if "exposure_summary" in report:
